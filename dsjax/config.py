@@ -1,0 +1,327 @@
+"""ModelConfig: every field DeepSeek-V2, V2-Lite, V3 and R1 need, named as in HF config.json.
+
+Runtime knobs that HF does not have (dtype, MoE backend, remat) live in the same dataclass so one object
+describes a run, but they never reach `to_hf()`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+_SCORING = ("sigmoid", "softmax")
+_TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
+_DTYPES = ("float32", "bfloat16", "float16")
+_MOE_BACKENDS = ("ragged_dot", "dense")
+_REMAT = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class YarnScaling:
+    """YaRN rope scaling (HF `rope_scaling` / `rope_parameters` with type "yarn")."""
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float | None = None  # None: derived from mscale / mscale_all_dim as transformers does
+    truncate: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    first_k_dense_replace: int = 3
+    num_attention_heads: int = 128
+    q_lora_rank: int | None = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 2.5
+    rope_theta: float = 10000.0
+    rope_scaling: YarnScaling | None = YarnScaling(40.0, 4096, 32.0, 1.0, 1.0, 1.0)
+    rms_norm_eps: float = 1e-6
+    num_nextn_predict_layers: int = 1
+    max_position_embeddings: int = 163840
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 0
+    eos_token_id: int | tuple[int, ...] | None = 1
+    # ---- runtime knobs (not HF fields) ----
+    dtype: str = "float32"          # compute dtype of activations and matmuls
+    param_dtype: str = "float32"    # storage dtype of parameters (master weights)
+    moe_backend: str = "ragged_dot"  # "ragged_dot" (expert-sorted tokens, grouped matmul) or "dense" (reference)
+    remat: str = "none"             # rematerialisation policy for each transformer block
+    attention_impl: str = "xla"     # "xla" (einsum) or "cudnn" (jax.nn.dot_product_attention on GPU) for full MLA
+
+    def __post_init__(self):
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def bad(field, msg):
+            raise ValueError(f"ModelConfig.{field}: {msg}")
+
+        for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                  "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
+            if int(getattr(self, f)) <= 0:
+                bad(f, f"must be positive, got {getattr(self, f)}")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            bad("q_lora_rank", f"must be positive or None (plain q_proj), got {self.q_lora_rank}")
+        if self.qk_rope_head_dim % 2:
+            bad("qk_rope_head_dim", f"rope rotates pairs, so it must be even, got {self.qk_rope_head_dim}")
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            bad("first_k_dense_replace", f"{self.first_k_dense_replace} is outside [0, num_hidden_layers="
+                f"{self.num_hidden_layers}]")
+        if self.first_k_dense_replace > 0 and self.intermediate_size <= 0:
+            bad("intermediate_size", "must be positive when there are dense layers")
+        if self.scoring_func not in _SCORING:
+            bad("scoring_func", f"{self.scoring_func!r} is not one of {_SCORING}")
+        if self.topk_method not in _TOPK_METHODS:
+            bad("topk_method", f"{self.topk_method!r} is not one of {_TOPK_METHODS}")
+        if self.num_moe_layers > 0 or self.num_nextn_predict_layers > 0:
+            if self.n_routed_experts <= 0 or self.moe_intermediate_size <= 0:
+                bad("n_routed_experts", "MoE layers need n_routed_experts > 0 and moe_intermediate_size > 0")
+            if self.n_shared_experts < 0:
+                bad("n_shared_experts", f"must be >= 0, got {self.n_shared_experts}")
+            if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
+                bad("num_experts_per_tok", f"{self.num_experts_per_tok} is outside [1, n_routed_experts="
+                    f"{self.n_routed_experts}]")
+            if self.n_group < 1:
+                bad("n_group", f"must be >= 1, got {self.n_group}")
+            if self.n_routed_experts % self.n_group:
+                bad("n_group", f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}")
+            if not 1 <= self.topk_group <= self.n_group:
+                bad("topk_group", f"{self.topk_group} is outside [1, n_group={self.n_group}]")
+            if self.uses_group_limit:
+                kept = self.topk_group * (self.n_routed_experts // self.n_group)
+                if self.num_experts_per_tok > kept:
+                    bad("num_experts_per_tok", f"{self.num_experts_per_tok} experts per token but the "
+                        f"topk_group={self.topk_group} kept groups hold only {kept} experts")
+                if self.topk_method == "noaux_tc" and self.n_routed_experts // self.n_group < 2:
+                    bad("n_group", "noaux_tc scores a group by its top-2 experts, so each group needs >= 2 experts")
+        if self.num_nextn_predict_layers < 0:
+            bad("num_nextn_predict_layers", f"must be >= 0, got {self.num_nextn_predict_layers}")
+        if self.rope_scaling is not None:
+            rs = self.rope_scaling
+            if rs.factor <= 0 or rs.original_max_position_embeddings <= 0:
+                bad("rope_scaling", f"factor and original_max_position_embeddings must be positive: {rs}")
+        for f, allowed in (("dtype", _DTYPES), ("param_dtype", _DTYPES), ("moe_backend", _MOE_BACKENDS),
+                           ("remat", _REMAT), ("attention_impl", ("xla", "cudnn"))):
+            if getattr(self, f) not in allowed:
+                bad(f, f"{getattr(self, f)!r} is not one of {allowed}")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def num_dense_layers(self) -> int:
+        return self.first_k_dense_replace
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.first_k_dense_replace
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def uses_group_limit(self) -> bool:
+        return self.topk_method in ("noaux_tc", "group_limited_greedy") and self.n_group > 1
+
+    @property
+    def softmax_scale(self) -> float:
+        """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN (transformers' yarn_apply_mscale)."""
+        scale = self.qk_head_dim ** -0.5
+        rs = self.rope_scaling
+        if rs is not None and rs.mscale_all_dim:
+            m = yarn_mscale(rs.factor, rs.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    @property
+    def cache_width(self) -> int:
+        """Values per token per layer in the latent KV cache: normalised c_kv plus roped k_pe."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def cache_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        return self.cache_width * self.num_hidden_layers * dtype_bytes
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    def param_counts(self) -> dict[str, int]:
+        """Total and per-token-active parameter counts (analytic, no arrays built)."""
+        d, h = self.hidden_size, self.num_attention_heads
+        if self.q_lora_rank:
+            q = d * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * h * self.qk_head_dim
+        else:
+            q = d * h * self.qk_head_dim
+        attn = (q + d * self.cache_width + self.kv_lora_rank + self.kv_lora_rank * h * (self.qk_nope_head_dim
+                + self.v_head_dim) + h * self.v_head_dim * d + 2 * d)
+        expert = 3 * d * self.moe_intermediate_size
+        moe = (self.n_routed_experts + self.n_shared_experts) * expert + (d + 1) * self.n_routed_experts
+        moe_active = (self.num_experts_per_tok + self.n_shared_experts) * expert + d * self.n_routed_experts
+        dense = 3 * d * self.intermediate_size
+        embed = self.vocab_size * d
+        head = 0 if self.tie_word_embeddings else embed
+        mtp_block = 2 * d + 2 * d * d + d + attn + moe   # enorm, hnorm, eh_proj, final norm, block
+        mtp_active = 2 * d + 2 * d * d + d + attn + moe_active
+        main = embed + head + d + self.num_hidden_layers * attn + self.num_dense_layers * dense + self.num_moe_layers * moe
+        active = (head or embed) + self.num_hidden_layers * attn + self.num_dense_layers * dense + \
+            self.num_moe_layers * moe_active
+        n = self.num_nextn_predict_layers
+        return {"total": main + n * mtp_block, "total_without_mtp": main, "active_per_token": active,
+                "active_per_token_with_mtp": active + n * mtp_active, "embedding": embed}
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown ModelConfig preset {name!r}; known: {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    # ------------------------------------------------------------------ HF config.json
+    @classmethod
+    def from_hf(cls, source: Any, **runtime) -> "ModelConfig":
+        """From an HF model dir, a config.json path, a dict, or a transformers config object."""
+        d = _read_hf_dict(source)
+        model_type = d.get("model_type", "deepseek_v3")
+        is_v3 = model_type == "deepseek_v3"
+        kw: dict[str, Any] = {}
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in _RUNTIME_FIELDS]
+        for name in names:
+            if name in ("rope_scaling", "rope_theta"):
+                continue
+            if name in d and (d[name] is not None or name == "q_lora_rank"):  # q_lora_rank null = plain q_proj
+                kw[name] = d[name]
+        if "num_nextn_predict_layers" not in d:
+            kw["num_nextn_predict_layers"] = d.get("num_mtp_layers", 0)
+        kw.setdefault("scoring_func", "sigmoid" if is_v3 else "softmax")
+        kw.setdefault("topk_method", "noaux_tc" if is_v3 else "greedy")
+        kw.setdefault("norm_topk_prob", bool(is_v3))
+        kw.setdefault("routed_scaling_factor", 2.5 if is_v3 else 1.0)
+        kw.setdefault("first_k_dense_replace", 3 if is_v3 else 0)
+        for f in ("n_group", "topk_group"):
+            kw.setdefault(f, 1)
+            if kw[f] is None:
+                kw[f] = 1
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        kw["rope_theta"] = float(d.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+        rtype = rope.get("rope_type", rope.get("type", "default"))
+        if rtype == "yarn":
+            kw["rope_scaling"] = YarnScaling(
+                factor=float(rope["factor"]),
+                original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+                beta_fast=float(rope.get("beta_fast") or 32.0), beta_slow=float(rope.get("beta_slow") or 1.0),
+                mscale=float(rope.get("mscale") or 0.0), mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0),
+                attention_factor=rope.get("attention_factor"), truncate=bool(rope.get("truncate", True)))
+        elif rtype in ("default", None):
+            kw["rope_scaling"] = None
+        else:
+            raise ValueError(f"config.json rope_scaling: rope type {rtype!r} is not supported (only yarn/default)")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json hidden_act: {d['hidden_act']!r} is not supported (DeepSeek uses silu)")
+        if d.get("attention_bias"):
+            raise ValueError("config.json attention_bias: true is not supported (DeepSeek has no attention bias)")
+        kw.update(runtime)
+        return cls(**kw)
+
+    def to_hf(self) -> dict[str, Any]:
+        """An HF config.json dict; V3-style routing -> deepseek_v3, V2-style (softmax) -> deepseek_v2."""
+        is_v3 = self.scoring_func == "sigmoid" and self.topk_method == "noaux_tc"
+        d: dict[str, Any] = {
+            "architectures": ["DeepseekV3ForCausalLM" if is_v3 else "DeepseekV2ForCausalLM"],
+            "model_type": "deepseek_v3" if is_v3 else "deepseek_v2",
+        }
+        for f in dataclasses.fields(self):
+            if f.name in _RUNTIME_FIELDS or f.name == "rope_scaling":
+                continue
+            v = getattr(self, f.name)
+            d[f.name] = list(v) if isinstance(v, tuple) else v
+        d["num_key_value_heads"] = self.num_attention_heads
+        d["hidden_act"] = "silu"
+        d["attention_bias"] = False
+        d["rope_interleave"] = True
+        d["moe_layer_freq"] = 1
+        d["torch_dtype"] = "bfloat16" if self.param_dtype == "bfloat16" else "float32"
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling is not None:
+            rope = {"rope_type": "yarn", "type": "yarn", "rope_theta": self.rope_theta,
+                    **{k: v for k, v in dataclasses.asdict(self.rope_scaling).items() if v is not None}}
+        d["rope_scaling"] = rope
+        d["rope_parameters"] = rope
+        return d
+
+
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "moe_backend", "remat", "attention_impl")
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _read_hf_dict(source: Any) -> dict[str, Any]:
+    if isinstance(source, dict):
+        return dict(source)
+    if hasattr(source, "to_dict"):
+        return source.to_dict()
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no HF config at {path}")
+    with open(path) as f:
+        return json.load(f)
+
+
+_V3 = ModelConfig()
+PRESETS: dict[str, ModelConfig] = {
+    "deepseek-v3-671b": _V3,
+    "deepseek-r1": _V3,
+    # A single-GPU research model: DeepSeek-V3's head dims and routing at 1/7 width. The same shapes as the
+    # transformers baselines in BASELINES.md (1.475B params without MTP, 339M active per token incl. lm_head).
+    "small": ModelConfig(
+        hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=12,
+        first_k_dense_replace=1, num_attention_heads=16, q_lora_rank=384, n_routed_experts=64,
+        num_experts_per_tok=6, n_group=8, topk_group=4, max_position_embeddings=4096,
+        rope_scaling=None, dtype="bfloat16"),
+    # Compiles in seconds on a laptop CPU; exercises every code path (q_lora, YaRN, groups, dense + MoE, MTP).
+    "tiny": ModelConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+        first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+        n_group=4, topk_group=2, max_position_embeddings=1024,
+        rope_scaling=YarnScaling(4.0, 256, 32.0, 1.0, 1.0, 1.0)),
+    "deepseek-v2-lite": ModelConfig(
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+        num_hidden_layers=27, first_k_dense_replace=1, num_attention_heads=16, q_lora_rank=None,
+        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1,
+        scoring_func="softmax", topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0,
+        rope_scaling=YarnScaling(40.0, 4096, 32.0, 1.0, 0.707, 0.707), num_nextn_predict_layers=0,
+        bos_token_id=100000, eos_token_id=100001),
+    "deepseek-v2": ModelConfig(
+        vocab_size=102400, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536,
+        num_hidden_layers=60, first_k_dense_replace=1, num_attention_heads=128, q_lora_rank=1536,
+        n_routed_experts=160, n_shared_experts=2, num_experts_per_tok=6, n_group=8, topk_group=3,
+        scoring_func="softmax", topk_method="group_limited_greedy", norm_topk_prob=False,
+        routed_scaling_factor=16.0, rope_scaling=YarnScaling(40.0, 4096, 32.0, 1.0, 0.707, 0.707),
+        num_nextn_predict_layers=0, bos_token_id=100000, eos_token_id=100001),
+}

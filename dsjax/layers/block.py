@@ -1,0 +1,56 @@
+"""One pre-norm transformer block: x + MLA(norm(x)), then + FFN(norm(.)), FFN = dense SwiGLU or DeepSeekMoE."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from dsjax.config import ModelConfig
+from dsjax.layers.mla import MLA
+from dsjax.layers.mlp import MLP
+from dsjax.layers.moe import MoE
+from dsjax.layers.norms import RMSNorm
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    moe: bool
+    absorb: bool = False
+
+    @nn.compact
+    def __call__(self, x, cos, sin, segment_ids, positions, kv_cache):
+        """Scan-shaped: returns (x, (kv_cache, stats)); stats is {} for dense blocks."""
+        cfg = self.cfg
+        pdt = jnp.dtype(cfg.param_dtype)
+        h, kv_cache = MLA(cfg, self.absorb, name="self_attn")(
+            RMSNorm(cfg.rms_norm_eps, pdt, name="input_layernorm")(x), cos, sin, segment_ids, positions, kv_cache)
+        x = x + h
+        y = RMSNorm(cfg.rms_norm_eps, pdt, name="post_attention_layernorm")(x)
+        if self.moe:
+            y, stats = MoE(cfg, name="mlp")(y)
+        else:
+            y, stats = MLP(cfg, cfg.intermediate_size, name="mlp")(y), {}
+        return (x + y).astype(x.dtype), (kv_cache, stats)
+
+
+def block_class(cfg: ModelConfig):
+    """Block, wrapped in nn.remat when cfg.remat asks for rematerialisation."""
+    if cfg.remat == "none":
+        return Block
+    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+
+
+def scanned_blocks(cfg: ModelConfig, moe: bool, length: int, absorb: bool, name: str):
+    """`length` blocks with stacked parameters (leading axis = layer), applied with nn.scan.
+
+    Compile time stays flat in depth: XLA sees one block body. Per-layer caches ride along axis 0 of the xs.
+    """
+    scan = nn.scan(block_class(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0), length=length)
+    return scan(cfg, moe, absorb, name=name)

@@ -1,0 +1,134 @@
+"""Multi-head Latent Attention (MLA).
+
+Per token, keys and values come from one compressed latent: c_kv = RMSNorm(x W_dkv) (kv_lora_rank wide) and a
+single shared rope key k_pe (qk_rope_head_dim wide). kv_b expands c_kv into per-head [k_nope | v].
+
+Two ways to compute the same attention:
+- full (training, prefill): expand c_kv into per-head K and V and attend as usual.
+- absorbed (decode): fold kv_b's key half into the query (q_nope W_uk -> a kv_lora-wide query) and its value half
+  into the output, so attention runs directly over the cached latents [c_kv | k_pe] (576 values per token for V3)
+  and never materialises per-head K/V. This is what makes MLA decode cheap.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from dsjax.config import ModelConfig
+from dsjax.layers.norms import RMSNorm
+from dsjax.layers.rope import apply_rope
+
+NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax instead of NaN
+
+
+class Linear(nn.Module):
+    """y = x @ kernel, kernel [in, out] (the transpose of a torch Linear weight); computes in cfg.dtype."""
+    in_features: int
+    out_features: int
+    cfg: ModelConfig
+
+    def setup(self):
+        self.kernel = self.param("kernel", nn.initializers.normal(self.cfg.initializer_range),
+                                 (self.in_features, self.out_features), jnp.dtype(self.cfg.param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = jnp.dtype(self.cfg.dtype)
+        return jnp.dot(x.astype(dt), self.kernel.astype(dt))
+
+
+def causal_mask(segment_ids: jax.Array | None, t: int) -> jax.Array:
+    """[B or 1, T, T] bool: key j visible to query i iff j <= i and both are in the same packed document."""
+    idx = jnp.arange(t)
+    mask = (idx[None, :] <= idx[:, None])[None]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return mask
+
+
+def cache_mask(positions: jax.Array, cache_len: int) -> jax.Array:
+    """[B, T, S] bool: cache slot s (= absolute position s) visible to a query at position p iff s <= p."""
+    return jnp.arange(cache_len)[None, None, :] <= positions[:, :, None]
+
+
+def full_attention(q_nope, q_pe, k_nope, k_pe, v, mask, scale):
+    """Reference MLA attention. q_* [B,T,H,*]; k_nope, v [B,S,H,*]; k_pe [B,S,R] (shared by heads)."""
+    s = jnp.einsum("bthd,bshd->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
+    s = s + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe, preferred_element_type=jnp.float32)
+    s = jnp.where(mask[:, None], s * scale, NEG_INF)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhts,bshd->bthd", p, v, preferred_element_type=jnp.float32).astype(v.dtype)
+
+
+def absorbed_attention(q_lat, q_pe, kv_cache, mask, scale, kv_lora_rank):
+    """Attention over latent cache rows [c_kv | k_pe]. q_lat [B,T,H,C]; kv_cache [B,S,C+R]. Returns [B,T,H,C]."""
+    c_kv, k_pe = kv_cache[..., :kv_lora_rank], kv_cache[..., kv_lora_rank:]
+    s = jnp.einsum("bthc,bsc->bhts", q_lat, c_kv.astype(q_lat.dtype), preferred_element_type=jnp.float32)
+    s = s + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe.astype(q_pe.dtype), preferred_element_type=jnp.float32)
+    s = jnp.where(mask[:, None], s * scale, NEG_INF)
+    p = jax.nn.softmax(s, axis=-1).astype(q_lat.dtype)
+    return jnp.einsum("bhts,bsc->bthc", p, c_kv.astype(q_lat.dtype), preferred_element_type=jnp.float32)
+
+
+def write_cache(kv_cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """Scatter new latent rows [B,T,W] into kv_cache [B,S,W] at their absolute positions [B,T].
+
+    Positions outside [0, S) are dropped, so callers can park padding tokens at position >= S.
+    """
+    b = jnp.arange(kv_cache.shape[0])[:, None]
+    pos = jnp.where(positions < 0, kv_cache.shape[1], positions)
+    return kv_cache.at[b, pos].set(new.astype(kv_cache.dtype), mode="drop")
+
+
+class MLA(nn.Module):
+    cfg: ModelConfig
+    absorb: bool = False  # with a cache: attend through the absorbed path over the cache (decode)
+
+    @nn.compact
+    def __call__(self, x, cos, sin, segment_ids=None, positions=None, kv_cache=None):
+        """x [B,T,D]; cos/sin [B,T,R/2]; kv_cache [B,S,C+R] or None. Returns (out [B,T,D], new kv_cache)."""
+        cfg = self.cfg
+        h, nope, rdim, vdim, c = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                                  cfg.v_head_dim, cfg.kv_lora_rank)
+        b, t, d = x.shape
+        pdt = jnp.dtype(cfg.param_dtype)
+        if cfg.q_lora_rank:
+            q = Linear(d, cfg.q_lora_rank, cfg, name="q_a_proj")(x)
+            q = RMSNorm(cfg.rms_norm_eps, pdt, name="q_a_layernorm")(q)
+            q = Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, cfg, name="q_b_proj")(q)
+        else:
+            q = Linear(d, h * cfg.qk_head_dim, cfg, name="q_proj")(x)
+        q = q.reshape(b, t, h, cfg.qk_head_dim)
+        q_nope, q_pe = q[..., :nope], apply_rope(q[..., nope:], cos, sin)
+
+        kv = Linear(d, c + rdim, cfg, name="kv_a_proj_with_mqa")(x)
+        c_kv = RMSNorm(cfg.rms_norm_eps, pdt, name="kv_a_layernorm")(kv[..., :c])
+        k_pe = apply_rope(kv[..., c:], cos, sin)
+
+        kv_b = Linear(c, h * (nope + vdim), cfg, name="kv_b_proj")
+        if kv_cache is not None:
+            kv_cache = write_cache(kv_cache, jnp.concatenate([c_kv, k_pe], axis=-1), positions)
+
+        if kv_cache is not None and self.absorb:
+            # kv_b's kernel [C, H*(nope+v)] viewed per head: the first `nope` columns map c_kv to keys (absorbed
+            # into the query), the rest map it to values (absorbed into the output).
+            w = kv_b.kernel.astype(jnp.dtype(cfg.dtype)).reshape(c, h, nope + vdim)
+            q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w[..., :nope])
+            mask = cache_mask(positions, kv_cache.shape[1])
+            o_lat = absorbed_attention(q_lat, q_pe, kv_cache, mask, cfg.softmax_scale, c)
+            o = jnp.einsum("bthc,chv->bthv", o_lat.astype(w.dtype), w[..., nope:])
+        else:
+            kvh = kv_b(c_kv).reshape(b, t, h, nope + vdim)
+            o = self._full(q_nope, q_pe, kvh[..., :nope], k_pe, kvh[..., nope:], segment_ids)
+        out = Linear(h * vdim, d, cfg, name="o_proj")(o.reshape(b, t, h * vdim))
+        return out, kv_cache
+
+    def _full(self, q_nope, q_pe, k_nope, k_pe, v, segment_ids):
+        cfg = self.cfg
+        if cfg.attention_impl == "cudnn" and jax.default_backend() == "gpu" and segment_ids is None:
+            q = jnp.concatenate([q_nope, q_pe], axis=-1)
+            k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None], k_nope.shape[:3] + k_pe.shape[-1:])], -1)
+            return jax.nn.dot_product_attention(q, k, v, scale=cfg.softmax_scale, is_causal=True,
+                                                implementation="cudnn")
+        mask = causal_mask(segment_ids, q_nope.shape[1])
+        return full_attention(q_nope, q_pe, k_nope, k_pe, v, mask, cfg.softmax_scale)
