@@ -302,7 +302,7 @@ PRESETS: dict[str, ModelConfig] = {
         hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=12,
         first_k_dense_replace=1, num_attention_heads=16, q_lora_rank=384, n_routed_experts=64,
         num_experts_per_tok=6, n_group=8, topk_group=4, max_position_embeddings=4096,
-        rope_scaling=None, dtype="bfloat16"),
+        rope_scaling=None),
     # Compiles in seconds on a laptop CPU; exercises every code path (q_lora, YaRN, groups, dense + MoE, MTP).
     "tiny": ModelConfig(
         vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,

@@ -1,0 +1,112 @@
+"""Shared fixtures: tiny random HF checkpoints (transformers) and randomised dsjax params."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Test models are tiny: LLVM optimisation buys nothing at run time and doubles XLA's CPU compile time.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dsjax
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+        "beta_fast": 32, "beta_slow": 1}
+
+
+def hf_v3_config(**kw):
+    from transformers import DeepseekV3Config
+    args = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32,
+                kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+                num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5,
+                max_position_embeddings=512, num_mtp_layers=0,
+                rope_parameters={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0})
+    args.update(kw)
+    return DeepseekV3Config(**args)
+
+
+def hf_v2_config(**kw):
+    from transformers import DeepseekV2Config
+    args = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=None, kv_lora_rank=32,
+                qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=3,
+                n_shared_experts=2, routed_scaling_factor=1.0, topk_method="greedy", norm_topk_prob=False,
+                max_position_embeddings=512, rope_parameters={**YARN, "mscale": 0.707, "mscale_all_dim": 0.707})
+    args.update(kw)
+    return DeepseekV2Config(**args)
+
+
+def randomize_torch(model, seed=0):
+    """All weights random (norms around 1), router correction bias non-zero: nothing is left at its init."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1.0 + 0.2 * noise if "norm" in name else 0.3 * noise)
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+    return model
+
+
+def randomize_params(params, seed=0, std=0.3):
+    """Every leaf random (NumPy, fast; only shapes/dtypes of `params` are used); norms ~ 1 + noise."""
+    rng = np.random.RandomState(seed)
+    leaves, tree = jax.tree_util.tree_flatten_with_path(params)
+    out = []
+    for path, x in leaves:
+        name = jax.tree_util.keystr(path)
+        noise = rng.standard_normal(x.shape).astype(np.float32)
+        if "norm" in name:
+            val = 1.0 + 0.2 * noise
+        elif "e_score_correction_bias" in name:
+            val = 0.1 * noise
+        else:
+            val = std * noise
+        out.append(jnp.asarray(val, x.dtype))
+    return jax.tree_util.tree_unflatten(tree, out)
+
+
+def param_shapes(cfg):
+    model = dsjax.DeepSeekV3(cfg)
+    return jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32))["params"], jax.random.key(0))
+
+
+def build_hf(tmp_path_factory, cfg, cls_name, seed, name):
+    import transformers
+    cls = getattr(transformers, cls_name)
+    cfg._attn_implementation = "eager"
+    model = randomize_torch(cls(cfg).eval(), seed)
+    path = str(tmp_path_factory.mktemp(name))
+    model.save_pretrained(path)
+    return model, path
+
+
+@pytest.fixture(scope="session")
+def hf_v3(tmp_path_factory):
+    return build_hf(tmp_path_factory, hf_v3_config(), "DeepseekV3ForCausalLM", 0, "hf_v3")
+
+
+@pytest.fixture(scope="session")
+def hf_v2(tmp_path_factory):
+    return build_hf(tmp_path_factory, hf_v2_config(), "DeepseekV2ForCausalLM", 1, "hf_v2")
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return dsjax.ModelConfig.preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tiny_cfg):
+    return randomize_params(param_shapes(tiny_cfg), seed=1, std=0.15)
+
+
+def tokens(batch, length, vocab, seed=0):
+    return jnp.asarray(np.random.RandomState(seed).randint(0, vocab, (batch, length)), jnp.int32)
