@@ -28,8 +28,28 @@ class DeepSeekV3(nn.Module):
       mtp=True           also run the MTP modules (training-style, every position); needs depth > 0.
       return_aux=True    append a dict: hidden [B,T,D] (final normed), expert_counts [L_moe, E] int32,
                          balance_loss [L_moe], and with mtp: mtp_logits [D,B,T,V], mtp_hidden, mtp_expert_counts.
+    `mtp_step` runs one MTP depth on given hidden states and next tokens (speculative drafting).
     """
     cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=nn.initializers.normal(
+            cfg.initializer_range), param_dtype=jnp.dtype(cfg.param_dtype))
+        self.norm = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.param_dtype))
+        if not cfg.tie_word_embeddings:
+            self.lm_head = self.param("lm_head", nn.initializers.normal(cfg.initializer_range),
+                                      (cfg.hidden_size, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
+        self.mtp = [MTPModule(cfg, name=f"mtp_{k}") for k in range(cfg.num_nextn_predict_layers)]
+
+    def embed(self, tokens):
+        return self.embed_tokens(tokens).astype(jnp.dtype(self.cfg.dtype))
+
+    def head(self, h):
+        """Final-hidden -> float32 logits (shared by the main model and every MTP depth)."""
+        dt = jnp.dtype(self.cfg.dtype)
+        w = self.embed_tokens.embedding.T if self.cfg.tie_word_embeddings else self.lm_head
+        return jnp.dot(h.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, *, cache: KVCache | None = None,
@@ -43,13 +63,10 @@ class DeepSeekV3(nn.Module):
         absorb = cache is not None if absorbed is None else absorbed
         if cache is not None and segment_ids is not None:
             raise ValueError("segment_ids (packing) is a training feature; it cannot be combined with a cache")
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=nn.initializers.normal(
-            cfg.initializer_range), param_dtype=jnp.dtype(cfg.param_dtype), name="embed_tokens")
-        dt = jnp.dtype(cfg.dtype)
-        x = embed(tokens).astype(dt)
+        x = self.embed(tokens)
         cos, sin = rope_cos_sin(positions, cfg)
         aux: dict[str, Any] = {}
-        new_cache = {}
+        new_cache = {"mtp": None if cache is None else cache.mtp}
         for seg, n, moe in (("dense", cfg.num_dense_layers, False), ("moe", cfg.num_moe_layers, True)):
             if n == 0:
                 new_cache[seg] = None
@@ -60,30 +77,24 @@ class DeepSeekV3(nn.Module):
             new_cache[seg] = layer_cache
             if moe:
                 aux.update(stats)
-        h = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.param_dtype), name="norm")(x)
-        head = self._head(embed)
-        logits = head(h)
+        h = self.norm(x)
+        logits = self.head(h)
         aux["hidden"] = h
 
-        new_cache["mtp"] = None if cache is None else cache.mtp
         if mtp or (self.is_initializing() and cfg.num_nextn_predict_layers):  # init always builds MTP params
-            mtp_logits, mtp_hidden, mtp_counts, mtp_caches = [], [], [], []
-            h_prev = h
+            outs = {"mtp_logits": [], "mtp_hidden": [], "mtp_expert_counts": []}
+            mtp_caches = []
             for k in range(1, cfg.num_nextn_predict_layers + 1):
-                pos_k = positions + k  # the position of the embedded token t+k; rope is relative, so any offset works
-                cos_k, sin_k = rope_cos_sin(pos_k, cfg)
                 kv = None if cache is None or cache.mtp is None else cache.mtp[k - 1]
-                h_prev, kv, stats = MTPModule(cfg, absorb, name=f"mtp_{k - 1}")(
-                    h_prev, embed(shift_tokens(tokens, k)).astype(dt), cos_k, sin_k, segment_ids, pos_k, kv)
-                mtp_logits.append(head(h_prev))
-                mtp_hidden.append(h_prev)
+                # positions of the embedded tokens t + k (rope is relative, so the offset does not change scores)
+                mtp_logits, h, kv, stats = self.mtp_step(h, shift_tokens(tokens, k), positions + k, k - 1, kv,
+                                                         absorb, segment_ids)
+                outs["mtp_logits"].append(mtp_logits)
+                outs["mtp_hidden"].append(h)
                 mtp_caches.append(kv)
                 if stats:
-                    mtp_counts.append(stats["expert_counts"])
-            aux["mtp_logits"] = jnp.stack(mtp_logits)
-            aux["mtp_hidden"] = jnp.stack(mtp_hidden)
-            if mtp_counts:
-                aux["mtp_expert_counts"] = jnp.stack(mtp_counts)
+                    outs["mtp_expert_counts"].append(stats["expert_counts"])
+            aux.update({k: jnp.stack(v) for k, v in outs.items() if v})
             if cache is not None and cache.mtp is not None:
                 new_cache["mtp"] = jnp.stack(mtp_caches)
 
@@ -94,11 +105,13 @@ class DeepSeekV3(nn.Module):
             out += (aux,)
         return out[0] if len(out) == 1 else out
 
-    def _head(self, embed: nn.Embed):
-        cfg = self.cfg
-        dt = jnp.dtype(cfg.dtype)
-        if cfg.tie_word_embeddings:
-            return lambda h: jnp.dot(h.astype(dt), embed.embedding.T.astype(dt), preferred_element_type=jnp.float32)
-        w = self.param("lm_head", nn.initializers.normal(cfg.initializer_range), (cfg.hidden_size, cfg.vocab_size),
-                       jnp.dtype(cfg.param_dtype))
-        return lambda h: jnp.dot(h.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+    def mtp_step(self, h_prev, next_tokens, positions, depth: int, kv_cache=None, absorbed: bool = True,
+                 segment_ids=None):
+        """MTP depth `depth` (0-based): hidden of the previous depth at t + embedding of token t+depth+1.
+
+        positions are those of `next_tokens`. Returns (logits, hidden, kv_cache, router stats).
+        """
+        cos, sin = rope_cos_sin(positions, self.cfg)
+        h, kv_cache, stats = self.mtp[depth](h_prev, self.embed(next_tokens), cos, sin, segment_ids, positions,
+                                             kv_cache, absorb=absorbed and kv_cache is not None)
+        return self.head(h), h, kv_cache, stats

@@ -256,7 +256,8 @@ def test_router_stats_returned(tiny_cfg, tiny_params):
     assert np.all(np.asarray(aux["balance_loss"]) > 0)
 
 
-def test_mtp_flag_needs_depth(tiny_params):
+def test_mtp_flag_needs_depth():
     cfg = dsjax.ModelConfig.preset("tiny", num_nextn_predict_layers=0)
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), param_shapes(cfg))
     with pytest.raises(ValueError, match="num_nextn_predict_layers is 0"):
-        dsjax.DeepSeekV3(cfg).apply({"params": {}}, jnp.zeros((1, 4), jnp.int32), mtp=True)
+        dsjax.DeepSeekV3(cfg).apply({"params": params}, jnp.zeros((1, 4), jnp.int32), mtp=True)

@@ -21,10 +21,9 @@ from dsjax.layers.norms import RMSNorm
 
 class MTPModule(nn.Module):
     cfg: ModelConfig
-    absorb: bool = False
 
     @nn.compact
-    def __call__(self, h_prev, emb, cos, sin, segment_ids, positions, kv_cache=None):
+    def __call__(self, h_prev, emb, cos, sin, segment_ids, positions, kv_cache=None, absorb=False):
         """h_prev, emb [B, T, D] -> (h [B, T, D] normed, kv_cache, router stats)."""
         cfg = self.cfg
         pdt = jnp.dtype(cfg.param_dtype)
@@ -32,7 +31,7 @@ class MTPModule(nn.Module):
         e = RMSNorm(cfg.rms_norm_eps, pdt, name="enorm")(emb)
         h = RMSNorm(cfg.rms_norm_eps, pdt, name="hnorm")(h_prev)
         x = Linear(2 * d, d, cfg, name="eh_proj")(jnp.concatenate([e, h], axis=-1))
-        x, (kv_cache, stats) = block_class(cfg)(cfg, cfg.num_moe_layers > 0, self.absorb, name="block")(
+        x, (kv_cache, stats) = block_class(cfg)(cfg, cfg.num_moe_layers > 0, absorb, name="block")(
             x, cos, sin, segment_ids, positions, kv_cache)
         return RMSNorm(cfg.rms_norm_eps, pdt, name="norm")(x), kv_cache, stats
 
