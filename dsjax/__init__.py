@@ -8,3 +8,7 @@ __all__ = ["ModelConfig", "YarnScaling", "DeepSeekV3", "KVCache", "init_cache"]
 from dsjax.convert.hf import load_hf, save_hf  # noqa: E402
 
 __all__ += ["load_hf", "save_hf"]
+
+from dsjax.generate import GenerationResult, SamplingConfig, generate  # noqa: E402
+
+__all__ += ["generate", "SamplingConfig", "GenerationResult"]

@@ -72,8 +72,8 @@ class DeepSeekV3(nn.Module):
                 new_cache[seg] = None
                 continue
             layer_cache = None if cache is None else getattr(cache, seg)
-            x, (layer_cache, stats) = scanned_blocks(cfg, moe, n, absorb, f"{seg}_layers")(
-                x, cos, sin, segment_ids, positions, layer_cache)
+            (x, layer_cache), stats = scanned_blocks(cfg, moe, n, absorb, f"{seg}_layers")(
+                (x, layer_cache), cos, sin, segment_ids, positions, jnp.arange(n))
             new_cache[seg] = layer_cache
             if moe:
                 aux.update(stats)

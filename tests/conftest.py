@@ -6,6 +6,10 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Test models are tiny: LLVM optimisation buys nothing at run time and doubles XLA's CPU compile time.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# Subprocess tests (kill / resume / SIGTERM) compile the same train step as in-process runs: share the work.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"dsjax-test-jax-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax
 import jax.numpy as jnp

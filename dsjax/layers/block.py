@@ -24,19 +24,25 @@ class Block(nn.Module):
     absorb: bool = False
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids, positions, kv_cache):
-        """Scan-shaped: returns (x, (kv_cache, stats)); stats is {} for dense blocks."""
+    def __call__(self, carry, cos, sin, segment_ids, positions, layer=None):
+        """Scan-shaped: carry (x, kv_cache) -> ((x, kv_cache), stats); stats is {} for dense blocks.
+
+        Under nn.scan the kv_cache is the whole segment's stacked cache [L,B,S,W] and `layer` this block's
+        index: carrying the stack (rather than scanning over it) lets XLA update it in place in a decode loop.
+        """
+        x, kv_cache = carry
         cfg = self.cfg
         pdt = jnp.dtype(cfg.param_dtype)
         h, kv_cache = MLA(cfg, self.absorb, name="self_attn")(
-            RMSNorm(cfg.rms_norm_eps, pdt, name="input_layernorm")(x), cos, sin, segment_ids, positions, kv_cache)
+            RMSNorm(cfg.rms_norm_eps, pdt, name="input_layernorm")(x), cos, sin, segment_ids, positions, kv_cache,
+            layer)
         x = x + h
         y = RMSNorm(cfg.rms_norm_eps, pdt, name="post_attention_layernorm")(x)
         if self.moe:
             y, stats = MoE(cfg, name="mlp")(y)
         else:
             y, stats = MLP(cfg, cfg.intermediate_size, name="mlp")(y), {}
-        return (x + y).astype(x.dtype), (kv_cache, stats)
+        return ((x + y).astype(x.dtype), kv_cache), stats
 
 
 def block_class(cfg: ModelConfig):
@@ -49,7 +55,8 @@ def block_class(cfg: ModelConfig):
 def scanned_blocks(cfg: ModelConfig, moe: bool, length: int, absorb: bool, name: str):
     """`length` blocks with stacked parameters (leading axis = layer), applied with nn.scan.
 
-    Compile time stays flat in depth: XLA sees one block body. Per-layer caches ride along axis 0 of the xs.
+    Compile time stays flat in depth: XLA sees one block body. Call it with ((x, cache), cos, sin, segment_ids,
+    positions, jnp.arange(length)); the layer index is the scanned input that picks each block's cache slice.
     """
     scan = nn.scan(block_class(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0), length=length)

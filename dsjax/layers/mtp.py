@@ -31,8 +31,8 @@ class MTPModule(nn.Module):
         e = RMSNorm(cfg.rms_norm_eps, pdt, name="enorm")(emb)
         h = RMSNorm(cfg.rms_norm_eps, pdt, name="hnorm")(h_prev)
         x = Linear(2 * d, d, cfg, name="eh_proj")(jnp.concatenate([e, h], axis=-1))
-        x, (kv_cache, stats) = block_class(cfg)(cfg, cfg.num_moe_layers > 0, absorb, name="block")(
-            x, cos, sin, segment_ids, positions, kv_cache)
+        (x, kv_cache), stats = block_class(cfg)(cfg, cfg.num_moe_layers > 0, absorb, name="block")(
+            (x, kv_cache), cos, sin, segment_ids, positions)
         return RMSNorm(cfg.rms_norm_eps, pdt, name="norm")(x), kv_cache, stats
 
 

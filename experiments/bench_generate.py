@@ -1,0 +1,321 @@
+"""Generation throughput: dsjax `generate` against transformers' `generate`, same device, same weights.
+
+For each --preset entry (random weights in bf16): write the weights with `dsjax.save_hf`, time transformers
+(`AutoModelForCausalLM.from_pretrained(..., dtype=bfloat16, experts_implementation=...)`, greedy,
+min_new_tokens = max_new_tokens) in a subprocess, then time dsjax in this process. Prompts are random ids of
+--prompt_len tokens. Both sides report end-to-end tokens/s (prefill + decode) and decode-only tokens/s
+(transformers: from a max_new_tokens=1 run subtracted from the full run). With --checkpoint it also measures MTP
+self-speculative decoding (greedy) against plain decoding on text prompts: acceptance rate and speedup.
+
+  python experiments/bench_generate.py --out=bench_generate.json     # small at 1/32/128, V2-Lite at 32 x 128 new
+  python experiments/bench_generate.py --preset=small --out=small.json               # each model alone is safer
+  python experiments/bench_generate.py --preset=deepseek-v2-lite:32:128 --out=lite.json     # within one call
+  python experiments/bench_generate.py --preset= --checkpoint=runs/small --out=spec.json   # MTP speculative only
+  python experiments/bench_generate.py --smoke                          # tiny preset on CPU, under a minute
+
+Timings are one run after a warm-up (compilation excluded), best of --repeats. The transformers run is a
+subprocess so the two frameworks never share a CUDA context; it runs while this process holds only the
+weights (JAX does not preallocate here), before dsjax's own runs grow its memory pool. Results are written to
+--out after every measurement, so a run cut short still leaves what it measured.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_list("preset", ["small", "deepseek-v2-lite:32:128"], "Models to time: PRESET[:BATCHES[:NEW_TOKENS]], "
+                  "BATCHES separated by '/', e.g. deepseek-v2-lite:32:128; omitted parts come from --batches and "
+                  "--max_new_tokens. Empty: no random-weight models (e.g. with --checkpoint).")
+flags.DEFINE_list("batches", ["1", "32", "128"], "Default batch sizes.")
+flags.DEFINE_integer("prompt_len", 512, "Prompt tokens per sequence (random ids).")
+flags.DEFINE_integer("max_new_tokens", 512, "Default new tokens per sequence.")
+flags.DEFINE_bool("transformers", True, "Also time transformers' generate on the same weights.")
+flags.DEFINE_string("experts_implementation", "grouped_mm", "transformers experts implementation, if the "
+                    "installed version accepts the kwarg (falls back to its default otherwise).")
+flags.DEFINE_enum("attention_impl", "cudnn", ["xla", "cudnn"], "dsjax prefill attention (cudnn falls back to xla "
+                  "if it fails to compile).")
+flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float32"], "dsjax params, compute and cache dtype; auto = "
+                  "bfloat16 on accelerators, float32 on CPU. transformers always runs bfloat16.")
+flags.DEFINE_integer("repeats", 1, "Timed runs per configuration after the warm-up (best is reported).")
+flags.DEFINE_integer("sync_every", 8, "dsjax decode steps between all-finished checks.")
+flags.DEFINE_string("checkpoint", None, "A pretraining workdir or step dir: also time MTP speculative decoding.")
+flags.DEFINE_list("spec_batches", ["1", "32"], "Batch sizes for the speculative comparison.")
+flags.DEFINE_integer("spec_max_new_tokens", 256, "New tokens per sequence for the speculative comparison.")
+flags.DEFINE_float("spec_temperature", 0.0, "Temperature for the speculative comparison (0 = greedy).")
+flags.DEFINE_string("spec_prompts_file", None, "Prompts (one per line) for the speculative comparison; default: "
+                    "built-in Python-source openings (the default pretraining corpus is the Python stdlib).")
+flags.DEFINE_string("tokenizer", None, "Tokenizer for --checkpoint prompts (default as in generate.py).")
+flags.DEFINE_float("time_budget_s", 420.0, "Skip measurements that would start after this many seconds (the "
+                   "transformers worker is also stopped there), so one call stays under about 8 minutes.")
+flags.DEFINE_string("tmp_dir", None, "Where the HF weights are written (default: the system temp dir).")
+flags.DEFINE_string("out", None, "Write the results as JSON here.")
+flags.DEFINE_bool("smoke", False, "Tiny preset, batch 2, 16-token prompts, 8 new tokens: a CPU check of the "
+                  "whole pipeline (both frameworks) in under a minute.")
+flags.DEFINE_integer("seed", 0, "Seed for weights and prompts.")
+flags.DEFINE_string("torch_worker", None, "Internal: run the transformers side from this JSON spec file.")
+FLAGS = flags.FLAGS
+
+SPEC_PROMPTS = ["import os\nimport sys\n\n\ndef main(", "class Path:\n    def __init__(self, ", '"""Utilities for ',
+                "    for i in range(len(", "    def __repr__(self):\n        return ", "if __name__ == '__main__':\n",
+                "try:\n    import ", "# Copyright (C) "]
+
+
+def prompt_ids(seed: int, batch: int, length: int, vocab: int) -> np.ndarray:
+    return np.random.RandomState(seed + batch).randint(0, vocab, (batch, length)).astype(np.int32)
+
+
+def torch_worker(spec_path: str) -> None:
+    """The transformers side, in its own process: load once, then warm-up, 1-token and full runs per batch."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.logging.set_verbosity_error()  # the MTP layer's tensors are "unexpected" to the causal LM
+
+    with open(spec_path) as f:
+        spec = json.load(f)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    t0 = time.perf_counter()
+    impl = spec["experts_implementation"]
+
+    def load(**kw):
+        try:  # straight onto the device; device_map needs `accelerate`, so fall back to a host load + copy
+            return AutoModelForCausalLM.from_pretrained(spec["hf_dir"], dtype=torch.bfloat16, device_map=dev, **kw)
+        except ValueError as e:
+            if "accelerate" not in str(e):
+                raise
+            return AutoModelForCausalLM.from_pretrained(spec["hf_dir"], dtype=torch.bfloat16, **kw).to(dev)
+
+    try:
+        model = load(experts_implementation=impl)
+    except (TypeError, ValueError) as e:  # older transformers: no such kwarg / implementation
+        print(f"experts_implementation={impl!r} not accepted ({e}); using the default", flush=True)
+        impl = "default"
+        model = load()
+    model.eval()
+    out = {"load_s": time.perf_counter() - t0, "experts_implementation": impl, "device": dev, "runs": []}
+
+    def timed(ids, n):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, top_p=None, top_k=None, temperature=None, pad_token_id=0)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        assert seq.shape[1] == ids.shape[1] + n, seq.shape
+        return time.perf_counter() - t
+
+    with torch.inference_mode():
+        for batch, n in spec["runs"]:
+            ids = torch.tensor(prompt_ids(spec["seed"], batch, spec["prompt_len"], spec["vocab"]), device=dev,
+                               dtype=torch.long)
+            timed(ids, 4)  # warm-up
+            t1 = min(timed(ids, 1) for _ in range(spec["repeats"]))
+            tn = min(timed(ids, n) for _ in range(spec["repeats"]))
+            out["runs"].append({"batch": batch, "new_tokens": n, "one_token_s": t1, "total_s": tn,
+                                "e2e_tok_s": batch * n / tn, "decode_tok_s": batch * (n - 1) / max(tn - t1, 1e-9)})
+            print(f"transformers batch {batch}: {batch * n / tn:.1f} tok/s end to end", flush=True)
+            with open(spec["result_path"], "w") as f:
+                json.dump(out, f)
+
+
+def run_transformers(cfg, params, runs, deadline):
+    """Save the weights, time transformers in a subprocess; returns its result dict (possibly partial)."""
+    import jax.numpy as jnp
+    import dsjax
+
+    tmp = tempfile.mkdtemp(prefix="bench_generate_", dir=FLAGS.tmp_dir)
+    try:
+        t0 = time.perf_counter()
+        dsjax.save_hf(os.path.join(tmp, "hf"), cfg, params, dtype=jnp.bfloat16)
+        save_s = time.perf_counter() - t0
+        spec = {"hf_dir": os.path.join(tmp, "hf"), "runs": runs, "prompt_len": FLAGS.prompt_len,
+                "vocab": cfg.vocab_size, "seed": FLAGS.seed, "repeats": FLAGS.repeats,
+                "experts_implementation": FLAGS.experts_implementation, "result_path": os.path.join(tmp, "out.json")}
+        with open(os.path.join(tmp, "spec.json"), "w") as f:
+            json.dump(spec, f)
+        env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the worker never needs jax; keep it off the GPU
+        timeout = max(deadline - time.perf_counter(), 30.0)
+        try:
+            subprocess.run([sys.executable, os.path.abspath(__file__), f"--torch_worker={tmp}/spec.json"], env=env,
+                           timeout=timeout, check=True)
+        except (subprocess.TimeoutExpired, subprocess.CalledProcessError) as e:
+            print(f"transformers worker did not finish: {e}", flush=True)
+        result = {"save_hf_s": save_s, "runs": []}
+        if os.path.exists(spec["result_path"]):
+            with open(spec["result_path"]) as f:
+                result.update(json.load(f))
+        return result
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def time_ours(cfg, params, prompts, new_tokens, speculative=False, temperature=0.0):
+    """(stats of the best timed run, first-call seconds) for dsjax generate."""
+    import jax
+    from dsjax.generate import SamplingConfig, generate
+
+    sampling = SamplingConfig(temperature=temperature, max_new_tokens=new_tokens)
+    kw = dict(speculative=speculative, cache_dtype=cfg.dtype, sync_every=FLAGS.sync_every)
+    t0 = time.perf_counter()
+    generate(cfg, params, prompts, sampling, jax.random.key(0), **kw)
+    first = time.perf_counter() - t0
+    runs = [generate(cfg, params, prompts, sampling, jax.random.key(0), **kw).stats for _ in range(FLAGS.repeats)]
+    return max(runs, key=lambda s: s["tokens_per_s"]), first
+
+
+def parse_entry(entry: str):
+    parts = entry.split(":")
+    batches = [int(b) for b in (parts[1].split("/") if len(parts) > 1 and parts[1] else FLAGS.batches)]
+    return parts[0], batches, int(parts[2]) if len(parts) > 2 and parts[2] else FLAGS.max_new_tokens
+
+
+def fmt(x, spec="{:,.1f}"):
+    return "-" if x is None else spec.format(x)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.torch_worker:
+        return torch_worker(FLAGS.torch_worker)
+    if FLAGS.smoke:
+        FLAGS.preset, FLAGS.prompt_len, FLAGS.spec_max_new_tokens = ["tiny:2:8"], 16, 8
+        # tiny programs: LLVM optimisation costs more compile time than it saves (as in tests/conftest.py)
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    import jax
+    import dsjax
+    from dsjax.cache import bytes_per_token
+    from dsjax.generate import _engine
+    from experiments.generate import resolve_dtype, random_params
+
+    start = time.perf_counter()
+    deadline = start + FLAGS.time_budget_s
+    dtype = resolve_dtype(FLAGS.dtype)
+    report = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(), "jax": jax.__version__,
+              "dtype": dtype, "prompt_len": FLAGS.prompt_len, "rows": [], "speculative": [], "skipped": []}
+
+    def save():
+        if FLAGS.out:
+            with open(FLAGS.out, "w") as f:
+                json.dump(report, f, indent=2)
+
+    for entry in FLAGS.preset:
+        name, batches, new_tokens = parse_entry(entry)
+        if time.perf_counter() > deadline:
+            report["skipped"].append(f"{entry}: time budget")
+            continue
+        cfg = dsjax.ModelConfig.preset(name, dtype=dtype, param_dtype=dtype, attention_impl=FLAGS.attention_impl)
+        params = random_params(cfg, FLAGS.seed)
+        hf = {"runs": []}
+        if FLAGS.transformers:
+            hf = run_transformers(cfg, params, [[b, new_tokens] for b in batches], deadline)
+            report.setdefault("transformers", {})[name] = {k: v for k, v in hf.items() if k != "runs"}
+        hf_by_batch = {r["batch"]: r for r in hf.get("runs", [])}
+        for b in batches:
+            if time.perf_counter() > deadline:
+                report["skipped"].append(f"{name} batch {b}: time budget")
+                continue
+            prompts = prompt_ids(FLAGS.seed, b, FLAGS.prompt_len, cfg.vocab_size)
+            try:
+                stats, first = time_ours(cfg, params, prompts, new_tokens)
+            except Exception as e:  # noqa: BLE001 - a cuDNN prefill that fails to compile: retry on XLA
+                if cfg.attention_impl != "cudnn":
+                    raise
+                print(f"cudnn prefill failed ({str(e)[:300]}); falling back to attention_impl=xla", flush=True)
+                cfg = cfg.replace(attention_impl="xla")
+                stats, first = time_ours(cfg, params, prompts, new_tokens)
+            h = hf_by_batch.get(b, {})
+            prefill_attn = cfg.attention_impl if jax.default_backend() == "gpu" else "xla"
+            row = {"model": name, "batch": b, "new_tokens": new_tokens, "prefill_attention": prefill_attn,
+                   "ours_e2e_tok_s": stats["tokens_per_s"], "ours_decode_tok_s": stats["decode_tokens_per_s"],
+                   "ours_prefill_s": stats["prefill_s"], "ours_decode_s": stats["decode_s"],
+                   "ours_first_call_s": first, "cache_bytes_per_token": bytes_per_token(cfg, cfg.dtype),
+                   "hf_e2e_tok_s": h.get("e2e_tok_s"), "hf_decode_tok_s": h.get("decode_tok_s"),
+                   "hf_one_token_s": h.get("one_token_s")}
+            row["ratio_e2e"] = row["ours_e2e_tok_s"] / h["e2e_tok_s"] if h else None
+            row["ratio_decode"] = row["ours_decode_tok_s"] / h["decode_tok_s"] if h else None
+            report["rows"].append(row)
+            print(f"{name} batch {b}: ours {row['ours_e2e_tok_s']:,.1f} tok/s e2e, {row['ours_decode_tok_s']:,.1f} "
+                  f"decode; transformers {fmt(row['hf_e2e_tok_s'])} e2e", flush=True)
+            save()
+        del params
+        _engine.cache_clear()
+        jax.clear_caches()
+
+    if FLAGS.checkpoint:
+        bench_speculative(report, deadline, dtype)
+        save()
+    print_tables(report)
+    save()
+
+
+def bench_speculative(report, deadline, dtype):
+    from dsjax.tokenizer import load_tokenizer
+    from experiments.generate import _run_metadata, default_tokenizer, load_model, read_prompts
+
+    cfg, params, source = load_model(checkpoint=FLAGS.checkpoint, dtype=dtype, attention_impl=FLAGS.attention_impl)
+    tok = load_tokenizer(FLAGS.tokenizer or default_tokenizer(source, _run_metadata(FLAGS.checkpoint)))
+    texts = read_prompts([], FLAGS.spec_prompts_file) if FLAGS.spec_prompts_file else SPEC_PROMPTS
+    encoded = [[tok.bos_id] + tok.encode(t) for t in texts]
+    for b in (int(x) for x in FLAGS.spec_batches):
+        if time.perf_counter() > deadline:
+            report["skipped"].append(f"speculative batch {b}: time budget")
+            continue
+        prompts = [encoded[i % len(encoded)] for i in range(b)]
+        plain, _ = time_ours(cfg, params, prompts, FLAGS.spec_max_new_tokens, temperature=FLAGS.spec_temperature)
+        spec, _ = time_ours(cfg, params, prompts, FLAGS.spec_max_new_tokens, speculative=True,
+                            temperature=FLAGS.spec_temperature)
+        report["speculative"].append({
+            "batch": b, "new_tokens": FLAGS.spec_max_new_tokens, "temperature": FLAGS.spec_temperature,
+            "acceptance_rate": spec["acceptance_rate"], "tokens_per_step": spec["tokens_per_step"],
+            "plain_e2e_tok_s": plain["tokens_per_s"], "spec_e2e_tok_s": spec["tokens_per_s"],
+            "plain_decode_tok_s": plain["decode_tokens_per_s"], "spec_decode_tok_s": spec["decode_tokens_per_s"],
+            "speedup_e2e": spec["tokens_per_s"] / plain["tokens_per_s"],
+            "speedup_decode": spec["decode_tokens_per_s"] / plain["decode_tokens_per_s"]})
+
+
+def print_tables(report):
+    print(f"\n{report['device']} ({report['backend']}, jax {report['jax']}, {report['dtype']}); greedy; tok/s = new "
+          "tokens per second summed over the batch; e2e = prefill + decode")
+    if report["rows"]:
+        print(f"random weights, random {report['prompt_len']}-token prompts; x = ours / transformers")
+        head = ("model", "batch", "new", "ours e2e", "ours decode", "HF e2e", "HF decode", "x e2e", "x decode",
+                "prefill ms", "cache B/tok")
+        print(("{:<18}{:>6}{:>6}" + "{:>12}" * 8).format(*head))
+        for r in report["rows"]:
+            print(("{:<18}{:>6}{:>6}" + "{:>12}" * 8).format(
+                r["model"], r["batch"], r["new_tokens"], fmt(r["ours_e2e_tok_s"]), fmt(r["ours_decode_tok_s"]),
+                fmt(r["hf_e2e_tok_s"]), fmt(r["hf_decode_tok_s"]), fmt(r["ratio_e2e"], "{:.2f}"),
+                fmt(r["ratio_decode"], "{:.2f}"), fmt(r["ours_prefill_s"] * 1e3, "{:.0f}"),
+                f"{r['cache_bytes_per_token']:,}"))
+    for name, t in report.get("transformers", {}).items():
+        print(f"transformers {name}: experts_implementation={t.get('experts_implementation')}, "
+              f"save_hf {t.get('save_hf_s', 0):.0f}s, load {t.get('load_s', 0):.0f}s")
+    if report["speculative"]:
+        print("\nMTP self-speculative decoding (depth 1) vs plain, same prompts")
+        head = ("batch", "new", "accept", "tok/step", "plain dec", "spec dec", "x decode", "x e2e")
+        print(("{:>6}{:>6}" + "{:>11}" * 6).format(*head))
+        for r in report["speculative"]:
+            print(("{:>6}{:>6}" + "{:>11}" * 6).format(
+                r["batch"], r["new_tokens"], f"{r['acceptance_rate']:.3f}", f"{r['tokens_per_step']:.2f}",
+                fmt(r["plain_decode_tok_s"]), fmt(r["spec_decode_tok_s"]), f"{r['speedup_decode']:.2f}",
+                f"{r['speedup_e2e']:.2f}"))
+    for s in report["skipped"]:
+        print("skipped:", s)
+
+
+if __name__ == "__main__":
+    app.run(main)

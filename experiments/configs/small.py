@@ -1,0 +1,20 @@
+"""The `small` preset (1.48B params, 339M active; BASELINES.md's model + MTP depth 1) on one GPU, bf16 compute."""
+import ml_collections
+
+from dsjax.train.trainer import model_config_section
+from experiments.configs import tiny
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = tiny.get_config()
+    c.model = model_config_section("small", dtype="bfloat16")
+    c.data.seq_len = 2048
+    c.data.batch_size = 8
+    c.optim.lr = 3e-4
+    c.optim.warmup_steps = 100
+    c.train.steps = 2000
+    c.train.log_every = 10
+    c.train.eval_every = 500
+    c.train.eval_batches = 4
+    c.train.save_every = 1000
+    return c
