@@ -14,7 +14,7 @@ from typing import Any
 _SCORING = ("sigmoid", "softmax")
 _TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 _DTYPES = ("float32", "bfloat16", "float16")
-_MOE_BACKENDS = ("ragged_dot", "dense")
+_MOE_BACKENDS = ("auto", "gmm", "ragged_dot", "dense")
 _REMAT = ("none", "full", "dots", "dots_no_batch")
 
 
@@ -66,7 +66,7 @@ class ModelConfig:
     # ---- runtime knobs (not HF fields) ----
     dtype: str = "float32"          # compute dtype of activations and matmuls
     param_dtype: str = "float32"    # storage dtype of parameters (master weights)
-    moe_backend: str = "ragged_dot"  # "ragged_dot" (expert-sorted tokens, grouped matmul) or "dense" (reference)
+    moe_backend: str = "auto"       # "auto" (gmm on GPU/TPU, ragged_dot on CPU), "gmm", "ragged_dot", "dense" (reference)
     remat: str = "none"             # rematerialisation policy for each transformer block
     attention_impl: str = "xla"     # "xla" (einsum) or "cudnn" (jax.nn.dot_product_attention on GPU) for full MLA
 

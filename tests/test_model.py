@@ -261,3 +261,22 @@ def test_mtp_flag_needs_depth():
     params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), param_shapes(cfg))
     with pytest.raises(ValueError, match="num_nextn_predict_layers is 0"):
         dsjax.DeepSeekV3(cfg).apply({"params": params}, jnp.zeros((1, 4), jnp.int32), mtp=True)
+
+
+def test_expert_backends_agree_at_layer_level(tiny_cfg):
+    """The Pallas gmm backend (its XLA path on CPU; the kernels are tested in test_grouped_matmul) and the
+    dense reference agree with lax.ragged_dot, values and gradients."""
+    from dsjax.layers.moe import EXPERT_BACKENDS, expert_backend, route
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.randn(40, 64), jnp.float32)
+    gu, dn = jnp.asarray(0.1 * rng.randn(8, 64, 64), jnp.float32), jnp.asarray(0.1 * rng.randn(8, 32, 64), jnp.float32)
+    r = route(jnp.asarray(rng.randn(40, 8), jnp.float32), None, tiny_cfg)
+
+    def run(name):
+        f = lambda x, gu, dn: jnp.sum(EXPERT_BACKENDS[name](x, r, gu, dn, jnp.float32) ** 2)  # noqa: E731
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(x, gu, dn)
+    want = run("ragged_dot")
+    for name in ("gmm", "dense"):
+        for a, b in zip(jax.tree.leaves(run(name)), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert expert_backend("auto") == "ragged_dot"  # CPU

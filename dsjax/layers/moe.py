@@ -69,7 +69,16 @@ def sequence_balance_loss(scores: jax.Array, indices: jax.Array, batch: int, cfg
     return (f * p).sum(-1).mean()
 
 
-def sorted_experts(x, routing: Routing, gate_up, down, dtype):
+def _ragged_dot(lhs, rhs, sizes):
+    return jax.lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=jnp.float32)
+
+
+def _pallas_gmm(lhs, rhs, sizes):
+    from pallas_kernels.grouped_matmul import gmm  # Mosaic GPU / TPU kernel; XLA elsewhere
+    return gmm(lhs, rhs, sizes, preferred_element_type=jnp.float32)
+
+
+def sorted_experts(x, routing: Routing, gate_up, down, dtype, matmul=_ragged_dot):
     """Routed experts on expert-sorted rows with grouped matmuls. x [N, D]; gate_up [E, D, 2I]; down [E, I, D]."""
     n, k = routing.indices.shape
     e = gate_up.shape[0]
@@ -77,10 +86,10 @@ def sorted_experts(x, routing: Routing, gate_up, down, dtype):
     order = jnp.argsort(flat, stable=True)
     rows = x[order // k].astype(dtype)
     sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
-    h = jax.lax.ragged_dot(rows, gate_up.astype(dtype), sizes, preferred_element_type=jnp.float32)
+    h = matmul(rows, gate_up.astype(dtype), sizes)
     gate, up = jnp.split(h, 2, axis=-1)
     a = (jax.nn.silu(gate) * up).astype(dtype)
-    y = jax.lax.ragged_dot(a, down.astype(dtype), sizes, preferred_element_type=jnp.float32)
+    y = matmul(a, down.astype(dtype), sizes)
     y = y[jnp.argsort(order)].reshape(n, k, -1)  # back to (token, choice) order
     return jnp.einsum("nkd,nk->nd", y, routing.weights).astype(dtype)
 
@@ -97,7 +106,16 @@ def dense_experts(x, routing: Routing, gate_up, down, dtype):
     return jnp.einsum("end,ne->nd", y, comb).astype(dtype)
 
 
-EXPERT_BACKENDS = {"ragged_dot": sorted_experts, "dense": dense_experts}
+EXPERT_BACKENDS = {"ragged_dot": sorted_experts, "dense": dense_experts,
+                   "gmm": lambda *a: sorted_experts(*a, matmul=_pallas_gmm)}
+
+
+def expert_backend(name: str) -> str:
+    """"auto": the Pallas grouped matmul on GPU/TPU (XLA's ragged_dot there is a masked dense product),
+    lax.ragged_dot on CPU."""
+    if name != "auto":
+        return name
+    return "gmm" if jax.default_backend() in ("gpu", "tpu") else "ragged_dot"
 
 
 class Router(nn.Module):
@@ -130,7 +148,7 @@ class MoE(nn.Module):
         init = nn.initializers.normal(cfg.initializer_range)
         gate_up = self.param("experts_gate_up_proj", init, (e, d, 2 * i), pdt)
         down = self.param("experts_down_proj", init, (e, i, d), pdt)
-        y = EXPERT_BACKENDS[cfg.moe_backend](flat, routing, gate_up, down, dt).reshape(b, t, d)
+        y = EXPERT_BACKENDS[expert_backend(cfg.moe_backend)](flat, routing, gate_up, down, dt).reshape(b, t, d)
         if cfg.n_shared_experts:
             y = y + MLP(cfg, cfg.n_shared_experts * i, name="shared_experts")(x)
         stats = {"expert_counts": expert_counts(routing.indices, e),

@@ -1,0 +1,321 @@
+"""Grouped matmul (gmm) in Pallas Mosaic GPU, for Hopper, and helpers shared with gpu_tgmm.py.
+
+The kernels are persistent (one CTA per SM walks a tile list with stride num_sms) and, by default,
+warp-specialized: one memory warpgroup issues TMA loads into a `max_concurrent_steps`-deep ring of
+shared-memory stages, two compute warpgroups each run wgmma (bf16/f16 in, f32 accumulator) on one half
+of the CTA's columns. `warp_specialized=False` falls back to one warpgroup and `plgpu.emit_pipeline`.
+
+gmm tiles follow the groups: tile j of group g starts at row floor8(start_g) + j*block_m, so only the
+first and last tile of a group are ragged. The tile list (group, first row, valid row range) is
+computed with jnp ops before the kernel (`gmm_tiles`); rows past sum(group_sizes) become zero tiles
+(no loads, zeros stored). A tile that would cross row M is slid back to end at M, so no load or store
+leaves the array. Valid rows are a range inside the tile, written with one TMA store when the tile is
+full and otherwise with a ladder of power-of-two TMA stores (TMA boxes are static).
+
+tgmm (the weight gradient) lives in gpu_tgmm.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuConfig:
+  """Tuning knobs. gmm: tile = block_m rows x (2*block_n) cols, K stepped by block_k.
+
+  tgmm: tile = block_m rows of K x (2*block_n) cols of N, group rows stepped by block_k.
+  With warp_specialized=False a tile is block_m x block_n (one warpgroup).
+  """
+  block_m: int = 128
+  block_n: int = 128
+  block_k: int = 64
+  max_concurrent_steps: int = 4
+  epi_m: int = 64  # warp-specialized epilogue stages the tile through smem this many rows at a time
+  grid_tile_n: int = 0  # tile order: strips this many N tiles wide, rows inside; 0 = row-major
+  warp_specialized: bool = True
+  num_sms: int | None = None  # None: the device's SM count (2 in interpret mode)
+
+
+# Tile orders from H200 sweeps (2026-11-28, experiments/bench_grouped_matmul.py --sweep): strips
+# of 8 N tiles for the forward (G=32 and G=8 shapes), 4 for dlhs (K=2048 shape) and tgmm.
+GMM_CONFIG = GpuConfig(grid_tile_n=8)
+DLHS_CONFIG = GpuConfig(grid_tile_n=4)
+TGMM_CONFIG = GpuConfig(grid_tile_n=4)
+
+
+def _check_config(cfg, dtype):
+  # Ragged-row TMA stores start at any smem row; TMA wants 128-byte aligned smem addresses.
+  if cfg.block_n * jnp.dtype(dtype).itemsize % 128:
+    raise ValueError(f"block_n * itemsize must be a multiple of 128 bytes, got {cfg.block_n}")
+
+
+def interpret_params():
+  """Mosaic GPU interpret params; the public name moved between jax releases."""
+  for name in ("InterpretParams", "InterpretGPUParams"):
+    if hasattr(plgpu, name):
+      return getattr(plgpu, name)()
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+  return InterpretGPUParams()
+
+
+def _num_wgs(cfg):
+  return 2 if cfg.warp_specialized else 1
+
+
+def _num_sms(cfg, interpret):
+  if cfg.num_sms is not None:
+    return cfg.num_sms
+  if interpret:
+    return 2
+  return jax.devices()[0].core_count
+
+
+def _transforms(block_minor, dtype):
+  swizzle = plgpu.find_swizzle(block_minor * jnp.dtype(dtype).itemsize * 8)
+  elems = swizzle // jnp.dtype(dtype).itemsize
+  return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
+
+
+def _tile_order(lin, n_major, n_minor, width):
+  """Linear tile id -> (major, minor) index; strips of `width` minor tiles keep operands in L2."""
+  if width <= 0 or width >= n_minor:
+    return lax.div(lin, n_minor), lax.rem(lin, n_minor)
+  strip = width * n_major
+  s = lax.div(lin, strip)
+  r = lax.rem(lin, strip)
+  w = jnp.minimum(width, n_minor - s * width)
+  return lax.div(r, w), s * width + lax.rem(r, w)
+
+
+def gmm_tiles(group_sizes, m, block_m):
+  """Per-row-tile metadata, host side of the kernel (m % 8 == 0, m >= block_m).
+
+  Tile j of group g loads rows [floor8(start_g) + j*block_m, ...): Mosaic GPU only accepts a TMA
+  load into a tiled smem buffer at a row offset it can prove is a multiple of 8. Tiles past `count`
+  are unused. Returns count [1], group (-1: zero tail), row0 (load row), lo, rows (valid range).
+  """
+  g = group_sizes.shape[0]
+  gs = group_sizes.astype(jnp.int32)
+  ends = jnp.cumsum(gs)
+  total = ends[-1]
+  sizes = jnp.concatenate([gs, jnp.maximum(m - total, 0)[None]])  # pseudo-group g: zero tail
+  starts = jnp.concatenate([ends - gs, total[None]])
+  aligned = starts // 8 * 8
+  ntiles = jnp.where(sizes > 0, (sizes + starts - aligned + block_m - 1) // block_m, 0)
+  cum = jnp.cumsum(ntiles)
+  t = jnp.arange(pl.cdiv(m + 8 * (g + 1), block_m) + g + 1, dtype=jnp.int32)
+  owner = jnp.minimum(jnp.searchsorted(cum, t, side="right"), g).astype(jnp.int32)
+  row = aligned[owner] + (t - (cum - ntiles)[owner]) * block_m
+  lo = jnp.maximum(starts[owner] - row, 0)
+  rows = jnp.clip(starts[owner] + sizes[owner] - row, 0, block_m) - lo
+  row0 = jnp.clip(row, 0, m - block_m)  # slide the last tile back inside the array
+  group = jnp.where(owner < g, owner, -1)
+  return cum[-1:].astype(jnp.int32), group, row0, lo + row - row0, jnp.maximum(rows, 0)
+
+
+def _store_rows(out_smem, out_gmem, row0, lo, rows, col0, block_m, block_n):
+  """TMA-store smem rows [lo, lo+rows) to out rows row0+lo..; full tiles take one store."""
+  @pl.when(rows == block_m)
+  def _():
+    plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[pl.ds(row0, block_m), pl.ds(col0, block_n)])
+
+  @pl.when(rows < block_m)
+  def _():
+    off = lo
+    size = block_m // 2
+    while size >= 1:
+      @pl.when((rows & size) != 0)
+      def _():
+        plgpu.copy_smem_to_gmem(
+            out_smem.at[pl.ds(off, size)],
+            out_gmem.at[pl.ds(row0 + off, size), pl.ds(col0, block_n)])
+      off = off + (rows & size)
+      size //= 2
+
+
+def _epilogue(acc, out_smem, store_chunk):
+  """Cast acc and TMA-store it through out_smem [epi_m, bn], one row chunk at a time.
+
+  A whole bm x bn staging buffer per warpgroup would not fit next to 4 pipeline stages."""
+  epi_m = out_smem.shape[0]
+  for c in range(acc.shape[0] // epi_m):
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous store has left out_smem
+    out_smem[...] = acc[c * epi_m:(c + 1) * epi_m].astype(out_smem.dtype)
+    plgpu.commit_smem()
+    store_chunk(c * epi_m)
+
+
+def _persistent_loop(num_tiles, body):
+  """Each SM takes tiles sm, sm + num_sms, ... < num_tiles."""
+  sm = lax.axis_index("sm")
+  nsm = lax.axis_size("sm")
+  steps = lax.div(jnp.maximum(num_tiles - sm + nsm - 1, 0), nsm)
+  lax.fori_loop(0, steps, lambda i, c: (body(i * nsm + sm), c)[1], None)
+
+
+def _run(body, out_type, cfg, interpret):
+  kw = dict(
+      out_type=out_type,
+      grid=(_num_sms(cfg, interpret),),
+      grid_names=("sm",),
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+  )
+  if cfg.warp_specialized:
+    kw.update(num_threads=3, thread_name="wg")
+  if interpret:
+    kw["interpret"] = interpret_params()
+  return plgpu.kernel(body, **kw)
+
+
+def _pipeline(cfg, mma, ctx, steps, in_specs, mcs):
+  """Warp-specialized pipeline over `steps` contraction steps (may be traced, may be 0)."""
+  return plgpu.emit_pipeline_warp_specialized(
+      mma, grid=(steps,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
+      num_compute_wgs=2, max_concurrent_steps=mcs, compute_context=ctx)
+
+
+def _ignore(*_, **__):
+  return None
+
+
+def _transposed(ref, scratch):
+  """wgmma operand ref.T. Hardware reads it in place (transpose_ref); jax 0.10's GPU interpreter
+  cannot apply a TransposeTransform to a wgmma operand, so interpret mode copies the transpose into
+  `scratch` through registers instead."""
+  if scratch is None:
+    return plgpu.transpose_ref(ref, (1, 0))
+  scratch[...] = ref[...].T
+  return scratch
+
+
+def _scratch(interpret, shape, dtype):
+  return plgpu.SMEM(shape, dtype) if interpret else None
+
+
+def _acc_with_scratch(acc_scope, acc_shape, scratch):
+  """run_scoped(acc_scope, ACC, scratch); register and smem scopes cannot be mixed."""
+  acc = lambda t: pl.run_scoped(lambda a: acc_scope(a, t), plgpu.ACC(acc_shape, jnp.float32))
+  return acc(None) if scratch is None else pl.run_scoped(acc, scratch)
+
+
+def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, config=None, interpret=False,
+        out_dtype=None):
+  """lhs [M, K] x rhs [G, K, N] (or [G, N, K] with transpose_rhs) -> [M, N].
+
+  Requires M % 8 == 0, M >= block_m, K % block_k == 0, N % (num_wgs*block_n) == 0 (ops.py pads).
+  """
+  cfg = config or GMM_CONFIG
+  _check_config(cfg, out_dtype or lhs.dtype)
+  m, k = lhs.shape
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  out_dtype = out_dtype or lhs.dtype
+  nw = _num_wgs(cfg)
+  bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+  cta_n = nw * bn
+  k_steps = k // bk
+  n_tiles = n // cta_n
+  mcs = max(1, min(cfg.max_concurrent_steps, k_steps))
+  count, tgroup, trow0, tlo, trows = gmm_tiles(group_sizes, m, bm)
+  # wgmma wants one swizzle for both operands, and each warpgroup slices out bn columns of B.
+  tf = _transforms(min(bk, bn), lhs.dtype)
+  lhs_spec = plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=tf)
+  if transpose_rhs:
+    rhs_spec = plgpu.BlockSpec((cta_n, bk), lambda kk: (0, kk), transforms=tf)
+  else:
+    rhs_spec = plgpu.BlockSpec((bk, cta_n), lambda kk: (kk, 0), transforms=tf)
+
+  def views(lhs_gmem, rhs_gmem, gi, row0, n0):
+    r = rhs_gmem.at[gi]
+    r = r.at[pl.ds(n0, cta_n), :] if transpose_rhs else r.at[:, pl.ds(n0, cta_n)]
+    return lhs_gmem.at[pl.ds(row0, bm), :], r
+
+  def b_operand(b_smem, wg, t_smem):
+    if transpose_rhs:
+      return _transposed(b_smem.at[pl.ds(wg * bn, bn), :], t_smem)
+    return b_smem.at[:, pl.ds(wg * bn, bn)]
+
+  t_shape = _scratch(interpret and transpose_rhs, (bk, bn), rhs.dtype)
+  epi_m = min(cfg.epi_m, bm)
+
+  def tile_info(refs, lin):
+    count_ref, group_ref, row0_ref, lo_ref, rows_ref = refs
+    mt, nt = _tile_order(lin, count_ref[0], n_tiles, cfg.grid_tile_n)
+    g = group_ref[mt]
+    steps = jnp.where(g >= 0, k_steps, 0)
+    row0 = pl.multiple_of(row0_ref[mt], 8)
+    return jnp.maximum(g, 0), steps, row0, lo_ref[mt], rows_ref[mt], nt * cta_n
+
+  def body_ws(*refs):
+    meta, (lhs_gmem, rhs_gmem, out_gmem) = refs[:5], refs[5:]
+    allocs = _pipeline(cfg, _ignore, _ignore, k_steps, [lhs_spec, rhs_spec], mcs).get_allocations(
+        *views(lhs_gmem, rhs_gmem, 0, 0, 0))
+
+    @functools.partial(pl.run_scoped, allocs=allocs, t_smem=_scratch(
+        interpret and transpose_rhs, (2, bk, bn), rhs.dtype),
+                       out_smem=plgpu.SMEM((2, epi_m, bn), out_dtype), collective_axes="wg")
+    def _(allocs, t_smem, out_smem):
+      wg = lax.axis_index("wg")
+      t_wg = None if t_smem is None else t_smem.at[wg]
+
+      def tile(lin):
+        gi, steps, row0, lo, rows, n0 = tile_info(meta, lin)
+
+        def store_chunk(r0):
+          clo = jnp.clip(lo - r0, 0, epi_m)
+          crows = jnp.clip(lo + rows - r0, 0, epi_m) - clo
+          _store_rows(out_smem.at[wg], out_gmem, row0 + r0, clo, crows, n0 + wg * bn, epi_m, bn)
+
+        def ctx(eval_pipeline):
+          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn), jnp.float32))
+          def _(acc_ref):
+            eval_pipeline(acc_ref)
+            _epilogue(acc_ref[...], out_smem.at[wg], store_chunk)
+
+        def mma(_, a_smem, b_smem, acc_ref):
+          plgpu.wgmma(acc_ref, a_smem, b_operand(b_smem, wg, t_wg))
+          plgpu.wgmma_wait(0)
+          return acc_ref
+
+        _pipeline(cfg, mma, ctx, steps, [lhs_spec, rhs_spec], mcs)(
+            *views(lhs_gmem, rhs_gmem, gi, row0, n0), allocations=allocs)
+
+      _persistent_loop(meta[0][0] * n_tiles, tile)
+    plgpu.wait_smem_to_gmem(0)
+
+  def body_simple(*refs):
+    meta, (lhs_gmem, rhs_gmem, out_gmem) = refs[:5], refs[5:]
+    specs = [dataclasses.replace(s, delay_release=1) for s in (lhs_spec, rhs_spec)]
+
+    def tile(lin):
+      gi, steps, row0, lo, rows, n0 = tile_info(meta, lin)
+
+      def acc_scope(acc_ref, t_smem):
+        plgpu.emit_pipeline(
+            lambda _, a_smem, b_smem: plgpu.wgmma(acc_ref, a_smem, b_operand(b_smem, 0, t_smem)),
+            grid=(steps,), in_specs=specs, max_concurrent_steps=max(mcs, 2),
+        )(*views(lhs_gmem, rhs_gmem, gi, row0, n0))
+        return acc_ref[...]
+
+      acc = _acc_with_scratch(acc_scope, (bm, bn), t_shape)
+
+      @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((bm, bn), out_dtype))
+      def _(out_smem):
+        out_smem[...] = acc.astype(out_dtype)
+        plgpu.commit_smem()
+        _store_rows(out_smem, out_gmem, row0, lo, rows, n0, bm, bn)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    _persistent_loop(meta[0][0] * n_tiles, tile)
+    plgpu.wait_smem_to_gmem(0)
+
+  body = body_ws if cfg.warp_specialized else body_simple
+  out_type = jax.ShapeDtypeStruct((m, n), out_dtype)
+  return _run(body, out_type, cfg, interpret)(count, tgroup, trow0, tlo, trows, lhs, rhs)
