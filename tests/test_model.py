@@ -278,5 +278,5 @@ def test_expert_backends_agree_at_layer_level(tiny_cfg):
     want = run("ragged_dot")
     for name in ("gmm", "dense"):
         for a, b in zip(jax.tree.leaves(run(name)), jax.tree.leaves(want)):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert expert_backend("auto") == "ragged_dot"  # CPU
