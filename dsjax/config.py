@@ -69,6 +69,10 @@ class ModelConfig:
     moe_backend: str = "auto"       # "auto" (gmm on GPU/TPU, ragged_dot on CPU), "gmm", "ragged_dot", "dense" (reference)
     remat: str = "none"             # rematerialisation policy for each transformer block
     attention_impl: str = "xla"     # "xla" (einsum) or "cudnn" (jax.nn.dot_product_attention on GPU) for full MLA
+    # expert parallelism (only under a mesh whose expert axis is > 1; see sharding/expert_parallel.py)
+    moe_capacity_factor: float = 0.0  # 0: dropless; c > 0: each device sends at most ceil(c*pairs/E) per expert
+    moe_device_limit: int = 0       # M > 0: a token's experts lie on at most M devices (node-limited routing)
+    moe_dispatch: str = "auto"      # all-to-all: "ragged" (ragged_all_to_all), "padded", "auto" (ragged off CPU)
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, list):
@@ -125,9 +129,13 @@ class ModelConfig:
             if rs.factor <= 0 or rs.original_max_position_embeddings <= 0:
                 bad("rope_scaling", f"factor and original_max_position_embeddings must be positive: {rs}")
         for f, allowed in (("dtype", _DTYPES), ("param_dtype", _DTYPES), ("moe_backend", _MOE_BACKENDS),
-                           ("remat", _REMAT), ("attention_impl", ("xla", "cudnn"))):
+                           ("remat", _REMAT), ("attention_impl", ("xla", "cudnn")),
+                           ("moe_dispatch", ("auto", "ragged", "padded"))):
             if getattr(self, f) not in allowed:
                 bad(f, f"{getattr(self, f)!r} is not one of {allowed}")
+        if self.moe_capacity_factor < 0 or self.moe_device_limit < 0:
+            bad("moe_capacity_factor", f"moe_capacity_factor ({self.moe_capacity_factor}) and moe_device_limit "
+                f"({self.moe_device_limit}) must be >= 0 (0 = off)")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -271,7 +279,8 @@ class ModelConfig:
         return d
 
 
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "moe_backend", "remat", "attention_impl")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "moe_backend", "remat", "attention_impl", "moe_capacity_factor",
+                   "moe_device_limit", "moe_dispatch")
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

@@ -43,13 +43,15 @@ class DeepSeekV3(nn.Module):
         self.mtp = [MTPModule(cfg, name=f"mtp_{k}") for k in range(cfg.num_nextn_predict_layers)]
 
     def embed(self, tokens):
-        return self.embed_tokens(tokens).astype(jnp.dtype(self.cfg.dtype))
+        x = self.embed_tokens(tokens).astype(jnp.dtype(self.cfg.dtype))
+        return nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))  # no-op unless rules are bound
 
     def head(self, h):
         """Final-hidden -> float32 logits (shared by the main model and every MTP depth)."""
         dt = jnp.dtype(self.cfg.dtype)
         w = self.embed_tokens.embedding.T if self.cfg.tie_word_embeddings else self.lm_head
-        return jnp.dot(h.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+        logits = jnp.dot(h.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+        return nn.with_logical_constraint(logits, ("batch", "seq", "vocab")[-logits.ndim:])
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, *, cache: KVCache | None = None,

@@ -19,7 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 flags.DEFINE_string("preset", "small", "ModelConfig preset to train.")
-flags.DEFINE_string("moe_backends", "ragged_dot,dense", "Comma-separated MoE expert backends to compare.")
+flags.DEFINE_string("moe_backends", "gmm", "Comma-separated MoE expert backends to compare (gmm, ragged_dot, "
+                    "dense).")
+flags.DEFINE_string("attention_impls", "xla", "Comma-separated full-attention implementations (xla, cudnn).")
 flags.DEFINE_integer("batch", 8, "Sequences per step.")
 flags.DEFINE_integer("seq_len", 2048, "Tokens per sequence.")
 flags.DEFINE_integer("steps", 20, "Timed train steps per backend (after 2 warm-up steps).")
@@ -121,8 +123,11 @@ def main(argv):
     peak = peak_flops()
     results = {"device": jax.devices()[0].device_kind, "batch": FLAGS.batch, "seq_len": FLAGS.seq_len, "runs": []}
     print(f"device: {jax.devices()[0].device_kind}, peak {peak and peak / 1e12} TFLOP/s", flush=True)
-    for backend in FLAGS.moe_backends.split(","):
-        cfg = ModelConfig.preset(FLAGS.preset, dtype="bfloat16", moe_backend=backend, remat=FLAGS.remat)
+    combos = [(b, a) for b in FLAGS.moe_backends.split(",") for a in FLAGS.attention_impls.split(",")]
+    for backend, attn in combos:
+        cfg = ModelConfig.preset(FLAGS.preset, dtype="bfloat16", moe_backend=backend, remat=FLAGS.remat,
+                                 attention_impl=attn)
+        backend = f"{backend}+{attn}"
         try:
             step_s, compile_s, loss, use_mtp, params = bench_step(cfg, FLAGS.batch, FLAGS.seq_len, FLAGS.steps,
                                                                   FLAGS.mtp_lambda)

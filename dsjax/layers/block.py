@@ -42,7 +42,8 @@ class Block(nn.Module):
             y, stats = MoE(cfg, name="mlp")(y)
         else:
             y, stats = MLP(cfg, cfg.intermediate_size, name="mlp")(y), {}
-        return ((x + y).astype(x.dtype), kv_cache), stats
+        x = nn.with_logical_constraint((x + y).astype(x.dtype), ("batch", "seq", "act_embed"))
+        return (x, kv_cache), stats
 
 
 def block_class(cfg: ModelConfig):

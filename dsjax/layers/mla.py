@@ -20,6 +20,7 @@ from dsjax.layers.norms import RMSNorm
 from dsjax.layers.rope import apply_rope
 
 NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax instead of NaN
+HEADS = ("batch", "seq", "heads", None)  # logical axes of per-head activations (sharding/rules.py)
 
 
 class Linear(nn.Module):
@@ -115,7 +116,7 @@ class MLA(nn.Module):
             q = Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, cfg, name="q_b_proj")(q)
         else:
             q = Linear(d, h * cfg.qk_head_dim, cfg, name="q_proj")(x)
-        q = q.reshape(b, t, h, cfg.qk_head_dim)
+        q = nn.with_logical_constraint(q.reshape(b, t, h, cfg.qk_head_dim), HEADS)
         q_nope, q_pe = q[..., :nope], apply_rope(q[..., nope:], cos, sin)
 
         kv = Linear(d, c + rdim, cfg, name="kv_a_proj_with_mqa")(x)
@@ -136,17 +137,22 @@ class MLA(nn.Module):
             o_lat = absorbed_attention(q_lat, q_pe, layer_kv, mask, cfg.softmax_scale, c)
             o = jnp.einsum("bthc,chv->bthv", o_lat.astype(w.dtype), w[..., nope:])
         else:
-            kvh = kv_b(c_kv).reshape(b, t, h, nope + vdim)
+            kvh = nn.with_logical_constraint(kv_b(c_kv).reshape(b, t, h, nope + vdim), HEADS)
             o = self._full(q_nope, q_pe, kvh[..., :nope], k_pe, kvh[..., nope:], segment_ids)
         out = Linear(h * vdim, d, cfg, name="o_proj")(o.reshape(b, t, h * vdim))
         return out, kv_cache
 
     def _full(self, q_nope, q_pe, k_nope, k_pe, v, segment_ids):
         cfg = self.cfg
-        if cfg.attention_impl == "cudnn" and jax.default_backend() == "gpu" and segment_ids is None:
+        if (cfg.attention_impl == "cudnn" and jax.default_backend() == "gpu"
+                and q_nope.dtype in (jnp.bfloat16, jnp.float16)):
             q = jnp.concatenate([q_nope, q_pe], axis=-1)
             k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None], k_nope.shape[:3] + k_pe.shape[-1:])], -1)
-            return jax.nn.dot_product_attention(q, k, v, scale=cfg.softmax_scale, is_causal=True,
-                                                implementation="cudnn")
+            mask = None if segment_ids is None else (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+            # The cuDNN path wants one head dim for q, k and v: pad v (128) to qk's (192), drop the pad after.
+            vp = jnp.pad(v, [(0, 0)] * 3 + [(0, q.shape[-1] - v.shape[-1])])
+            o = jax.nn.dot_product_attention(q, k, vp, mask=mask, scale=cfg.softmax_scale, is_causal=True,
+                                             implementation="cudnn")
+            return o[..., :v.shape[-1]]
         mask = causal_mask(segment_ids, q_nope.shape[1])
         return full_attention(q_nope, q_pe, k_nope, k_pe, v, mask, cfg.softmax_scale)

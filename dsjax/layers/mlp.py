@@ -15,4 +15,5 @@ class MLP(nn.Module):
         d, i = x.shape[-1], self.intermediate_size
         gate = Linear(d, i, self.cfg, name="gate_proj")(x)
         up = Linear(d, i, self.cfg, name="up_proj")(x)
-        return Linear(i, d, self.cfg, name="down_proj")(jax.nn.silu(gate) * up)
+        hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "seq", "mlp")[-x.ndim:])
+        return Linear(i, d, self.cfg, name="down_proj")(hidden)

@@ -29,23 +29,40 @@ class Routing(NamedTuple):
     scores: jax.Array    # [N, E] float32 unbiased scores
 
 
-def route(logits: jax.Array, bias: jax.Array | None, cfg: ModelConfig) -> Routing:
-    """Pure router math on float32 logits [N, E]."""
+def _keep_best_groups(choice: jax.Array, groups: int, keep: int, per_group: int) -> jax.Array:
+    """Mask (-inf) all but the `keep` groups of consecutive experts whose `per_group` best choice scores sum
+    highest. Already-masked entries count as a large negative score, so a group short of `per_group` candidates
+    ranks below every group that has them (device limiting after group limiting never picks an empty device)."""
+    n, e = choice.shape
+    grouped = jnp.where(jnp.isneginf(choice), -1e9, choice).reshape(n, groups, e // groups)
+    score = jax.lax.top_k(grouped, per_group)[0].sum(-1)
+    _, best = jax.lax.top_k(score, keep)
+    mask = jnp.zeros((n, groups), bool).at[jnp.arange(n)[:, None], best].set(True)
+    return jnp.where(jnp.repeat(mask, e // groups, axis=-1), choice, -jnp.inf)
+
+
+def route(logits: jax.Array, bias: jax.Array | None, cfg: ModelConfig, device_groups: int = 1) -> Routing:
+    """Pure router math on float32 logits [N, E].
+
+    `device_groups` > 1 (expert parallelism: the experts split evenly over that many devices) applies
+    `cfg.moe_device_limit` = M: each token keeps the M devices whose top ceil(k/M) biased scores sum highest
+    (DeepSeek-V3's node-limited routing) and picks its k experts there.
+    """
     logits = logits.astype(jnp.float32)
     scores = jax.nn.sigmoid(logits) if cfg.scoring_func == "sigmoid" else jax.nn.softmax(logits, axis=-1)
     choice = scores if bias is None else scores + jax.lax.stop_gradient(bias.astype(jnp.float32))
     choice = jax.lax.stop_gradient(choice)  # selection is discrete; gradients flow through the weights only
-    n, e = scores.shape
-    if cfg.uses_group_limit:
-        grouped = choice.reshape(n, cfg.n_group, e // cfg.n_group)
-        if cfg.topk_method == "noaux_tc":
-            group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)
-        else:  # group_limited_greedy (V2)
-            group_score = grouped.max(-1)
-        _, keep = jax.lax.top_k(group_score, cfg.topk_group)
-        group_mask = jnp.zeros((n, cfg.n_group), bool).at[jnp.arange(n)[:, None], keep].set(True)
-        choice = jnp.where(jnp.repeat(group_mask, e // cfg.n_group, axis=-1), choice, -jnp.inf)
-    _, indices = jax.lax.top_k(choice, cfg.num_experts_per_tok)
+    e, k = scores.shape[-1], cfg.num_experts_per_tok
+    if cfg.uses_group_limit:  # V3 scores a group by its top-2 biased scores, V2 by its best one
+        choice = _keep_best_groups(choice, cfg.n_group, cfg.topk_group, 2 if cfg.topk_method == "noaux_tc" else 1)
+    limit = cfg.moe_device_limit
+    if device_groups > 1 and 0 < limit < device_groups:
+        per_device = e // device_groups
+        if limit * per_device < k:
+            raise ValueError(f"moe_device_limit={limit} devices x {per_device} experts each cannot hold the "
+                             f"num_experts_per_tok={k} experts of a token")
+        choice = _keep_best_groups(choice, device_groups, limit, min(-(-k // limit), per_device))
+    _, indices = jax.lax.top_k(choice, k)
     weights = jnp.take_along_axis(scores, indices, axis=-1)
     if cfg.norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
@@ -74,8 +91,19 @@ def _ragged_dot(lhs, rhs, sizes):
 
 
 def _pallas_gmm(lhs, rhs, sizes):
-    from pallas_kernels.grouped_matmul import gmm  # Mosaic GPU / TPU kernel; XLA elsewhere
-    return gmm(lhs, rhs, sizes, preferred_element_type=jnp.float32)
+    # Mosaic GPU / TPU kernel (XLA elsewhere). Accumulates in float32 and writes the compute dtype, halving
+    # the traffic of the [tokens x k, 2I] intermediate against a float32 output.
+    from pallas_kernels.grouped_matmul import gmm
+    return gmm(lhs, rhs, sizes)
+
+
+def grouped_ffn(rows, sizes, gate_up, down, dtype, matmul=_ragged_dot):
+    """Each expert's SwiGLU on its contiguous group of rows: rows [M, D] sorted by expert, sizes [E] (rows past
+    their sum are padding), gate_up [E, D, 2I] (gate | up), down [E, I, D]. Returns [M, D] float32."""
+    h = matmul(rows.astype(dtype), gate_up.astype(dtype), sizes)
+    gate, up = jnp.split(h.astype(jnp.float32), 2, axis=-1)  # the SwiGLU in float32 whatever matmul wrote
+    a = (jax.nn.silu(gate) * up).astype(dtype)
+    return matmul(a, down.astype(dtype), sizes)
 
 
 def sorted_experts(x, routing: Routing, gate_up, down, dtype, matmul=_ragged_dot):
@@ -84,14 +112,10 @@ def sorted_experts(x, routing: Routing, gate_up, down, dtype, matmul=_ragged_dot
     e = gate_up.shape[0]
     flat = routing.indices.reshape(-1)
     order = jnp.argsort(flat, stable=True)
-    rows = x[order // k].astype(dtype)
     sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
-    h = matmul(rows, gate_up.astype(dtype), sizes)
-    gate, up = jnp.split(h, 2, axis=-1)
-    a = (jax.nn.silu(gate) * up).astype(dtype)
-    y = matmul(a, down.astype(dtype), sizes)
+    y = grouped_ffn(x[order // k], sizes, gate_up, down, dtype, matmul)
     y = y[jnp.argsort(order)].reshape(n, k, -1)  # back to (token, choice) order
-    return jnp.einsum("nkd,nk->nd", y, routing.weights).astype(dtype)
+    return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), routing.weights).astype(dtype)
 
 
 def dense_experts(x, routing: Routing, gate_up, down, dtype):
@@ -121,19 +145,27 @@ def expert_backend(name: str) -> str:
 class Router(nn.Module):
     cfg: ModelConfig
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> Routing:
+    def setup(self):
         cfg = self.cfg
-        kernel = self.param("kernel", nn.initializers.normal(cfg.initializer_range),
-                            (x.shape[-1], cfg.n_routed_experts), jnp.float32)
-        bias = None
+        self.kernel = self.param("kernel", nn.initializers.normal(cfg.initializer_range),
+                                 (cfg.hidden_size, cfg.n_routed_experts), jnp.float32)
+        self.bias = None
         if cfg.topk_method == "noaux_tc":
-            bias = self.param(ROUTER_BIAS, nn.initializers.zeros, (cfg.n_routed_experts,), jnp.float32)
-        logits = jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32))
-        return route(logits, bias, cfg)
+            self.bias = self.param(ROUTER_BIAS, nn.initializers.zeros, (cfg.n_routed_experts,), jnp.float32)
+
+    def __call__(self, x: jax.Array) -> Routing:
+        return route(jnp.dot(x.astype(jnp.float32), self.kernel.astype(jnp.float32)), self.bias, self.cfg)
+
+
+def mesh_bound() -> bool:
+    """True while a mesh is bound for tracing (`sharding.rules.activate`, i.e. jax.set_mesh)."""
+    return not jax.sharding.get_abstract_mesh().empty
 
 
 class MoE(nn.Module):
+    """Routed + shared experts. Under a bound mesh the routed experts run per device inside shard_map (tokens
+    never leave their device unless the mesh's expert axis is > 1, which sends them to the experts' owners by
+    all-to-all: sharding/expert_parallel.py); without one, on the whole batch with `cfg.moe_backend`."""
     cfg: ModelConfig
 
     @nn.compact
@@ -143,14 +175,19 @@ class MoE(nn.Module):
         b, t, d = x.shape
         e, i = cfg.n_routed_experts, cfg.moe_intermediate_size
         pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
-        flat = x.reshape(b * t, d)
-        routing = Router(cfg, name="gate")(flat)
+        gate = Router(cfg, name="gate")
         init = nn.initializers.normal(cfg.initializer_range)
         gate_up = self.param("experts_gate_up_proj", init, (e, d, 2 * i), pdt)
         down = self.param("experts_down_proj", init, (e, i, d), pdt)
-        y = EXPERT_BACKENDS[expert_backend(cfg.moe_backend)](flat, routing, gate_up, down, dt).reshape(b, t, d)
+        if mesh_bound():
+            from sharding.expert_parallel import routed_experts  # imported here: sharding imports this module
+            y, counts, balance = routed_experts(x, gate.kernel, gate.bias, gate_up, down, cfg)
+        else:
+            flat = x.reshape(b * t, d)
+            routing = gate(flat)
+            y = EXPERT_BACKENDS[expert_backend(cfg.moe_backend)](flat, routing, gate_up, down, dt).reshape(b, t, d)
+            counts = expert_counts(routing.indices, e)
+            balance = sequence_balance_loss(routing.scores, routing.indices, b, cfg)
         if cfg.n_shared_experts:
             y = y + MLP(cfg, cfg.n_shared_experts * i, name="shared_experts")(x)
-        stats = {"expert_counts": expert_counts(routing.indices, e),
-                 "balance_loss": sequence_balance_loss(routing.scores, routing.indices, b, cfg)}
-        return y, stats
+        return y, {"expert_counts": counts, "balance_loss": balance}

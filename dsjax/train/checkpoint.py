@@ -22,7 +22,8 @@ import orbax.checkpoint as ocp
 from dsjax.config import ModelConfig
 
 CKPT_DIR = "checkpoints"
-_RUNTIME = ("dtype", "param_dtype", "moe_backend", "remat", "attention_impl")
+_RUNTIME = ("dtype", "param_dtype", "moe_backend", "remat", "attention_impl", "moe_capacity_factor",
+            "moe_device_limit", "moe_dispatch")
 
 
 def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:
@@ -99,6 +100,9 @@ def load_for_inference(path: str, dtype=None, **runtime):
     from dsjax.model import DeepSeekV3
     import jax.numpy as jnp
     shapes = jax.eval_shape(lambda: DeepSeekV3(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    # one local device whatever mesh wrote the checkpoint (Orbax would otherwise want the writer's topology)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
     params = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "params"), shapes)
     if dtype is not None:
         params = jax.tree.map(lambda x: x.astype(dtype), params)

@@ -1,8 +1,9 @@
 """The pretraining loop: data -> jitted train step (grad accumulation, AdamW, router-bias update) -> metrics,
 periodic eval (loss, bits per byte), async Orbax checkpoints, resume, clean exit on SIGTERM / Ctrl-C.
 
-`train(config, workdir)` takes the ml_collections config of experiments/configs/*.py (sections model, data,
-optim, train) and returns a summary dict.
+`train(config, workdir, mesh)` takes the ml_collections config of experiments/configs/*.py (sections model, data,
+optim, train) and a device mesh (sharding/mesh.py; default: every device on the data axis) and returns a summary
+dict. Parameters and optimizer state are laid out by sharding/rules.py, batches are split over its batch axes.
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ from dsjax.train.checkpoint import Checkpointer, config_mismatch, model_config_d
 from dsjax.train.losses import cross_entropy, lm_loss
 from dsjax.train.metrics import MetricsLogger, peak_flops, train_flops_per_token
 from dsjax.train.optim import OptimConfig, lr_schedule, make_optimizer, update_router_bias
+from sharding.mesh import describe, make_mesh
+from sharding.rules import batch_shards
+from sharding.state import bind, replicated, shard_batch, state_shardings
 
 
 _OVERRIDABLE = {f.name: f.type for f in dataclasses.fields(ModelConfig)
@@ -120,15 +124,24 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def make_step_fns(cfg: ModelConfig, config, ocfg: OptimConfig):
+def make_step_fns(cfg: ModelConfig, config, ocfg: OptimConfig, mesh=None):
     """(jitted train_step, jitted eval_step, use_mtp, optimizer). Cached on the things that shape the step,
-    so repeated train() calls in one process (tests, notebooks) reuse compiled code."""
+    so repeated train() calls in one process (tests, notebooks) reuse compiled code. With a mesh, the steps keep
+    params and optimizer state in their rule-table layout and trace with the mesh bound (sharding/state.py)."""
     t = config.train
-    return _step_fns(cfg, ocfg, float(t.mtp_lambda), float(t.balance_alpha), float(t.bias_gamma))
+    return _step_fns(cfg, ocfg, float(t.mtp_lambda), float(t.balance_alpha), float(t.bias_gamma), mesh)
+
+
+def init_params(cfg: ModelConfig, seed: int, shardings=None):
+    """Parameters created in place: with shardings, each device only ever holds its own shards."""
+    model = DeepSeekV3(cfg)
+    return jax.jit(lambda: model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"],
+                   out_shardings=shardings)()
 
 
 @functools.lru_cache(maxsize=8)
-def _step_fns(cfg: ModelConfig, ocfg: OptimConfig, mtp_lambda: float, balance_alpha: float, bias_gamma: float):
+def _step_fns(cfg: ModelConfig, ocfg: OptimConfig, mtp_lambda: float, balance_alpha: float, bias_gamma: float,
+              mesh=None):
     model = DeepSeekV3(cfg)
     tx, sched = make_optimizer(ocfg), lr_schedule(ocfg)
     use_mtp = bool(mtp_lambda) and cfg.num_nextn_predict_layers > 0
@@ -174,21 +187,27 @@ def _step_fns(cfg: ModelConfig, ocfg: OptimConfig, mtp_lambda: float, balance_al
         _, nats, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
         return nats, count
 
-    return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_step), use_mtp, tx
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_step), use_mtp, tx
+    params = jax.eval_shape(lambda: init_params(cfg, 0))
+    pshard, oshard = state_shardings(mesh, params, jax.eval_shape(tx.init, params))
+    step = jax.jit(train_step, donate_argnums=(0, 1), out_shardings=(pshard, oshard, replicated(mesh)))
+    return bind(mesh, step), bind(mesh, jax.jit(eval_step, out_shardings=replicated(mesh))), use_mtp, tx
 
 
-def evaluate(eval_step, params, batches) -> dict[str, float]:
+def evaluate(eval_step, params, batches, mesh=None) -> dict[str, float]:
     nats = tokens = nbytes = 0.0
     for b in batches:
-        n, c = eval_step(params, {k: jnp.asarray(v) for k, v in b.items() if k != "num_bytes"})
+        n, c = eval_step(params, shard_batch(mesh, {k: v for k, v in b.items() if k != "num_bytes"}))
         nats, tokens, nbytes = nats + float(n), tokens + float(c), nbytes + float(np.sum(b["num_bytes"]))
     return {"loss": nats / max(tokens, 1.0), "bits_per_byte": nats / math.log(2) / max(nbytes, 1.0),
             "tokens": tokens}
 
 
-def train(config, workdir: str) -> dict[str, Any]:
+def train(config, workdir: str, mesh=None) -> dict[str, Any]:
     t, d = config.train, config.data
     cfg = model_config(config)
+    mesh = make_mesh("") if mesh is None else mesh
     tok = load_tokenizer(d.tokenizer or None)
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"--config.data.tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
@@ -199,6 +218,9 @@ def train(config, workdir: str) -> dict[str, Any]:
     if d.batch_size % (t.grad_accum * jax.process_count()):
         raise ValueError(f"--config.data.batch_size={d.batch_size} must divide by grad_accum={t.grad_accum} x "
                          f"processes={jax.process_count()}")
+    if d.batch_size // t.grad_accum % batch_shards(mesh):
+        raise ValueError(f"--config.data.batch_size={d.batch_size} / grad_accum={t.grad_accum} must divide by the "
+                         f"{batch_shards(mesh)} batch shards of --mesh={describe(mesh)}")
     ckpt = Checkpointer(workdir, keep=t.keep, async_save=t.async_save)
     resume_step = ckpt.latest_step()
     saved = None
@@ -212,11 +234,12 @@ def train(config, workdir: str) -> dict[str, Any]:
         d.spec, tok, seq_len=d.seq_len, batch_size=d.batch_size // jax.process_count(), seed=t.seed,
         eval_spec=d.eval_spec or None, add_bos=d.add_bos)
     ocfg = OptimConfig(**{**_to_plain(config.optim), "total_steps": t.steps})
-    train_step, eval_step, use_mtp, tx = make_step_fns(cfg, config, ocfg)
-    model = DeepSeekV3(cfg)
+    train_step, eval_step, use_mtp, tx = make_step_fns(cfg, config, ocfg, mesh)
     key = jax.random.key(t.seed)
-    params = jax.jit(lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32))["params"])(key)
-    opt_state = jax.jit(tx.init)(params)
+    shapes = jax.eval_shape(lambda: init_params(cfg, t.seed))
+    pshard, oshard = state_shardings(mesh, shapes, jax.eval_shape(tx.init, shapes))
+    params = init_params(cfg, t.seed, pshard)
+    opt_state = jax.jit(tx.init, out_shardings=oshard)(params)
     run_config = {"model": model_config_dict(cfg), "experiment": _to_plain(config)}
     step = 0
     if resume_step is not None:
@@ -230,25 +253,27 @@ def train(config, workdir: str) -> dict[str, Any]:
     peak = peak_flops(t.peak_tflops or None)
     print(f"model {config.model.preset}: {counts['total'] / 1e6:.2f}M params ({counts['active_per_token'] / 1e6:.2f}M "
           f"active/token), {flops_tok / 1e6:.1f} MFLOP/token; data: {info.num_train_docs} train / "
-          f"{info.num_eval_docs} eval docs; {jax.device_count()} x {jax.devices()[0].device_kind}", flush=True)
+          f"{info.num_eval_docs} eval docs; {jax.device_count()} x {jax.devices()[0].device_kind}, mesh "
+          f"{describe(mesh)}", flush=True)
 
     logger = MetricsLogger(workdir, t.steps, tensorboard=t.tensorboard)
     evals = eval_batches(t.eval_batches)
     first_eval = None
     if step == 0:
-        first_eval = evaluate(eval_step, params, evals)
+        first_eval = evaluate(eval_step, params, evals, mesh)
         logger.log(0, first_eval, prefix="eval")
     stop, prefetch = _StopFlag(), _Prefetch(train_it)
     accum = t.grad_accum
     data_state, last_eval = train_it.get_state(), first_eval
     tokens_per_step = d.batch_size * d.seq_len
     t_mark, steps_mark = None, step
+    losses = {}  # logged steps' training loss (every process sees the same global value)
     try:
         while step < t.steps and stop.signum is None:
             batch, data_state = prefetch.next()
-            batch = {k: jnp.asarray(v.reshape((accum, -1) + v.shape[1:])) for k, v in batch.items()
-                     if k != "num_bytes"}
-            params, opt_state, metrics = train_step(params, opt_state, jnp.int32(step), batch)
+            batch = shard_batch(mesh, {k: v.reshape((accum, -1) + v.shape[1:]) for k, v in batch.items()
+                                       if k != "num_bytes"}, batch_dim=1)
+            params, opt_state, metrics = train_step(params, opt_state, np.int32(step), batch)
             step += 1
             if t_mark is None:  # the first step compiles; time from its end
                 jax.block_until_ready(metrics)
@@ -262,8 +287,9 @@ def train(config, workdir: str) -> dict[str, Any]:
                         m["mfu"] = m["tokens_per_sec"] * flops_tok / peak
                     t_mark, steps_mark = time.time(), step
                 logger.log(step, m)
+                losses[step] = float(m["loss"])
             if step % t.eval_every == 0 or step == t.steps:
-                last_eval = evaluate(eval_step, params, evals)
+                last_eval = evaluate(eval_step, params, evals, mesh)
                 logger.log(step, last_eval, prefix="eval")
             if step % t.save_every == 0 or step == t.steps:
                 ckpt.save(step, params, opt_state, jax.random.key_data(key), data_state, run_config, force=True)
@@ -275,7 +301,8 @@ def train(config, workdir: str) -> dict[str, Any]:
         ckpt.close()
         logger.close()
     summary = {"step": step, "stopped_by_signal": stop.signum is not None,
-               "eval_start": first_eval, "eval_end": last_eval, "workdir": os.path.abspath(workdir)}
+               "eval_start": first_eval, "eval_end": last_eval, "workdir": os.path.abspath(workdir),
+               "train_losses": losses}
     if first_eval and last_eval:
         print(f"validation bits per byte: {first_eval['bits_per_byte']:.3f} -> {last_eval['bits_per_byte']:.3f}",
               flush=True)
