@@ -257,3 +257,13 @@ def test_resume_with_incompatible_config_is_refused(corpus, tmp_path):
     after = {os.path.join(r, f): os.path.getmtime(os.path.join(r, f))
              for r, _, fs in os.walk(workdir) for f in fs}
     assert before == after
+
+
+def test_plot_metrics_draws_png(tmp_path):
+    rows = [{"step": s, "split": "train", "time": 0, "loss": 5.0 / s, "lr": 1e-3} for s in range(1, 6)]
+    rows += [{"step": 5, "split": "eval", "time": 0, "bits_per_byte": 3.0}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "m.png"
+    subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "plot_metrics.py"), f"--workdir={tmp_path}",
+                    f"--out={out}"], check=True, timeout=120, capture_output=True)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
