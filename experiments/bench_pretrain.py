@@ -48,32 +48,15 @@ def timeit(fn, *args, reps=10):
 def bench_step(cfg, batch_size, seq_len, steps, mtp_lambda):
     import jax
     import jax.numpy as jnp
-    import numpy as np
-    from dsjax.model import DeepSeekV3
     from dsjax.train.optim import OptimConfig
-    from dsjax.train.trainer import _step_fns
+    from dsjax.train.trainer import _step_fns, init_params
+    from experiments.bench_util import synthetic_batch, time_steps
     step_fn, _, use_mtp, tx = _step_fns(cfg, OptimConfig(lr=1e-4, warmup_steps=10, total_steps=1000), mtp_lambda,
                                         1e-4, 1e-3)
-    params = jax.jit(lambda k: DeepSeekV3(cfg).init(k, jnp.zeros((1, 8), jnp.int32))["params"])(jax.random.key(0))
+    params = init_params(cfg, 0)
     opt = jax.jit(tx.init)(params)
-    rng = np.random.RandomState(0)
-    toks = rng.randint(0, cfg.vocab_size, (1, batch_size, seq_len + 1)).astype(np.int32)
-    batch = {"inputs": toks[..., :-1], "targets": toks[..., 1:],
-             "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (1, batch_size, seq_len)),
-             "segment_ids": np.ones((1, batch_size, seq_len), np.int32),
-             "loss_mask": np.ones((1, batch_size, seq_len), np.float32)}
-    batch = jax.tree.map(jnp.asarray, batch)
-    t0 = time.perf_counter()
-    params, opt, m = step_fn(params, opt, jnp.int32(0), batch)
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
-    params, opt, m = step_fn(params, opt, jnp.int32(1), batch)
-    jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        params, opt, m = step_fn(params, opt, jnp.int32(2 + i), batch)
-    jax.block_until_ready(m)
-    dt = (time.perf_counter() - t0) / steps
+    batch = jax.tree.map(jnp.asarray, synthetic_batch(cfg.vocab_size, batch_size, seq_len))
+    dt, compile_s, m, params = time_steps(step_fn, params, opt, batch, steps)
     return dt, compile_s, float(m["loss"]), use_mtp, params
 
 

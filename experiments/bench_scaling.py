@@ -45,8 +45,8 @@ def mesh_for(flag: str):
 
 def bench(cfg, mesh, batch_per_device: int, seq_len: int, steps: int, mtp_lambda: float) -> dict:
     import jax
-    import numpy as np
     from dsjax.train.optim import OptimConfig
+    from experiments.bench_util import synthetic_batch, time_steps
     from dsjax.train.trainer import _step_fns, init_params
     from sharding.state import shard_batch, state_shardings
 
@@ -57,23 +57,8 @@ def bench(cfg, mesh, batch_per_device: int, seq_len: int, steps: int, mtp_lambda
     params = init_params(cfg, 0, pshard)
     opt = jax.jit(tx.init, out_shardings=oshard)(params)
     b = batch_per_device * mesh.size
-    toks = np.random.RandomState(0).randint(0, cfg.vocab_size, (1, b, seq_len + 1)).astype(np.int32)
-    batch = shard_batch(mesh, {
-        "inputs": toks[..., :-1], "targets": toks[..., 1:],
-        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (1, b, seq_len)),
-        "segment_ids": np.ones((1, b, seq_len), np.int32), "loss_mask": np.ones((1, b, seq_len), np.float32)},
-        batch_dim=1)
-    t0 = time.perf_counter()
-    params, opt, m = step_fn(params, opt, np.int32(0), batch)
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
-    params, opt, m = step_fn(params, opt, np.int32(1), batch)
-    jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        params, opt, m = step_fn(params, opt, np.int32(2 + i), batch)
-    jax.block_until_ready(m)
-    step_s = (time.perf_counter() - t0) / steps
+    batch = shard_batch(mesh, synthetic_batch(cfg.vocab_size, b, seq_len), batch_dim=1)
+    step_s, compile_s, m, _ = time_steps(step_fn, params, opt, batch, steps)
     return {"devices": mesh.size, "global_batch": b, "step_ms": 1e3 * step_s, "tokens_per_s": b * seq_len / step_s,
             "tokens_per_s_per_device": b * seq_len / step_s / mesh.size, "compile_s": compile_s,
             "loss": float(m["loss"])}
