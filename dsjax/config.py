@@ -15,6 +15,7 @@ _SCORING = ("sigmoid", "softmax")
 _TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 _DTYPES = ("float32", "bfloat16", "float16")
 _MOE_BACKENDS = ("auto", "gmm", "ragged_dot", "dense")
+DECODE_ATTENTION_IMPLS = ("auto", "xla", "gpu", "tpu", "contiguous")  # all but "contiguous": mla_decode backends
 _REMAT = ("none", "full", "dots", "dots_no_batch")
 
 
@@ -69,6 +70,9 @@ class ModelConfig:
     moe_backend: str = "auto"       # "auto" (gmm on GPU/TPU, ragged_dot on CPU), "gmm", "ragged_dot", "dense" (reference)
     remat: str = "none"             # rematerialisation policy for each transformer block
     attention_impl: str = "xla"     # "xla" (einsum) or "cudnn" (jax.nn.dot_product_attention on GPU) for full MLA
+    # generation's decode attention: a paged latent cache read by the MLA decode kernel with this backend ("auto":
+    # Pallas on GPU/TPU, XLA reference on CPU), or "contiguous": the [L, B, S, W] cache and einsums (the old path)
+    decode_attention_impl: str = "auto"
     # expert parallelism (only under a mesh whose expert axis is > 1; see sharding/expert_parallel.py)
     moe_capacity_factor: float = 0.0  # 0: dropless; c > 0: each device sends at most ceil(c*pairs/E) per expert
     moe_device_limit: int = 0       # M > 0: a token's experts lie on at most M devices (node-limited routing)
@@ -130,6 +134,7 @@ class ModelConfig:
                 bad("rope_scaling", f"factor and original_max_position_embeddings must be positive: {rs}")
         for f, allowed in (("dtype", _DTYPES), ("param_dtype", _DTYPES), ("moe_backend", _MOE_BACKENDS),
                            ("remat", _REMAT), ("attention_impl", ("xla", "cudnn")),
+                           ("decode_attention_impl", DECODE_ATTENTION_IMPLS),
                            ("moe_dispatch", ("auto", "ragged", "padded"))):
             if getattr(self, f) not in allowed:
                 bad(f, f"{getattr(self, f)!r} is not one of {allowed}")
@@ -279,8 +284,8 @@ class ModelConfig:
         return d
 
 
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "moe_backend", "remat", "attention_impl", "moe_capacity_factor",
-                   "moe_device_limit", "moe_dispatch")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "moe_backend", "remat", "attention_impl", "decode_attention_impl",
+                   "moe_capacity_factor", "moe_device_limit", "moe_dispatch")
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

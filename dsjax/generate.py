@@ -5,12 +5,16 @@
 
 Flow. Prompts are right-padded to a length bucket (`bucket_length`) so only a few prompt shapes ever compile.
 Prefill runs the full MLA path over the padded chunk and writes the latent cache; padding tokens are parked at
-position `max_len`, where cache writes are dropped, and causal masking keeps real tokens from seeing them. Each
-row's first token comes from its own last prompt position. Decoding then runs in one jitted `lax.while_loop`
-(the cache is donated): every step feeds each row's newest token at that row's own position through the
-absorbed MLA path, samples inside the loop with `jax.random`, and writes into a [B, max_new_tokens] buffer. The
-loop body is a fixed-count inner loop of `sync_every` steps, so the all-finished early exit (the only
-device-to-host sync) happens once per `sync_every` tokens rather than per token.
+position `capacity` (the cache's positions per row), where cache writes are dropped, and causal masking keeps
+real tokens from seeing them. Each row's first token comes from its own last prompt position. Decoding then
+runs in one jitted `lax.while_loop` (the cache is donated): every step feeds each row's newest token at that
+row's own position through the absorbed MLA path, samples inside the loop with `jax.random`, and writes into a
+[B, max_new_tokens] buffer. The loop body is a fixed-count inner loop of `sync_every` steps, so the all-finished
+early exit (the only device-to-host sync) happens once per `sync_every` tokens rather than per token.
+
+Cache layout (`cfg.decode_attention_impl`): by default a `PagedKVCache` of 64-token pages, sequence b owning
+pages b*n .. b*n+n-1 (n = ceil(max_len / 64); `block_table=` takes any other assignment), read by the MLA decode
+kernel; "contiguous" keeps the [L, B, max_len, W] cache and the einsum path (the benchmark's "before").
 
 A sequence ends after emitting a stop token (kept in its completion: GRPO must learn the stop token's
 probability), after max_new_tokens, or when the cache is full (prompt + completion = max_len + 1; the last
@@ -23,7 +27,8 @@ in the main cache):
   accept  greedy: d == argmax; sampling: min(1, p(d)/q(d)), else a token from the residual max(p - q, 0)
           (see sampling.speculative_accept); an accepted draft also yields a bonus token from position p+1.
 The output distribution is the target model's exactly (greedy: the same tokens as plain greedy). A rejected
-draft's latent row at p+1 is overwritten by the next step before anything attends to it.
+draft's latent row at p+1 leaves the sequence (a paged cache's length drops back to p+1) and is overwritten by
+the next step before anything attends to it.
 MTP cache: row t pairs the main hidden state at t with token t+1 and lives in MTP cache slot t (rope is
 relative, so using t rather than t+1 as its position changes no score, and no empty slot is ever visible).
 Each step writes two MTP rows: slot p-2 (only after a step that committed two tokens, whose middle row was
@@ -40,7 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax.cache import KVCache, bytes_per_token, init_cache
+from dsjax.cache import (PAGE_SIZE, KVCache, PagedKVCache, bytes_per_token, contiguous_block_table, init_cache,
+                         init_paged_cache, pages_per_sequence)
 from dsjax.config import ModelConfig
 from dsjax.layers.mtp import shift_tokens
 from dsjax.model import DeepSeekV3
@@ -77,7 +83,7 @@ class GenerationResult:
 
 
 class _State(NamedTuple):
-    cache: KVCache
+    cache: KVCache | PagedKVCache
     out: jax.Array         # [B, N] int32
     out_lp: jax.Array      # [B, N] float32
     count: jax.Array       # [B] tokens emitted so far
@@ -113,6 +119,14 @@ def _engine(cfg: ModelConfig, prog: SamplerProgram, max_new: int, max_len: int, 
     """(prefill, decode) jitted for one configuration; jax.jit then caches per (batch, bucket) shape."""
     model = DeepSeekV3(cfg)
     S, N = max_len, max_new
+    paged = cfg.decode_attention_impl != "contiguous"
+    park = pages_per_sequence(S) * PAGE_SIZE if paged else S  # = cache capacity: writes there are dropped
+
+    def new_cache(b, block_table):
+        n_mtp = 1 if speculative else 0  # one MTP depth drafts; deeper modules are unused
+        if paged:
+            return init_paged_cache(cfg, b, S, jnp.dtype(cache_dtype), n_mtp, block_table=block_table)
+        return init_cache(cfg, b, S, jnp.dtype(cache_dtype), mtp_layers=n_mtp)
 
     def run(params, *args, **kw):
         return model.apply({"params": params}, *args, **kw)
@@ -129,13 +143,11 @@ def _engine(cfg: ModelConfig, prog: SamplerProgram, max_new: int, max_len: int, 
     def is_stop(tok, dyn):
         return (tok[:, None] == dyn["stop"][None]).any(-1)
 
-    def prefill(params, tokens, lens, n_max, key, dyn):
+    def prefill(params, tokens, lens, n_max, key, dyn, block_table):
         b, t = tokens.shape
         idx = jnp.arange(t)[None]
-        pos = jnp.where(idx < lens[:, None], idx, S)
-        cache = init_cache(cfg, b, S, jnp.dtype(cache_dtype))
-        if speculative:  # one MTP depth drafts; deeper modules are unused
-            cache = cache._replace(mtp=jnp.zeros((1, b, S, cfg.cache_width), jnp.dtype(cache_dtype)))
+        pos = jnp.where(idx < lens[:, None], idx, park)
+        cache = new_cache(b, block_table)
         # The logits output is discarded (and so never computed): only each row's last position needs the head.
         _, cache, aux = run(params, tokens, pos, cache=cache, absorbed=False, return_aux=True)
         hidden = aux["hidden"]
@@ -150,17 +162,17 @@ def _engine(cfg: ModelConfig, prog: SamplerProgram, max_new: int, max_len: int, 
             step=jnp.zeros((), jnp.int32), key=key)
         if speculative:
             # MTP rows t = 0 .. len-2 (prompt token t+1 known); row len-1 needs the sampled token: first step.
-            mpos = jnp.where(idx + 1 < lens[:, None], idx, S)
-            _, _, kv, _ = mtp(params, hidden, shift_tokens(tokens, 1), mpos, cache.mtp[0], False)
+            mpos = jnp.where(idx + 1 < lens[:, None], idx, park)
+            _, _, kv, _ = mtp(params, hidden, shift_tokens(tokens, 1), mpos, cache.mtp_layer(0), False)
             state = state._replace(
-                cache=cache._replace(mtp=kv[None]), spec_h=jnp.stack([h_last, h_last], 1),
+                cache=cache.with_mtp_layers([kv]), spec_h=jnp.stack([h_last, h_last], 1),
                 spec_tok=jnp.stack([tok, tok], 1), spec_both=jnp.zeros((b,), bool),
                 drafted=jnp.zeros((b,), jnp.int32), accepted=jnp.zeros((b,), jnp.int32))
         return state
 
     def plain_step(params, s: _State, dyn) -> _State:
         act = ~s.done
-        pos = jnp.where(act, s.lens + s.count - 1, S)
+        pos = jnp.where(act, s.lens + s.count - 1, park)
         logits, cache = run(params, s.last[:, None], pos[:, None], cache=s.cache)
         tok, lp = pick(jax.random.fold_in(s.key, s.step), logprobs(logits[:, 0], dyn), prog.greedy)
         count = s.count + act
@@ -173,13 +185,13 @@ def _engine(cfg: ModelConfig, prog: SamplerProgram, max_new: int, max_len: int, 
         act = ~s.done
         p = s.lens + s.count - 1  # position of s.last
         k_draft, k_accept, k_bonus = jax.random.split(jax.random.fold_in(s.key, s.step), 3)
-        mpos = jnp.stack([jnp.where(act & s.spec_both, p - 2, S), jnp.where(act, p - 1, S)], 1)
-        _, h_mtp, kv, _ = mtp(params, s.spec_h, s.spec_tok, mpos, s.cache.mtp[0], True)
+        mpos = jnp.stack([jnp.where(act & s.spec_both, p - 2, park), jnp.where(act, p - 1, park)], 1)
+        _, h_mtp, kv, _ = mtp(params, s.spec_h, s.spec_tok, mpos, s.cache.mtp_layer(0), True)
         q_logp = logprobs(head(params, h_mtp[:, 1]), dyn)
         draft, _ = pick(k_draft, q_logp, prog.greedy)
 
-        vpos = jnp.where(act[:, None], p[:, None] + jnp.arange(2), S)
-        logits, cache, aux = run(params, jnp.stack([s.last, draft], 1), vpos, cache=s.cache._replace(mtp=kv[None]),
+        vpos = jnp.where(act[:, None], p[:, None] + jnp.arange(2), park)
+        logits, cache, aux = run(params, jnp.stack([s.last, draft], 1), vpos, cache=s.cache.with_mtp_layers([kv]),
                                  return_aux=True)
         target = logprobs(logits, dyn)  # [B, 2, V]
         if prog.greedy:
@@ -190,6 +202,7 @@ def _engine(cfg: ModelConfig, prog: SamplerProgram, max_new: int, max_len: int, 
         lp1 = jnp.take_along_axis(target[:, 0], t1[:, None], -1)[:, 0]
         t2, lp2 = pick(k_bonus, target[:, 1], prog.greedy)
         stop1 = is_stop(t1, dyn)
+        cache = cache.truncate(jnp.where(act, p + 1 + ok, park))  # a rejected draft's row leaves the sequence
         two = act & ok & ~stop1 & (s.count + 1 < s.n_max)
         out = _emit(_emit(s.out, t1, s.count, act), t2, s.count + 1, two)
         out_lp = _emit(_emit(s.out_lp, lp1, s.count, act), lp2, s.count + 1, two)
@@ -248,9 +261,26 @@ def _pack_prompts(prompts, prompt_lengths, num_samples: int, vocab: int):
     return out, lens
 
 
+def _block_table(cfg: ModelConfig, block_table, batch: int, max_len: int):
+    """The page assignment for a paged engine (validated: every page used once), None for a contiguous one."""
+    if cfg.decode_attention_impl == "contiguous":
+        if block_table is not None:
+            raise ValueError("block_table is for a paged cache; decode_attention_impl='contiguous' has none")
+        return None
+    if block_table is None:
+        return contiguous_block_table(batch, max_len)
+    table = np.asarray(block_table, np.int32)
+    n = pages_per_sequence(max_len)
+    if table.shape != (batch, n) or not np.array_equal(np.sort(table.ravel()), np.arange(batch * n)):
+        raise ValueError(f"block_table must be a [{batch}, {n}] permutation of page ids 0..{batch * n - 1} "
+                         f"({n} pages of {PAGE_SIZE} per row for max_len={max_len}); got shape {table.shape}")
+    return table
+
+
 def generate(model_or_cfg: DeepSeekV3 | ModelConfig, params, prompts, sampling: SamplingConfig = SamplingConfig(),
              key: jax.Array | None = None, *, prompt_lengths=None, num_samples: int = 1, max_len: int | None = None,
-             speculative: bool = False, cache_dtype=jnp.bfloat16, sync_every: int = 8) -> GenerationResult:
+             speculative: bool = False, cache_dtype=jnp.bfloat16, sync_every: int = 8,
+             block_table=None) -> GenerationResult:
     """Sample completions for a batch of prompts.
 
     prompts         list of token-id lists (ragged), or an int array [B, T] (right-padded when `prompt_lengths`
@@ -263,6 +293,9 @@ def generate(model_or_cfg: DeepSeekV3 | ModelConfig, params, prompts, sampling: 
     speculative     MTP self-speculative decoding (needs num_nextn_predict_layers >= 1); same distribution.
     cache_dtype     latent cache dtype (bf16 default; float32 for exact comparisons).
     sync_every      decode steps per all-finished check (the loop's only device-to-host sync).
+    block_table     paged cache only: [B, ceil(max_len / 64)] page ids, a permutation of 0 .. B*n-1 (row b's
+                    positions [64i, 64i + 64) live in page block_table[b, i]); default: row b owns b*n .. b*n+n-1.
+    The decode attention and cache layout come from `cfg.decode_attention_impl` (see the module docstring).
     Pass params already in the compute dtype (cfg.dtype) for speed: they are cast inside every step otherwise.
     Timings in `stats` include compilation on the first call for a shape.
     """
@@ -279,13 +312,14 @@ def generate(model_or_cfg: DeepSeekV3 | ModelConfig, params, prompts, sampling: 
                          f"(max_len={max_len} slots per sequence)")
     prefill, decode = _engine(cfg, sampling.program, n, max_len, jnp.dtype(cache_dtype).name, bool(speculative),
                               int(sync_every))
+    table = _block_table(cfg, block_table, len(lens), max_len)
     n_max = np.minimum(n, max_len - lens + 1).astype(np.int32)
     dyn = {**sampling.traced(), "stop": jnp.asarray(_stop_array(sampling.stop_tokens)),
            "pad": jnp.int32(sampling.pad_token)}
 
     t0 = time.perf_counter()
     state = jax.block_until_ready(prefill(params, jnp.asarray(tokens), jnp.asarray(lens), jnp.asarray(n_max), key,
-                                          dyn))
+                                          dyn, table))
     t1 = time.perf_counter()
     out = jax.block_until_ready(decode(params, state, dyn))
     t2 = time.perf_counter()
@@ -295,15 +329,16 @@ def generate(model_or_cfg: DeepSeekV3 | ModelConfig, params, prompts, sampling: 
     b = len(lens)
     new_tokens = int(np.asarray(count).sum())
     per_tok = bytes_per_token(cfg, cache_dtype)
+    slots = max_len if table is None else table.shape[1] * PAGE_SIZE  # allocated positions per row
     stats: dict[str, Any] = {
         "batch": b, "prompt_bucket": tokens.shape[1], "max_len": max_len, "new_tokens": new_tokens,
         "decode_steps": int(out.step), "prefill_s": t1 - t0, "decode_s": t2 - t1,
         "tokens_per_s": new_tokens / (t2 - t0),
         # the first token of each row comes from the prefill
         "decode_tokens_per_s": (new_tokens - b) / max(t2 - t1, 1e-9),
-        "cache_bytes_per_token": per_tok,
-        "cache_bytes": b * max_len * (per_tok + (jnp.dtype(cache_dtype).itemsize * cfg.cache_width
-                                                 if speculative else 0)),
+        "cache_bytes_per_token": per_tok, "decode_attention": cfg.decode_attention_impl,
+        "cache_bytes": b * slots * (per_tok + (jnp.dtype(cache_dtype).itemsize * cfg.cache_width
+                                               if speculative else 0)),
     }
     if speculative:
         drafted, accepted = int(np.asarray(out.drafted).sum()), int(np.asarray(out.accepted).sum())

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from dsjax.cache import KVCache
+from dsjax.cache import KVCache, PagedKVCache
 from dsjax.config import ModelConfig
 from dsjax.layers.block import scanned_blocks
 from dsjax.layers.mtp import MTPModule, shift_tokens
@@ -21,10 +21,11 @@ class DeepSeekV3(nn.Module):
     Keyword options:
       positions [B, T]   absolute positions (default 0..T-1); with packing, restart at each document.
       segment_ids [B, T] packed-document ids; attention never crosses documents.
-      cache              a `KVCache`: the new tokens' latents are written at `positions`, and the call returns
-                         (logits, cache). `absorbed` (default True with a cache) attends through the absorbed
-                         path over the whole cache (decode, chunked prefill); False attends within the chunk
-                         only (a prompt prefill starting at position 0).
+      cache              a `KVCache` or `PagedKVCache`: the new tokens' latents are written at `positions`, and
+                         the call returns (logits, cache). `absorbed` (default True with a cache) attends through
+                         the absorbed path over the whole cache (decode, chunked prefill; over a paged cache each
+                         row's positions must be consecutive); False attends within the chunk only (a prompt
+                         prefill starting at position 0).
       mtp=True           also run the MTP modules (training-style, every position); needs depth > 0.
       return_aux=True    append a dict: hidden [B,T,D] (final normed), expert_counts [L_moe, E] int32,
                          balance_loss [L_moe], and with mtp: mtp_logits [D,B,T,V], mtp_hidden, mtp_expert_counts.
@@ -54,7 +55,7 @@ class DeepSeekV3(nn.Module):
         return nn.with_logical_constraint(logits, ("batch", "seq", "vocab")[-logits.ndim:])
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, *, cache: KVCache | None = None,
+    def __call__(self, tokens, positions=None, segment_ids=None, *, cache: KVCache | PagedKVCache | None = None,
                  absorbed: bool | None = None, mtp: bool = False, return_aux: bool = False):
         cfg = self.cfg
         b, t = tokens.shape
@@ -68,15 +69,17 @@ class DeepSeekV3(nn.Module):
         x = self.embed(tokens)
         cos, sin = rope_cos_sin(positions, cfg)
         aux: dict[str, Any] = {}
-        new_cache = {"mtp": None if cache is None else cache.mtp}
+        if cache is not None:
+            cache = cache.record(positions)  # paged: per-sequence lengths now end at the last token written
         for seg, n, moe in (("dense", cfg.num_dense_layers, False), ("moe", cfg.num_moe_layers, True)):
             if n == 0:
-                new_cache[seg] = None
                 continue
-            layer_cache = None if cache is None else getattr(cache, seg)
+            # The segment's whole stacked cache rides in the scan carry, so a decode loop updates it in place.
+            layer_cache = None if cache is None else cache.layers(seg)
             (x, layer_cache), stats = scanned_blocks(cfg, moe, n, absorb, f"{seg}_layers")(
                 (x, layer_cache), cos, sin, segment_ids, positions, jnp.arange(n))
-            new_cache[seg] = layer_cache
+            if cache is not None:
+                cache = cache.with_layers(seg, layer_cache)
             if moe:
                 aux.update(stats)
         h = self.norm(x)
@@ -87,7 +90,7 @@ class DeepSeekV3(nn.Module):
             outs = {"mtp_logits": [], "mtp_hidden": [], "mtp_expert_counts": []}
             mtp_caches = []
             for k in range(1, cfg.num_nextn_predict_layers + 1):
-                kv = None if cache is None or cache.mtp is None else cache.mtp[k - 1]
+                kv = None if cache is None or cache.mtp is None else cache.mtp_layer(k - 1)
                 # positions of the embedded tokens t + k (rope is relative, so the offset does not change scores)
                 mtp_logits, h, kv, stats = self.mtp_step(h, shift_tokens(tokens, k), positions + k, k - 1, kv,
                                                          absorb, segment_ids)
@@ -98,11 +101,11 @@ class DeepSeekV3(nn.Module):
                     outs["mtp_expert_counts"].append(stats["expert_counts"])
             aux.update({k: jnp.stack(v) for k, v in outs.items() if v})
             if cache is not None and cache.mtp is not None:
-                new_cache["mtp"] = jnp.stack(mtp_caches)
+                cache = cache.with_mtp_layers(mtp_caches)
 
         out = (logits,)
         if cache is not None:
-            out += (KVCache(**new_cache),)
+            out += (cache,)
         if return_aux:
             out += (aux,)
         return out[0] if len(out) == 1 else out

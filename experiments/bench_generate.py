@@ -12,6 +12,8 @@ self-speculative decoding (greedy) against plain decoding on text prompts: accep
   python experiments/bench_generate.py --preset=deepseek-v2-lite:32:128 --out=lite.json     # within one call
   python experiments/bench_generate.py --preset= --checkpoint=runs/small --out=spec.json   # MTP speculative only
   python experiments/bench_generate.py --smoke                          # tiny preset on CPU, under a minute
+  python experiments/bench_generate.py --preset=deepseek-v2-lite:32/128:256 --transformers=false \
+      --decode_attention=contiguous,auto --out=decode_kernel.json   # decode before (einsums) / after (kernel)
 
 Timings are one run after a warm-up (compilation excluded), best of --repeats. The transformers run is a
 subprocess so the two frameworks never share a CUDA context; it runs while this process holds only the
@@ -45,6 +47,11 @@ flags.DEFINE_string("experts_implementation", "grouped_mm", "transformers expert
                     "installed version accepts the kwarg (falls back to its default otherwise).")
 flags.DEFINE_enum("attention_impl", "cudnn", ["xla", "cudnn"], "dsjax prefill attention (cudnn falls back to xla "
                   "if it fails to compile).")
+flags.DEFINE_list("decode_attention", ["auto"], "dsjax decode attention(s) to time, each a "
+                  "ModelConfig.decode_attention_impl: contiguous (the [L, B, S, W] cache and einsums, the old path), "
+                  "auto (paged cache + MLA decode kernel on GPU/TPU, its XLA reference on CPU), xla (paged cache + "
+                  "the XLA reference), gpu / tpu (paged cache + that kernel, an error if it cannot run). Several: "
+                  "one row each, same weights and prompts.")
 flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float32"], "dsjax params, compute and cache dtype; auto = "
                   "bfloat16 on accelerators, float32 on CPU. transformers always runs bfloat16.")
 flags.DEFINE_integer("repeats", 1, "Timed runs per configuration after the warm-up (best is reported).")
@@ -176,6 +183,24 @@ def time_ours(cfg, params, prompts, new_tokens, speculative=False, temperature=0
     return max(runs, key=lambda s: s["tokens_per_s"]), first
 
 
+def decode_backend(cfg) -> str:
+    """What cfg.decode_attention_impl runs as: "einsum" (contiguous) or mla_decode's resolved backend (auto
+    falls back to the XLA reference when the kernel cannot take the shapes/dtype, which a row must show)."""
+    import jax
+    import jax.numpy as jnp
+    from dsjax.cache import PAGE_SIZE
+    from dsjax.layers.mla import KERNEL_LATENT_DIM
+    from pallas_kernels.mla_decode import resolve_backend
+
+    if cfg.decode_attention_impl == "contiguous":
+        return "einsum"
+    if cfg.kv_lora_rank != KERNEL_LATENT_DIM:
+        return "xla"
+    q = jax.ShapeDtypeStruct((1, 1, cfg.num_attention_heads, cfg.cache_width), jnp.dtype(cfg.dtype))
+    kv = jax.ShapeDtypeStruct((1, PAGE_SIZE, cfg.cache_width), jnp.dtype(cfg.dtype))  # cache dtype = cfg.dtype
+    return resolve_backend(cfg.decode_attention_impl, q, kv)
+
+
 def parse_entry(entry: str):
     parts = entry.split(":")
     batches = [int(b) for b in (parts[1].split("/") if len(parts) > 1 and parts[1] else FLAGS.batches)]
@@ -191,6 +216,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.torch_worker:
         return torch_worker(FLAGS.torch_worker)
+    from dsjax.config import DECODE_ATTENTION_IMPLS
+    bad = [x for x in FLAGS.decode_attention if x not in DECODE_ATTENTION_IMPLS]
+    if bad or not FLAGS.decode_attention:
+        raise app.UsageError(f"--decode_attention: {bad} not in {DECODE_ATTENTION_IMPLS}")
     if FLAGS.smoke:
         FLAGS.preset, FLAGS.prompt_len, FLAGS.spec_max_new_tokens = ["tiny:2:8"], 16, 8
         # tiny programs: LLVM optimisation costs more compile time than it saves (as in tests/conftest.py)
@@ -224,11 +253,12 @@ def main(argv):
             hf = run_transformers(cfg, params, [[b, new_tokens] for b in batches], deadline)
             report.setdefault("transformers", {})[name] = {k: v for k, v in hf.items() if k != "runs"}
         hf_by_batch = {r["batch"]: r for r in hf.get("runs", [])}
-        for b in batches:
+        for b, impl in [(b, impl) for b in batches for impl in FLAGS.decode_attention]:
             if time.perf_counter() > deadline:
-                report["skipped"].append(f"{name} batch {b}: time budget")
+                report["skipped"].append(f"{name} batch {b} {impl}: time budget")
                 continue
             prompts = prompt_ids(FLAGS.seed, b, FLAGS.prompt_len, cfg.vocab_size)
+            cfg = cfg.replace(decode_attention_impl=impl)
             try:
                 stats, first = time_ours(cfg, params, prompts, new_tokens)
             except Exception as e:  # noqa: BLE001 - a cuDNN prefill that fails to compile: retry on XLA
@@ -240,6 +270,7 @@ def main(argv):
             h = hf_by_batch.get(b, {})
             prefill_attn = cfg.attention_impl if jax.default_backend() == "gpu" else "xla"
             row = {"model": name, "batch": b, "new_tokens": new_tokens, "prefill_attention": prefill_attn,
+                   "decode_attention": impl, "decode_backend": decode_backend(cfg),
                    "ours_e2e_tok_s": stats["tokens_per_s"], "ours_decode_tok_s": stats["decode_tokens_per_s"],
                    "ours_prefill_s": stats["prefill_s"], "ours_decode_s": stats["decode_s"],
                    "ours_first_call_s": first, "cache_bytes_per_token": bytes_per_token(cfg, cfg.dtype),
@@ -248,7 +279,8 @@ def main(argv):
             row["ratio_e2e"] = row["ours_e2e_tok_s"] / h["e2e_tok_s"] if h else None
             row["ratio_decode"] = row["ours_decode_tok_s"] / h["decode_tok_s"] if h else None
             report["rows"].append(row)
-            print(f"{name} batch {b}: ours {row['ours_e2e_tok_s']:,.1f} tok/s e2e, {row['ours_decode_tok_s']:,.1f} "
+            print(f"{name} batch {b} decode_attention={impl} ({row['decode_backend']}): ours "
+                  f"{row['ours_e2e_tok_s']:,.1f} tok/s e2e, {row['ours_decode_tok_s']:,.1f} "
                   f"decode; transformers {fmt(row['hf_e2e_tok_s'])} e2e", flush=True)
             save()
         del params
@@ -270,16 +302,19 @@ def bench_speculative(report, deadline, dtype):
     tok = load_tokenizer(FLAGS.tokenizer or default_tokenizer(source, _run_metadata(FLAGS.checkpoint)))
     texts = read_prompts([], FLAGS.spec_prompts_file) if FLAGS.spec_prompts_file else SPEC_PROMPTS
     encoded = [[tok.bos_id] + tok.encode(t) for t in texts]
-    for b in (int(x) for x in FLAGS.spec_batches):
+    for b, impl in [(int(b), impl) for b in FLAGS.spec_batches for impl in FLAGS.decode_attention]:
         if time.perf_counter() > deadline:
-            report["skipped"].append(f"speculative batch {b}: time budget")
+            report["skipped"].append(f"speculative batch {b} {impl}: time budget")
             continue
         prompts = [encoded[i % len(encoded)] for i in range(b)]
+        cfg = cfg.replace(decode_attention_impl=impl)
         plain, _ = time_ours(cfg, params, prompts, FLAGS.spec_max_new_tokens, temperature=FLAGS.spec_temperature)
         spec, _ = time_ours(cfg, params, prompts, FLAGS.spec_max_new_tokens, speculative=True,
                             temperature=FLAGS.spec_temperature)
         report["speculative"].append({
-            "batch": b, "new_tokens": FLAGS.spec_max_new_tokens, "temperature": FLAGS.spec_temperature,
+            "batch": b, "decode_attention": impl, "decode_backend": decode_backend(cfg),
+            "new_tokens": FLAGS.spec_max_new_tokens,
+            "temperature": FLAGS.spec_temperature,
             "acceptance_rate": spec["acceptance_rate"], "tokens_per_step": spec["tokens_per_step"],
             "plain_e2e_tok_s": plain["tokens_per_s"], "spec_e2e_tok_s": spec["tokens_per_s"],
             "plain_decode_tok_s": plain["decode_tokens_per_s"], "spec_decode_tok_s": spec["decode_tokens_per_s"],
@@ -287,17 +322,23 @@ def bench_speculative(report, deadline, dtype):
             "speedup_decode": spec["decode_tokens_per_s"] / plain["decode_tokens_per_s"]})
 
 
+def _attn(row) -> str:
+    impl, backend = row.get("decode_attention", "-"), row.get("decode_backend")
+    return impl if backend in (None, impl, "einsum") else f"{impl}:{backend}"
+
+
 def print_tables(report):
     print(f"\n{report['device']} ({report['backend']}, jax {report['jax']}, {report['dtype']}); greedy; tok/s = new "
           "tokens per second summed over the batch; e2e = prefill + decode")
     if report["rows"]:
         print(f"random weights, random {report['prompt_len']}-token prompts; x = ours / transformers")
-        head = ("model", "batch", "new", "ours e2e", "ours decode", "HF e2e", "HF decode", "x e2e", "x decode",
-                "prefill ms", "cache B/tok")
-        print(("{:<18}{:>6}{:>6}" + "{:>12}" * 8).format(*head))
+        head = ("model", "batch", "new", "decode attn", "ours e2e", "ours decode", "HF e2e", "HF decode", "x e2e",
+                "x decode", "prefill ms", "cache B/tok")
+        print(("{:<18}{:>6}{:>6}" + "{:>12}" * 9).format(*head))
         for r in report["rows"]:
-            print(("{:<18}{:>6}{:>6}" + "{:>12}" * 8).format(
-                r["model"], r["batch"], r["new_tokens"], fmt(r["ours_e2e_tok_s"]), fmt(r["ours_decode_tok_s"]),
+            print(("{:<18}{:>6}{:>6}" + "{:>12}" * 9).format(
+                r["model"], r["batch"], r["new_tokens"], _attn(r), fmt(r["ours_e2e_tok_s"]),
+                fmt(r["ours_decode_tok_s"]),
                 fmt(r["hf_e2e_tok_s"]), fmt(r["hf_decode_tok_s"]), fmt(r["ratio_e2e"], "{:.2f}"),
                 fmt(r["ratio_decode"], "{:.2f}"), fmt(r["ours_prefill_s"] * 1e3, "{:.0f}"),
                 f"{r['cache_bytes_per_token']:,}"))
@@ -306,11 +347,11 @@ def print_tables(report):
               f"save_hf {t.get('save_hf_s', 0):.0f}s, load {t.get('load_s', 0):.0f}s")
     if report["speculative"]:
         print("\nMTP self-speculative decoding (depth 1) vs plain, same prompts")
-        head = ("batch", "new", "accept", "tok/step", "plain dec", "spec dec", "x decode", "x e2e")
-        print(("{:>6}{:>6}" + "{:>11}" * 6).format(*head))
+        head = ("batch", "new", "decode attn", "accept", "tok/step", "plain dec", "spec dec", "x decode", "x e2e")
+        print(("{:>6}{:>6}" + "{:>12}" * 7).format(*head))
         for r in report["speculative"]:
-            print(("{:>6}{:>6}" + "{:>11}" * 6).format(
-                r["batch"], r["new_tokens"], f"{r['acceptance_rate']:.3f}", f"{r['tokens_per_step']:.2f}",
+            print(("{:>6}{:>6}" + "{:>12}" * 7).format(
+                r["batch"], r["new_tokens"], _attn(r), f"{r['acceptance_rate']:.3f}", f"{r['tokens_per_step']:.2f}",
                 fmt(r["plain_decode_tok_s"]), fmt(r["spec_decode_tok_s"]), f"{r['speedup_decode']:.2f}",
                 f"{r['speedup_e2e']:.2f}"))
     for s in report["skipped"]:

@@ -50,6 +50,9 @@ def define_flags():
     flags.DEFINE_integer("max_len", 0, "Cache slots per sequence; 0 = padded prompt length + max_new_tokens.")
     flags.DEFINE_enum("attention_impl", "xla", ["xla", "cudnn"], "Prefill attention: XLA einsums or cuDNN flash "
                       "attention (GPU only; ignored elsewhere).")
+    flags.DEFINE_enum("decode_attention_impl", "auto", ["auto", "xla", "gpu", "tpu", "contiguous"], "Decode "
+                      "attention: a paged latent cache read by the MLA decode kernel (auto: Pallas on GPU/TPU, XLA "
+                      "reference on CPU; xla/gpu/tpu: that backend) or contiguous (the unpaged cache and einsums).")
     flags.DEFINE_bool("warmup", False, "Generate once before the timed run, so tokens/s excludes compilation.")
 
 
@@ -164,7 +167,8 @@ def main(argv):
     dtype = resolve_dtype(FLAGS.dtype)
     cache_dtype = jnp.dtype(dtype if FLAGS.cache_dtype == "auto" else FLAGS.cache_dtype)
     cfg, params, source = load_model(FLAGS.checkpoint, FLAGS.hf_dir, FLAGS.preset, dtype, FLAGS.seed,
-                                     attention_impl=FLAGS.attention_impl)
+                                     attention_impl=FLAGS.attention_impl,
+                                     decode_attention_impl=FLAGS.decode_attention_impl)
     meta = _run_metadata(FLAGS.checkpoint) if FLAGS.checkpoint else {}
     tok = load_tokenizer(FLAGS.tokenizer or default_tokenizer(source, meta))
     if tok.vocab_size > cfg.vocab_size:

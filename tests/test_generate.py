@@ -88,8 +88,10 @@ def test_greedy_equals_full_forward_argmax(tiny_cfg, tiny_params, greedy_run):
 
 
 def test_ragged_prompts_match_running_alone(tiny_cfg, tiny_params, greedy_run):
+    # Alone, each prompt runs the old contiguous-cache decode path: it must agree with the paged default too.
+    contiguous = tiny_cfg.replace(decode_attention_impl="contiguous")
     for i, p in enumerate(PROMPTS):
-        alone = gen(tiny_cfg, tiny_params, [p])
+        alone = gen(contiguous, tiny_params, [p])
         np.testing.assert_array_equal(np.asarray(alone.tokens)[0], np.asarray(greedy_run.tokens)[i])
         np.testing.assert_allclose(np.asarray(alone.logprobs)[0], np.asarray(greedy_run.logprobs)[i], atol=1e-5)
     # a right-padded array with prompt_lengths is the same batch as the ragged list
@@ -149,7 +151,8 @@ def test_speculative_greedy_equals_plain(tiny_cfg, tiny_params, weights):
     for sampling in (SamplingConfig(temperature=0, max_new_tokens=12),
                      SamplingConfig(temperature=0, max_new_tokens=12, stop_tokens=stops)):
         ref = gen(tiny_cfg, params, sampling=sampling)
-        spec = gen(tiny_cfg, params, sampling=sampling, speculative=True)
+        # rows' pages permuted (one page of 64 each here; tests/test_paged_cache.py crosses pages)
+        spec = gen(tiny_cfg, params, sampling=sampling, speculative=True, block_table=[[2], [0], [1]])
         np.testing.assert_array_equal(np.asarray(spec.tokens), np.asarray(ref.tokens))
         np.testing.assert_array_equal(np.asarray(spec.lengths), np.asarray(ref.lengths))
         np.testing.assert_array_equal(np.asarray(spec.finished), np.asarray(ref.finished))
