@@ -2,34 +2,89 @@
 
 One table (`_block_rules`) says how each parameter of a transformer block maps to HF tensor names; everything
 else (stacking scanned layers, the MTP layers at `model.layers.{num_hidden_layers + k}`, per-expert keys,
-transposes) is derived from it, so load and save cannot drift apart.
+transposes) is derived from it, so load, save and the streaming converter (stream.py) cannot drift apart.
+
+The unit of work is a `Unit`: one slice of one dsjax leaf (a layer of a scanned segment, one routed expert of
+it) and the few HF tensors it comes from. `load_hf` assembles units in memory; the streaming converter writes
+each one to disk as it is read, so its memory is a few units, never a whole stacked leaf. Writing HF
+directories (`save_hf`, the export side of the converter) lives in export.py.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
+import collections
+import functools
+import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dsjax.config import ModelConfig
+from dsjax.convert import fp8 as fp8_lib
 from dsjax.convert import safetensors_io as st
+from dsjax.convert.source import CheckpointError, HFSource
 
-INDEX = "model.safetensors.index.json"
+INDEX = st.INDEX
+ROUTER = ("gate/kernel", "e_score_correction_bias")  # kept float32 whatever the dtype (router math is float32)
+
+
+class MissingTensorError(CheckpointError, KeyError):
+    __str__ = CheckpointError.__str__  # KeyError would print the message in quotes
+
+
+def transpose(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """a.T, contiguous (or written into `out`). Every Linear weight is transposed between torch [out, in] and Flax
+    [in, out], and numpy's strided copy of 2-byte elements is the slowest step of a conversion. So k = 8 / itemsize
+    consecutive rows are first packed into one uint64 word per column (contiguous, vectorised shifts), the uint64
+    matrix is transposed in cache-sized blocks (k times fewer elements to move), and its bytes are already in the
+    transposed order: about 2x faster. Slabs of rows bound the scratch memory to ~2 x 16 MB."""
+    if out is None and any(st == 0 and n > 1 for st, n in zip(a.strides, a.shape)):
+        return a.T  # a broadcast stand-in (hf_shapes): only its shape matters, never copy it
+    if a.ndim != 2:
+        t = np.ascontiguousarray(a.T)
+        if out is None:
+            return t
+        out[...] = t
+        return out
+    r, c = a.shape
+    out = np.empty((c, r), a.dtype) if out is None else out
+    size = a.dtype.itemsize
+    bits = np.dtype(f"u{size}")
+    src = a.view(bits)
+    k = 8 // size if size in (1, 2, 4) and sys.byteorder == "little" else 1
+    main = r - r % k if k > 1 else 0
+    slab = max(k, (16 << 20) // max(1, c * size) // k * k)
+    for r0 in range(0, main, slab):
+        r1 = min(main, r0 + slab)
+        words = src[r0:r1:k].astype(np.uint64)
+        for j in range(1, k):
+            part = src[r0 + j:r1:k].astype(np.uint64)
+            part <<= np.uint64(8 * size * j)
+            words |= part
+        t = np.empty((c, words.shape[0]), np.uint64)
+        for i in range(0, words.shape[0], 32):
+            t[:, i:i + 32] = words[i:i + 32].T
+        out.view(bits)[:, r0:r1] = t.view(bits)  # little-endian: word j holds row r0 + k*i + j at bytes 8i..
+    for i in range(main, r, 256):  # leftover rows (and 8-byte dtypes): plain blocked copy
+        out.view(bits)[:, i:min(r, i + 256)] = src[i:i + 256].T
+    return out
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One dsjax leaf <-> one or more HF tensors. `names(prefix)`; `join` HF arrays -> leaf; `split` the reverse."""
+    """One dsjax leaf slice <-> one or more HF tensors. `names(prefix)`; `join` HF arrays -> slice; `split` back.
+
+    experts > 0: the leaf has an experts axis after the layer axis; the rule describes one expert, whose HF prefix
+    is `{layer prefix}.mlp.experts.{j}`.
+    """
     names: Callable[[str], list[str]]
     join: Callable[[list[np.ndarray]], np.ndarray]
     split: Callable[[np.ndarray], list[np.ndarray]]
+    experts: int = 0
 
 
 def _same(suffix):
@@ -37,23 +92,24 @@ def _same(suffix):
 
 
 def _linear(suffix):  # torch Linear weight [out, in] <-> kernel [in, out]
-    return Rule(lambda p: [f"{p}.{suffix}"], lambda a: a[0].T, lambda x: [x.T])
+    return Rule(lambda p: [f"{p}.{suffix}"], lambda a: transpose(a[0]), lambda x: [transpose(x)])
+
+
+def _join_gate_up(a):  # gate [I, D], up [I, D] -> [D, 2I] = [gate.T | up.T]
+    i = a[0].shape[0]
+    out = np.empty((a[0].shape[1], 2 * i), a[0].dtype)
+    transpose(a[0], out[:, :i])
+    transpose(a[1], out[:, i:])
+    return out
 
 
 def _experts_gate_up(e):
-    def names(p):
-        return [f"{p}.mlp.experts.{j}.{w}_proj.weight" for w in ("gate", "up") for j in range(e)]
-    def join(a):  # per expert: [gate.T | up.T] -> [E, D, 2I]
-        return np.stack([np.concatenate([a[j].T, a[e + j].T], axis=1) for j in range(e)])
-    def split(x):
-        i = x.shape[-1] // 2
-        return [x[j, :, :i].T for j in range(e)] + [x[j, :, i:].T for j in range(e)]
-    return Rule(names, join, split)
+    return Rule(lambda p: [f"{p}.gate_proj.weight", f"{p}.up_proj.weight"], _join_gate_up,
+                lambda x: [transpose(x[:, :x.shape[1] // 2]), transpose(x[:, x.shape[1] // 2:])], experts=e)
 
 
 def _experts_down(e):
-    return Rule(lambda p: [f"{p}.mlp.experts.{j}.down_proj.weight" for j in range(e)],
-                lambda a: np.stack([x.T for x in a]), lambda x: [x[j].T for j in range(e)])
+    return Rule(lambda p: [f"{p}.down_proj.weight"], lambda a: transpose(a[0]), lambda x: [transpose(x)], experts=e)
 
 
 def _block_rules(cfg: ModelConfig, moe: bool) -> dict[str, Rule]:
@@ -92,7 +148,8 @@ def plan(cfg: ModelConfig) -> list[Entry]:
     out = [Entry("embed_tokens/embedding", ["model"], _same("embed_tokens.weight"), False),
            Entry("norm/weight", ["model"], _same("norm.weight"), False)]
     if not cfg.tie_word_embeddings:
-        out.append(Entry("lm_head", [""], Rule(lambda p: ["lm_head.weight"], lambda a: a[0].T, lambda x: [x.T]), False))
+        out.append(Entry("lm_head", [""], Rule(lambda p: ["lm_head.weight"], lambda a: transpose(a[0]),
+                                               lambda x: [transpose(x)]), False))
     segs = (("dense_layers", range(cfg.num_dense_layers), False),
             ("moe_layers", range(cfg.first_k_dense_replace, cfg.num_hidden_layers), True))
     for seg, layers, moe in segs:
@@ -110,7 +167,59 @@ def plan(cfg: ModelConfig) -> list[Entry]:
     return out
 
 
-def _mtp_copies(cfg: ModelConfig) -> list[tuple[str, str]]:
+@dataclass(frozen=True)
+class Unit:
+    path: str                  # the dsjax leaf
+    index: tuple[int, ...]     # which slice of it: (layer,), (layer, expert), (expert,) or ()
+    names: tuple[str, ...]     # the HF tensors it is made of
+    rule: Rule
+    layer: float               # HF layer number, for ordering output files like the released checkpoint
+
+    @property
+    def router(self) -> bool:
+        return self.path.endswith(ROUTER)
+
+
+def _layer_number(prefix: str, cfg: ModelConfig, path: str) -> float:
+    if prefix.startswith("model.layers."):
+        return int(prefix.split(".")[2])
+    return -1 if path.startswith("embed_tokens") else cfg.num_hidden_layers - 0.5  # embed first; norm, head last
+
+
+def units(cfg: ModelConfig) -> list[Unit]:
+    """Every slice of every leaf, ordered by HF layer (the order tensors sit in released checkpoints)."""
+    out = []
+    for entry in plan(cfg):
+        for i, p in enumerate(entry.prefixes):
+            lead = (i,) if entry.stacked else ()
+            layer = _layer_number(p, cfg, entry.path)
+            if entry.rule.experts:
+                for j in range(entry.rule.experts):
+                    q = f"{p}.mlp.experts.{j}"
+                    out.append(Unit(entry.path, lead + (j,), tuple(entry.rule.names(q)), entry.rule, layer))
+            else:
+                out.append(Unit(entry.path, lead, tuple(entry.rule.names(p)), entry.rule, layer))
+    return sorted(out, key=lambda u: u.layer)  # stable: plan order within a layer
+
+
+def ordered_map(fn: Callable, items, workers: int = 1) -> Iterator:
+    """fn(item) for each item, in order, computed by up to `workers` threads with as many results in flight: the
+    NumPy work (reads, FP8 scaling, transposes) releases the GIL, so units overlap with each other and with disk
+    writes, and memory stays at `workers` units."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def mtp_copies(cfg: ModelConfig) -> list[tuple[str, str]]:
     """The MTP layers' copies of the shared embedding / head in released checkpoints: (HF name, source name)."""
     out = []
     for k in range(cfg.num_nextn_predict_layers):
@@ -121,12 +230,25 @@ def _mtp_copies(cfg: ModelConfig) -> list[tuple[str, str]]:
     return out
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+@functools.lru_cache(maxsize=8)
+def leaf_specs(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shape and dtype (cfg.param_dtype; the router float32) of every leaf, without allocating anything (cached:
+    tracing the model's init takes a second or two; treat the result as read-only)."""
     from dsjax.model import DeepSeekV3
-    tok = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    tok = jax.ShapeDtypeStruct((1, max(8, cfg.num_nextn_predict_layers + 2)), jnp.int32)  # MTP depth k needs t+k
     shapes = jax.eval_shape(lambda t: DeepSeekV3(cfg).init(jax.random.key(0), t), tok)["params"]
-    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(x.shape)
+    return {"/".join(str(getattr(k, "key", k)) for k in path): x
             for path, x in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in leaf_specs(cfg).items()}
+
+
+def hf_shapes(unit: Unit, leaf_shape) -> list[tuple[int, ...]]:
+    """The HF tensor shapes of a unit, from splitting a zero-stride stand-in (no memory touched)."""
+    stand_in = np.broadcast_to(np.zeros((), np.float32), tuple(leaf_shape)[len(unit.index):])
+    return [tuple(a.shape) for a in unit.rule.split(stand_in)]
 
 
 def _set(tree: dict, path: str, value):
@@ -142,153 +264,88 @@ def _get(tree: dict, path: str):
     return tree
 
 
-class _Shards:
-    """Name -> file lookup over a single-file or index-sharded HF directory."""
-
-    def __init__(self, hf_dir: str):
-        self.dir = hf_dir
-        index = os.path.join(hf_dir, INDEX)
-        if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        elif os.path.exists(os.path.join(hf_dir, "model.safetensors")):
-            weight_map = None
-        else:
-            raise FileNotFoundError(f"{hf_dir}: no model.safetensors or {INDEX}")
-        self._files: dict[str, st.SafetensorsFile] = {}
-        if weight_map is None:
-            f = self._open("model.safetensors")
-            weight_map = {k: "model.safetensors" for k in f.keys()}
-        self.weight_map = weight_map
-
-    def _open(self, fname):
-        if fname not in self._files:
-            path = os.path.join(self.dir, fname)
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"{path}: shard listed in {INDEX} is missing")
-            self._files[fname] = st.SafetensorsFile(path)
-        return self._files[fname]
-
-    def file_of(self, name):
-        return os.path.join(self.dir, self.weight_map[name])
-
-    def get(self, name) -> np.ndarray:
-        f = self._open(self.weight_map[name])
-        if name not in f:
-            raise KeyError(f"{f.path}: tensor {name!r} is listed in {INDEX} but not in the file")
-        return f.get(name)
-
-    def close(self):
-        for f in self._files.values():
-            f.close()
-
-
-def load_hf(hf_dir: str, dtype=jnp.float32, cfg: ModelConfig | None = None, **runtime):
-    """Load an HF DeepSeek-V2/V3 safetensors directory -> (ModelConfig, params). bf16 or float32 tensors.
-
-    Router weights and the correction bias stay float32 (as transformers keeps them); everything else is cast
-    to `dtype`. Missing, unexpected and wrongly shaped tensors are errors that name the tensor and file.
-    """
-    cfg = cfg or ModelConfig.from_hf(hf_dir, **runtime)
-    shards = _Shards(hf_dir)
+# ------------------------------------------------------------------------------------------------ reading
+def resolve_mtp(cfg: ModelConfig, source: HFSource) -> ModelConfig:
     mtp_prefix = f"model.layers.{cfg.num_hidden_layers}."
-    if cfg.num_nextn_predict_layers and not any(k.startswith(mtp_prefix) for k in shards.weight_map):
-        warnings.warn(f"{hf_dir}: config has num_nextn_predict_layers={cfg.num_nextn_predict_layers} but the "
+    if cfg.num_nextn_predict_layers and not any(k.startswith(mtp_prefix) for k in source.names()):
+        warnings.warn(f"{source.dir}: config has num_nextn_predict_layers={cfg.num_nextn_predict_layers} but the "
                       "checkpoint holds no MTP layer (transformers' save_pretrained drops it); loading without MTP")
         cfg = cfg.replace(num_nextn_predict_layers=0)
-    want = expected_shapes(cfg)
+    return cfg
+
+
+def check_source(cfg: ModelConfig, source: HFSource) -> list[Unit]:
+    """Every tensor the config needs is there with its shape (and its FP8 scale), and nothing else is: checked from
+    the headers alone, before any data is read or any output written. Returns the units to convert."""
+    shapes = expected_shapes(cfg)
+    todo = units(cfg)
+    need: set[str] = set()
+    for u in todo:
+        for name, shape in zip(u.names, hf_shapes(u, shapes[u.path])):
+            need.add(name)
+            if name not in source:
+                raise MissingTensorError(f"{source.dir}: checkpoint is missing tensor {name!r} (needed for "
+                                         f"{u.path})")
+            got, dtype = source.shape(name), source.dtype(name)
+            if got != shape:
+                raise CheckpointError(f"{source.file_of(name)}: tensor {name!r} has shape {got}, but the config "
+                                      f"needs {shape} (does config.json belong to these weights?)")
+            if dtype not in _FLOATS:
+                raise CheckpointError(f"{source.file_of(name)}: tensor {name!r} has dtype {dtype}; expected a float")
+            if dtype == fp8_lib.E4M3:
+                _check_scale(source, name, shape)
+                need.add(fp8_lib.scale_name(name))
+    copies = {name for name, _ in mtp_copies(cfg)}
+    # rotary inverse frequencies are derived from the config; some older checkpoints store them as buffers
+    derived = {n for n in source.names() if n.endswith("rotary_emb.inv_freq")}
+    unexpected = sorted(set(source.names()) - need - copies - derived)
+    if unexpected:
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise CheckpointError(f"{source.dir}: unexpected tensors for this config: {unexpected[:5]}{more} (first in "
+                              f"{source.file_of(unexpected[0])}; does config.json belong to these weights?)")
+    return todo
+
+
+_FLOATS = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(jnp.bfloat16), fp8_lib.E4M3}
+
+
+def _check_scale(source, name, shape):
+    scale = fp8_lib.scale_name(name)
+    if scale not in source:
+        raise MissingTensorError(f"{source.file_of(name)}: FP8 tensor {name!r} has no block scale {scale!r}")
+    want = fp8_lib.scale_shape(shape)
+    if source.shape(scale) != want or source.dtype(scale) not in _FLOATS - {fp8_lib.E4M3}:
+        raise CheckpointError(f"{source.file_of(scale)}: scale {scale!r} is {source.shape(scale)} "
+                              f"{source.dtype(scale)}, but a {shape} FP8 weight with 128x128 blocks needs {want} "
+                              "float32")
+
+
+def read_unit(source: HFSource, unit: Unit, dtype) -> np.ndarray:
+    """A unit's slice of its leaf, in `dtype` (FP8 dequantized on the way in)."""
+    return unit.rule.join([source.read(name, dtype) for name in unit.names])
+
+
+def load_hf(hf_dir: str, dtype=jnp.float32, cfg: ModelConfig | None = None, allow_pickle: bool = False, **runtime):
+    """Load an HF DeepSeek-V2/V3 directory -> (ModelConfig, params): bf16, float32 or FP8 (block-dequantized).
+
+    Router weights and the correction bias stay float32 (as transformers keeps them); everything else is cast
+    to `dtype`. Missing, unexpected and wrongly shaped tensors are errors that name the tensor and file. The whole
+    model is built in host memory; for checkpoints that do not fit, stream them (`dsjax.convert.stream`).
+    """
+    cfg = cfg or ModelConfig.from_hf(hf_dir, **runtime)
+    with HFSource(hf_dir, allow_pickle) as source:
+        cfg = resolve_mtp(cfg, source)
+        shapes = expected_shapes(cfg)
+        arrays: dict[str, np.ndarray] = {}
+        for u in check_source(cfg, source):
+            dt = np.dtype(jnp.float32 if u.router else dtype)
+            if u.path not in arrays:
+                arrays[u.path] = np.empty(shapes[u.path], dt)
+            arrays[u.path][u.index] = read_unit(source, u, dt)
     params: dict = {}
-    used = set()
-    try:
-        for entry in plan(cfg):
-            leaf_shape = want[entry.path][1:] if entry.stacked else want[entry.path]
-            # the HF shapes this leaf needs, from splitting a zero-stride stand-in (no memory touched)
-            hf_shapes = [a.shape for a in entry.rule.split(np.broadcast_to(np.zeros((), np.float32), leaf_shape))]
-            layers = []
-            for prefix in entry.prefixes:
-                arrays = []
-                for name, shape in zip(entry.rule.names(prefix), hf_shapes):
-                    if name not in shards.weight_map:
-                        raise KeyError(f"{hf_dir}: checkpoint is missing tensor {name!r} (needed for {entry.path})")
-                    a = shards.get(name)
-                    if a.shape != shape:
-                        raise ValueError(f"{shards.file_of(name)}: tensor {name!r} has shape {a.shape}, but the "
-                                         f"config needs {shape}")
-                    arrays.append(a)
-                    used.add(name)
-                layers.append(entry.rule.join(arrays))
-            value = np.stack(layers) if entry.stacked else layers[0]
-            keep32 = entry.path.endswith(("gate/kernel", "e_score_correction_bias"))
-            _set(params, entry.path, jnp.asarray(value, jnp.float32 if keep32 else dtype))
-        copies = dict(_mtp_copies(cfg))
-        unexpected = sorted(set(shards.weight_map) - used - set(copies))
-        if unexpected:
-            more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
-            raise ValueError(f"{hf_dir}: unexpected tensors for this config: {unexpected[:5]}{more} "
-                             f"(first in {shards.file_of(unexpected[0])})")
-    finally:
-        shards.close()
+    for path, a in arrays.items():
+        _set(params, path, jnp.asarray(a))
     return cfg, params
 
 
-def hf_tensors(cfg: ModelConfig, params, dtype=None):
-    """Yield (HF name, numpy array) for every tensor of the checkpoint, MTP copies of embed/head included."""
-    np_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
-    produced: dict[str, np.ndarray] = {}
-    for entry in plan(cfg):
-        leaf = np.asarray(jax.device_get(_get(params, entry.path)))
-        keep32 = entry.path.endswith(("gate/kernel", "e_score_correction_bias"))
-        if np_dtype is not None and not keep32:
-            leaf = leaf.astype(np_dtype)
-        for i, prefix in enumerate(entry.prefixes):
-            parts = entry.rule.split(leaf[i] if entry.stacked else leaf)
-            for name, arr in zip(entry.rule.names(prefix), parts):
-                arr = np.ascontiguousarray(arr)
-                if name in ("model.embed_tokens.weight", "lm_head.weight"):
-                    produced[name] = arr
-                yield name, arr
-    for name, src in _mtp_copies(cfg):
-        yield name, produced[src]
-
-
-def save_hf(out_dir: str, cfg: ModelConfig, params, dtype=None, max_shard_bytes: int = 4 << 30) -> None:
-    """Write config.json + safetensors (sharded with an index past `max_shard_bytes`), atomically.
-
-    The result loads with `transformers.AutoModelForCausalLM.from_pretrained` (MTP layers are written at
-    `model.layers.{num_hidden_layers + k}`, which transformers' causal LM ignores and its MtpLayer reads).
-    """
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
-    try:
-        shards: list[list[tuple[str, np.ndarray]]] = [[]]
-        size = 0
-        for name, arr in hf_tensors(cfg, params, dtype):
-            if shards[-1] and size + arr.nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append((name, arr))
-            size += arr.nbytes
-        hf_cfg = cfg.to_hf()
-        if dtype is not None:
-            hf_cfg["torch_dtype"] = "bfloat16" if jnp.dtype(dtype) == jnp.bfloat16 else "float32"
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_cfg, f, indent=2)
-        if len(shards) == 1:
-            st.write(os.path.join(tmp, "model.safetensors"), shards[0])
-        else:
-            weight_map, total = {}, 0
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                st.write(os.path.join(tmp, fname), shard)
-                total += sum(a.nbytes for _, a in shard)
-                weight_map.update({name: fname for name, _ in shard})
-            with open(os.path.join(tmp, INDEX), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+from dsjax.convert.export import atomic_dir, hf_tensors, save_hf  # noqa: E402,F401  (public names live on here)

@@ -1,7 +1,8 @@
-"""A small, strict safetensors reader/writer on NumPy (bf16 and FP8 through ml_dtypes), memory-mapped.
+"""A small, strict safetensors reader/writer on NumPy (bf16 and FP8 through ml_dtypes).
 
-Our own so that every error names the file and the tensor, reads are lazy (one tensor at a time, for streaming
-conversion), and FP8 e4m3 works without torch. Format: u64 little-endian header length, a JSON header
+Our own so that every error names the file and the tensor, reads are lazy (one tensor at a time: `get` is a view
+of a memory map, `read` a positional read into a fresh buffer, for streaming conversion), writes can stream
+into shards whose layout is planned up front (`ShardedWriter`), and FP8 e4m3 works without torch. Format: u64 little-endian header length, a JSON header
 {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the raw bytes.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 from typing import Iterable, Iterator
 
 import ml_dtypes
@@ -23,6 +25,7 @@ DTYPES = {
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+INDEX = "model.safetensors.index.json"
 
 
 class SafetensorsError(ValueError):
@@ -91,6 +94,27 @@ class SafetensorsFile:
                             offset=self._base + begin)
         return arr.reshape(e["shape"])
 
+    def offset(self, name: str) -> int:
+        """Byte position of the tensor's data in the file (streaming reads go in file order)."""
+        return self._base + self._entries[name]["data_offsets"][0]
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor copied into a fresh array (a positional read, no mmap): when it is dropped, its memory is
+        gone, so a streaming converter's resident set stays one tensor, not every page of every file it read."""
+        if name not in self._entries:
+            raise SafetensorsError(f"{self.path}: no tensor named {name!r}")
+        e = self._entries[name]
+        out = np.empty(e["shape"], DTYPES[e["dtype"]])
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        pos, done = self.offset(name), 0
+        while done < len(view):
+            n = _pread_into(self._f, view[done:], pos + done)
+            if not n:
+                raise SafetensorsError(f"{self.path}: tensor {name!r}: file ended after {done} of {len(view)} "
+                                       "bytes (truncated file)")
+            done += n
+        return out
+
     def close(self):
         # Arrays handed out by get() are views of the map; dropping our reference (not mmap.close()) keeps
         # them valid, and the map is unmapped once the last view is gone.
@@ -104,24 +128,110 @@ class SafetensorsFile:
         self.close()
 
 
-def write(path: str, tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None) -> int:
-    """Write (name, array) pairs to `path`; returns bytes written. Arrays are consumed one at a time."""
-    items = [(name, np.ascontiguousarray(a)) for name, a in tensors]
+_SEEK_LOCK = threading.Lock()
+
+
+def _pread_into(f, view: memoryview, pos: int) -> int:
+    """Positional read into `view`: thread-safe, so converter threads can read one file at once."""
+    if hasattr(os, "preadv"):
+        return os.preadv(f.fileno(), [view], pos)
+    with _SEEK_LOCK:
+        f.seek(pos)
+        return f.readinto(view)
+
+
+def _header(entries: list[tuple[str, np.dtype, tuple[int, ...]]], metadata: dict[str, str] | None,
+            path: str) -> bytes:
+    """The length-prefixed JSON header for tensors laid out back to back in `entries` order."""
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
-    for name, a in items:
-        if a.dtype not in _NAMES:
-            raise SafetensorsError(f"{path}: tensor {name!r} has dtype {a.dtype} that safetensors cannot store")
-        header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
+    for name, dtype, shape in entries:
+        dtype = np.dtype(dtype)
+        if dtype not in _NAMES:
+            raise SafetensorsError(f"{path}: tensor {name!r} has dtype {dtype} that safetensors cannot store")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _raw(a: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+
+
+def write(path: str, tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None) -> int:
+    """Write (name, array) pairs to `path`; returns bytes written."""
+    items = [(name, np.asarray(a)) for name, a in tensors]
+    head = _header([(n, a.dtype, a.shape) for n, a in items], metadata, path)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+        f.write(head)
         for _, a in items:
-            f.write(a.tobytes())
-    return 8 + len(raw) + offset
+            f.write(_raw(a))
+    return len(head) + sum(a.nbytes for _, a in items)
+
+
+class ShardedWriter:
+    """Streams tensors into (sharded) safetensors files whose layout is fixed before any data arrives.
+
+    The names, shapes and dtypes come first (`specs`, in write order), so every file's header is known up front and
+    each tensor goes straight to disk when `write` is called: nothing is held back to assemble a shard. Past
+    `max_shard_bytes` the files are `model-0000k-of-0000n.safetensors` plus `model.safetensors.index.json`
+    (what transformers and the released checkpoints use), else one `model.safetensors`.
+    """
+
+    def __init__(self, directory: str, specs: list[tuple[str, tuple[int, ...], np.dtype]],
+                 max_shard_bytes: int = 4 << 30, metadata: dict[str, str] | None = None):
+        self.dir, self._metadata = directory, metadata
+        self._shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
+        size = 0
+        for name, shape, dtype in specs:
+            n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            if self._shards[-1] and size + n > max_shard_bytes:
+                self._shards.append([])
+                size = 0
+            self._shards[-1].append((name, tuple(shape), np.dtype(dtype)))
+            size += n
+        k = len(self._shards)
+        self.files = (["model.safetensors"] if k == 1
+                      else [f"model-{i + 1:05d}-of-{k:05d}.safetensors" for i in range(k)])
+        self._order = [(i, spec) for i, shard in enumerate(self._shards) for spec in shard]
+        self._next = 0
+        self._f = None
+        self.bytes_written = 0
+
+    def write(self, name: str, a: np.ndarray) -> None:
+        if self._next >= len(self._order):
+            raise SafetensorsError(f"{self.dir}: tensor {name!r} written after the last planned tensor")
+        i, (want, shape, dtype) = self._order[self._next]
+        path = os.path.join(self.dir, self.files[i])
+        if name != want or tuple(a.shape) != shape or a.dtype != dtype:
+            raise SafetensorsError(f"{path}: expected tensor {want!r} {shape} {dtype} next, got {name!r} "
+                                   f"{tuple(a.shape)} {a.dtype}")
+        if self._f is None:
+            self._f = open(path, "wb")
+            self._f.write(_header([(n, d, s) for n, s, d in self._shards[i]], self._metadata, path))
+        self._f.write(_raw(a))
+        self.bytes_written += a.nbytes
+        self._next += 1
+        if self._next == len(self._order) or self._order[self._next][0] != i:
+            self._f.close()
+            self._f = None
+
+    def close(self) -> None:
+        """Checks that every planned tensor arrived; writes the index of a sharded checkpoint."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        if self._next != len(self._order):
+            raise SafetensorsError(f"{self.dir}: only {self._next} of {len(self._order)} planned tensors were "
+                                   f"written (next: {self._order[self._next][1][0]!r})")
+        if len(self.files) > 1:
+            weight_map = {name: self.files[i] for i, (name, _, _) in self._order}
+            total = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for _, (_, s, d) in self._order)
+            with open(os.path.join(self.dir, INDEX), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
 def iter_tensors(f: SafetensorsFile) -> Iterator[tuple[str, np.ndarray]]:

@@ -92,17 +92,28 @@ def _step_dir(path: str) -> str:
     return os.path.join(root, str(steps[-1]))
 
 
-def load_for_inference(path: str, dtype=None, **runtime):
-    """(ModelConfig, params) from a pretraining workdir (its latest step) or one step's directory."""
+def load_for_inference(path: str, dtype=None, mesh=None, **runtime):
+    """(ModelConfig, params) from a pretraining workdir (its latest step) or one step's directory (also what
+    `experiments/convert.py --to=orbax` writes).
+
+    Params come back in the dtypes the checkpoint's config declares (its param_dtype; the router float32), on
+    one local device, or with `mesh` placed straight onto it by the rule table (sharding/rules.py): each device
+    reads only its own shards, so a checkpoint larger than one host's memory restores."""
     step_dir = _step_dir(path)
     with open(os.path.join(step_dir, "config", "metadata")) as f:
         cfg = model_config_from_dict(json.load(f)["model"], **runtime)
     from dsjax.model import DeepSeekV3
     import jax.numpy as jnp
-    shapes = jax.eval_shape(lambda: DeepSeekV3(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-    # one local device whatever mesh wrote the checkpoint (Orbax would otherwise want the writer's topology)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+    tok = jnp.zeros((1, max(8, cfg.num_nextn_predict_layers + 2)), jnp.int32)  # MTP depth k reads token t+k
+    shapes = jax.eval_shape(lambda: DeepSeekV3(cfg).init(jax.random.key(0), tok))["params"]
+    if mesh is None:
+        # one local device whatever mesh wrote the checkpoint (Orbax would otherwise want the writer's topology)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda s: device, shapes)
+    else:
+        from sharding.state import state_shardings
+        shardings = state_shardings(mesh, shapes)[0]
+    shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     params = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "params"), shapes)
     if dtype is not None:
         params = jax.tree.map(lambda x: x.astype(dtype), params)
