@@ -1,0 +1,381 @@
+"""GRPO training: supervised warm start -> held-out pass@1 -> GRPO steps -> held-out pass@1.
+
+One GRPO step: draw prompts from the task, sample G completions each (generation engine), score them with the
+weighted reward functions, turn rewards into group advantages, then take `mu` optimizer steps on that batch.
+Inner iteration 1 uses the current policy's own (detached) log-probs as the old ones, so rho == 1 there and no
+separate forward is needed; its log-probs are kept, and iterations 2..mu use them as pi_old, so the ratio moves
+away from 1 and the clip engages. With beta > 0 a frozen copy of the warm-start params gives the reference
+log-probs (one forward per step). DAPO dynamic sampling re-samples with fresh prompts until the batch holds
+`num_prompts` groups whose rewards are not all equal (or the round budget runs out; remaining slots are filled
+with masked-out groups, so shapes never change).
+
+State: <workdir>/sft/checkpoints (warm-start params, held-out pass@1 before GRPO) and <workdir>/checkpoints
+(policy, optimizer state, step, RNG, task-stream position). Rerunning with the same workdir resumes the GRPO
+step count; a finished warm start is reused, never retrained.
+`train(config, workdir)` takes experiments/configs/grpo.py's config and returns a summary dict.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsjax.model import DeepSeekV3
+from dsjax.rl.grpo import group_advantages, policy_loss
+from dsjax.rl.rewards import Sample, exact_answer, score
+from dsjax.rl.rollout import (Rollout, cast_for_rollout, completion_logprobs, encode_prompts, sample_rollouts,
+                              training_mask)
+from dsjax.rl.tasks import PROBE_STREAM, RL_STREAM, SFT_STREAM, make_task
+from dsjax.sampling import SamplingConfig
+from dsjax.tokenizer import load_tokenizer
+from dsjax.train.checkpoint import (Checkpointer, config_mismatch, load_for_inference, model_config_dict,
+                                    model_config_from_dict)
+from dsjax.train.losses import cross_entropy
+from dsjax.train.metrics import MetricsLogger
+from dsjax.train.optim import OptimConfig, lr_schedule, make_optimizer
+from dsjax.train.trainer import _StopFlag, _to_plain, model_config
+
+_RUNTIME = ("dtype", "param_dtype", "moe_backend", "remat", "attention_impl")
+
+
+def groups_with_spread(rewards: np.ndarray, group_size: int) -> np.ndarray:
+    """[N] bool per group: rewards not all equal. A flat group has zero advantage everywhere, so it teaches
+    nothing but still dilutes the per-token averages (DAPO's dynamic sampling drops it)."""
+    g = np.asarray(rewards).reshape(-1, group_size)
+    return g.max(axis=1) > g.min(axis=1)
+
+
+def _concat(parts: list[Rollout]) -> Rollout:
+    cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+    stats = {k: sum(p.stats[k] for p in parts) for k in ("new_tokens", "prefill_s", "decode_s")}
+    return Rollout(cat("sequences"), cat("prompt_lengths"), cat("completions"), cat("lengths"), cat("finished"),
+                   cat("sampler_logprobs"), stats)
+
+
+@functools.lru_cache(maxsize=8)
+def _grpo_fns(cfg, ocfg: OptimConfig, width: int, temperature: float, loss_type: str, eps_low: float,
+              eps_high: float, beta: float):
+    """(jitted update, jitted log-prob forward, optimizer); cached so repeated runs in one process reuse them."""
+    model, tx, sched = DeepSeekV3(cfg), make_optimizer(ocfg), lr_schedule(ocfg)
+
+    def logprobs(params, b):
+        return completion_logprobs(model, params, b["sequences"], b["prompt_lengths"], width, temperature)[0]
+
+    def loss_fn(params, b, first):
+        lp, ent = completion_logprobs(model, params, b["sequences"], b["prompt_lengths"], width, temperature)
+        old = jnp.where(first, jax.lax.stop_gradient(lp), b["old_logprobs"])
+        loss, m = policy_loss(lp, old, b.get("ref_logprobs"), b["advantages"], b["mask"], loss_type=loss_type,
+                              epsilon_low=eps_low, epsilon_high=eps_high, beta=beta, max_completion_length=width)
+        return loss, (m, jax.lax.stop_gradient(lp), ent)
+
+    def update(params, opt_state, opt_step, b, first):
+        (loss, (m, lp, ent)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, b, first)
+        updates, opt_state = tx.update(g, opt_state, params)
+        params = jax.tree.map(jnp.add, params, updates)
+        valid = b["valid"]
+        n = jnp.maximum(valid.sum(), 1.0)
+        m = {**m, "loss": loss, "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(g))),
+             "lr": sched(opt_step), "entropy": jnp.sum(ent * valid) / n,
+             # sampler vs trainer log-probs of the same tokens; meaningful on inner iteration 1 (same params)
+             "logprob_gap": jnp.sum(jnp.abs(b["sampler_logprobs"] - lp) * valid) / n}
+        return params, opt_state, m, lp
+
+    return jax.jit(update, donate_argnums=(0, 1)), jax.jit(logprobs), tx
+
+
+@functools.lru_cache(maxsize=4)
+def _sft_fns(cfg, ocfg: OptimConfig):
+    model, tx, sched = DeepSeekV3(cfg), make_optimizer(ocfg), lr_schedule(ocfg)
+
+    def step(params, opt_state, i, inputs, targets, mask):
+        def loss_fn(p):
+            return cross_entropy(model.apply({"params": p}, inputs), targets, mask)[0]
+        loss, g = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(g, opt_state, params)
+        return jax.tree.map(jnp.add, params, updates), opt_state, {"loss": loss, "lr": sched(i)}
+    return jax.jit(step, donate_argnums=(0, 1)), tx
+
+
+@functools.lru_cache(maxsize=4)
+def _init_fn(cfg):
+    model = DeepSeekV3(cfg)
+    return jax.jit(lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32))["params"])
+
+
+def sft_arrays(tok, problems, max_prompt_length: int, max_new_tokens: int):
+    """(inputs, targets, mask) [B, P + N - 1]: bos + prompt + answer + eos; loss on answer and eos only."""
+    width = max_prompt_length + max_new_tokens
+    seq, mask = np.zeros((len(problems), width), np.int32), np.zeros((len(problems), width), np.float32)
+    prompts = encode_prompts(tok, [p.prompt for p in problems], max_prompt_length)
+    for i, (p, ids) in enumerate(zip(problems, prompts)):
+        ans = tok.encode(p.answer) + [tok.eos_id]
+        if len(ans) > max_new_tokens:
+            raise ValueError(f"answer {p.answer!r} + eos is {len(ans)} tokens, more than max_new_tokens="
+                             f"{max_new_tokens}: the policy could never produce it")
+        seq[i, :len(ids)], seq[i, len(ids):len(ids) + len(ans)] = ids, ans
+        mask[i, len(ids):len(ids) + len(ans)] = 1.0
+    return seq[:, :-1], seq[:, 1:], mask[:, 1:]
+
+
+class _Run:
+    """Everything derived from the config that the phases share."""
+
+    def __init__(self, config):
+        self.c = config
+        r, t = config.rollout, config.task
+        self.task = make_task(t.name, config.train.seed, **{k: v for k, v in t.items() if k not in ("name",
+                                                                                                "tokenizer")})
+        self.tok = load_tokenizer(t.tokenizer or None)
+        self.cfg, self.init_params = model_config(config), None
+        if config.init_checkpoint:  # its architecture wins; the config's runtime knobs (dtype, remat, ...) apply
+            cfg, self.init_params = load_for_inference(config.init_checkpoint)
+            self.cfg = cfg.replace(**{k: getattr(self.cfg, k) for k in _RUNTIME})
+            if self.tok.vocab_size > self.cfg.vocab_size:
+                raise ValueError(f"tokenizer has {self.tok.vocab_size} ids, more than the checkpoint's vocab_size "
+                                 f"{self.cfg.vocab_size}")
+        self.P = r.max_prompt_length or self.task.max_prompt_chars + 1  # + bos
+        self.N = r.max_new_tokens or self.task.max_answer_chars + 2     # + eos + one spare
+        if r.temperature <= 0:
+            raise ValueError("rollout.temperature must be > 0: GRPO needs sampled completions and their log-probs")
+        self.sampling = SamplingConfig(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, max_new_tokens=self.N,
+                                       stop_tokens=(self.tok.eos_id,), pad_token=self.tok.pad_id)
+        self.greedy = SamplingConfig(temperature=0.0, max_new_tokens=self.N, stop_tokens=(self.tok.eos_id,),
+                                     pad_token=self.tok.pad_id)
+        self.rewards = self.task.rewards(dict(config.rewards))
+        # Encoding the held-out prompts up front checks the prompt limit before anything compiles.
+        self.eval_problems = self.task.eval_problems()
+        self.eval_prompts = encode_prompts(self.tok, [p.prompt for p in self.eval_problems], self.P)
+        self.cache_dtype = jnp.dtype(r.cache_dtype or self.cfg.dtype)
+
+    def samples(self, problems, ro: Rollout, group: int) -> list[Sample]:
+        return [Sample(problems[i // group].prompt, self.tok.decode(ro.completions[i, :ro.lengths[i]]),
+                       problems[i // group].answer, bool(ro.finished[i])) for i in range(len(ro.lengths))]
+
+    def generate(self, params, problems, sampling, key, group, prompts=None):
+        prompts = prompts or encode_prompts(self.tok, [p.prompt for p in problems], self.P)
+        return sample_rollouts(self.cfg, cast_for_rollout(params, self.cfg.dtype), prompts, sampling, key, group,
+                               self.P, self.cache_dtype)
+
+    def pass_at_1(self, params, problems=None, prompts=None) -> float:
+        """Greedy exact-answer rate; the held-out set by default."""
+        problems, prompts = (self.eval_problems, self.eval_prompts) if problems is None else (problems, prompts)
+        ro = self.generate(params, problems, self.greedy, jax.random.key(0), 1, prompts)
+        return float(np.mean([exact_answer(s) for s in self.samples(problems, ro, 1)]))
+
+
+# GRPO starts a fresh optimizer, so the warm start's optimizer state is not kept (Orbax refuses empty trees).
+_NO_OPT_STATE = {"unused": np.zeros((), np.int32)}
+
+
+def _warm_start(run: _Run, workdir: str, key, run_config) -> tuple[Any, float]:
+    """Warm-start params and their held-out pass@1: from <workdir>/sft if present, else init_checkpoint or random
+    init, then `sft.steps` supervised steps, then saved there."""
+    s, cfg = run.c.sft, run.cfg
+    if s.target_pass_at_1 and s.check_every < 1:
+        raise ValueError("sft.target_pass_at_1 needs sft.check_every >= 1")
+    ocfg = OptimConfig(lr=s.lr, warmup_steps=s.warmup_steps, total_steps=max(s.steps, 1), schedule="cosine",
+                       weight_decay=s.weight_decay)
+    step_fn, tx = _sft_fns(cfg, ocfg)
+    ckpt = Checkpointer(os.path.join(workdir, "sft"), keep=1, async_save=False)
+    try:
+        init = _init_fn(cfg)
+        if ckpt.latest_step() is not None:
+            params, _, _, data = ckpt.restore(ckpt.latest_step(), jax.eval_shape(init, key), _NO_OPT_STATE)
+            print(f"warm start: reusing {ckpt.directory} (held-out pass@1 {data['pass_at_1']:.3f})", flush=True)
+            return params, float(data["pass_at_1"])
+        params = init(key) if run.init_params is None else run.init_params
+        opt_state = tx.init(params)
+        logger = MetricsLogger(os.path.join(workdir, "sft"), s.steps, tensorboard=run.c.train.tensorboard)
+        # Stopping probe: training-distribution problems (never held-out ones), as many as the held-out set so
+        # the greedy pass reuses its compiled program. Stopping at a target rate rather than a step count makes
+        # the warm start's level independent of how fast a given seed or machine happens to learn.
+        probe = run.task.problems(PROBE_STREAM, 0, len(run.eval_problems))
+        probe_prompts = encode_prompts(run.tok, [p.prompt for p in probe], run.P)
+        t0, done = time.time(), 0
+        while done < s.steps:
+            arrays = sft_arrays(run.tok, run.task.problems(SFT_STREAM, done, s.batch_size), run.P, run.N)
+            params, opt_state, m = step_fn(params, opt_state, jnp.int32(done), *map(jnp.asarray, arrays))
+            done += 1
+            check = bool(s.target_pass_at_1) and done % s.check_every == 0
+            if check:
+                m = {**m, "probe_pass_at_1": run.pass_at_1(params, probe, probe_prompts)}
+            if check or done % s.log_every == 0 or done == s.steps:
+                logger.log(done, jax.device_get(m), prefix="sft", console=False)
+                probe_msg = f" | probe pass@1 {m['probe_pass_at_1']:.3f}" if "probe_pass_at_1" in m else ""
+                print(f"sft {done}/{s.steps} | loss {float(m['loss']):.4f}{probe_msg} | {time.time() - t0:.0f}s",
+                      flush=True)
+            if m.get("probe_pass_at_1", 0.0) >= s.target_pass_at_1 > 0:
+                break
+        logger.close()
+        p1 = run.pass_at_1(params)
+        if run.c.train.save_every > 0:
+            ckpt.save(done, params, _NO_OPT_STATE, jax.random.key_data(key), {"pass_at_1": p1}, run_config,
+                      force=True)
+        return params, p1
+    finally:
+        ckpt.close()
+
+
+def _collect(run: _Run, params, step: int, key):
+    """One step's training batch -> (rollout, rewards, keep_rows, first round's (rollout, scores), stats)."""
+    g, r = run.c.grpo, run.c.rollout
+    G, n = r.num_samples, r.num_prompts
+    rounds = g.dynamic_sampling_max_rounds if g.dynamic_sampling else 1
+    kept, spare, first = [], [], None
+    gen_tokens = gen_s = 0.0
+    for i in range(rounds):
+        problems = run.task.problems(RL_STREAM, step * rounds + i, n)
+        ro = run.generate(params, problems, run.sampling, jax.random.fold_in(jax.random.fold_in(key, step), i), G)
+        sc = score(run.rewards, run.samples(problems, ro, G))
+        gen_tokens, gen_s = gen_tokens + ro.stats["new_tokens"], gen_s + ro.stats["prefill_s"] + ro.stats["decode_s"]
+        first = first or (ro, sc)
+        if not g.dynamic_sampling:
+            break
+        spread = groups_with_spread(sc.total, G)
+        for j in range(n):
+            rows = np.arange(j * G, (j + 1) * G)
+            (kept if spread[j] else spare).append((ro.take(rows), sc.total[rows]))
+        if len(kept) >= n:
+            break
+    stats = {"rollout_tokens": gen_tokens, "rollout_s": gen_s, "dynamic/rounds": i + 1}
+    if not g.dynamic_sampling:
+        return first[0], first[1].total, np.ones(n * G, bool), first, stats
+    chosen = kept[:n] + spare[:max(n - len(kept), 0)]
+    keep = np.repeat(np.arange(n) < len(kept), G)
+    stats["dynamic/kept_groups"] = min(len(kept), n)
+    return _concat([c[0] for c in chosen]), np.concatenate([c[1] for c in chosen]), keep, first, stats
+
+
+def _step_metrics(first, stats, ms, G, mu, beta, ro, train_s) -> dict[str, float]:
+    ro0, sc0 = first
+    out = sc0.metrics()
+    out["frac_reward_zero_std"] = 1.0 - float(groups_with_spread(sc0.total, G).mean())
+    out.update({"completion/length_mean": float(ro0.lengths.mean()), "completion/length_max": float(ro0.lengths.max()),
+                "completion/truncated_frac": 1.0 - float(ro0.finished.mean())})
+    for k in ms[0]:
+        if k == "kl" and not beta:
+            continue  # no reference model: nothing was measured
+        vals = [float(m[k]) for m in ms]
+        out[k] = min(vals) if k == "ratio/min" else max(vals) if k == "ratio/max" else float(np.mean(vals))
+    # iteration 1 runs on the sampling params: its entropy and sampler-vs-trainer gap describe the rollout
+    out["entropy"], out["logprob_gap"], out["lr"] = float(ms[0]["entropy"]), float(ms[0]["logprob_gap"]), float(
+        ms[-1]["lr"])
+    out["clip_ratio/region_last_iter"] = float(ms[-1]["clip_ratio/region"])
+    out["rollout_tokens_per_s"] = stats.pop("rollout_tokens") / max(stats.pop("rollout_s"), 1e-9)
+    out["train_tokens_per_s"] = mu * float(ro.prompt_lengths.sum() + ro.lengths.sum()) / max(train_s, 1e-9)
+    out.update({k: float(v) for k, v in stats.items()})
+    return out
+
+
+def _console(step, total, m, eta) -> str:
+    parts = [f"grpo {step}/{total}", f"reward {m['reward/mean']:.3f}"]
+    if "reward/correct/mean" in m:
+        parts.append(f"correct {m['reward/correct/mean']:.3f}")
+    parts += [f"zero-std {m['frac_reward_zero_std']:.2f}", f"len {m['completion/length_mean']:.1f}",
+              f"ent {m['entropy']:.3f}", f"clip {m['clip_ratio/region']:.3f}", f"gap {m['logprob_gap']:.1e}"]
+    if "kl" in m:
+        parts.append(f"kl {m['kl']:.4f}")
+    parts += [f"rollout {m['rollout_tokens_per_s'] / 1e3:.1f}k tok/s", f"train {m['train_tokens_per_s'] / 1e3:.1f}k tok/s",
+              f"ETA {eta:.0f}s"]
+    return " | ".join(parts)
+
+
+def train(config, workdir: str) -> dict[str, Any]:
+    t_start = time.time()
+    run = _Run(config)
+    g, r, t = config.grpo, config.rollout, config.train
+    G = r.num_samples
+    if g.mu < 1:
+        raise ValueError(f"grpo.mu (inner iterations per rollout batch) must be >= 1, got {g.mu}")
+    ocfg = OptimConfig(**{**_to_plain(config.optim), "total_steps": max(g.steps * g.mu, 1)})
+    ckpt = Checkpointer(workdir, keep=t.keep, async_save=t.async_save)
+    resume = ckpt.latest_step()
+    if resume is not None:  # refuse before anything is written
+        diff = config_mismatch(model_config_from_dict(ckpt.read_config(resume)["model"]), run.cfg)
+        if diff:
+            ckpt.close()
+            raise ValueError(f"{workdir}: the checkpoint at step {resume} has a different model config; use a new "
+                             "--workdir or the old config. Differences: " + "; ".join(diff))
+    run_config = {"model": model_config_dict(run.cfg), "experiment": _to_plain(config)}
+    key = jax.random.key(t.seed)
+    k_init, k_roll = jax.random.split(key)
+    params, before = _warm_start(run, workdir, k_init, run_config)
+    n_eval = len(run.eval_problems)
+    print(f"held-out pass@1 after warm start: {before:.3f} ({n_eval} problems, greedy)", flush=True)
+    update, logprob_fn, tx = _grpo_fns(run.cfg, ocfg, run.N, float(r.temperature), g.loss_type,
+                                       float(g.epsilon_low), float(g.epsilon_high), float(g.beta))
+    # frozen reference = the warm start; copied because the update donates (and so invalidates) `params`
+    ref = jax.tree.map(jnp.copy, cast_for_rollout(params, run.cfg.dtype)) if g.beta else None
+    opt_state, step = tx.init(params), 0
+    if resume is not None:
+        params, opt_state, meta, _ = ckpt.restore(resume, params, opt_state)
+        step = int(meta["step"])
+        print(f"resumed GRPO from {ckpt.directory}/{step}", flush=True)
+
+    logger, stop = MetricsLogger(workdir, g.steps, tensorboard=t.tensorboard), _StopFlag()
+    history, speeds, warned, t_loop, first_step = [], [], set(), time.time(), step
+
+    def save():
+        ckpt.save(step, params, opt_state, jax.random.key_data(key),
+                  {"task_stream": RL_STREAM, "task_step": step, "pass@1/before": before}, run_config, force=True)
+    try:
+        while step < g.steps and stop.signum is None:
+            ro, rewards, keep, first, stats = _collect(run, params, step, k_roll)
+            for name, msg in first[1].first_error.items():
+                if name not in warned:
+                    warned.add(name)
+                    print(f"warning: reward {name!r} failed on some samples (scored 0, counted in "
+                          f"reward/{name}/errors); first error: {msg}", flush=True)
+            batch = {"sequences": ro.sequences, "prompt_lengths": ro.prompt_lengths,
+                     "mask": training_mask(ro, g.mask_truncated_completions, keep),
+                     "advantages": np.asarray(group_advantages(rewards, G, g.advantage_scale)),
+                     "valid": ro.valid.astype(np.float32), "sampler_logprobs": ro.sampler_logprobs,
+                     "old_logprobs": np.zeros_like(ro.sampler_logprobs)}
+            batch = {k: jnp.asarray(v) for k, v in batch.items()}
+            t0 = time.time()
+            if g.beta:
+                batch["ref_logprobs"] = logprob_fn(ref, batch)
+            ms = []
+            for it in range(g.mu):
+                params, opt_state, m, lp = update(params, opt_state, jnp.int32(step * g.mu + it), batch,
+                                                  jnp.bool_(it == 0))
+                if it == 0:
+                    batch["old_logprobs"] = lp
+                ms.append(m)
+            ms = jax.device_get(ms)
+            step += 1
+            m = _step_metrics(first, stats, ms, G, g.mu, g.beta, ro, time.time() - t0)
+            history.append(m["reward/mean"])
+            if step > first_step + 1:  # the first step of a process compiles
+                speeds.append((m["rollout_tokens_per_s"], m["train_tokens_per_s"]))
+            logger.log(step, m, prefix="train", console=False)
+            if step % t.log_every == 0 or step == g.steps:
+                eta = (time.time() - t_loop) / (step - first_step) * (g.steps - step)
+                print(_console(step, g.steps, m, eta), flush=True)
+            if t.eval_every and step % t.eval_every == 0 and step != g.steps:
+                logger.log(step, {"pass_at_1": run.pass_at_1(params)}, prefix="eval")
+            if t.save_every > 0 and (step % t.save_every == 0 or step == g.steps):
+                save()
+        if stop.signum is not None and t.save_every > 0 and step % t.save_every:
+            save()
+    finally:
+        stop.restore()
+        ckpt.close()
+    after = run.pass_at_1(params)
+    logger.log(step, {"pass_at_1": after}, prefix="eval", console=False)
+    logger.close()
+    print(f"held-out pass@1 ({n_eval} problems, greedy): warm start {before:.3f} -> after {step} GRPO steps "
+          f"{after:.3f}", flush=True)
+    summary = {"pass@1/before": before, "pass@1/after": after, "step": step, "rewards": history,
+               "stopped_by_signal": stop.signum is not None, "wall_s": time.time() - t_start,
+               "workdir": os.path.abspath(workdir)}
+    if speeds:
+        summary["rollout_tokens_per_s"], summary["train_tokens_per_s"] = map(float, np.mean(speeds, axis=0))
+        print(f"rollout {summary['rollout_tokens_per_s']:.0f} tokens/s, train {summary['train_tokens_per_s']:.0f} "
+              f"tokens/s (mean over steps after the first, which compiles)", flush=True)
+    return summary
