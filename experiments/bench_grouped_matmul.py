@@ -50,6 +50,8 @@ flags.DEFINE_bool("check", True, "Compare our fwd/dlhs/drhs with XLA (relative F
 flags.DEFINE_bool("sweep", False, "Instead of the comparison, time our kernels over a handful "
                   "of tuning configs on each shape and print each (ops from --ops: fwd, dlhs, "
                   "drhs).")
+flags.DEFINE_string("sweep_configs", "", "With --sweep: semicolon-separated GpuConfig override specs to try "
+                    "(for every op in --ops) instead of the built-in lists.")
 flags.DEFINE_string("out", "", "If set, write all results as JSON to this path.")
 
 
@@ -227,7 +229,10 @@ def sweep(shape, results):
   rhs = jax.random.normal(keys[1], (g, k, n), jnp.bfloat16)
   dout = jax.random.normal(keys[2], (m, n), jnp.bfloat16)
   flops = 2.0 * m * k * n
-  for op, specs in (("fwd", SWEEP_GMM), ("dlhs", SWEEP_GMM[:5]), ("drhs", SWEEP_TGMM)):
+  lists = (("fwd", SWEEP_GMM), ("dlhs", SWEEP_GMM[:5]), ("drhs", SWEEP_TGMM))
+  if FLAGS.sweep_configs:
+    lists = [(op, FLAGS.sweep_configs.split(";")) for op, _ in lists]
+  for op, specs in lists:
     if op not in FLAGS.ops:
       continue
     for spec in specs:

@@ -259,3 +259,11 @@ def test_two_processes_train_on_one_global_mesh(jobs):
     assert losses[0] == losses[1] and sorted(losses[0]) == ["1", "2", "3"]
     assert all(np.isfinite(v) for v in losses[0].values())
     assert os.path.exists(os.path.join(r["workdir"], "checkpoints", "3", "commit_success.txt"))
+    # each host's data-iterator position reaches the checkpoint (Orbax writes JSON from process 0 only)
+    for o in r["out"]:
+        assert '"per_process": [{"p": 0}, {"p": 1}]' in o, o[-3000:]
+        assert "resumed from" in o
+    resumed = [json.loads(next(line for line in o.splitlines() if line.startswith("RESUMED "))[8:]) for o in r["out"]]
+    assert resumed[0] == resumed[1] and sorted(resumed[0]) == ["4"] and np.isfinite(resumed[0]["4"])
+    with open(os.path.join(r["workdir"], "checkpoints", "4", "data", "metadata")) as f:
+        assert len(json.load(f)["per_process"]) == 2

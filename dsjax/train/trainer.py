@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import queue
@@ -99,6 +100,35 @@ class _Prefetch:
 
     def close(self):
         self._stop.set()
+
+
+def gather_data_states(state: dict) -> dict:
+    """Every process's data-iterator state, for the checkpoint. Each host reads its own shard, so each has its own
+    position, but Orbax writes a JSON item from the primary process only: without the gather, every host would
+    resume from host 0's position. Single-process runs keep the plain state."""
+    if jax.process_count() == 1:
+        return state
+    from jax.experimental import multihost_utils
+    raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(raw.size))).reshape(-1)
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[:raw.size] = raw
+    rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+    return {"per_process": [json.loads(rows[i, :sizes[i]].tobytes().decode()) for i in range(len(sizes))]}
+
+
+def own_data_state(data: dict) -> dict:
+    """This process's entry of a `gather_data_states` result (a plain state is a single-process checkpoint)."""
+    if "per_process" not in data:
+        if jax.process_count() > 1:
+            raise ValueError("the checkpoint holds one data-iterator state but this run has "
+                             f"{jax.process_count()} processes; resume with the process count that wrote it")
+        return data
+    states = data["per_process"]
+    if len(states) != jax.process_count():
+        raise ValueError(f"the checkpoint's data state was written by {len(states)} processes, this run has "
+                         f"{jax.process_count()}; resume with the same process count")
+    return states[jax.process_index()]
 
 
 class _StopFlag:
@@ -246,7 +276,7 @@ def train(config, workdir: str, mesh=None) -> dict[str, Any]:
         params, opt_state, meta, data_state = ckpt.restore(resume_step, params, opt_state)
         step = int(meta["step"])
         key = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
-        train_it.set_state(data_state)
+        train_it.set_state(own_data_state(data_state))
         print(f"resumed from {ckpt.directory}/{step}", flush=True)
     counts = cfg.param_counts()
     flops_tok = train_flops_per_token(cfg, d.seq_len, use_mtp)
@@ -292,9 +322,11 @@ def train(config, workdir: str, mesh=None) -> dict[str, Any]:
                 last_eval = evaluate(eval_step, params, evals, mesh)
                 logger.log(step, last_eval, prefix="eval")
             if step % t.save_every == 0 or step == t.steps:
-                ckpt.save(step, params, opt_state, jax.random.key_data(key), data_state, run_config, force=True)
+                ckpt.save(step, params, opt_state, jax.random.key_data(key), gather_data_states(data_state),
+                          run_config, force=True)
         if stop.signum is not None and step % t.save_every != 0 and step != t.steps:
-            ckpt.save(step, params, opt_state, jax.random.key_data(key), data_state, run_config, force=True)
+            ckpt.save(step, params, opt_state, jax.random.key_data(key), gather_data_states(data_state), run_config,
+                      force=True)
     finally:
         prefetch.close()
         stop.restore()
