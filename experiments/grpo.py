@@ -4,6 +4,7 @@
   python experiments/grpo.py --config.grpo.steps=50 --config.grpo.beta=0.04 --workdir=runs/grpo_kl
   python experiments/grpo.py --config=experiments/configs/grpo_small.py --workdir=runs/grpo_small   # one GPU
   python experiments/grpo.py --config.init_checkpoint=runs/pretrain --config.sft.steps=100
+  python experiments/grpo.py --config=experiments/configs/grpo_small.py --mesh=data:2,expert:2   # 4 GPUs
 
 Prints held-out pass@1 (greedy, fixed problems) after the warm start and after GRPO, and rollout / train
 tokens/s. Checkpoints, metrics.jsonl and TensorBoard logs go under --workdir; rerunning with the same --workdir
@@ -17,6 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from sharding.mesh import define_mesh_flags, mesh_from_flags  # noqa: E402
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file(
     "config", os.path.join(_HERE, "configs", "grpo.py"),
@@ -26,15 +29,17 @@ config_flags.DEFINE_config_file(
     "--config.<section>.<field>=value; experiments/configs/grpo.py documents each field.", lock_config=True)
 flags.DEFINE_string("workdir", "runs/grpo", "Directory for checkpoints, metrics.jsonl and TensorBoard logs; an "
                     "existing one is resumed.")
+define_mesh_flags()
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    mesh = mesh_from_flags()  # before anything touches a device
     from absl import logging
     logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint write at INFO
     from dsjax.rl.trainer import train
-    train(flags.FLAGS.config, flags.FLAGS.workdir)
+    train(flags.FLAGS.config, flags.FLAGS.workdir, mesh)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
   python -m tests._sharding_worker model MESH [MESH ...] [--ckpt DIR]   whole model + trainer on each mesh
   python -m tests._sharding_worker moe                                 expert-parallel layer checks
+  python -m tests._sharding_worker grpo DIR                            GRPO trainer on one device and on a mesh
 
 XLA_FLAGS must already hold --xla_force_host_platform_device_count=8 (the test sets it).
 """
@@ -227,12 +228,38 @@ def run_moe() -> dict:
     return out
 
 
+def run_grpo(workdir: str) -> dict:
+    """Two GRPO steps (warm start included) on one device and on data:2,expert:4 from the same seed."""
+    from dsjax.rl.trainer import train as grpo_train
+    from experiments.configs import grpo as grpo_config
+
+    def config():
+        c = grpo_config.get_config()
+        c.task.max_digits, c.task.num_eval = 1, 8
+        c.sft.update(steps=20, batch_size=16, log_every=10, target_pass_at_1=0.0)
+        c.rollout.update(num_prompts=4, num_samples=4)
+        c.grpo.update(steps=2, mu=2, beta=0.04)
+        c.train.update(log_every=1, save_every=2, tensorboard=False, async_save=False)
+        return c
+
+    out = {}
+    for name, mesh in (("single", None), ("mesh", make_mesh("data:2,expert:4"))):
+        summary = grpo_train(config(), f"{workdir}/{name}", mesh)
+        with open(f"{workdir}/{name}/metrics.jsonl") as f:
+            rows = [r for r in map(json.loads, f) if r["split"] == "train"]
+        out[name] = {"steps": summary["step"], "pass_before": summary["pass@1/before"],
+                     **{k: [r[k] for r in rows] for k in ("reward/mean", "loss", "kl", "logprob_gap")}}
+    return out
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "model":
         ckpt = args[args.index("--ckpt") + 1] if "--ckpt" in args else None
         meshes = [a for i, a in enumerate(args) if a != "--ckpt" and (i == 0 or args[i - 1] != "--ckpt")]
         result = run_model(meshes, ckpt)
+    elif cmd == "grpo":
+        result = run_grpo(args[0])
     else:
         result = run_moe()
     print("RESULT " + json.dumps(result), flush=True)

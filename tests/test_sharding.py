@@ -34,7 +34,8 @@ NEEDS = {"test_mesh_matches_single_device": ["model"], "test_router_bias_update_
          "test_capacity_factor_drops_only_the_overflow": ["moe"],
          "test_device_limited_routing_on_a_mesh": ["moe"],
          "test_padded_all_to_all_has_ragged_semantics": ["moe"],
-         "test_two_processes_train_on_one_global_mesh": ["multihost"]}
+         "test_two_processes_train_on_one_global_mesh": ["multihost"],
+         "test_grpo_trains_on_a_mesh_like_on_one_device": ["grpo"]}
 
 
 def _env(devices: int) -> dict:
@@ -85,7 +86,8 @@ def jobs(request, tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("ckpt")
     starts = {"model": lambda: {**_worker("model", *MESHES, "--ckpt", str(ckpt)), "ckpt": str(ckpt)},
               "moe": lambda: _worker("moe"),
-              "multihost": lambda: _multihost(tmp_path_factory.mktemp("multihost"))}
+              "multihost": lambda: _multihost(tmp_path_factory.mktemp("multihost")),
+              "grpo": lambda: _worker("grpo", str(tmp_path_factory.mktemp("grpo")))}
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
     futures = {name: pool.submit(starts[name]) for name in starts if name in wanted}
     yield futures
@@ -267,3 +269,17 @@ def test_two_processes_train_on_one_global_mesh(jobs):
     assert resumed[0] == resumed[1] and sorted(resumed[0]) == ["4"] and np.isfinite(resumed[0]["4"])
     with open(os.path.join(r["workdir"], "checkpoints", "4", "data", "metadata")) as f:
         assert len(json.load(f)["per_process"]) == 2
+
+
+@pytest.mark.slow
+def test_grpo_trains_on_a_mesh_like_on_one_device(jobs):
+    """experiments/grpo.py's trainer on data:2,expert:4 (sharded state, split batches, expert-parallel updates)
+    follows the single-device run: same warm start, same rollouts' rewards, same losses to float tolerance."""
+    r = jobs["grpo"].result()
+    one, mesh = r["single"], r["mesh"]
+    assert one["steps"] == mesh["steps"] == 2
+    assert mesh["pass_before"] == pytest.approx(one["pass_before"])
+    assert mesh["reward/mean"] == pytest.approx(one["reward/mean"], abs=1e-6)
+    np.testing.assert_allclose(mesh["loss"], one["loss"], rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(mesh["kl"], one["kl"], rtol=1e-3, atol=1e-6)
+    assert max(mesh["logprob_gap"]) < 1e-4

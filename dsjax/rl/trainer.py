@@ -39,6 +39,9 @@ from dsjax.train.losses import cross_entropy
 from dsjax.train.metrics import MetricsLogger
 from dsjax.train.optim import OptimConfig, lr_schedule, make_optimizer
 from dsjax.train.trainer import _StopFlag, _to_plain, model_config
+from sharding.mesh import describe
+from sharding.rules import batch_shards
+from sharding.state import bind, replicated, shard_batch, shard_train_state, state_shardings
 
 _RUNTIME = ("dtype", "param_dtype", "moe_backend", "remat", "attention_impl")
 
@@ -59,7 +62,7 @@ def _concat(parts: list[Rollout]) -> Rollout:
 
 @functools.lru_cache(maxsize=8)
 def _grpo_fns(cfg, ocfg: OptimConfig, width: int, temperature: float, loss_type: str, eps_low: float,
-              eps_high: float, beta: float):
+              eps_high: float, beta: float, mesh=None):
     """(jitted update, jitted log-prob forward, optimizer); cached so repeated runs in one process reuse them."""
     model, tx, sched = DeepSeekV3(cfg), make_optimizer(ocfg), lr_schedule(ocfg)
 
@@ -85,11 +88,22 @@ def _grpo_fns(cfg, ocfg: OptimConfig, width: int, temperature: float, loss_type:
              "logprob_gap": jnp.sum(jnp.abs(b["sampler_logprobs"] - lp) * valid) / n}
         return params, opt_state, m, lp
 
-    return jax.jit(update, donate_argnums=(0, 1)), jax.jit(logprobs), tx
+    if mesh is None:
+        return jax.jit(update, donate_argnums=(0, 1)), jax.jit(logprobs), tx
+    return _bound_step(update, cfg, tx, mesh, extra_out=2), bind(mesh, jax.jit(logprobs)), tx
+
+
+def _bound_step(fn, cfg, tx, mesh, extra_out: int):
+    """`fn(params, opt_state, ...) -> (params, opt_state, *extra)` jitted with the state kept in its rule-table
+    layout on `mesh` and traced with the mesh bound (sharding/state.py), as the pretraining step is."""
+    shapes = jax.eval_shape(_init_fn(cfg), jax.random.key(0))
+    pshard, oshard = state_shardings(mesh, shapes, jax.eval_shape(tx.init, shapes))
+    outs = (pshard, oshard) + (replicated(mesh),) * extra_out
+    return bind(mesh, jax.jit(fn, donate_argnums=(0, 1), out_shardings=outs))
 
 
 @functools.lru_cache(maxsize=4)
-def _sft_fns(cfg, ocfg: OptimConfig):
+def _sft_fns(cfg, ocfg: OptimConfig, mesh=None):
     model, tx, sched = DeepSeekV3(cfg), make_optimizer(ocfg), lr_schedule(ocfg)
 
     def step(params, opt_state, i, inputs, targets, mask):
@@ -98,7 +112,9 @@ def _sft_fns(cfg, ocfg: OptimConfig):
         loss, g = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(g, opt_state, params)
         return jax.tree.map(jnp.add, params, updates), opt_state, {"loss": loss, "lr": sched(i)}
-    return jax.jit(step, donate_argnums=(0, 1)), tx
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0, 1)), tx
+    return _bound_step(step, cfg, tx, mesh, extra_out=1), tx
 
 
 @functools.lru_cache(maxsize=4)
@@ -172,7 +188,7 @@ class _Run:
 _NO_OPT_STATE = {"unused": np.zeros((), np.int32)}
 
 
-def _warm_start(run: _Run, workdir: str, key, run_config) -> tuple[Any, float]:
+def _warm_start(run: _Run, workdir: str, key, run_config, mesh=None) -> tuple[Any, float]:
     """Warm-start params and their held-out pass@1: from <workdir>/sft if present, else init_checkpoint or random
     init, then `sft.steps` supervised steps, then saved there."""
     s, cfg = run.c.sft, run.cfg
@@ -180,16 +196,18 @@ def _warm_start(run: _Run, workdir: str, key, run_config) -> tuple[Any, float]:
         raise ValueError("sft.target_pass_at_1 needs sft.check_every >= 1")
     ocfg = OptimConfig(lr=s.lr, warmup_steps=s.warmup_steps, total_steps=max(s.steps, 1), schedule="cosine",
                        weight_decay=s.weight_decay)
-    step_fn, tx = _sft_fns(cfg, ocfg)
+    step_fn, tx = _sft_fns(cfg, ocfg, mesh)
     ckpt = Checkpointer(os.path.join(workdir, "sft"), keep=1, async_save=False)
     try:
         init = _init_fn(cfg)
         if ckpt.latest_step() is not None:
             params, _, _, data = ckpt.restore(ckpt.latest_step(), jax.eval_shape(init, key), _NO_OPT_STATE)
             print(f"warm start: reusing {ckpt.directory} (held-out pass@1 {data['pass_at_1']:.3f})", flush=True)
-            return params, float(data["pass_at_1"])
+            return (params if mesh is None else shard_train_state(mesh, params)), float(data["pass_at_1"])
         params = init(key) if run.init_params is None else run.init_params
         opt_state = tx.init(params)
+        if mesh is not None:
+            params, opt_state = shard_train_state(mesh, params, opt_state)
         logger = MetricsLogger(os.path.join(workdir, "sft"), s.steps, tensorboard=run.c.train.tensorboard)
         # Stopping probe: training-distribution problems (never held-out ones), as many as the held-out set so
         # the greedy pass reuses its compiled program. Stopping at a target rate rather than a step count makes
@@ -199,7 +217,7 @@ def _warm_start(run: _Run, workdir: str, key, run_config) -> tuple[Any, float]:
         t0, done = time.time(), 0
         while done < s.steps:
             arrays = sft_arrays(run.tok, run.task.problems(SFT_STREAM, done, s.batch_size), run.P, run.N)
-            params, opt_state, m = step_fn(params, opt_state, jnp.int32(done), *map(jnp.asarray, arrays))
+            params, opt_state, m = step_fn(params, opt_state, jnp.int32(done), *shard_batch(mesh, arrays))
             done += 1
             check = bool(s.target_pass_at_1) and done % s.check_every == 0
             if check:
@@ -285,8 +303,16 @@ def _console(step, total, m, eta) -> str:
     return " | ".join(parts)
 
 
-def train(config, workdir: str) -> dict[str, Any]:
+def train(config, workdir: str, mesh=None) -> dict[str, Any]:
+    """With a mesh of more than one device, params and optimizer state take their rule-table layout
+    (sharding/rules.py), the warm-start and GRPO batches are split over its batch axes, and the updates trace with
+    the mesh bound (expert-parallel MoE), as in pretraining. Rollouts run on the same sharded params."""
     t_start = time.time()
+    if mesh is not None and mesh.size == 1:
+        mesh = None  # one device: the plain path
+    if mesh is not None and jax.process_count() > 1:
+        raise ValueError("GRPO runs in one process (its rollouts are generated on this host); multi-device meshes "
+                         f"are supported, multi-process ones not yet: {jax.process_count()} processes")
     run = _Run(config)
     g, r, t = config.grpo, config.rollout, config.train
     G = r.num_samples
@@ -304,14 +330,24 @@ def train(config, workdir: str) -> dict[str, Any]:
     run_config = {"model": model_config_dict(run.cfg), "experiment": _to_plain(config)}
     key = jax.random.key(t.seed)
     k_init, k_roll = jax.random.split(key)
-    params, before = _warm_start(run, workdir, k_init, run_config)
+    if mesh is not None:
+        shards = batch_shards(mesh)
+        for name, rows in (("rollout.num_prompts x rollout.num_samples", r.num_prompts * G),
+                           ("sft.batch_size", config.sft.batch_size)):
+            if rows % shards:
+                raise ValueError(f"{name} = {rows} rows do not split over the {shards} batch shards of --mesh="
+                                 f"{describe(mesh)}")
+        print(f"mesh {describe(mesh)}", flush=True)
+    params, before = _warm_start(run, workdir, k_init, run_config, mesh)
     n_eval = len(run.eval_problems)
     print(f"held-out pass@1 after warm start: {before:.3f} ({n_eval} problems, greedy)", flush=True)
     update, logprob_fn, tx = _grpo_fns(run.cfg, ocfg, run.N, float(r.temperature), g.loss_type,
-                                       float(g.epsilon_low), float(g.epsilon_high), float(g.beta))
+                                       float(g.epsilon_low), float(g.epsilon_high), float(g.beta), mesh)
     # frozen reference = the warm start; copied because the update donates (and so invalidates) `params`
     ref = jax.tree.map(jnp.copy, cast_for_rollout(params, run.cfg.dtype)) if g.beta else None
     opt_state, step = tx.init(params), 0
+    if mesh is not None:
+        params, opt_state = shard_train_state(mesh, params, opt_state)
     if resume is not None:
         params, opt_state, meta, _ = ckpt.restore(resume, params, opt_state)
         step = int(meta["step"])
@@ -336,7 +372,7 @@ def train(config, workdir: str) -> dict[str, Any]:
                      "advantages": np.asarray(group_advantages(rewards, G, g.advantage_scale)),
                      "valid": ro.valid.astype(np.float32), "sampler_logprobs": ro.sampler_logprobs,
                      "old_logprobs": np.zeros_like(ro.sampler_logprobs)}
-            batch = {k: jnp.asarray(v) for k, v in batch.items()}
+            batch = shard_batch(mesh, batch)
             t0 = time.time()
             if g.beta:
                 batch["ref_logprobs"] = logprob_fn(ref, batch)
