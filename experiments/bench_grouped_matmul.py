@@ -50,6 +50,7 @@ flags.DEFINE_bool("check", True, "Compare our fwd/dlhs/drhs with XLA (relative F
 flags.DEFINE_bool("sweep", False, "Instead of the comparison, time our kernels over a handful "
                   "of tuning configs on each shape and print each (ops from --ops: fwd, dlhs, "
                   "drhs).")
+flags.DEFINE_integer("sweep_rounds", 2, "With --sweep: timing rounds over all configs; the last is reported.")
 flags.DEFINE_string("sweep_configs", "", "With --sweep: semicolon-separated GpuConfig override specs to try "
                     "(for every op in --ops) instead of the built-in lists.")
 flags.DEFINE_string("out", "", "If set, write all results as JSON to this path.")
@@ -235,7 +236,10 @@ def sweep(shape, results):
   for op, specs in lists:
     if op not in FLAGS.ops:
       continue
-    for spec in specs:
+    # Every config is timed in each of --sweep_rounds rounds and the last round is reported: with one round the
+    # first config timed ran on a cold GPU and always looked slowest (2026-11-28 H200 sweep).
+    for rnd, spec in [(r, sp) for r in range(FLAGS.sweep_rounds) for sp in specs]:
+      last = rnd == FLAGS.sweep_rounds - 1
       try:
         base = {"fwd": gpu.GMM_CONFIG, "dlhs": gpu.DLHS_CONFIG, "drhs": gpu.TGMM_CONFIG}[op]
         opts = ops._Opts("gpu", False, None, _gpu_config(spec, base), _gpu_config(spec, base))
@@ -249,9 +253,13 @@ def sweep(shape, results):
           f = jax.jit(lambda l, dy: ops._tgmm_impl(l, dy, gs, opts))
           t = time_fn(f, lhs, dout)
         tf = flops / t / 1e12
+        if not last:
+          continue
         print(f"sweep {shape} {op:<5} {tf:7.1f} TFLOP/s  {spec or 'default'}", flush=True)
         results.append({"shape": list(shape), "op": op, "config": spec, "tflops": tf})
       except Exception as e:  # noqa: BLE001
+        if not last:
+          continue
         print(f"sweep {shape} {op:<5}  failed  {spec}: {type(e).__name__}: {str(e)[:300]}")
         results.append({"shape": list(shape), "op": op, "config": spec, "error": str(e)[:500]})
 
