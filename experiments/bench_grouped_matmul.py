@@ -14,10 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import inspect
-import json
-import statistics
 import sys
-import time
 import traceback
 
 from absl import app, flags
@@ -25,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.bench_util import median_seconds, parse_overrides, write_results
 from pallas_kernels.grouped_matmul import gmm, gpu, ops, tgmm
 
 FLAGS = flags.FLAGS
@@ -56,16 +54,8 @@ flags.DEFINE_string("sweep_configs", "", "With --sweep: semicolon-separated GpuC
 flags.DEFINE_string("out", "", "If set, write all results as JSON to this path.")
 
 
-def _parse(spec):
-  out = {}
-  for item in filter(None, spec.split(",")):
-    key, val = (x.strip() for x in item.split("="))
-    out[key] = val.lower() == "true" if val.lower() in ("true", "false") else int(val)
-  return out
-
-
 def _gpu_config(spec, base):
-  return dataclasses.replace(base, **_parse(spec)) if spec else None
+  return dataclasses.replace(base, **parse_overrides(spec)) if spec else None
 
 
 def group_sizes(g, m, alpha, seed):
@@ -76,19 +66,12 @@ def group_sizes(g, m, alpha, seed):
 
 
 def time_fn(f, *args):
-  for _ in range(FLAGS.warmup):
-    jax.block_until_ready(f(*args))
-  times = []
-  for _ in range(FLAGS.iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return median_seconds(f, *args, warmup=FLAGS.warmup, iters=FLAGS.iters)
 
 
 def _kwargs_for(fn, spec):
   params = inspect.signature(fn).parameters
-  return {k: v for k, v in _parse(spec).items() if k in params}
+  return {k: v for k, v in parse_overrides(spec).items() if k in params}
 
 
 def make_fns(impl, gs, gmm_cfg=None, tgmm_cfg=None):
@@ -265,11 +248,7 @@ def sweep(shape, results):
 
 
 def _write(results):
-  if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      json.dump({"date": datetime.datetime.now().isoformat(), "jax": jax.__version__,
-                 "device": str(jax.devices()[0].device_kind), "flags": FLAGS.flags_into_string(),
-                 "results": results}, f, indent=1)
+  write_results(FLAGS.out, FLAGS.flags_into_string(), results)
 
 
 def main(_):

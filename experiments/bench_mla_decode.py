@@ -8,8 +8,7 @@ Implementations (--impls):
 Each shape is first checked against the paged reference on the GPU (relative Frobenius error of out,
 max |lse| difference); then each function is timed as the median over --repeats of (--iters calls
 back to back) / iters, after --warmup calls. Reported: ms, TB/s of cache rows read (B * len * 576 * 2
-bytes), TFLOP/s (2 * B * s_q * H * len * (576 + 512)), and xla time / ours. experiments/bench_util.py
-has training-step timers only, so the timer lives here.
+bytes), TFLOP/s (2 * B * s_q * H * len * (576 + 512)), and xla time / ours.
 
   python experiments/bench_mla_decode.py --quick          # every config on small shapes, errors only
   python experiments/bench_mla_decode.py                  # the full table (B=128)
@@ -19,10 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
-import statistics
 import sys
-import time
 import traceback
 
 from absl import app, flags
@@ -30,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.bench_util import median_seconds, parse_overrides, write_results
 from pallas_kernels.mla_decode import gpu, mla_decode, mla_decode_reference
 
 FLAGS = flags.FLAGS
@@ -66,12 +63,7 @@ QUICK_SHAPES_INTERPRET = [(2, 100, 16, 2)]
 
 
 def parse_config(spec):
-    kw = {}
-    for item in filter(None, spec.split(",")):
-        key, val = (x.strip() for x in item.split("="))
-        low = val.lower()
-        kw[key] = low == "true" if low in ("true", "false") else (int(val) if val.isdigit() else val)
-    return dataclasses.replace(gpu.GpuConfig(), **kw)
+    return dataclasses.replace(gpu.GpuConfig(), **parse_overrides(spec))
 
 
 def xla_contiguous(q, cache, lengths, scale):
@@ -120,16 +112,7 @@ def check(fn, inputs, want):
 
 
 def time_fn(f, *args):
-    for _ in range(FLAGS.warmup):
-        jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(FLAGS.repeats):
-        t0 = time.perf_counter()
-        for _ in range(FLAGS.iters):
-            out = f(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / FLAGS.iters)
-    return statistics.median(times)
+    return median_seconds(f, *args, warmup=FLAGS.warmup, iters=FLAGS.iters, repeats=max(FLAGS.repeats, 1))
 
 
 def ours_fn(spec, scale):
@@ -256,11 +239,7 @@ def print_table(shape, rows):
 
 
 def _write(results):
-    if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            json.dump({"date": datetime.datetime.now().isoformat(), "jax": jax.__version__,
-                       "device": str(jax.devices()[0].device_kind), "flags": FLAGS.flags_into_string(),
-                       "results": results}, f, indent=1)
+    write_results(FLAGS.out, FLAGS.flags_into_string(), results)
 
 
 def main(_):

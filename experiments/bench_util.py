@@ -1,4 +1,9 @@
-"""Shared pieces of the training benchmarks (bench_pretrain.py, bench_scaling.py); defines no flags."""
+"""Shared pieces of the benchmarks: synthetic training batches and step timers (bench_pretrain.py,
+bench_scaling.py), a kernel-call timer, config-override parsing and JSON results (bench_grouped_matmul.py,
+bench_mla_decode.py). Defines no flags."""
+import datetime
+import json
+import statistics
 import time
 
 
@@ -27,3 +32,46 @@ def time_steps(step_fn, params, opt, batch, steps):
         params, opt, m = step_fn(params, opt, np.int32(2 + i), batch)
     jax.block_until_ready(m)
     return (time.perf_counter() - t0) / steps, compile_s, m, params
+
+
+def parse_overrides(spec: str) -> dict:
+    """'a=1,b=true,c=name' -> {"a": 1, "b": True, "c": "name"} (kernel config overrides on the command line)."""
+    out = {}
+    for item in filter(None, spec.split(",")):
+        key, val = (x.strip() for x in item.split("="))
+        low = val.lower()
+        out[key] = low == "true" if low in ("true", "false") else (int(val) if val.lstrip("-").isdigit() else val)
+    return out
+
+
+def median_seconds(f, *args, warmup: int, iters: int, repeats: int = 0) -> float:
+    """Median seconds per call of f(*args) after `warmup` calls. repeats=0: each of `iters` calls synchronised
+    on its own; repeats > 0: the median over `repeats` runs of `iters` calls back to back (per call), which hides
+    the launch gap between calls that are microseconds long."""
+    import jax
+    for _ in range(warmup):
+        jax.block_until_ready(f(*args))
+    times = []
+    if repeats == 0:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times.append(time.perf_counter() - t0)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = f(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / iters)
+    return statistics.median(times)
+
+
+def write_results(path: str, flags_string: str, results) -> None:
+    """The results list as JSON with the date, jax version and device (nothing when path is empty)."""
+    if not path:
+        return
+    import jax
+    with open(path, "w") as f:
+        json.dump({"date": datetime.datetime.now().isoformat(), "jax": jax.__version__,
+                   "device": str(jax.devices()[0].device_kind), "flags": flags_string, "results": results}, f,
+                  indent=1)
