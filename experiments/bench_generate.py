@@ -65,6 +65,8 @@ flags.DEFINE_string("spec_prompts_file", None, "Prompts (one per line) for the s
 flags.DEFINE_string("tokenizer", None, "Tokenizer for --checkpoint prompts (default as in generate.py).")
 flags.DEFINE_float("time_budget_s", 420.0, "Skip measurements that would start after this many seconds (the "
                    "transformers worker is also stopped there), so one call stays under about 8 minutes.")
+flags.DEFINE_bool("ours_first", False, "Time dsjax before transformers (default after): when the time budget is "
+                  "tight, a transformers run cut short then costs only its own rows.")
 flags.DEFINE_string("tmp_dir", None, "Where the HF weights are written (default: the system temp dir).")
 flags.DEFINE_string("out", None, "Write the results as JSON here.")
 flags.DEFINE_bool("smoke", False, "Tiny preset, batch 2, 16-token prompts, 8 new tokens: a CPU check of the "
@@ -249,10 +251,10 @@ def main(argv):
         cfg = dsjax.ModelConfig.preset(name, dtype=dtype, param_dtype=dtype, attention_impl=FLAGS.attention_impl)
         params = random_params(cfg, FLAGS.seed)
         hf = {"runs": []}
-        if FLAGS.transformers:
+        if FLAGS.transformers and not FLAGS.ours_first:
             hf = run_transformers(cfg, params, [[b, new_tokens] for b in batches], deadline)
             report.setdefault("transformers", {})[name] = {k: v for k, v in hf.items() if k != "runs"}
-        hf_by_batch = {r["batch"]: r for r in hf.get("runs", [])}
+        rows = []
         for b, impl in [(b, impl) for b in batches for impl in FLAGS.decode_attention]:
             if time.perf_counter() > deadline:
                 report["skipped"].append(f"{name} batch {b} {impl}: time budget")
@@ -267,21 +269,21 @@ def main(argv):
                 print(f"cudnn prefill failed ({str(e)[:300]}); falling back to attention_impl=xla", flush=True)
                 cfg = cfg.replace(attention_impl="xla")
                 stats, first = time_ours(cfg, params, prompts, new_tokens)
-            h = hf_by_batch.get(b, {})
             prefill_attn = cfg.attention_impl if jax.default_backend() == "gpu" else "xla"
             row = {"model": name, "batch": b, "new_tokens": new_tokens, "prefill_attention": prefill_attn,
                    "decode_attention": impl, "decode_backend": decode_backend(cfg),
                    "ours_e2e_tok_s": stats["tokens_per_s"], "ours_decode_tok_s": stats["decode_tokens_per_s"],
                    "ours_prefill_s": stats["prefill_s"], "ours_decode_s": stats["decode_s"],
-                   "ours_first_call_s": first, "cache_bytes_per_token": bytes_per_token(cfg, cfg.dtype),
-                   "hf_e2e_tok_s": h.get("e2e_tok_s"), "hf_decode_tok_s": h.get("decode_tok_s"),
-                   "hf_one_token_s": h.get("one_token_s")}
-            row["ratio_e2e"] = row["ours_e2e_tok_s"] / h["e2e_tok_s"] if h else None
-            row["ratio_decode"] = row["ours_decode_tok_s"] / h["decode_tok_s"] if h else None
+                   "ours_first_call_s": first, "cache_bytes_per_token": bytes_per_token(cfg, cfg.dtype)}
+            rows.append(row)
             report["rows"].append(row)
-            print(f"{name} batch {b} decode_attention={impl} ({row['decode_backend']}): ours "
-                  f"{row['ours_e2e_tok_s']:,.1f} tok/s e2e, {row['ours_decode_tok_s']:,.1f} "
-                  f"decode; transformers {fmt(row['hf_e2e_tok_s'])} e2e", flush=True)
+            add_transformers(row, hf)
+            save()
+        if FLAGS.transformers and FLAGS.ours_first and time.perf_counter() < deadline:
+            hf = run_transformers(cfg, params, [[b, new_tokens] for b in batches], deadline)
+            report.setdefault("transformers", {})[name] = {k: v for k, v in hf.items() if k != "runs"}
+            for row in rows:
+                add_transformers(row, hf, echo=False)
             save()
         del params
         _engine.cache_clear()
@@ -292,6 +294,19 @@ def main(argv):
         save()
     print_tables(report)
     save()
+
+
+def add_transformers(row, hf, echo=True):
+    """Fill a dsjax row's transformers columns (None where transformers has no run at that batch)."""
+    h = {r["batch"]: r for r in hf.get("runs", [])}.get(row["batch"], {})
+    row.update(hf_e2e_tok_s=h.get("e2e_tok_s"), hf_decode_tok_s=h.get("decode_tok_s"),
+               hf_one_token_s=h.get("one_token_s"))
+    row["ratio_e2e"] = row["ours_e2e_tok_s"] / h["e2e_tok_s"] if h else None
+    row["ratio_decode"] = row["ours_decode_tok_s"] / h["decode_tok_s"] if h else None
+    if echo:
+        print(f"{row['model']} batch {row['batch']} decode_attention={row['decode_attention']} "
+              f"({row['decode_backend']}): ours {row['ours_e2e_tok_s']:,.1f} tok/s e2e, "
+              f"{row['ours_decode_tok_s']:,.1f} decode; transformers {fmt(row['hf_e2e_tok_s'])} e2e", flush=True)
 
 
 def bench_speculative(report, deadline, dtype):

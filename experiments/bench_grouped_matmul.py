@@ -2,9 +2,12 @@
 
 For each (G, M, K, N) shape, with group sizes from a seeded Dirichlet(alpha) split of M over G,
 it times, in one process: forward gmm, dlhs (gmm against rhs read transposed), drhs (tgmm) and
-fwd+bwd (counted as 3x the forward FLOPs), each as the median of --iters timed calls after
---warmup calls, wall clock around block_until_ready. Prints a table of TFLOP/s and our ratio over
-each baseline; --out writes every number as JSON. --check also compares our outputs with XLA's.
+fwd+bwd (counted as 3x the forward FLOPs). Each function is timed in --rounds rounds that interleave
+the implementations (ours, xla, mgpu, ours, ...): a round is --iters calls back to back, one sync at
+the end, per-call time; the median over rounds is reported. Interleaving matters on the H200: clocks
+drift by ~10% over a minute of matmuls (power), which one-after-the-other timing turns into a bias.
+Prints a table of TFLOP/s and our ratio over each baseline; --out writes every number as JSON.
+--check also compares our outputs with XLA's.
 
   python experiments/bench_grouped_matmul.py                       # the BASELINES.md shapes
   python experiments/bench_grouped_matmul.py --sweep --shapes=32,16384,7168,4096
@@ -14,8 +17,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import inspect
+import statistics
 import sys
-import traceback
 
 from absl import app, flags
 import jax
@@ -30,8 +33,9 @@ flags.DEFINE_string("shapes", "32,16384,7168,4096;32,16384,2048,7168;8,8192,7168
                     "Semicolon-separated G,M,K,N shapes (groups, rows, contraction, output cols).")
 flags.DEFINE_float("alpha", 4.0, "Dirichlet concentration of the group-size split (uneven, >0).")
 flags.DEFINE_integer("seed", 0, "Seed for the group sizes and the random inputs.")
-flags.DEFINE_integer("warmup", 3, "Untimed calls before timing each function.")
-flags.DEFINE_integer("iters", 20, "Timed calls per function; the median is reported.")
+flags.DEFINE_integer("warmup", 3, "Untimed calls of each function before its first round.")
+flags.DEFINE_integer("iters", 10, "Calls per timed round (back to back).")
+flags.DEFINE_integer("rounds", 5, "Timed rounds per function, interleaved across functions; median reported.")
 flags.DEFINE_list("impls", ["ours", "xla", "mgpu"],
                   "Implementations: ours (pallas_kernels), xla (lax.ragged_dot / "
                   "ragged_dot_general), mgpu (jax.experimental.pallas.ops.gpu ragged_dot_mgpu and "
@@ -48,7 +52,8 @@ flags.DEFINE_bool("check", True, "Compare our fwd/dlhs/drhs with XLA (relative F
 flags.DEFINE_bool("sweep", False, "Instead of the comparison, time our kernels over a handful "
                   "of tuning configs on each shape and print each (ops from --ops: fwd, dlhs, "
                   "drhs).")
-flags.DEFINE_integer("sweep_rounds", 2, "With --sweep: timing rounds over all configs; the last is reported.")
+flags.DEFINE_bool("sweep_mgpu", True, "With --sweep: also time JAX's ragged_dot_mgpu forward as a reference "
+                  "(interleaved with the configs, so the ratio is fair).")
 flags.DEFINE_string("sweep_configs", "", "With --sweep: semicolon-separated GpuConfig override specs to try "
                     "(for every op in --ops) instead of the built-in lists.")
 flags.DEFINE_string("out", "", "If set, write all results as JSON to this path.")
@@ -65,8 +70,21 @@ def group_sizes(g, m, alpha, seed):
   return jnp.asarray(sizes, jnp.int32)
 
 
-def time_fn(f, *args):
-  return median_seconds(f, *args, warmup=FLAGS.warmup, iters=FLAGS.iters)
+def time_interleaved(fns, *args):
+  """{name: seconds per call}: rounds that interleave all fns; median over rounds. A fn that raises
+  maps to its exception."""
+  out, times = {}, {}
+  for name, f in fns.items():
+    try:
+      median_seconds(f, *args, warmup=FLAGS.warmup, iters=1)  # compile + warm-up
+      times[name] = []
+    except Exception as e:  # noqa: BLE001 - one failing config must not stop the others
+      out[name] = e
+  for _ in range(FLAGS.rounds):
+    for name in times:
+      times[name].append(median_seconds(fns[name], *args, warmup=0, iters=FLAGS.iters, repeats=1))
+  out.update({k: statistics.median(v) for k, v in times.items()})
+  return out
 
 
 def _kwargs_for(fn, spec):
@@ -141,23 +159,24 @@ def bench_shape(g, m, k, n, results):
   dout = jax.random.normal(keys[2], (m, n), jnp.bfloat16)
   flops = 2.0 * m * k * n
   row = {"shape": [g, m, k, n], "group_sizes": [int(x) for x in gs], "tflops": {}, "errors": {}}
-  outs = {}
+  outs, fns = {}, {}
   for impl in FLAGS.impls:
     try:
-      fns = make_fns(impl, gs, _gpu_config(FLAGS.gmm_config, gpu.GMM_CONFIG),
-                     _gpu_config(FLAGS.tgmm_config, gpu.TGMM_CONFIG))
+      impl_fns = make_fns(impl, gs, _gpu_config(FLAGS.gmm_config, gpu.GMM_CONFIG),
+                          _gpu_config(FLAGS.tgmm_config, gpu.TGMM_CONFIG))
     except Exception as e:  # noqa: BLE001 - a missing baseline must not stop the others
       row["errors"][impl] = f"{type(e).__name__}: {str(e)[:300]}"
       continue
-    for op, f in fns.items():
-      try:
-        t = time_fn(f, lhs, rhs, dout)
-        row["tflops"][f"{impl}/{op}"] = (3 if op == "fwdbwd" else 1) * flops / t / 1e12
-        if FLAGS.check and impl in ("ours", "xla") and op in ("fwd", "dlhs", "drhs"):
-          outs[(impl, op)] = f(lhs, rhs, dout)
-      except Exception as e:  # noqa: BLE001
-        row["errors"][f"{impl}/{op}"] = f"{type(e).__name__}: {str(e)[:500]}"
-        traceback.print_exc(limit=3)
+    fns.update({(impl, op): f for op, f in impl_fns.items()})
+  for op in FLAGS.ops:
+    timed = time_interleaved({k: f for k, f in fns.items() if k[1] == op}, lhs, rhs, dout)
+    for (impl, _), t in timed.items():
+      if isinstance(t, Exception):
+        row["errors"][f"{impl}/{op}"] = f"{type(t).__name__}: {str(t)[:500]}"
+        continue
+      row["tflops"][f"{impl}/{op}"] = (3 if op == "fwdbwd" else 1) * flops / t / 1e12
+      if FLAGS.check and impl in ("ours", "xla") and op in ("fwd", "dlhs", "drhs"):
+        outs[(impl, op)] = fns[(impl, op)](lhs, rhs, dout)
   if FLAGS.check and ("ours", "fwd") in outs:
     row["rel_err_vs_f32"] = f32_check(gs, lhs, rhs, dout, outs)
   for op in ("fwd", "dlhs", "drhs"):
@@ -172,8 +191,8 @@ def bench_shape(g, m, k, n, results):
 def print_table(rows):
   """One block per shape (printed as soon as the shape is done)."""
   ops = [op for op in ("fwd", "dlhs", "drhs", "fwdbwd") if op in FLAGS.ops]
-  print("\nTFLOP/s (median of %d after %d warm-ups), bf16, Dirichlet(%g) group sizes, %s" % (
-      FLAGS.iters, FLAGS.warmup, FLAGS.alpha, jax.devices()[0].device_kind))
+  print("\nTFLOP/s (median of %d interleaved rounds of %d calls), bf16, Dirichlet(%g) group sizes, %s" % (
+      FLAGS.rounds, FLAGS.iters, FLAGS.alpha, jax.devices()[0].device_kind))
   head = f"{'G,M,K,N':<22}{'op':<8}" + "".join(f"{i:>8}" for i in FLAGS.impls)
   head += "".join(f"{'ours/' + i:>11}" for i in FLAGS.impls if i != "ours")
   print(head)
@@ -216,35 +235,29 @@ def sweep(shape, results):
   lists = (("fwd", SWEEP_GMM), ("dlhs", SWEEP_GMM[:5]), ("drhs", SWEEP_TGMM))
   if FLAGS.sweep_configs:
     lists = [(op, FLAGS.sweep_configs.split(";")) for op, _ in lists]
+  base = {"fwd": gpu.GMM_CONFIG, "dlhs": gpu.DLHS_CONFIG, "drhs": gpu.TGMM_CONFIG}
   for op, specs in lists:
     if op not in FLAGS.ops:
       continue
-    # Every config is timed in each of --sweep_rounds rounds and the last round is reported: with one round the
-    # first config timed ran on a cold GPU and always looked slowest (2026-11-28 H200 sweep).
-    for rnd, spec in [(r, sp) for r in range(FLAGS.sweep_rounds) for sp in specs]:
-      last = rnd == FLAGS.sweep_rounds - 1
-      try:
-        base = {"fwd": gpu.GMM_CONFIG, "dlhs": gpu.DLHS_CONFIG, "drhs": gpu.TGMM_CONFIG}[op]
-        opts = ops._Opts("gpu", False, None, _gpu_config(spec, base), _gpu_config(spec, base))
-        if op == "fwd":
-          f = jax.jit(lambda l, r: ops._gmm_impl(l, r, gs, opts))
-          t = time_fn(f, lhs, rhs)
-        elif op == "dlhs":
-          f = jax.jit(lambda dy, r: ops._gmm_impl(dy, r, gs, opts, transpose_rhs=True))
-          t = time_fn(f, dout, rhs)
-        else:
-          f = jax.jit(lambda l, dy: ops._tgmm_impl(l, dy, gs, opts))
-          t = time_fn(f, lhs, dout)
-        tf = flops / t / 1e12
-        if not last:
-          continue
-        print(f"sweep {shape} {op:<5} {tf:7.1f} TFLOP/s  {spec or 'default'}", flush=True)
-        results.append({"shape": list(shape), "op": op, "config": spec, "tflops": tf})
-      except Exception as e:  # noqa: BLE001
-        if not last:
-          continue
-        print(f"sweep {shape} {op:<5}  failed  {spec}: {type(e).__name__}: {str(e)[:300]}")
-        results.append({"shape": list(shape), "op": op, "config": spec, "error": str(e)[:500]})
+    fns = {}
+    for spec in specs:
+      opts = ops._Opts("gpu", False, None, _gpu_config(spec, base[op]), _gpu_config(spec, base[op]))
+      if op == "fwd":
+        fns[spec] = jax.jit(lambda l, r, dy, o=opts: ops._gmm_impl(l, r, gs, o))
+      elif op == "dlhs":
+        fns[spec] = jax.jit(lambda l, r, dy, o=opts: ops._gmm_impl(dy, r, gs, o, transpose_rhs=True))
+      else:
+        fns[spec] = jax.jit(lambda l, r, dy, o=opts: ops._tgmm_impl(l, dy, gs, o))
+    if FLAGS.sweep_mgpu and op in ("fwd", "dlhs"):
+      fns["mgpu"] = make_fns("mgpu", gs)[op]
+    for spec, t in time_interleaved(fns, lhs, rhs, dout).items():
+      if isinstance(t, Exception):
+        print(f"sweep {shape} {op:<5}  failed  {spec}: {type(t).__name__}: {str(t)[:300]}")
+        results.append({"shape": list(shape), "op": op, "config": spec, "error": str(t)[:500]})
+        continue
+      tf = flops / t / 1e12
+      print(f"sweep {shape} {op:<5} {tf:7.1f} TFLOP/s  {spec or 'default'}", flush=True)
+      results.append({"shape": list(shape), "op": op, "config": spec, "tflops": tf})
 
 
 def _write(results):

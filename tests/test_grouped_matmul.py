@@ -85,6 +85,8 @@ def test_gmm_tiles_cover_each_group_row_once(seed):
   expect = np.concatenate([np.repeat(np.arange(g), gs), np.full(m - gs.sum(), -1)])
   np.testing.assert_array_equal(owner, expect)
   assert count[0] <= group.shape[0]
+  # The kernel walks real tiles [0, count[1]) first and the zero tail after them.
+  assert np.all(group[:count[1]] >= 0) and np.all(group[count[1]:count[0]] == -1)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -185,6 +187,28 @@ def test_gmm_forward_one_group(name):
   lhs, rhs, _, gs = _inputs(2, m, k, n, sizes, jnp.bfloat16)
   out = gmm(lhs, rhs, gs, **_call_kwargs(name))
   assert _rel_err(out.astype(jnp.float32), reference.gmm_dense(lhs, rhs, gs)) <= 1e-2
+
+
+# K = 4 block_k steps over a 2-deep ring: consecutive tiles of an SM chain their pipelines (the
+# memory warpgroup streams the next tile's loads during the current epilogue). With 2 SMs the first
+# sizes give one SM a single tile (start, no stop) and the other two; the second gives each SM a
+# start, steady and stop tile, then zero-tail tiles.
+@pytest.mark.parametrize("sizes", [[40, 0, 70], [30, 0, 77, 50, 90, 1]])
+def test_gmm_warp_specialized_chained_tiles(sizes):
+  m, k, n = 8 * (sum(sizes) // 8 + 9), 128, 128
+  cfg = GpuConfig(block_m=64, block_n=64, block_k=32, max_concurrent_steps=2,
+                  num_sms=SMS)
+  lhs, rhs, dout, gs = _inputs(5, m, k, n, sizes, jnp.bfloat16)
+  out, vjp = jax.vjp(lambda a: gmm(a, rhs, gs, backend="gpu", interpret=INTERPRET,
+                                   gmm_config=cfg), lhs)
+  (dlhs,) = vjp(dout)
+  ref_out, ref_vjp = jax.vjp(lambda a: reference.gmm_dense(a, rhs, gs), lhs)
+  (ref_dlhs,) = ref_vjp(jnp.where(jnp.isnan(dout), 0, dout).astype(jnp.float32))
+  for got, want in ((out, ref_out), (dlhs, ref_dlhs)):
+    got = np.asarray(got.astype(jnp.float32))
+    assert not np.isnan(got).any(), "unwritten or NaN-polluted elements"
+    assert _rel_err(got, want) <= 1e-2
+    np.testing.assert_array_equal(got[sum(sizes):], 0.0)
 
 
 @pytest.mark.parametrize("name", ["tpu", "xla"])

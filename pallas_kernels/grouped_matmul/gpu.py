@@ -7,8 +7,8 @@ of the CTA's columns. `warp_specialized=False` falls back to one warpgroup and `
 
 gmm tiles follow the groups: tile j of group g starts at row floor8(start_g) + j*block_m, so only the
 first and last tile of a group are ragged. The tile list (group, first row, valid row range) is
-computed with jnp ops before the kernel (`gmm_tiles`); rows past sum(group_sizes) become zero tiles
-(no loads, zeros stored). A tile that would cross row M is slid back to end at M, so no load or store
+computed with jnp ops before the kernel (`gmm_tiles`); rows past sum(group_sizes) become zero tiles,
+walked after the real ones (no loads, zeros stored). A tile that would cross row M is slid back to end at M, so no load or store
 leaves the array. Valid rows are a range inside the tile, written with one TMA store when the tile is
 full and otherwise with a ladder of power-of-two TMA stores (TMA boxes are static).
 
@@ -40,6 +40,7 @@ class GpuConfig:
   epi_m: int = 64  # warp-specialized epilogue stages the tile through smem this many rows at a time
   grid_tile_n: int = 0  # tile order: strips this many N tiles wide, rows inside; 0 = row-major
   warp_specialized: bool = True
+  chain_tiles: bool = True  # warp-specialized gmm: stream the next tile's loads across tile edges
   num_sms: int | None = None  # None: the device's SM count (2 in interpret mode)
 
 
@@ -99,7 +100,8 @@ def gmm_tiles(group_sizes, m, block_m):
 
   Tile j of group g loads rows [floor8(start_g) + j*block_m, ...): Mosaic GPU only accepts a TMA
   load into a tiled smem buffer at a row offset it can prove is a multiple of 8. Tiles past `count`
-  are unused. Returns count [1], group (-1: zero tail), row0 (load row), lo, rows (valid range).
+  are unused; the zero-tail tiles come last. Returns count [2] (all tiles, tiles of real groups),
+  group (-1: zero tail), row0 (load row), lo, rows (valid range).
   """
   g = group_sizes.shape[0]
   gs = group_sizes.astype(jnp.int32)
@@ -117,7 +119,8 @@ def gmm_tiles(group_sizes, m, block_m):
   rows = jnp.clip(starts[owner] + sizes[owner] - row, 0, block_m) - lo
   row0 = jnp.clip(row, 0, m - block_m)  # slide the last tile back inside the array
   group = jnp.where(owner < g, owner, -1)
-  return cum[-1:].astype(jnp.int32), group, row0, lo + row - row0, jnp.maximum(rows, 0)
+  count = jnp.stack([cum[-1], cum[g - 1]]).astype(jnp.int32)
+  return count, group, row0, lo + row - row0, jnp.maximum(rows, 0)
 
 
 def _store_rows(out_smem, out_gmem, row0, lo, rows, col0, block_m, block_n):
@@ -153,11 +156,11 @@ def _epilogue(acc, out_smem, store_chunk):
 
 
 def _persistent_loop(num_tiles, body):
-  """Each SM takes tiles sm, sm + num_sms, ... < num_tiles."""
+  """Each SM takes tiles sm, sm + num_sms, ... < num_tiles: body(i, tile, n) for its i-th of n."""
   sm = lax.axis_index("sm")
   nsm = lax.axis_size("sm")
   steps = lax.div(jnp.maximum(num_tiles - sm + nsm - 1, 0), nsm)
-  lax.fori_loop(0, steps, lambda i, c: (body(i * nsm + sm), c)[1], None)
+  lax.fori_loop(0, steps, lambda i, c: (body(i, i * nsm + sm, steps), c)[1], None)
 
 
 def _run(body, out_type, cfg, interpret):
@@ -175,11 +178,27 @@ def _run(body, out_type, cfg, interpret):
   return plgpu.kernel(body, **kw)
 
 
-def _pipeline(cfg, mma, ctx, steps, in_specs, mcs):
-  """Warp-specialized pipeline over `steps` contraction steps (may be traced, may be 0)."""
+def _pipeline(cfg, mma, ctx, steps, in_specs, mcs, state=None):
+  """Warp-specialized pipeline over `steps` contraction steps (may be traced, may be 0).
+
+  `state` (static steps only) chains the pipelines of an SM's consecutive tiles: the memory
+  warpgroup streams the next tile's loads while the compute warpgroups finish the current tile."""
   return plgpu.emit_pipeline_warp_specialized(
       mma, grid=(steps,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
-      num_compute_wgs=2, max_concurrent_steps=mcs, compute_context=ctx)
+      num_compute_wgs=2, max_concurrent_steps=mcs, compute_context=ctx, pipeline_state=state)
+
+
+def _chained(run_tile, i, n, chain):
+  """Run tile i of n with the pipeline state that chains it to its neighbours. States are static,
+  so each branch gets its own unrolled prologue and drain; a lone tile fills and drains alone."""
+  if not chain:
+    run_tile(None)
+    return
+  pp = plgpu.PipelinePipeline
+  pl.when(n == 1)(lambda: run_tile(None))
+  pl.when((n > 1) & (i == 0))(lambda: run_tile(pp.START))
+  pl.when((i > 0) & (i < n - 1))(lambda: run_tile(pp.STEADY))
+  pl.when((n > 1) & (i == n - 1))(lambda: run_tile(pp.STOP))
 
 
 def _ignore(*_, **__):
@@ -245,16 +264,18 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, config=None, interpret=Fa
   t_shape = _scratch(interpret and transpose_rhs, (bk, bn), rhs.dtype)
   epi_m = min(cfg.epi_m, bm)
 
-  def tile_info(refs, lin):
-    count_ref, group_ref, row0_ref, lo_ref, rows_ref = refs
-    mt, nt = _tile_order(lin, count_ref[0], n_tiles, cfg.grid_tile_n)
-    g = group_ref[mt]
-    steps = jnp.where(g >= 0, k_steps, 0)
+  # Chaining needs every tile's ring to end on the same slot; other K fall back to one pipeline
+  # (with its fill and drain) per tile.
+  chain = cfg.chain_tiles and k_steps % mcs == 0
+
+  def tile_info(refs, mt, nt):
+    _, group_ref, row0_ref, lo_ref, rows_ref = refs
     row0 = pl.multiple_of(row0_ref[mt], 8)
-    return jnp.maximum(g, 0), steps, row0, lo_ref[mt], rows_ref[mt], nt * cta_n
+    return jnp.maximum(group_ref[mt], 0), row0, lo_ref[mt], rows_ref[mt], nt * cta_n
 
   def body_ws(*refs):
     meta, (lhs_gmem, rhs_gmem, out_gmem) = refs[:5], refs[5:]
+    n_all, n_real = meta[0][0], meta[0][1]
     allocs = _pipeline(cfg, _ignore, _ignore, k_steps, [lhs_spec, rhs_spec], mcs).get_allocations(
         *views(lhs_gmem, rhs_gmem, 0, 0, 0))
 
@@ -265,37 +286,61 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, config=None, interpret=Fa
       wg = lax.axis_index("wg")
       t_wg = None if t_smem is None else t_smem.at[wg]
 
-      def tile(lin):
-        gi, steps, row0, lo, rows, n0 = tile_info(meta, lin)
-
+      def store_chunk_fn(row0, lo, rows, n0):
         def store_chunk(r0):
           clo = jnp.clip(lo - r0, 0, epi_m)
           crows = jnp.clip(lo + rows - r0, 0, epi_m) - clo
           _store_rows(out_smem.at[wg], out_gmem, row0 + r0, clo, crows, n0 + wg * bn, epi_m, bn)
+        return store_chunk
+
+      def tile(i, lin, n):
+        mt, nt = _tile_order(lin, n_real, n_tiles, cfg.grid_tile_n)
+        gi, row0, lo, rows, n0 = tile_info(meta, mt, nt)
 
         def ctx(eval_pipeline):
           @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn), jnp.float32))
           def _(acc_ref):
             eval_pipeline(acc_ref)
-            _epilogue(acc_ref[...], out_smem.at[wg], store_chunk)
+            _epilogue(acc_ref[...], out_smem.at[wg], store_chunk_fn(row0, lo, rows, n0))
 
         def mma(_, a_smem, b_smem, acc_ref):
           plgpu.wgmma(acc_ref, a_smem, b_operand(b_smem, wg, t_wg))
           plgpu.wgmma_wait(0)
           return acc_ref
 
-        _pipeline(cfg, mma, ctx, steps, [lhs_spec, rhs_spec], mcs)(
-            *views(lhs_gmem, rhs_gmem, gi, row0, n0), allocations=allocs)
+        def run(state):
+          _pipeline(cfg, mma, ctx, k_steps, [lhs_spec, rhs_spec], mcs, state)(
+              *views(lhs_gmem, rhs_gmem, gi, row0, n0), allocations=allocs)
 
-      _persistent_loop(meta[0][0] * n_tiles, tile)
+        _chained(run, i, n, chain)
+
+      _persistent_loop(n_real * n_tiles, tile)
+
+      # Rows past sum(group_sizes): the compute warpgroups store zeros, the memory one has no work.
+      @pl.when(wg < 2)
+      def _():
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        out_smem.at[wg][...] = jnp.zeros((epi_m, bn), out_dtype)
+        plgpu.commit_smem()
+
+        def zero_tile(i, lin, n):
+          _, row0, lo, rows, n0 = tile_info(meta, n_real + lax.div(lin, n_tiles),
+                                            lax.rem(lin, n_tiles))
+          store = store_chunk_fn(row0, lo, rows, n0)
+          for c in range(bm // epi_m):
+            store(c * epi_m)
+
+        _persistent_loop((n_all - n_real) * n_tiles, zero_tile)
     plgpu.wait_smem_to_gmem(0)
 
   def body_simple(*refs):
     meta, (lhs_gmem, rhs_gmem, out_gmem) = refs[:5], refs[5:]
     specs = [dataclasses.replace(s, delay_release=1) for s in (lhs_spec, rhs_spec)]
 
-    def tile(lin):
-      gi, steps, row0, lo, rows, n0 = tile_info(meta, lin)
+    def tile(_, lin, __):
+      mt, nt = _tile_order(lin, meta[0][0], n_tiles, cfg.grid_tile_n)
+      gi, row0, lo, rows, n0 = tile_info(meta, mt, nt)
+      steps = jnp.where(meta[1][mt] >= 0, k_steps, 0)  # zero-tail tiles load nothing
 
       def acc_scope(acc_ref, t_smem):
         plgpu.emit_pipeline(

@@ -93,7 +93,7 @@ def tgmm(lhs, dout, group_sizes, *, config=None, interpret=False, out_dtype=None
       wg = lax.axis_index("wg")
       t_wg = None if t_smem is None else t_smem.at[wg]
 
-      def tile(lin):
+      def tile(_, lin, __):
         gi, k0, n0, start, end, c0, steps = tile_info(start_ref, end_ref, lin)
 
         def store_chunk(r0):
@@ -121,7 +121,7 @@ def tgmm(lhs, dout, group_sizes, *, config=None, interpret=False, out_dtype=None
     plgpu.wait_smem_to_gmem(0)
 
   def body_simple(start_ref, end_ref, lhs_gmem, dout_gmem, out_gmem):
-    def tile(lin):
+    def tile(_, lin, __):
       gi, k0, n0, start, end, c0, steps = tile_info(start_ref, end_ref, lin)
 
       def acc_scope(acc_ref, t_smem):
