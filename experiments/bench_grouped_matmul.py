@@ -194,7 +194,8 @@ def print_table(rows):
   print("\nTFLOP/s (median of %d interleaved rounds of %d calls), bf16, Dirichlet(%g) group sizes, %s" % (
       FLAGS.rounds, FLAGS.iters, FLAGS.alpha, jax.devices()[0].device_kind))
   head = f"{'G,M,K,N':<22}{'op':<8}" + "".join(f"{i:>8}" for i in FLAGS.impls)
-  head += "".join(f"{'ours/' + i:>11}" for i in FLAGS.impls if i != "ours")
+  others = [i for i in FLAGS.impls if i != "ours"] if "ours" in FLAGS.impls else []
+  head += "".join(f"{'ours/' + i:>11}" for i in others)
   print(head)
   for row in rows:
     for op in ops:
@@ -203,7 +204,7 @@ def print_table(rows):
       line += "".join(f"{v:8.1f}" if v else f"{'-':>8}" for v in vals)
       ours = row["tflops"].get(f"ours/{op}")
       for i, v in zip(FLAGS.impls, vals):
-        if i != "ours":
+        if i in others:
           line += f"{ours / v:11.2f}" if ours and v else f"{'-':>11}"
       print(line)
     if row.get("rel_err_vs_f32"):
@@ -266,6 +267,11 @@ def _write(results):
 
 def main(_):
   shapes = [tuple(int(x) for x in s.split(",")) for s in FLAGS.shapes.split(";") if s]
+  gpu_impls = sorted({"ours", "mgpu"} & set(FLAGS.impls)) or FLAGS.sweep
+  if gpu_impls and not ops._is_hopper():
+    raise app.UsageError(f"--impls={','.join(FLAGS.impls)}{' --sweep' if FLAGS.sweep else ''}: the Mosaic GPU "
+                         f"kernels need a Hopper GPU, this is {jax.devices()[0].device_kind}; on CPU only "
+                         "--impls=xla runs (the kernels' CPU check is tests/test_grouped_matmul.py, interpret mode)")
   print(f"{datetime.datetime.now().isoformat()} jax {jax.__version__} {jax.devices()[0]}")
   results = []
   for shape in shapes:
