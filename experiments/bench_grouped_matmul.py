@@ -267,8 +267,7 @@ def _write(results):
 
 def main(_):
   shapes = [tuple(int(x) for x in s.split(",")) for s in FLAGS.shapes.split(";") if s]
-  gpu_impls = sorted({"ours", "mgpu"} & set(FLAGS.impls)) or FLAGS.sweep
-  if gpu_impls and not ops._is_hopper():
+  if (FLAGS.sweep or {"ours", "mgpu"} & set(FLAGS.impls)) and not ops._is_hopper():
     raise app.UsageError(f"--impls={','.join(FLAGS.impls)}{' --sweep' if FLAGS.sweep else ''}: the Mosaic GPU "
                          f"kernels need a Hopper GPU, this is {jax.devices()[0].device_kind}; on CPU only "
                          "--impls=xla runs (the kernels' CPU check is tests/test_grouped_matmul.py, interpret mode)")

@@ -5,7 +5,8 @@ warp-specialized: one memory warpgroup issues TMA loads into a `max_concurrent_s
 shared-memory stages, two compute warpgroups each run wgmma (bf16/f16 in, f32 accumulator) on one half
 of the CTA's columns. In gmm the pipelines of an SM's consecutive tiles are chained, so the ring is
 filled once per SM, not once per tile: the memory warpgroup loads tile i+1 while the compute
-warpgroups store tile i (worth 1.4x at K=2048, where a tile is only 32 steps; H200, 2026-11-29).
+warpgroups store tile i (about 1.4x at K=2048, where a tile is only 32 steps: H200 sweep,
+2026-11-29, experiments/BENCHMARKS.md).
 `warp_specialized=False` falls back to one warpgroup and `plgpu.emit_pipeline`.
 
 gmm tiles follow the groups: tile j of group g starts at row floor8(start_g) + j*block_m, so only the
@@ -103,8 +104,8 @@ def gmm_tiles(group_sizes, m, block_m):
   """Per-row-tile metadata, host side of the kernel (m % 8 == 0, m >= block_m).
 
   Tile j of group g loads rows [floor8(start_g) + j*block_m, ...): Mosaic GPU only accepts a TMA
-  load into a tiled smem buffer at a row offset it can prove is a multiple of 8. Tiles past `count`
-  are unused; the zero-tail tiles come last. Returns count [2] (all tiles, tiles of real groups),
+  load into a tiled smem buffer at a row offset it can prove is a multiple of 8. Tiles past
+  count[0] are unused; the zero-tail tiles come last. Returns count [2] (all tiles, tiles of real groups),
   group (-1: zero tail), row0 (load row), lo, rows (valid range).
   """
   g = group_sizes.shape[0]
