@@ -17,6 +17,13 @@ _DTYPES = ("float32", "bfloat16", "float16")
 _MOE_BACKENDS = ("auto", "gmm", "ragged_dot", "dense")
 DECODE_ATTENTION_IMPLS = ("auto", "xla", "gpu", "tpu", "contiguous")  # all but "contiguous": mla_decode backends
 _REMAT = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+_PLATFORMS = ("auto", "cpu", "gpu", "tpu")
+
+
+def _runtime(default):
+    """A runtime knob: not an HF config.json field, and not part of the architecture (RUNTIME_FIELDS)."""
+    return dataclasses.field(default=default, metadata={"runtime": True})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,19 +71,24 @@ class ModelConfig:
     initializer_range: float = 0.02
     bos_token_id: int | None = 0
     eos_token_id: int | tuple[int, ...] | None = 1
-    # ---- runtime knobs (not HF fields) ----
-    dtype: str = "float32"          # compute dtype of activations and matmuls
-    param_dtype: str = "float32"    # storage dtype of parameters (master weights)
-    moe_backend: str = "auto"       # "auto" (gmm on GPU/TPU, ragged_dot on CPU), "gmm", "ragged_dot", "dense" (reference)
-    remat: str = "none"             # rematerialisation policy for each transformer block
-    attention_impl: str = "xla"     # "xla" (einsum) or "cudnn" (jax.nn.dot_product_attention on GPU) for full MLA
+    # ---- runtime knobs (not HF fields; declared with runtime(): never in to_hf(), free to change on resume) ----
+    dtype: str = _runtime("float32")          # compute dtype of activations and matmuls
+    param_dtype: str = _runtime("float32")    # storage dtype of parameters (master weights)
+    # The platform the run targets: "auto" is resolved with every other "auto" below from the run's devices
+    # (dsjax/runtime.py); the Pallas kernels are built for it.
+    platform: str = _runtime("auto")
+    moe_backend: str = _runtime("auto")       # "gmm" (Pallas), "ragged_dot", "dense" (reference); auto per platform
+    remat: str = _runtime("none")             # rematerialisation policy for each transformer block
+    # full (training / prefill) attention: "cudnn" (GPU), "splash" (TPU Pallas), "xla" (einsums; any platform)
+    attention_impl: str = _runtime("auto")
     # generation's decode attention: a paged latent cache read by the MLA decode kernel with this backend ("auto":
-    # Pallas on GPU/TPU, XLA reference on CPU), or "contiguous": the [L, B, S, W] cache and einsums (the old path)
-    decode_attention_impl: str = "auto"
+    # the platform's kernel where the shape allows, else the XLA reference), or "contiguous": the [L, B, S, W]
+    # cache and einsums (the old path)
+    decode_attention_impl: str = _runtime("auto")
     # expert parallelism (only under a mesh whose expert axis is > 1; see sharding/expert_parallel.py)
-    moe_capacity_factor: float = 0.0  # 0: dropless; c > 0: each device sends at most ceil(c*pairs/E) per expert
-    moe_device_limit: int = 0       # M > 0: a token's experts lie on at most M devices (node-limited routing)
-    moe_dispatch: str = "auto"      # all-to-all: "ragged" (ragged_all_to_all), "padded", "auto" (ragged off CPU)
+    moe_capacity_factor: float = _runtime(0.0)  # 0: dropless; c > 0: each device sends at most ceil(c*pairs/E)
+    moe_device_limit: int = _runtime(0)       # M > 0: a token's experts lie on at most M devices (node-limited)
+    moe_dispatch: str = _runtime("auto")      # all-to-all: "ragged" (ragged_all_to_all), "padded"; auto per platform
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, list):
@@ -133,7 +145,7 @@ class ModelConfig:
             if rs.factor <= 0 or rs.original_max_position_embeddings <= 0:
                 bad("rope_scaling", f"factor and original_max_position_embeddings must be positive: {rs}")
         for f, allowed in (("dtype", _DTYPES), ("param_dtype", _DTYPES), ("moe_backend", _MOE_BACKENDS),
-                           ("remat", _REMAT), ("attention_impl", ("xla", "cudnn")),
+                           ("remat", _REMAT), ("attention_impl", ATTENTION_IMPLS), ("platform", _PLATFORMS),
                            ("decode_attention_impl", DECODE_ATTENTION_IMPLS),
                            ("moe_dispatch", ("auto", "ragged", "padded"))):
             if getattr(self, f) not in allowed:
@@ -219,7 +231,7 @@ class ModelConfig:
         model_type = d.get("model_type", "deepseek_v3")
         is_v3 = model_type == "deepseek_v3"
         kw: dict[str, Any] = {}
-        names = [f.name for f in dataclasses.fields(cls) if f.name not in _RUNTIME_FIELDS]
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in RUNTIME_FIELDS]
         for name in names:
             if name in ("rope_scaling", "rope_theta"):
                 continue
@@ -265,7 +277,7 @@ class ModelConfig:
             "model_type": "deepseek_v3" if is_v3 else "deepseek_v2",
         }
         for f in dataclasses.fields(self):
-            if f.name in _RUNTIME_FIELDS or f.name == "rope_scaling":
+            if f.name in RUNTIME_FIELDS or f.name == "rope_scaling":
                 continue
             v = getattr(self, f.name)
             d[f.name] = list(v) if isinstance(v, tuple) else v
@@ -284,8 +296,7 @@ class ModelConfig:
         return d
 
 
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "moe_backend", "remat", "attention_impl", "decode_attention_impl",
-                   "moe_capacity_factor", "moe_device_limit", "moe_dispatch")
+RUNTIME_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.metadata.get("runtime"))
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -317,6 +328,13 @@ PRESETS: dict[str, ModelConfig] = {
         first_k_dense_replace=1, num_attention_heads=16, q_lora_rank=384, n_routed_experts=64,
         num_experts_per_tok=6, n_group=8, topk_group=4, max_position_embeddings=4096,
         rope_scaling=None),
+    # About 4B parameters (3.94B with MTP, ~0.6B active per token) with DeepSeek-V3's ratios at 2/7 of its width:
+    # head dims 128/64/128, kv_lora 512, q_lora 3/14 of hidden, routed-expert width 2/7 and dense width 18/7 of
+    # hidden, top-6 of 64 experts in 8 groups keeping 4, one shared expert, MTP depth 1. Trains on one H200.
+    "medium": ModelConfig(
+        hidden_size=2048, intermediate_size=5376, moe_intermediate_size=576, num_hidden_layers=14,
+        first_k_dense_replace=1, num_attention_heads=16, q_lora_rank=448, n_routed_experts=64,
+        num_experts_per_tok=6, n_group=8, topk_group=4, max_position_embeddings=4096, rope_scaling=None),
     # Compiles in seconds on a laptop CPU; exercises every code path (q_lora, YaRN, groups, dense + MoE, MTP).
     "tiny": ModelConfig(
         vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,

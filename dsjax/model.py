@@ -13,6 +13,12 @@ from dsjax.layers.block import scanned_blocks
 from dsjax.layers.mtp import MTPModule, shift_tokens
 from dsjax.layers.norms import RMSNorm
 from dsjax.layers.rope import rope_cos_sin
+from dsjax.runtime import resolved
+
+
+def head_weight(params, cfg: ModelConfig) -> jax.Array:
+    """The output head [D, V] from a params tree (the transposed embedding when the embeddings are tied)."""
+    return params["embed_tokens"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]
 
 
 class DeepSeekV3(nn.Module):
@@ -30,8 +36,15 @@ class DeepSeekV3(nn.Module):
       return_aux=True    append a dict: hidden [B,T,D] (final normed), expert_counts [L_moe, E] int32,
                          balance_loss [L_moe], and with mtp: mtp_logits [D,B,T,V], mtp_hidden, mtp_expert_counts.
     `mtp_step` runs one MTP depth on given hidden states and next tokens (speculative drafting).
+
+    A config whose runtime knobs still say "auto" is resolved against this process's devices on construction
+    (dsjax/runtime.py); trainers and engines pass one resolved for the devices they target.
     """
     cfg: ModelConfig
+
+    def __post_init__(self):
+        object.__setattr__(self, "cfg", resolved(self.cfg))  # before Flax freezes the fields
+        super().__post_init__()
 
     def setup(self):
         cfg = self.cfg

@@ -45,8 +45,8 @@ flags.DEFINE_integer("max_new_tokens", 512, "Default new tokens per sequence.")
 flags.DEFINE_bool("transformers", True, "Also time transformers' generate on the same weights.")
 flags.DEFINE_string("experts_implementation", "grouped_mm", "transformers experts implementation, if the "
                     "installed version accepts the kwarg (falls back to its default otherwise).")
-flags.DEFINE_enum("attention_impl", "cudnn", ["xla", "cudnn"], "dsjax prefill attention (cudnn falls back to xla "
-                  "if it fails to compile).")
+flags.DEFINE_enum("attention_impl", "auto", ["auto", "xla", "cudnn", "splash"], "dsjax prefill attention (auto: "
+                  "cuDNN on GPU; cudnn falls back to xla if it fails to compile).")
 flags.DEFINE_list("decode_attention", ["auto"], "dsjax decode attention(s) to time, each a "
                   "ModelConfig.decode_attention_impl: contiguous (the [L, B, S, W] cache and einsums, the old path), "
                   "auto (paged cache + MLA decode kernel on GPU/TPU, its XLA reference on CPU), xla (paged cache + "
@@ -230,6 +230,7 @@ def main(argv):
     import dsjax
     from dsjax.cache import bytes_per_token
     from dsjax.generate import _engine
+    from dsjax.runtime import resolved
     from experiments.generate import resolve_dtype, random_params
 
     start = time.perf_counter()
@@ -264,12 +265,12 @@ def main(argv):
             try:
                 stats, first = time_ours(cfg, params, prompts, new_tokens)
             except Exception as e:  # noqa: BLE001 - a cuDNN prefill that fails to compile: retry on XLA
-                if cfg.attention_impl != "cudnn":
+                if resolved(cfg).attention_impl != "cudnn":
                     raise
                 print(f"cudnn prefill failed ({str(e)[:300]}); falling back to attention_impl=xla", flush=True)
                 cfg = cfg.replace(attention_impl="xla")
                 stats, first = time_ours(cfg, params, prompts, new_tokens)
-            prefill_attn = cfg.attention_impl if jax.default_backend() == "gpu" else "xla"
+            prefill_attn = resolved(cfg).attention_impl
             row = {"model": name, "batch": b, "new_tokens": new_tokens, "prefill_attention": prefill_attn,
                    "decode_attention": impl, "decode_backend": decode_backend(cfg),
                    "ours_e2e_tok_s": stats["tokens_per_s"], "ours_decode_tok_s": stats["decode_tokens_per_s"],

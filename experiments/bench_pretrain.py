@@ -1,13 +1,17 @@
-"""Pretraining throughput on one accelerator: tokens/s and MFU of the real train step, plus where step time goes.
+"""Pretraining throughput on one accelerator: tokens/s and MFU of the real train step against transformers.
 
-  python experiments/bench_pretrain.py                       # `small` preset, bf16, batch 8 x 2048
-  python experiments/bench_pretrain.py --moe_backends=ragged_dot,dense --steps=20 --out=/tmp/bench.json
+  python experiments/bench_pretrain.py                       # `small` preset, bf16, batch 8 x 2048, MTP off and on
+  python experiments/bench_pretrain.py --preset=medium --transformers=false --mtp_lambda=0.3
+  XLA_FLAGS=--xla_gpu_enable_command_buffer= python experiments/bench_pretrain.py --profile --mtp_lambda=0
 
-For each MoE backend: the full jitted train step (forward, backward, AdamW, router-bias update, MTP) timed over
---steps steps after warm-up, then a component breakdown timed in isolation with the same shapes: one dense block,
-one MoE block (router + experts + shared expert + attention), attention alone, the routed experts alone, and the
-output head + cross-entropy, each forward+backward. MFU counts 6 x active params + causal attention FLOPs
-(dsjax.train.metrics.train_flops_per_token) against the device's dense bf16 peak.
+First transformers' DeepseekV3ForCausalLM on the same shape and batch (experiments/torch_baseline.py: bf16 weights,
+its fastest experts implementation, AdamW; no MTP), in this process before JAX takes the GPU; then for each MoE
+backend x attention implementation ("auto": resolved for this device) x MTP weight, the full jitted train step
+(forward, backward, AdamW, router-bias update, MTP) timed over --steps steps after warm-up. Prints a table of
+tokens/s, MFU, the step's device memory and the ratio to transformers. --profile attributes the step's device time
+to components (experiments/step_profile.py; with command buffers off every kernel names its HLO op);
+--components times blocks, attention, experts and head + CE in isolation. MFU counts 6 x active params + causal
+attention FLOPs (dsjax.train.metrics.train_flops_per_token) against the device's dense bf16 peak.
 """
 import json
 import os
@@ -19,16 +23,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 flags.DEFINE_string("preset", "small", "ModelConfig preset to train.")
-flags.DEFINE_string("moe_backends", "gmm", "Comma-separated MoE expert backends to compare (gmm, ragged_dot, "
+flags.DEFINE_list("moe_backends", ["auto"], "Comma-separated MoE expert backends to compare (auto, gmm, ragged_dot, "
                     "dense).")
-flags.DEFINE_string("attention_impls", "xla", "Comma-separated full-attention implementations (xla, cudnn).")
+flags.DEFINE_list("attention_impls", ["auto"], "Comma-separated full-attention implementations (auto, xla, cudnn, "
+                    "splash).")
+flags.DEFINE_string("hlo_out", "", "Write each compiled step's optimized HLO text into this directory.")
 flags.DEFINE_integer("batch", 8, "Sequences per step.")
 flags.DEFINE_integer("seq_len", 2048, "Tokens per sequence.")
 flags.DEFINE_integer("steps", 20, "Timed train steps per backend (after 2 warm-up steps).")
 flags.DEFINE_string("remat", "none", "Rematerialisation policy (none, full, dots, dots_no_batch).")
-flags.DEFINE_float("mtp_lambda", 0.3, "MTP loss weight (0 disables the MTP module in the step).")
+flags.DEFINE_list("mtp_lambda", ["0", "0.3"], "MTP loss weights to time (0: the MTP module is off).")
+flags.DEFINE_bool("transformers", True, "First time transformers' DeepseekV3ForCausalLM on the same shape and batch "
+                  "(bf16 weights, its fastest experts implementation, AdamW; no MTP) in this process.")
 flags.DEFINE_string("out", "", "Optional JSON output path.")
-flags.DEFINE_bool("components", True, "Also time the component breakdown.")
+flags.DEFINE_bool("components", False, "Also time blocks, attention, experts and head+CE in isolation.")
+flags.DEFINE_list("ce_chunks", ["2048", "4096", "8192"], "Chunk sizes of the fused head + CE timed by --components.")
+flags.DEFINE_bool("profile", False, "Profile the step and attribute its device time to model components "
+                  "(experiments/step_profile.py).")
 FLAGS = flags.FLAGS
 
 
@@ -45,19 +56,41 @@ def timeit(fn, *args, reps=10):
     return times[len(times) // 2]
 
 
-def bench_step(cfg, batch_size, seq_len, steps, mtp_lambda):
+def bench_step(cfg, batch_size, seq_len, steps, mtp_lambda, profile):
     import jax
     import jax.numpy as jnp
+    import numpy as np
     from dsjax.train.optim import OptimConfig
     from dsjax.train.trainer import _step_fns, init_params
     from experiments.bench_util import synthetic_batch, time_steps
+    from experiments.step_profile import profile_components
     step_fn, _, use_mtp, tx = _step_fns(cfg, OptimConfig(lr=1e-4, warmup_steps=10, total_steps=1000), mtp_lambda,
                                         1e-4, 1e-3)
     params = init_params(cfg, 0)
     opt = jax.jit(tx.init)(params)
     batch = jax.tree.map(jnp.asarray, synthetic_batch(cfg.vocab_size, batch_size, seq_len))
-    dt, compile_s, m, params = time_steps(step_fn, params, opt, batch, steps)
-    return dt, compile_s, float(m["loss"]), use_mtp, params
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(params, opt, np.int32(0), batch).compile()
+    compile_s = time.perf_counter() - t0
+    ma = compiled.memory_analysis()
+    mem_gib = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes -
+               ma.alias_size_in_bytes) / 2**30
+    if FLAGS.hlo_out:
+        os.makedirs(FLAGS.hlo_out, exist_ok=True)
+        name = f"{cfg.moe_backend}_{cfg.attention_impl}_mtp{mtp_lambda}.hlo.txt"
+        with open(os.path.join(FLAGS.hlo_out, name), "w") as f:
+            f.write(compiled.as_text())
+    dt, _, m, (params, opt) = time_steps(compiled, params, opt, batch, steps)
+    prof = None
+    if profile:
+        state = {"p": params, "o": opt}
+
+        def call():
+            state["p"], state["o"], out = compiled(state["p"], state["o"], np.int32(5), batch)
+            return out
+        prof = profile_components(compiled, call)
+        params = state["p"]
+    return dt, compile_s, float(m["loss"]), use_mtp, params, prof, mem_gib
 
 
 def components(cfg, params, batch_size, seq_len):
@@ -68,7 +101,7 @@ def components(cfg, params, batch_size, seq_len):
     from dsjax.layers.moe import MoE
     from dsjax.layers.mla import MLA
     from dsjax.layers.rope import rope_cos_sin
-    from dsjax.train.losses import cross_entropy
+    from dsjax.train.losses import cross_entropy, fused_cross_entropy
     dt = jnp.dtype(cfg.dtype)
     b, t, d = batch_size, seq_len, cfg.hidden_size
     x = jax.random.normal(jax.random.key(1), (b, t, d), dt)
@@ -94,49 +127,98 @@ def components(cfg, params, batch_size, seq_len):
     def head_ce(p, x):
         logits = jnp.dot(x, p["w"].astype(dt), preferred_element_type=jnp.float32)
         return cross_entropy(logits, tgt)[0]
-    out["head_ce"] = fb(head_ce, head)
+    out["head_ce_logits"] = fb(head_ce, head)
+    for chunk in FLAGS.ce_chunks:
+        out[f"head_ce_fused_{chunk}"] = fb(
+            lambda p, x, c=int(chunk): fused_cross_entropy(x, p["w"], tgt, chunk_size=c)[0], head)
     return out
+
+
+def transformers_baseline():
+    """transformers' DeepseekV3ForCausalLM at the same shape and batch (no MTP), before JAX takes the GPU."""
+    from dsjax.config import ModelConfig
+    from experiments.torch_baseline import train_throughput
+    hf = ModelConfig.preset(FLAGS.preset).to_hf()
+    try:
+        r = train_throughput(hf, FLAGS.batch, FLAGS.seq_len, FLAGS.steps, warmup=3)
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory: report it, time ours anyway
+        print(f"transformers baseline FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return {"error": str(e)[:1000]}
+    print(f"transformers {r['transformers']} ({r['experts_implementation']} experts, {r['attn_implementation']}, "
+          f"{r['dtype']} weights): step {r['step_ms']:.1f} ms, {r['tokens_per_s'] / 1e3:.1f}k tok/s, peak "
+          f"{r['peak_mem_gib'] or '?'} GiB", flush=True)
+    return r
+
+
+def run_one(cfg, mtp_lambda, peak):
+    """Time (and optionally profile) one config's step; returns the result row."""
+    from dsjax.train.metrics import train_flops_per_token
+    step_s, compile_s, loss, use_mtp, params, prof, mem = bench_step(
+        cfg, FLAGS.batch, FLAGS.seq_len, FLAGS.steps, mtp_lambda, FLAGS.profile)
+    tok_s = FLAGS.batch * FLAGS.seq_len / step_s
+    flops = train_flops_per_token(cfg, FLAGS.seq_len, use_mtp)
+    run = {"impl": f"{cfg.moe_backend}+{cfg.attention_impl}", "mtp_lambda": mtp_lambda, "step_ms": 1e3 * step_s,
+           "tokens_per_s": tok_s, "compile_s": compile_s, "loss": loss, "model_tflops": tok_s * flops / 1e12,
+           "mfu": peak and tok_s * flops / peak, "flops_per_token": flops, "mtp": use_mtp, "step_mem_gib": mem}
+    print(f"{run['impl']} mtp {mtp_lambda}: step {1e3 * step_s:.1f} ms, {tok_s / 1e3:.1f}k tok/s, "
+          f"{run['model_tflops']:.1f} TFLOP/s model, MFU {100 * (run['mfu'] or 0):.1f}%, step memory {mem:.1f} GiB, "
+          f"compile {compile_s:.0f}s", flush=True)
+    if prof is not None:
+        from experiments.step_profile import format_table
+        per, top, total = prof
+        run["profile_ms"], run["profile_top"] = per, top
+        print(format_table(per, total, 1e3 * step_s), flush=True)
+    if FLAGS.components:
+        comp = components(cfg, params, FLAGS.batch, FLAGS.seq_len)
+        run["components_ms"] = {k: 1e3 * v for k, v in comp.items()}
+        print("  fwd+bwd ms: " + ", ".join(f"{k} {1e3 * v:.2f}" for k, v in comp.items()), flush=True)
+    return run
 
 
 def main(argv):
     del argv
+    results = {"batch": FLAGS.batch, "seq_len": FLAGS.seq_len, "preset": FLAGS.preset, "runs": []}
+    base = transformers_baseline() if FLAGS.transformers else None
+    results["transformers"] = base
     import jax
     from dsjax.config import ModelConfig
-    from dsjax.train.metrics import peak_flops, train_flops_per_token
+    from dsjax.runtime import resolve
+    from dsjax.train.metrics import peak_flops
     peak = peak_flops()
-    results = {"device": jax.devices()[0].device_kind, "batch": FLAGS.batch, "seq_len": FLAGS.seq_len, "runs": []}
+    results["device"] = jax.devices()[0].device_kind
     print(f"device: {jax.devices()[0].device_kind}, peak {peak and peak / 1e12} TFLOP/s", flush=True)
-    combos = [(b, a) for b in FLAGS.moe_backends.split(",") for a in FLAGS.attention_impls.split(",")]
-    for backend, attn in combos:
-        cfg = ModelConfig.preset(FLAGS.preset, dtype="bfloat16", moe_backend=backend, remat=FLAGS.remat,
-                                 attention_impl=attn)
-        backend = f"{backend}+{attn}"
-        try:
-            step_s, compile_s, loss, use_mtp, params = bench_step(cfg, FLAGS.batch, FLAGS.seq_len, FLAGS.steps,
-                                                                  FLAGS.mtp_lambda)
-        except Exception as e:  # e.g. out of memory for one backend: report and go on
-            print(f"{backend}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-            results["runs"].append({"moe_backend": backend, "error": str(e)[:1000]})
-            continue
-        tok_s = FLAGS.batch * FLAGS.seq_len / step_s
-        flops = train_flops_per_token(cfg, FLAGS.seq_len, use_mtp)
-        run = {"moe_backend": backend, "step_ms": 1e3 * step_s, "tokens_per_s": tok_s, "compile_s": compile_s,
-               "loss": loss, "model_tflops": tok_s * flops / 1e12, "mfu": peak and tok_s * flops / peak,
-               "flops_per_token": flops, "mtp": use_mtp}
-        print(f"{backend}: step {1e3 * step_s:.1f} ms, {tok_s / 1e3:.1f}k tok/s, {run['model_tflops']:.1f} TFLOP/s "
-              f"model, MFU {100 * (run['mfu'] or 0):.1f}%, compile {compile_s:.0f}s", flush=True)
-        if FLAGS.components:
-            comp = components(cfg, params, FLAGS.batch, FLAGS.seq_len)
-            run["components_ms"] = {k: 1e3 * v for k, v in comp.items()}
-            est = (cfg.num_dense_layers * comp["dense_block"] + cfg.num_moe_layers * comp["moe_block"] +
-                   comp["head_ce"] + (comp["moe_block"] + comp["head_ce"] if use_mtp else 0))
-            print("  fwd+bwd ms: " + ", ".join(f"{k} {1e3 * v:.2f}" for k, v in comp.items()) +
-                  f"; layers x blocks + head(s) = {1e3 * est:.1f} ms of the {1e3 * step_s:.1f} ms step", flush=True)
-        results["runs"].append(run)
-        del params
+    for backend in FLAGS.moe_backends:
+        for attn in FLAGS.attention_impls:
+            cfg = resolve(ModelConfig.preset(FLAGS.preset, dtype="bfloat16", moe_backend=backend, remat=FLAGS.remat,
+                                             attention_impl=attn))
+            for mtp_lambda in map(float, FLAGS.mtp_lambda):
+                try:
+                    results["runs"].append(run_one(cfg, mtp_lambda, peak))
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory for one variant: report and go on
+                    print(f"{backend}+{attn} mtp {mtp_lambda}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    results["runs"].append({"impl": f"{backend}+{attn}", "mtp_lambda": mtp_lambda, "error": str(e)})
+    print(summary_table(results), flush=True)
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
             json.dump(results, f, indent=2)
+
+
+def summary_table(results) -> str:
+    base = results.get("transformers") or {}
+    ref = base.get("tokens_per_s")
+    rows = ["| run | MTP | tokens/s | MFU | step memory | vs transformers |", "|---|---|---|---|---|---|"]
+    if ref:
+        mem = f"{base['peak_mem_gib']:.1f} GiB peak" if base.get("peak_mem_gib") else ""
+        rows.append(f"| transformers {base['transformers']} ({base['experts_implementation']}) | no | {ref / 1e3:.1f}k "
+                    f"| | {mem} | 1.00x |")
+    for r in results["runs"]:
+        if "error" in r:
+            rows.append(f"| {r['impl']} | {r['mtp_lambda']} | failed | | | |")
+            continue
+        ratio = f"{r['tokens_per_s'] / ref:.2f}x" if ref else ""
+        rows.append(f"| dsjax {r['impl']} | {r['mtp_lambda'] or 'no'} | {r['tokens_per_s'] / 1e3:.1f}k | "
+                    f"{100 * (r['mfu'] or 0):.1f}% | {r['step_mem_gib']:.1f} GiB | {ratio} |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ def synthetic_batch(vocab: int, batch: int, seq_len: int):
 
 
 def time_steps(step_fn, params, opt, batch, steps):
-    """(seconds per step, compile seconds, last metrics, params): one compiling step, one warm-up, `steps` timed."""
+    """(seconds per step, compile seconds, last metrics, (params, opt)): one compiling step, one warm-up, `steps`
+    timed."""
     import jax
     import numpy as np
     t0 = time.perf_counter()
@@ -31,7 +32,7 @@ def time_steps(step_fn, params, opt, batch, steps):
     for i in range(steps):
         params, opt, m = step_fn(params, opt, np.int32(2 + i), batch)
     jax.block_until_ready(m)
-    return (time.perf_counter() - t0) / steps, compile_s, m, params
+    return (time.perf_counter() - t0) / steps, compile_s, m, (params, opt)
 
 
 def parse_overrides(spec: str) -> dict:

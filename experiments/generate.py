@@ -48,8 +48,8 @@ def define_flags():
                       "bf16 x bf16 -> f32 batched dot the absorbed decode uses).")
     flags.DEFINE_enum("cache_dtype", "auto", ["auto", "bfloat16", "float32"], "Latent KV cache dtype; auto = --dtype.")
     flags.DEFINE_integer("max_len", 0, "Cache slots per sequence; 0 = padded prompt length + max_new_tokens.")
-    flags.DEFINE_enum("attention_impl", "xla", ["xla", "cudnn"], "Prefill attention: XLA einsums or cuDNN flash "
-                      "attention (GPU only; ignored elsewhere).")
+    flags.DEFINE_enum("attention_impl", "auto", ["auto", "xla", "cudnn", "splash"], "Prefill attention: auto "
+                      "(cuDNN on GPU, splash on TPU, XLA on CPU), XLA einsums, cuDNN or splash flash attention.")
     flags.DEFINE_enum("decode_attention_impl", "auto", ["auto", "xla", "gpu", "tpu", "contiguous"], "Decode "
                       "attention: a paged latent cache read by the MLA decode kernel (auto: Pallas on GPU/TPU, XLA "
                       "reference on CPU; xla/gpu/tpu: that backend) or contiguous (the unpaged cache and einsums).")

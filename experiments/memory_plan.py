@@ -50,7 +50,7 @@ def plan(cfg, mesh_sizes: dict, batch_size: int, seq_len: int, use_mtp: bool = T
     import jax.numpy as jnp
     from jax.sharding import AbstractMesh, AxisType
 
-    from dsjax.model import DeepSeekV3
+    from dsjax.model import DeepSeekV3, head_weight
     from dsjax.train.losses import lm_loss
     from dsjax.train.optim import OptimConfig, make_optimizer
     from sharding.mesh import AXES
@@ -83,8 +83,9 @@ def plan(cfg, mesh_sizes: dict, batch_size: int, seq_len: int, use_mtp: bool = T
 
     def residuals(p, tok):
         def loss(p):
-            logits, aux = model.apply({"params": p}, tok, mtp=use_mtp, return_aux=True)
-            return lm_loss(logits, tok, jnp.ones(tok.shape), aux, mtp_lambda=0.3 if use_mtp else 0.0)[0]
+            _, aux = model.apply({"params": p}, tok, mtp=use_mtp, return_aux=True)
+            return lm_loss(aux["hidden"], head_weight(p, cfg), tok, jnp.ones(tok.shape), aux,
+                           mtp_lambda=0.3 if use_mtp else 0.0)[0]
         ids = {id(x) for x in jax.tree.leaves(p)}
         return [r for r in jax.tree.leaves(jax.vjp(loss, p)[1]) if id(r) not in ids]  # params are counted above
     by_shape = {x.shape: s for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(pspecs, is_leaf=_is_spec))}

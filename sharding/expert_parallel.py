@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from dsjax.config import ModelConfig
-from dsjax.layers.moe import (EXPERT_BACKENDS, _pallas_gmm, _ragged_dot, expert_backend, expert_counts, grouped_ffn,
-                              route, sequence_balance_loss)
+from dsjax.layers.moe import (combine_pairs, expert_counts, expert_matmul, gather_pairs, grouped_ffn, pair_order,
+                              route, routed_experts_local, sequence_balance_loss)
 from sharding.rules import logical_spec
 
 
@@ -59,7 +59,7 @@ def routed_experts(x, kernel, bias, gate_up, down, cfg: ModelConfig):
         routing = route(jnp.dot(flat.astype(jnp.float32), kernel.astype(jnp.float32)), bias, cfg, ep)
         gate_up = gate_up.reshape(gate_up.shape[0], d, -1)
         if ep == 1:
-            y = EXPERT_BACKENDS[expert_backend(cfg.moe_backend)](flat, routing, gate_up, down, jnp.dtype(cfg.dtype))
+            y = routed_experts_local(flat, routing, gate_up, down, cfg)
         else:
             y = dispatch_and_combine(flat, routing, gate_up, down, cfg, ep_axes, ep)
         if tp_axes:
@@ -127,12 +127,6 @@ def padded_all_to_all(operand, output, input_offsets, send_sizes, output_offsets
     return output.at[dst].set(rows.astype(output.dtype), mode="drop")
 
 
-def dispatch_kind(cfg: ModelConfig) -> str:
-    if cfg.moe_dispatch != "auto":
-        return cfg.moe_dispatch
-    return "ragged" if jax.default_backend() in ("gpu", "tpu") else "padded"
-
-
 def capacity(cfg: ModelConfig, pairs: int) -> int | None:
     """Rows per (source device, expert) under `moe_capacity_factor`, None when dropless."""
     if not cfg.moe_capacity_factor:
@@ -141,29 +135,26 @@ def capacity(cfg: ModelConfig, pairs: int) -> int | None:
 
 
 def dispatch_and_combine(flat, routing, gate_up, down, cfg: ModelConfig, axes, ep: int):
-    """Inside shard_map. flat [n, D] local tokens; gate_up/down hold this device's E/ep experts. Returns the
-    combined routed output [n, D]."""
+    """Inside shard_map. flat [n, D] local tokens; gate_up/down hold this device's E/ep experts; cfg is resolved
+    (dsjax.runtime). Returns the combined routed output [n, D]."""
     n, k = routing.indices.shape
     e, d = cfg.n_routed_experts, flat.shape[-1]
     dt = jnp.dtype(cfg.dtype)
     pairs = n * k
-    experts = routing.indices.reshape(-1)
-    order = jnp.argsort(experts, stable=True)
-    held = jnp.bincount(experts, length=e).astype(jnp.int32)
+    po = pair_order(routing.indices, e)
+    held = po.sizes
     cap = capacity(cfg, pairs)
     sent = held if cap is None else jnp.minimum(held, cap)
     both = jax.lax.all_gather(jnp.stack([held, sent]), axes)    # [ep, 2, E]: every source's loads
     p = plan(both[:, 0], both[:, 1], jax.lax.axis_index(axes))
     peer_rows = pairs if cap is None else min(pairs, (e // ep) * cap)
-    if dispatch_kind(cfg) == "ragged":
+    if cfg.moe_dispatch == "ragged":
         a2a = jax.lax.ragged_all_to_all
     else:
         def a2a(*args, axis_name):
             return padded_all_to_all(*args, axis_name=axis_name, peer_rows=peer_rows)
-    rows = flat[order // k].astype(dt)
+    rows = gather_pairs(flat.astype(dt), po.order, po.inverse, k)
     recv = a2a(rows, jnp.zeros((ep * peer_rows, d), dt), *p.there, axis_name=axes)
-    matmul = _pallas_gmm if expert_backend(cfg.moe_backend) == "gmm" else _ragged_dot
-    out = grouped_ffn(recv, p.local_sizes, gate_up, down, dt, matmul).astype(dt)
+    out = grouped_ffn(recv, p.local_sizes, gate_up, down, dt, expert_matmul(cfg)).astype(dt)
     back = a2a(out, jnp.zeros((pairs, d), dt), *p.back, axis_name=axes)
-    y = back[jnp.argsort(order)].reshape(n, k, d)
-    return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), routing.weights).astype(dt)
+    return combine_pairs(back, po.order, po.inverse, routing.weights)

@@ -18,6 +18,7 @@ import numpy as np
 import dsjax
 from dsjax.layers.mlp import MLP
 from dsjax.layers.moe import MoE, route, sorted_experts
+from dsjax.model import head_weight
 from dsjax.train.checkpoint import Checkpointer, model_config_dict
 from dsjax.train.losses import lm_loss
 from dsjax.train.optim import OptimConfig
@@ -63,7 +64,8 @@ def run_model(flags: list[str], ckpt: str | None) -> dict:
 
     def loss_fn(p, b):
         logits, aux = model.apply({"params": p}, b["inputs"], b["positions"], b["segment_ids"], return_aux=True)
-        return lm_loss(logits, b["targets"], b["loss_mask"])[0], (logits, aux["expert_counts"])
+        return (lm_loss(aux["hidden"], head_weight(p, cfg), b["targets"], b["loss_mask"])[0],
+                (logits, aux["expert_counts"]))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss0, (logits0, counts0)), grads0 = jax.jit(grad_fn)(params, batch)
     step0, _, _, tx = make_step_fns(cfg, c, ocfg)

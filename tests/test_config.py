@@ -82,3 +82,18 @@ def test_unsupported_hf_fields():
 def test_public_api_names():
     for name in ("ModelConfig", "DeepSeekV3", "load_hf", "save_hf"):
         assert hasattr(dsjax, name)
+
+
+def test_runtime_fields_declared_once():
+    """Runtime knobs are declared on ModelConfig itself: never in config.json, free to change across a resume
+    (decode_attention_impl was once treated as architecture and blocked resuming with a different decode path)."""
+    from dsjax.config import RUNTIME_FIELDS
+    from dsjax.train.checkpoint import config_mismatch, model_config_dict, model_config_from_dict
+    cfg = dsjax.ModelConfig.preset("tiny")
+    assert {"dtype", "platform", "attention_impl", "decode_attention_impl", "moe_dispatch"} <= set(RUNTIME_FIELDS)
+    assert not set(RUNTIME_FIELDS) & set(cfg.to_hf())
+    other = cfg.replace(**{"decode_attention_impl": "contiguous", "dtype": "bfloat16", "platform": "cpu",
+                           "attention_impl": "xla", "moe_capacity_factor": 1.5})
+    assert config_mismatch(cfg, other) == []
+    assert config_mismatch(cfg, cfg.replace(hidden_size=32)) != []
+    assert model_config_from_dict(model_config_dict(other)) == other

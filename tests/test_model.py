@@ -8,6 +8,7 @@ import pytest
 
 import dsjax
 from dsjax.layers.moe import route
+from dsjax.model import head_weight
 from dsjax.train.losses import cross_entropy, lm_loss
 from tests.conftest import randomize_params, param_shapes, tokens
 
@@ -148,7 +149,7 @@ def test_mtp_alignment_and_loss(depth):
     inputs, targets = tok[:, :-1], tok[:, 1:]
     logits, aux = f(params, inputs)
     mask = jnp.ones(targets.shape, jnp.float32)
-    loss, m = lm_loss(logits, targets, mask, aux, mtp_lambda=0.3)
+    loss, m = lm_loss(aux["hidden"], head_weight(params, cfg), targets, mask, aux, mtp_lambda=0.3)
     manual = cross_entropy(logits, targets)[0]
     for k in range(1, depth + 1):
         ce_k = cross_entropy(aux["mtp_logits"][k - 1][:, :-k], targets[:, k:])[0]
@@ -265,18 +266,21 @@ def test_mtp_flag_needs_depth():
 
 def test_expert_backends_agree_at_layer_level(tiny_cfg):
     """The Pallas gmm backend (its XLA path on CPU; the kernels are tested in test_grouped_matmul) and the
-    dense reference agree with lax.ragged_dot, values and gradients."""
-    from dsjax.layers.moe import EXPERT_BACKENDS, expert_backend, route
+    dense reference agree with lax.ragged_dot, values and gradients (routing weights included)."""
+    from dsjax.layers.moe import route, routed_experts_local
     rng = np.random.RandomState(0)
     x = jnp.asarray(rng.randn(40, 64), jnp.float32)
     gu, dn = jnp.asarray(0.1 * rng.randn(8, 64, 64), jnp.float32), jnp.asarray(0.1 * rng.randn(8, 32, 64), jnp.float32)
-    r = route(jnp.asarray(rng.randn(40, 8), jnp.float32), None, tiny_cfg)
+    logits = jnp.asarray(rng.randn(40, 8), jnp.float32)
 
     def run(name):
-        f = lambda x, gu, dn: jnp.sum(EXPERT_BACKENDS[name](x, r, gu, dn, jnp.float32) ** 2)  # noqa: E731
-        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(x, gu, dn)
+        cfg = tiny_cfg.replace(moe_backend=name, platform="cpu")
+
+        def f(x, gu, dn, logits):
+            return jnp.sum(routed_experts_local(x, route(logits, None, cfg), gu, dn, cfg) ** 2)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(x, gu, dn, logits)
     want = run("ragged_dot")
+    assert float(jnp.abs(want[1][3]).max()) > 1e-3  # the routing weights do get a gradient
     for name in ("gmm", "dense"):
         for a, b in zip(jax.tree.leaves(run(name)), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    assert expert_backend("auto") == "ragged_dot"  # CPU

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import dsjax
+from dsjax.model import head_weight
 from dsjax.train.losses import lm_loss
 from dsjax.train.optim import OptimConfig, lr_schedule, make_optimizer, param_labels, update_router_bias
 from experiments.configs import tiny
@@ -195,8 +196,9 @@ def test_loss_weights(tiny_cfg, tiny_params):
     logits, aux = jax.jit(lambda p, t: dsjax.DeepSeekV3(tiny_cfg).apply({"params": p}, t, mtp=True, return_aux=True))(
         tiny_params, tok[:, :-1])
     mask = jnp.ones(tok[:, 1:].shape)
-    base, m0 = lm_loss(logits, tok[:, 1:], mask, aux)
-    full, m = lm_loss(logits, tok[:, 1:], mask, aux, mtp_lambda=0.3, balance_alpha=0.01)
+    head = head_weight(tiny_params, tiny_cfg)
+    base, m0 = lm_loss(aux["hidden"], head, tok[:, 1:], mask, aux)
+    full, m = lm_loss(aux["hidden"], head, tok[:, 1:], mask, aux, mtp_lambda=0.3, balance_alpha=0.01)
     assert float(base) == pytest.approx(float(m["loss/main"]))
     want = m["loss/main"] + 0.3 * m["loss/mtp_1"] + 0.01 * jnp.sum(aux["balance_loss"])
     assert float(full) == pytest.approx(float(want), rel=1e-6)

@@ -18,11 +18,12 @@ import flax.linen as nn
 
 from dsjax.cache import PagedLayers
 from dsjax.config import ModelConfig
+from dsjax.layers.attention import NEG_INF, attention
 from dsjax.layers.norms import RMSNorm
+from dsjax.runtime import resolved
 from dsjax.layers.rope import apply_rope
 
 KERNEL_LATENT_DIM = 512  # mla_decode's value width (DeepSeek-V2/V3 kv_lora_rank)
-NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax instead of NaN
 HEADS = ("batch", "seq", "heads", None)  # logical axes of per-head activations (sharding/rules.py)
 
 
@@ -41,33 +42,9 @@ class Linear(nn.Module):
         return jnp.dot(x.astype(dt), self.kernel.astype(dt))
 
 
-def causal_mask(segment_ids: jax.Array | None, t: int) -> jax.Array:
-    """[B or 1, T, T] bool: key j visible to query i iff j <= i and both are in the same packed document."""
-    idx = jnp.arange(t)
-    mask = (idx[None, :] <= idx[:, None])[None]
-    if segment_ids is not None:
-        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    return mask
-
-
 def cache_mask(positions: jax.Array, cache_len: int) -> jax.Array:
     """[B, T, S] bool: cache slot s (= absolute position s) visible to a query at position p iff s <= p."""
     return jnp.arange(cache_len)[None, None, :] <= positions[:, :, None]
-
-
-def full_attention(q_nope, q_pe, k_nope, k_pe, v, mask, scale):
-    """Reference MLA attention. q_* [B,T,H,*]; k_nope, v [B,S,H,*]; k_pe [B,S,R] (shared by heads).
-
-    The shared rope key is broadcast to every head and concatenated, so scores are one heads-major matmul
-    (3x faster on CPU than two einsums, and the layout fused attention kernels want).
-    """
-    q = jnp.concatenate([q_nope, q_pe], -1).transpose(0, 2, 1, 3)
-    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None], k_nope.shape[:3] + k_pe.shape[-1:])], -1)
-    s = jnp.einsum("bhtd,bhsd->bhts", q, k.transpose(0, 2, 1, 3), preferred_element_type=jnp.float32)
-    s = jnp.where(mask[:, None], s * scale, NEG_INF)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum("bhts,bhsd->bhtd", p, v.transpose(0, 2, 1, 3), preferred_element_type=jnp.float32)
-    return o.transpose(0, 2, 1, 3).astype(v.dtype)
 
 
 def _f32_einsum(eq, a, b):
@@ -87,7 +64,7 @@ def absorbed_attention(q_lat, q_pe, kv_cache, mask, scale, kv_lora_rank):
     return _f32_einsum("bhts,bsc->bthc", p, c_kv.astype(q_lat.dtype))
 
 
-def paged_absorbed_attention(q_lat, q_pe, kv: PagedLayers, positions, layer, scale, backend):
+def paged_absorbed_attention(q_lat, q_pe, kv: PagedLayers, positions, layer, scale, backend, platform):
     """Absorbed attention over a paged cache through the MLA decode kernel. Returns [B,T,H,C] (latent space).
 
     The kernel's causal rule is by query index: with `lengths` tokens cached, query i of T sees positions
@@ -108,7 +85,7 @@ def paged_absorbed_attention(q_lat, q_pe, kv: PagedLayers, positions, layer, sca
     q = jnp.concatenate([q_lat, q_pe.astype(q_lat.dtype)], axis=-1)
     c = q_lat.shape[-1]
     if c == KERNEL_LATENT_DIM:
-        out, _ = mla_decode(q, pool, table, lengths, softmax_scale=scale, backend=backend)
+        out, _ = mla_decode(q, pool, table, lengths, softmax_scale=scale, backend=backend, platform=platform)
     elif backend in ("auto", "xla"):  # small test models: the reference with their latent width as values
         out, _ = mla_decode_reference(q, pool, table, lengths, softmax_scale=scale, v_dim=c)
     else:
@@ -139,7 +116,7 @@ class MLA(nn.Module):
         """x [B,T,D]; cos/sin [B,T,R/2]; kv_cache [B,S,C+R], or [L,B,S,C+R] with `layer` its index, or a
         `PagedLayers` (pages [num_pages,P,C+R] or [L,num_pages,P,C+R] with `layer`), or None.
         Returns (out [B,T,D], new kv_cache)."""
-        cfg = self.cfg
+        cfg = resolved(self.cfg)
         h, nope, rdim, vdim, c = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                                   cfg.v_head_dim, cfg.kv_lora_rank)
         b, t, d = x.shape
@@ -170,7 +147,7 @@ class MLA(nn.Module):
             q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w[..., :nope])
             if paged:
                 o_lat = paged_absorbed_attention(q_lat, q_pe, kv_cache, positions, layer, cfg.softmax_scale,
-                                                 cfg.decode_attention_impl)
+                                                 cfg.decode_attention_impl, cfg.platform)
             else:
                 layer_kv = kv_cache if layer is None else kv_cache[layer]
                 mask = cache_mask(positions, layer_kv.shape[1])
@@ -183,16 +160,8 @@ class MLA(nn.Module):
         return out, kv_cache
 
     def _full(self, q_nope, q_pe, k_nope, k_pe, v, segment_ids):
-        cfg = self.cfg
-        if (cfg.attention_impl == "cudnn" and jax.default_backend() == "gpu"
-                and q_nope.dtype in (jnp.bfloat16, jnp.float16)):
-            q = jnp.concatenate([q_nope, q_pe], axis=-1)
-            k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None], k_nope.shape[:3] + k_pe.shape[-1:])], -1)
-            mask = None if segment_ids is None else (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-            # The cuDNN path wants one head dim for q, k and v: pad v (128) to qk's (192), drop the pad after.
-            vp = jnp.pad(v, [(0, 0)] * 3 + [(0, q.shape[-1] - v.shape[-1])])
-            o = jax.nn.dot_product_attention(q, k, vp, mask=mask, scale=cfg.softmax_scale, is_causal=True,
-                                             implementation="cudnn")
-            return o[..., :v.shape[-1]]
-        mask = causal_mask(segment_ids, q_nope.shape[1])
-        return full_attention(q_nope, q_pe, k_nope, k_pe, v, mask, cfg.softmax_scale)
+        # The shared rope key is broadcast to every head and joined to the per-head keys: one [192]-wide head
+        # for every implementation (the layout fused kernels want; 3x faster on CPU than two einsums).
+        q = jnp.concatenate([q_nope, q_pe], -1)
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None], k_nope.shape[:3] + k_pe.shape[-1:])], -1)
+        return attention(q, k, v, segment_ids, self.cfg.softmax_scale, resolved(self.cfg).attention_impl)

@@ -1,9 +1,20 @@
 """SwiGLU MLP: the dense FFN of the first layers and the shared experts of MoE layers."""
+import functools
+
 import jax
+import jax.numpy as jnp
 import flax.linen as nn
 
 from dsjax.config import ModelConfig
 from dsjax.layers.mla import Linear
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2,))
+def swiglu(gate: jax.Array, up: jax.Array, dtype) -> jax.Array:
+    """silu(gate) * up in float32, returned in `dtype`. Rematerialised: the backward recomputes it from gate and up
+    rather than keeping its float32 intermediates (for the routed experts, 5 arrays of [tokens x k, I] per layer:
+    the largest residuals of an MoE layer)."""
+    return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dtype)
 
 
 class MLP(nn.Module):
@@ -15,5 +26,5 @@ class MLP(nn.Module):
         d, i = x.shape[-1], self.intermediate_size
         gate = Linear(d, i, self.cfg, name="gate_proj")(x)
         up = Linear(d, i, self.cfg, name="up_proj")(x)
-        hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "seq", "mlp")[-x.ndim:])
+        hidden = nn.with_logical_constraint(swiglu(gate, up, gate.dtype), ("batch", "seq", "mlp")[-x.ndim:])
         return Linear(i, d, self.cfg, name="down_proj")(hidden)

@@ -11,6 +11,7 @@ on every token with a one-hot weight matrix: slow, obviously right, used to test
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -18,7 +19,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from dsjax.config import ModelConfig
-from dsjax.layers.mlp import MLP
+from dsjax.layers.mlp import MLP, swiglu
+from dsjax.runtime import resolved
 
 ROUTER_BIAS = "e_score_correction_bias"  # the name the optimizer masks out and the balancing update edits
 
@@ -86,36 +88,99 @@ def sequence_balance_loss(scores: jax.Array, indices: jax.Array, batch: int, cfg
     return (f * p).sum(-1).mean()
 
 
-def _ragged_dot(lhs, rhs, sizes):
+def ragged_dot(lhs, rhs, sizes):
     return jax.lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=jnp.float32)
 
 
-def _pallas_gmm(lhs, rhs, sizes):
-    # Mosaic GPU / TPU kernel (XLA elsewhere). Accumulates in float32 and writes the compute dtype, halving
-    # the traffic of the [tokens x k, 2I] intermediate against a float32 output.
+def pallas_gmm(lhs, rhs, sizes, platform=None):
+    # Mosaic GPU / TPU kernel for `platform` (XLA elsewhere). Accumulates in float32 and writes the compute
+    # dtype, halving the traffic of the [tokens x k, 2I] intermediate against a float32 output.
     from pallas_kernels.grouped_matmul import gmm
-    return gmm(lhs, rhs, sizes)
+    return gmm(lhs, rhs, sizes, platform=platform)
 
 
-def grouped_ffn(rows, sizes, gate_up, down, dtype, matmul=_ragged_dot):
+def grouped_ffn(rows, sizes, gate_up, down, dtype, matmul=ragged_dot):
     """Each expert's SwiGLU on its contiguous group of rows: rows [M, D] sorted by expert, sizes [E] (rows past
-    their sum are padding), gate_up [E, D, 2I] (gate | up), down [E, I, D]. Returns [M, D] float32."""
-    h = matmul(rows.astype(dtype), gate_up.astype(dtype), sizes)
-    gate, up = jnp.split(h.astype(jnp.float32), 2, axis=-1)  # the SwiGLU in float32 whatever matmul wrote
-    a = (jax.nn.silu(gate) * up).astype(dtype)
-    return matmul(a, down.astype(dtype), sizes)
+    their sum are padding), gate_up [E, D, 2I] (gate | up), down [E, I, D]. Returns [M, D] (float32 or dtype)."""
+    gate, up = jnp.split(matmul(rows.astype(dtype), gate_up.astype(dtype), sizes), 2, axis=-1)
+    return matmul(swiglu(gate, up, jnp.dtype(dtype)), down.astype(dtype), sizes)
 
 
-def sorted_experts(x, routing: Routing, gate_up, down, dtype, matmul=_ragged_dot):
+class PairOrder(NamedTuple):
+    """Where each (token, choice) pair goes when rows are sorted by expert. A pair's index is token * k + choice."""
+    order: jax.Array    # [P] int32: sorted slot -> pair
+    inverse: jax.Array  # [P] int32: pair -> sorted slot
+    sizes: jax.Array    # [E] int32: pairs per expert (the group sizes of the grouped matmuls)
+
+
+def pair_order(indices: jax.Array, num_experts: int) -> PairOrder:
+    """Sort the (token, choice) pairs of `indices` [N, k] by expert, stably; computed once per layer, its inverse
+    reused by the un-sort and by both backward passes (which are gathers, not scatter-adds)."""
+    flat = indices.reshape(-1)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32),
+                                                  unique_indices=True)
+    return PairOrder(order, inverse, jnp.bincount(flat, length=num_experts).astype(jnp.int32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gather_pairs(x: jax.Array, order: jax.Array, inverse: jax.Array, k: int) -> jax.Array:
+    """Expert-sorted rows: x [N, D] -> [N * k, D], row s = x[order[s] // k]."""
+    return x[order // k]
+
+
+def _gather_pairs_fwd(x, order, inverse, k):
+    return x[order // k], inverse
+
+
+def _gather_pairs_bwd(k, inverse, g):
+    # each token's k rows sit at inverse[token * k + j]: gather them back and sum (no scatter-add)
+    return g[inverse].reshape(-1, k, g.shape[-1]).sum(1, dtype=jnp.float32).astype(g.dtype), None, None
+
+
+gather_pairs.defvjp(_gather_pairs_fwd, _gather_pairs_bwd)
+
+
+@jax.custom_vjp
+def combine_pairs(y: jax.Array, order: jax.Array, inverse: jax.Array, weights: jax.Array) -> jax.Array:
+    """Un-sort and combine: y [N * k, D] expert-sorted -> out [N, D] = sum_j weights[n, j] * y[inverse[n * k + j]],
+    accumulated in float32, returned in y's dtype."""
+    return _combine(y, inverse, weights)
+
+
+def _combine(y, inverse, weights):
+    n, k = weights.shape
+    picked = y[inverse].reshape(n, k, y.shape[-1]).astype(jnp.float32)
+    return jnp.einsum("nkd,nk->nd", picked, weights.astype(jnp.float32)).astype(y.dtype)
+
+
+def _combine_pairs_fwd(y, order, inverse, weights):
+    return _combine(y, inverse, weights), (y, order, inverse, weights)
+
+
+def _combine_pairs_bwd(res, g):
+    y, order, inverse, weights = res
+    n, k = weights.shape
+    g32 = g.astype(jnp.float32)
+    # d y[s] = weight of pair order[s] * g[token of that pair]; d weights[n, j] = <g[n], y[inverse[n * k + j]]>
+    dy = (weights.reshape(-1)[order][:, None].astype(jnp.float32) * g32[order // k]).astype(y.dtype)
+    dw = jnp.einsum("nkd,nd->nk", y[inverse].reshape(n, k, -1).astype(jnp.float32), g32)
+    return dy, None, None, dw.astype(weights.dtype)
+
+
+combine_pairs.defvjp(_combine_pairs_fwd, _combine_pairs_bwd)
+
+
+def sorted_experts(x, routing: Routing, gate_up, down, dtype, matmul=ragged_dot):
     """Routed experts on expert-sorted rows with grouped matmuls. x [N, D]; gate_up [E, D, 2I]; down [E, I, D]."""
-    n, k = routing.indices.shape
-    e = gate_up.shape[0]
-    flat = routing.indices.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
-    y = grouped_ffn(x[order // k], sizes, gate_up, down, dtype, matmul)
-    y = y[jnp.argsort(order)].reshape(n, k, -1)  # back to (token, choice) order
-    return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), routing.weights).astype(dtype)
+    k = routing.indices.shape[1]
+    with jax.named_scope("dispatch"):
+        po = pair_order(routing.indices, gate_up.shape[0])
+        rows = gather_pairs(x.astype(dtype), po.order, po.inverse, k)
+    with jax.named_scope("experts"):
+        y = grouped_ffn(rows, po.sizes, gate_up, down, dtype, matmul).astype(dtype)
+    with jax.named_scope("combine"):
+        return combine_pairs(y, po.order, po.inverse, routing.weights)
 
 
 def dense_experts(x, routing: Routing, gate_up, down, dtype):
@@ -130,16 +195,18 @@ def dense_experts(x, routing: Routing, gate_up, down, dtype):
     return jnp.einsum("end,ne->nd", y, comb).astype(dtype)
 
 
-EXPERT_BACKENDS = {"ragged_dot": sorted_experts, "dense": dense_experts,
-                   "gmm": lambda *a: sorted_experts(*a, matmul=_pallas_gmm)}
+def expert_matmul(cfg: ModelConfig):
+    """The grouped matmul of a resolved config's sorted-row expert backend."""
+    if cfg.moe_backend == "gmm":
+        return functools.partial(pallas_gmm, platform=cfg.platform)
+    return ragged_dot
 
 
-def expert_backend(name: str) -> str:
-    """"auto": the Pallas grouped matmul on GPU/TPU (XLA's ragged_dot there is a masked dense product),
-    lax.ragged_dot on CPU."""
-    if name != "auto":
-        return name
-    return "gmm" if jax.default_backend() in ("gpu", "tpu") else "ragged_dot"
+def routed_experts_local(x, routing: Routing, gate_up, down, cfg: ModelConfig):
+    """Routed experts of a resolved config on this device's tokens: sorted rows, or the dense reference."""
+    if cfg.moe_backend == "dense":
+        return dense_experts(x, routing, gate_up, down, jnp.dtype(cfg.dtype))
+    return sorted_experts(x, routing, gate_up, down, jnp.dtype(cfg.dtype), expert_matmul(cfg))
 
 
 class Router(nn.Module):
@@ -171,10 +238,10 @@ class MoE(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array):
         """x [B, T, D] -> (y [B, T, D], {"expert_counts": [E] int32, "balance_loss": scalar})."""
-        cfg = self.cfg
+        cfg = resolved(self.cfg)
         b, t, d = x.shape
         e, i = cfg.n_routed_experts, cfg.moe_intermediate_size
-        pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+        pdt = jnp.dtype(cfg.param_dtype)
         gate = Router(cfg, name="gate")
         init = nn.initializers.normal(cfg.initializer_range)
         gate_up = self.param("experts_gate_up_proj", init, (e, d, 2 * i), pdt)
@@ -185,7 +252,7 @@ class MoE(nn.Module):
         else:
             flat = x.reshape(b * t, d)
             routing = gate(flat)
-            y = EXPERT_BACKENDS[expert_backend(cfg.moe_backend)](flat, routing, gate_up, down, dt).reshape(b, t, d)
+            y = routed_experts_local(flat, routing, gate_up, down, cfg).reshape(b, t, d)
             counts = expert_counts(routing.indices, e)
             balance = sequence_balance_loss(routing.scores, routing.indices, b, cfg)
         if cfg.n_shared_experts:

@@ -25,8 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsjax.config import RUNTIME_FIELDS
 from dsjax.model import DeepSeekV3
 from dsjax.rl.grpo import group_advantages, policy_loss
+from dsjax.runtime import resolve
 from dsjax.rl.rewards import Sample, exact_answer, score
 from dsjax.rl.rollout import (Rollout, cast_for_rollout, completion_logprobs, encode_prompts, sample_rollouts,
                               training_mask)
@@ -42,8 +44,6 @@ from dsjax.train.trainer import _StopFlag, _to_plain, model_config
 from sharding.mesh import describe
 from sharding.rules import batch_shards
 from sharding.state import bind, replicated, shard_batch, shard_train_state, state_shardings
-
-_RUNTIME = ("dtype", "param_dtype", "moe_backend", "remat", "attention_impl")
 
 
 def groups_with_spread(rewards: np.ndarray, group_size: int) -> np.ndarray:
@@ -141,7 +141,7 @@ def sft_arrays(tok, problems, max_prompt_length: int, max_new_tokens: int):
 class _Run:
     """Everything derived from the config that the phases share."""
 
-    def __init__(self, config):
+    def __init__(self, config, devices):
         self.c = config
         r, t = config.rollout, config.task
         self.task = make_task(t.name, config.train.seed, **{k: v for k, v in t.items() if k not in ("name",
@@ -150,10 +150,11 @@ class _Run:
         self.cfg, self.init_params = model_config(config), None
         if config.init_checkpoint:  # its architecture wins; the config's runtime knobs (dtype, remat, ...) apply
             cfg, self.init_params = load_for_inference(config.init_checkpoint)
-            self.cfg = cfg.replace(**{k: getattr(self.cfg, k) for k in _RUNTIME})
+            self.cfg = cfg.replace(**{k: getattr(self.cfg, k) for k in RUNTIME_FIELDS})
             if self.tok.vocab_size > self.cfg.vocab_size:
                 raise ValueError(f"tokenizer has {self.tok.vocab_size} ids, more than the checkpoint's vocab_size "
                                  f"{self.cfg.vocab_size}")
+        self.cfg = resolve(self.cfg, devices)  # every "auto" knob, once, for the devices the run uses
         self.P = r.max_prompt_length or self.task.max_prompt_chars + 1  # + bos
         self.N = r.max_new_tokens or self.task.max_answer_chars + 2     # + eos + one spare
         if r.temperature <= 0:
@@ -313,7 +314,7 @@ def train(config, workdir: str, mesh=None) -> dict[str, Any]:
     if mesh is not None and jax.process_count() > 1:
         raise ValueError("GRPO runs in one process (its rollouts are generated on this host); multi-device meshes "
                          f"are supported, multi-process ones not yet: {jax.process_count()} processes")
-    run = _Run(config)
+    run = _Run(config, jax.devices()[:1] if mesh is None else mesh.devices.flat)
     g, r, t = config.grpo, config.rollout, config.train
     G = r.num_samples
     if g.mu < 1:

@@ -19,15 +19,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dsjax.config import ModelConfig
+from dsjax.config import RUNTIME_FIELDS, ModelConfig
+from dsjax.runtime import AUTO_FIELDS
 
 CKPT_DIR = "checkpoints"
-_RUNTIME = ("dtype", "param_dtype", "moe_backend", "remat", "attention_impl", "moe_capacity_factor",
-            "moe_device_limit", "moe_dispatch")
 
 
 def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:
-    return {**cfg.to_hf(), "dsjax_runtime": {k: getattr(cfg, k) for k in _RUNTIME}}
+    return {**cfg.to_hf(), "dsjax_runtime": {k: getattr(cfg, k) for k in RUNTIME_FIELDS}}
 
 
 def model_config_from_dict(d: dict[str, Any], **runtime) -> ModelConfig:
@@ -40,7 +39,7 @@ def config_mismatch(old: ModelConfig, new: ModelConfig) -> list[str]:
     """Architecture fields that differ (runtime knobs such as dtype or remat may change across a resume)."""
     return [f"{f.name}: checkpoint {getattr(old, f.name)!r} vs now {getattr(new, f.name)!r}"
             for f in dataclasses.fields(ModelConfig)
-            if f.name not in _RUNTIME and getattr(old, f.name) != getattr(new, f.name)]
+            if f.name not in RUNTIME_FIELDS and getattr(old, f.name) != getattr(new, f.name)]
 
 
 class Checkpointer:
@@ -100,8 +99,8 @@ def load_for_inference(path: str, dtype=None, mesh=None, **runtime):
     one local device, or with `mesh` placed straight onto it by the rule table (sharding/rules.py): each device
     reads only its own shards, so a checkpoint larger than one host's memory restores."""
     step_dir = _step_dir(path)
-    with open(os.path.join(step_dir, "config", "metadata")) as f:
-        cfg = model_config_from_dict(json.load(f)["model"], **runtime)
+    with open(os.path.join(step_dir, "config", "metadata")) as f:  # where it trained is not where it runs now
+        cfg = model_config_from_dict(json.load(f)["model"], **{**dict.fromkeys(AUTO_FIELDS, "auto"), **runtime})
     from dsjax.model import DeepSeekV3
     import jax.numpy as jnp
     tok = jnp.zeros((1, max(8, cfg.num_nextn_predict_layers + 2)), jnp.int32)  # MTP depth k reads token t+k

@@ -40,6 +40,13 @@ def peak_flops(override_tflops: float | None = None) -> float | None:
     return None
 
 
+def peak_memory_gib() -> float | None:
+    """Peak bytes in use on the first local device so far, in GiB (None where the backend does not say: CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)

@@ -22,14 +22,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from dsjax.config import ModelConfig
 from dsjax.data import make_datasets
-from dsjax.model import DeepSeekV3
+from dsjax.model import DeepSeekV3, head_weight
+from dsjax.runtime import resolve
 from dsjax.tokenizer import load_tokenizer
 from dsjax.train.checkpoint import Checkpointer, config_mismatch, model_config_dict, model_config_from_dict
-from dsjax.train.losses import cross_entropy, lm_loss
-from dsjax.train.metrics import MetricsLogger, peak_flops, train_flops_per_token
+from dsjax.train.losses import fused_cross_entropy, lm_loss
+from dsjax.train.metrics import MetricsLogger, peak_flops, peak_memory_gib, train_flops_per_token
 from dsjax.train.optim import OptimConfig, lr_schedule, make_optimizer, update_router_bias
 from sharding.mesh import describe, make_mesh
 from sharding.rules import batch_shards
@@ -177,10 +179,13 @@ def _step_fns(cfg: ModelConfig, ocfg: OptimConfig, mtp_lambda: float, balance_al
     use_mtp = bool(mtp_lambda) and cfg.num_nextn_predict_layers > 0
 
     def loss_fn(params, mb):
-        logits, aux = model.apply({"params": params}, mb["inputs"], mb["positions"], mb["segment_ids"],
-                                  mtp=use_mtp, return_aux=True)
-        loss, m = lm_loss(logits, mb["targets"], mb["loss_mask"], aux, mb["segment_ids"],
-                          mtp_lambda=mtp_lambda if use_mtp else 0.0, balance_alpha=balance_alpha)
+        # The logits the model also returns are unused, so XLA drops them: the head runs inside the fused CE.
+        _, aux = model.apply({"params": params}, mb["inputs"], mb["positions"], mb["segment_ids"],
+                             mtp=use_mtp, return_aux=True)
+        with jax.named_scope("loss"):
+            loss, m = lm_loss(aux["hidden"], head_weight(params, cfg), mb["targets"], mb["loss_mask"], aux,
+                              mb["segment_ids"], mtp_lambda=mtp_lambda if use_mtp else 0.0,
+                              balance_alpha=balance_alpha)
         counts = {}
         if cfg.num_moe_layers:
             counts["moe_layers"] = aux["expert_counts"]
@@ -189,22 +194,29 @@ def _step_fns(cfg: ModelConfig, ocfg: OptimConfig, mtp_lambda: float, balance_al
         return loss, (m, counts)
 
     def train_step(params, opt_state, step, batch):
-        def micro(carry, mb):
-            (_, (m, c)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
-            return jax.tree.map(jnp.add, carry, (g, m, c)), None
-
-        first = jax.tree.map(lambda x: x[0], batch)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-            lambda: (jax.grad(lambda p: loss_fn(p, first)[0])(params), *loss_fn(params, first)[1])))
-        (g, m, counts), _ = jax.lax.scan(micro, zeros, batch)
         accum = batch["inputs"].shape[0]
-        g = jax.tree.map(lambda x: x / accum, g)
-        updates, opt_state = tx.update(g, opt_state, params)
-        params = jax.tree.map(jnp.add, params, updates)
-        params = update_router_bias(params, counts, bias_gamma)
-        out = {k: v / accum for k, v in m.items() if k.startswith("loss/")}
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if accum == 1:  # no accumulation buffers: zeroing and adding them is a pass over every gradient
+            (_, (m, counts)), g = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+        else:
+            def micro(carry, mb):
+                (_, (m, c)), g = grad_fn(params, mb)
+                with jax.named_scope("accumulate"):
+                    return jax.tree.map(jnp.add, carry, (g, m, c)), None
+
+            first = jax.tree.map(lambda x: x[0], batch)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+                lambda: (jax.grad(lambda p: loss_fn(p, first)[0])(params), *loss_fn(params, first)[1])))
+            (g, m, counts), _ = jax.lax.scan(micro, zeros, batch)
+            g = jax.tree.map(lambda x: x / accum, g)
+            m = {k: v / accum if k.startswith("loss/") else v for k, v in m.items()}
+        with jax.named_scope("optimizer"):
+            updates, opt_state = tx.update(g, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            params = update_router_bias(params, counts, bias_gamma)
+        out = {k: v for k, v in m.items() if k.startswith("loss/")}
         out["loss"] = out.pop("loss/total")
-        out["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(g)))
+        out["grad_norm"] = optax.global_norm(g)
         out["lr"] = sched(step)
         if "moe_layers" in counts:
             c = counts["moe_layers"].astype(jnp.float32)
@@ -213,8 +225,10 @@ def _step_fns(cfg: ModelConfig, ocfg: OptimConfig, mtp_lambda: float, balance_al
         return params, opt_state, out
 
     def eval_step(params, batch):
-        logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
-        _, nats, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+        _, aux = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                             return_aux=True)
+        _, nats, count = fused_cross_entropy(aux["hidden"], head_weight(params, cfg), batch["targets"],
+                                             batch["loss_mask"])
         return nats, count
 
     if mesh is None:
@@ -264,11 +278,13 @@ def train(config, workdir: str, mesh=None) -> dict[str, Any]:
         d.spec, tok, seq_len=d.seq_len, batch_size=d.batch_size // jax.process_count(), seed=t.seed,
         eval_spec=d.eval_spec or None, add_bos=d.add_bos)
     ocfg = OptimConfig(**{**_to_plain(config.optim), "total_steps": t.steps})
-    train_step, eval_step, use_mtp, tx = make_step_fns(cfg, config, ocfg, mesh)
+    # "auto" knobs resolved once, for the mesh's devices; the checkpoint keeps the config as asked (cfg)
+    run_cfg = resolve(cfg, mesh.devices.flat)
+    train_step, eval_step, use_mtp, tx = make_step_fns(run_cfg, config, ocfg, mesh)
     key = jax.random.key(t.seed)
-    shapes = jax.eval_shape(lambda: init_params(cfg, t.seed))
+    shapes = jax.eval_shape(lambda: init_params(run_cfg, t.seed))
     pshard, oshard = state_shardings(mesh, shapes, jax.eval_shape(tx.init, shapes))
-    params = init_params(cfg, t.seed, pshard)
+    params = init_params(run_cfg, t.seed, pshard)
     opt_state = jax.jit(tx.init, out_shardings=oshard)(params)
     run_config = {"model": model_config_dict(cfg), "experiment": _to_plain(config)}
     step = 0
@@ -284,7 +300,7 @@ def train(config, workdir: str, mesh=None) -> dict[str, Any]:
     print(f"model {config.model.preset}: {counts['total'] / 1e6:.2f}M params ({counts['active_per_token'] / 1e6:.2f}M "
           f"active/token), {flops_tok / 1e6:.1f} MFLOP/token; data: {info.num_train_docs} train / "
           f"{info.num_eval_docs} eval docs; {jax.device_count()} x {jax.devices()[0].device_kind}, mesh "
-          f"{describe(mesh)}", flush=True)
+          f"{describe(mesh)}; attention {run_cfg.attention_impl}, experts {run_cfg.moe_backend}", flush=True)
 
     logger = MetricsLogger(workdir, t.steps, tensorboard=t.tensorboard)
     evals = eval_batches(t.eval_batches)
@@ -298,6 +314,7 @@ def train(config, workdir: str, mesh=None) -> dict[str, Any]:
     tokens_per_step = d.batch_size * d.seq_len
     t_mark, steps_mark = None, step
     losses = {}  # logged steps' training loss (every process sees the same global value)
+    t_first = time.time()
     try:
         while step < t.steps and stop.signum is None:
             batch, data_state = prefetch.next()
@@ -308,6 +325,9 @@ def train(config, workdir: str, mesh=None) -> dict[str, Any]:
             if t_mark is None:  # the first step compiles; time from its end
                 jax.block_until_ready(metrics)
                 t_mark, steps_mark = time.time(), step
+                mem = peak_memory_gib()
+                print(f"first step done (compilation included) in {t_mark - t_first:.0f}s" +
+                      (f"; peak device memory {mem:.1f} GiB" if mem is not None else ""), flush=True)
             if step % t.log_every == 0 or step == t.steps:
                 m = jax.device_get(metrics)
                 dt = time.time() - t_mark

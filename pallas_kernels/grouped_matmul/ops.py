@@ -36,11 +36,12 @@ def _is_hopper():
   return cc is not None and str(cc).startswith("9")
 
 
-def resolve_backend(backend, dtype):
+def resolve_backend(backend, dtype, platform=None):
+  """"auto": the kernel of `platform` ("gpu" / "tpu"; None = this host's) where the dtype allows, else XLA."""
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   if backend == "auto":
-    platform = jax.default_backend()
+    platform = jax.default_backend() if platform in (None, "auto") else platform
     if platform == "gpu" and _is_hopper() and jnp.dtype(dtype) in _GPU_DTYPES:
       return "gpu"
     return "tpu" if platform == "tpu" else "xla"
@@ -136,30 +137,30 @@ def _check(lhs, other, group_sizes, name):
 
 
 def gmm(lhs, rhs, group_sizes, *, backend="auto", interpret=False, preferred_element_type=None,
-        gmm_config=None, tgmm_config=None):
+        gmm_config=None, tgmm_config=None, platform=None):
   """Grouped matmul [M, K] x [G, K, N] -> [M, N]; rows are sorted by group.
 
   Rows past sum(group_sizes) come out as zeros. Differentiable in lhs and rhs (custom VJP: dlhs by
   gmm against rhs read transposed, drhs by tgmm); group_sizes gets no gradient. `gmm_config` and
   `tgmm_config` are the kernel tuning configs (gpu.GpuConfig or tpu.TpuConfig) of the forward and
-  of the weight gradient.
+  of the weight gradient. `platform` ("cpu" / "gpu" / "tpu") is the target "auto" builds for; None: this host's.
   """
   _check(lhs, rhs, group_sizes, "gmm")
   if rhs.ndim != 3 or rhs.shape[1] != lhs.shape[1] or rhs.shape[0] != group_sizes.shape[0]:
     raise ValueError(f"gmm: shapes {lhs.shape} x {rhs.shape} with {group_sizes.shape[0]} groups")
-  opts = _Opts(resolve_backend(backend, lhs.dtype), bool(interpret),
+  opts = _Opts(resolve_backend(backend, lhs.dtype, platform), bool(interpret),
                None if preferred_element_type is None else jnp.dtype(preferred_element_type),
                gmm_config, tgmm_config)
   return _gmm_vjp(lhs, rhs, group_sizes, opts)
 
 
 def tgmm(lhs, dout, group_sizes, *, backend="auto", interpret=False, preferred_element_type=None,
-         config=None):
+         config=None, platform=None):
   """Per-group lhs^T @ dout: [M, K], [M, N] -> [G, K, N]. Rows past sum(gs) are ignored; empty
   groups give zeros. Not differentiable (it is itself a gradient)."""
   _check(lhs, dout, group_sizes, "tgmm")
   if dout.ndim != 2 or dout.shape[0] != lhs.shape[0]:
     raise ValueError(f"tgmm: shapes {lhs.shape} and {dout.shape} must share rows")
-  opts = _Opts(resolve_backend(backend, lhs.dtype), bool(interpret), None, None, config)
+  opts = _Opts(resolve_backend(backend, lhs.dtype, platform), bool(interpret), None, None, config)
   out_dtype = None if preferred_element_type is None else jnp.dtype(preferred_element_type)
   return _tgmm_impl(lhs, dout, group_sizes, opts, out_dtype=out_dtype)

@@ -36,11 +36,12 @@ def _kernel_problem(backend, q, kv_pages, config):
     return _tpu.unsupported(q, kv_pages, config)
 
 
-def resolve_backend(backend, q, kv_pages, config=None):
+def resolve_backend(backend, q, kv_pages, config=None, platform=None):
+    """"auto": the kernel of `platform` ("gpu" / "tpu"; None = this host's) where the shape allows, else XLA."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        platform = jax.default_backend()
+        platform = jax.default_backend() if platform in (None, "auto") else platform
         if platform == "gpu" and _is_hopper():
             backend = "gpu"
         elif platform == "tpu":
@@ -71,7 +72,7 @@ def _check(q, kv_pages, block_table, lengths):
 
 
 def mla_decode(q, kv_pages, block_table, lengths, *, softmax_scale, backend="auto", interpret=False,
-               config=None):
+               config=None, platform=None):
     """Absorbed MLA decode attention over a paged latent cache.
 
     q [B, s_q, H, 576] (512 latent | 64 rope); kv_pages [num_pages, page_size, 576], values are the
@@ -80,10 +81,11 @@ def mla_decode(q, kv_pages, block_table, lengths, *, softmax_scale, backend="aut
     to positions < lengths - s_q + i + 1. Returns out [B, s_q, H, 512] in q.dtype and lse [B, s_q, H]
     float32 (natural log of the softmax denominator of the scaled scores; -inf and out = 0 for a
     query that sees nothing). `interpret=True` runs the GPU or TPU kernel body on CPU; `config` is
-    the kernel's tuning config (gpu.GpuConfig / tpu.TpuConfig), None for the defaults.
+    the kernel's tuning config (gpu.GpuConfig / tpu.TpuConfig), None for the defaults. `platform` ("cpu" / "gpu" /
+    "tpu") is the target "auto" builds for; None: this host's.
     """
     _check(q, kv_pages, block_table, lengths)
-    backend = resolve_backend(backend, q, kv_pages, config)
+    backend = resolve_backend(backend, q, kv_pages, config, platform)
     return _dispatch(q, kv_pages, block_table.astype(jnp.int32), lengths.astype(jnp.int32),
                      softmax_scale=float(softmax_scale), backend=backend, interpret=bool(interpret),
                      config=config)

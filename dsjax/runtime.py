@@ -1,0 +1,67 @@
+"""Every "auto" runtime knob of a ModelConfig, resolved in one place from the devices a run targets.
+
+The trainers, the generation engine and AOT compile jobs call `resolve(cfg, devices)` once, when they are built,
+with the devices of the mesh they run on or compile for (a CPU host compiling for a TPU slice passes the slice's
+TPU devices and gets the TPU kernels). `DeepSeekV3` resolves a config that still says "auto" against the local
+devices (`resolved`), so `DeepSeekV3(ModelConfig.preset(...)).apply(...)` works anywhere as written.
+
+    platform        "cpu" | "gpu" | "tpu"
+    attention_impl  gpu: "cudnn" (bf16/f16 compute, else "xla"); tpu: "splash"; cpu: "xla"
+    moe_backend     gpu / tpu: "gmm" (Pallas grouped matmul); cpu: "ragged_dot"
+    moe_dispatch    gpu / tpu: "ragged" (ragged_all_to_all); cpu: "padded"
+
+The Pallas kernels (gmm, mla_decode) are handed `cfg.platform`: their own "auto" (decode_attention_impl "auto")
+then only chooses between the platform's kernel and the XLA reference by dtype and shape, never by the host.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+
+from dsjax.config import ModelConfig
+
+PLATFORMS = ("cpu", "gpu", "tpu")
+# The knobs resolve() decides: they describe where a run executes, not the model, so a checkpoint's values are
+# not carried to a run elsewhere (load_for_inference resets them to "auto").
+AUTO_FIELDS = ("platform", "attention_impl", "moe_backend", "moe_dispatch")
+_HALF = ("bfloat16", "float16")
+
+
+def target_platform(devices: Sequence | None = None) -> str:
+    """"cpu", "gpu" or "tpu": the platform of `devices` (default: this process's devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("no devices to resolve the runtime knobs for")
+    kinds = {d.platform for d in devices}
+    if len(kinds) > 1:
+        raise ValueError(f"a run's devices must share one platform, got {sorted(kinds)}")
+    platform = kinds.pop()
+    return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
+
+
+def choices(platform: str, dtype: str) -> dict[str, str]:
+    """What each "auto" knob becomes on `platform` for a model computing in `dtype`."""
+    if platform not in PLATFORMS:
+        raise ValueError(f"platform {platform!r} is not one of {PLATFORMS}")
+    accel = platform != "cpu"
+    attention = {"gpu": "cudnn" if dtype in _HALF else "xla", "tpu": "splash", "cpu": "xla"}[platform]
+    return {"attention_impl": attention, "moe_backend": "gmm" if accel else "ragged_dot",
+            "moe_dispatch": "ragged" if accel else "padded"}
+
+
+def resolve(cfg: ModelConfig, devices: Sequence | None = None) -> ModelConfig:
+    """cfg with `platform` and every "auto" knob made concrete for `devices` (explicit values are kept; an
+    explicit cfg.platform wins over the devices)."""
+    platform = cfg.platform if cfg.platform != "auto" else target_platform(devices)
+    picks = choices(platform, cfg.dtype)
+    return cfg.replace(platform=platform, **{k: v for k, v in picks.items() if getattr(cfg, k) == "auto"})
+
+
+def resolved(cfg: ModelConfig) -> ModelConfig:
+    """cfg itself once resolved; else resolved against this process's devices."""
+    return cfg if is_resolved(cfg) else resolve(cfg)
+
+
+def is_resolved(cfg: ModelConfig) -> bool:
+    return cfg.platform != "auto" and all(getattr(cfg, k) != "auto" for k in choices("cpu", cfg.dtype))

@@ -1,0 +1,147 @@
+"""Where a compiled step's device time goes: a profiler trace of a few calls, each kernel attributed to a model
+component through the HLO op metadata (the JAX name stack: Flax module paths and `jax.named_scope`s).
+
+    compiled = jax.jit(step).lower(*args).compile()
+    table = profile_components(compiled, lambda: compiled(*args), calls=3)   # {component: ms per call}
+
+Kernels are read from the trace (`jax.profiler`, perfetto JSON): every device event that names its HLO op. Each
+op's `op_name` (for a fusion: the names of the ops inside it) is matched against COMPONENTS in order; the first
+pattern that matches any of them wins. Defines no flags (used by bench_pretrain.py --profile).
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+
+# (component, regex on an op_name). Order matters: the first match wins. Names come from the Flax module path
+# (self_attn, mlp/gate, shared_experts, lm_head, ...) and the named scopes in dsjax (attention_core, dispatch,
+# experts, combine, cross_entropy, optimizer, accumulate).
+def _scope(*names: str) -> str:
+    """A named scope anywhere in an op_name; under autodiff it reads jvp(name) or transpose(jvp(name))."""
+    return "|".join(rf"(?:^|[/(]){n}(?:[)/]|$)" for n in names)
+
+
+COMPONENTS = (
+    ("optimizer", _scope("optimizer")),
+    ("head+CE", _scope("cross_entropy", "loss", "lm_head") + r"|DeepSeekV3\.head"),
+    ("attention core", _scope("attention_core")),
+    ("attention proj+rope", r"self_attn"),
+    ("router", r"mlp/gate|" + _scope("router")),
+    ("sort/gather/scatter", _scope("dispatch", "combine")),
+    ("experts", _scope("experts")),
+    ("shared experts", r"shared_experts"),
+    ("dense MLP", r"dense_layers/.*mlp"),
+    ("norms", r"layernorm|/norm/|enorm|hnorm"),
+    ("MTP glue", r"mtp_"),
+    ("embedding", r"embed"),
+    ("grad accumulation", _scope("accumulate")),
+)
+# HLO opcodes that only move or re-type data: a kernel made of nothing else is a cast/copy, wherever it sits
+_DATA_MOVES = {"convert", "copy", "transpose", "reshape", "broadcast", "bitcast", "parameter", "constant", "slice",
+               "concatenate", "pad", "dynamic-slice", "dynamic-update-slice", "tuple", "get-tuple-element",
+               "bitcast-convert", "copy-start", "copy-done"}
+_CONTROL = {"while", "call", "conditional"}  # their trace events contain their bodies' kernels
+
+
+def _hlo_index(hlo_text: str):
+    """{op: (opcode, op_name or "", called computation or None)} and {computation: [(opcode, op_name)]}."""
+    ops, comps = {}, collections.defaultdict(list)
+    comp = None
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$", line)
+        if m and "=" not in line.split("(")[0]:
+            comp = m.group(1)
+            continue
+        m = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$", line)
+        if not m:
+            continue
+        name, rest = m.groups()
+        # the opcode is the word before the operand list, after the result type (which may be a tuple)
+        opm = re.search(r"(?:^|[\s}\])])([a-z][a-z0-9\-]*)\(", rest)
+        opcode = opm.group(1) if opm else ""
+        meta = re.search(r'op_name="([^"]*)"', rest)
+        called = re.search(r"calls=%?([\w.\-]+)", rest)
+        ops[name] = (opcode, meta.group(1) if meta else "", called.group(1) if called else None)
+        if comp is not None:
+            comps[comp].append((opcode, meta.group(1) if meta else ""))
+    return ops, comps
+
+
+def _match(name: str) -> str:
+    for comp, pattern in COMPONENTS:
+        if re.search(pattern, name):
+            return comp
+    return "other"
+
+
+def classify(op: str, index) -> str:
+    """Component of one kernel: its own op_name first, else a vote of its inner ops' op_names; a kernel that only
+    moves or re-types data is "casts/copies" wherever it sits."""
+    ops, comps = index
+    opcode, name, called = ops.get(op, ("", "", None))
+    inner = comps.get(called, []) if called else []
+    if all(c in _DATA_MOVES for c, _ in inner or [(opcode, name)]):
+        return "casts/copies"
+    own = _match(name) if name else "other"
+    if own != "other":
+        return own
+    votes = collections.Counter(_match(n) for _, n in inner if n)
+    votes.pop("other", None)
+    return votes.most_common(1)[0][0] if votes else "other"
+
+
+def _device_events(trace_dir: str):
+    paths = glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True)
+    if not paths:
+        raise RuntimeError(f"no perfetto trace under {trace_dir}")
+    data = json.load(gzip.open(sorted(paths)[-1]))
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                   and re.search(r"device:(GPU|TPU)", str(e.get("args", {}).get("name", "")))}
+    out = []
+    for e in events:
+        if e.get("ph") != "X" or "hlo_op" not in (e.get("args") or {}):
+            continue
+        if device_pids and e.get("pid") not in device_pids:
+            continue
+        out.append((e["args"]["hlo_op"], float(e.get("dur", 0.0)) / 1e3, e.get("name", "")))
+    return out
+
+
+def profile_components(compiled, call, calls: int = 3, trace_dir: str | None = None):
+    """Run `call()` `calls` times under the profiler; returns (per-component ms per call, top kernels of each
+    component as [(kernel name, ms per call)], total device ms per call)."""
+    import jax
+    trace_dir = trace_dir or tempfile.mkdtemp(prefix="dsjax_trace_")
+    jax.block_until_ready(call())
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    try:
+        for _ in range(calls):
+            out = call()
+        jax.block_until_ready(out)
+    finally:
+        jax.profiler.stop_trace()
+    index = _hlo_index(compiled.as_text())
+    per = collections.defaultdict(float)
+    kernels = collections.defaultdict(lambda: collections.defaultdict(float))
+    for op, ms, kname in _device_events(trace_dir):
+        if index[0].get(op, ("",))[0] in _CONTROL:
+            continue
+        comp = classify(op, index)
+        per[comp] += ms / calls
+        kernels[comp][f"{op} ({kname[:40]})"] += ms / calls
+    top = {c: sorted(k.items(), key=lambda kv: -kv[1])[:5] for c, k in kernels.items()}
+    return dict(per), top, sum(per.values())
+
+
+def format_table(per: dict, total_ms: float, step_ms: float) -> str:
+    rows = ["| component | ms / step | share of device time |", "|---|---|---|"]
+    for comp, ms in sorted(per.items(), key=lambda kv: -kv[1]):
+        rows.append(f"| {comp} | {ms:.2f} | {100 * ms / max(total_ms, 1e-9):.1f}% |")
+    rows.append(f"| **sum of kernels** | {total_ms:.2f} | (step wall time {step_ms:.2f} ms) |")
+    return "\n".join(rows)
