@@ -1,0 +1,130 @@
+"""Code structure rules (read from the source with `ast`, nothing imported): no import cycle between the project's
+modules (function-level imports count), `sharding/` knows meshes and not models, no private name imported across
+modules, and functions short enough to read (kernel bodies and benchmarks excepted)."""
+from __future__ import annotations
+
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ("dsjax", "pallas_kernels", "sharding")
+MAX_FUNCTION_LINES = 80
+# Pallas kernel bodies are one function per pipeline by construction; benchmarks and tests are scripts.
+LONG_FUNCTIONS_ALLOWED = ("pallas_kernels/grouped_matmul/gpu.py", "pallas_kernels/grouped_matmul/gpu_tgmm.py",
+                          "pallas_kernels/grouped_matmul/tpu.py", "pallas_kernels/mla_decode/gpu.py",
+                          "pallas_kernels/mla_decode/gpu_ws.py", "pallas_kernels/mla_decode/tpu.py")
+
+
+def modules() -> dict[str, str]:
+    """module name -> file path for every .py file of the packages."""
+    out = {}
+    for pkg in PACKAGES:
+        for dirpath, _, files in os.walk(os.path.join(ROOT, pkg)):
+            for f in files:
+                if f.endswith(".py"):
+                    path = os.path.join(dirpath, f)
+                    name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+                    out[name[:-len(".__init__")] if name.endswith(".__init__") else name] = path
+    return out
+
+
+def imports(path: str, name: str, known) -> list[tuple[str, str | None, int]]:
+    """(imported project module, imported name or None, line) for every import in the file, at any depth."""
+    tree = ast.parse(open(path).read(), path)
+    package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, None, node.lineno) for a in node.names if a.name.split(".")[0] in PACKAGES]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+            if base.split(".")[0] not in PACKAGES:
+                continue
+            for a in node.names:
+                sub = f"{base}.{a.name}"
+                out.append((sub, None, node.lineno) if sub in known else (base, a.name, node.lineno))
+    return out
+
+
+def graph():
+    mods = modules()
+    edges = {m: set() for m in mods}
+    for m, path in mods.items():
+        for target, _, _ in imports(path, m, mods):
+            while target and target not in mods:
+                target = target.rpartition(".")[0]
+            if target and target != m and not m.startswith(target + "."):  # a package's own __init__ is no edge
+                edges[m].add(target)
+    return mods, edges
+
+
+def cycles(edges) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+    for v in edges:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    assert cycles(graph()[1]) == []
+
+
+def test_sharding_knows_meshes_not_models():
+    mods, edges = graph()
+    bad = {m: sorted(t for t in targets if t.startswith("dsjax.")) for m, targets in edges.items()
+           if m.startswith("sharding")}
+    assert not any(bad.values()), bad
+
+
+def test_no_private_names_imported_across_modules():
+    mods = modules()
+    bad = [f"{os.path.relpath(path, ROOT)}:{line} imports {target}.{name}" for m, path in mods.items()
+           for target, name, line in imports(path, m, mods)
+           if name is not None and name.startswith("_") and not name.startswith("__")]
+    assert bad == []
+
+
+@pytest.mark.parametrize("pkg", PACKAGES + ("experiments",))
+def test_functions_are_short(pkg):
+    long = []
+    for dirpath, _, files in os.walk(os.path.join(ROOT, pkg)):
+        for f in files:
+            path = os.path.join(dirpath, f)
+            rel = os.path.relpath(path, ROOT)
+            if not f.endswith(".py") or rel in LONG_FUNCTIONS_ALLOWED or f.startswith("bench_"):
+                continue
+            for node in ast.walk(ast.parse(open(path).read(), path)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    n = node.end_lineno - node.lineno + 1
+                    if n > MAX_FUNCTION_LINES:
+                        long.append(f"{rel}:{node.lineno} {node.name} ({n} lines)")
+    assert long == []
