@@ -85,7 +85,7 @@ class ModelConfig:
     # the platform's kernel where the shape allows, else the XLA reference), or "contiguous": the [L, B, S, W]
     # cache and einsums (the old path)
     decode_attention_impl: str = _runtime("auto")
-    # expert parallelism (only under a mesh whose expert axis is > 1; see sharding/expert_parallel.py)
+    # expert parallelism (only under a mesh whose expert axis is > 1; see dsjax/layers/moe_parallel.py)
     moe_capacity_factor: float = _runtime(0.0)  # 0: dropless; c > 0: each device sends at most ceil(c*pairs/E)
     moe_device_limit: int = _runtime(0)       # M > 0: a token's experts lie on at most M devices (node-limited)
     moe_dispatch: str = _runtime("auto")      # all-to-all: "ragged" (ragged_all_to_all), "padded"; auto per platform

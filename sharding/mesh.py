@@ -3,7 +3,7 @@
 Every mesh has the four axes data, fsdp, expert, tensor (unnamed ones have size 1), in that order: tensor is
 innermost so tensor-parallel collectives stay on the fastest links (NVLink, neighbouring TPU chips) and data
 outermost so only gradient reductions cross hosts. All axes are `Auto` (GSPMD propagation plus logical
-sharding constraints); the MoE layer switches to manual collectives itself (sharding/expert_parallel.py).
+sharding constraints); the MoE layer switches to manual collectives itself (dsjax/layers/moe_parallel.py).
 
 Scripts call `define_mesh_flags()` at import and `mesh_from_flags()` in main (after absl parsed the flags).
 """

@@ -17,14 +17,15 @@ import numpy as np
 
 import dsjax
 from dsjax.layers.mlp import MLP
-from dsjax.layers.moe import MoE, route, sorted_experts
+from dsjax.layers.moe import MoE
+from dsjax.layers.moe_ops import route, sorted_experts
+from dsjax.layers.moe_parallel import capacity, padded_all_to_all
 from dsjax.model import head_weight
 from dsjax.train.checkpoint import Checkpointer, model_config_dict
 from dsjax.train.losses import lm_loss
 from dsjax.train.optim import OptimConfig
 from dsjax.train.trainer import make_step_fns, model_config
 from experiments.configs import tiny
-from sharding.expert_parallel import capacity, padded_all_to_all
 from sharding.mesh import make_mesh
 from sharding.rules import activate
 from sharding.state import bind, shard_batch, shard_train_state

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsjax.layers.moe import combine_pairs, gather_pairs, pair_order
+from dsjax.layers.moe_ops import combine_pairs, gather_pairs, pair_order
 from dsjax.train.losses import cross_entropy, fused_cross_entropy
 
 

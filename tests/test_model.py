@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import dsjax
-from dsjax.layers.moe import route
+from dsjax.layers.moe_ops import route
 from dsjax.model import head_weight
 from dsjax.train.losses import cross_entropy, lm_loss
 from tests.conftest import randomize_params, param_shapes, tokens
@@ -267,7 +267,7 @@ def test_mtp_flag_needs_depth():
 def test_expert_backends_agree_at_layer_level(tiny_cfg):
     """The Pallas gmm backend (its XLA path on CPU; the kernels are tested in test_grouped_matmul) and the
     dense reference agree with lax.ragged_dot, values and gradients (routing weights included)."""
-    from dsjax.layers.moe import route, routed_experts_local
+    from dsjax.layers.moe_ops import route, routed_experts_local
     rng = np.random.RandomState(0)
     x = jnp.asarray(rng.randn(40, 64), jnp.float32)
     gu, dn = jnp.asarray(0.1 * rng.randn(8, 64, 64), jnp.float32), jnp.asarray(0.1 * rng.randn(8, 32, 64), jnp.float32)

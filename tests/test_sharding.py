@@ -21,7 +21,7 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
 import dsjax
-from dsjax.layers.moe import route
+from dsjax.layers.moe_ops import route
 from sharding.mesh import AXES, make_mesh, parse_mesh_flag
 from sharding.rules import like_params_specs, param_logical_axes, param_specs
 from tests.conftest import param_shapes

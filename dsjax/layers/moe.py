@@ -1,212 +1,23 @@
-"""DeepSeekMoE: router (V3 sigmoid + group-limited + correction bias, or V2 softmax), routed + shared experts.
+"""DeepSeekMoE layer: the router module and the MoE module (routed + shared experts).
 
-Router (float32): scores = sigmoid or softmax of x . W_gate. The correction bias (aux-loss-free balancing) is
-added for *selection only*; with group limiting each group is scored (V3: sum of its top-2 biased scores; V2:
-its max score), the best `topk_group` groups stay, then the top-k experts among them. Combine weights are the
-unbiased scores of the chosen experts, normalised when `norm_topk_prob`, times `routed_scaling_factor`.
-
-Routed experts run on expert-sorted tokens: each (token, choice) pair is sorted by expert, one grouped matmul
-per projection (`jax.lax.ragged_dot`), then un-sorted and combined. `moe_backend="dense"` evaluates every expert
-on every token with a one-hot weight matrix: slow, obviously right, used to test the sorted path.
+The math lives in dsjax/layers/moe_ops.py (routing, expert sort, grouped SwiGLU, combine). Under a bound mesh
+(`sharding.rules.activate`) the routed experts run per device inside shard_map (dsjax/layers/moe_parallel.py):
+tokens never leave their device unless the mesh's expert axis is > 1, which sends them to the experts' owners by
+all-to-all. Without one, on the whole batch with `cfg.moe_backend`.
 """
 from __future__ import annotations
-
-import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
 from dsjax.config import ModelConfig
-from dsjax.layers.mlp import MLP, swiglu
+from dsjax.layers.mlp import MLP
+from dsjax.layers.moe_ops import Routing, expert_counts, route, routed_experts_local, sequence_balance_loss
+from dsjax.layers.moe_parallel import routed_experts
 from dsjax.runtime import resolved
 
 ROUTER_BIAS = "e_score_correction_bias"  # the name the optimizer masks out and the balancing update edits
-
-
-class Routing(NamedTuple):
-    weights: jax.Array   # [N, k] float32 combine weights
-    indices: jax.Array   # [N, k] int32 expert ids
-    scores: jax.Array    # [N, E] float32 unbiased scores
-
-
-def _keep_best_groups(choice: jax.Array, groups: int, keep: int, per_group: int) -> jax.Array:
-    """Mask (-inf) all but the `keep` groups of consecutive experts whose `per_group` best choice scores sum
-    highest. Already-masked entries count as a large negative score, so a group short of `per_group` candidates
-    ranks below every group that has them (device limiting after group limiting never picks an empty device)."""
-    n, e = choice.shape
-    grouped = jnp.where(jnp.isneginf(choice), -1e9, choice).reshape(n, groups, e // groups)
-    score = jax.lax.top_k(grouped, per_group)[0].sum(-1)
-    _, best = jax.lax.top_k(score, keep)
-    mask = jnp.zeros((n, groups), bool).at[jnp.arange(n)[:, None], best].set(True)
-    return jnp.where(jnp.repeat(mask, e // groups, axis=-1), choice, -jnp.inf)
-
-
-def route(logits: jax.Array, bias: jax.Array | None, cfg: ModelConfig, device_groups: int = 1) -> Routing:
-    """Pure router math on float32 logits [N, E].
-
-    `device_groups` > 1 (expert parallelism: the experts split evenly over that many devices) applies
-    `cfg.moe_device_limit` = M: each token keeps the M devices whose top ceil(k/M) biased scores sum highest
-    (DeepSeek-V3's node-limited routing) and picks its k experts there.
-    """
-    logits = logits.astype(jnp.float32)
-    scores = jax.nn.sigmoid(logits) if cfg.scoring_func == "sigmoid" else jax.nn.softmax(logits, axis=-1)
-    choice = scores if bias is None else scores + jax.lax.stop_gradient(bias.astype(jnp.float32))
-    choice = jax.lax.stop_gradient(choice)  # selection is discrete; gradients flow through the weights only
-    e, k = scores.shape[-1], cfg.num_experts_per_tok
-    if cfg.uses_group_limit:  # V3 scores a group by its top-2 biased scores, V2 by its best one
-        choice = _keep_best_groups(choice, cfg.n_group, cfg.topk_group, 2 if cfg.topk_method == "noaux_tc" else 1)
-    limit = cfg.moe_device_limit
-    if device_groups > 1 and 0 < limit < device_groups:
-        per_device = e // device_groups
-        if limit * per_device < k:
-            raise ValueError(f"moe_device_limit={limit} devices x {per_device} experts each cannot hold the "
-                             f"num_experts_per_tok={k} experts of a token")
-        choice = _keep_best_groups(choice, device_groups, limit, min(-(-k // limit), per_device))
-    _, indices = jax.lax.top_k(choice, k)
-    weights = jnp.take_along_axis(scores, indices, axis=-1)
-    if cfg.norm_topk_prob:
-        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
-    return Routing(weights * cfg.routed_scaling_factor, indices.astype(jnp.int32), scores)
-
-
-def expert_counts(indices: jax.Array, num_experts: int) -> jax.Array:
-    """Tokens routed to each expert, int32 [E] (the load the aux-loss-free bias update balances)."""
-    return jnp.zeros((num_experts,), jnp.int32).at[indices.reshape(-1)].add(1)
-
-
-def sequence_balance_loss(scores: jax.Array, indices: jax.Array, batch: int, cfg: ModelConfig) -> jax.Array:
-    """DeepSeek-V3's sequence-wise balance loss sum_i f_i P_i, averaged over sequences (multiply by alpha)."""
-    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
-    scores = scores.reshape(batch, -1, e)
-    t = scores.shape[1]
-    chosen = jnp.zeros(scores.shape, jnp.float32).at[
-        jnp.arange(batch)[:, None, None], jnp.arange(t)[None, :, None], indices.reshape(batch, t, k)].set(1.0)
-    f = chosen.sum(1) * (e / (k * t))
-    p = (scores / scores.sum(-1, keepdims=True)).mean(1)
-    return (f * p).sum(-1).mean()
-
-
-def ragged_dot(lhs, rhs, sizes):
-    return jax.lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=jnp.float32)
-
-
-def pallas_gmm(lhs, rhs, sizes, platform=None):
-    # Mosaic GPU / TPU kernel for `platform` (XLA elsewhere). Accumulates in float32 and writes the compute
-    # dtype, halving the traffic of the [tokens x k, 2I] intermediate against a float32 output.
-    from pallas_kernels.grouped_matmul import gmm
-    return gmm(lhs, rhs, sizes, platform=platform)
-
-
-def grouped_ffn(rows, sizes, gate_up, down, dtype, matmul=ragged_dot):
-    """Each expert's SwiGLU on its contiguous group of rows: rows [M, D] sorted by expert, sizes [E] (rows past
-    their sum are padding), gate_up [E, D, 2I] (gate | up), down [E, I, D]. Returns [M, D] (float32 or dtype)."""
-    gate, up = jnp.split(matmul(rows.astype(dtype), gate_up.astype(dtype), sizes), 2, axis=-1)
-    return matmul(swiglu(gate, up, jnp.dtype(dtype)), down.astype(dtype), sizes)
-
-
-class PairOrder(NamedTuple):
-    """Where each (token, choice) pair goes when rows are sorted by expert. A pair's index is token * k + choice."""
-    order: jax.Array    # [P] int32: sorted slot -> pair
-    inverse: jax.Array  # [P] int32: pair -> sorted slot
-    sizes: jax.Array    # [E] int32: pairs per expert (the group sizes of the grouped matmuls)
-
-
-def pair_order(indices: jax.Array, num_experts: int) -> PairOrder:
-    """Sort the (token, choice) pairs of `indices` [N, k] by expert, stably; computed once per layer, its inverse
-    reused by the un-sort and by both backward passes (which are gathers, not scatter-adds)."""
-    flat = indices.reshape(-1)
-    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32),
-                                                  unique_indices=True)
-    return PairOrder(order, inverse, jnp.bincount(flat, length=num_experts).astype(jnp.int32))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def gather_pairs(x: jax.Array, order: jax.Array, inverse: jax.Array, k: int) -> jax.Array:
-    """Expert-sorted rows: x [N, D] -> [N * k, D], row s = x[order[s] // k]."""
-    return x[order // k]
-
-
-def _gather_pairs_fwd(x, order, inverse, k):
-    return x[order // k], inverse
-
-
-def _gather_pairs_bwd(k, inverse, g):
-    # each token's k rows sit at inverse[token * k + j]: gather them back and sum (no scatter-add)
-    return g[inverse].reshape(-1, k, g.shape[-1]).sum(1, dtype=jnp.float32).astype(g.dtype), None, None
-
-
-gather_pairs.defvjp(_gather_pairs_fwd, _gather_pairs_bwd)
-
-
-@jax.custom_vjp
-def combine_pairs(y: jax.Array, order: jax.Array, inverse: jax.Array, weights: jax.Array) -> jax.Array:
-    """Un-sort and combine: y [N * k, D] expert-sorted -> out [N, D] = sum_j weights[n, j] * y[inverse[n * k + j]],
-    accumulated in float32, returned in y's dtype."""
-    return _combine(y, inverse, weights)
-
-
-def _combine(y, inverse, weights):
-    n, k = weights.shape
-    picked = y[inverse].reshape(n, k, y.shape[-1]).astype(jnp.float32)
-    return jnp.einsum("nkd,nk->nd", picked, weights.astype(jnp.float32)).astype(y.dtype)
-
-
-def _combine_pairs_fwd(y, order, inverse, weights):
-    return _combine(y, inverse, weights), (y, order, inverse, weights)
-
-
-def _combine_pairs_bwd(res, g):
-    y, order, inverse, weights = res
-    n, k = weights.shape
-    g32 = g.astype(jnp.float32)
-    # d y[s] = weight of pair order[s] * g[token of that pair]; d weights[n, j] = <g[n], y[inverse[n * k + j]]>
-    dy = (weights.reshape(-1)[order][:, None].astype(jnp.float32) * g32[order // k]).astype(y.dtype)
-    dw = jnp.einsum("nkd,nd->nk", y[inverse].reshape(n, k, -1).astype(jnp.float32), g32)
-    return dy, None, None, dw.astype(weights.dtype)
-
-
-combine_pairs.defvjp(_combine_pairs_fwd, _combine_pairs_bwd)
-
-
-def sorted_experts(x, routing: Routing, gate_up, down, dtype, matmul=ragged_dot):
-    """Routed experts on expert-sorted rows with grouped matmuls. x [N, D]; gate_up [E, D, 2I]; down [E, I, D]."""
-    k = routing.indices.shape[1]
-    with jax.named_scope("dispatch"):
-        po = pair_order(routing.indices, gate_up.shape[0])
-        rows = gather_pairs(x.astype(dtype), po.order, po.inverse, k)
-    with jax.named_scope("experts"):
-        y = grouped_ffn(rows, po.sizes, gate_up, down, dtype, matmul).astype(dtype)
-    with jax.named_scope("combine"):
-        return combine_pairs(y, po.order, po.inverse, routing.weights)
-
-
-def dense_experts(x, routing: Routing, gate_up, down, dtype):
-    """Reference: every expert on every token, combined with a one-hot [N, E] weight matrix."""
-    n = x.shape[0]
-    e = gate_up.shape[0]
-    comb = jnp.zeros((n, e), jnp.float32).at[jnp.arange(n)[:, None], routing.indices].add(routing.weights)
-    h = jnp.einsum("nd,edf->enf", x.astype(dtype), gate_up.astype(dtype), preferred_element_type=jnp.float32)
-    gate, up = jnp.split(h, 2, axis=-1)
-    a = (jax.nn.silu(gate) * up).astype(dtype)
-    y = jnp.einsum("enf,efd->end", a, down.astype(dtype), preferred_element_type=jnp.float32)
-    return jnp.einsum("end,ne->nd", y, comb).astype(dtype)
-
-
-def expert_matmul(cfg: ModelConfig):
-    """The grouped matmul of a resolved config's sorted-row expert backend."""
-    if cfg.moe_backend == "gmm":
-        return functools.partial(pallas_gmm, platform=cfg.platform)
-    return ragged_dot
-
-
-def routed_experts_local(x, routing: Routing, gate_up, down, cfg: ModelConfig):
-    """Routed experts of a resolved config on this device's tokens: sorted rows, or the dense reference."""
-    if cfg.moe_backend == "dense":
-        return dense_experts(x, routing, gate_up, down, jnp.dtype(cfg.dtype))
-    return sorted_experts(x, routing, gate_up, down, jnp.dtype(cfg.dtype), expert_matmul(cfg))
 
 
 class Router(nn.Module):
@@ -230,9 +41,7 @@ def mesh_bound() -> bool:
 
 
 class MoE(nn.Module):
-    """Routed + shared experts. Under a bound mesh the routed experts run per device inside shard_map (tokens
-    never leave their device unless the mesh's expert axis is > 1, which sends them to the experts' owners by
-    all-to-all: sharding/expert_parallel.py); without one, on the whole batch with `cfg.moe_backend`."""
+    """Routed + shared experts (see the module docstring for when the routed experts go through shard_map)."""
     cfg: ModelConfig
 
     @nn.compact
@@ -247,7 +56,6 @@ class MoE(nn.Module):
         gate_up = self.param("experts_gate_up_proj", init, (e, d, 2 * i), pdt)
         down = self.param("experts_down_proj", init, (e, i, d), pdt)
         if mesh_bound():
-            from sharding.expert_parallel import routed_experts  # imported here: sharding imports this module
             y, counts, balance = routed_experts(x, gate.kernel, gate.bias, gate_up, down, cfg)
         else:
             flat = x.reshape(b * t, d)

@@ -12,7 +12,7 @@ total size ep > 1, each device owns E/ep experts and:
 Dropless by default: the receive buffer holds ep x (this device's pairs) rows, enough for every source to send
 every pair to one owner. `moe_capacity_factor` c > 0 bounds each source's rows per expert by ceil(c*pairs/E)
 (later tokens drop first; a dropped pair adds nothing) and shrinks the buffers to match. `moe_device_limit`
-restricts each token to M owners (dsjax.layers.moe.route). The all-to-all is `lax.ragged_all_to_all` (only real
+restricts each token to M owners (dsjax.layers.moe_ops.route). The all-to-all is `lax.ragged_all_to_all` (only real
 rows travel) on GPU/TPU; XLA:CPU lacks it, so there `padded_all_to_all` sends fixed-size blocks with the same
 contract (`moe_dispatch` overrides the choice). A tensor axis on `expert_mlp` splits every expert's width;
 partial outputs are summed over it. Expert counts come out summed over every token shard (the global load the
@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from dsjax.config import ModelConfig
-from dsjax.layers.moe import (combine_pairs, expert_counts, expert_matmul, gather_pairs, grouped_ffn, pair_order,
-                              route, routed_experts_local, sequence_balance_loss)
+from dsjax.layers.moe_ops import (combine_pairs, expert_counts, expert_matmul, gather_pairs, grouped_ffn,
+                                  pair_order, route, routed_experts_local, sequence_balance_loss)
 from sharding.rules import logical_spec
 
 
