@@ -1,6 +1,7 @@
 """The latent KV cache: per layer and token, normalised c_kv (kv_lora_rank) then roped k_pe (qk_rope_head_dim).
 
-Two layouts, one interface (the model and the engine call the methods, never branch on the type):
+Two layouts, one interface (the model, MLA and the engine call the methods, never branch on the type: a segment's
+layers come out as `ContiguousLayers` or `PagedLayers`, which `write` new rows and `attend` over them):
 - `KVCache` (contiguous): slot s of a sequence's row holds the token at absolute position s, [L, B, S, W].
 - `PagedKVCache` (serving): a pool of pages [L, num_pages, page_size, W] per segment, and a block table
   [B, max_pages] saying which page holds positions [i * page_size, (i + 1) * page_size) of sequence b. The
@@ -18,8 +19,34 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsjax.config import ModelConfig
+from dsjax.layers.attention import absorbed_attention, cache_mask, paged_absorbed_attention
 
 PAGE_SIZE = 64  # tokens per page; the engine's choice (a multiple of the kernel's key tile)
+
+
+class ContiguousLayers(NamedTuple):
+    """One segment's contiguous cache as the scan carries it and MLA receives it: stack [L, B, S, W] (a scanned
+    segment; MLA gets its layer index) or [B, S, W] (one MTP depth). Same methods as PagedLayers."""
+    stack: jax.Array
+
+    @property
+    def capacity(self) -> int:
+        return self.stack.shape[-2]
+
+    def write(self, new: jax.Array, positions: jax.Array, layer=None) -> "ContiguousLayers":
+        """Scatter new latent rows [B, T, W] at their absolute positions [B, T] (slot s = position s), into the
+        stack directly so a decode loop stays in place. Positions outside [0, S) are dropped (parked padding)."""
+        b = jnp.arange(new.shape[0])[:, None]
+        pos = jnp.where(positions < 0, self.capacity, positions)
+        idx = (b, pos) if layer is None else (layer, b, pos)
+        return ContiguousLayers(self.stack.at[idx].set(new.astype(self.stack.dtype), mode="drop"))
+
+    def attend(self, q_lat, q_pe, positions, layer, cfg: ModelConfig) -> jax.Array:
+        """Absorbed attention of q_lat [B, T, H, C] / q_pe [B, T, H, R] over this layer's rows (einsums; a query
+        at position p sees slots <= p) -> [B, T, H, C] in the latent space."""
+        kv = self.stack if layer is None else self.stack[layer]
+        mask = cache_mask(positions, kv.shape[1])
+        return absorbed_attention(q_lat, q_pe, kv, mask, cfg.softmax_scale, cfg.kv_lora_rank, cfg.platform)
 
 
 class KVCache(NamedTuple):
@@ -41,18 +68,19 @@ class KVCache(NamedTuple):
         return next(a for a in self if a is not None).shape[1]
 
     # The layout-independent interface used by model.py and generate.py (PagedKVCache has the same methods).
-    def layers(self, segment: str):
-        """What one segment's nn.scan carries (and MLA receives): here the stacked array itself."""
-        return getattr(self, segment)
+    def layers(self, segment: str) -> ContiguousLayers | None:
+        """What one segment's nn.scan carries (and MLA receives)."""
+        stack = getattr(self, segment)
+        return None if stack is None else ContiguousLayers(stack)
 
     def with_layers(self, segment: str, carried) -> "KVCache":
-        return self._replace(**{segment: carried})
+        return self._replace(**{segment: None if carried is None else carried.stack})
 
-    def mtp_layer(self, depth: int):
-        return self.mtp[depth]
+    def mtp_layer(self, depth: int) -> ContiguousLayers:
+        return ContiguousLayers(self.mtp[depth])
 
-    def with_mtp_layers(self, carried: Sequence) -> "KVCache":
-        return self._replace(mtp=jnp.stack(list(carried)))
+    def with_mtp_layers(self, carried: Sequence[ContiguousLayers]) -> "KVCache":
+        return self._replace(mtp=jnp.stack([c.stack for c in carried]))
 
     def record(self, positions: jax.Array) -> "KVCache":
         return self  # no per-sequence lengths: the contiguous layout masks by position alone
@@ -97,6 +125,13 @@ class PagedLayers(NamedTuple):
         page = jnp.where(valid, jnp.take_along_axis(self.block_table, pos // p, axis=1), n)  # n: out of range
         idx = (page, pos % p) if layer is None else (layer, page, pos % p)
         return self._replace(pages=self.pages.at[idx].set(new.astype(self.pages.dtype), mode="drop"))
+
+    def attend(self, q_lat, q_pe, positions, layer, cfg: ModelConfig) -> jax.Array:
+        """Absorbed attention over this layer's pages through the MLA decode kernel (backend
+        cfg.decode_attention_impl, built for cfg.platform) -> [B, T, H, C] in the latent space."""
+        pool, table = self.pool(layer)
+        return paged_absorbed_attention(q_lat, q_pe, pool, table, self.capacity, positions, cfg.softmax_scale,
+                                        cfg.decode_attention_impl, cfg.platform)
 
 
 class PagedKVCache(NamedTuple):

@@ -42,7 +42,7 @@ def make_synthetic(hf_dir: str, cfg=None, fp8: bool = False, max_shard_bytes: in
     tensors go to disk one at a time (safetensors_io.ShardedWriter), so this stays small in memory too."""
     import jax.numpy as jnp
     from dsjax.convert import fp8 as fp8_lib
-    from dsjax.convert import export, hf
+    from dsjax.convert import export, plan
     from dsjax.convert import safetensors_io as st
 
     cfg = cfg or synthetic_config()
@@ -52,7 +52,7 @@ def make_synthetic(hf_dir: str, cfg=None, fp8: bool = False, max_shard_bytes: in
     codes[(codes & 0x7F) == 0x7F] -= 1  # no NaN codes
     pools = {np.dtype(jnp.bfloat16): pool, np.dtype(np.float32): pool.astype(np.float32), fp8_lib.E4M3:
              codes.view(fp8_lib.E4M3)}
-    leaf_dtypes = {p: np.dtype(s.dtype) for p, s in hf.leaf_specs(cfg).items()}
+    leaf_dtypes = {p: np.dtype(s.dtype) for p, s in plan.leaf_specs(cfg).items()}
     specs = export.export_specs(cfg, leaf_dtypes, jnp.bfloat16, fp8)
     os.makedirs(hf_dir, exist_ok=True)
     with open(os.path.join(hf_dir, "config.json"), "w") as f:

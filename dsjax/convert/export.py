@@ -20,7 +20,7 @@ import numpy as np
 from dsjax.config import ModelConfig
 from dsjax.convert import fp8 as fp8_lib
 from dsjax.convert import safetensors_io as st
-from dsjax.convert.hf import Unit, _get, expected_shapes, hf_shapes, mtp_copies, ordered_map, units
+from dsjax.convert.plan import Unit, expected_shapes, get_leaf, hf_shapes, mtp_copies, ordered_map, units
 
 
 def export_specs(cfg: ModelConfig, leaf_dtypes: dict[str, np.dtype], dtype=None, fp8: bool = False):
@@ -84,7 +84,7 @@ def hf_tensors(cfg: ModelConfig, params, dtype=None):
     """Yield (HF name, numpy array) for every tensor of the checkpoint, MTP copies of embed/head included."""
     leaf_dtypes = {p: np.dtype(x.dtype) for p, x in _flat(params).items()}
     specs = export_specs(cfg, leaf_dtypes, dtype)
-    yield from export_tensors(cfg, lambda u: np.asarray(jax.device_get(_get(params, u.path)))[u.index], specs)
+    yield from export_tensors(cfg, lambda u: np.asarray(jax.device_get(get_leaf(params, u.path)))[u.index], specs)
 
 
 def _flat(params) -> dict:
@@ -157,7 +157,7 @@ def save_hf(out_dir: str, cfg: ModelConfig, params, dtype=None, max_shard_bytes:
 
     def read(u: Unit) -> np.ndarray:
         if u.path not in host:
-            host[u.path] = np.asarray(jax.device_get(_get(params, u.path)))
+            host[u.path] = np.asarray(jax.device_get(get_leaf(params, u.path)))
         return host[u.path][u.index]
     with atomic_dir(out_dir) as tmp:
         write_hf(tmp, cfg, export_tensors(cfg, read, specs), specs, dtype, fp8, max_shard_bytes)

@@ -2,8 +2,9 @@
 
 Our own so that every error names the file and the tensor, reads are lazy (one tensor at a time: `get` is a view
 of a memory map, `read` a positional read into a fresh buffer, for streaming conversion), writes can stream
-into shards whose layout is planned up front (`ShardedWriter`), and FP8 e4m3 works without torch. Format: u64 little-endian header length, a JSON header
-{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the raw bytes.
+into shards whose layout is planned up front (`ShardedWriter`), and FP8 e4m3 works without torch. Format: u64
+little-endian header length, a JSON header {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}},
+then the raw bytes.
 """
 from __future__ import annotations
 

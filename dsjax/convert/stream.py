@@ -3,7 +3,7 @@
   hf_to_orbax(hf_dir, out, dtype="bfloat16", mesh="fsdp:8,expert:8")   # the released 641 GB FP8 checkpoint in
   orbax_to_hf(checkpoint, out, fp8=True)                              # a trained model back to PyTorch
 
-Memory: `workers` units at a time (hf.Unit: one layer of a leaf, or one routed expert of it; the threads overlap
+Memory: `workers` units at a time (plan.Unit: one layer of a leaf, or one routed expert of it; the threads overlap
 reads, FP8 scaling and transposes, which release the GIL), read with positional reads rather than mmap so pages do
 not pile up in the resident set, plus TensorStore's bounded write-behind (`max_inflight_bytes`). For DeepSeek-V3
 the largest unit is the embedding / lm_head (129280 x 7168: 1.85 GB in bf16, 3.7 GB in float32); an expert's
@@ -28,7 +28,7 @@ import numpy as np
 
 from dsjax.config import ModelConfig
 from dsjax.convert import fp8 as fp8_lib
-from dsjax.convert import export, hf
+from dsjax.convert import export, hf, plan
 from dsjax.convert.orbax_io import ParamsReader, ParamsWriter, chunk_shape, mesh_sizes
 from dsjax.convert.source import CheckpointError, HFSource
 
@@ -80,7 +80,7 @@ def _copy_side_files(src_dirs, dst):
                 shutil.copy2(path, os.path.join(dst, name))
 
 
-def _unit_bytes(source: HFSource, unit: hf.Unit) -> int:
+def _unit_bytes(source: HFSource, unit: plan.Unit) -> int:
     n = 0
     for name in unit.names:
         n += source.nbytes(name)
@@ -105,7 +105,7 @@ def hf_to_orbax(hf_dir: str, out: str, dtype: str = "bfloat16", mesh: str = "", 
         cfg = hf.resolve_mtp(cfg, source)
         todo = hf.check_source(cfg, source)          # every header checked before anything is written
         todo.sort(key=lambda u: source.location(u.names[0]))  # shard by shard, front to back
-        specs = hf.leaf_specs(cfg)
+        specs = plan.leaf_specs(cfg)
         unit_axes = {u.path: len(u.index) for u in todo}
         leaves = {p: (tuple(s.shape), np.dtype(s.dtype)) for p, s in specs.items()}
         chunks = {p: chunk_shape(p, leaves[p][0], sizes, unit_axes[p]) for p in leaves}
@@ -113,7 +113,7 @@ def hf_to_orbax(hf_dir: str, out: str, dtype: str = "bfloat16", mesh: str = "", 
         with export.atomic_dir(out, overwrite) as tmp:
             os.makedirs(os.path.join(tmp, "config"))
             writer = ParamsWriter(os.path.join(tmp, "params"), leaves, chunks, max_inflight_bytes)
-            values = hf.ordered_map(lambda u: hf.read_unit(source, u, leaves[u.path][1]), todo, workers)
+            values = plan.ordered_map(lambda u: hf.read_unit(source, u, leaves[u.path][1]), todo, workers)
             try:
                 for u, value in zip(todo, values):
                     writer.write(u.path, u.index, value)
@@ -137,12 +137,12 @@ def _write_config(step_dir, cfg, conversion):
 
 def open_orbax(checkpoint: str) -> tuple[str, ModelConfig, ParamsReader]:
     """(step dir, config, reader) for a converted checkpoint, a pretraining workdir or one of its step dirs."""
-    from dsjax.train.checkpoint import _step_dir, model_config_from_dict
-    step = _step_dir(checkpoint)
+    from dsjax.train.checkpoint import model_config_from_dict, step_dir
+    step = step_dir(checkpoint)
     with open(os.path.join(step, "config", "metadata")) as f:
         cfg = model_config_from_dict(json.load(f)["model"])
     reader = ParamsReader(os.path.join(step, "params"))
-    for path, spec in hf.leaf_specs(cfg).items():
+    for path, spec in plan.leaf_specs(cfg).items():
         if path not in reader.paths:
             raise CheckpointError(f"{step}/params: missing parameter {path!r}, which its config needs")
         if reader.shape(path) != tuple(spec.shape):

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax instead of NaN
+KERNEL_LATENT_DIM = 512  # mla_decode's value width (DeepSeek-V2/V3 kv_lora_rank)
 # Documents per row the cuDNN packed layout describes; a row holding more attends across the boundaries of its
 # last ones (still causally). Packed rows of 2,048 stdlib tokens hold at most 4.
 CUDNN_MAX_SEGMENTS = 16
@@ -80,6 +81,58 @@ def cudnn_attention(q, k, v, segment_ids, scale, max_segments: int = CUDNN_MAX_S
     mask = None if segment_ids is None else (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
     o = jax.nn.dot_product_attention(q, k, vp, mask=mask, scale=scale, is_causal=True, implementation="cudnn")
     return o[..., :dv]
+
+
+def cache_mask(positions: jax.Array, cache_len: int) -> jax.Array:
+    """[B, T, S] bool: cache slot s (= absolute position s) visible to a query at position p iff s <= p."""
+    return jnp.arange(cache_len)[None, None, :] <= positions[:, :, None]
+
+
+def _f32_einsum(eq, a, b, platform):
+    # XLA:CPU has no bf16 x bf16 -> f32 dot for these dimension layouts; elsewhere keep bf16 operands.
+    if platform == "cpu" and a.dtype != jnp.float32:
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)
+
+
+def absorbed_attention(q_lat, q_pe, kv_cache, mask, scale, kv_lora_rank, platform="gpu"):
+    """Attention over latent cache rows [c_kv | k_pe]. q_lat [B,T,H,C]; kv_cache [B,S,C+R]. Returns [B,T,H,C]."""
+    c_kv, k_pe = kv_cache[..., :kv_lora_rank], kv_cache[..., kv_lora_rank:]
+    s = _f32_einsum("bthc,bsc->bhts", q_lat, c_kv.astype(q_lat.dtype), platform)
+    s = s + _f32_einsum("bthr,bsr->bhts", q_pe, k_pe.astype(q_pe.dtype), platform)
+    s = jnp.where(mask[:, None], s * scale, NEG_INF)
+    p = jax.nn.softmax(s, axis=-1).astype(q_lat.dtype)
+    return _f32_einsum("bhts,bsc->bthc", p, c_kv.astype(q_lat.dtype), platform)
+
+
+def paged_absorbed_attention(q_lat, q_pe, pool, table, capacity, positions, scale, backend, platform):
+    """Absorbed attention over a paged cache (pool [n, P, C+R] and block table, `capacity` positions per row)
+    through the MLA decode kernel. Returns [B,T,H,C] (latent space).
+
+    The kernel's causal rule is by query index: with `lengths` tokens cached, query i of T sees positions
+    < lengths - T + i + 1. Taking lengths = 1 + the row's last valid position makes that "position <= p" for a
+    chunk of consecutive positions (every caller: decode, 2-token verification, chunks) whose invalid (parked)
+    queries, if any, come first (the MTP step's pending row). Callers discard parked queries' outputs; zeroing
+    them keeps whatever a backend computes there (their key range can be empty) out of later layers' activations.
+    The softmax scale is cfg.softmax_scale, YaRN mscale included, exactly as on the contiguous path.
+    """
+    # lazy: the model imports (and trains) without the kernel package
+    from pallas_kernels.mla_decode import mla_decode, mla_decode_reference
+
+    t = q_lat.shape[1]
+    valid = (positions >= 0) & (positions < capacity)
+    lengths = jnp.max(jnp.where(valid, positions + 1, 0), axis=1)
+    lengths = jnp.where(valid.any(1), lengths, t).astype(jnp.int32)  # all parked: any in-range length will do
+    q = jnp.concatenate([q_lat, q_pe.astype(q_lat.dtype)], axis=-1)
+    c = q_lat.shape[-1]
+    if c == KERNEL_LATENT_DIM:
+        out, _ = mla_decode(q, pool, table, lengths, softmax_scale=scale, backend=backend, platform=platform)
+    elif backend in ("auto", "xla"):  # small test models: the reference with their latent width as values
+        out, _ = mla_decode_reference(q, pool, table, lengths, softmax_scale=scale, v_dim=c)
+    else:
+        raise ValueError(f"decode_attention_impl={backend!r}: the kernels need kv_lora_rank "
+                         f"{KERNEL_LATENT_DIM}, got {c}; use 'auto', 'xla' or 'contiguous'")
+    return jnp.where(valid[:, :, None, None], out, 0)
 
 
 @jax.named_scope("attention_core")

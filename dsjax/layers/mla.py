@@ -16,14 +16,12 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from dsjax.cache import PagedLayers
 from dsjax.config import ModelConfig
-from dsjax.layers.attention import NEG_INF, attention
+from dsjax.layers.attention import attention
 from dsjax.layers.norms import RMSNorm
 from dsjax.runtime import resolved
 from dsjax.layers.rope import apply_rope
 
-KERNEL_LATENT_DIM = 512  # mla_decode's value width (DeepSeek-V2/V3 kv_lora_rank)
 HEADS = ("batch", "seq", "heads", None)  # logical axes of per-head activations (sharding/rules.py)
 
 
@@ -42,80 +40,15 @@ class Linear(nn.Module):
         return jnp.dot(x.astype(dt), self.kernel.astype(dt))
 
 
-def cache_mask(positions: jax.Array, cache_len: int) -> jax.Array:
-    """[B, T, S] bool: cache slot s (= absolute position s) visible to a query at position p iff s <= p."""
-    return jnp.arange(cache_len)[None, None, :] <= positions[:, :, None]
-
-
-def _f32_einsum(eq, a, b):
-    # XLA:CPU has no bf16 x bf16 -> f32 dot for these dimension layouts; elsewhere keep bf16 operands.
-    if jax.default_backend() == "cpu" and a.dtype != jnp.float32:
-        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)
-
-
-def absorbed_attention(q_lat, q_pe, kv_cache, mask, scale, kv_lora_rank):
-    """Attention over latent cache rows [c_kv | k_pe]. q_lat [B,T,H,C]; kv_cache [B,S,C+R]. Returns [B,T,H,C]."""
-    c_kv, k_pe = kv_cache[..., :kv_lora_rank], kv_cache[..., kv_lora_rank:]
-    s = _f32_einsum("bthc,bsc->bhts", q_lat, c_kv.astype(q_lat.dtype))
-    s = s + _f32_einsum("bthr,bsr->bhts", q_pe, k_pe.astype(q_pe.dtype))
-    s = jnp.where(mask[:, None], s * scale, NEG_INF)
-    p = jax.nn.softmax(s, axis=-1).astype(q_lat.dtype)
-    return _f32_einsum("bhts,bsc->bthc", p, c_kv.astype(q_lat.dtype))
-
-
-def paged_absorbed_attention(q_lat, q_pe, kv: PagedLayers, positions, layer, scale, backend, platform):
-    """Absorbed attention over a paged cache through the MLA decode kernel. Returns [B,T,H,C] (latent space).
-
-    The kernel's causal rule is by query index: with `lengths` tokens cached, query i of T sees positions
-    < lengths - T + i + 1. Taking lengths = 1 + the row's last valid position makes that "position <= p" for a
-    chunk of consecutive positions (every caller: decode, 2-token verification, chunks) whose invalid (parked)
-    queries, if any, come first (the MTP step's pending row). Callers discard parked queries' outputs; zeroing
-    them keeps whatever a backend computes there (their key range can be empty) out of later layers' activations.
-    The softmax scale is cfg.softmax_scale, YaRN mscale included, exactly as on the contiguous path.
-    """
-    # lazy: the model imports (and trains) without the kernel package
-    from pallas_kernels.mla_decode import mla_decode, mla_decode_reference
-
-    t = q_lat.shape[1]
-    valid = (positions >= 0) & (positions < kv.capacity)
-    lengths = jnp.max(jnp.where(valid, positions + 1, 0), axis=1)
-    lengths = jnp.where(valid.any(1), lengths, t).astype(jnp.int32)  # all parked: any in-range length will do
-    pool, table = kv.pool(layer)
-    q = jnp.concatenate([q_lat, q_pe.astype(q_lat.dtype)], axis=-1)
-    c = q_lat.shape[-1]
-    if c == KERNEL_LATENT_DIM:
-        out, _ = mla_decode(q, pool, table, lengths, softmax_scale=scale, backend=backend, platform=platform)
-    elif backend in ("auto", "xla"):  # small test models: the reference with their latent width as values
-        out, _ = mla_decode_reference(q, pool, table, lengths, softmax_scale=scale, v_dim=c)
-    else:
-        raise ValueError(f"decode_attention_impl={backend!r}: the kernels need kv_lora_rank "
-                         f"{KERNEL_LATENT_DIM}, got {c}; use 'auto', 'xla' or 'contiguous'")
-    return jnp.where(valid[:, :, None, None], out, 0)
-
-
-def write_cache(kv_cache: jax.Array, new: jax.Array, positions: jax.Array, layer=None) -> jax.Array:
-    """Scatter new latent rows [B,T,W] at their absolute positions [B,T] into kv_cache [B,S,W], or into layer
-    `layer` of a stacked [L,B,S,W] cache (scattering into the stack directly keeps a decode loop in place).
-
-    Positions outside [0, S) are dropped, so callers can park padding tokens at position >= S.
-    """
-    seq = kv_cache.shape[-2]
-    b = jnp.arange(new.shape[0])[:, None]
-    pos = jnp.where(positions < 0, seq, positions)
-    idx = (b, pos) if layer is None else (layer, b, pos)
-    return kv_cache.at[idx].set(new.astype(kv_cache.dtype), mode="drop")
-
-
 class MLA(nn.Module):
     cfg: ModelConfig
     absorb: bool = False  # with a cache: attend through the absorbed path over the cache (decode)
 
     @nn.compact
     def __call__(self, x, cos, sin, segment_ids=None, positions=None, kv_cache=None, layer=None):
-        """x [B,T,D]; cos/sin [B,T,R/2]; kv_cache [B,S,C+R], or [L,B,S,C+R] with `layer` its index, or a
-        `PagedLayers` (pages [num_pages,P,C+R] or [L,num_pages,P,C+R] with `layer`), or None.
-        Returns (out [B,T,D], new kv_cache)."""
+        """x [B,T,D]; cos/sin [B,T,R/2]; kv_cache: one layer's (or, with `layer` its index, a stacked segment's)
+        latent cache as the cache hands it out (dsjax/cache.py: `write` and `attend`, whatever the layout), or
+        None. Returns (out [B,T,D], new kv_cache)."""
         cfg = resolved(self.cfg)
         h, nope, rdim, vdim, c = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                                   cfg.v_head_dim, cfg.kv_lora_rank)
@@ -135,23 +68,15 @@ class MLA(nn.Module):
         k_pe = apply_rope(kv[..., c:], cos, sin)
 
         kv_b = Linear(c, h * (nope + vdim), cfg, name="kv_b_proj")
-        paged = isinstance(kv_cache, PagedLayers)
         if kv_cache is not None:
-            new = jnp.concatenate([c_kv, k_pe], axis=-1)
-            kv_cache = kv_cache.write(new, positions, layer) if paged else write_cache(kv_cache, new, positions, layer)
+            kv_cache = kv_cache.write(jnp.concatenate([c_kv, k_pe], axis=-1), positions, layer)
 
         if kv_cache is not None and self.absorb:
             # kv_b's kernel [C, H*(nope+v)] viewed per head: the first `nope` columns map c_kv to keys (absorbed
             # into the query), the rest map it to values (absorbed into the output).
             w = kv_b.kernel.astype(jnp.dtype(cfg.dtype)).reshape(c, h, nope + vdim)
             q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w[..., :nope])
-            if paged:
-                o_lat = paged_absorbed_attention(q_lat, q_pe, kv_cache, positions, layer, cfg.softmax_scale,
-                                                 cfg.decode_attention_impl, cfg.platform)
-            else:
-                layer_kv = kv_cache if layer is None else kv_cache[layer]
-                mask = cache_mask(positions, layer_kv.shape[1])
-                o_lat = absorbed_attention(q_lat, q_pe, layer_kv, mask, cfg.softmax_scale, c)
+            o_lat = kv_cache.attend(q_lat, q_pe, positions, layer, cfg)
             o = jnp.einsum("bthc,chv->bthv", o_lat.astype(w.dtype), w[..., nope:])
         else:
             kvh = nn.with_logical_constraint(kv_b(c_kv).reshape(b, t, h, nope + vdim), HEADS)

@@ -78,7 +78,7 @@ class Checkpointer:
         self._mngr.close()
 
 
-def _step_dir(path: str) -> str:
+def step_dir(path: str) -> str:
     """A workdir (-> its latest committed step), a checkpoints/ dir, or one step's directory."""
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, "params")):
@@ -91,6 +91,9 @@ def _step_dir(path: str) -> str:
     return os.path.join(root, str(steps[-1]))
 
 
+_step_dir = step_dir  # the old private name, still imported by experiments/generate.py
+
+
 def load_for_inference(path: str, dtype=None, mesh=None, **runtime):
     """(ModelConfig, params) from a pretraining workdir (its latest step) or one step's directory (also what
     `experiments/convert.py --to=orbax` writes).
@@ -98,8 +101,8 @@ def load_for_inference(path: str, dtype=None, mesh=None, **runtime):
     Params come back in the dtypes the checkpoint's config declares (its param_dtype; the router float32), on
     one local device, or with `mesh` placed straight onto it by the rule table (sharding/rules.py): each device
     reads only its own shards, so a checkpoint larger than one host's memory restores."""
-    step_dir = _step_dir(path)
-    with open(os.path.join(step_dir, "config", "metadata")) as f:  # where it trained is not where it runs now
+    step = step_dir(path)
+    with open(os.path.join(step, "config", "metadata")) as f:  # where it trained is not where it runs now
         cfg = model_config_from_dict(json.load(f)["model"], **{**dict.fromkeys(AUTO_FIELDS, "auto"), **runtime})
     from dsjax.model import DeepSeekV3
     import jax.numpy as jnp
@@ -113,7 +116,7 @@ def load_for_inference(path: str, dtype=None, mesh=None, **runtime):
         from sharding.state import state_shardings
         shardings = state_shardings(mesh, shapes)[0]
     shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    params = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "params"), shapes)
+    params = ocp.StandardCheckpointer().restore(os.path.join(step, "params"), shapes)
     if dtype is not None:
         params = jax.tree.map(lambda x: x.astype(dtype), params)
     return cfg, params
