@@ -53,7 +53,7 @@ from dsjax.model import DeepSeekV3
 from dsjax.sampling import (SamplerProgram, SamplingConfig, pick, sample, sampling_logprobs,
                             speculative_accept)
 
-__all__ = ["SamplingConfig", "GenerationResult", "generate", "bucket_length"]
+__all__ = ["SamplingConfig", "GenerationResult", "generate", "bucket_length", "Engine", "engine"]
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -113,101 +113,127 @@ def _emit(buf, values, index, mask):
     return buf.at[rows, jnp.where(mask, index, buf.shape[1])].set(values.astype(buf.dtype), mode="drop")
 
 
-@functools.lru_cache(maxsize=32)
-def _engine(cfg: ModelConfig, prog: SamplerProgram, max_new: int, max_len: int, cache_dtype: str,
-            speculative: bool, sync_every: int):
-    """(prefill, decode) jitted for one configuration; jax.jit then caches per (batch, bucket) shape."""
-    model = DeepSeekV3(cfg)
-    S, N = max_len, max_new
-    paged = cfg.decode_attention_impl != "contiguous"
-    park = pages_per_sequence(S) * PAGE_SIZE if paged else S  # = cache capacity: writes there are dropped
+def _is_stop(tok, dyn):
+    """[B] bool: tok[b] is one of the stop ids (dyn["stop"], padded with -1, which no token equals)."""
+    return (tok[:, None] == dyn["stop"][None]).any(-1)
 
-    def new_cache(b, block_table):
-        n_mtp = 1 if speculative else 0  # one MTP depth drafts; deeper modules are unused
-        if paged:
-            return init_paged_cache(cfg, b, S, jnp.dtype(cache_dtype), n_mtp, block_table=block_table)
-        return init_cache(cfg, b, S, jnp.dtype(cache_dtype), mtp_layers=n_mtp)
 
-    def run(params, *args, **kw):
-        return model.apply({"params": params}, *args, **kw)
+class Engine:
+    """Jitted prefill and decode for one generation configuration; build it through `engine` (cached).
 
-    def head(params, h):
-        return run(params, h, method=DeepSeekV3.head)
+    prefill(params, tokens [B, T], lens [B], n_max [B], key, dyn, block_table) -> decode state: a fresh cache
+        filled with the right-padded prompts, and each row's first token.
+    decode(params, state, dyn) -> final state: the decode loop up to max_new tokens per row. `state` is donated
+        (the cache above all is updated in place), so the caller must not use it afterwards.
+    `dyn` holds the traced sampling values (temperature, top_p, stop ids, pad id): changing them does not
+    recompile. jax.jit caches each function per (batch, prompt bucket) shape.
+    """
 
-    def mtp(params, h, toks, pos, kv, absorbed):
-        return run(params, h, toks, pos, 0, kv, absorbed, method=DeepSeekV3.mtp_step)
+    def __init__(self, cfg: ModelConfig, prog: SamplerProgram, max_new: int, max_len: int, cache_dtype: str,
+                 speculative: bool, sync_every: int):
+        self.cfg, self.prog, self.max_new, self.max_len = cfg, prog, max_new, max_len
+        self.cache_dtype, self.speculative, self.sync_every = jnp.dtype(cache_dtype), speculative, sync_every
+        self.model = DeepSeekV3(cfg)
+        self.paged = cfg.decode_attention_impl != "contiguous"
+        # = cache capacity: writes there are dropped, so padding and ended rows are parked there
+        self.park = pages_per_sequence(max_len) * PAGE_SIZE if self.paged else max_len
+        self.prefill = jax.jit(self._prefill)
+        # The whole state (cache included) goes in and comes out, so each donated buffer is updated in place.
+        self.decode = jax.jit(self._decode, donate_argnums=1)
 
-    def logprobs(logits, dyn):
-        return sampling_logprobs(logits, prog, dyn["temperature"], dyn["top_p"])
+    def _new_cache(self, b, block_table):
+        n_mtp = 1 if self.speculative else 0  # one MTP depth drafts; deeper modules are unused
+        if self.paged:
+            return init_paged_cache(self.cfg, b, self.max_len, self.cache_dtype, n_mtp, block_table=block_table)
+        return init_cache(self.cfg, b, self.max_len, self.cache_dtype, mtp_layers=n_mtp)
 
-    def is_stop(tok, dyn):
-        return (tok[:, None] == dyn["stop"][None]).any(-1)
+    def _run(self, params, *args, **kw):
+        return self.model.apply({"params": params}, *args, **kw)
 
-    def prefill(params, tokens, lens, n_max, key, dyn, block_table):
+    def _head(self, params, h):
+        return self._run(params, h, method=DeepSeekV3.head)
+
+    def _mtp(self, params, h, toks, pos, kv, absorbed):
+        return self._run(params, h, toks, pos, 0, kv, absorbed, method=DeepSeekV3.mtp_step)
+
+    def _logprobs(self, logits, dyn):
+        return sampling_logprobs(logits, self.prog, dyn["temperature"], dyn["top_p"])
+
+    def _prefill(self, params, tokens, lens, n_max, key, dyn, block_table) -> _State:
         b, t = tokens.shape
         idx = jnp.arange(t)[None]
-        pos = jnp.where(idx < lens[:, None], idx, park)
-        cache = new_cache(b, block_table)
+        pos = jnp.where(idx < lens[:, None], idx, self.park)
+        cache = self._new_cache(b, block_table)
         # The logits output is discarded (and so never computed): only each row's last position needs the head.
-        _, cache, aux = run(params, tokens, pos, cache=cache, absorbed=False, return_aux=True)
+        _, cache, aux = self._run(params, tokens, pos, cache=cache, absorbed=False, return_aux=True)
         hidden = aux["hidden"]
         h_last = jnp.take_along_axis(hidden, (lens - 1)[:, None, None], axis=1)[:, 0]
         key, k_first = jax.random.split(key)
-        tok, lp = sample(k_first, head(params, h_last), prog, dyn["temperature"], dyn["top_p"])
-        stopped = is_stop(tok, dyn)
+        tok, lp = sample(k_first, self._head(params, h_last), self.prog, dyn["temperature"], dyn["top_p"])
+        stopped = _is_stop(tok, dyn)
+        n = self.max_new
         state = _State(
-            cache=cache, out=jnp.full((b, N), dyn["pad"], jnp.int32).at[:, 0].set(tok),
-            out_lp=jnp.zeros((b, N), jnp.float32).at[:, 0].set(lp), count=jnp.ones((b,), jnp.int32),
+            cache=cache, out=jnp.full((b, n), dyn["pad"], jnp.int32).at[:, 0].set(tok),
+            out_lp=jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp), count=jnp.ones((b,), jnp.int32),
             n_max=n_max, lens=lens, stopped=stopped, done=stopped | (n_max <= 1), last=tok,
             step=jnp.zeros((), jnp.int32), key=key)
-        if speculative:
-            # MTP rows t = 0 .. len-2 (prompt token t+1 known); row len-1 needs the sampled token: first step.
-            mpos = jnp.where(idx + 1 < lens[:, None], idx, park)
-            _, _, kv, _ = mtp(params, hidden, shift_tokens(tokens, 1), mpos, cache.mtp_layer(0), False)
-            state = state._replace(
-                cache=cache.with_mtp_layers([kv]), spec_h=jnp.stack([h_last, h_last], 1),
-                spec_tok=jnp.stack([tok, tok], 1), spec_both=jnp.zeros((b,), bool),
-                drafted=jnp.zeros((b,), jnp.int32), accepted=jnp.zeros((b,), jnp.int32))
+        if self.speculative:
+            state = self._prefill_mtp(params, state, tokens, idx, hidden, h_last)
         return state
 
-    def plain_step(params, s: _State, dyn) -> _State:
+    def _prefill_mtp(self, params, state: _State, tokens, idx, hidden, h_last) -> _State:
+        """Writes the prompt's MTP rows and sets up the speculative fields of the decode state."""
+        b = tokens.shape[0]
+        # MTP rows t = 0 .. len-2 (prompt token t+1 known); row len-1 needs the sampled token: first step.
+        mpos = jnp.where(idx + 1 < state.lens[:, None], idx, self.park)
+        _, _, kv, _ = self._mtp(params, hidden, shift_tokens(tokens, 1), mpos, state.cache.mtp_layer(0), False)
+        tok = state.last
+        return state._replace(
+            cache=state.cache.with_mtp_layers([kv]), spec_h=jnp.stack([h_last, h_last], 1),
+            spec_tok=jnp.stack([tok, tok], 1), spec_both=jnp.zeros((b,), bool),
+            drafted=jnp.zeros((b,), jnp.int32), accepted=jnp.zeros((b,), jnp.int32))
+
+    def _plain_step(self, params, s: _State, dyn) -> _State:
+        """One token per active row: feed s.last at its position, sample the next."""
         act = ~s.done
-        pos = jnp.where(act, s.lens + s.count - 1, park)
-        logits, cache = run(params, s.last[:, None], pos[:, None], cache=s.cache)
-        tok, lp = pick(jax.random.fold_in(s.key, s.step), logprobs(logits[:, 0], dyn), prog.greedy)
+        pos = jnp.where(act, s.lens + s.count - 1, self.park)
+        logits, cache = self._run(params, s.last[:, None], pos[:, None], cache=s.cache)
+        tok, lp = pick(jax.random.fold_in(s.key, s.step), self._logprobs(logits[:, 0], dyn), self.prog.greedy)
         count = s.count + act
-        stopped = s.stopped | (act & is_stop(tok, dyn))
+        stopped = s.stopped | (act & _is_stop(tok, dyn))
         return s._replace(cache=cache, out=_emit(s.out, tok, s.count, act), out_lp=_emit(s.out_lp, lp, s.count, act),
                           count=count, stopped=stopped, done=stopped | (count >= s.n_max),
                           last=jnp.where(act, tok, s.last), step=s.step + 1)
 
-    def spec_step(params, s: _State, dyn) -> _State:
+    def _spec_step(self, params, s: _State, dyn) -> _State:
+        """One or two tokens per active row: MTP draft, 2-token verify, accept (see the module docstring)."""
         act = ~s.done
         p = s.lens + s.count - 1  # position of s.last
+        park, greedy = self.park, self.prog.greedy
         k_draft, k_accept, k_bonus = jax.random.split(jax.random.fold_in(s.key, s.step), 3)
         mpos = jnp.stack([jnp.where(act & s.spec_both, p - 2, park), jnp.where(act, p - 1, park)], 1)
-        _, h_mtp, kv, _ = mtp(params, s.spec_h, s.spec_tok, mpos, s.cache.mtp_layer(0), True)
-        q_logp = logprobs(head(params, h_mtp[:, 1]), dyn)
-        draft, _ = pick(k_draft, q_logp, prog.greedy)
+        _, h_mtp, kv, _ = self._mtp(params, s.spec_h, s.spec_tok, mpos, s.cache.mtp_layer(0), True)
+        q_logp = self._logprobs(self._head(params, h_mtp[:, 1]), dyn)
+        draft, _ = pick(k_draft, q_logp, greedy)
 
         vpos = jnp.where(act[:, None], p[:, None] + jnp.arange(2), park)
-        logits, cache, aux = run(params, jnp.stack([s.last, draft], 1), vpos, cache=s.cache.with_mtp_layers([kv]),
-                                 return_aux=True)
-        target = logprobs(logits, dyn)  # [B, 2, V]
-        if prog.greedy:
+        logits, cache, aux = self._run(params, jnp.stack([s.last, draft], 1), vpos,
+                                       cache=s.cache.with_mtp_layers([kv]), return_aux=True)
+        target = self._logprobs(logits, dyn)  # [B, 2, V]
+        if greedy:
             t1 = jnp.argmax(target[:, 0], -1).astype(jnp.int32)
             ok = t1 == draft
         else:
             t1, ok = speculative_accept(k_accept, target[:, 0], q_logp, draft)
         lp1 = jnp.take_along_axis(target[:, 0], t1[:, None], -1)[:, 0]
-        t2, lp2 = pick(k_bonus, target[:, 1], prog.greedy)
-        stop1 = is_stop(t1, dyn)
+        t2, lp2 = pick(k_bonus, target[:, 1], greedy)
+        stop1 = _is_stop(t1, dyn)
         cache = cache.truncate(jnp.where(act, p + 1 + ok, park))  # a rejected draft's row leaves the sequence
         two = act & ok & ~stop1 & (s.count + 1 < s.n_max)
         out = _emit(_emit(s.out, t1, s.count, act), t2, s.count + 1, two)
         out_lp = _emit(_emit(s.out_lp, lp1, s.count, act), lp2, s.count + 1, two)
         count = s.count + act + two
-        stopped = s.stopped | (act & stop1) | (two & is_stop(t2, dyn))
+        stopped = s.stopped | (act & stop1) | (two & _is_stop(t2, dyn))
         h = aux["hidden"]
         # pending MTP rows for the next step: (h_p, t1) and (h_{p+1}, t2) after two tokens, else (h_p, t1) only
         spec_h = jnp.where(two[:, None, None], h, jnp.stack([h[:, 0], h[:, 0]], 1)).astype(s.spec_h.dtype)
@@ -217,16 +243,27 @@ def _engine(cfg: ModelConfig, prog: SamplerProgram, max_new: int, max_len: int, 
                           spec_h=spec_h, spec_tok=spec_tok, spec_both=two, drafted=s.drafted + act,
                           accepted=s.accepted + (act & ok))
 
-    step_fn = spec_step if speculative else plain_step
+    def _decode(self, params, state: _State, dyn) -> _State:
+        step_fn = self._spec_step if self.speculative else self._plain_step
 
-    def decode(params, state: _State, dyn):
         def body(s):
-            return jax.lax.fori_loop(0, sync_every, lambda _, x: step_fn(params, x, dyn), s)
+            # sync_every steps between all-finished checks: the check is the loop's only device-to-host sync
+            return jax.lax.fori_loop(0, self.sync_every, lambda _, x: step_fn(params, x, dyn), s)
 
-        # The whole state (cache included) is returned so each donated buffer is updated in place.
-        return jax.lax.while_loop(lambda s: (s.step < N) & ~jnp.all(s.done), body, state)
+        return jax.lax.while_loop(lambda s: (s.step < self.max_new) & ~jnp.all(s.done), body, state)
 
-    return jax.jit(prefill), jax.jit(decode, donate_argnums=1)
+
+@functools.lru_cache(maxsize=32)
+def engine(cfg: ModelConfig, prog: SamplerProgram, max_new: int, max_len: int, cache_dtype: str,
+           speculative: bool, sync_every: int) -> Engine:
+    """The `Engine` for one configuration, built once: every later call with equal arguments returns the same
+    object, so its jitted prefill/decode (and their compiled programs per shape) are reused across `generate`
+    calls. `engine.cache_clear()` drops them (with jax.clear_caches(), to free a model's programs).
+
+    max_new tokens per row at most, max_len cache positions per row, cache_dtype a dtype name ("bfloat16"),
+    speculative MTP self-speculative decoding, sync_every decode steps per all-finished check.
+    """
+    return Engine(cfg, prog, max_new, max_len, cache_dtype, speculative, sync_every)
 
 
 def _pack_prompts(prompts, prompt_lengths, num_samples: int, vocab: int):
@@ -310,18 +347,17 @@ def generate(model_or_cfg: DeepSeekV3 | ModelConfig, params, prompts, sampling: 
         i = int(lens.argmax())
         raise ValueError(f"prompt {i // num_samples} has {int(lens[i])} tokens, longer than the cache "
                          f"(max_len={max_len} slots per sequence)")
-    prefill, decode = _engine(cfg, sampling.program, n, max_len, jnp.dtype(cache_dtype).name, bool(speculative),
-                              int(sync_every))
+    eng = engine(cfg, sampling.program, n, max_len, jnp.dtype(cache_dtype).name, bool(speculative), int(sync_every))
     table = _block_table(cfg, block_table, len(lens), max_len)
     n_max = np.minimum(n, max_len - lens + 1).astype(np.int32)
     dyn = {**sampling.traced(), "stop": jnp.asarray(_stop_array(sampling.stop_tokens)),
            "pad": jnp.int32(sampling.pad_token)}
 
     t0 = time.perf_counter()
-    state = jax.block_until_ready(prefill(params, jnp.asarray(tokens), jnp.asarray(lens), jnp.asarray(n_max), key,
-                                          dyn, table))
+    state = jax.block_until_ready(eng.prefill(params, jnp.asarray(tokens), jnp.asarray(lens), jnp.asarray(n_max),
+                                              key, dyn, table))
     t1 = time.perf_counter()
-    out = jax.block_until_ready(decode(params, state, dyn))
+    out = jax.block_until_ready(eng.decode(params, state, dyn))
     t2 = time.perf_counter()
     del state
     count = out.count

@@ -191,7 +191,7 @@ def decode_backend(cfg) -> str:
     import jax
     import jax.numpy as jnp
     from dsjax.cache import PAGE_SIZE
-    from dsjax.layers.mla import KERNEL_LATENT_DIM
+    from dsjax.layers.attention import KERNEL_LATENT_DIM
     from pallas_kernels.mla_decode import resolve_backend
 
     if cfg.decode_attention_impl == "contiguous":
@@ -201,6 +201,29 @@ def decode_backend(cfg) -> str:
     q = jax.ShapeDtypeStruct((1, 1, cfg.num_attention_heads, cfg.cache_width), jnp.dtype(cfg.dtype))
     kv = jax.ShapeDtypeStruct((1, PAGE_SIZE, cfg.cache_width), jnp.dtype(cfg.dtype))  # cache dtype = cfg.dtype
     return resolve_backend(cfg.decode_attention_impl, q, kv)
+
+
+def time_row(name, cfg, params, batch, new_tokens):
+    """(the dsjax result row for one model, batch size and decode attention, cfg). If a cuDNN prefill fails to
+    compile, the run is retried with attention_impl="xla" and that cfg is returned for the caller to keep."""
+    from dsjax.cache import bytes_per_token
+    from dsjax.runtime import resolved
+
+    prompts = prompt_ids(FLAGS.seed, batch, FLAGS.prompt_len, cfg.vocab_size)
+    try:
+        stats, first = time_ours(cfg, params, prompts, new_tokens)
+    except Exception as e:  # noqa: BLE001 - a cuDNN prefill that fails to compile: retry on XLA
+        if resolved(cfg).attention_impl != "cudnn":
+            raise
+        print(f"cudnn prefill failed ({str(e)[:300]}); falling back to attention_impl=xla", flush=True)
+        cfg = cfg.replace(attention_impl="xla")
+        stats, first = time_ours(cfg, params, prompts, new_tokens)
+    row = {"model": name, "batch": batch, "new_tokens": new_tokens, "prefill_attention": resolved(cfg).attention_impl,
+           "decode_attention": cfg.decode_attention_impl, "decode_backend": decode_backend(cfg),
+           "ours_e2e_tok_s": stats["tokens_per_s"], "ours_decode_tok_s": stats["decode_tokens_per_s"],
+           "ours_prefill_s": stats["prefill_s"], "ours_decode_s": stats["decode_s"],
+           "ours_first_call_s": first, "cache_bytes_per_token": bytes_per_token(cfg, cfg.dtype)}
+    return row, cfg
 
 
 def parse_entry(entry: str):
@@ -228,9 +251,7 @@ def main(argv):
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
     import jax
     import dsjax
-    from dsjax.cache import bytes_per_token
-    from dsjax.generate import _engine
-    from dsjax.runtime import resolved
+    from dsjax.generate import engine
     from experiments.generate import resolve_dtype, random_params
 
     start = time.perf_counter()
@@ -260,22 +281,8 @@ def main(argv):
             if time.perf_counter() > deadline:
                 report["skipped"].append(f"{name} batch {b} {impl}: time budget")
                 continue
-            prompts = prompt_ids(FLAGS.seed, b, FLAGS.prompt_len, cfg.vocab_size)
-            cfg = cfg.replace(decode_attention_impl=impl)
-            try:
-                stats, first = time_ours(cfg, params, prompts, new_tokens)
-            except Exception as e:  # noqa: BLE001 - a cuDNN prefill that fails to compile: retry on XLA
-                if resolved(cfg).attention_impl != "cudnn":
-                    raise
-                print(f"cudnn prefill failed ({str(e)[:300]}); falling back to attention_impl=xla", flush=True)
-                cfg = cfg.replace(attention_impl="xla")
-                stats, first = time_ours(cfg, params, prompts, new_tokens)
-            prefill_attn = resolved(cfg).attention_impl
-            row = {"model": name, "batch": b, "new_tokens": new_tokens, "prefill_attention": prefill_attn,
-                   "decode_attention": impl, "decode_backend": decode_backend(cfg),
-                   "ours_e2e_tok_s": stats["tokens_per_s"], "ours_decode_tok_s": stats["decode_tokens_per_s"],
-                   "ours_prefill_s": stats["prefill_s"], "ours_decode_s": stats["decode_s"],
-                   "ours_first_call_s": first, "cache_bytes_per_token": bytes_per_token(cfg, cfg.dtype)}
+            # the returned cfg keeps a cuDNN -> XLA prefill fallback for the later batches
+            row, cfg = time_row(name, cfg.replace(decode_attention_impl=impl), params, b, new_tokens)
             rows.append(row)
             report["rows"].append(row)
             add_transformers(row, hf)
@@ -287,7 +294,7 @@ def main(argv):
                 add_transformers(row, hf, echo=False)
             save()
         del params
-        _engine.cache_clear()
+        engine.cache_clear()  # with jax.clear_caches(): free this model's compiled programs
         jax.clear_caches()
 
     if FLAGS.checkpoint:
@@ -312,10 +319,10 @@ def add_transformers(row, hf, echo=True):
 
 def bench_speculative(report, deadline, dtype):
     from dsjax.tokenizer import load_tokenizer
-    from experiments.generate import _run_metadata, default_tokenizer, load_model, read_prompts
+    from experiments.generate import default_tokenizer, load_model, read_prompts, run_metadata
 
     cfg, params, source = load_model(checkpoint=FLAGS.checkpoint, dtype=dtype, attention_impl=FLAGS.attention_impl)
-    tok = load_tokenizer(FLAGS.tokenizer or default_tokenizer(source, _run_metadata(FLAGS.checkpoint)))
+    tok = load_tokenizer(FLAGS.tokenizer or default_tokenizer(source, run_metadata(FLAGS.checkpoint)))
     texts = read_prompts([], FLAGS.spec_prompts_file) if FLAGS.spec_prompts_file else SPEC_PROMPTS
     encoded = [[tok.bos_id] + tok.encode(t) for t in texts]
     for b, impl in [(int(b), impl) for b in FLAGS.spec_batches for impl in FLAGS.decode_attention]:

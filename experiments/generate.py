@@ -105,11 +105,11 @@ def random_params(cfg, seed: int = 0, std: float | None = None):
     return make(jax.random.key(seed))
 
 
-def _run_metadata(checkpoint: str) -> dict:
+def run_metadata(checkpoint: str) -> dict:
     """The pretraining run's saved config (model + experiment), or {} when it cannot be read."""
     try:
-        from dsjax.train.checkpoint import _step_dir
-        with open(os.path.join(_step_dir(checkpoint), "config", "metadata")) as f:
+        from dsjax.train.checkpoint import step_dir
+        with open(os.path.join(step_dir(checkpoint), "config", "metadata")) as f:
             return json.load(f)
     except Exception:  # noqa: BLE001 - only used for defaults; the checkpoint loader reports real errors
         return {}
@@ -169,7 +169,7 @@ def main(argv):
     cfg, params, source = load_model(FLAGS.checkpoint, FLAGS.hf_dir, FLAGS.preset, dtype, FLAGS.seed,
                                      attention_impl=FLAGS.attention_impl,
                                      decode_attention_impl=FLAGS.decode_attention_impl)
-    meta = _run_metadata(FLAGS.checkpoint) if FLAGS.checkpoint else {}
+    meta = run_metadata(FLAGS.checkpoint) if FLAGS.checkpoint else {}
     tok = load_tokenizer(FLAGS.tokenizer or default_tokenizer(source, meta))
     if tok.vocab_size > cfg.vocab_size:
         raise app.UsageError(f"tokenizer {tok!r} has {tok.vocab_size} ids, more than the model's vocab_size "

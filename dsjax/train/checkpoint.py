@@ -91,7 +91,6 @@ def step_dir(path: str) -> str:
     return os.path.join(root, str(steps[-1]))
 
 
-_step_dir = step_dir  # the old private name, still imported by experiments/generate.py
 
 
 def load_for_inference(path: str, dtype=None, mesh=None, **runtime):
