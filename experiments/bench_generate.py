@@ -191,12 +191,11 @@ def decode_backend(cfg) -> str:
     import jax
     import jax.numpy as jnp
     from dsjax.cache import PAGE_SIZE
-    from dsjax.layers.attention import KERNEL_LATENT_DIM
-    from pallas_kernels.mla_decode import resolve_backend
+    from pallas_kernels.mla_decode import V_DIM, resolve_backend
 
     if cfg.decode_attention_impl == "contiguous":
         return "einsum"
-    if cfg.kv_lora_rank != KERNEL_LATENT_DIM:
+    if cfg.kv_lora_rank != V_DIM:
         return "xla"
     q = jax.ShapeDtypeStruct((1, 1, cfg.num_attention_heads, cfg.cache_width), jnp.dtype(cfg.dtype))
     kv = jax.ShapeDtypeStruct((1, PAGE_SIZE, cfg.cache_width), jnp.dtype(cfg.dtype))  # cache dtype = cfg.dtype

@@ -14,6 +14,7 @@ import pytest
 
 from pallas_kernels.grouped_matmul import GpuConfig, TpuConfig, gmm, tgmm
 from pallas_kernels.grouped_matmul import gpu as gmm_gpu
+from pallas_kernels.grouped_matmul import gpu_common as gmm_gpu_common
 from pallas_kernels.grouped_matmul import reference, tpu as gmm_tpu
 
 REAL_GPU = os.environ.get("GMM_TEST_REAL_GPU") == "1"
@@ -125,7 +126,7 @@ def test_reference_matches_dense_oracle(dtype):
 
 def test_interpret_mode_poisons_outputs():
   # The "every element written" checks below rely on this.
-  assert gmm_gpu.interpret_params().uninitialized_memory == "nan"
+  assert gmm_gpu_common.interpret_params().uninitialized_memory == "nan"
 
 
 def test_backend_dispatch_and_dtypes():

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax instead of NaN
-KERNEL_LATENT_DIM = 512  # mla_decode's value width (DeepSeek-V2/V3 kv_lora_rank)
 # Documents per row the cuDNN packed layout describes; a row holding more attends across the boundaries of its
 # last ones (still causally). Packed rows of 2,048 stdlib tokens hold at most 4.
 CUDNN_MAX_SEGMENTS = 16
@@ -117,7 +116,7 @@ def paged_absorbed_attention(q_lat, q_pe, pool, table, capacity, positions, scal
     The softmax scale is cfg.softmax_scale, YaRN mscale included, exactly as on the contiguous path.
     """
     # lazy: the model imports (and trains) without the kernel package
-    from pallas_kernels.mla_decode import mla_decode, mla_decode_reference
+    from pallas_kernels.mla_decode import V_DIM, mla_decode, mla_decode_reference
 
     t = q_lat.shape[1]
     valid = (positions >= 0) & (positions < capacity)
@@ -125,13 +124,13 @@ def paged_absorbed_attention(q_lat, q_pe, pool, table, capacity, positions, scal
     lengths = jnp.where(valid.any(1), lengths, t).astype(jnp.int32)  # all parked: any in-range length will do
     q = jnp.concatenate([q_lat, q_pe.astype(q_lat.dtype)], axis=-1)
     c = q_lat.shape[-1]
-    if c == KERNEL_LATENT_DIM:
+    if c == V_DIM:  # the kernels' value width (DeepSeek-V2/V3 kv_lora_rank)
         out, _ = mla_decode(q, pool, table, lengths, softmax_scale=scale, backend=backend, platform=platform)
     elif backend in ("auto", "xla"):  # small test models: the reference with their latent width as values
         out, _ = mla_decode_reference(q, pool, table, lengths, softmax_scale=scale, v_dim=c)
     else:
         raise ValueError(f"decode_attention_impl={backend!r}: the kernels need kv_lora_rank "
-                         f"{KERNEL_LATENT_DIM}, got {c}; use 'auto', 'xla' or 'contiguous'")
+                         f"{V_DIM}, got {c}; use 'auto', 'xla' or 'contiguous'")
     return jnp.where(valid[:, :, None, None], out, 0)
 
 

@@ -1,4 +1,4 @@
-"""Grouped matmul (gmm) in Pallas Mosaic GPU, for Hopper, and helpers shared with gpu_tgmm.py.
+"""Grouped matmul (gmm) in Pallas Mosaic GPU, for Hopper; the GPU config and its tuned defaults.
 
 The kernels are persistent (one CTA per SM walks a tile list with stride num_sms) and, by default,
 warp-specialized: one memory warpgroup issues TMA loads into a `max_concurrent_steps`-deep ring of
@@ -17,7 +17,7 @@ end at M, so no load or store leaves the array. Valid rows are a range inside th
 one TMA store when the tile is full and otherwise with a ladder of power-of-two TMA stores (TMA boxes
 are static).
 
-tgmm (the weight gradient) lives in gpu_tgmm.py.
+tgmm (the weight gradient) lives in gpu_tgmm.py; the helpers both kernels use, in gpu_common.py.
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.grouped_matmul import gpu_common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,50 +56,6 @@ class GpuConfig:
 GMM_CONFIG = GpuConfig(grid_tile_n=8)
 DLHS_CONFIG = GpuConfig(grid_tile_n=4)
 TGMM_CONFIG = GpuConfig(grid_tile_n=4)
-
-
-def _check_config(cfg, dtype):
-  # Ragged-row TMA stores start at any smem row; TMA wants 128-byte aligned smem addresses.
-  if cfg.block_n * jnp.dtype(dtype).itemsize % 128:
-    raise ValueError(f"block_n * itemsize must be a multiple of 128 bytes, got {cfg.block_n}")
-
-
-def interpret_params():
-  """Mosaic GPU interpret params; the public name moved between jax releases."""
-  for name in ("InterpretParams", "InterpretGPUParams"):
-    if hasattr(plgpu, name):
-      return getattr(plgpu, name)()
-  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-  return InterpretGPUParams()
-
-
-def _num_wgs(cfg):
-  return 2 if cfg.warp_specialized else 1
-
-
-def _num_sms(cfg, interpret):
-  if cfg.num_sms is not None:
-    return cfg.num_sms
-  if interpret:
-    return 2
-  return jax.devices()[0].core_count
-
-
-def _transforms(block_minor, dtype):
-  swizzle = plgpu.find_swizzle(block_minor * jnp.dtype(dtype).itemsize * 8)
-  elems = swizzle // jnp.dtype(dtype).itemsize
-  return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
-
-
-def _tile_order(lin, n_major, n_minor, width):
-  """Linear tile id -> (major, minor) index; strips of `width` minor tiles keep operands in L2."""
-  if width <= 0 or width >= n_minor:
-    return lax.div(lin, n_minor), lax.rem(lin, n_minor)
-  strip = width * n_major
-  s = lax.div(lin, strip)
-  r = lax.rem(lin, strip)
-  w = jnp.minimum(width, n_minor - s * width)
-  return lax.div(r, w), s * width + lax.rem(r, w)
 
 
 def gmm_tiles(group_sizes, m, block_m):
@@ -148,51 +106,6 @@ def _store_rows(out_smem, out_gmem, row0, lo, rows, col0, block_m, block_n):
       size //= 2
 
 
-def _epilogue(acc, out_smem, store_chunk):
-  """Cast acc and TMA-store it through out_smem [epi_m, bn], one row chunk at a time.
-
-  A whole bm x bn staging buffer per warpgroup would not fit next to 4 pipeline stages."""
-  epi_m = out_smem.shape[0]
-  for c in range(acc.shape[0] // epi_m):
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous store has left out_smem
-    out_smem[...] = acc[c * epi_m:(c + 1) * epi_m].astype(out_smem.dtype)
-    plgpu.commit_smem()
-    store_chunk(c * epi_m)
-
-
-def _persistent_loop(num_tiles, body):
-  """Each SM takes tiles sm, sm + num_sms, ... < num_tiles: body(i, tile, n) for its i-th of n."""
-  sm = lax.axis_index("sm")
-  nsm = lax.axis_size("sm")
-  steps = lax.div(jnp.maximum(num_tiles - sm + nsm - 1, 0), nsm)
-  lax.fori_loop(0, steps, lambda i, c: (body(i, i * nsm + sm, steps), c)[1], None)
-
-
-def _run(body, out_type, cfg, interpret):
-  kw = dict(
-      out_type=out_type,
-      grid=(_num_sms(cfg, interpret),),
-      grid_names=("sm",),
-      compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-  )
-  if cfg.warp_specialized:
-    kw.update(num_threads=3, thread_name="wg")
-  if interpret:
-    kw["interpret"] = interpret_params()
-  return plgpu.kernel(body, **kw)
-
-
-def _pipeline(cfg, mma, ctx, steps, in_specs, mcs, state=None):
-  """Warp-specialized pipeline over `steps` contraction steps (may be traced, may be 0).
-
-  `state` (static steps only) chains the pipelines of an SM's consecutive tiles: the memory
-  warpgroup streams the next tile's loads while the compute warpgroups finish the current tile."""
-  return plgpu.emit_pipeline_warp_specialized(
-      mma, grid=(steps,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
-      num_compute_wgs=2, max_concurrent_steps=mcs, compute_context=ctx, pipeline_state=state)
-
-
 def _chained(run_tile, i, n, chain):
   """Run tile i of n with the pipeline state that chains it to its neighbours. States are static,
   so each branch gets its own unrolled prologue and drain; a lone tile fills and drains alone."""
@@ -206,30 +119,6 @@ def _chained(run_tile, i, n, chain):
   pl.when((n > 1) & (i == n - 1))(lambda: run_tile(pp.STOP))
 
 
-def _ignore(*_, **__):
-  return None
-
-
-def _transposed(ref, scratch):
-  """wgmma operand ref.T. Hardware reads it in place (transpose_ref); jax 0.10's GPU interpreter
-  cannot apply a TransposeTransform to a wgmma operand, so interpret mode copies the transpose into
-  `scratch` through registers instead."""
-  if scratch is None:
-    return plgpu.transpose_ref(ref, (1, 0))
-  scratch[...] = ref[...].T
-  return scratch
-
-
-def _scratch(interpret, shape, dtype):
-  return plgpu.SMEM(shape, dtype) if interpret else None
-
-
-def _acc_with_scratch(acc_scope, acc_shape, scratch):
-  """run_scoped(acc_scope, ACC, scratch); register and smem scopes cannot be mixed."""
-  acc = lambda t: pl.run_scoped(lambda a: acc_scope(a, t), plgpu.ACC(acc_shape, jnp.float32))
-  return acc(None) if scratch is None else pl.run_scoped(acc, scratch)
-
-
 def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, config=None, interpret=False,
         out_dtype=None):
   """lhs [M, K] x rhs [G, K, N] (or [G, N, K] with transpose_rhs) -> [M, N].
@@ -237,11 +126,11 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, config=None, interpret=Fa
   Requires M % 8 == 0, M >= block_m, K % block_k == 0, N % (num_wgs*block_n) == 0 (ops.py pads).
   """
   cfg = config or GMM_CONFIG
-  _check_config(cfg, out_dtype or lhs.dtype)
+  gpu_common.check_config(cfg, out_dtype or lhs.dtype)
   m, k = lhs.shape
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   out_dtype = out_dtype or lhs.dtype
-  nw = _num_wgs(cfg)
+  nw = gpu_common.num_wgs(cfg)
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   cta_n = nw * bn
   k_steps = k // bk
@@ -249,7 +138,7 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, config=None, interpret=Fa
   mcs = max(1, min(cfg.max_concurrent_steps, k_steps))
   count, tgroup, trow0, tlo, trows = gmm_tiles(group_sizes, m, bm)
   # wgmma wants one swizzle for both operands, and each warpgroup slices out bn columns of B.
-  tf = _transforms(min(bk, bn), lhs.dtype)
+  tf = gpu_common.transforms(min(bk, bn), lhs.dtype)
   lhs_spec = plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=tf)
   if transpose_rhs:
     rhs_spec = plgpu.BlockSpec((cta_n, bk), lambda kk: (0, kk), transforms=tf)
@@ -263,10 +152,10 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, config=None, interpret=Fa
 
   def b_operand(b_smem, wg, t_smem):
     if transpose_rhs:
-      return _transposed(b_smem.at[pl.ds(wg * bn, bn), :], t_smem)
+      return gpu_common.transposed(b_smem.at[pl.ds(wg * bn, bn), :], t_smem)
     return b_smem.at[:, pl.ds(wg * bn, bn)]
 
-  t_shape = _scratch(interpret and transpose_rhs, (bk, bn), rhs.dtype)
+  t_shape = gpu_common.scratch(interpret and transpose_rhs, (bk, bn), rhs.dtype)
   epi_m = min(cfg.epi_m, bm)
 
   # Chaining needs every tile's ring to end on the same slot; other K fall back to one pipeline
@@ -281,10 +170,11 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, config=None, interpret=Fa
   def body_ws(*refs):
     meta, (lhs_gmem, rhs_gmem, out_gmem) = refs[:5], refs[5:]
     n_all, n_real = meta[0][0], meta[0][1]
-    allocs = _pipeline(cfg, _ignore, _ignore, k_steps, [lhs_spec, rhs_spec], mcs).get_allocations(
-        *views(lhs_gmem, rhs_gmem, 0, 0, 0))
+    allocs = gpu_common.pipeline(
+        cfg, gpu_common.ignore, gpu_common.ignore, k_steps, [lhs_spec, rhs_spec], mcs,
+    ).get_allocations(*views(lhs_gmem, rhs_gmem, 0, 0, 0))
 
-    @functools.partial(pl.run_scoped, allocs=allocs, t_smem=_scratch(
+    @functools.partial(pl.run_scoped, allocs=allocs, t_smem=gpu_common.scratch(
         interpret and transpose_rhs, (2, bk, bn), rhs.dtype),
                        out_smem=plgpu.SMEM((2, epi_m, bn), out_dtype), collective_axes="wg")
     def _(allocs, t_smem, out_smem):
@@ -299,14 +189,14 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, config=None, interpret=Fa
         return store_chunk
 
       def tile(i, lin, n):
-        mt, nt = _tile_order(lin, n_real, n_tiles, cfg.grid_tile_n)
+        mt, nt = gpu_common.tile_order(lin, n_real, n_tiles, cfg.grid_tile_n)
         gi, row0, lo, rows, n0 = tile_info(meta, mt, nt)
 
         def ctx(eval_pipeline):
           @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn), jnp.float32))
           def _(acc_ref):
             eval_pipeline(acc_ref)
-            _epilogue(acc_ref[...], out_smem.at[wg], store_chunk_fn(row0, lo, rows, n0))
+            gpu_common.epilogue(acc_ref[...], out_smem.at[wg], store_chunk_fn(row0, lo, rows, n0))
 
         def mma(_, a_smem, b_smem, acc_ref):
           plgpu.wgmma(acc_ref, a_smem, b_operand(b_smem, wg, t_wg))
@@ -314,12 +204,12 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, config=None, interpret=Fa
           return acc_ref
 
         def run(state):
-          _pipeline(cfg, mma, ctx, k_steps, [lhs_spec, rhs_spec], mcs, state)(
+          gpu_common.pipeline(cfg, mma, ctx, k_steps, [lhs_spec, rhs_spec], mcs, state)(
               *views(lhs_gmem, rhs_gmem, gi, row0, n0), allocations=allocs)
 
         _chained(run, i, n, chain)
 
-      _persistent_loop(n_real * n_tiles, tile)
+      gpu_common.persistent_loop(n_real * n_tiles, tile)
 
       # Rows past sum(group_sizes): the compute warpgroups store zeros, the memory one has no work.
       @pl.when(wg < 2)
@@ -335,7 +225,7 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, config=None, interpret=Fa
           for c in range(bm // epi_m):
             store(c * epi_m)
 
-        _persistent_loop((n_all - n_real) * n_tiles, zero_tile)
+        gpu_common.persistent_loop((n_all - n_real) * n_tiles, zero_tile)
     plgpu.wait_smem_to_gmem(0)
 
   def body_simple(*refs):
@@ -343,7 +233,7 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, config=None, interpret=Fa
     specs = [dataclasses.replace(s, delay_release=1) for s in (lhs_spec, rhs_spec)]
 
     def tile(_, lin, __):
-      mt, nt = _tile_order(lin, meta[0][0], n_tiles, cfg.grid_tile_n)
+      mt, nt = gpu_common.tile_order(lin, meta[0][0], n_tiles, cfg.grid_tile_n)
       gi, row0, lo, rows, n0 = tile_info(meta, mt, nt)
       steps = jnp.where(meta[1][mt] >= 0, k_steps, 0)  # zero-tail tiles load nothing
 
@@ -354,7 +244,7 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, config=None, interpret=Fa
         )(*views(lhs_gmem, rhs_gmem, gi, row0, n0))
         return acc_ref[...]
 
-      acc = _acc_with_scratch(acc_scope, (bm, bn), t_shape)
+      acc = gpu_common.acc_with_scratch(acc_scope, (bm, bn), t_shape)
 
       @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((bm, bn), out_dtype))
       def _(out_smem):
@@ -363,9 +253,9 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, config=None, interpret=Fa
         _store_rows(out_smem, out_gmem, row0, lo, rows, n0, bm, bn)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    _persistent_loop(meta[0][0] * n_tiles, tile)
+    gpu_common.persistent_loop(meta[0][0] * n_tiles, tile)
     plgpu.wait_smem_to_gmem(0)
 
   body = body_ws if cfg.warp_specialized else body_simple
   out_type = jax.ShapeDtypeStruct((m, n), out_dtype)
-  return _run(body, out_type, cfg, interpret)(count, tgroup, trow0, tlo, trows, lhs, rhs)
+  return gpu_common.run(body, out_type, cfg, interpret)(count, tgroup, trow0, tlo, trows, lhs, rhs)

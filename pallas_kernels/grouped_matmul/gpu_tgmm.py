@@ -18,9 +18,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.grouped_matmul.gpu import (
-    TGMM_CONFIG, _acc_with_scratch, _check_config, _epilogue, _ignore, _num_wgs,
-    _persistent_loop, _pipeline, _run, _scratch, _tile_order, _transforms, _transposed)
+from pallas_kernels.grouped_matmul import gpu_common
+from pallas_kernels.grouped_matmul.gpu import TGMM_CONFIG
 
 
 def tgmm(lhs, dout, group_sizes, *, config=None, interpret=False, out_dtype=None):
@@ -30,12 +29,12 @@ def tgmm(lhs, dout, group_sizes, *, config=None, interpret=False, out_dtype=None
   K % block_m == 0, N % (num_wgs*block_n) == 0 (ops.py pads).
   """
   cfg = config or TGMM_CONFIG
-  _check_config(cfg, out_dtype or lhs.dtype)
+  gpu_common.check_config(cfg, out_dtype or lhs.dtype)
   m, k = lhs.shape
   n = dout.shape[1]
   g = group_sizes.shape[0]
   out_dtype = out_dtype or lhs.dtype
-  nw = _num_wgs(cfg)
+  nw = gpu_common.num_wgs(cfg)
   bm, bn, bc = cfg.block_m, cfg.block_n, cfg.block_k
   if bc % 64:
     raise ValueError(f"tgmm needs block_k % 64 == 0, got {bc}")
@@ -44,7 +43,7 @@ def tgmm(lhs, dout, group_sizes, *, config=None, interpret=False, out_dtype=None
   ends = jnp.cumsum(group_sizes.astype(jnp.int32))
   starts = ends - group_sizes.astype(jnp.int32)
 
-  tf = _transforms(min(bm, bn), lhs.dtype)  # one swizzle for both wgmma operands
+  tf = gpu_common.transforms(min(bm, bn), lhs.dtype)  # one swizzle for both wgmma operands
 
   def specs(c0, delay_release=0):
     # Chunk j of a group reads rows (c0 + j) * block_k ..: chunk-aligned, so never out of bounds.
@@ -55,7 +54,7 @@ def tgmm(lhs, dout, group_sizes, *, config=None, interpret=False, out_dtype=None
 
   def tile_info(start_ref, end_ref, lin):
     gi = lax.div(lin, k_tiles * n_tiles)
-    kt, nt = _tile_order(lax.rem(lin, k_tiles * n_tiles), k_tiles, n_tiles, cfg.grid_tile_n)
+    kt, nt = gpu_common.tile_order(lax.rem(lin, k_tiles * n_tiles), k_tiles, n_tiles, cfg.grid_tile_n)
     start, end = start_ref[gi], end_ref[gi]
     c0 = lax.div(start, bc)
     steps = jnp.where(end > start, lax.div(end + bc - 1, bc) - c0, 0)
@@ -83,11 +82,12 @@ def tgmm(lhs, dout, group_sizes, *, config=None, interpret=False, out_dtype=None
 
   def body_ws(start_ref, end_ref, lhs_gmem, dout_gmem, out_gmem):
     mcs = cfg.max_concurrent_steps
-    allocs = _pipeline(cfg, _ignore, _ignore, mcs, specs(0), mcs).get_allocations(
-        *views(lhs_gmem, dout_gmem, 0, 0))
+    allocs = gpu_common.pipeline(
+        cfg, gpu_common.ignore, gpu_common.ignore, mcs, specs(0), mcs,
+    ).get_allocations(*views(lhs_gmem, dout_gmem, 0, 0))
 
     @functools.partial(pl.run_scoped, allocs=allocs,
-                       t_smem=_scratch(interpret, (2, bm, bc), lhs.dtype),
+                       t_smem=gpu_common.scratch(interpret, (2, bm, bc), lhs.dtype),
                        out_smem=plgpu.SMEM((2, epi_m, bn), out_dtype), collective_axes="wg")
     def _(allocs, t_smem, out_smem):
       wg = lax.axis_index("wg")
@@ -104,20 +104,20 @@ def tgmm(lhs, dout, group_sizes, *, config=None, interpret=False, out_dtype=None
           @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn), jnp.float32))
           def _(acc_ref):
             eval_pipeline(acc_ref)
-            _epilogue(acc_ref[...], out_smem.at[wg], store_chunk)
+            gpu_common.epilogue(acc_ref[...], out_smem.at[wg], store_chunk)
 
         def mma(idx, a_smem, b_smem, acc_ref):
           b_half = b_smem.at[:, pl.ds(wg * bn, bn)]
           # Both warpgroups mask the shared lhs chunk; the writes are identical, so benign.
           masked(a_smem, b_half, start, end, c0, idx[0])
-          plgpu.wgmma(acc_ref, _transposed(a_smem, t_wg), b_half)
+          plgpu.wgmma(acc_ref, gpu_common.transposed(a_smem, t_wg), b_half)
           plgpu.wgmma_wait(0)
           return acc_ref
 
-        _pipeline(cfg, mma, ctx, steps, specs(c0), mcs)(
+        gpu_common.pipeline(cfg, mma, ctx, steps, specs(c0), mcs)(
             *views(lhs_gmem, dout_gmem, k0, n0), allocations=allocs)
 
-      _persistent_loop(g * k_tiles * n_tiles, tile)
+      gpu_common.persistent_loop(g * k_tiles * n_tiles, tile)
     plgpu.wait_smem_to_gmem(0)
 
   def body_simple(start_ref, end_ref, lhs_gmem, dout_gmem, out_gmem):
@@ -127,14 +127,15 @@ def tgmm(lhs, dout, group_sizes, *, config=None, interpret=False, out_dtype=None
       def acc_scope(acc_ref, t_smem):
         def step(idx, a_smem, b_smem):
           masked(a_smem, b_smem, start, end, c0, idx[0])
-          plgpu.wgmma(acc_ref, _transposed(a_smem, t_smem), b_smem)
+          plgpu.wgmma(acc_ref, gpu_common.transposed(a_smem, t_smem), b_smem)
 
         plgpu.emit_pipeline(step, grid=(steps,), in_specs=specs(c0, delay_release=1),
                             max_concurrent_steps=max(cfg.max_concurrent_steps, 2),
                             )(*views(lhs_gmem, dout_gmem, k0, n0))
         return acc_ref[...]
 
-      acc = _acc_with_scratch(acc_scope, (bm, bn), _scratch(interpret, (bm, bc), lhs.dtype))
+      t_shape = gpu_common.scratch(interpret, (bm, bc), lhs.dtype)
+      acc = gpu_common.acc_with_scratch(acc_scope, (bm, bn), t_shape)
 
       @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((bm, bn), out_dtype))
       def _(out_smem):
@@ -143,9 +144,9 @@ def tgmm(lhs, dout, group_sizes, *, config=None, interpret=False, out_dtype=None
         plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[gi, pl.ds(k0, bm), pl.ds(n0, bn)])
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    _persistent_loop(g * k_tiles * n_tiles, tile)
+    gpu_common.persistent_loop(g * k_tiles * n_tiles, tile)
     plgpu.wait_smem_to_gmem(0)
 
   body = body_ws if cfg.warp_specialized else body_simple
   out_type = jax.ShapeDtypeStruct((g, k, n), out_dtype)
-  return _run(body, out_type, cfg, interpret)(starts, ends, lhs, dout)
+  return gpu_common.run(body, out_type, cfg, interpret)(starts, ends, lhs, dout)

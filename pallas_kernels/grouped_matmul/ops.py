@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.grouped_matmul import gpu as _gpu
+from pallas_kernels.grouped_matmul import gpu_common as _gpu_common
 from pallas_kernels.grouped_matmul import gpu_tgmm as _gpu_tgmm
 from pallas_kernels.grouped_matmul import reference as _ref
 from pallas_kernels.grouped_matmul import tpu as _tpu
@@ -78,7 +79,7 @@ def _gmm_impl(lhs, rhs, group_sizes, opts, transpose_rhs=False, out_dtype=None):
     return _tpu.gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs,
                     config=opts.gmm_config, interpret=opts.interpret, out_dtype=out_dtype)
   cfg = opts.gmm_config or _fit_smem(_gpu.DLHS_CONFIG if transpose_rhs else _gpu.GMM_CONFIG, out_dtype)
-  cta_n = _gpu._num_wgs(cfg) * cfg.block_n
+  cta_n = _gpu_common.num_wgs(cfg) * cfg.block_n
   # Zero padding: extra K contributes nothing, extra rows sit past sum(gs), extra N is cut off.
   mp, kp, np_ = max(_round_up(m, 8), cfg.block_m), _round_up(k, cfg.block_k), _round_up(n, cta_n)
   g = rhs.shape[0]
@@ -99,7 +100,7 @@ def _tgmm_impl(lhs, dout, group_sizes, opts, out_dtype=None):
   cfg = opts.tgmm_config or _fit_smem(_gpu.TGMM_CONFIG, out_dtype)
   m, k = lhs.shape
   n = dout.shape[1]
-  cta_n = _gpu._num_wgs(cfg) * cfg.block_n
+  cta_n = _gpu_common.num_wgs(cfg) * cfg.block_n
   mp, kp, np_ = _round_up(m, cfg.block_k), _round_up(k, cfg.block_m), _round_up(n, cta_n)
   out = _gpu_tgmm.tgmm(_pad_to(lhs, (mp, kp)), _pad_to(dout, (mp, np_)), group_sizes, config=cfg,
                   interpret=opts.interpret, out_dtype=out_dtype)

@@ -2,7 +2,8 @@
 
 `backend` picks Mosaic GPU (Hopper), Mosaic TPU or the XLA reference; see ops.py.
 """
+from pallas_kernels.mla_decode.common import V_DIM
 from pallas_kernels.mla_decode.ops import mla_decode, resolve_backend
 from pallas_kernels.mla_decode.reference import mla_decode_reference
 
-__all__ = ["mla_decode", "mla_decode_reference", "resolve_backend"]
+__all__ = ["V_DIM", "mla_decode", "mla_decode_reference", "resolve_backend"]

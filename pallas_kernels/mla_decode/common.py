@@ -1,4 +1,4 @@
-"""Pieces the GPU and TPU kernels share: the split-KV partition, row padding, and the split combine.
+"""Pieces the GPU and TPU kernels share: constants, the split-KV partition, row padding, the split combine.
 
 Split-KV: a sequence's KV blocks [0, nblk) are cut into `num_splits` contiguous ranges of
 ceil(nblk / num_splits) blocks; each (sequence, split) writes a partial output normalised by its own
@@ -10,6 +10,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+# Value / output width: the first V_DIM columns of a cache row (DeepSeek-V3's 512-wide latent c_kv) are the
+# values; the rest (64 rope columns) only enter the scores.
+V_DIM = 512
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # Finite start for the running row max: a row that sees nothing keeps it, so exp2(m_old - m_new)

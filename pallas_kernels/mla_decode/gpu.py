@@ -1,4 +1,4 @@
-"""MLA decode over a paged latent cache in Pallas Mosaic GPU (Hopper), and the pieces both kernels share.
+"""MLA decode over a paged latent cache in Pallas Mosaic GPU (Hopper): config, launch, the "simple" kernel.
 
 Rows: a sequence's s_q * H query rows (row r = query r // H, head r % H) are cut into CTA tiles of 64
 rows (one wgmma M tile). For every block of 64 cache rows (576 wide: 512 latent | 64 rope), the CTA
@@ -15,6 +15,7 @@ Kernels (GpuConfig.kernel):
   "simple": 1 warpgroup per CTA (this file) owning 256 output columns; the two column halves are
     separate CTAs that both compute S (1.5x the FLOPs), with no inter-warpgroup traffic. The fallback
     if the "ws" kernel does not compile, and a reference point for memory-bound shapes.
+  Both are built from the device-side pieces in gpu_common.py (S, online softmax, P V, stores).
 Shared memory: Q 72 KB + 2 KV stages of 72 KB + P 8 KB + 1 KB of row vectors leaves 2 KB of the
 227 KB an H100/H200 block may use, so the KV block is 64 rows and the ring has 2 stages (and the 2 KB
 that Pallas reserves for cross-warp reductions by default is turned off: ours stay inside warps).
@@ -38,11 +39,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mla_decode import common
-
-BM = 64  # query rows per CTA: the wgmma M tile
-V_DIM = 512
-HALF = 256  # output columns per warpgroup (wgmma N <= 256)
+from pallas_kernels.mla_decode import common, gpu_common, gpu_ws
+from pallas_kernels.mla_decode.common import V_DIM
+from pallas_kernels.mla_decode.gpu_common import BM, HALF
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +95,7 @@ def unsupported(q, kv_pages, config):
     if cfg.block_kv != 64:
         return "block_kv must be 64 (wgmma K groups of 64 with 128-byte swizzle; smem fits 2 stages)"
     if d % 64 or d <= V_DIM:
-        return f"row width must be 512 + a multiple of 64, got {d}"
+        return f"row width must be {V_DIM} + a multiple of 64, got {d}"
     if page_size % cfg.block_kv:
         return f"page_size {page_size} must be a multiple of block_kv {cfg.block_kv}"
     if not 1 <= cfg.num_stages <= 2:
@@ -104,11 +103,6 @@ def unsupported(q, kv_pages, config):
     if HALF % cfg.pv_chunk or cfg.pv_chunk % 64:
         return f"pv_chunk must divide {HALF} in multiples of 64"
     return None
-
-
-def _row_layout():
-    layout = plgpu.Layout.WGMMA
-    return layout.reduce(1) if hasattr(layout, "reduce") else plgpu.Layout.WGMMA_ROW
 
 
 def interpret_params():
@@ -120,160 +114,20 @@ def interpret_params():
     return InterpretGPUParams()
 
 
-def smem_transforms():
-    # 128-byte swizzle: 64 bf16 columns per tile, the layout wgmma and TMA both want.
-    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-
-
-def cast(x, layout, dm):
-    """plgpu.layout_cast; the interpreter has no layouts (and no rule for the primitive)."""
-    if dm.interpret:
-        return x
-    return plgpu.layout_cast(x, _row_layout() if layout == "row" else layout)
-
-
-def row_full(value, dm):
-    return cast(jnp.full((BM,), value, jnp.float32), "row", dm)
-
-
-def zeros_acc(cols, dm):
-    return cast(jnp.zeros((BM, cols), jnp.float32), plgpu.Layout.WGMMA, dm)
-
-
-def rows_bcast(v, shape):
-    return lax.broadcast_in_dim(v, shape, [0])
-
-
-def cta_ranges(len_ref, dm, split, b):
-    """(length, first block, blocks, blocks before masking starts) of this CTA's split."""
-    length = len_ref[b]
-    start, steps = common.block_range(length, split, dm.splits, dm.bkv, dm.max_blocks)
-    nfull = jnp.clip(common.full_blocks(length, dm.s_q, dm.bkv) - start, 0, steps)
-    return length, start, steps, nfull
-
-
-def kv_block(bt_ref, kv_ref, b, blk, dm):
-    """GMEM view of block `blk` of sequence b: 64 rows inside one page, found in the block table."""
-    row = blk * dm.bkv
-    page = jnp.clip(bt_ref[b, lax.div(row, dm.page_size)], 0, dm.num_pages - 1)  # no wild TMA
-    return kv_ref.at[page, pl.ds(pl.multiple_of(lax.rem(row, dm.page_size), dm.bkv), dm.bkv)]
-
-
-def load_kv(bt_ref, kv_ref, kv_smem, kv_bar, b, blk, slot, dm):
-    """TMA block `blk` of sequence b into ring slot `slot`."""
-    plgpu.copy_gmem_to_smem(kv_block(bt_ref, kv_ref, b, blk, dm), kv_smem.at[slot], kv_bar.at[slot])
-
-
-def load_q(q_ref, q_smem, q_bar, b, m0, dm):
-    dst = q_smem if dm.rq == BM else q_smem.at[pl.ds(0, dm.rq)]
-    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(m0, dm.rq)], dst, q_bar.at[0])
-
-
-def scores(q_smem, tile, kt_smem, dm):
-    """S = Q K^T * scale * log2(e) for one [bkv, 576] tile, float32 [64, bkv] in registers."""
-    if kt_smem is None:
-        k_t = plgpu.transpose_ref(tile, (1, 0))
-    else:  # interpreter: no transposed wgmma operands
-        kt_smem[...] = tile[...].T
-        k_t = kt_smem
-
-    def body(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, k_t)
-        return acc_ref[...]
-    return pl.run_scoped(body, plgpu.ACC((BM, dm.bkv), jnp.float32)) * dm.scale_log2
-
-
-def mask_scores(s, blk, m0, length, dm):
-    """-inf where row r (query (m0 + r) // H) may not see the position."""
-    rows = cast(lax.broadcasted_iota(jnp.int32, s.shape, 0), plgpu.Layout.WGMMA, dm)
-    cols = cast(lax.broadcasted_iota(jnp.int32, s.shape, 1), plgpu.Layout.WGMMA, dm)
-    limit = lax.div(rows + m0, dm.h) + (length - dm.s_q + 1)
-    return jnp.where(cols + blk * dm.bkv < limit, s, -jnp.inf)
-
-
-def softmax_step(s, m, l):
-    """Online softmax in base 2: new P (float32), rescale factor of the old O, new max and sum."""
-    m_new = jnp.maximum(m, s.max(axis=1))
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - rows_bcast(m_new, s.shape))
-    return p, alpha, m_new, l * alpha + p.sum(axis=1)
-
-
-def pv_update(o_chunks, alpha, a, tile, col0, dm):
-    """Each O chunk (64 x pv_chunk, float32) <- chunk * alpha + P @ V[:, cols]. `a` is P in
-    registers (bf16) or its smem ref."""
-    cw = dm.cfg.pv_chunk
-    inplace = dm.cfg.pv_inplace and not dm.interpret
-    new = []
-    for c, oc in enumerate(o_chunks):
-        oc = oc * rows_bcast(alpha, oc.shape)
-        v = tile.at[:, pl.ds(col0 + c * cw, cw)]
-        if inplace:
-            oc = pl.run_state(lambda acc_ref, v=v: plgpu.wgmma(acc_ref, a, v))(plgpu.ACC.init(oc))
-        else:
-            def fresh(acc_ref, v=v):
-                plgpu.wgmma(acc_ref, a, v)
-                return acc_ref[...]
-            oc = oc + pl.run_scoped(fresh, plgpu.ACC((BM, cw), jnp.float32))
-        new.append(oc)
-    return tuple(new)
-
-
-def finish_rows(m, l):
-    """(1 / l or 0, natural-log lse or -inf) for the final row max (base 2) and sum."""
-    inv = jnp.where(l > 0, 1.0 / l, 0.0)
-    lse = jnp.where(l > 0, m * common.LN2 + jnp.log(l), -jnp.inf)
-    return inv, lse
-
-
-def store_half(o_chunks, inv, stage, out_view, col0, dm):
-    """Normalise this warpgroup's 256 output columns, stage them in smem (`stage`: 64 x 256 of the
-    Q buffer, free once the last S is computed) and TMA them out. With splits, also the bf16 residual
-    (lo) 512 columns further."""
-    cw = dm.cfg.pv_chunk
-    o_chunks = [oc * rows_bcast(inv, oc.shape) for oc in o_chunks]
-    parts = [o_chunks]
-    if dm.splits > 1:
-        parts.append([oc - oc.astype(dm.dtype).astype(jnp.float32) for oc in o_chunks])
-    for i, chunks in enumerate(parts):
-        if i:
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the hi copy has left the stage
-        for c, oc in enumerate(chunks):
-            stage.at[:, pl.ds(c * cw, cw)][...] = oc.astype(dm.dtype)
-        plgpu.commit_smem()
-        # TMA wants a contiguous smem box: in the (8, 64)-tiled Q buffer that is 8 rows of the
-        # column slice, so the stage leaves in 8-row pieces.
-        for r in range(0, dm.rq, 8):
-            plgpu.copy_smem_to_gmem(stage.at[pl.ds(r, 8)],
-                                    out_view.at[pl.ds(r, 8), pl.ds(i * V_DIM + col0, HALF)])
-
-
-def store_lse(lse, lse_smem, lse_view, dm):
-    lse_smem[...] = lse
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(lse_smem if dm.rq == BM else lse_smem.at[pl.ds(0, dm.rq)], lse_view)
-
-
-def out_views(out_ref, lse_ref, b, split, m0, dm):
-    if dm.splits == 1:
-        return out_ref.at[b, pl.ds(m0, dm.rq)], lse_ref.at[b, pl.ds(m0, dm.rq)]
-    return out_ref.at[b, split, pl.ds(m0, dm.rq)], lse_ref.at[b, split, pl.ds(m0, dm.rq)]
-
-
 def _simple_body(len_ref, bt_ref, q_ref, kv_ref, out_ref, lse_ref, *, dm):
     x, split, b = lax.axis_index("m"), lax.axis_index("split"), lax.axis_index("b")
     half = lax.rem(x, 2)  # adjacent CTAs share a sequence's rows, so one L2 fill serves both
     m0 = lax.div(x, 2) * dm.rq
-    length, start, steps, nfull = cta_ranges(len_ref, dm, split, b)
+    length, start, steps, nfull = gpu_common.cta_ranges(len_ref, dm, split, b)
     col0 = half * HALF
     nchunks = HALF // dm.cfg.pv_chunk
-    tf = smem_transforms()
+    tf = gpu_common.smem_transforms()
 
     def scoped(q_smem, kv_smem, p_smem, lse_smem, kt_smem, q_bar, kv_bar):
-        load_q(q_ref, q_smem, q_bar, b, m0, dm)
+        gpu_common.load_q(q_ref, q_smem, q_bar, b, m0, dm)
         for i in range(dm.stages):
             pl.when(i < steps)(functools.partial(
-                load_kv, bt_ref, kv_ref, kv_smem, kv_bar, b, start + i, i, dm))
+                gpu_common.load_kv, bt_ref, kv_ref, kv_smem, kv_bar, b, start + i, i, dm))
         plgpu.barrier_wait(q_bar.at[0])
 
         def step(t, carry, masked):
@@ -282,30 +136,30 @@ def _simple_body(len_ref, bt_ref, q_ref, kv_ref, out_ref, lse_ref, *, dm):
             blk = start + t
             tile = kv_smem.at[slot]
             plgpu.barrier_wait(kv_bar.at[slot])
-            s = scores(q_smem, tile, kt_smem, dm)
+            s = gpu_common.scores(q_smem, tile, kt_smem, dm)
             if masked:
-                s = mask_scores(s, blk, m0, length, dm)
-            p, alpha, m, l = softmax_step(s, m, l)
+                s = gpu_common.mask_scores(s, blk, m0, length, dm)
+            p, alpha, m, l = gpu_common.softmax_step(s, m, l)
             p16 = p.astype(dm.dtype)
             if p_smem is not None:
                 p_smem[...] = p16
                 plgpu.commit_smem()
-            o = pv_update(o, alpha, p16 if p_smem is None else p_smem, tile, col0, dm)
+            o = gpu_common.pv_update(o, alpha, p16 if p_smem is None else p_smem, tile, col0, dm)
 
             # The slot's last reader (the PV wgmma) has completed: refill it.
             @pl.when(t + dm.stages < steps)
             def _():
-                load_kv(bt_ref, kv_ref, kv_smem, kv_bar, b, blk + dm.stages, slot, dm)
+                gpu_common.load_kv(bt_ref, kv_ref, kv_smem, kv_bar, b, blk + dm.stages, slot, dm)
             return o, m, l
 
-        carry = (tuple(zeros_acc(dm.cfg.pv_chunk, dm) for _ in range(nchunks)),
-                 row_full(common.M_INIT, dm), row_full(0.0, dm))
+        carry = (tuple(gpu_common.zeros_acc(dm.cfg.pv_chunk, dm) for _ in range(nchunks)),
+                 gpu_common.row_full(common.M_INIT, dm), gpu_common.row_full(0.0, dm))
         carry = lax.fori_loop(0, nfull, functools.partial(step, masked=False), carry)
         o, m, l = lax.fori_loop(nfull, steps, functools.partial(step, masked=True), carry)
-        inv, lse = finish_rows(m, l)
-        out_view, lse_view = out_views(out_ref, lse_ref, b, split, m0, dm)
-        store_half(o, inv, q_smem.at[:, pl.ds(0, HALF)], out_view, col0, dm)
-        pl.when(half == 0)(lambda: store_lse(lse, lse_smem, lse_view, dm))
+        inv, lse = gpu_common.finish_rows(m, l)
+        out_view, lse_view = gpu_common.out_views(out_ref, lse_ref, b, split, m0, dm)
+        gpu_common.store_half(o, inv, q_smem.at[:, pl.ds(0, HALF)], out_view, col0, dm)
+        pl.when(half == 0)(lambda: gpu_common.store_lse(lse, lse_smem, lse_view, dm))
         plgpu.wait_smem_to_gmem(0)
 
     p_in_smem = dm.interpret or not dm.cfg.p_in_registers
@@ -368,7 +222,6 @@ def mla_decode(q, kv_pages, block_table, lengths, *, softmax_scale, config=None,
     if cfg.kernel == "simple":
         body = functools.partial(_simple_body, dm=dm)
     else:
-        from pallas_kernels.mla_decode import gpu_ws
         body = functools.partial(gpu_ws.body, dm=dm)
         kw.update(num_threads=3, thread_name="wg")
     if interpret:

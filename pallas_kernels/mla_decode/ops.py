@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.mla_decode import reference as _ref
+from pallas_kernels.mla_decode.common import V_DIM
 
 BACKENDS = ("auto", "gpu", "tpu", "xla")
 _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-V_DIM = _ref.V_DIM
 
 
 def _is_hopper():

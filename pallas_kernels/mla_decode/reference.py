@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-V_DIM = 512
+from pallas_kernels.mla_decode.common import V_DIM
 
 
 def visible_mask(lengths, s_q, seq):

@@ -22,8 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.mla_decode import common
-
-V_DIM = 512
+from pallas_kernels.mla_decode.common import V_DIM
 
 
 @dataclasses.dataclass(frozen=True)
