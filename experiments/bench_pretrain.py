@@ -61,11 +61,11 @@ def bench_step(cfg, batch_size, seq_len, steps, mtp_lambda, profile):
     import jax.numpy as jnp
     import numpy as np
     from dsjax.train.optim import OptimConfig
-    from dsjax.train.trainer import _step_fns, init_params
+    from dsjax.train.trainer import init_params, step_fns
     from experiments.bench_util import synthetic_batch, time_steps
     from experiments.step_profile import profile_components
-    step_fn, _, use_mtp, tx = _step_fns(cfg, OptimConfig(lr=1e-4, warmup_steps=10, total_steps=1000), mtp_lambda,
-                                        1e-4, 1e-3)
+    step_fn, _, use_mtp, tx = step_fns(cfg, OptimConfig(lr=1e-4, warmup_steps=10, total_steps=1000),
+                                       mtp_lambda=mtp_lambda, balance_alpha=1e-4, bias_gamma=1e-3)
     params = init_params(cfg, 0)
     opt = jax.jit(tx.init)(params)
     batch = jax.tree.map(jnp.asarray, synthetic_batch(cfg.vocab_size, batch_size, seq_len))

@@ -47,11 +47,11 @@ def bench(cfg, mesh, batch_per_device: int, seq_len: int, steps: int, mtp_lambda
     import jax
     from dsjax.train.optim import OptimConfig
     from experiments.bench_util import synthetic_batch, time_steps
-    from dsjax.train.trainer import _step_fns, init_params
+    from dsjax.train.trainer import init_params, step_fns
     from sharding.state import shard_batch, state_shardings
 
-    step_fn, _, _, tx = _step_fns(cfg, OptimConfig(lr=1e-4, warmup_steps=10, total_steps=1000), mtp_lambda, 1e-4,
-                                  1e-3, mesh)
+    step_fn, _, _, tx = step_fns(cfg, OptimConfig(lr=1e-4, warmup_steps=10, total_steps=1000),
+                                 mtp_lambda=mtp_lambda, balance_alpha=1e-4, bias_gamma=1e-3, mesh=mesh)
     shapes = jax.eval_shape(lambda: init_params(cfg, 0))
     pshard, oshard = state_shardings(mesh, shapes, jax.eval_shape(tx.init, shapes))
     params = init_params(cfg, 0, pshard)

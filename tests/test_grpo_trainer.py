@@ -133,6 +133,30 @@ def test_dynamic_sampling_keeps_only_groups_with_reward_spread():
     np.testing.assert_array_equal(grpo_trainer.groups_with_spread(rewards, 3), [True, False, False, True])
 
 
+def test_init_checkpoint_keeps_the_configs_runtime_knobs(cfg, params, tmp_path):
+    """GRPO from a pretraining checkpoint: the checkpoint's architecture and params, but the GRPO config's runtime
+    knobs (dtype, remat, kernels, MoE dispatch, ...), not the values the checkpoint was trained with."""
+    from dsjax.config import RUNTIME_FIELDS
+    from dsjax.train.checkpoint import Checkpointer, model_config_dict
+    ck = Checkpointer(str(tmp_path / "pre"), keep=1, async_save=False)
+    ck.save(1, params, {"unused": np.zeros((), np.int32)}, np.zeros(2, np.uint32), {"position": 0},
+            {"model": model_config_dict(cfg)}, force=True)
+    ck.close()
+    runtime = {"dtype": "bfloat16", "param_dtype": "bfloat16", "platform": "cpu", "moe_backend": "dense",
+               "remat": "full", "attention_impl": "xla", "decode_attention_impl": "contiguous",
+               "moe_capacity_factor": 1.25, "moe_device_limit": 1, "moe_dispatch": "ragged"}
+    assert set(runtime) == set(RUNTIME_FIELDS), "a new runtime knob: give it a non-default value here"
+    assert all(getattr(cfg, k) != v for k, v in runtime.items())  # the checkpoint holds other values throughout
+    c = grpo_config.get_config()
+    c.init_checkpoint = str(tmp_path / "pre")
+    c.model.update(runtime)
+    c.model.num_hidden_layers = 3  # architecture: the checkpoint's wins
+    got, init = grpo_trainer.initial_policy(c, jax.devices()[:1])
+    assert {k: getattr(got, k) for k in RUNTIME_FIELDS} == runtime
+    assert got.num_hidden_layers == cfg.num_hidden_layers == 2
+    np.testing.assert_array_equal(init["lm_head"], params["lm_head"])
+
+
 def small_config(steps: int, **grpo):
     c = grpo_config.get_config()
     c.model.num_hidden_layers = 2

@@ -221,7 +221,8 @@ def test_bias_update_uses_whole_step_counts(corpus, tmp_path):
     counts = np.asarray(aux["expert_counts"], np.float64)
     want = np.sign(counts.mean(-1, keepdims=True) - counts) * 0.5
     before = np.asarray(params["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"])
-    new, _, _ = step_fn(params, tx.init(params), jnp.int32(0), jax.tree.map(lambda x: x.reshape((2, 2) + x.shape[1:]), b))
+    accumulated = jax.tree.map(lambda x: x.reshape((2, 2) + x.shape[1:]), b)  # [grad_accum, rows, ...]
+    new, _, _ = step_fn(params, tx.init(params), jnp.int32(0), accumulated)
     after = np.asarray(new["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"])
     np.testing.assert_allclose(after - before, want, atol=1e-6)
 
@@ -259,6 +260,24 @@ def test_resume_with_incompatible_config_is_refused(corpus, tmp_path):
     after = {os.path.join(r, f): os.path.getmtime(os.path.join(r, f))
              for r, _, fs in os.walk(workdir) for f in fs}
     assert before == after
+
+
+def test_resume_may_change_runtime_knobs(corpus, tmp_path):
+    """A runtime knob (dsjax.config.RUNTIME_FIELDS) is not the model: resuming with another value continues."""
+    from dsjax.train.trainer import train
+    workdir = str(tmp_path / "w")
+
+    def config(steps):
+        c = small_config(corpus, steps=steps, eval_batches=1)
+        c.model.num_hidden_layers, c.model.num_nextn_predict_layers = 1, 0  # small programs: each run compiles
+        return c
+
+    assert train(config(2), workdir)["step"] == 2
+    c = config(4)
+    c.model.decode_attention_impl = "contiguous"  # used to be refused as "a different model config"
+    summary = train(c, workdir)
+    assert summary["step"] == 4 and sorted(summary["train_losses"]) == [3, 4]
+    assert sorted(read_losses(workdir)) == [1, 2, 3, 4]
 
 
 def test_plot_metrics_draws_png(tmp_path):

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax.config import RUNTIME_FIELDS
+from dsjax.config import RUNTIME_FIELDS, ModelConfig
 from dsjax.model import DeepSeekV3
 from dsjax.rl.grpo import group_advantages, policy_loss
 from dsjax.runtime import resolve
@@ -35,15 +35,15 @@ from dsjax.rl.rollout import (Rollout, cast_for_rollout, completion_logprobs, en
 from dsjax.rl.tasks import PROBE_STREAM, RL_STREAM, SFT_STREAM, make_task
 from dsjax.sampling import SamplingConfig
 from dsjax.tokenizer import load_tokenizer
-from dsjax.train.checkpoint import (Checkpointer, config_mismatch, load_for_inference, model_config_dict,
-                                    model_config_from_dict)
+from dsjax.train.checkpoint import Checkpointer, load_for_inference, model_config_dict
+from dsjax.train.loop import (StopFlag, apply_optimizer, checked_resume_step, grad_norm, jit_forward, jit_train_step,
+                              model_config, save_due, to_plain)
 from dsjax.train.losses import cross_entropy
 from dsjax.train.metrics import MetricsLogger
 from dsjax.train.optim import OptimConfig, lr_schedule, make_optimizer
-from dsjax.train.trainer import _StopFlag, _to_plain, model_config
 from sharding.mesh import describe
 from sharding.rules import batch_shards
-from sharding.state import bind, replicated, shard_batch, shard_train_state, state_shardings
+from sharding.state import shard_batch, shard_train_state
 
 
 def groups_with_spread(rewards: np.ndarray, group_size: int) -> np.ndarray:
@@ -78,28 +78,17 @@ def _grpo_fns(cfg, ocfg: OptimConfig, width: int, temperature: float, loss_type:
 
     def update(params, opt_state, opt_step, b, first):
         (loss, (m, lp, ent)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, b, first)
-        updates, opt_state = tx.update(g, opt_state, params)
-        params = jax.tree.map(jnp.add, params, updates)
+        params, opt_state = apply_optimizer(tx, g, opt_state, params)
         valid = b["valid"]
         n = jnp.maximum(valid.sum(), 1.0)
-        m = {**m, "loss": loss, "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(g))),
-             "lr": sched(opt_step), "entropy": jnp.sum(ent * valid) / n,
+        m = {**m, "loss": loss, "grad_norm": grad_norm(g), "lr": sched(opt_step),
+             "entropy": jnp.sum(ent * valid) / n,
              # sampler vs trainer log-probs of the same tokens; meaningful on inner iteration 1 (same params)
              "logprob_gap": jnp.sum(jnp.abs(b["sampler_logprobs"] - lp) * valid) / n}
         return params, opt_state, m, lp
 
-    if mesh is None:
-        return jax.jit(update, donate_argnums=(0, 1)), jax.jit(logprobs), tx
-    return _bound_step(update, cfg, tx, mesh, extra_out=2), bind(mesh, jax.jit(logprobs)), tx
-
-
-def _bound_step(fn, cfg, tx, mesh, extra_out: int):
-    """`fn(params, opt_state, ...) -> (params, opt_state, *extra)` jitted with the state kept in its rule-table
-    layout on `mesh` and traced with the mesh bound (sharding/state.py), as the pretraining step is."""
-    shapes = jax.eval_shape(_init_fn(cfg), jax.random.key(0))
-    pshard, oshard = state_shardings(mesh, shapes, jax.eval_shape(tx.init, shapes))
-    outs = (pshard, oshard) + (replicated(mesh),) * extra_out
-    return bind(mesh, jax.jit(fn, donate_argnums=(0, 1), out_shardings=outs))
+    # the log-probs stay split over the batch: they become the next inner iteration's old_logprobs
+    return jit_train_step(update, cfg, tx, mesh, extra_outputs=2), jit_forward(logprobs, mesh), tx
 
 
 @functools.lru_cache(maxsize=4)
@@ -110,11 +99,9 @@ def _sft_fns(cfg, ocfg: OptimConfig, mesh=None):
         def loss_fn(p):
             return cross_entropy(model.apply({"params": p}, inputs), targets, mask)[0]
         loss, g = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(g, opt_state, params)
-        return jax.tree.map(jnp.add, params, updates), opt_state, {"loss": loss, "lr": sched(i)}
-    if mesh is None:
-        return jax.jit(step, donate_argnums=(0, 1)), tx
-    return _bound_step(step, cfg, tx, mesh, extra_out=1), tx
+        params, opt_state = apply_optimizer(tx, g, opt_state, params)
+        return params, opt_state, {"loss": loss, "lr": sched(i)}
+    return jit_train_step(step, cfg, tx, mesh, extra_outputs=1), tx
 
 
 @functools.lru_cache(maxsize=4)
@@ -138,6 +125,20 @@ def sft_arrays(tok, problems, max_prompt_length: int, max_new_tokens: int):
     return seq[:, :-1], seq[:, 1:], mask[:, 1:]
 
 
+def initial_policy(config, devices) -> tuple[ModelConfig, Any]:
+    """(the policy's ModelConfig, its initial params or None for a random init).
+
+    With `config.init_checkpoint`, the checkpoint's architecture and params, but the GRPO config's runtime knobs
+    (dsjax.config.RUNTIME_FIELDS: dtype, remat, attention / decode kernels, MoE dispatch, ...), never the ones the
+    checkpoint was trained with: where and how this run executes is this run's choice. Every "auto" knob is then
+    resolved, once, for `devices`, the devices the run uses."""
+    cfg, params = model_config(config), None
+    if config.init_checkpoint:
+        arch, params = load_for_inference(config.init_checkpoint)
+        cfg = arch.replace(**{k: getattr(cfg, k) for k in RUNTIME_FIELDS})
+    return resolve(cfg, devices), params
+
+
 class _Run:
     """Everything derived from the config that the phases share."""
 
@@ -147,36 +148,37 @@ class _Run:
         self.task = make_task(t.name, config.train.seed, **{k: v for k, v in t.items() if k not in ("name",
                                                                                                 "tokenizer")})
         self.tok = load_tokenizer(t.tokenizer or None)
-        self.cfg, self.init_params = model_config(config), None
-        if config.init_checkpoint:  # its architecture wins; the config's runtime knobs (dtype, remat, ...) apply
-            cfg, self.init_params = load_for_inference(config.init_checkpoint)
-            self.cfg = cfg.replace(**{k: getattr(self.cfg, k) for k in RUNTIME_FIELDS})
-            if self.tok.vocab_size > self.cfg.vocab_size:
-                raise ValueError(f"tokenizer has {self.tok.vocab_size} ids, more than the checkpoint's vocab_size "
-                                 f"{self.cfg.vocab_size}")
-        self.cfg = resolve(self.cfg, devices)  # every "auto" knob, once, for the devices the run uses
-        self.P = r.max_prompt_length or self.task.max_prompt_chars + 1  # + bos
-        self.N = r.max_new_tokens or self.task.max_answer_chars + 2     # + eos + one spare
+        self.cfg, self.init_params = initial_policy(config, devices)
+        if config.init_checkpoint and self.tok.vocab_size > self.cfg.vocab_size:
+            raise ValueError(f"tokenizer has {self.tok.vocab_size} ids, more than the checkpoint's vocab_size "
+                             f"{self.cfg.vocab_size}")
+        self.max_prompt_length = r.max_prompt_length or self.task.max_prompt_chars + 1  # + bos
+        self.max_new_tokens = r.max_new_tokens or self.task.max_answer_chars + 2        # + eos + one spare
         if r.temperature <= 0:
             raise ValueError("rollout.temperature must be > 0: GRPO needs sampled completions and their log-probs")
-        self.sampling = SamplingConfig(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, max_new_tokens=self.N,
-                                       stop_tokens=(self.tok.eos_id,), pad_token=self.tok.pad_id)
-        self.greedy = SamplingConfig(temperature=0.0, max_new_tokens=self.N, stop_tokens=(self.tok.eos_id,),
-                                     pad_token=self.tok.pad_id)
+        self.sampling = SamplingConfig(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                                       max_new_tokens=self.max_new_tokens, stop_tokens=(self.tok.eos_id,),
+                                       pad_token=self.tok.pad_id)
+        self.greedy = SamplingConfig(temperature=0.0, max_new_tokens=self.max_new_tokens,
+                                     stop_tokens=(self.tok.eos_id,), pad_token=self.tok.pad_id)
         self.rewards = self.task.rewards(dict(config.rewards))
         # Encoding the held-out prompts up front checks the prompt limit before anything compiles.
         self.eval_problems = self.task.eval_problems()
-        self.eval_prompts = encode_prompts(self.tok, [p.prompt for p in self.eval_problems], self.P)
+        self.eval_prompts = self.encode([p.prompt for p in self.eval_problems])
         self.cache_dtype = jnp.dtype(r.cache_dtype or self.cfg.dtype)
+
+    def encode(self, prompts: list[str]) -> list[list[int]]:
+        """Token ids of each prompt (bos first); a prompt longer than max_prompt_length is a ValueError."""
+        return encode_prompts(self.tok, prompts, self.max_prompt_length)
 
     def samples(self, problems, ro: Rollout, group: int) -> list[Sample]:
         return [Sample(problems[i // group].prompt, self.tok.decode(ro.completions[i, :ro.lengths[i]]),
                        problems[i // group].answer, bool(ro.finished[i])) for i in range(len(ro.lengths))]
 
     def generate(self, params, problems, sampling, key, group, prompts=None):
-        prompts = prompts or encode_prompts(self.tok, [p.prompt for p in problems], self.P)
+        prompts = prompts or self.encode([p.prompt for p in problems])
         return sample_rollouts(self.cfg, cast_for_rollout(params, self.cfg.dtype), prompts, sampling, key, group,
-                               self.P, self.cache_dtype)
+                               self.max_prompt_length, self.cache_dtype)
 
     def pass_at_1(self, params, problems=None, prompts=None) -> float:
         """Greedy exact-answer rate; the held-out set by default."""
@@ -193,8 +195,6 @@ def _warm_start(run: _Run, workdir: str, key, run_config, mesh=None) -> tuple[An
     """Warm-start params and their held-out pass@1: from <workdir>/sft if present, else init_checkpoint or random
     init, then `sft.steps` supervised steps, then saved there."""
     s, cfg = run.c.sft, run.cfg
-    if s.target_pass_at_1 and s.check_every < 1:
-        raise ValueError("sft.target_pass_at_1 needs sft.check_every >= 1")
     ocfg = OptimConfig(lr=s.lr, warmup_steps=s.warmup_steps, total_steps=max(s.steps, 1), schedule="cosine",
                        weight_decay=s.weight_decay)
     step_fn, tx = _sft_fns(cfg, ocfg, mesh)
@@ -214,10 +214,11 @@ def _warm_start(run: _Run, workdir: str, key, run_config, mesh=None) -> tuple[An
         # the greedy pass reuses its compiled program. Stopping at a target rate rather than a step count makes
         # the warm start's level independent of how fast a given seed or machine happens to learn.
         probe = run.task.problems(PROBE_STREAM, 0, len(run.eval_problems))
-        probe_prompts = encode_prompts(run.tok, [p.prompt for p in probe], run.P)
+        probe_prompts = run.encode([p.prompt for p in probe])
         t0, done = time.time(), 0
         while done < s.steps:
-            arrays = sft_arrays(run.tok, run.task.problems(SFT_STREAM, done, s.batch_size), run.P, run.N)
+            arrays = sft_arrays(run.tok, run.task.problems(SFT_STREAM, done, s.batch_size), run.max_prompt_length,
+                                run.max_new_tokens)
             params, opt_state, m = step_fn(params, opt_state, jnp.int32(done), *shard_batch(mesh, arrays))
             done += 1
             check = bool(s.target_pass_at_1) and done % s.check_every == 0
@@ -299,94 +300,108 @@ def _console(step, total, m, eta) -> str:
               f"ent {m['entropy']:.3f}", f"clip {m['clip_ratio/region']:.3f}", f"gap {m['logprob_gap']:.1e}"]
     if "kl" in m:
         parts.append(f"kl {m['kl']:.4f}")
-    parts += [f"rollout {m['rollout_tokens_per_s'] / 1e3:.1f}k tok/s", f"train {m['train_tokens_per_s'] / 1e3:.1f}k tok/s",
-              f"ETA {eta:.0f}s"]
+    parts += [f"rollout {m['rollout_tokens_per_s'] / 1e3:.1f}k tok/s",
+              f"train {m['train_tokens_per_s'] / 1e3:.1f}k tok/s", f"ETA {eta:.0f}s"]
     return " | ".join(parts)
 
 
-def train(config, workdir: str, mesh=None) -> dict[str, Any]:
-    """With a mesh of more than one device, params and optimizer state take their rule-table layout
-    (sharding/rules.py), the warm-start and GRPO batches are split over its batch axes, and the updates trace with
-    the mesh bound (expert-parallel MoE), as in pretraining. Rollouts run on the same sharded params."""
-    t_start = time.time()
+def _grpo_mesh(mesh):
+    """The mesh GRPO runs on: None for one device (the plain path); a multi-process one is refused."""
     if mesh is not None and mesh.size == 1:
-        mesh = None  # one device: the plain path
+        mesh = None
     if mesh is not None and jax.process_count() > 1:
         raise ValueError("GRPO runs in one process (its rollouts are generated on this host); multi-device meshes "
                          f"are supported, multi-process ones not yet: {jax.process_count()} processes")
-    run = _Run(config, jax.devices()[:1] if mesh is None else mesh.devices.flat)
-    g, r, t = config.grpo, config.rollout, config.train
-    G = r.num_samples
+    return mesh
+
+
+def _check_config(config, mesh) -> None:
+    """Raises ValueError for GRPO settings that cannot run, before anything is written or compiled."""
+    g, r, s = config.grpo, config.rollout, config.sft
+    if s.target_pass_at_1 and s.check_every < 1:
+        raise ValueError("sft.target_pass_at_1 needs sft.check_every >= 1")
     if g.mu < 1:
         raise ValueError(f"grpo.mu (inner iterations per rollout batch) must be >= 1, got {g.mu}")
-    ocfg = OptimConfig(**{**_to_plain(config.optim), "total_steps": max(g.steps * g.mu, 1)})
-    ckpt = Checkpointer(workdir, keep=t.keep, async_save=t.async_save)
-    resume = ckpt.latest_step()
-    if resume is not None:  # refuse before anything is written
-        diff = config_mismatch(model_config_from_dict(ckpt.read_config(resume)["model"]), run.cfg)
-        if diff:
-            ckpt.close()
-            raise ValueError(f"{workdir}: the checkpoint at step {resume} has a different model config; use a new "
-                             "--workdir or the old config. Differences: " + "; ".join(diff))
-    run_config = {"model": model_config_dict(run.cfg), "experiment": _to_plain(config)}
-    key = jax.random.key(t.seed)
-    k_init, k_roll = jax.random.split(key)
     if mesh is not None:
         shards = batch_shards(mesh)
-        for name, rows in (("rollout.num_prompts x rollout.num_samples", r.num_prompts * G),
-                           ("sft.batch_size", config.sft.batch_size)):
+        for name, rows in (("rollout.num_prompts x rollout.num_samples", r.num_prompts * r.num_samples),
+                           ("sft.batch_size", s.batch_size)):
             if rows % shards:
                 raise ValueError(f"{name} = {rows} rows do not split over the {shards} batch shards of --mesh="
                                  f"{describe(mesh)}")
-        print(f"mesh {describe(mesh)}", flush=True)
-    params, before = _warm_start(run, workdir, k_init, run_config, mesh)
-    n_eval = len(run.eval_problems)
-    print(f"held-out pass@1 after warm start: {before:.3f} ({n_eval} problems, greedy)", flush=True)
-    update, logprob_fn, tx = _grpo_fns(run.cfg, ocfg, run.N, float(r.temperature), g.loss_type,
-                                       float(g.epsilon_low), float(g.epsilon_high), float(g.beta), mesh)
-    # frozen reference = the warm start; copied because the update donates (and so invalidates) `params`
-    ref = jax.tree.map(jnp.copy, cast_for_rollout(params, run.cfg.dtype)) if g.beta else None
-    opt_state, step = tx.init(params), 0
-    if mesh is not None:
-        params, opt_state = shard_train_state(mesh, params, opt_state)
-    if resume is not None:
-        params, opt_state, meta, _ = ckpt.restore(resume, params, opt_state)
-        step = int(meta["step"])
-        print(f"resumed GRPO from {ckpt.directory}/{step}", flush=True)
 
-    logger, stop = MetricsLogger(workdir, g.steps, tensorboard=t.tensorboard), _StopFlag()
-    history, speeds, warned, t_loop, first_step = [], [], set(), time.time(), step
 
-    def save():
-        ckpt.save(step, params, opt_state, jax.random.key_data(key),
-                  {"task_stream": RL_STREAM, "task_step": step, "pass@1/before": before}, run_config, force=True)
-    try:
-        while step < g.steps and stop.signum is None:
-            ro, rewards, keep, first, stats = _collect(run, params, step, k_roll)
-            for name, msg in first[1].first_error.items():
-                if name not in warned:
-                    warned.add(name)
-                    print(f"warning: reward {name!r} failed on some samples (scored 0, counted in "
-                          f"reward/{name}/errors); first error: {msg}", flush=True)
-            batch = {"sequences": ro.sequences, "prompt_lengths": ro.prompt_lengths,
-                     "mask": training_mask(ro, g.mask_truncated_completions, keep),
-                     "advantages": np.asarray(group_advantages(rewards, G, g.advantage_scale)),
-                     "valid": ro.valid.astype(np.float32), "sampler_logprobs": ro.sampler_logprobs,
-                     "old_logprobs": np.zeros_like(ro.sampler_logprobs)}
-            batch = shard_batch(mesh, batch)
-            t0 = time.time()
-            if g.beta:
-                batch["ref_logprobs"] = logprob_fn(ref, batch)
-            ms = []
-            for it in range(g.mu):
-                params, opt_state, m, lp = update(params, opt_state, jnp.int32(step * g.mu + it), batch,
-                                                  jnp.bool_(it == 0))
-                if it == 0:
-                    batch["old_logprobs"] = lp
-                ms.append(m)
-            ms = jax.device_get(ms)
-            step += 1
-            m = _step_metrics(first, stats, ms, G, g.mu, g.beta, ro, time.time() - t0)
+class _Grpo:
+    """The GRPO phase: the policy's params, optimizer state and step count, the compiled update, the frozen
+    reference (beta > 0), and the checkpoint it saves to."""
+
+    def __init__(self, run: _Run, params, ocfg: OptimConfig, mesh, ckpt: Checkpointer, key, before: float,
+                 run_config: dict):
+        g, r = run.c.grpo, run.c.rollout
+        self.update, self.logprob_fn, tx = _grpo_fns(run.cfg, ocfg, run.max_new_tokens, float(r.temperature),
+                                                     g.loss_type, float(g.epsilon_low), float(g.epsilon_high),
+                                                     float(g.beta), mesh)
+        # frozen reference = the warm start; copied because the update donates (and so invalidates) `params`
+        self.ref = jax.tree.map(jnp.copy, cast_for_rollout(params, run.cfg.dtype)) if g.beta else None
+        self.params, self.opt_state, self.step = params, tx.init(params), 0
+        if mesh is not None:
+            self.params, self.opt_state = shard_train_state(mesh, self.params, self.opt_state)
+        self.run, self.mesh, self.ckpt = run, mesh, ckpt
+        self.key, self.before, self.run_config = key, before, run_config  # what each checkpoint records
+        self.warned = set()  # reward functions whose first failure was already reported
+
+    def restore(self, step: int):
+        self.params, self.opt_state, meta, _ = self.ckpt.restore(step, self.params, self.opt_state)
+        self.step = int(meta["step"])
+        print(f"resumed GRPO from {self.ckpt.directory}/{self.step}", flush=True)
+
+    def save(self):
+        self.ckpt.save(self.step, self.params, self.opt_state, jax.random.key_data(self.key),
+                       {"task_stream": RL_STREAM, "task_step": self.step, "pass@1/before": self.before},
+                       self.run_config, force=True)
+
+    def _warn_reward_errors(self, scores):
+        for name, msg in scores.first_error.items():
+            if name not in self.warned:
+                self.warned.add(name)
+                print(f"warning: reward {name!r} failed on some samples (scored 0, counted in "
+                      f"reward/{name}/errors); first error: {msg}", flush=True)
+
+    def train_step(self, k_roll) -> dict[str, float]:
+        """One GRPO step: a rollout batch scored into advantages, then `mu` optimizer steps on it (iteration 1's
+        log-probs become pi_old for the rest). Returns the step's host metrics."""
+        g, G = self.run.c.grpo, self.run.c.rollout.num_samples
+        ro, rewards, keep, first, stats = _collect(self.run, self.params, self.step, k_roll)
+        self._warn_reward_errors(first[1])
+        batch = {"sequences": ro.sequences, "prompt_lengths": ro.prompt_lengths,
+                 "mask": training_mask(ro, g.mask_truncated_completions, keep),
+                 "advantages": np.asarray(group_advantages(rewards, G, g.advantage_scale)),
+                 "valid": ro.valid.astype(np.float32), "sampler_logprobs": ro.sampler_logprobs,
+                 "old_logprobs": np.zeros_like(ro.sampler_logprobs)}
+        batch = shard_batch(self.mesh, batch)
+        t0 = time.time()
+        if g.beta:
+            batch["ref_logprobs"] = self.logprob_fn(self.ref, batch)
+        ms = []
+        for it in range(g.mu):
+            self.params, self.opt_state, m, lp = self.update(self.params, self.opt_state,
+                                                             jnp.int32(self.step * g.mu + it), batch,
+                                                             jnp.bool_(it == 0))
+            if it == 0:
+                batch["old_logprobs"] = lp
+            ms.append(m)
+        ms = jax.device_get(ms)
+        self.step += 1
+        return _step_metrics(first, stats, ms, G, g.mu, g.beta, ro, time.time() - t0)
+
+    def run_steps(self, k_roll, logger: MetricsLogger, stop: StopFlag):
+        """Steps until `grpo.steps` or a stop request: log, eval and checkpoint at their intervals. Returns each
+        step's mean reward and the (rollout, train) tokens/s of steps after the process's first."""
+        g, t = self.run.c.grpo, self.run.c.train
+        history, speeds, t_loop, first_step = [], [], time.time(), self.step
+        while self.step < g.steps and not stop.requested:
+            m = self.train_step(k_roll)
+            step = self.step
             history.append(m["reward/mean"])
             if step > first_step + 1:  # the first step of a process compiles
                 speeds.append((m["rollout_tokens_per_s"], m["train_tokens_per_s"]))
@@ -395,24 +410,59 @@ def train(config, workdir: str, mesh=None) -> dict[str, Any]:
                 eta = (time.time() - t_loop) / (step - first_step) * (g.steps - step)
                 print(_console(step, g.steps, m, eta), flush=True)
             if t.eval_every and step % t.eval_every == 0 and step != g.steps:
-                logger.log(step, {"pass_at_1": run.pass_at_1(params)}, prefix="eval")
-            if t.save_every > 0 and (step % t.save_every == 0 or step == g.steps):
-                save()
-        if stop.signum is not None and t.save_every > 0 and step % t.save_every:
-            save()
-    finally:
-        stop.restore()
-        ckpt.close()
-    after = run.pass_at_1(params)
-    logger.log(step, {"pass_at_1": after}, prefix="eval", console=False)
+                logger.log(step, {"pass_at_1": self.run.pass_at_1(self.params)}, prefix="eval")
+            if t.save_every > 0 and save_due(step, g.steps, t.save_every):
+                self.save()
+        return history, speeds
+
+
+def _summary(run: _Run, grpo: _Grpo, logger: MetricsLogger, history, speeds, stopped: bool, t_start: float,
+             workdir: str) -> dict[str, Any]:
+    """Held-out pass@1 after GRPO, printed and logged with the throughput; the summary dict train() returns."""
+    after = run.pass_at_1(grpo.params)
+    logger.log(grpo.step, {"pass_at_1": after}, prefix="eval", console=False)
     logger.close()
-    print(f"held-out pass@1 ({n_eval} problems, greedy): warm start {before:.3f} -> after {step} GRPO steps "
-          f"{after:.3f}", flush=True)
-    summary = {"pass@1/before": before, "pass@1/after": after, "step": step, "rewards": history,
-               "stopped_by_signal": stop.signum is not None, "wall_s": time.time() - t_start,
-               "workdir": os.path.abspath(workdir)}
+    print(f"held-out pass@1 ({len(run.eval_problems)} problems, greedy): warm start {grpo.before:.3f} -> after "
+          f"{grpo.step} GRPO steps {after:.3f}", flush=True)
+    summary = {"pass@1/before": grpo.before, "pass@1/after": after, "step": grpo.step, "rewards": history,
+               "stopped_by_signal": stopped, "wall_s": time.time() - t_start, "workdir": os.path.abspath(workdir)}
     if speeds:
         summary["rollout_tokens_per_s"], summary["train_tokens_per_s"] = map(float, np.mean(speeds, axis=0))
         print(f"rollout {summary['rollout_tokens_per_s']:.0f} tokens/s, train {summary['train_tokens_per_s']:.0f} "
               f"tokens/s (mean over steps after the first, which compiles)", flush=True)
     return summary
+
+
+def train(config, workdir: str, mesh=None) -> dict[str, Any]:
+    """Warm start, then GRPO (resumed from `workdir`'s checkpoints where present); returns a summary dict.
+
+    With a mesh of more than one device, params and optimizer state take their rule-table layout
+    (sharding/rules.py), the warm-start and GRPO batches are split over its batch axes, and the updates trace with
+    the mesh bound (expert-parallel MoE), as in pretraining. Rollouts run on the same sharded params."""
+    t_start = time.time()
+    mesh = _grpo_mesh(mesh)
+    run = _Run(config, jax.devices()[:1] if mesh is None else mesh.devices.flat)
+    _check_config(config, mesh)
+    g, t = config.grpo, config.train
+    ocfg = OptimConfig(**{**to_plain(config.optim), "total_steps": max(g.steps * g.mu, 1)})
+    ckpt = Checkpointer(workdir, keep=t.keep, async_save=t.async_save)
+    resume = checked_resume_step(ckpt, run.cfg, workdir)  # refuse before anything is written
+    run_config = {"model": model_config_dict(run.cfg), "experiment": to_plain(config)}
+    key = jax.random.key(t.seed)
+    k_init, k_roll = jax.random.split(key)
+    if mesh is not None:
+        print(f"mesh {describe(mesh)}", flush=True)
+    params, before = _warm_start(run, workdir, k_init, run_config, mesh)
+    print(f"held-out pass@1 after warm start: {before:.3f} ({len(run.eval_problems)} problems, greedy)", flush=True)
+    grpo = _Grpo(run, params, ocfg, mesh, ckpt, key, before, run_config)
+    if resume is not None:
+        grpo.restore(resume)
+    logger, stop = MetricsLogger(workdir, g.steps, tensorboard=t.tensorboard), StopFlag()
+    try:
+        history, speeds = grpo.run_steps(k_roll, logger, stop)
+        if stop.requested and t.save_every > 0 and not save_due(grpo.step, g.steps, t.save_every):
+            grpo.save()  # the loop did not just save
+    finally:
+        stop.restore()
+        ckpt.close()
+    return _summary(run, grpo, logger, history, speeds, stop.requested, t_start, workdir)

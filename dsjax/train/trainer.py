@@ -4,6 +4,8 @@ periodic eval (loss, bits per byte), async Orbax checkpoints, resume, clean exit
 `train(config, workdir, mesh)` takes the ml_collections config of experiments/configs/*.py (sections model, data,
 optim, train) and a device mesh (sharding/mesh.py; default: every device on the data axis) and returns a summary
 dict. Parameters and optimizer state are laid out by sharding/rules.py, batches are split over its batch axes.
+The plumbing it shares with the GRPO trainer (stop flag, resume check, optimizer step, jitting with or without a
+mesh) is in dsjax/train/loop.py.
 """
 from __future__ import annotations
 
@@ -13,62 +15,29 @@ import json
 import math
 import os
 import queue
-import signal
 import threading
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
 
 from dsjax.config import ModelConfig
 from dsjax.data import make_datasets
 from dsjax.model import DeepSeekV3, head_weight
 from dsjax.runtime import resolve
 from dsjax.tokenizer import load_tokenizer
-from dsjax.train.checkpoint import Checkpointer, config_mismatch, model_config_dict, model_config_from_dict
+from dsjax.train.checkpoint import Checkpointer, model_config_dict
 from dsjax.train.losses import fused_cross_entropy, lm_loss
+# model_config_section and init_params are re-exported: experiment configs and benchmarks import them from here
+from dsjax.train.loop import (StopFlag, apply_optimizer, checked_resume_step, grad_norm, init_params,  # noqa: F401
+                              jit_forward, jit_train_step, model_config, model_config_section, save_due, to_plain)
 from dsjax.train.metrics import MetricsLogger, peak_flops, peak_memory_gib, train_flops_per_token
 from dsjax.train.optim import OptimConfig, lr_schedule, make_optimizer, update_router_bias
 from sharding.mesh import describe, make_mesh
 from sharding.rules import batch_shards
-from sharding.state import bind, replicated, shard_batch, state_shardings
-
-
-_OVERRIDABLE = {f.name: f.type for f in dataclasses.fields(ModelConfig)
-                if f.name not in ("rope_scaling", "eos_token_id", "bos_token_id")}
-
-
-def model_config_section(preset: str, **overrides) -> ml_collections.ConfigDict:
-    """The `model` config section: a preset name plus every ModelConfig field as an optional override, so any
-    field can be set from the command line (--config.model.num_hidden_layers=4); None keeps the preset's value."""
-    types = {"int": int, "float": float, "bool": bool, "str": str, "int | None": int}
-    c = ml_collections.ConfigDict({"preset": preset})
-    for name, typ in _OVERRIDABLE.items():
-        c[name] = ml_collections.config_dict.placeholder(types[typ])
-    for name, value in overrides.items():
-        if name not in _OVERRIDABLE:
-            raise ValueError(f"model override {name!r} is not a ModelConfig field")
-        c[name] = value
-    return c
-
-
-def model_config(config) -> ModelConfig:
-    fields = {k: v for k, v in config.model.items() if k != "preset" and v is not None}
-    return ModelConfig.preset(config.model.preset, **fields)
-
-
-def _to_plain(x):
-    if hasattr(x, "to_dict"):
-        return _to_plain(x.to_dict())
-    if isinstance(x, dict):
-        return {k: _to_plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_to_plain(v) for v in x]
-    return x
+from sharding.state import shard_batch, state_shardings
 
 
 class _Prefetch:
@@ -133,47 +102,24 @@ def own_data_state(data: dict) -> dict:
     return states[jax.process_index()]
 
 
-class _StopFlag:
-    """SIGTERM / first Ctrl-C request a clean stop (checkpoint, then exit); a second Ctrl-C interrupts."""
-
-    def __init__(self):
-        self.signum = None
-        self._old = {}
-        for s in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint and stopping", flush=True)
-
-    def restore(self):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
 def make_step_fns(cfg: ModelConfig, config, ocfg: OptimConfig, mesh=None):
-    """(jitted train_step, jitted eval_step, use_mtp, optimizer). Cached on the things that shape the step,
-    so repeated train() calls in one process (tests, notebooks) reuse compiled code. With a mesh, the steps keep
-    params and optimizer state in their rule-table layout and trace with the mesh bound (sharding/state.py)."""
+    """(jitted train_step, jitted eval_step, use_mtp, optimizer) for a run's ml_collections config: `step_fns`
+    with the loss weights and bias rate of its `train` section."""
     t = config.train
-    return _step_fns(cfg, ocfg, float(t.mtp_lambda), float(t.balance_alpha), float(t.bias_gamma), mesh)
-
-
-def init_params(cfg: ModelConfig, seed: int, shardings=None):
-    """Parameters created in place: with shardings, each device only ever holds its own shards."""
-    model = DeepSeekV3(cfg)
-    return jax.jit(lambda: model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"],
-                   out_shardings=shardings)()
+    return step_fns(cfg, ocfg, mtp_lambda=float(t.mtp_lambda), balance_alpha=float(t.balance_alpha),
+                    bias_gamma=float(t.bias_gamma), mesh=mesh)
 
 
 @functools.lru_cache(maxsize=8)
-def _step_fns(cfg: ModelConfig, ocfg: OptimConfig, mtp_lambda: float, balance_alpha: float, bias_gamma: float,
-              mesh=None):
+def step_fns(cfg: ModelConfig, ocfg: OptimConfig, *, mtp_lambda: float, balance_alpha: float, bias_gamma: float,
+             mesh=None):
+    """(jitted train_step, jitted eval_step, use_mtp, optimizer). Cached on the things that shape the step,
+    so repeated train() calls in one process (tests, notebooks, benchmarks) reuse compiled code. With a mesh, the
+    steps keep params and optimizer state in their rule-table layout and trace with the mesh bound
+    (sharding/state.py).
+
+    train_step(params, opt_state, step, batch) -> (params, opt_state, metrics): batch leaves are
+    [grad_accum, rows, ...]; eval_step(params, batch) -> (summed nats, token count)."""
     model = DeepSeekV3(cfg)
     tx, sched = make_optimizer(ocfg), lr_schedule(ocfg)
     use_mtp = bool(mtp_lambda) and cfg.num_nextn_predict_layers > 0
@@ -211,12 +157,11 @@ def _step_fns(cfg: ModelConfig, ocfg: OptimConfig, mtp_lambda: float, balance_al
             g = jax.tree.map(lambda x: x / accum, g)
             m = {k: v / accum if k.startswith("loss/") else v for k, v in m.items()}
         with jax.named_scope("optimizer"):
-            updates, opt_state = tx.update(g, opt_state, params)
-            params = optax.apply_updates(params, updates)
+            params, opt_state = apply_optimizer(tx, g, opt_state, params)
             params = update_router_bias(params, counts, bias_gamma)
         out = {k: v for k, v in m.items() if k.startswith("loss/")}
         out["loss"] = out.pop("loss/total")
-        out["grad_norm"] = optax.global_norm(g)
+        out["grad_norm"] = grad_norm(g)
         out["lr"] = sched(step)
         if "moe_layers" in counts:
             c = counts["moe_layers"].astype(jnp.float32)
@@ -231,15 +176,12 @@ def _step_fns(cfg: ModelConfig, ocfg: OptimConfig, mtp_lambda: float, balance_al
                                              batch["loss_mask"])
         return nats, count
 
-    if mesh is None:
-        return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_step), use_mtp, tx
-    params = jax.eval_shape(lambda: init_params(cfg, 0))
-    pshard, oshard = state_shardings(mesh, params, jax.eval_shape(tx.init, params))
-    step = jax.jit(train_step, donate_argnums=(0, 1), out_shardings=(pshard, oshard, replicated(mesh)))
-    return bind(mesh, step), bind(mesh, jax.jit(eval_step, out_shardings=replicated(mesh))), use_mtp, tx
+    return (jit_train_step(train_step, cfg, tx, mesh, extra_outputs=1),
+            jit_forward(eval_step, mesh, replicate_outputs=True), use_mtp, tx)
 
 
 def evaluate(eval_step, params, batches, mesh=None) -> dict[str, float]:
+    """Mean loss per token, bits per byte and token count of `params` over the fixed eval batches."""
     nats = tokens = nbytes = 0.0
     for b in batches:
         n, c = eval_step(params, shard_batch(mesh, {k: v for k, v in b.items() if k != "num_bytes"}))
@@ -248,13 +190,11 @@ def evaluate(eval_step, params, batches, mesh=None) -> dict[str, float]:
             "tokens": tokens}
 
 
-def train(config, workdir: str, mesh=None) -> dict[str, Any]:
+def _check_inputs(config, cfg: ModelConfig, vocab_size: int, mesh) -> None:
+    """Raises ValueError, naming the flag to change, when the data config does not fit the model or the mesh."""
     t, d = config.train, config.data
-    cfg = model_config(config)
-    mesh = make_mesh("") if mesh is None else mesh
-    tok = load_tokenizer(d.tokenizer or None)
-    if tok.vocab_size > cfg.vocab_size:
-        raise ValueError(f"--config.data.tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
+    if vocab_size > cfg.vocab_size:
+        raise ValueError(f"--config.data.tokenizer has {vocab_size} ids but the model's vocab_size is "
                          f"{cfg.vocab_size} (--config.model.vocab_size)")
     if d.seq_len > cfg.max_position_embeddings:
         raise ValueError(f"--config.data.seq_len={d.seq_len} exceeds the model's max_position_embeddings="
@@ -265,97 +205,156 @@ def train(config, workdir: str, mesh=None) -> dict[str, Any]:
     if d.batch_size // t.grad_accum % batch_shards(mesh):
         raise ValueError(f"--config.data.batch_size={d.batch_size} / grad_accum={t.grad_accum} must divide by the "
                          f"{batch_shards(mesh)} batch shards of --mesh={describe(mesh)}")
-    ckpt = Checkpointer(workdir, keep=t.keep, async_save=t.async_save)
-    resume_step = ckpt.latest_step()
-    saved = None
-    if resume_step is not None:  # check compatibility before anything is written
-        saved = ckpt.read_config(resume_step)
-        diff = config_mismatch(model_config_from_dict(saved["model"]), cfg)
-        if diff:
-            raise ValueError(f"{workdir}: the checkpoint at step {resume_step} was written with a different model "
-                             "config; use a new --workdir or the old config. Differences: " + "; ".join(diff))
-    train_it, eval_batches, info = make_datasets(
-        d.spec, tok, seq_len=d.seq_len, batch_size=d.batch_size // jax.process_count(), seed=t.seed,
-        eval_spec=d.eval_spec or None, add_bos=d.add_bos)
-    ocfg = OptimConfig(**{**_to_plain(config.optim), "total_steps": t.steps})
-    # "auto" knobs resolved once, for the mesh's devices; the checkpoint keeps the config as asked (cfg)
-    run_cfg = resolve(cfg, mesh.devices.flat)
-    train_step, eval_step, use_mtp, tx = make_step_fns(run_cfg, config, ocfg, mesh)
-    key = jax.random.key(t.seed)
-    shapes = jax.eval_shape(lambda: init_params(run_cfg, t.seed))
+
+
+@dataclasses.dataclass
+class _State:
+    """What a checkpoint holds: params, optimizer state, the run's RNG key, the step count, and the data
+    iterator's position after the last batch consumed."""
+    params: Any
+    opt_state: Any
+    key: Any
+    step: int = 0
+    data_state: dict | None = None
+
+    def save(self, ckpt: Checkpointer, run_config: dict):
+        ckpt.save(self.step, self.params, self.opt_state, jax.random.key_data(self.key),
+                  gather_data_states(self.data_state), run_config, force=True)
+
+
+def _init_or_restore(run_cfg: ModelConfig, tx, mesh, seed: int, ckpt: Checkpointer, resume_step, train_it) -> _State:
+    """Fresh state placed on the mesh, then, when resuming, the checkpoint's state (data position included)."""
+    shapes = jax.eval_shape(lambda: init_params(run_cfg, seed))
     pshard, oshard = state_shardings(mesh, shapes, jax.eval_shape(tx.init, shapes))
-    params = init_params(run_cfg, t.seed, pshard)
-    opt_state = jax.jit(tx.init, out_shardings=oshard)(params)
-    run_config = {"model": model_config_dict(cfg), "experiment": _to_plain(config)}
-    step = 0
+    params = init_params(run_cfg, seed, pshard)
+    state = _State(params, jax.jit(tx.init, out_shardings=oshard)(params), jax.random.key(seed))
     if resume_step is not None:
-        params, opt_state, meta, data_state = ckpt.restore(resume_step, params, opt_state)
-        step = int(meta["step"])
-        key = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
+        state.params, state.opt_state, meta, data_state = ckpt.restore(resume_step, state.params, state.opt_state)
+        state.step = int(meta["step"])
+        state.key = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
         train_it.set_state(own_data_state(data_state))
-        print(f"resumed from {ckpt.directory}/{step}", flush=True)
+        print(f"resumed from {ckpt.directory}/{state.step}", flush=True)
+    state.data_state = train_it.get_state()
+    return state
+
+
+class _Throughput:
+    """Tokens/s and MFU between logged steps. The first step of a process compiles, so timing starts at its end
+    (`first_step_done` reports how long it took, compilation included)."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float | None):
+        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak
+        self.t_start, self.t_mark, self.steps_mark = time.time(), None, 0
+
+    def first_step_done(self, step: int, metrics):
+        jax.block_until_ready(metrics)
+        self.t_mark, self.steps_mark = time.time(), step
+        mem = peak_memory_gib()
+        print(f"first step done (compilation included) in {self.t_mark - self.t_start:.0f}s" +
+              (f"; peak device memory {mem:.1f} GiB" if mem is not None else ""), flush=True)
+
+    def add_rates(self, step: int, m: dict):
+        """Adds tokens_per_sec (and mfu, when the peak is known) since the last call to the host metrics `m`."""
+        dt = time.time() - self.t_mark
+        if step > self.steps_mark and dt > 0:
+            m["tokens_per_sec"] = (step - self.steps_mark) * self.tokens_per_step / dt
+            if self.peak:
+                m["mfu"] = m["tokens_per_sec"] * self.flops_per_token / self.peak
+            self.t_mark, self.steps_mark = time.time(), step
+
+
+@dataclasses.dataclass
+class _Loop:
+    """The step loop's fixed pieces: the run's config and mesh, the compiled steps, the eval batches, and where
+    metrics and checkpoints go."""
+    config: Any
+    mesh: Any
+    train_step: Any
+    eval_step: Any
+    evals: list
+    ckpt: Checkpointer
+    logger: MetricsLogger
+    run_config: dict
+
+    def run(self, state: _State, prefetch: _Prefetch, speed: _Throughput, stop: StopFlag):
+        """Steps until `train.steps` or a stop request: log, eval and checkpoint at their intervals. Returns the
+        logged steps' training losses and the last eval (None if none ran)."""
+        t = self.config.train
+        losses, last_eval = {}, None  # training losses: every process sees the same global value
+        while state.step < t.steps and not stop.requested:
+            batch, state.data_state = prefetch.next()
+            batch = shard_batch(self.mesh, {k: v.reshape((t.grad_accum, -1) + v.shape[1:])
+                                            for k, v in batch.items() if k != "num_bytes"}, batch_dim=1)
+            state.params, state.opt_state, metrics = self.train_step(state.params, state.opt_state,
+                                                                     np.int32(state.step), batch)
+            state.step += 1
+            step = state.step
+            if speed.t_mark is None:
+                speed.first_step_done(step, metrics)
+            if step % t.log_every == 0 or step == t.steps:
+                m = jax.device_get(metrics)
+                speed.add_rates(step, m)
+                self.logger.log(step, m)
+                losses[step] = float(m["loss"])
+            if step % t.eval_every == 0 or step == t.steps:
+                last_eval = evaluate(self.eval_step, state.params, self.evals, self.mesh)
+                self.logger.log(step, last_eval, prefix="eval")
+            if save_due(step, t.steps, t.save_every):
+                state.save(self.ckpt, self.run_config)
+        return losses, last_eval
+
+
+def _print_header(config, cfg: ModelConfig, run_cfg: ModelConfig, info, flops_tok: float, mesh):
     counts = cfg.param_counts()
-    flops_tok = train_flops_per_token(cfg, d.seq_len, use_mtp)
-    peak = peak_flops(t.peak_tflops or None)
     print(f"model {config.model.preset}: {counts['total'] / 1e6:.2f}M params ({counts['active_per_token'] / 1e6:.2f}M "
           f"active/token), {flops_tok / 1e6:.1f} MFLOP/token; data: {info.num_train_docs} train / "
           f"{info.num_eval_docs} eval docs; {jax.device_count()} x {jax.devices()[0].device_kind}, mesh "
           f"{describe(mesh)}; attention {run_cfg.attention_impl}, experts {run_cfg.moe_backend}", flush=True)
 
+
+def train(config, workdir: str, mesh=None) -> dict[str, Any]:
+    """Pretrains (or resumes, from `workdir`'s latest checkpoint) and returns {"step", "stopped_by_signal",
+    "eval_start", "eval_end", "workdir", "train_losses"}."""
+    t, d = config.train, config.data
+    cfg = model_config(config)
+    mesh = make_mesh("") if mesh is None else mesh
+    tok = load_tokenizer(d.tokenizer or None)
+    _check_inputs(config, cfg, tok.vocab_size, mesh)
+    ckpt = Checkpointer(workdir, keep=t.keep, async_save=t.async_save)
+    resume_step = checked_resume_step(ckpt, cfg, workdir)  # before anything is written
+    train_it, eval_batches, info = make_datasets(
+        d.spec, tok, seq_len=d.seq_len, batch_size=d.batch_size // jax.process_count(), seed=t.seed,
+        eval_spec=d.eval_spec or None, add_bos=d.add_bos)
+    ocfg = OptimConfig(**{**to_plain(config.optim), "total_steps": t.steps})
+    # "auto" knobs resolved once, for the mesh's devices; the checkpoint keeps the config as asked (cfg)
+    run_cfg = resolve(cfg, mesh.devices.flat)
+    train_step, eval_step, use_mtp, tx = make_step_fns(run_cfg, config, ocfg, mesh)
+    state = _init_or_restore(run_cfg, tx, mesh, t.seed, ckpt, resume_step, train_it)
+    run_config = {"model": model_config_dict(cfg), "experiment": to_plain(config)}
+    flops_tok = train_flops_per_token(cfg, d.seq_len, use_mtp)
+    _print_header(config, cfg, run_cfg, info, flops_tok, mesh)
+
     logger = MetricsLogger(workdir, t.steps, tensorboard=t.tensorboard)
     evals = eval_batches(t.eval_batches)
     first_eval = None
-    if step == 0:
-        first_eval = evaluate(eval_step, params, evals, mesh)
+    if state.step == 0:
+        first_eval = evaluate(eval_step, state.params, evals, mesh)
         logger.log(0, first_eval, prefix="eval")
-    stop, prefetch = _StopFlag(), _Prefetch(train_it)
-    accum = t.grad_accum
-    data_state, last_eval = train_it.get_state(), first_eval
-    tokens_per_step = d.batch_size * d.seq_len
-    t_mark, steps_mark = None, step
-    losses = {}  # logged steps' training loss (every process sees the same global value)
-    t_first = time.time()
+    loop = _Loop(config, mesh, train_step, eval_step, evals, ckpt, logger, run_config)
+    stop, prefetch = StopFlag(), _Prefetch(train_it)
+    speed = _Throughput(d.batch_size * d.seq_len, flops_tok, peak_flops(t.peak_tflops or None))
     try:
-        while step < t.steps and stop.signum is None:
-            batch, data_state = prefetch.next()
-            batch = shard_batch(mesh, {k: v.reshape((accum, -1) + v.shape[1:]) for k, v in batch.items()
-                                       if k != "num_bytes"}, batch_dim=1)
-            params, opt_state, metrics = train_step(params, opt_state, np.int32(step), batch)
-            step += 1
-            if t_mark is None:  # the first step compiles; time from its end
-                jax.block_until_ready(metrics)
-                t_mark, steps_mark = time.time(), step
-                mem = peak_memory_gib()
-                print(f"first step done (compilation included) in {t_mark - t_first:.0f}s" +
-                      (f"; peak device memory {mem:.1f} GiB" if mem is not None else ""), flush=True)
-            if step % t.log_every == 0 or step == t.steps:
-                m = jax.device_get(metrics)
-                dt = time.time() - t_mark
-                if step > steps_mark and dt > 0:
-                    m["tokens_per_sec"] = (step - steps_mark) * tokens_per_step / dt
-                    if peak:
-                        m["mfu"] = m["tokens_per_sec"] * flops_tok / peak
-                    t_mark, steps_mark = time.time(), step
-                logger.log(step, m)
-                losses[step] = float(m["loss"])
-            if step % t.eval_every == 0 or step == t.steps:
-                last_eval = evaluate(eval_step, params, evals, mesh)
-                logger.log(step, last_eval, prefix="eval")
-            if step % t.save_every == 0 or step == t.steps:
-                ckpt.save(step, params, opt_state, jax.random.key_data(key), gather_data_states(data_state),
-                          run_config, force=True)
-        if stop.signum is not None and step % t.save_every != 0 and step != t.steps:
-            ckpt.save(step, params, opt_state, jax.random.key_data(key), gather_data_states(data_state), run_config,
-                      force=True)
+        losses, last_eval = loop.run(state, prefetch, speed, stop)
+        if stop.requested and not save_due(state.step, t.steps, t.save_every):  # the loop did not just save
+            state.save(ckpt, run_config)
     finally:
         prefetch.close()
         stop.restore()
         ckpt.close()
         logger.close()
-    summary = {"step": step, "stopped_by_signal": stop.signum is not None,
-               "eval_start": first_eval, "eval_end": last_eval, "workdir": os.path.abspath(workdir),
-               "train_losses": losses}
+    last_eval = last_eval or first_eval
     if first_eval and last_eval:
         print(f"validation bits per byte: {first_eval['bits_per_byte']:.3f} -> {last_eval['bits_per_byte']:.3f}",
               flush=True)
-    return summary
+    return {"step": state.step, "stopped_by_signal": stop.requested, "eval_start": first_eval,
+            "eval_end": last_eval, "workdir": os.path.abspath(workdir), "train_losses": losses}
