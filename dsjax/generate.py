@@ -165,7 +165,7 @@ class Engine:
         pos = jnp.where(idx < lens[:, None], idx, self.park)
         cache = self._new_cache(b, block_table)
         # The logits output is discarded (and so never computed): only each row's last position needs the head.
-        _, cache, aux = self._run(params, tokens, pos, cache=cache, absorbed=False, return_aux=True)
+        _, cache, aux = self._run(params, tokens, pos, cache=cache, absorbed=False)
         hidden = aux["hidden"]
         h_last = jnp.take_along_axis(hidden, (lens - 1)[:, None, None], axis=1)[:, 0]
         key, k_first = jax.random.split(key)
@@ -197,7 +197,7 @@ class Engine:
         """One token per active row: feed s.last at its position, sample the next."""
         act = ~s.done
         pos = jnp.where(act, s.lens + s.count - 1, self.park)
-        logits, cache = self._run(params, s.last[:, None], pos[:, None], cache=s.cache)
+        logits, cache, _ = self._run(params, s.last[:, None], pos[:, None], cache=s.cache)
         tok, lp = pick(jax.random.fold_in(s.key, s.step), self._logprobs(logits[:, 0], dyn), self.prog.greedy)
         count = s.count + act
         stopped = s.stopped | (act & _is_stop(tok, dyn))
@@ -218,7 +218,7 @@ class Engine:
 
         vpos = jnp.where(act[:, None], p[:, None] + jnp.arange(2), park)
         logits, cache, aux = self._run(params, jnp.stack([s.last, draft], 1), vpos,
-                                       cache=s.cache.with_mtp_layers([kv]), return_aux=True)
+                                       cache=s.cache.with_mtp_layers([kv]))
         target = self._logprobs(logits, dyn)  # [B, 2, V]
         if greedy:
             t1 = jnp.argmax(target[:, 0], -1).astype(jnp.int32)

@@ -1,7 +1,7 @@
 """DeepSeekV3: embed -> dense blocks -> MoE blocks (one nn.scan per segment) -> norm -> head (+ MTP modules)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,20 +21,27 @@ def head_weight(params, cfg: ModelConfig) -> jax.Array:
     return params["embed_tokens"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]
 
 
+class ModelOutput(NamedTuple):
+    """What `DeepSeekV3.apply` returns, whatever the options. Unused fields cost nothing under jit (XLA drops
+    them): training reads `aux["hidden"]` and never the logits."""
+    logits: jax.Array      # [B, T, vocab] float32
+    cache: Any             # the updated KVCache / PagedKVCache, or None without one
+    aux: dict[str, Any]    # hidden [B,T,D] (final normed), expert_counts [L_moe, E] int32, balance_loss [L_moe];
+    #                        with mtp=True also mtp_logits [D,B,T,V], mtp_hidden [D,B,T,D], mtp_expert_counts
+
+
 class DeepSeekV3(nn.Module):
-    """The model. `apply(v, tokens)` -> logits [B, T, vocab] float32.
+    """The model. `apply(v, tokens)` -> ModelOutput(logits [B, T, vocab] float32, cache, aux).
 
     Keyword options:
       positions [B, T]   absolute positions (default 0..T-1); with packing, restart at each document.
       segment_ids [B, T] packed-document ids; attention never crosses documents.
-      cache              a `KVCache` or `PagedKVCache`: the new tokens' latents are written at `positions`, and
-                         the call returns (logits, cache). `absorbed` (default True with a cache) attends through
-                         the absorbed path over the whole cache (decode, chunked prefill; over a paged cache each
-                         row's positions must be consecutive); False attends within the chunk only (a prompt
+      cache              a `KVCache` or `PagedKVCache`: the new tokens' latents are written at `positions` and the
+                         updated cache comes back in `.cache`. `absorbed` (default True with a cache) attends
+                         through the absorbed path over the whole cache (decode, chunked prefill; over a paged cache
+                         each row's positions must be consecutive); False attends within the chunk only (a prompt
                          prefill starting at position 0).
       mtp=True           also run the MTP modules (training-style, every position); needs depth > 0.
-      return_aux=True    append a dict: hidden [B,T,D] (final normed), expert_counts [L_moe, E] int32,
-                         balance_loss [L_moe], and with mtp: mtp_logits [D,B,T,V], mtp_hidden, mtp_expert_counts.
     `mtp_step` runs one MTP depth on given hidden states and next tokens (speculative drafting).
 
     A config whose runtime knobs still say "auto" is resolved against this process's devices on construction
@@ -69,7 +76,7 @@ class DeepSeekV3(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, *, cache: KVCache | PagedKVCache | None = None,
-                 absorbed: bool | None = None, mtp: bool = False, return_aux: bool = False):
+                 absorbed: bool | None = None, mtp: bool = False) -> ModelOutput:
         cfg = self.cfg
         b, t = tokens.shape
         if positions is None:
@@ -116,12 +123,7 @@ class DeepSeekV3(nn.Module):
             if cache is not None and cache.mtp is not None:
                 cache = cache.with_mtp_layers(mtp_caches)
 
-        out = (logits,)
-        if cache is not None:
-            out += (cache,)
-        if return_aux:
-            out += (aux,)
-        return out[0] if len(out) == 1 else out
+        return ModelOutput(logits, cache, aux)
 
     def mtp_step(self, h_prev, next_tokens, positions, depth: int, kv_cache=None, absorbed: bool = True,
                  segment_ids=None):

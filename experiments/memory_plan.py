@@ -83,7 +83,7 @@ def plan(cfg, mesh_sizes: dict, batch_size: int, seq_len: int, use_mtp: bool = T
 
     def residuals(p, tok):
         def loss(p):
-            _, aux = model.apply({"params": p}, tok, mtp=use_mtp, return_aux=True)
+            aux = model.apply({"params": p}, tok, mtp=use_mtp).aux
             return lm_loss(aux["hidden"], head_weight(p, cfg), tok, jnp.ones(tok.shape), aux,
                            mtp_lambda=0.3 if use_mtp else 0.0)[0]
         ids = {id(x) for x in jax.tree.leaves(p)}

@@ -64,7 +64,7 @@ def run_model(flags: list[str], ckpt: str | None) -> dict:
     model = dsjax.DeepSeekV3(cfg)
 
     def loss_fn(p, b):
-        logits, aux = model.apply({"params": p}, b["inputs"], b["positions"], b["segment_ids"], return_aux=True)
+        logits, _, aux = model.apply({"params": p}, b["inputs"], b["positions"], b["segment_ids"])
         return (lm_loss(aux["hidden"], head_weight(p, cfg), b["targets"], b["loss_mask"])[0],
                 (logits, aux["expert_counts"]))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

@@ -79,7 +79,7 @@ _APPLY: dict = {}
 def _logits(cfg, params, tok):
     cfg = cfg.replace(dtype="float32", param_dtype="float32")
     if cfg not in _APPLY:
-        _APPLY[cfg] = jax.jit(lambda p, t: dsjax.DeepSeekV3(cfg).apply({"params": p}, t))
+        _APPLY[cfg] = jax.jit(lambda p, t: dsjax.DeepSeekV3(cfg).apply({"params": p}, t).logits)
     return np.asarray(_APPLY[cfg](jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params), tok))
 
 

@@ -33,7 +33,7 @@ def full_forward(cfg, params, prompts, result, length=REF_LEN):
     """One full forward over prompt + completion per row (right-padded): logits and MTP logits, numpy."""
     if cfg not in _forward_cache:
         model = dsjax.DeepSeekV3(cfg)
-        _forward_cache[cfg] = jax.jit(lambda p, t: model.apply({"params": p}, t, mtp=True, return_aux=True))
+        _forward_cache[cfg] = jax.jit(lambda p, t: model.apply({"params": p}, t, mtp=True)[::2])  # (logits, aux)
     seqs = np.zeros((len(prompts), length), np.int32)
     for i, (p, c) in enumerate(zip(prompts, result.completions())):
         seqs[i, :len(p) + len(c)] = p + c
@@ -280,8 +280,7 @@ def test_speculative_sampling_matches_target_distribution():
 
     pairs = np.stack(np.meshgrid(np.arange(16), np.arange(16), indexing="ij"), -1).reshape(256, 2)
     seqs = jnp.asarray(np.concatenate([np.tile(prompt, (256, 1)), pairs], 1), jnp.int32)
-    logits, aux = jax.jit(lambda p, t: dsjax.DeepSeekV3(cfg).apply({"params": p}, t, mtp=True, return_aux=True))(
-        params, seqs)
+    logits, _, aux = jax.jit(lambda p, t: dsjax.DeepSeekV3(cfg).apply({"params": p}, t, mtp=True))(params, seqs)
 
     def dist(x):
         return np.asarray(jax.nn.softmax(processed_logits(x, temp, 0, top_p), axis=-1), np.float64)

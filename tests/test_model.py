@@ -13,9 +13,11 @@ from dsjax.train.losses import cross_entropy, lm_loss
 from tests.conftest import randomize_params, param_shapes, tokens
 
 
-def apply_fn(cfg, **kw):
+def apply_fn(cfg, aux=False, **kw):
     model = dsjax.DeepSeekV3(cfg)
-    return jax.jit(lambda p, t: model.apply({"params": p}, t, **kw))
+    if aux:  # (logits, aux dict)
+        return jax.jit(lambda p, t: model.apply({"params": p}, t, **kw)[::2])
+    return jax.jit(lambda p, t: model.apply({"params": p}, t, **kw).logits)
 
 
 def test_decode_equals_forward(tiny_cfg, tiny_params):
@@ -27,11 +29,11 @@ def test_decode_equals_forward(tiny_cfg, tiny_params):
 
     prefill = jax.jit(lambda p, x, c: model.apply({"params": p}, x, cache=c, absorbed=False))
     step = jax.jit(lambda p, x, pos, c: model.apply({"params": p}, x, pos, cache=c))
-    logits, cache = prefill(tiny_params, tok[:, :prompt], cache)
+    logits, cache, _ = prefill(tiny_params, tok[:, :prompt], cache)
     gaps = [np.abs(np.asarray(logits) - full[:, :prompt]).max()]
     for i in range(prompt, t):
         pos = jnp.full((b, 1), i, jnp.int32)
-        logits, cache = step(tiny_params, tok[:, i:i + 1], pos, cache)
+        logits, cache, _ = step(tiny_params, tok[:, i:i + 1], pos, cache)
         gaps.append(np.abs(np.asarray(logits[:, 0]) - full[:, i]).max())
     print("decode vs forward max |dlogit|:", max(gaps))
     assert max(gaps) <= 1e-4
@@ -47,12 +49,12 @@ def test_absorbed_chunk_prefill_and_ragged_positions(tiny_cfg, tiny_params):
     full = np.asarray(apply_fn(cfg)(tiny_params, tok))
     cache = dsjax.init_cache(cfg, 2, 16, jnp.float32)
     run = jax.jit(lambda p, x, pos, c: model.apply({"params": p}, x, pos, cache=c, absorbed=True))
-    logits, cache = run(tiny_params, tok[:, :9], jnp.broadcast_to(jnp.arange(9), (2, 9)), cache)
+    logits, cache, _ = run(tiny_params, tok[:, :9], jnp.broadcast_to(jnp.arange(9), (2, 9)), cache)
     np.testing.assert_allclose(np.asarray(logits), full[:, :9], atol=1e-4)
     # row 0 continues at position 9, row 1 re-decodes position 5 (its slot is overwritten with the same token)
     pos = jnp.array([[9], [5]], jnp.int32)
     nxt = jnp.stack([tok[0, 9:10], tok[1, 5:6]])
-    logits, _ = run(tiny_params, nxt, pos, cache)
+    logits, _, _ = run(tiny_params, nxt, pos, cache)
     np.testing.assert_allclose(np.asarray(logits[0, 0]), full[0, 9], atol=1e-4)
     np.testing.assert_allclose(np.asarray(logits[1, 0]), full[1, 5], atol=1e-4)
 
@@ -63,7 +65,7 @@ def test_moe_backends_agree_with_gradients(tiny_cfg, tiny_params):
     def loss_fn(cfg):
         model = dsjax.DeepSeekV3(cfg)
         def f(p):
-            logits = model.apply({"params": p}, tok[:, :-1])
+            logits = model.apply({"params": p}, tok[:, :-1]).logits
             return cross_entropy(logits, tok[:, 1:])[0]
         return jax.jit(jax.value_and_grad(f))
 
@@ -133,7 +135,7 @@ def test_router_matches_numpy(preset, overrides):
 def test_mtp_alignment_and_loss(depth):
     cfg = dsjax.ModelConfig.preset("tiny", num_nextn_predict_layers=depth)
     params = randomize_params(param_shapes(cfg), seed=2, std=0.15)
-    f = apply_fn(cfg, mtp=True, return_aux=True)
+    f = apply_fn(cfg, aux=True, mtp=True)
     tok = tokens(1, 16, cfg.vocab_size, seed=8)
     logits, aux = f(params, tok)
     assert aux["mtp_logits"].shape == (depth, 1, 16, cfg.vocab_size)
@@ -169,7 +171,7 @@ def test_mtp_matches_transformers_mtp_layer():
     cfg = dsjax.ModelConfig.preset("tiny", num_nextn_predict_layers=2)
     params = randomize_params(param_shapes(cfg), seed=3, std=0.15)
     tok = tokens(2, 12, cfg.vocab_size, seed=9)
-    _, aux = apply_fn(cfg, mtp=True, return_aux=True)(params, tok)
+    _, aux = apply_fn(cfg, aux=True, mtp=True)(params, tok)
     hc = DeepseekV3Config.from_dict(cfg.to_hf())
     hc._attn_implementation = "eager"
     sd = {k: torch.tensor(np.array(v)) for k, v in hf_tensors(cfg, params)}
@@ -231,7 +233,7 @@ def test_remat_gives_same_gradients(tiny_cfg, tiny_params):
 
     def grads(cfg):
         model = dsjax.DeepSeekV3(cfg)
-        return jax.jit(jax.grad(lambda p: model.apply({"params": p}, tok).mean()))(tiny_params)
+        return jax.jit(jax.grad(lambda p: model.apply({"params": p}, tok).logits.mean()))(tiny_params)
 
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads(tiny_cfg))[0],
                             jax.tree.leaves(grads(tiny_cfg.replace(remat="full")))):
@@ -250,7 +252,7 @@ def test_scan_keeps_program_size_flat_in_depth():
 
 def test_router_stats_returned(tiny_cfg, tiny_params):
     tok = tokens(3, 10, tiny_cfg.vocab_size, seed=12)
-    _, aux = apply_fn(tiny_cfg, return_aux=True)(tiny_params, tok)
+    _, aux = apply_fn(tiny_cfg, aux=True)(tiny_params, tok)
     counts = np.asarray(aux["expert_counts"])
     assert counts.shape == (tiny_cfg.num_moe_layers, tiny_cfg.n_routed_experts)
     assert (counts.sum(1) == 3 * 10 * tiny_cfg.num_experts_per_tok).all()

@@ -29,7 +29,7 @@ REF_LEN = 80  # every full forward is [3, 80] (one compile); causal, so its firs
 @functools.lru_cache(maxsize=None)
 def jitted(cfg):
     model = dsjax.DeepSeekV3(cfg)
-    forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, x).logits)
     prefill = jax.jit(lambda p, x, c: model.apply({"params": p}, x, cache=c, absorbed=False))
     step = jax.jit(lambda p, x, pos, c: model.apply({"params": p}, x, pos, cache=c))
     return forward, prefill, step
@@ -56,10 +56,10 @@ def test_paged_decode_equals_forward_any_block_table(tiny_cfg, tiny_params):
     full = np.asarray(forward(tiny_params, tok))[:, :t]
 
     def run(cache):
-        logits, cache = prefill(tiny_params, tok[:, :prompt], cache)
+        logits, cache, _ = prefill(tiny_params, tok[:, :prompt], cache)
         out = [np.asarray(logits)]
         for i in range(prompt, t):
-            logits, cache = step(tiny_params, tok[:, i:i + 1], jnp.full((b, 1), i, jnp.int32), cache)
+            logits, cache, _ = step(tiny_params, tok[:, i:i + 1], jnp.full((b, 1), i, jnp.int32), cache)
             out.append(np.asarray(logits))
         return np.concatenate(out, 1), cache
 
@@ -87,7 +87,7 @@ def test_paged_two_token_steps_and_truncate(tiny_cfg, tiny_params):
     # row 0 verifies [p, p+1] with a wrong token at p+1 (crossing into its second page); row 1 is parked at the
     # capacity: no write, length kept
     wrong = (tok[0, p + 1] + 1) % cfg.vocab_size
-    logits, cache = run(tiny_params, jnp.stack([jnp.stack([tok[0, p], wrong]), tok[1, p:p + 2], tok[2, p:p + 2]]),
+    logits, cache, _ = run(tiny_params, jnp.stack([jnp.stack([tok[0, p], wrong]), tok[1, p:p + 2], tok[2, p:p + 2]]),
                         jnp.array([[p, p + 1], [CAP, CAP], [p, p + 1]], jnp.int32), cache)
     np.testing.assert_allclose(np.asarray(logits[0, 0]), full[0, p], atol=1e-4)
     np.testing.assert_allclose(np.asarray(logits[2]), full[2, p:p + 2], atol=1e-4)
@@ -95,7 +95,7 @@ def test_paged_two_token_steps_and_truncate(tiny_cfg, tiny_params):
     assert float(np.abs(gathered(cache, "moe")[:, 1, p:]).max()) == 0.0
     cache = cache.truncate(jnp.array([p + 1, CAP, CAP], jnp.int32))  # row 0's draft at p+1 was rejected
     assert np.asarray(cache.lengths).tolist() == [p + 1, p, p + 2]
-    logits, cache = run(tiny_params, jnp.stack([tok[0, p + 1:p + 3], tok[1, p:p + 2], tok[2, p + 2:p + 4]]),
+    logits, cache, _ = run(tiny_params, jnp.stack([tok[0, p + 1:p + 3], tok[1, p:p + 2], tok[2, p + 2:p + 4]]),
                         jnp.array([[p + 1, p + 2], [p, p + 1], [p + 2, p + 3]], jnp.int32), cache)
     np.testing.assert_allclose(np.asarray(logits[0]), full[0, p + 1:p + 3], atol=1e-4)
     np.testing.assert_allclose(np.asarray(logits[1]), full[1, p:p + 2], atol=1e-4)

@@ -18,7 +18,7 @@ SEQ = 40  # longer than original_max_position_embeddings=16, so YaRN's interpola
 
 
 def _logits(cfg, params, tok):
-    return np.asarray(jax.jit(lambda p, t: dsjax.DeepSeekV3(cfg).apply({"params": p}, t))(params, tok))
+    return np.asarray(jax.jit(lambda p, t: dsjax.DeepSeekV3(cfg).apply({"params": p}, t).logits)(params, tok))
 
 
 def _torch_logits(model, tok):

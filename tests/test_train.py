@@ -145,7 +145,7 @@ def test_packed_documents_do_not_see_each_other(tiny_cfg, tiny_params):
     packed = jnp.concatenate([a, b], axis=1)
     seg = jnp.array([[1] * 7 + [2] * 9])
     pos = jnp.array([list(range(7)) + list(range(9))])
-    run = jax.jit(lambda p, t, pos, seg: model.apply({"params": p}, t, pos, seg))
+    run = jax.jit(lambda p, t, pos, seg: model.apply({"params": p}, t, pos, seg).logits)
     both = run(tiny_params, packed, pos, seg)
     alone = run(tiny_params, b, jnp.arange(9)[None], jnp.ones((1, 9), jnp.int32))
     np.testing.assert_allclose(both[:, 7:], alone, atol=1e-5)
@@ -193,7 +193,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 def test_loss_weights(tiny_cfg, tiny_params):
     tok = tokens(2, 17, tiny_cfg.vocab_size, seed=3)
-    logits, aux = jax.jit(lambda p, t: dsjax.DeepSeekV3(tiny_cfg).apply({"params": p}, t, mtp=True, return_aux=True))(
+    aux = jax.jit(lambda p, t: dsjax.DeepSeekV3(tiny_cfg).apply({"params": p}, t, mtp=True).aux)(
         tiny_params, tok[:, :-1])
     mask = jnp.ones(tok[:, 1:].shape)
     head = head_weight(tiny_params, tiny_cfg)
@@ -216,8 +216,8 @@ def test_bias_update_uses_whole_step_counts(corpus, tmp_path):
     b = {"inputs": tokens(4, 32, 259, seed=6), "positions": jnp.broadcast_to(jnp.arange(32), (4, 32)),
          "segment_ids": jnp.ones((4, 32), jnp.int32), "loss_mask": jnp.ones((4, 32))}
     b["targets"] = jnp.roll(b["inputs"], -1, axis=1)
-    _, aux = jax.jit(lambda p, b: dsjax.DeepSeekV3(cfg).apply({"params": p}, b["inputs"], b["positions"],
-                                                              b["segment_ids"], return_aux=True))(params, b)
+    aux = jax.jit(lambda p, b: dsjax.DeepSeekV3(cfg).apply({"params": p}, b["inputs"], b["positions"],
+                                                           b["segment_ids"]).aux)(params, b)
     counts = np.asarray(aux["expert_counts"], np.float64)
     want = np.sign(counts.mean(-1, keepdims=True) - counts) * 0.5
     before = np.asarray(params["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"])

@@ -106,7 +106,7 @@ def logit_gap(cfg, params, model, prompts, log: Callable[[str], None] = print) -
 
     cfg32 = cfg.replace(dtype="float32", param_dtype="float32")
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-    apply = jax.jit(lambda p, t: dsjax.DeepSeekV3(cfg32).apply({"params": p}, t))
+    apply = jax.jit(lambda p, t: dsjax.DeepSeekV3(cfg32).apply({"params": p}, t).logits)
     gaps, scale, agree, total = [], 0.0, 0, 0
     for toks in prompts:
         ours = np.asarray(apply(params, jnp.asarray(toks[None])))[0]

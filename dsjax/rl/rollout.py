@@ -112,7 +112,7 @@ def completion_logprobs(model: DeepSeekV3, params, sequences, prompt_lengths, wi
     those positions go through the head: the [B, P + N, V] logits of the full sequence are never built (the
     model's own logits output is unused, so XLA drops it), which matters for large vocabularies.
     """
-    _, aux = model.apply({"params": params}, sequences, return_aux=True)
+    aux = model.apply({"params": params}, sequences).aux
     idx = prompt_lengths[:, None] - 1 + jnp.arange(width)[None]
     h = jnp.take_along_axis(aux["hidden"], idx[..., None], axis=1)
     logits = model.apply({"params": params}, h, method=DeepSeekV3.head).astype(jnp.float32) / temperature

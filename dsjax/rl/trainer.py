@@ -97,7 +97,7 @@ def _sft_fns(cfg, ocfg: OptimConfig, mesh=None):
 
     def step(params, opt_state, i, inputs, targets, mask):
         def loss_fn(p):
-            return cross_entropy(model.apply({"params": p}, inputs), targets, mask)[0]
+            return cross_entropy(model.apply({"params": p}, inputs).logits, targets, mask)[0]
         loss, g = jax.value_and_grad(loss_fn)(params)
         params, opt_state = apply_optimizer(tx, g, opt_state, params)
         return params, opt_state, {"loss": loss, "lr": sched(i)}

@@ -127,7 +127,7 @@ def mtp_targets(targets: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array
 def lm_loss(hidden, head, targets, loss_mask, aux=None, segment_ids=None, *, mtp_lambda: float = 0.0,
             balance_alpha: float = 0.0, chunk_size: int = CE_CHUNK):
     """Total loss and metrics from the final hidden states (the model's `aux["hidden"]`, [B, T, D]) and the
-    output head [D, V] (`dsjax.model.head_weight`). aux is the model's return_aux dict (needs mtp_hidden when
+    output head [D, V] (`dsjax.model.head_weight`). aux is the model output's aux dict (needs mtp_hidden when
     mtp_lambda > 0). Every head pass goes through `fused_cross_entropy`."""
     ce = functools.partial(fused_cross_entropy, head=head, chunk_size=chunk_size)
     main, nats, count = ce(hidden, targets=targets, mask=loss_mask)

@@ -126,8 +126,7 @@ def step_fns(cfg: ModelConfig, ocfg: OptimConfig, *, mtp_lambda: float, balance_
 
     def loss_fn(params, mb):
         # The logits the model also returns are unused, so XLA drops them: the head runs inside the fused CE.
-        _, aux = model.apply({"params": params}, mb["inputs"], mb["positions"], mb["segment_ids"],
-                             mtp=use_mtp, return_aux=True)
+        aux = model.apply({"params": params}, mb["inputs"], mb["positions"], mb["segment_ids"], mtp=use_mtp).aux
         with jax.named_scope("loss"):
             loss, m = lm_loss(aux["hidden"], head_weight(params, cfg), mb["targets"], mb["loss_mask"], aux,
                               mb["segment_ids"], mtp_lambda=mtp_lambda if use_mtp else 0.0,
@@ -170,8 +169,7 @@ def step_fns(cfg: ModelConfig, ocfg: OptimConfig, *, mtp_lambda: float, balance_
         return params, opt_state, out
 
     def eval_step(params, batch):
-        _, aux = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
-                             return_aux=True)
+        aux = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]).aux
         _, nats, count = fused_cross_entropy(aux["hidden"], head_weight(params, cfg), batch["targets"],
                                              batch["loss_mask"])
         return nats, count
