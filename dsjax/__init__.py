@@ -1,7 +1,8 @@
 """dsjax: DeepSeek-V3/R1 in JAX/Flax."""
+
+from dsjax.cache import KVCache, PagedKVCache, init_cache, init_paged_cache
 from dsjax.config import ModelConfig, YarnScaling
 from dsjax.model import DeepSeekV3
-from dsjax.cache import KVCache, PagedKVCache, init_cache, init_paged_cache
 
 __all__ = ["ModelConfig", "YarnScaling", "DeepSeekV3", "KVCache", "PagedKVCache", "init_cache", "init_paged_cache"]
 

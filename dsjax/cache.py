@@ -10,9 +10,11 @@ Either way, masking is by position: a query at position p sees positions <= p. L
 model scans them (dense segment, MoE segment), plus the MTP modules; the model carries a whole segment's stack
 through its nn.scan, so a decode loop updates the cache in place.
 """
+
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,13 +29,14 @@ PAGE_SIZE = 64  # tokens per page; the engine's choice (a multiple of the kernel
 class ContiguousLayers(NamedTuple):
     """One segment's contiguous cache as the scan carries it and MLA receives it: stack [L, B, S, W] (a scanned
     segment; MLA gets its layer index) or [B, S, W] (one MTP depth). Same methods as PagedLayers."""
+
     stack: jax.Array
 
     @property
     def capacity(self) -> int:
         return self.stack.shape[-2]
 
-    def write(self, new: jax.Array, positions: jax.Array, layer=None) -> "ContiguousLayers":
+    def write(self, new: jax.Array, positions: jax.Array, layer=None) -> ContiguousLayers:
         """Scatter new latent rows [B, T, W] at their absolute positions [B, T] (slot s = position s), into the
         stack directly so a decode loop stays in place. Positions outside [0, S) are dropped (parked padding)."""
         b = jnp.arange(new.shape[0])[:, None]
@@ -50,9 +53,9 @@ class ContiguousLayers(NamedTuple):
 
 
 class KVCache(NamedTuple):
-    dense: jax.Array | None   # [num_dense_layers, B, S, kv_lora_rank + qk_rope_head_dim]
-    moe: jax.Array | None     # [num_moe_layers, B, S, W]
-    mtp: jax.Array | None     # [mtp layers, B, S, W]
+    dense: jax.Array | None  # [num_dense_layers, B, S, kv_lora_rank + qk_rope_head_dim]
+    moe: jax.Array | None  # [num_moe_layers, B, S, W]
+    mtp: jax.Array | None  # [mtp layers, B, S, W]
 
     @property
     def max_len(self) -> int:
@@ -73,19 +76,19 @@ class KVCache(NamedTuple):
         stack = getattr(self, segment)
         return None if stack is None else ContiguousLayers(stack)
 
-    def with_layers(self, segment: str, carried) -> "KVCache":
+    def with_layers(self, segment: str, carried) -> KVCache:
         return self._replace(**{segment: None if carried is None else carried.stack})
 
     def mtp_layer(self, depth: int) -> ContiguousLayers:
         return ContiguousLayers(self.mtp[depth])
 
-    def with_mtp_layers(self, carried: Sequence[ContiguousLayers]) -> "KVCache":
+    def with_mtp_layers(self, carried: Sequence[ContiguousLayers]) -> KVCache:
         return self._replace(mtp=jnp.stack([c.stack for c in carried]))
 
-    def record(self, positions: jax.Array) -> "KVCache":
+    def record(self, positions: jax.Array) -> KVCache:
         return self  # no per-sequence lengths: the contiguous layout masks by position alone
 
-    def truncate(self, lengths: jax.Array) -> "KVCache":
+    def truncate(self, lengths: jax.Array) -> KVCache:
         return self
 
 
@@ -95,6 +98,7 @@ class PagedLayers(NamedTuple):
     pages is [L, num_pages, P, W] (a scanned segment; MLA gets its layer index) or [num_pages, P, W] (one MTP
     depth). The table rides in the carry, unchanged, so Block and nn.scan need no paged-specific argument.
     """
+
     pages: jax.Array
     block_table: jax.Array  # [B, max_pages] int32
 
@@ -114,7 +118,7 @@ class PagedLayers(NamedTuple):
         n = self.pages.shape[1]
         return self.pages.reshape((-1,) + self.pages.shape[2:]), self.block_table + layer * n
 
-    def write(self, new: jax.Array, positions: jax.Array, layer=None) -> "PagedLayers":
+    def write(self, new: jax.Array, positions: jax.Array, layer=None) -> PagedLayers:
         """Scatter new latent rows [B, T, W] at absolute positions [B, T] through the block table, in place.
 
         Positions outside [0, capacity) are dropped (the engine parks padding and finished rows there).
@@ -130,16 +134,25 @@ class PagedLayers(NamedTuple):
         """Absorbed attention over this layer's pages through the MLA decode kernel (backend
         cfg.decode_attention_impl, built for cfg.platform) -> [B, T, H, C] in the latent space."""
         pool, table = self.pool(layer)
-        return paged_absorbed_attention(q_lat, q_pe, pool, table, self.capacity, positions, cfg.softmax_scale,
-                                        cfg.decode_attention_impl, cfg.platform)
+        return paged_absorbed_attention(
+            q_lat,
+            q_pe,
+            pool,
+            table,
+            self.capacity,
+            positions,
+            cfg.softmax_scale,
+            cfg.decode_attention_impl,
+            cfg.platform,
+        )
 
 
 class PagedKVCache(NamedTuple):
-    dense: jax.Array | None   # [num_dense_layers, num_pages, page_size, W]
-    moe: jax.Array | None     # [num_moe_layers, num_pages, page_size, W]
-    mtp: jax.Array | None     # [mtp layers, num_pages, page_size, W]; MTP row t at position t, same table
-    block_table: jax.Array    # [B, max_pages] int32: page ids, shared by every layer
-    lengths: jax.Array        # [B] int32: tokens in the main model's cache (1 + last position written)
+    dense: jax.Array | None  # [num_dense_layers, num_pages, page_size, W]
+    moe: jax.Array | None  # [num_moe_layers, num_pages, page_size, W]
+    mtp: jax.Array | None  # [mtp layers, num_pages, page_size, W]; MTP row t at position t, same table
+    block_table: jax.Array  # [B, max_pages] int32: page ids, shared by every layer
+    lengths: jax.Array  # [B] int32: tokens in the main model's cache (1 + last position written)
 
     @property
     def page_size(self) -> int:
@@ -157,16 +170,16 @@ class PagedKVCache(NamedTuple):
         pages = getattr(self, segment)
         return None if pages is None else PagedLayers(pages, self.block_table)
 
-    def with_layers(self, segment: str, carried) -> "PagedKVCache":
+    def with_layers(self, segment: str, carried) -> PagedKVCache:
         return self._replace(**{segment: None if carried is None else carried.pages})
 
     def mtp_layer(self, depth: int) -> PagedLayers:
         return PagedLayers(self.mtp[depth], self.block_table)
 
-    def with_mtp_layers(self, carried: Sequence[PagedLayers]) -> "PagedKVCache":
+    def with_mtp_layers(self, carried: Sequence[PagedLayers]) -> PagedKVCache:
         return self._replace(mtp=jnp.stack([c.pages for c in carried]))
 
-    def record(self, positions: jax.Array) -> "PagedKVCache":
+    def record(self, positions: jax.Array) -> PagedKVCache:
         """Lengths after the main model writes at `positions` [B, T]: 1 + the last valid position of each row
         (writing at p ends the sequence there: re-decoding an earlier position truncates it); rows with no valid
         position keep their length."""
@@ -174,16 +187,24 @@ class PagedKVCache(NamedTuple):
         last = jnp.max(jnp.where(valid, positions + 1, 0), axis=1).astype(jnp.int32)
         return self._replace(lengths=jnp.where(valid.any(1), last, self.lengths))
 
-    def truncate(self, lengths: jax.Array) -> "PagedKVCache":
+    def truncate(self, lengths: jax.Array) -> PagedKVCache:
         """Drop the rows at positions >= lengths (rejected speculative drafts); they are overwritten later."""
         return self._replace(lengths=jnp.minimum(self.lengths, lengths).astype(jnp.int32))
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16, with_mtp: bool = False,
-               mtp_layers: int | None = None) -> KVCache:
+def init_cache(
+    cfg: ModelConfig,
+    batch: int,
+    max_len: int,
+    dtype=jnp.bfloat16,
+    with_mtp: bool = False,
+    mtp_layers: int | None = None,
+) -> KVCache:
     """Contiguous cache; mtp_layers (default: all of cfg's when with_mtp, else none) sets the MTP depth kept."""
+
     def zeros(layers):
         return jnp.zeros((layers, batch, max_len, cfg.cache_width), dtype) if layers else None
+
     n_mtp = (cfg.num_nextn_predict_layers if with_mtp else 0) if mtp_layers is None else mtp_layers
     return KVCache(zeros(cfg.num_dense_layers), zeros(cfg.num_moe_layers), zeros(n_mtp))
 
@@ -198,8 +219,17 @@ def contiguous_block_table(batch: int, max_len: int, page_size: int = PAGE_SIZE)
     return np.arange(batch * n, dtype=np.int32).reshape(batch, n)
 
 
-def init_paged_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16, mtp_layers: int = 0, *,
-                     page_size: int = PAGE_SIZE, block_table=None, num_pages: int | None = None) -> PagedKVCache:
+def init_paged_cache(
+    cfg: ModelConfig,
+    batch: int,
+    max_len: int,
+    dtype=jnp.bfloat16,
+    mtp_layers: int = 0,
+    *,
+    page_size: int = PAGE_SIZE,
+    block_table=None,
+    num_pages: int | None = None,
+) -> PagedKVCache:
     """An empty paged cache for `batch` sequences of up to `max_len` tokens.
 
     block_table [batch, ceil(max_len / page_size)] int32 page ids (default `contiguous_block_table`); any table
@@ -213,8 +243,14 @@ def init_paged_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloa
 
     def zeros(layers):
         return jnp.zeros((layers, num_pages, page_size, cfg.cache_width), dtype) if layers else None
-    return PagedKVCache(zeros(cfg.num_dense_layers), zeros(cfg.num_moe_layers), zeros(mtp_layers),
-                        jnp.asarray(table, jnp.int32), jnp.zeros((batch,), jnp.int32))
+
+    return PagedKVCache(
+        zeros(cfg.num_dense_layers),
+        zeros(cfg.num_moe_layers),
+        zeros(mtp_layers),
+        jnp.asarray(table, jnp.int32),
+        jnp.zeros((batch,), jnp.int32),
+    )
 
 
 def bytes_per_token(cfg: ModelConfig, dtype=jnp.bfloat16) -> int:

@@ -3,6 +3,7 @@
 Runtime knobs that HF does not have (dtype, MoE backend, remat) live in the same dataclass so one object
 describes a run, but they never reach `to_hf()`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,6 +22,10 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 _PLATFORMS = ("auto", "cpu", "gpu", "tpu")
 
 
+def _bad(field: str, msg: str):
+    raise ValueError(f"ModelConfig.{field}: {msg}")
+
+
 def _runtime(default):
     """A runtime knob: not an HF config.json field, and not part of the architecture (RUNTIME_FIELDS)."""
     return dataclasses.field(default=default, metadata={"runtime": True})
@@ -29,6 +34,7 @@ def _runtime(default):
 @dataclasses.dataclass(frozen=True)
 class YarnScaling:
     """YaRN rope scaling (HF `rope_scaling` / `rope_parameters` with type "yarn")."""
+
     factor: float
     original_max_position_embeddings: int
     beta_fast: float = 32.0
@@ -72,13 +78,13 @@ class ModelConfig:
     bos_token_id: int | None = 0
     eos_token_id: int | tuple[int, ...] | None = 1
     # ---- runtime knobs (not HF fields; declared with runtime(): never in to_hf(), free to change on resume) ----
-    dtype: str = _runtime("float32")          # compute dtype of activations and matmuls
-    param_dtype: str = _runtime("float32")    # storage dtype of parameters (master weights)
+    dtype: str = _runtime("float32")  # compute dtype of activations and matmuls
+    param_dtype: str = _runtime("float32")  # storage dtype of parameters (master weights)
     # The platform the run targets: "auto" is resolved with every other "auto" below from the run's devices
     # (dsjax/runtime.py); the Pallas kernels are built for it.
     platform: str = _runtime("auto")
-    moe_backend: str = _runtime("auto")       # "gmm" (Pallas), "ragged_dot", "dense" (reference); auto per platform
-    remat: str = _runtime("none")             # rematerialisation policy for each transformer block
+    moe_backend: str = _runtime("auto")  # "gmm" (Pallas), "ragged_dot", "dense" (reference); auto per platform
+    remat: str = _runtime("none")  # rematerialisation policy for each transformer block
     # full (training / prefill) attention: "cudnn" (GPU), "splash" (TPU Pallas), "xla" (einsums; any platform)
     attention_impl: str = _runtime("auto")
     # generation's decode attention: a paged latent cache read by the MLA decode kernel with this backend ("auto":
@@ -87,8 +93,8 @@ class ModelConfig:
     decode_attention_impl: str = _runtime("auto")
     # expert parallelism (only under a mesh whose expert axis is > 1; see dsjax/layers/moe_parallel.py)
     moe_capacity_factor: float = _runtime(0.0)  # 0: dropless; c > 0: each device sends at most ceil(c*pairs/E)
-    moe_device_limit: int = _runtime(0)       # M > 0: a token's experts lie on at most M devices (node-limited)
-    moe_dispatch: str = _runtime("auto")      # all-to-all: "ragged" (ragged_all_to_all), "padded"; auto per platform
+    moe_device_limit: int = _runtime(0)  # M > 0: a token's experts lie on at most M devices (node-limited)
+    moe_dispatch: str = _runtime("auto")  # all-to-all: "ragged" (ragged_all_to_all), "padded"; auto per platform
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, list):
@@ -97,62 +103,94 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        def bad(field, msg):
-            raise ValueError(f"ModelConfig.{field}: {msg}")
-
-        for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                  "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
-            if int(getattr(self, f)) <= 0:
-                bad(f, f"must be positive, got {getattr(self, f)}")
-        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
-            bad("q_lora_rank", f"must be positive or None (plain q_proj), got {self.q_lora_rank}")
-        if self.qk_rope_head_dim % 2:
-            bad("qk_rope_head_dim", f"rope rotates pairs, so it must be even, got {self.qk_rope_head_dim}")
-        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
-            bad("first_k_dense_replace", f"{self.first_k_dense_replace} is outside [0, num_hidden_layers="
-                f"{self.num_hidden_layers}]")
-        if self.first_k_dense_replace > 0 and self.intermediate_size <= 0:
-            bad("intermediate_size", "must be positive when there are dense layers")
-        if self.scoring_func not in _SCORING:
-            bad("scoring_func", f"{self.scoring_func!r} is not one of {_SCORING}")
-        if self.topk_method not in _TOPK_METHODS:
-            bad("topk_method", f"{self.topk_method!r} is not one of {_TOPK_METHODS}")
+        """Raises ValueError naming the field (`ModelConfig.<field>: ...`) for any inconsistent value."""
+        self._validate_dims()
         if self.num_moe_layers > 0 or self.num_nextn_predict_layers > 0:
-            if self.n_routed_experts <= 0 or self.moe_intermediate_size <= 0:
-                bad("n_routed_experts", "MoE layers need n_routed_experts > 0 and moe_intermediate_size > 0")
-            if self.n_shared_experts < 0:
-                bad("n_shared_experts", f"must be >= 0, got {self.n_shared_experts}")
-            if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
-                bad("num_experts_per_tok", f"{self.num_experts_per_tok} is outside [1, n_routed_experts="
-                    f"{self.n_routed_experts}]")
-            if self.n_group < 1:
-                bad("n_group", f"must be >= 1, got {self.n_group}")
-            if self.n_routed_experts % self.n_group:
-                bad("n_group", f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}")
-            if not 1 <= self.topk_group <= self.n_group:
-                bad("topk_group", f"{self.topk_group} is outside [1, n_group={self.n_group}]")
-            if self.uses_group_limit:
-                kept = self.topk_group * (self.n_routed_experts // self.n_group)
-                if self.num_experts_per_tok > kept:
-                    bad("num_experts_per_tok", f"{self.num_experts_per_tok} experts per token but the "
-                        f"topk_group={self.topk_group} kept groups hold only {kept} experts")
-                if self.topk_method == "noaux_tc" and self.n_routed_experts // self.n_group < 2:
-                    bad("n_group", "noaux_tc scores a group by its top-2 experts, so each group needs >= 2 experts")
+            self._validate_moe()
+        self._validate_runtime()
+
+    def _validate_dims(self) -> None:
+        for f in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "max_position_embeddings",
+        ):
+            if int(getattr(self, f)) <= 0:
+                _bad(f, f"must be positive, got {getattr(self, f)}")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            _bad("q_lora_rank", f"must be positive or None (plain q_proj), got {self.q_lora_rank}")
+        if self.qk_rope_head_dim % 2:
+            _bad("qk_rope_head_dim", f"rope rotates pairs, so it must be even, got {self.qk_rope_head_dim}")
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            _bad(
+                "first_k_dense_replace",
+                f"{self.first_k_dense_replace} is outside [0, num_hidden_layers={self.num_hidden_layers}]",
+            )
+        if self.first_k_dense_replace > 0 and self.intermediate_size <= 0:
+            _bad("intermediate_size", "must be positive when there are dense layers")
+        if self.scoring_func not in _SCORING:
+            _bad("scoring_func", f"{self.scoring_func!r} is not one of {_SCORING}")
+        if self.topk_method not in _TOPK_METHODS:
+            _bad("topk_method", f"{self.topk_method!r} is not one of {_TOPK_METHODS}")
         if self.num_nextn_predict_layers < 0:
-            bad("num_nextn_predict_layers", f"must be >= 0, got {self.num_nextn_predict_layers}")
+            _bad("num_nextn_predict_layers", f"must be >= 0, got {self.num_nextn_predict_layers}")
         if self.rope_scaling is not None:
             rs = self.rope_scaling
             if rs.factor <= 0 or rs.original_max_position_embeddings <= 0:
-                bad("rope_scaling", f"factor and original_max_position_embeddings must be positive: {rs}")
-        for f, allowed in (("dtype", _DTYPES), ("param_dtype", _DTYPES), ("moe_backend", _MOE_BACKENDS),
-                           ("remat", _REMAT), ("attention_impl", ATTENTION_IMPLS), ("platform", _PLATFORMS),
-                           ("decode_attention_impl", DECODE_ATTENTION_IMPLS),
-                           ("moe_dispatch", ("auto", "ragged", "padded"))):
+                _bad("rope_scaling", f"factor and original_max_position_embeddings must be positive: {rs}")
+
+    def _validate_moe(self) -> None:
+        if self.n_routed_experts <= 0 or self.moe_intermediate_size <= 0:
+            _bad("n_routed_experts", "MoE layers need n_routed_experts > 0 and moe_intermediate_size > 0")
+        if self.n_shared_experts < 0:
+            _bad("n_shared_experts", f"must be >= 0, got {self.n_shared_experts}")
+        if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
+            _bad(
+                "num_experts_per_tok",
+                f"{self.num_experts_per_tok} is outside [1, n_routed_experts={self.n_routed_experts}]",
+            )
+        if self.n_group < 1:
+            _bad("n_group", f"must be >= 1, got {self.n_group}")
+        if self.n_routed_experts % self.n_group:
+            _bad("n_group", f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}")
+        if not 1 <= self.topk_group <= self.n_group:
+            _bad("topk_group", f"{self.topk_group} is outside [1, n_group={self.n_group}]")
+        if self.uses_group_limit:
+            kept = self.topk_group * (self.n_routed_experts // self.n_group)
+            if self.num_experts_per_tok > kept:
+                _bad(
+                    "num_experts_per_tok",
+                    f"{self.num_experts_per_tok} experts per token but the "
+                    f"topk_group={self.topk_group} kept groups hold only {kept} experts",
+                )
+            if self.topk_method == "noaux_tc" and self.n_routed_experts // self.n_group < 2:
+                _bad("n_group", "noaux_tc scores a group by its top-2 experts, so each group needs >= 2 experts")
+
+    def _validate_runtime(self) -> None:
+        for f, allowed in (
+            ("dtype", _DTYPES),
+            ("param_dtype", _DTYPES),
+            ("moe_backend", _MOE_BACKENDS),
+            ("remat", _REMAT),
+            ("attention_impl", ATTENTION_IMPLS),
+            ("platform", _PLATFORMS),
+            ("decode_attention_impl", DECODE_ATTENTION_IMPLS),
+            ("moe_dispatch", ("auto", "ragged", "padded")),
+        ):
             if getattr(self, f) not in allowed:
-                bad(f, f"{getattr(self, f)!r} is not one of {allowed}")
+                _bad(f, f"{getattr(self, f)!r} is not one of {allowed}")
         if self.moe_capacity_factor < 0 or self.moe_device_limit < 0:
-            bad("moe_capacity_factor", f"moe_capacity_factor ({self.moe_capacity_factor}) and moe_device_limit "
-                f"({self.moe_device_limit}) must be >= 0 (0 = off)")
+            _bad(
+                "moe_capacity_factor",
+                f"moe_capacity_factor ({self.moe_capacity_factor}) and moe_device_limit "
+                f"({self.moe_device_limit}) must be >= 0 (0 = off)",
+            )
 
     # ------------------------------------------------------------------ derived
     @property
@@ -174,7 +212,7 @@ class ModelConfig:
     @property
     def softmax_scale(self) -> float:
         """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN (transformers' yarn_apply_mscale)."""
-        scale = self.qk_head_dim ** -0.5
+        scale = self.qk_head_dim**-0.5
         rs = self.rope_scaling
         if rs is not None and rs.mscale_all_dim:
             m = yarn_mscale(rs.factor, rs.mscale_all_dim)
@@ -189,7 +227,7 @@ class ModelConfig:
     def cache_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         return self.cache_width * self.num_hidden_layers * dtype_bytes
 
-    def replace(self, **kw) -> "ModelConfig":
+    def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
     def param_counts(self) -> dict[str, int]:
@@ -199,33 +237,50 @@ class ModelConfig:
             q = d * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * h * self.qk_head_dim
         else:
             q = d * h * self.qk_head_dim
-        attn = (q + d * self.cache_width + self.kv_lora_rank + self.kv_lora_rank * h * (self.qk_nope_head_dim
-                + self.v_head_dim) + h * self.v_head_dim * d + 2 * d)
+        attn = (
+            q
+            + d * self.cache_width
+            + self.kv_lora_rank
+            + self.kv_lora_rank * h * (self.qk_nope_head_dim + self.v_head_dim)
+            + h * self.v_head_dim * d
+            + 2 * d
+        )
         expert = 3 * d * self.moe_intermediate_size
         moe = (self.n_routed_experts + self.n_shared_experts) * expert + (d + 1) * self.n_routed_experts
         moe_active = (self.num_experts_per_tok + self.n_shared_experts) * expert + d * self.n_routed_experts
         dense = 3 * d * self.intermediate_size
         embed = self.vocab_size * d
         head = 0 if self.tie_word_embeddings else embed
-        mtp_block = 2 * d + 2 * d * d + d + attn + moe   # enorm, hnorm, eh_proj, final norm, block
+        mtp_block = 2 * d + 2 * d * d + d + attn + moe  # enorm, hnorm, eh_proj, final norm, block
         mtp_active = 2 * d + 2 * d * d + d + attn + moe_active
-        main = embed + head + d + self.num_hidden_layers * attn + self.num_dense_layers * dense + self.num_moe_layers * moe
-        active = (head or embed) + self.num_hidden_layers * attn + self.num_dense_layers * dense + \
-            self.num_moe_layers * moe_active
+        main = (
+            embed + head + d + self.num_hidden_layers * attn + self.num_dense_layers * dense + self.num_moe_layers * moe
+        )
+        active = (
+            (head or embed)
+            + self.num_hidden_layers * attn
+            + self.num_dense_layers * dense
+            + self.num_moe_layers * moe_active
+        )
         n = self.num_nextn_predict_layers
-        return {"total": main + n * mtp_block, "total_without_mtp": main, "active_per_token": active,
-                "active_per_token_with_mtp": active + n * mtp_active, "embedding": embed}
+        return {
+            "total": main + n * mtp_block,
+            "total_without_mtp": main,
+            "active_per_token": active,
+            "active_per_token_with_mtp": active + n * mtp_active,
+            "embedding": embed,
+        }
 
     # ------------------------------------------------------------------ presets
     @classmethod
-    def preset(cls, name: str, **overrides) -> "ModelConfig":
+    def preset(cls, name: str, **overrides) -> ModelConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown ModelConfig preset {name!r}; known: {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
 
     # ------------------------------------------------------------------ HF config.json
     @classmethod
-    def from_hf(cls, source: Any, **runtime) -> "ModelConfig":
+    def from_hf(cls, source: Any, **runtime) -> ModelConfig:
         """From an HF model dir, a config.json path, a dict, or a transformers config object."""
         d = _read_hf_dict(source)
         model_type = d.get("model_type", "deepseek_v3")
@@ -255,9 +310,13 @@ class ModelConfig:
             kw["rope_scaling"] = YarnScaling(
                 factor=float(rope["factor"]),
                 original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-                beta_fast=float(rope.get("beta_fast") or 32.0), beta_slow=float(rope.get("beta_slow") or 1.0),
-                mscale=float(rope.get("mscale") or 0.0), mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0),
-                attention_factor=rope.get("attention_factor"), truncate=bool(rope.get("truncate", True)))
+                beta_fast=float(rope.get("beta_fast") or 32.0),
+                beta_slow=float(rope.get("beta_slow") or 1.0),
+                mscale=float(rope.get("mscale") or 0.0),
+                mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0),
+                attention_factor=rope.get("attention_factor"),
+                truncate=bool(rope.get("truncate", True)),
+            )
         elif rtype in ("default", None):
             kw["rope_scaling"] = None
         else:
@@ -289,8 +348,12 @@ class ModelConfig:
         d["torch_dtype"] = "bfloat16" if self.param_dtype == "bfloat16" else "float32"
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling is not None:
-            rope = {"rope_type": "yarn", "type": "yarn", "rope_theta": self.rope_theta,
-                    **{k: v for k, v in dataclasses.asdict(self.rope_scaling).items() if v is not None}}
+            rope = {
+                "rope_type": "yarn",
+                "type": "yarn",
+                "rope_theta": self.rope_theta,
+                **{k: v for k, v in dataclasses.asdict(self.rope_scaling).items() if v is not None},
+            }
         d["rope_scaling"] = rope
         d["rope_parameters"] = rope
         return d
@@ -324,36 +387,104 @@ PRESETS: dict[str, ModelConfig] = {
     # A single-GPU research model: DeepSeek-V3's head dims and routing at 1/7 width. The same shapes as the
     # transformers baselines in BASELINES.md (1.475B params without MTP, 339M active per token incl. lm_head).
     "small": ModelConfig(
-        hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=12,
-        first_k_dense_replace=1, num_attention_heads=16, q_lora_rank=384, n_routed_experts=64,
-        num_experts_per_tok=6, n_group=8, topk_group=4, max_position_embeddings=4096,
-        rope_scaling=None),
+        hidden_size=1024,
+        intermediate_size=2816,
+        moe_intermediate_size=512,
+        num_hidden_layers=12,
+        first_k_dense_replace=1,
+        num_attention_heads=16,
+        q_lora_rank=384,
+        n_routed_experts=64,
+        num_experts_per_tok=6,
+        n_group=8,
+        topk_group=4,
+        max_position_embeddings=4096,
+        rope_scaling=None,
+    ),
     # About 4B parameters (3.94B with MTP, ~0.6B active per token) with DeepSeek-V3's ratios at 2/7 of its width:
     # head dims 128/64/128, kv_lora 512, q_lora 3/14 of hidden, routed-expert width 2/7 and dense width 18/7 of
     # hidden, top-6 of 64 experts in 8 groups keeping 4, one shared expert, MTP depth 1. Trains on one H200.
     "medium": ModelConfig(
-        hidden_size=2048, intermediate_size=5376, moe_intermediate_size=576, num_hidden_layers=14,
-        first_k_dense_replace=1, num_attention_heads=16, q_lora_rank=448, n_routed_experts=64,
-        num_experts_per_tok=6, n_group=8, topk_group=4, max_position_embeddings=4096, rope_scaling=None),
+        hidden_size=2048,
+        intermediate_size=5376,
+        moe_intermediate_size=576,
+        num_hidden_layers=14,
+        first_k_dense_replace=1,
+        num_attention_heads=16,
+        q_lora_rank=448,
+        n_routed_experts=64,
+        num_experts_per_tok=6,
+        n_group=8,
+        topk_group=4,
+        max_position_embeddings=4096,
+        rope_scaling=None,
+    ),
     # Compiles in seconds on a laptop CPU; exercises every code path (q_lora, YaRN, groups, dense + MoE, MTP).
     "tiny": ModelConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
-        first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
-        qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-        n_group=4, topk_group=2, max_position_embeddings=1024,
-        rope_scaling=YarnScaling(4.0, 256, 32.0, 1.0, 1.0, 1.0)),
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        max_position_embeddings=1024,
+        rope_scaling=YarnScaling(4.0, 256, 32.0, 1.0, 1.0, 1.0),
+    ),
     "deepseek-v2-lite": ModelConfig(
-        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
-        num_hidden_layers=27, first_k_dense_replace=1, num_attention_heads=16, q_lora_rank=None,
-        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1,
-        scoring_func="softmax", topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0,
-        rope_scaling=YarnScaling(40.0, 4096, 32.0, 1.0, 0.707, 0.707), num_nextn_predict_layers=0,
-        bos_token_id=100000, eos_token_id=100001),
+        vocab_size=102400,
+        hidden_size=2048,
+        intermediate_size=10944,
+        moe_intermediate_size=1408,
+        num_hidden_layers=27,
+        first_k_dense_replace=1,
+        num_attention_heads=16,
+        q_lora_rank=None,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+        n_group=1,
+        topk_group=1,
+        scoring_func="softmax",
+        topk_method="greedy",
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+        rope_scaling=YarnScaling(40.0, 4096, 32.0, 1.0, 0.707, 0.707),
+        num_nextn_predict_layers=0,
+        bos_token_id=100000,
+        eos_token_id=100001,
+    ),
     "deepseek-v2": ModelConfig(
-        vocab_size=102400, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536,
-        num_hidden_layers=60, first_k_dense_replace=1, num_attention_heads=128, q_lora_rank=1536,
-        n_routed_experts=160, n_shared_experts=2, num_experts_per_tok=6, n_group=8, topk_group=3,
-        scoring_func="softmax", topk_method="group_limited_greedy", norm_topk_prob=False,
-        routed_scaling_factor=16.0, rope_scaling=YarnScaling(40.0, 4096, 32.0, 1.0, 0.707, 0.707),
-        num_nextn_predict_layers=0, bos_token_id=100000, eos_token_id=100001),
+        vocab_size=102400,
+        hidden_size=5120,
+        intermediate_size=12288,
+        moe_intermediate_size=1536,
+        num_hidden_layers=60,
+        first_k_dense_replace=1,
+        num_attention_heads=128,
+        q_lora_rank=1536,
+        n_routed_experts=160,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+        n_group=8,
+        topk_group=3,
+        scoring_func="softmax",
+        topk_method="group_limited_greedy",
+        norm_topk_prob=False,
+        routed_scaling_factor=16.0,
+        rope_scaling=YarnScaling(40.0, 4096, 32.0, 1.0, 0.707, 0.707),
+        num_nextn_predict_layers=0,
+        bos_token_id=100000,
+        eos_token_id=100001,
+    ),
 }

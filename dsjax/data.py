@@ -35,6 +35,7 @@ bit-exactly. Sharding: host `shard_index` of `shard_count` (default jax.process_
 every shard_count-th document of each split; training reshuffles each epoch from `seed`. eval_batches(n) pads
 with empty rows so every host returns exactly n batches and multi-host eval stays in lockstep.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -241,6 +242,7 @@ def _tokenize_fn(corpus: Corpus, tokenizer, add_bos: bool):
     def tokenize(index) -> np.ndarray:
         ids = np.asarray(encode(corpus.read(int(index))), dtype=np.int32)
         return np.concatenate([head, ids, tail]) if ids.size else ids
+
     return tokenize
 
 
@@ -260,7 +262,6 @@ class PackIterDataset(grain.IterDataset):
 
 
 class _PackIterator(grain.DatasetIterator):
-
     def __init__(self, parent, row_len: int, pad_id: int, max_empty: int | None):
         super().__init__(parent)
         self.row_len, self.pad_id, self.max_empty = row_len, pad_id, max_empty
@@ -286,9 +287,9 @@ class _PackIterator(grain.DatasetIterator):
                 self._doc, self._doc_state, self._offset = doc, state, 0
             n = min(n_row - filled, len(self._doc) - self._offset)
             segment += 1
-            tokens[filled:filled + n] = self._doc[self._offset:self._offset + n]
-            segment_ids[filled:filled + n] = segment
-            positions[filled:filled + n] = np.arange(n)
+            tokens[filled : filled + n] = self._doc[self._offset : self._offset + n]
+            segment_ids[filled : filled + n] = segment
+            positions[filled : filled + n] = np.arange(n)
             filled += n
             if self._offset + n == len(self._doc):
                 self._doc, self._offset = None, 0
@@ -309,15 +310,22 @@ class _PackIterator(grain.DatasetIterator):
             self._doc_state, self._doc, self._offset = state["parent"], next(self._parent), state["offset"]
 
 
-def make_batch(tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray,
-               token_bytes: np.ndarray) -> dict[str, np.ndarray]:
+def make_batch(
+    tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray, token_bytes: np.ndarray
+) -> dict[str, np.ndarray]:
     """Packed rows [B, T+1] -> the batch dict of the module docstring."""
     tokens, segment_ids, positions = (np.asarray(x, np.int32) for x in (tokens, segment_ids, positions))
     seg_in, targets = segment_ids[:, :-1], tokens[:, 1:]
     mask = (seg_in == segment_ids[:, 1:]) & (seg_in > 0)
     num_bytes = np.where(mask, token_bytes[targets], 0).sum(axis=1, dtype=np.int32)
-    return {"inputs": tokens[:, :-1], "targets": targets, "segment_ids": seg_in, "positions": positions[:, :-1],
-            "loss_mask": mask.astype(np.float32), "num_bytes": num_bytes}
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": targets,
+        "segment_ids": seg_in,
+        "positions": positions[:, :-1],
+        "loss_mask": mask.astype(np.float32),
+        "num_bytes": num_bytes,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,15 +353,27 @@ def _eval_batches_fn(rows: grain.IterDataset, row_len: int, pad_id: int, b: int,
             want = None if num_batches is None else max(0, num_batches * b - len(packed))
             packed.extend(itertools.islice(it, want))
             n = num_batches if num_batches is not None else max(1, -(-len(packed) // b))
-            padded = packed[:n * b] + [empty] * max(0, n * b - len(packed))
-            cache[num_batches] = [batch_fn(padded[i * b:(i + 1) * b]) for i in range(n)]
+            padded = packed[: n * b] + [empty] * max(0, n * b - len(packed))
+            cache[num_batches] = [batch_fn(padded[i * b : (i + 1) * b]) for i in range(n)]
         return cache[num_batches]
+
     return eval_batches
 
 
-def make_datasets(spec: str = "stdlib", tokenizer=None, *, seq_len: int, batch_size: int, seed: int = 0,
-                  eval_spec: str | None = None, eval_fraction: float = 0.02, add_bos: bool = True,
-                  shard_index: int | None = None, shard_count: int | None = None, num_threads: int = 0):
+def make_datasets(
+    spec: str = "stdlib",
+    tokenizer=None,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    eval_spec: str | None = None,
+    eval_fraction: float = 0.02,
+    add_bos: bool = True,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    num_threads: int = 0,
+):
     """Returns (train_iter, eval_batches, info); see the module docstring.
 
     tokenizer: a tokenizer object, a `load_tokenizer` spec, or None (bytes). num_threads: grain threads reading
@@ -366,6 +386,7 @@ def make_datasets(spec: str = "stdlib", tokenizer=None, *, seq_len: int, batch_s
         tokenizer = ByteTokenizer() if tokenizer is None else load_tokenizer(tokenizer)
     if shard_index is None or shard_count is None:
         import jax
+
         shard_index = jax.process_index() if shard_index is None else shard_index
         shard_count = jax.process_count() if shard_count is None else shard_count
     if not 0 <= shard_index < shard_count:
@@ -373,8 +394,9 @@ def make_datasets(spec: str = "stdlib", tokenizer=None, *, seq_len: int, batch_s
 
     corpus = build_corpus(spec, "--data")
     eval_corpus = build_corpus(eval_spec, "--eval_data") if eval_spec else corpus
-    train_ids, eval_ids = ((np.arange(len(corpus)), np.arange(len(eval_corpus))) if eval_spec
-                           else split_documents(corpus, eval_fraction))
+    train_ids, eval_ids = (
+        (np.arange(len(corpus)), np.arange(len(eval_corpus))) if eval_spec else split_documents(corpus, eval_fraction)
+    )
     host_train = train_ids[shard_index::shard_count]
     if len(host_train) == 0:
         raise ValueError(f"--data={spec!r}: {len(train_ids)} training documents cannot feed {shard_count} hosts")
@@ -382,18 +404,34 @@ def make_datasets(spec: str = "stdlib", tokenizer=None, *, seq_len: int, batch_s
     row_len = seq_len + 1
     table = np.asarray(tokenizer.token_bytes(), np.int32)
     batch_fn = lambda rows: make_batch(*(np.stack([r[k] for r in rows]) for k in _ROW_KEYS), table)
-    train = (grain.MapDataset.source(host_train).shuffle(seed=seed % 2**32).repeat()
-             .map(_tokenize_fn(corpus, tokenizer, add_bos))
-             .to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=64)))
+    train = (
+        grain.MapDataset.source(host_train)
+        .shuffle(seed=seed % 2**32)
+        .repeat()
+        .map(_tokenize_fn(corpus, tokenizer, add_bos))
+        .to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=64))
+    )
     train = PackIterDataset(train, row_len, tokenizer.pad_id, max_empty=len(host_train))
     train_iter = train.batch(batch_size, batch_fn=batch_fn).__iter__()
 
-    evals = (grain.MapDataset.source(eval_ids[shard_index::shard_count])
-             .map(_tokenize_fn(eval_corpus, tokenizer, add_bos))
-             .to_iter_dataset(grain.ReadOptions(num_threads=num_threads)))
-    eval_batches = _eval_batches_fn(PackIterDataset(evals, row_len, tokenizer.pad_id), row_len,
-                                    tokenizer.pad_id, batch_size, batch_fn)
-    info = DataInfo(spec=spec, eval_spec=eval_spec, num_train_docs=len(train_ids), num_eval_docs=len(eval_ids),
-                    shard_index=shard_index, shard_count=shard_count, seq_len=seq_len, batch_size=batch_size,
-                    vocab_size=tokenizer.vocab_size, add_bos=add_bos)
+    evals = (
+        grain.MapDataset.source(eval_ids[shard_index::shard_count])
+        .map(_tokenize_fn(eval_corpus, tokenizer, add_bos))
+        .to_iter_dataset(grain.ReadOptions(num_threads=num_threads))
+    )
+    eval_batches = _eval_batches_fn(
+        PackIterDataset(evals, row_len, tokenizer.pad_id), row_len, tokenizer.pad_id, batch_size, batch_fn
+    )
+    info = DataInfo(
+        spec=spec,
+        eval_spec=eval_spec,
+        num_train_docs=len(train_ids),
+        num_eval_docs=len(eval_ids),
+        shard_index=shard_index,
+        shard_count=shard_count,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        vocab_size=tokenizer.vocab_size,
+        add_bos=add_bos,
+    )
     return train_iter, eval_batches, info

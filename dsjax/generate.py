@@ -34,24 +34,33 @@ relative, so using t rather than t+1 as its position changes no score, and no em
 Each step writes two MTP rows: slot p-2 (only after a step that committed two tokens, whose middle row was
 never written) and slot p-1, which makes the draft.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import time
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax.cache import (PAGE_SIZE, KVCache, PagedKVCache, bytes_per_token, contiguous_block_table, init_cache,
-                         init_paged_cache, pages_per_sequence)
+from dsjax.cache import (
+    PAGE_SIZE,
+    KVCache,
+    PagedKVCache,
+    bytes_per_token,
+    contiguous_block_table,
+    init_cache,
+    init_paged_cache,
+    pages_per_sequence,
+)
 from dsjax.config import ModelConfig
 from dsjax.layers.mtp import shift_tokens
 from dsjax.model import DeepSeekV3
-from dsjax.sampling import (SamplerProgram, SamplingConfig, pick, sample, sampling_logprobs,
-                            speculative_accept)
+from dsjax.sampling import SamplerProgram, SamplingConfig, pick, sample, sampling_logprobs, speculative_accept
 
 __all__ = ["SamplingConfig", "GenerationResult", "generate", "bucket_length", "Engine", "engine"]
 
@@ -65,12 +74,12 @@ def bucket_length(n: int, minimum: int = 16) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
-    tokens: jax.Array           # [B, N] int32 completions; pad_token after each row's end
-    logprobs: jax.Array         # [B, N] float32 log-prob of each token under the distribution it was drawn from
-    lengths: jax.Array          # [B] int32 completion lengths (stop token included)
-    finished: jax.Array         # [B] bool: ended by a stop token (else by max_new_tokens or the cache size)
+    tokens: jax.Array  # [B, N] int32 completions; pad_token after each row's end
+    logprobs: jax.Array  # [B, N] float32 log-prob of each token under the distribution it was drawn from
+    lengths: jax.Array  # [B] int32 completion lengths (stop token included)
+    finished: jax.Array  # [B] bool: ended by a stop token (else by max_new_tokens or the cache size)
     prompt_lengths: np.ndarray  # [B] int32
-    stats: dict[str, Any]       # timings, tokens/s, cache bytes, speculative acceptance
+    stats: dict[str, Any]  # timings, tokens/s, cache bytes, speculative acceptance
 
     @property
     def mask(self) -> jax.Array:
@@ -84,21 +93,21 @@ class GenerationResult:
 
 class _State(NamedTuple):
     cache: KVCache | PagedKVCache
-    out: jax.Array         # [B, N] int32
-    out_lp: jax.Array      # [B, N] float32
-    count: jax.Array       # [B] tokens emitted so far
-    n_max: jax.Array       # [B] tokens this row may emit (max_new_tokens, or fewer when the cache is short)
-    lens: jax.Array        # [B] prompt lengths
-    stopped: jax.Array     # [B] emitted a stop token
-    done: jax.Array        # [B] stopped or out of room
-    last: jax.Array        # [B] newest token; it sits at position lens + count - 1 and is not in the cache yet
-    step: jax.Array        # scalar: loop steps run
+    out: jax.Array  # [B, N] int32
+    out_lp: jax.Array  # [B, N] float32
+    count: jax.Array  # [B] tokens emitted so far
+    n_max: jax.Array  # [B] tokens this row may emit (max_new_tokens, or fewer when the cache is short)
+    lens: jax.Array  # [B] prompt lengths
+    stopped: jax.Array  # [B] emitted a stop token
+    done: jax.Array  # [B] stopped or out of room
+    last: jax.Array  # [B] newest token; it sits at position lens + count - 1 and is not in the cache yet
+    step: jax.Array  # scalar: loop steps run
     key: jax.Array
-    spec_h: Any = None     # [B, 2, D] main hidden states for the two pending MTP rows (speculative only)
-    spec_tok: Any = None   # [B, 2] the tokens that follow them (spec_tok[:, 1] == last)
+    spec_h: Any = None  # [B, 2, D] main hidden states for the two pending MTP rows (speculative only)
+    spec_tok: Any = None  # [B, 2] the tokens that follow them (spec_tok[:, 1] == last)
     spec_both: Any = None  # [B] bool: MTP row 0 is pending too (the previous step committed two tokens)
-    drafted: Any = None    # [B] int32 drafts verified
-    accepted: Any = None   # [B] int32 drafts accepted
+    drafted: Any = None  # [B] int32 drafts verified
+    accepted: Any = None  # [B] int32 drafts accepted
 
 
 def _stop_array(stop_tokens: Sequence[int]) -> np.ndarray:
@@ -129,8 +138,16 @@ class Engine:
     recompile. jax.jit caches each function per (batch, prompt bucket) shape.
     """
 
-    def __init__(self, cfg: ModelConfig, prog: SamplerProgram, max_new: int, max_len: int, cache_dtype: str,
-                 speculative: bool, sync_every: int):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        prog: SamplerProgram,
+        max_new: int,
+        max_len: int,
+        cache_dtype: str,
+        speculative: bool,
+        sync_every: int,
+    ):
         self.cfg, self.prog, self.max_new, self.max_len = cfg, prog, max_new, max_len
         self.cache_dtype, self.speculative, self.sync_every = jnp.dtype(cache_dtype), speculative, sync_every
         self.model = DeepSeekV3(cfg)
@@ -173,10 +190,18 @@ class Engine:
         stopped = _is_stop(tok, dyn)
         n = self.max_new
         state = _State(
-            cache=cache, out=jnp.full((b, n), dyn["pad"], jnp.int32).at[:, 0].set(tok),
-            out_lp=jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp), count=jnp.ones((b,), jnp.int32),
-            n_max=n_max, lens=lens, stopped=stopped, done=stopped | (n_max <= 1), last=tok,
-            step=jnp.zeros((), jnp.int32), key=key)
+            cache=cache,
+            out=jnp.full((b, n), dyn["pad"], jnp.int32).at[:, 0].set(tok),
+            out_lp=jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp),
+            count=jnp.ones((b,), jnp.int32),
+            n_max=n_max,
+            lens=lens,
+            stopped=stopped,
+            done=stopped | (n_max <= 1),
+            last=tok,
+            step=jnp.zeros((), jnp.int32),
+            key=key,
+        )
         if self.speculative:
             state = self._prefill_mtp(params, state, tokens, idx, hidden, h_last)
         return state
@@ -189,9 +214,13 @@ class Engine:
         _, _, kv, _ = self._mtp(params, hidden, shift_tokens(tokens, 1), mpos, state.cache.mtp_layer(0), False)
         tok = state.last
         return state._replace(
-            cache=state.cache.with_mtp_layers([kv]), spec_h=jnp.stack([h_last, h_last], 1),
-            spec_tok=jnp.stack([tok, tok], 1), spec_both=jnp.zeros((b,), bool),
-            drafted=jnp.zeros((b,), jnp.int32), accepted=jnp.zeros((b,), jnp.int32))
+            cache=state.cache.with_mtp_layers([kv]),
+            spec_h=jnp.stack([h_last, h_last], 1),
+            spec_tok=jnp.stack([tok, tok], 1),
+            spec_both=jnp.zeros((b,), bool),
+            drafted=jnp.zeros((b,), jnp.int32),
+            accepted=jnp.zeros((b,), jnp.int32),
+        )
 
     def _plain_step(self, params, s: _State, dyn) -> _State:
         """One token per active row: feed s.last at its position, sample the next."""
@@ -201,9 +230,16 @@ class Engine:
         tok, lp = pick(jax.random.fold_in(s.key, s.step), self._logprobs(logits[:, 0], dyn), self.prog.greedy)
         count = s.count + act
         stopped = s.stopped | (act & _is_stop(tok, dyn))
-        return s._replace(cache=cache, out=_emit(s.out, tok, s.count, act), out_lp=_emit(s.out_lp, lp, s.count, act),
-                          count=count, stopped=stopped, done=stopped | (count >= s.n_max),
-                          last=jnp.where(act, tok, s.last), step=s.step + 1)
+        return s._replace(
+            cache=cache,
+            out=_emit(s.out, tok, s.count, act),
+            out_lp=_emit(s.out_lp, lp, s.count, act),
+            count=count,
+            stopped=stopped,
+            done=stopped | (count >= s.n_max),
+            last=jnp.where(act, tok, s.last),
+            step=s.step + 1,
+        )
 
     def _spec_step(self, params, s: _State, dyn) -> _State:
         """One or two tokens per active row: MTP draft, 2-token verify, accept (see the module docstring)."""
@@ -217,8 +253,7 @@ class Engine:
         draft, _ = pick(k_draft, q_logp, greedy)
 
         vpos = jnp.where(act[:, None], p[:, None] + jnp.arange(2), park)
-        logits, cache, aux = self._run(params, jnp.stack([s.last, draft], 1), vpos,
-                                       cache=s.cache.with_mtp_layers([kv]))
+        logits, cache, aux = self._run(params, jnp.stack([s.last, draft], 1), vpos, cache=s.cache.with_mtp_layers([kv]))
         target = self._logprobs(logits, dyn)  # [B, 2, V]
         if greedy:
             t1 = jnp.argmax(target[:, 0], -1).astype(jnp.int32)
@@ -238,10 +273,21 @@ class Engine:
         # pending MTP rows for the next step: (h_p, t1) and (h_{p+1}, t2) after two tokens, else (h_p, t1) only
         spec_h = jnp.where(two[:, None, None], h, jnp.stack([h[:, 0], h[:, 0]], 1)).astype(s.spec_h.dtype)
         spec_tok = jnp.where(two[:, None], jnp.stack([t1, t2], 1), jnp.stack([t1, t1], 1))
-        return s._replace(cache=cache, out=out, out_lp=out_lp, count=count, stopped=stopped,
-                          done=stopped | (count >= s.n_max), last=jnp.where(two, t2, t1), step=s.step + 1,
-                          spec_h=spec_h, spec_tok=spec_tok, spec_both=two, drafted=s.drafted + act,
-                          accepted=s.accepted + (act & ok))
+        return s._replace(
+            cache=cache,
+            out=out,
+            out_lp=out_lp,
+            count=count,
+            stopped=stopped,
+            done=stopped | (count >= s.n_max),
+            last=jnp.where(two, t2, t1),
+            step=s.step + 1,
+            spec_h=spec_h,
+            spec_tok=spec_tok,
+            spec_both=two,
+            drafted=s.drafted + act,
+            accepted=s.accepted + (act & ok),
+        )
 
     def _decode(self, params, state: _State, dyn) -> _State:
         step_fn = self._spec_step if self.speculative else self._plain_step
@@ -254,8 +300,15 @@ class Engine:
 
 
 @functools.lru_cache(maxsize=32)
-def engine(cfg: ModelConfig, prog: SamplerProgram, max_new: int, max_len: int, cache_dtype: str,
-           speculative: bool, sync_every: int) -> Engine:
+def engine(
+    cfg: ModelConfig,
+    prog: SamplerProgram,
+    max_new: int,
+    max_len: int,
+    cache_dtype: str,
+    speculative: bool,
+    sync_every: int,
+) -> Engine:
     """The `Engine` for one configuration, built once: every later call with equal arguments returns the same
     object, so its jitted prefill/decode (and their compiled programs per shape) are reused across `generate`
     calls. `engine.cache_clear()` drops them (with jax.clear_caches(), to free a model's programs).
@@ -276,8 +329,11 @@ def _pack_prompts(prompts, prompt_lengths, num_samples: int, vocab: int):
         arr = np.asarray(prompts, np.int32)
         if arr.ndim != 2:
             raise ValueError(f"prompt array must be [batch, length], got shape {arr.shape}")
-        lens = np.full(arr.shape[0], arr.shape[1], np.int32) if prompt_lengths is None else \
-            np.asarray(prompt_lengths, np.int32)
+        lens = (
+            np.full(arr.shape[0], arr.shape[1], np.int32)
+            if prompt_lengths is None
+            else np.asarray(prompt_lengths, np.int32)
+        )
         rows = [arr[i, :n] for i, n in enumerate(lens)]
     else:
         if prompt_lengths is not None:
@@ -294,7 +350,7 @@ def _pack_prompts(prompts, prompt_lengths, num_samples: int, vocab: int):
             raise ValueError(f"prompt {i // num_samples} has token ids outside [0, vocab_size={vocab})")
     out = np.zeros((len(rows), bucket_length(int(lens.max()))), np.int32)
     for i, r in enumerate(rows):
-        out[i, :len(r)] = r
+        out[i, : len(r)] = r
     return out, lens
 
 
@@ -309,15 +365,62 @@ def _block_table(cfg: ModelConfig, block_table, batch: int, max_len: int):
     table = np.asarray(block_table, np.int32)
     n = pages_per_sequence(max_len)
     if table.shape != (batch, n) or not np.array_equal(np.sort(table.ravel()), np.arange(batch * n)):
-        raise ValueError(f"block_table must be a [{batch}, {n}] permutation of page ids 0..{batch * n - 1} "
-                         f"({n} pages of {PAGE_SIZE} per row for max_len={max_len}); got shape {table.shape}")
+        raise ValueError(
+            f"block_table must be a [{batch}, {n}] permutation of page ids 0..{batch * n - 1} "
+            f"({n} pages of {PAGE_SIZE} per row for max_len={max_len}); got shape {table.shape}"
+        )
     return table
 
 
-def generate(model_or_cfg: DeepSeekV3 | ModelConfig, params, prompts, sampling: SamplingConfig = SamplingConfig(),
-             key: jax.Array | None = None, *, prompt_lengths=None, num_samples: int = 1, max_len: int | None = None,
-             speculative: bool = False, cache_dtype=jnp.bfloat16, sync_every: int = 8,
-             block_table=None) -> GenerationResult:
+def _run_stats(cfg, out: _State, bucket, b, max_len, table, cache_dtype, speculative, t0, t1, t2) -> dict[str, Any]:
+    """The `stats` of a generate() call: timings, tokens/s, cache bytes, speculative acceptance."""
+    count = out.count
+    new_tokens = int(np.asarray(count).sum())
+    per_tok = bytes_per_token(cfg, cache_dtype)
+    slots = max_len if table is None else table.shape[1] * PAGE_SIZE  # allocated positions per row
+    stats: dict[str, Any] = {
+        "batch": b,
+        "prompt_bucket": bucket,
+        "max_len": max_len,
+        "new_tokens": new_tokens,
+        "decode_steps": int(out.step),
+        "prefill_s": t1 - t0,
+        "decode_s": t2 - t1,
+        "tokens_per_s": new_tokens / (t2 - t0),
+        # the first token of each row comes from the prefill
+        "decode_tokens_per_s": (new_tokens - b) / max(t2 - t1, 1e-9),
+        "cache_bytes_per_token": per_tok,
+        "decode_attention": cfg.decode_attention_impl,
+        "cache_bytes": b
+        * slots
+        * (per_tok + (jnp.dtype(cache_dtype).itemsize * cfg.cache_width if speculative else 0)),
+    }
+    if speculative:
+        drafted, accepted = int(np.asarray(out.drafted).sum()), int(np.asarray(out.accepted).sum())
+        stats.update(
+            drafts=drafted,
+            accepted_drafts=accepted,
+            acceptance_rate=accepted / max(drafted, 1),
+            tokens_per_step=(drafted + accepted) / max(drafted, 1),
+        )
+    return stats
+
+
+def generate(
+    model_or_cfg: DeepSeekV3 | ModelConfig,
+    params,
+    prompts,
+    sampling: SamplingConfig = SamplingConfig(),
+    key: jax.Array | None = None,
+    *,
+    prompt_lengths=None,
+    num_samples: int = 1,
+    max_len: int | None = None,
+    speculative: bool = False,
+    cache_dtype=jnp.bfloat16,
+    sync_every: int = 8,
+    block_table=None,
+) -> GenerationResult:
     """Sample completions for a batch of prompts.
 
     prompts         list of token-id lists (ragged), or an int array [B, T] (right-padded when `prompt_lengths`
@@ -345,39 +448,28 @@ def generate(model_or_cfg: DeepSeekV3 | ModelConfig, params, prompts, sampling: 
     max_len = tokens.shape[1] + n if max_len is None else int(max_len)
     if lens.max() > max_len:
         i = int(lens.argmax())
-        raise ValueError(f"prompt {i // num_samples} has {int(lens[i])} tokens, longer than the cache "
-                         f"(max_len={max_len} slots per sequence)")
+        raise ValueError(
+            f"prompt {i // num_samples} has {int(lens[i])} tokens, longer than the cache "
+            f"(max_len={max_len} slots per sequence)"
+        )
     eng = engine(cfg, sampling.program, n, max_len, jnp.dtype(cache_dtype).name, bool(speculative), int(sync_every))
     table = _block_table(cfg, block_table, len(lens), max_len)
     n_max = np.minimum(n, max_len - lens + 1).astype(np.int32)
-    dyn = {**sampling.traced(), "stop": jnp.asarray(_stop_array(sampling.stop_tokens)),
-           "pad": jnp.int32(sampling.pad_token)}
+    dyn = {
+        **sampling.traced(),
+        "stop": jnp.asarray(_stop_array(sampling.stop_tokens)),
+        "pad": jnp.int32(sampling.pad_token),
+    }
 
     t0 = time.perf_counter()
-    state = jax.block_until_ready(eng.prefill(params, jnp.asarray(tokens), jnp.asarray(lens), jnp.asarray(n_max),
-                                              key, dyn, table))
+    state = jax.block_until_ready(
+        eng.prefill(params, jnp.asarray(tokens), jnp.asarray(lens), jnp.asarray(n_max), key, dyn, table)
+    )
     t1 = time.perf_counter()
     out = jax.block_until_ready(eng.decode(params, state, dyn))
     t2 = time.perf_counter()
     del state
     count = out.count
 
-    b = len(lens)
-    new_tokens = int(np.asarray(count).sum())
-    per_tok = bytes_per_token(cfg, cache_dtype)
-    slots = max_len if table is None else table.shape[1] * PAGE_SIZE  # allocated positions per row
-    stats: dict[str, Any] = {
-        "batch": b, "prompt_bucket": tokens.shape[1], "max_len": max_len, "new_tokens": new_tokens,
-        "decode_steps": int(out.step), "prefill_s": t1 - t0, "decode_s": t2 - t1,
-        "tokens_per_s": new_tokens / (t2 - t0),
-        # the first token of each row comes from the prefill
-        "decode_tokens_per_s": (new_tokens - b) / max(t2 - t1, 1e-9),
-        "cache_bytes_per_token": per_tok, "decode_attention": cfg.decode_attention_impl,
-        "cache_bytes": b * slots * (per_tok + (jnp.dtype(cache_dtype).itemsize * cfg.cache_width
-                                               if speculative else 0)),
-    }
-    if speculative:
-        drafted, accepted = int(np.asarray(out.drafted).sum()), int(np.asarray(out.accepted).sum())
-        stats.update(drafts=drafted, accepted_drafts=accepted, acceptance_rate=accepted / max(drafted, 1),
-                     tokens_per_step=(drafted + accepted) / max(drafted, 1))
+    stats = _run_stats(cfg, out, tokens.shape[1], len(lens), max_len, table, cache_dtype, speculative, t0, t1, t2)
     return GenerationResult(out.out, out.out_lp, count, out.stopped, lens, stats)

@@ -1,11 +1,12 @@
 """DeepSeekV3: embed -> dense blocks -> MoE blocks (one nn.scan per segment) -> norm -> head (+ MTP modules)."""
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from dsjax.cache import KVCache, PagedKVCache
 from dsjax.config import ModelConfig
@@ -24,9 +25,10 @@ def head_weight(params, cfg: ModelConfig) -> jax.Array:
 class ModelOutput(NamedTuple):
     """What `DeepSeekV3.apply` returns, whatever the options. Unused fields cost nothing under jit (XLA drops
     them): training reads `aux["hidden"]` and never the logits."""
-    logits: jax.Array      # [B, T, vocab] float32
-    cache: Any             # the updated KVCache / PagedKVCache, or None without one
-    aux: dict[str, Any]    # hidden [B,T,D] (final normed), expert_counts [L_moe, E] int32, balance_loss [L_moe];
+
+    logits: jax.Array  # [B, T, vocab] float32
+    cache: Any  # the updated KVCache / PagedKVCache, or None without one
+    aux: dict[str, Any]  # hidden [B,T,D] (final normed), expert_counts [L_moe, E] int32, balance_loss [L_moe];
     #                        with mtp=True also mtp_logits [D,B,T,V], mtp_hidden [D,B,T,D], mtp_expert_counts
 
 
@@ -47,6 +49,7 @@ class DeepSeekV3(nn.Module):
     A config whose runtime knobs still say "auto" is resolved against this process's devices on construction
     (dsjax/runtime.py); trainers and engines pass one resolved for the devices they target.
     """
+
     cfg: ModelConfig
 
     def __post_init__(self):
@@ -55,12 +58,20 @@ class DeepSeekV3(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=nn.initializers.normal(
-            cfg.initializer_range), param_dtype=jnp.dtype(cfg.param_dtype))
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            embedding_init=nn.initializers.normal(cfg.initializer_range),
+            param_dtype=jnp.dtype(cfg.param_dtype),
+        )
         self.norm = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.param_dtype))
         if not cfg.tie_word_embeddings:
-            self.lm_head = self.param("lm_head", nn.initializers.normal(cfg.initializer_range),
-                                      (cfg.hidden_size, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
+            self.lm_head = self.param(
+                "lm_head",
+                nn.initializers.normal(cfg.initializer_range),
+                (cfg.hidden_size, cfg.vocab_size),
+                jnp.dtype(cfg.param_dtype),
+            )
         self.mtp = [MTPModule(cfg, name=f"mtp_{k}") for k in range(cfg.num_nextn_predict_layers)]
 
     def embed(self, tokens):
@@ -72,11 +83,19 @@ class DeepSeekV3(nn.Module):
         dt = jnp.dtype(self.cfg.dtype)
         w = self.embed_tokens.embedding.T if self.cfg.tie_word_embeddings else self.lm_head
         logits = jnp.dot(h.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
-        return nn.with_logical_constraint(logits, ("batch", "seq", "vocab")[-logits.ndim:])
+        return nn.with_logical_constraint(logits, ("batch", "seq", "vocab")[-logits.ndim :])
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, *, cache: KVCache | PagedKVCache | None = None,
-                 absorbed: bool | None = None, mtp: bool = False) -> ModelOutput:
+    def __call__(
+        self,
+        tokens,
+        positions=None,
+        segment_ids=None,
+        *,
+        cache: KVCache | PagedKVCache | None = None,
+        absorbed: bool | None = None,
+        mtp: bool = False,
+    ) -> ModelOutput:
         cfg = self.cfg
         b, t = tokens.shape
         if positions is None:
@@ -97,7 +116,8 @@ class DeepSeekV3(nn.Module):
             # The segment's whole stacked cache rides in the scan carry, so a decode loop updates it in place.
             layer_cache = None if cache is None else cache.layers(seg)
             (x, layer_cache), stats = scanned_blocks(cfg, moe, n, absorb, f"{seg}_layers")(
-                (x, layer_cache), cos, sin, segment_ids, positions, jnp.arange(n))
+                (x, layer_cache), cos, sin, segment_ids, positions, jnp.arange(n)
+            )
             if cache is not None:
                 cache = cache.with_layers(seg, layer_cache)
             if moe:
@@ -112,8 +132,9 @@ class DeepSeekV3(nn.Module):
             for k in range(1, cfg.num_nextn_predict_layers + 1):
                 kv = None if cache is None or cache.mtp is None else cache.mtp_layer(k - 1)
                 # positions of the embedded tokens t + k (rope is relative, so the offset does not change scores)
-                mtp_logits, h, kv, stats = self.mtp_step(h, shift_tokens(tokens, k), positions + k, k - 1, kv,
-                                                         absorb, segment_ids)
+                mtp_logits, h, kv, stats = self.mtp_step(
+                    h, shift_tokens(tokens, k), positions + k, k - 1, kv, absorb, segment_ids
+                )
                 outs["mtp_logits"].append(mtp_logits)
                 outs["mtp_hidden"].append(h)
                 mtp_caches.append(kv)
@@ -125,13 +146,22 @@ class DeepSeekV3(nn.Module):
 
         return ModelOutput(logits, cache, aux)
 
-    def mtp_step(self, h_prev, next_tokens, positions, depth: int, kv_cache=None, absorbed: bool = True,
-                 segment_ids=None):
+    def mtp_step(
+        self, h_prev, next_tokens, positions, depth: int, kv_cache=None, absorbed: bool = True, segment_ids=None
+    ):
         """MTP depth `depth` (0-based): hidden of the previous depth at t + embedding of token t+depth+1.
 
         positions are those of `next_tokens`. Returns (logits, hidden, kv_cache, router stats).
         """
         cos, sin = rope_cos_sin(positions, self.cfg)
-        h, kv_cache, stats = self.mtp[depth](h_prev, self.embed(next_tokens), cos, sin, segment_ids, positions,
-                                             kv_cache, absorb=absorbed and kv_cache is not None)
+        h, kv_cache, stats = self.mtp[depth](
+            h_prev,
+            self.embed(next_tokens),
+            cos,
+            sin,
+            segment_ids,
+            positions,
+            kv_cache,
+            absorb=absorbed and kv_cache is not None,
+        )
         return self.head(h), h, kv_cache, stats

@@ -13,9 +13,10 @@ devices (`resolved`), so `DeepSeekV3(ModelConfig.preset(...)).apply(...)` works 
 The Pallas kernels (gmm, mla_decode) are handed `cfg.platform`: their own "auto" (decode_attention_impl "auto")
 then only chooses between the platform's kernel and the XLA reference by dtype and shape, never by the host.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 
@@ -29,7 +30,7 @@ _HALF = ("bfloat16", "float16")
 
 
 def target_platform(devices: Sequence | None = None) -> str:
-    """"cpu", "gpu" or "tpu": the platform of `devices` (default: this process's devices)."""
+    """ "cpu", "gpu" or "tpu": the platform of `devices` (default: this process's devices)."""
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("no devices to resolve the runtime knobs for")
@@ -46,8 +47,11 @@ def choices(platform: str, dtype: str) -> dict[str, str]:
         raise ValueError(f"platform {platform!r} is not one of {PLATFORMS}")
     accel = platform != "cpu"
     attention = {"gpu": "cudnn" if dtype in _HALF else "xla", "tpu": "splash", "cpu": "xla"}[platform]
-    return {"attention_impl": attention, "moe_backend": "gmm" if accel else "ragged_dot",
-            "moe_dispatch": "ragged" if accel else "padded"}
+    return {
+        "attention_impl": attention,
+        "moe_backend": "gmm" if accel else "ragged_dot",
+        "moe_dispatch": "ragged" if accel else "padded",
+    }
 
 
 def resolve(cfg: ModelConfig, devices: Sequence | None = None) -> ModelConfig:

@@ -10,6 +10,7 @@ so greedy reports the log-probability under the untempered model distribution, l
 With no top-k/top-p, a sampled token's logprob is log_softmax(logits / T): "logprobs at the sampling temperature",
 what GRPO's importance ratios need.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,6 +30,7 @@ class SamplingConfig:
     stop_tokens     a sequence ends after emitting any of these (the stop token is part of the completion).
     pad_token       emitted after a sequence ends.
     """
+
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -52,7 +54,7 @@ class SamplingConfig:
         return self.temperature == 0
 
     @property
-    def program(self) -> "SamplerProgram":
+    def program(self) -> SamplerProgram:
         """The parts that change the compiled program; temperature and top_p values are traced."""
         if self.greedy:  # top-k/top-p cannot change an argmax
             return SamplerProgram(True, 0, False)
@@ -96,8 +98,9 @@ def sampling_logprobs(logits, prog: SamplerProgram, temperature, top_p):
     """Log-probabilities [..., V] of the distribution `prog` draws from (untempered for greedy)."""
     if prog.greedy:
         return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jax.nn.log_softmax(processed_logits(logits, temperature, prog.top_k,
-                                               top_p if prog.use_top_p else None), axis=-1)
+    return jax.nn.log_softmax(
+        processed_logits(logits, temperature, prog.top_k, top_p if prog.use_top_p else None), axis=-1
+    )
 
 
 def pick(key, logp, greedy: bool):

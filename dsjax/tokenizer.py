@@ -24,6 +24,7 @@ from the token string ("▁" counts as a space, "<0xAB>" byte-fallback tokens as
 load_tokenizer(None | "byte") -> ByteTokenizer; load_tokenizer(path to tokenizer.json or a directory
 containing one) -> HFTokenizer.
 """
+
 from __future__ import annotations
 
 import functools
@@ -106,9 +107,11 @@ def _config_token(config: dict, key: str) -> str | None:
 class HFTokenizer:
     """A `tokenizers.Tokenizer` loaded from tokenizer.json; see the module docstring."""
 
-    def __init__(self, path: str, *, bos_token: str | None = None, eos_token: str | None = None,
-                 pad_token: str | None = None):
+    def __init__(
+        self, path: str, *, bos_token: str | None = None, eos_token: str | None = None, pad_token: str | None = None
+    ):
         from tokenizers import Tokenizer
+
         self.path = path
         self._tok = Tokenizer.from_file(path)
         with open(path, encoding="utf-8") as f:
@@ -129,8 +132,10 @@ class HFTokenizer:
 
         self.eos_id = find(eos_token, "eos_token", _EOS_NAMES)
         if self.eos_id is None:
-            raise ValueError(f"tokenizer {path}: no end-of-sequence token found; add one of {_EOS_NAMES} "
-                             "or set eos_token in tokenizer_config.json next to it")
+            raise ValueError(
+                f"tokenizer {path}: no end-of-sequence token found; add one of {_EOS_NAMES} "
+                "or set eos_token in tokenizer_config.json next to it"
+            )
         bos = find(bos_token, "bos_token", _BOS_NAMES)
         pad = find(pad_token, "pad_token", _PAD_NAMES)
         self.bos_id = self.eos_id if bos is None else bos
@@ -176,6 +181,8 @@ def load_tokenizer(spec: str | None = None, **special_tokens) -> ByteTokenizer |
         return ByteTokenizer()
     path = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--tokenizer={spec!r}: no tokenizer file at {path!r} "
-                                "(give 'byte', a tokenizer.json, or a directory containing tokenizer.json)")
+        raise FileNotFoundError(
+            f"--tokenizer={spec!r}: no tokenizer file at {path!r} "
+            "(give 'byte', a tokenizer.json, or a directory containing tokenizer.json)"
+        )
     return HFTokenizer(path, **special_tokens)

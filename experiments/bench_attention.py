@@ -11,6 +11,7 @@ of dq, dk, dv; "cudnn_causal" against the reference without documents) before it
 attention within documents as 2 x (qk + v head dims) x heads x visible pairs, x 3.5 for forward + backward (the
 flash-attention convention).
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,17 +35,20 @@ FLAGS = flags.FLAGS
 
 def run(impl, q, k, v, seg, scale):
     import jax.numpy as jnp
+
     from dsjax.layers import attention as A
+
     if impl == "cudnn":
         return A.cudnn_attention(q, k, v, seg, scale)
     if impl == "cudnn_causal":  # documents ignored: what attending across them would cost
         return A.cudnn_attention(q, k, v, None, scale)
     if impl == "cudnn_public":
         import jax
+
         mask = (seg[:, :, None] == seg[:, None, :])[:, None]
         vp = jnp.pad(v, [(0, 0)] * 3 + [(0, q.shape[-1] - v.shape[-1])])
         o = jax.nn.dot_product_attention(q, k, vp, mask=mask, scale=scale, is_causal=True, implementation="cudnn")
-        return o[..., :v.shape[-1]]
+        return o[..., : v.shape[-1]]
     return A.xla_attention(q, k, v, A.causal_mask(seg, q.shape[1]), scale)
 
 
@@ -52,9 +56,11 @@ def main(argv):
     del argv
     import jax
     import jax.numpy as jnp
+
     from experiments.bench_util import median_seconds, write_results
+
     b, t, h, dqk, dv = FLAGS.batch, FLAGS.seq_len, FLAGS.heads, FLAGS.qk_dim, FLAGS.v_dim
-    scale = dqk ** -0.5
+    scale = dqk**-0.5
     keys = jax.random.split(jax.random.key(0), 4)
     q, k = (jax.random.normal(kk, (b, t, h, dqk), jnp.bfloat16) for kk in keys[:2])
     v = jax.random.normal(keys[2], (b, t, h, dv), jnp.bfloat16)
@@ -70,22 +76,31 @@ def main(argv):
         def fwd_bwd(impl, seg, q, k, v):
             o, vjp = jax.vjp(functools.partial(run, impl, seg=seg, scale=scale), q, k, v)
             return o, vjp(dout.astype(o.dtype))
+
         f32 = [x.astype(jnp.float32) for x in (q, k, v)]
         refs = {}
         for impl in FLAGS.impls:
             seg_ref = jnp.ones_like(seg) if impl == "cudnn_causal" else seg  # the causal row ignores documents
             if seg_ref is not seg or "docs" not in refs:
-                refs["ones" if seg_ref is not seg else "docs"] = jax.jit(
-                    functools.partial(fwd_bwd, "xla", seg_ref))(*f32)
+                refs["ones" if seg_ref is not seg else "docs"] = jax.jit(functools.partial(fwd_bwd, "xla", seg_ref))(
+                    *f32
+                )
             ref = refs["ones" if seg_ref is not seg else "docs"]
             f = jax.jit(functools.partial(fwd_bwd, impl, seg))
             try:
                 got = f(q, k, v)
-                errs = [float(jnp.linalg.norm(g.astype(jnp.float32) - r) / jnp.linalg.norm(r))
-                        for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref))]
+                errs = [
+                    float(jnp.linalg.norm(g.astype(jnp.float32) - r) / jnp.linalg.norm(r))
+                    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref))
+                ]
                 s = median_seconds(f, q, k, v, warmup=2, iters=10, repeats=5)
-                row = {"impl": impl, "segments": n_seg, "ms": 1e3 * s, "tflops": flops / s / 1e12,
-                       "max_rel_err": max(errs)}
+                row = {
+                    "impl": impl,
+                    "segments": n_seg,
+                    "ms": 1e3 * s,
+                    "tflops": flops / s / 1e12,
+                    "max_rel_err": max(errs),
+                }
             except Exception as e:  # noqa: BLE001 - an unsupported variant is a result
                 row = {"impl": impl, "segments": n_seg, "error": f"{type(e).__name__}: {str(e)[:300]}"}
             rows.append(row)

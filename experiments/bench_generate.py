@@ -20,6 +20,7 @@ subprocess so the two frameworks never share a CUDA context; it runs while this 
 weights (JAX does not preallocate here), before dsjax's own runs grow its memory pool. Results are written to
 --out after every measurement, so a run cut short still leaves what it measured.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,48 +37,92 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-flags.DEFINE_list("preset", ["small", "deepseek-v2-lite:32:128"], "Models to time: PRESET[:BATCHES[:NEW_TOKENS]], "
-                  "BATCHES separated by '/', e.g. deepseek-v2-lite:32:128; omitted parts come from --batches and "
-                  "--max_new_tokens. Empty: no random-weight models (e.g. with --checkpoint).")
+flags.DEFINE_list(
+    "preset",
+    ["small", "deepseek-v2-lite:32:128"],
+    "Models to time: PRESET[:BATCHES[:NEW_TOKENS]], "
+    "BATCHES separated by '/', e.g. deepseek-v2-lite:32:128; omitted parts come from --batches and "
+    "--max_new_tokens. Empty: no random-weight models (e.g. with --checkpoint).",
+)
 flags.DEFINE_list("batches", ["1", "32", "128"], "Default batch sizes.")
 flags.DEFINE_integer("prompt_len", 512, "Prompt tokens per sequence (random ids).")
 flags.DEFINE_integer("max_new_tokens", 512, "Default new tokens per sequence.")
 flags.DEFINE_bool("transformers", True, "Also time transformers' generate on the same weights.")
-flags.DEFINE_string("experts_implementation", "grouped_mm", "transformers experts implementation, if the "
-                    "installed version accepts the kwarg (falls back to its default otherwise).")
-flags.DEFINE_enum("attention_impl", "auto", ["auto", "xla", "cudnn", "splash"], "dsjax prefill attention (auto: "
-                  "cuDNN on GPU; cudnn falls back to xla if it fails to compile).")
-flags.DEFINE_list("decode_attention", ["auto"], "dsjax decode attention(s) to time, each a "
-                  "ModelConfig.decode_attention_impl: contiguous (the [L, B, S, W] cache and einsums, the old path), "
-                  "auto (paged cache + MLA decode kernel on GPU/TPU, its XLA reference on CPU), xla (paged cache + "
-                  "the XLA reference), gpu / tpu (paged cache + that kernel, an error if it cannot run). Several: "
-                  "one row each, same weights and prompts.")
-flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float32"], "dsjax params, compute and cache dtype; auto = "
-                  "bfloat16 on accelerators, float32 on CPU. transformers always runs bfloat16.")
+flags.DEFINE_string(
+    "experts_implementation",
+    "grouped_mm",
+    "transformers experts implementation, if the "
+    "installed version accepts the kwarg (falls back to its default otherwise).",
+)
+flags.DEFINE_enum(
+    "attention_impl",
+    "auto",
+    ["auto", "xla", "cudnn", "splash"],
+    "dsjax prefill attention (auto: cuDNN on GPU; cudnn falls back to xla if it fails to compile).",
+)
+flags.DEFINE_list(
+    "decode_attention",
+    ["auto"],
+    "dsjax decode attention(s) to time, each a "
+    "ModelConfig.decode_attention_impl: contiguous (the [L, B, S, W] cache and einsums, the old path), "
+    "auto (paged cache + MLA decode kernel on GPU/TPU, its XLA reference on CPU), xla (paged cache + "
+    "the XLA reference), gpu / tpu (paged cache + that kernel, an error if it cannot run). Several: "
+    "one row each, same weights and prompts.",
+)
+flags.DEFINE_enum(
+    "dtype",
+    "auto",
+    ["auto", "bfloat16", "float32"],
+    "dsjax params, compute and cache dtype; auto = "
+    "bfloat16 on accelerators, float32 on CPU. transformers always runs bfloat16.",
+)
 flags.DEFINE_integer("repeats", 1, "Timed runs per configuration after the warm-up (best is reported).")
 flags.DEFINE_integer("sync_every", 8, "dsjax decode steps between all-finished checks.")
 flags.DEFINE_string("checkpoint", None, "A pretraining workdir or step dir: also time MTP speculative decoding.")
 flags.DEFINE_list("spec_batches", ["1", "32"], "Batch sizes for the speculative comparison.")
 flags.DEFINE_integer("spec_max_new_tokens", 256, "New tokens per sequence for the speculative comparison.")
 flags.DEFINE_float("spec_temperature", 0.0, "Temperature for the speculative comparison (0 = greedy).")
-flags.DEFINE_string("spec_prompts_file", None, "Prompts (one per line) for the speculative comparison; default: "
-                    "built-in Python-source openings (the default pretraining corpus is the Python stdlib).")
+flags.DEFINE_string(
+    "spec_prompts_file",
+    None,
+    "Prompts (one per line) for the speculative comparison; default: "
+    "built-in Python-source openings (the default pretraining corpus is the Python stdlib).",
+)
 flags.DEFINE_string("tokenizer", None, "Tokenizer for --checkpoint prompts (default as in generate.py).")
-flags.DEFINE_float("time_budget_s", 420.0, "Skip measurements that would start after this many seconds (the "
-                   "transformers worker is also stopped there), so one call stays under about 8 minutes.")
-flags.DEFINE_bool("ours_first", False, "Time dsjax before transformers (default after): when the time budget is "
-                  "tight, a transformers run cut short then costs only its own rows.")
+flags.DEFINE_float(
+    "time_budget_s",
+    420.0,
+    "Skip measurements that would start after this many seconds (the "
+    "transformers worker is also stopped there), so one call stays under about 8 minutes.",
+)
+flags.DEFINE_bool(
+    "ours_first",
+    False,
+    "Time dsjax before transformers (default after): when the time budget is "
+    "tight, a transformers run cut short then costs only its own rows.",
+)
 flags.DEFINE_string("tmp_dir", None, "Where the HF weights are written (default: the system temp dir).")
 flags.DEFINE_string("out", None, "Write the results as JSON here.")
-flags.DEFINE_bool("smoke", False, "Tiny preset, batch 2, 16-token prompts, 8 new tokens: a CPU check of the "
-                  "whole pipeline (both frameworks) in under a minute.")
+flags.DEFINE_bool(
+    "smoke",
+    False,
+    "Tiny preset, batch 2, 16-token prompts, 8 new tokens: a CPU check of the "
+    "whole pipeline (both frameworks) in under a minute.",
+)
 flags.DEFINE_integer("seed", 0, "Seed for weights and prompts.")
 flags.DEFINE_string("torch_worker", None, "Internal: run the transformers side from this JSON spec file.")
 FLAGS = flags.FLAGS
 
-SPEC_PROMPTS = ["import os\nimport sys\n\n\ndef main(", "class Path:\n    def __init__(self, ", '"""Utilities for ',
-                "    for i in range(len(", "    def __repr__(self):\n        return ", "if __name__ == '__main__':\n",
-                "try:\n    import ", "# Copyright (C) "]
+SPEC_PROMPTS = [
+    "import os\nimport sys\n\n\ndef main(",
+    "class Path:\n    def __init__(self, ",
+    '"""Utilities for ',
+    "    for i in range(len(",
+    "    def __repr__(self):\n        return ",
+    "if __name__ == '__main__':\n",
+    "try:\n    import ",
+    "# Copyright (C) ",
+]
 
 
 def prompt_ids(seed: int, batch: int, length: int, vocab: int) -> np.ndarray:
@@ -119,8 +164,17 @@ def torch_worker(spec_path: str) -> None:
         if dev == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, top_p=None, top_k=None, temperature=None, pad_token_id=0)
+        seq = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            top_p=None,
+            top_k=None,
+            temperature=None,
+            pad_token_id=0,
+        )
         if dev == "cuda":
             torch.cuda.synchronize()
         assert seq.shape[1] == ids.shape[1] + n, seq.shape
@@ -128,13 +182,22 @@ def torch_worker(spec_path: str) -> None:
 
     with torch.inference_mode():
         for batch, n in spec["runs"]:
-            ids = torch.tensor(prompt_ids(spec["seed"], batch, spec["prompt_len"], spec["vocab"]), device=dev,
-                               dtype=torch.long)
+            ids = torch.tensor(
+                prompt_ids(spec["seed"], batch, spec["prompt_len"], spec["vocab"]), device=dev, dtype=torch.long
+            )
             timed(ids, 4)  # warm-up
             t1 = min(timed(ids, 1) for _ in range(spec["repeats"]))
             tn = min(timed(ids, n) for _ in range(spec["repeats"]))
-            out["runs"].append({"batch": batch, "new_tokens": n, "one_token_s": t1, "total_s": tn,
-                                "e2e_tok_s": batch * n / tn, "decode_tok_s": batch * (n - 1) / max(tn - t1, 1e-9)})
+            out["runs"].append(
+                {
+                    "batch": batch,
+                    "new_tokens": n,
+                    "one_token_s": t1,
+                    "total_s": tn,
+                    "e2e_tok_s": batch * n / tn,
+                    "decode_tok_s": batch * (n - 1) / max(tn - t1, 1e-9),
+                }
+            )
             print(f"transformers batch {batch}: {batch * n / tn:.1f} tok/s end to end", flush=True)
             with open(spec["result_path"], "w") as f:
                 json.dump(out, f)
@@ -143,6 +206,7 @@ def torch_worker(spec_path: str) -> None:
 def run_transformers(cfg, params, runs, deadline):
     """Save the weights, time transformers in a subprocess; returns its result dict (possibly partial)."""
     import jax.numpy as jnp
+
     import dsjax
 
     tmp = tempfile.mkdtemp(prefix="bench_generate_", dir=FLAGS.tmp_dir)
@@ -150,16 +214,27 @@ def run_transformers(cfg, params, runs, deadline):
         t0 = time.perf_counter()
         dsjax.save_hf(os.path.join(tmp, "hf"), cfg, params, dtype=jnp.bfloat16)
         save_s = time.perf_counter() - t0
-        spec = {"hf_dir": os.path.join(tmp, "hf"), "runs": runs, "prompt_len": FLAGS.prompt_len,
-                "vocab": cfg.vocab_size, "seed": FLAGS.seed, "repeats": FLAGS.repeats,
-                "experts_implementation": FLAGS.experts_implementation, "result_path": os.path.join(tmp, "out.json")}
+        spec = {
+            "hf_dir": os.path.join(tmp, "hf"),
+            "runs": runs,
+            "prompt_len": FLAGS.prompt_len,
+            "vocab": cfg.vocab_size,
+            "seed": FLAGS.seed,
+            "repeats": FLAGS.repeats,
+            "experts_implementation": FLAGS.experts_implementation,
+            "result_path": os.path.join(tmp, "out.json"),
+        }
         with open(os.path.join(tmp, "spec.json"), "w") as f:
             json.dump(spec, f)
         env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the worker never needs jax; keep it off the GPU
         timeout = max(deadline - time.perf_counter(), 30.0)
         try:
-            subprocess.run([sys.executable, os.path.abspath(__file__), f"--torch_worker={tmp}/spec.json"], env=env,
-                           timeout=timeout, check=True)
+            subprocess.run(
+                [sys.executable, os.path.abspath(__file__), f"--torch_worker={tmp}/spec.json"],
+                env=env,
+                timeout=timeout,
+                check=True,
+            )
         except (subprocess.TimeoutExpired, subprocess.CalledProcessError) as e:
             print(f"transformers worker did not finish: {e}", flush=True)
         result = {"save_hf_s": save_s, "runs": []}
@@ -174,6 +249,7 @@ def run_transformers(cfg, params, runs, deadline):
 def time_ours(cfg, params, prompts, new_tokens, speculative=False, temperature=0.0):
     """(stats of the best timed run, first-call seconds) for dsjax generate."""
     import jax
+
     from dsjax.generate import SamplingConfig, generate
 
     sampling = SamplingConfig(temperature=temperature, max_new_tokens=new_tokens)
@@ -190,6 +266,7 @@ def decode_backend(cfg) -> str:
     falls back to the XLA reference when the kernel cannot take the shapes/dtype, which a row must show)."""
     import jax
     import jax.numpy as jnp
+
     from dsjax.cache import PAGE_SIZE
     from pallas_kernels.mla_decode import V_DIM, resolve_backend
 
@@ -217,11 +294,20 @@ def time_row(name, cfg, params, batch, new_tokens):
         print(f"cudnn prefill failed ({str(e)[:300]}); falling back to attention_impl=xla", flush=True)
         cfg = cfg.replace(attention_impl="xla")
         stats, first = time_ours(cfg, params, prompts, new_tokens)
-    row = {"model": name, "batch": batch, "new_tokens": new_tokens, "prefill_attention": resolved(cfg).attention_impl,
-           "decode_attention": cfg.decode_attention_impl, "decode_backend": decode_backend(cfg),
-           "ours_e2e_tok_s": stats["tokens_per_s"], "ours_decode_tok_s": stats["decode_tokens_per_s"],
-           "ours_prefill_s": stats["prefill_s"], "ours_decode_s": stats["decode_s"],
-           "ours_first_call_s": first, "cache_bytes_per_token": bytes_per_token(cfg, cfg.dtype)}
+    row = {
+        "model": name,
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "prefill_attention": resolved(cfg).attention_impl,
+        "decode_attention": cfg.decode_attention_impl,
+        "decode_backend": decode_backend(cfg),
+        "ours_e2e_tok_s": stats["tokens_per_s"],
+        "ours_decode_tok_s": stats["decode_tokens_per_s"],
+        "ours_prefill_s": stats["prefill_s"],
+        "ours_decode_s": stats["decode_s"],
+        "ours_first_call_s": first,
+        "cache_bytes_per_token": bytes_per_token(cfg, cfg.dtype),
+    }
     return row, cfg
 
 
@@ -241,6 +327,7 @@ def main(argv):
     if FLAGS.torch_worker:
         return torch_worker(FLAGS.torch_worker)
     from dsjax.config import DECODE_ATTENTION_IMPLS
+
     bad = [x for x in FLAGS.decode_attention if x not in DECODE_ATTENTION_IMPLS]
     if bad or not FLAGS.decode_attention:
         raise app.UsageError(f"--decode_attention: {bad} not in {DECODE_ATTENTION_IMPLS}")
@@ -249,15 +336,24 @@ def main(argv):
         # tiny programs: LLVM optimisation costs more compile time than it saves (as in tests/conftest.py)
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
     import jax
+
     import dsjax
     from dsjax.generate import engine
-    from experiments.generate import resolve_dtype, random_params
+    from experiments.generate import random_params, resolve_dtype
 
     start = time.perf_counter()
     deadline = start + FLAGS.time_budget_s
     dtype = resolve_dtype(FLAGS.dtype)
-    report = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(), "jax": jax.__version__,
-              "dtype": dtype, "prompt_len": FLAGS.prompt_len, "rows": [], "speculative": [], "skipped": []}
+    report = {
+        "device": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "dtype": dtype,
+        "prompt_len": FLAGS.prompt_len,
+        "rows": [],
+        "speculative": [],
+        "skipped": [],
+    }
 
     def save():
         if FLAGS.out:
@@ -306,14 +402,18 @@ def main(argv):
 def add_transformers(row, hf, echo=True):
     """Fill a dsjax row's transformers columns (None where transformers has no run at that batch)."""
     h = {r["batch"]: r for r in hf.get("runs", [])}.get(row["batch"], {})
-    row.update(hf_e2e_tok_s=h.get("e2e_tok_s"), hf_decode_tok_s=h.get("decode_tok_s"),
-               hf_one_token_s=h.get("one_token_s"))
+    row.update(
+        hf_e2e_tok_s=h.get("e2e_tok_s"), hf_decode_tok_s=h.get("decode_tok_s"), hf_one_token_s=h.get("one_token_s")
+    )
     row["ratio_e2e"] = row["ours_e2e_tok_s"] / h["e2e_tok_s"] if h else None
     row["ratio_decode"] = row["ours_decode_tok_s"] / h["decode_tok_s"] if h else None
     if echo:
-        print(f"{row['model']} batch {row['batch']} decode_attention={row['decode_attention']} "
-              f"({row['decode_backend']}): ours {row['ours_e2e_tok_s']:,.1f} tok/s e2e, "
-              f"{row['ours_decode_tok_s']:,.1f} decode; transformers {fmt(row['hf_e2e_tok_s'])} e2e", flush=True)
+        print(
+            f"{row['model']} batch {row['batch']} decode_attention={row['decode_attention']} "
+            f"({row['decode_backend']}): ours {row['ours_e2e_tok_s']:,.1f} tok/s e2e, "
+            f"{row['ours_decode_tok_s']:,.1f} decode; transformers {fmt(row['hf_e2e_tok_s'])} e2e",
+            flush=True,
+        )
 
 
 def bench_speculative(report, deadline, dtype):
@@ -331,17 +431,26 @@ def bench_speculative(report, deadline, dtype):
         prompts = [encoded[i % len(encoded)] for i in range(b)]
         cfg = cfg.replace(decode_attention_impl=impl)
         plain, _ = time_ours(cfg, params, prompts, FLAGS.spec_max_new_tokens, temperature=FLAGS.spec_temperature)
-        spec, _ = time_ours(cfg, params, prompts, FLAGS.spec_max_new_tokens, speculative=True,
-                            temperature=FLAGS.spec_temperature)
-        report["speculative"].append({
-            "batch": b, "decode_attention": impl, "decode_backend": decode_backend(cfg),
-            "new_tokens": FLAGS.spec_max_new_tokens,
-            "temperature": FLAGS.spec_temperature,
-            "acceptance_rate": spec["acceptance_rate"], "tokens_per_step": spec["tokens_per_step"],
-            "plain_e2e_tok_s": plain["tokens_per_s"], "spec_e2e_tok_s": spec["tokens_per_s"],
-            "plain_decode_tok_s": plain["decode_tokens_per_s"], "spec_decode_tok_s": spec["decode_tokens_per_s"],
-            "speedup_e2e": spec["tokens_per_s"] / plain["tokens_per_s"],
-            "speedup_decode": spec["decode_tokens_per_s"] / plain["decode_tokens_per_s"]})
+        spec, _ = time_ours(
+            cfg, params, prompts, FLAGS.spec_max_new_tokens, speculative=True, temperature=FLAGS.spec_temperature
+        )
+        report["speculative"].append(
+            {
+                "batch": b,
+                "decode_attention": impl,
+                "decode_backend": decode_backend(cfg),
+                "new_tokens": FLAGS.spec_max_new_tokens,
+                "temperature": FLAGS.spec_temperature,
+                "acceptance_rate": spec["acceptance_rate"],
+                "tokens_per_step": spec["tokens_per_step"],
+                "plain_e2e_tok_s": plain["tokens_per_s"],
+                "spec_e2e_tok_s": spec["tokens_per_s"],
+                "plain_decode_tok_s": plain["decode_tokens_per_s"],
+                "spec_decode_tok_s": spec["decode_tokens_per_s"],
+                "speedup_e2e": spec["tokens_per_s"] / plain["tokens_per_s"],
+                "speedup_decode": spec["decode_tokens_per_s"] / plain["decode_tokens_per_s"],
+            }
+        )
 
 
 def _attn(row) -> str:
@@ -350,32 +459,67 @@ def _attn(row) -> str:
 
 
 def print_tables(report):
-    print(f"\n{report['device']} ({report['backend']}, jax {report['jax']}, {report['dtype']}); greedy; tok/s = new "
-          "tokens per second summed over the batch; e2e = prefill + decode")
+    print(
+        f"\n{report['device']} ({report['backend']}, jax {report['jax']}, {report['dtype']}); greedy; tok/s = new "
+        "tokens per second summed over the batch; e2e = prefill + decode"
+    )
     if report["rows"]:
         print(f"random weights, random {report['prompt_len']}-token prompts; x = ours / transformers")
-        head = ("model", "batch", "new", "decode attn", "ours e2e", "ours decode", "HF e2e", "HF decode", "x e2e",
-                "x decode", "prefill ms", "cache B/tok")
+        head = (
+            "model",
+            "batch",
+            "new",
+            "decode attn",
+            "ours e2e",
+            "ours decode",
+            "HF e2e",
+            "HF decode",
+            "x e2e",
+            "x decode",
+            "prefill ms",
+            "cache B/tok",
+        )
         print(("{:<18}{:>6}{:>6}" + "{:>12}" * 9).format(*head))
         for r in report["rows"]:
-            print(("{:<18}{:>6}{:>6}" + "{:>12}" * 9).format(
-                r["model"], r["batch"], r["new_tokens"], _attn(r), fmt(r["ours_e2e_tok_s"]),
-                fmt(r["ours_decode_tok_s"]),
-                fmt(r["hf_e2e_tok_s"]), fmt(r["hf_decode_tok_s"]), fmt(r["ratio_e2e"], "{:.2f}"),
-                fmt(r["ratio_decode"], "{:.2f}"), fmt(r["ours_prefill_s"] * 1e3, "{:.0f}"),
-                f"{r['cache_bytes_per_token']:,}"))
+            print(
+                ("{:<18}{:>6}{:>6}" + "{:>12}" * 9).format(
+                    r["model"],
+                    r["batch"],
+                    r["new_tokens"],
+                    _attn(r),
+                    fmt(r["ours_e2e_tok_s"]),
+                    fmt(r["ours_decode_tok_s"]),
+                    fmt(r["hf_e2e_tok_s"]),
+                    fmt(r["hf_decode_tok_s"]),
+                    fmt(r["ratio_e2e"], "{:.2f}"),
+                    fmt(r["ratio_decode"], "{:.2f}"),
+                    fmt(r["ours_prefill_s"] * 1e3, "{:.0f}"),
+                    f"{r['cache_bytes_per_token']:,}",
+                )
+            )
     for name, t in report.get("transformers", {}).items():
-        print(f"transformers {name}: experts_implementation={t.get('experts_implementation')}, "
-              f"save_hf {t.get('save_hf_s', 0):.0f}s, load {t.get('load_s', 0):.0f}s")
+        print(
+            f"transformers {name}: experts_implementation={t.get('experts_implementation')}, "
+            f"save_hf {t.get('save_hf_s', 0):.0f}s, load {t.get('load_s', 0):.0f}s"
+        )
     if report["speculative"]:
         print("\nMTP self-speculative decoding (depth 1) vs plain, same prompts")
         head = ("batch", "new", "decode attn", "accept", "tok/step", "plain dec", "spec dec", "x decode", "x e2e")
         print(("{:>6}{:>6}" + "{:>12}" * 7).format(*head))
         for r in report["speculative"]:
-            print(("{:>6}{:>6}" + "{:>12}" * 7).format(
-                r["batch"], r["new_tokens"], _attn(r), f"{r['acceptance_rate']:.3f}", f"{r['tokens_per_step']:.2f}",
-                fmt(r["plain_decode_tok_s"]), fmt(r["spec_decode_tok_s"]), f"{r['speedup_decode']:.2f}",
-                f"{r['speedup_e2e']:.2f}"))
+            print(
+                ("{:>6}{:>6}" + "{:>12}" * 7).format(
+                    r["batch"],
+                    r["new_tokens"],
+                    _attn(r),
+                    f"{r['acceptance_rate']:.3f}",
+                    f"{r['tokens_per_step']:.2f}",
+                    fmt(r["plain_decode_tok_s"]),
+                    fmt(r["spec_decode_tok_s"]),
+                    f"{r['speedup_decode']:.2f}",
+                    f"{r['speedup_e2e']:.2f}",
+                )
+            )
     for s in report["skipped"]:
         print("skipped:", s)
 

@@ -14,6 +14,7 @@ bytes), TFLOP/s (2 * B * s_q * H * len * (576 + 512)), and xla time / ours.
   python experiments/bench_mla_decode.py                  # the full table (B=128)
   python experiments/bench_mla_decode.py --sweep --shapes=128,8192,16,1
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,44 +22,62 @@ import datetime
 import sys
 import traceback
 
-from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 from experiments.bench_util import median_seconds, parse_overrides, write_results
 from pallas_kernels.mla_decode import gpu, mla_decode, mla_decode_reference
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("shapes", "", "Semicolon-separated B,S,H,s_q; empty: B=128 x S in {4096, 8192, "
-                    "16384} x H in {16, 128} x s_q in {1, 2}.")
+flags.DEFINE_string(
+    "shapes",
+    "",
+    "Semicolon-separated B,S,H,s_q; empty: B=128 x S in {4096, 8192, 16384} x H in {16, 128} x s_q in {1, 2}.",
+)
 flags.DEFINE_integer("page_size", 64, "Cache page size (rows).")
 flags.DEFINE_float("softmax_scale", 0.1352, "(128 + 64)^-0.5 x YaRN mscale^2, as in DeepSeek-V3.")
-flags.DEFINE_enum("lengths", "full", ["full", "random"], "full: every sequence holds S tokens; "
-                  "random: uniform in [S/2, S] (seeded).")
+flags.DEFINE_enum(
+    "lengths", "full", ["full", "random"], "full: every sequence holds S tokens; random: uniform in [S/2, S] (seeded)."
+)
 flags.DEFINE_list("impls", ["ours", "xla", "xla_paged"], "Implementations to time.")
-flags.DEFINE_string("configs", "kernel=ws;kernel=simple,p_in_registers=false,pv_inplace=false,"
-                    "pv_chunk=128", "Semicolon-separated GpuConfig overrides, one 'ours' row each "
-                    "(keys: kernel, num_splits, num_stages, p_in_registers, pv_inplace, pv_chunk).")
+flags.DEFINE_string(
+    "configs",
+    "kernel=ws;kernel=simple,p_in_registers=false,pv_inplace=false,pv_chunk=128",
+    "Semicolon-separated GpuConfig overrides, one 'ours' row each "
+    "(keys: kernel, num_splits, num_stages, p_in_registers, pv_inplace, pv_chunk).",
+)
 flags.DEFINE_bool("sweep", False, "Add the SWEEP configs to --configs.")
 flags.DEFINE_bool("quick", False, "Only check every config against the reference on small shapes.")
-flags.DEFINE_bool("list_configs", False, "Print the configs (--configs, plus SWEEP with --sweep), one "
-                  "a line, and exit (check_mla_decode_gpu.sh runs each in its own process).")
+flags.DEFINE_bool(
+    "list_configs",
+    False,
+    "Print the configs (--configs, plus SWEEP with --sweep), one "
+    "a line, and exit (check_mla_decode_gpu.sh runs each in its own process).",
+)
 flags.DEFINE_integer("warmup", 3, "Untimed calls before timing.")
 flags.DEFINE_integer("iters", 20, "Calls per timed repeat.")
 flags.DEFINE_integer("repeats", 5, "Timed repeats; the median is reported.")
 flags.DEFINE_integer("seed", 0, "Seed for inputs, page shuffle and random lengths.")
 flags.DEFINE_string("out", "", "If set, write every result as JSON here.")
-flags.DEFINE_bool("interpret", False, "Run our kernels in interpret mode (a CPU smoke test of this "
-                  "script; use tiny --shapes).")
+flags.DEFINE_bool(
+    "interpret", False, "Run our kernels in interpret mode (a CPU smoke test of this script; use tiny --shapes)."
+)
 
 # Without in-place accumulation a 256-column chunk would need 2 x 128 accumulator registers.
-SWEEP = ["kernel=ws,pv_inplace=false,pv_chunk=128", "kernel=ws,p_in_registers=false",
-         "kernel=ws,p_in_registers=false,pv_inplace=false,pv_chunk=128", "kernel=ws,num_stages=1",
-         "kernel=ws,num_splits=1", "kernel=ws,num_splits=2", "kernel=ws,num_splits=4",
-         "kernel=simple", "kernel=simple,num_splits=2"]
-QUICK_SHAPES = [(4, 256, 16, 1), (2, 200, 16, 2), (2, 256, 128, 1), (1, 130, 128, 2),
-                (2, 1000, 16, 1)]
+SWEEP = [
+    "kernel=ws,pv_inplace=false,pv_chunk=128",
+    "kernel=ws,p_in_registers=false",
+    "kernel=ws,p_in_registers=false,pv_inplace=false,pv_chunk=128",
+    "kernel=ws,num_stages=1",
+    "kernel=ws,num_splits=1",
+    "kernel=ws,num_splits=2",
+    "kernel=ws,num_splits=4",
+    "kernel=simple",
+    "kernel=simple,num_splits=2",
+]
+QUICK_SHAPES = [(4, 256, 16, 1), (2, 200, 16, 2), (2, 256, 128, 1), (1, 130, 128, 2), (2, 1000, 16, 1)]
 QUICK_SHAPES_INTERPRET = [(2, 100, 16, 2)]
 
 
@@ -117,8 +136,11 @@ def time_fn(f, *args):
 
 def ours_fn(spec, scale):
     cfg = parse_config(spec)
-    return jax.jit(lambda q, kv, t, n: mla_decode(q, kv, t, n, softmax_scale=scale, backend="gpu",
-                                                  config=cfg, interpret=FLAGS.interpret))
+    return jax.jit(
+        lambda q, kv, t, n: mla_decode(
+            q, kv, t, n, softmax_scale=scale, backend="gpu", config=cfg, interpret=FLAGS.interpret
+        )
+    )
 
 
 def short_error(e):
@@ -146,8 +168,11 @@ def quick(specs):
             try:
                 err, lerr, nan = check(ours_fn(spec, FLAGS.softmax_scale), inputs, want)
                 ok = err <= 1e-2 and lerr <= 1e-2 and not nan
-                print(f"{'OK  ' if ok else 'FAIL'} {shape} [{spec}] out rel err {err:.2e}, "
-                      f"lse err {lerr:.2e}{', NaN!' if nan else ''}", flush=True)
+                print(
+                    f"{'OK  ' if ok else 'FAIL'} {shape} [{spec}] out rel err {err:.2e}, "
+                    f"lse err {lerr:.2e}{', NaN!' if nan else ''}",
+                    flush=True,
+                )
                 failures += not ok
             except Exception as e:  # noqa: BLE001 - one config failing must not stop the others
                 print(f"FAIL {shape} [{spec}] {short_error(e)}", flush=True)
@@ -200,13 +225,14 @@ TARGETS = "targets: >= 2.5x xla on every shape, >= 3.4 TB/s at H=16, >= 550 TFLO
 def print_summary(results):
     """One table: the baselines and our best config per shape, against the targets."""
     print(f"\nSummary ({TARGETS})")
-    print(f"{'B,S,H,s_q':<18}{'xla ms':>8}{'paged ms':>9}{'ours ms':>8}{'TB/s':>7}{'TFLOP/s':>9}"
-          f"{'vs xla':>8}{'vs paged':>9}  best config")
+    print(
+        f"{'B,S,H,s_q':<18}{'xla ms':>8}{'paged ms':>9}{'ours ms':>8}{'TB/s':>7}{'TFLOP/s':>9}"
+        f"{'vs xla':>8}{'vs paged':>9}  best config"
+    )
     for shape in dict.fromkeys(tuple(r["shape"]) for r in results):
         rows = [r for r in results if tuple(r["shape"]) == shape and "ms" in r]
         by = {r["impl"]: r for r in rows}
-        ours = [r for r in rows if r["impl"].startswith("ours") and not r.get("nan")
-                and r.get("out_err", 1) <= 1e-2]
+        ours = [r for r in rows if r["impl"].startswith("ours") and not r.get("nan") and r.get("out_err", 1) <= 1e-2]
         best = min(ours, key=lambda r: r["ms"]) if ours else None
         fmt = lambda r, k, f: format(r[k], f) if r and k in r else "-"
         xla, paged = by.get("xla"), by.get("xla_paged")
@@ -222,19 +248,23 @@ def print_summary(results):
 def print_table(shape, rows):
     base = {r["impl"]: r.get("ms") for r in rows if not r["impl"].startswith("ours")}
     b, s, h, s_q = shape
-    print(f"\nB={b} S={s} H={h} s_q={s_q} ({FLAGS.lengths} lengths, page {FLAGS.page_size}, "
-          f"{jax.devices()[0].device_kind})")
+    print(
+        f"\nB={b} S={s} H={h} s_q={s_q} ({FLAGS.lengths} lengths, page {FLAGS.page_size}, "
+        f"{jax.devices()[0].device_kind})"
+    )
     print(f"{'impl':<72}{'ms':>8}{'TB/s':>7}{'TFLOP/s':>9}{'vs xla':>8}{'vs paged':>9}  err")
     for r in rows:
         if "error" in r:
             print(f"{r['impl']:<72} FAILED: {r['error']}")
             continue
-        ratio = lambda k: f"{base[k] / r['ms']:.2f}" if base.get(k) else "-"
+        ratio = lambda k: f"{base[k] / r['ms']:.2f}" if base.get(k) else "-"  # noqa: B023 - used in this iteration
         err = f"{r['out_err']:.1e}/{r.get('lse_err', 0):.1e}" if "out_err" in r else ""
         if r.get("nan"):
             err += " NaN!"
-        print(f"{r['impl']:<72} {r['ms']:7.3f}{r['tbps']:7.2f}{r['tflops']:9.1f}"
-              f"{ratio('xla'):>8}{ratio('xla_paged'):>9}  {err}")
+        print(
+            f"{r['impl']:<72} {r['ms']:7.3f}{r['tbps']:7.2f}{r['tflops']:9.1f}"
+            f"{ratio('xla'):>8}{ratio('xla_paged'):>9}  {err}"
+        )
     sys.stdout.flush()
 
 

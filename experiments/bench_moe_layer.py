@@ -8,6 +8,7 @@ fails (XLA's ragged_dot expands to a masked dense product and can run out of mem
 
   python experiments/bench_moe_layer.py --tokens=4096 --out=moe_layer.json
 """
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 import dsjax  # noqa: E402
 from dsjax.layers.moe import MoE  # noqa: E402
@@ -50,6 +51,7 @@ def bench(cfg, n: int) -> float:
         def loss(p, x):
             y, aux = layer.apply({"params": p}, x)
             return jnp.mean(jnp.square(y.astype(jnp.float32))) + 0 * aux["balance_loss"]
+
         return jax.value_and_grad(loss, argnums=(0, 1))(p, x)
 
     jax.block_until_ready(step(params, x))
@@ -66,8 +68,7 @@ def main(argv):
     rows = []
     for n in map(int, FLAGS.tokens):
         for backend in FLAGS.backends:
-            cfg = dsjax.ModelConfig.preset(FLAGS.preset, dtype="bfloat16", param_dtype="bfloat16",
-                                           moe_backend=backend)
+            cfg = dsjax.ModelConfig.preset(FLAGS.preset, dtype="bfloat16", param_dtype="bfloat16", moe_backend=backend)
             try:
                 s = bench(cfg, n)
                 row = {"tokens": n, "backend": backend, "ms": s * 1e3, "tflops": layer_flops(cfg, n) / s / 1e12}

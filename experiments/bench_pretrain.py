@@ -13,6 +13,7 @@ to components (experiments/step_profile.py; with command buffers off every kerne
 --components times blocks, attention, experts and head + CE in isolation. MFU counts 6 x active params + causal
 attention FLOPs (dsjax.train.metrics.train_flops_per_token) against the device's dense bf16 peak.
 """
+
 import json
 import os
 import sys
@@ -23,28 +24,38 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 flags.DEFINE_string("preset", "small", "ModelConfig preset to train.")
-flags.DEFINE_list("moe_backends", ["auto"], "Comma-separated MoE expert backends to compare (auto, gmm, ragged_dot, "
-                    "dense).")
-flags.DEFINE_list("attention_impls", ["auto"], "Comma-separated full-attention implementations (auto, xla, cudnn, "
-                    "splash).")
+flags.DEFINE_list(
+    "moe_backends", ["auto"], "Comma-separated MoE expert backends to compare (auto, gmm, ragged_dot, dense)."
+)
+flags.DEFINE_list(
+    "attention_impls", ["auto"], "Comma-separated full-attention implementations (auto, xla, cudnn, splash)."
+)
 flags.DEFINE_string("hlo_out", "", "Write each compiled step's optimized HLO text into this directory.")
 flags.DEFINE_integer("batch", 8, "Sequences per step.")
 flags.DEFINE_integer("seq_len", 2048, "Tokens per sequence.")
 flags.DEFINE_integer("steps", 20, "Timed train steps per backend (after 2 warm-up steps).")
 flags.DEFINE_string("remat", "none", "Rematerialisation policy (none, full, dots, dots_no_batch).")
 flags.DEFINE_list("mtp_lambda", ["0", "0.3"], "MTP loss weights to time (0: the MTP module is off).")
-flags.DEFINE_bool("transformers", True, "First time transformers' DeepseekV3ForCausalLM on the same shape and batch "
-                  "(bf16 weights, its fastest experts implementation, AdamW; no MTP) in this process.")
+flags.DEFINE_bool(
+    "transformers",
+    True,
+    "First time transformers' DeepseekV3ForCausalLM on the same shape and batch "
+    "(bf16 weights, its fastest experts implementation, AdamW; no MTP) in this process.",
+)
 flags.DEFINE_string("out", "", "Optional JSON output path.")
 flags.DEFINE_bool("components", False, "Also time blocks, attention, experts and head+CE in isolation.")
 flags.DEFINE_list("ce_chunks", ["2048", "4096", "8192"], "Chunk sizes of the fused head + CE timed by --components.")
-flags.DEFINE_bool("profile", False, "Profile the step and attribute its device time to model components "
-                  "(experiments/step_profile.py).")
+flags.DEFINE_bool(
+    "profile",
+    False,
+    "Profile the step and attribute its device time to model components (experiments/step_profile.py).",
+)
 FLAGS = flags.FLAGS
 
 
 def timeit(fn, *args, reps=10):
     import jax
+
     jax.block_until_ready(fn(*args))
     jax.block_until_ready(fn(*args))
     times = []
@@ -60,12 +71,20 @@ def bench_step(cfg, batch_size, seq_len, steps, mtp_lambda, profile):
     import jax
     import jax.numpy as jnp
     import numpy as np
+
+    from dsjax.train.loop import init_params
     from dsjax.train.optim import OptimConfig
-    from dsjax.train.trainer import init_params, step_fns
+    from dsjax.train.trainer import step_fns
     from experiments.bench_util import synthetic_batch, time_steps
     from experiments.step_profile import profile_components
-    step_fn, _, use_mtp, tx = step_fns(cfg, OptimConfig(lr=1e-4, warmup_steps=10, total_steps=1000),
-                                       mtp_lambda=mtp_lambda, balance_alpha=1e-4, bias_gamma=1e-3)
+
+    step_fn, _, use_mtp, tx = step_fns(
+        cfg,
+        OptimConfig(lr=1e-4, warmup_steps=10, total_steps=1000),
+        mtp_lambda=mtp_lambda,
+        balance_alpha=1e-4,
+        bias_gamma=1e-3,
+    )
     params = init_params(cfg, 0)
     opt = jax.jit(tx.init)(params)
     batch = jax.tree.map(jnp.asarray, synthetic_batch(cfg.vocab_size, batch_size, seq_len))
@@ -73,8 +92,9 @@ def bench_step(cfg, batch_size, seq_len, steps, mtp_lambda, profile):
     compiled = step_fn.lower(params, opt, np.int32(0), batch).compile()
     compile_s = time.perf_counter() - t0
     ma = compiled.memory_analysis()
-    mem_gib = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes -
-               ma.alias_size_in_bytes) / 2**30
+    mem_gib = (
+        ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
+    ) / 2**30
     if FLAGS.hlo_out:
         os.makedirs(FLAGS.hlo_out, exist_ok=True)
         name = f"{cfg.moe_backend}_{cfg.attention_impl}_mtp{mtp_lambda}.hlo.txt"
@@ -88,6 +108,7 @@ def bench_step(cfg, batch_size, seq_len, steps, mtp_lambda, profile):
         def call():
             state["p"], state["o"], out = compiled(state["p"], state["o"], np.int32(5), batch)
             return out
+
         prof = profile_components(compiled, call)
         params = state["p"]
     return dt, compile_s, float(m["loss"]), use_mtp, params, prof, mem_gib
@@ -97,11 +118,13 @@ def components(cfg, params, batch_size, seq_len):
     """Forward+backward time of each piece, in isolation, at the training shapes."""
     import jax
     import jax.numpy as jnp
+
     from dsjax.layers.block import Block
-    from dsjax.layers.moe import MoE
     from dsjax.layers.mla import MLA
+    from dsjax.layers.moe import MoE
     from dsjax.layers.rope import rope_cos_sin
     from dsjax.train.losses import cross_entropy, fused_cross_entropy
+
     dt = jnp.dtype(cfg.dtype)
     b, t, d = batch_size, seq_len, cfg.hidden_size
     x = jax.random.normal(jax.random.key(1), (b, t, d), dt)
@@ -115,10 +138,12 @@ def components(cfg, params, batch_size, seq_len):
         return timeit(g, p, x)
 
     out = {}
-    out["dense_block"] = fb(lambda p, x: Block(cfg, False).apply({"params": p}, (x, None), cos, sin, None, pos)[0][0],
-                            dense_p)
-    out["moe_block"] = fb(lambda p, x: Block(cfg, True).apply({"params": p}, (x, None), cos, sin, None, pos)[0][0],
-                          moe_p)
+    out["dense_block"] = fb(
+        lambda p, x: Block(cfg, False).apply({"params": p}, (x, None), cos, sin, None, pos)[0][0], dense_p
+    )
+    out["moe_block"] = fb(
+        lambda p, x: Block(cfg, True).apply({"params": p}, (x, None), cos, sin, None, pos)[0][0], moe_p
+    )
     out["attention"] = fb(lambda p, x: MLA(cfg).apply({"params": p}, x, cos, sin, None, pos)[0], moe_p["self_attn"])
     out["moe_ffn"] = fb(lambda p, x: MoE(cfg).apply({"params": p}, x)[0], moe_p["mlp"])
     head = {"w": params["lm_head"], "n": params["norm"]["weight"]}
@@ -127,10 +152,12 @@ def components(cfg, params, batch_size, seq_len):
     def head_ce(p, x):
         logits = jnp.dot(x, p["w"].astype(dt), preferred_element_type=jnp.float32)
         return cross_entropy(logits, tgt)[0]
+
     out["head_ce_logits"] = fb(head_ce, head)
     for chunk in FLAGS.ce_chunks:
         out[f"head_ce_fused_{chunk}"] = fb(
-            lambda p, x, c=int(chunk): fused_cross_entropy(x, p["w"], tgt, chunk_size=c)[0], head)
+            lambda p, x, c=int(chunk): fused_cross_entropy(x, p["w"], tgt, chunk_size=c)[0], head
+        )
     return out
 
 
@@ -138,33 +165,53 @@ def transformers_baseline():
     """transformers' DeepseekV3ForCausalLM at the same shape and batch (no MTP), before JAX takes the GPU."""
     from dsjax.config import ModelConfig
     from experiments.torch_baseline import train_throughput
+
     hf = ModelConfig.preset(FLAGS.preset).to_hf()
     try:
         r = train_throughput(hf, FLAGS.batch, FLAGS.seq_len, FLAGS.steps, warmup=3)
     except Exception as e:  # noqa: BLE001 - e.g. out of memory: report it, time ours anyway
         print(f"transformers baseline FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
         return {"error": str(e)[:1000]}
-    print(f"transformers {r['transformers']} ({r['experts_implementation']} experts, {r['attn_implementation']}, "
-          f"{r['dtype']} weights): step {r['step_ms']:.1f} ms, {r['tokens_per_s'] / 1e3:.1f}k tok/s, peak "
-          f"{r['peak_mem_gib'] or '?'} GiB", flush=True)
+    print(
+        f"transformers {r['transformers']} ({r['experts_implementation']} experts, {r['attn_implementation']}, "
+        f"{r['dtype']} weights): step {r['step_ms']:.1f} ms, {r['tokens_per_s'] / 1e3:.1f}k tok/s, peak "
+        f"{r['peak_mem_gib'] or '?'} GiB",
+        flush=True,
+    )
     return r
 
 
 def run_one(cfg, mtp_lambda, peak):
     """Time (and optionally profile) one config's step; returns the result row."""
     from dsjax.train.metrics import train_flops_per_token
+
     step_s, compile_s, loss, use_mtp, params, prof, mem = bench_step(
-        cfg, FLAGS.batch, FLAGS.seq_len, FLAGS.steps, mtp_lambda, FLAGS.profile)
+        cfg, FLAGS.batch, FLAGS.seq_len, FLAGS.steps, mtp_lambda, FLAGS.profile
+    )
     tok_s = FLAGS.batch * FLAGS.seq_len / step_s
     flops = train_flops_per_token(cfg, FLAGS.seq_len, use_mtp)
-    run = {"impl": f"{cfg.moe_backend}+{cfg.attention_impl}", "mtp_lambda": mtp_lambda, "step_ms": 1e3 * step_s,
-           "tokens_per_s": tok_s, "compile_s": compile_s, "loss": loss, "model_tflops": tok_s * flops / 1e12,
-           "mfu": peak and tok_s * flops / peak, "flops_per_token": flops, "mtp": use_mtp, "step_mem_gib": mem}
-    print(f"{run['impl']} mtp {mtp_lambda}: step {1e3 * step_s:.1f} ms, {tok_s / 1e3:.1f}k tok/s, "
-          f"{run['model_tflops']:.1f} TFLOP/s model, MFU {100 * (run['mfu'] or 0):.1f}%, step memory {mem:.1f} GiB, "
-          f"compile {compile_s:.0f}s", flush=True)
+    run = {
+        "impl": f"{cfg.moe_backend}+{cfg.attention_impl}",
+        "mtp_lambda": mtp_lambda,
+        "step_ms": 1e3 * step_s,
+        "tokens_per_s": tok_s,
+        "compile_s": compile_s,
+        "loss": loss,
+        "model_tflops": tok_s * flops / 1e12,
+        "mfu": peak and tok_s * flops / peak,
+        "flops_per_token": flops,
+        "mtp": use_mtp,
+        "step_mem_gib": mem,
+    }
+    print(
+        f"{run['impl']} mtp {mtp_lambda}: step {1e3 * step_s:.1f} ms, {tok_s / 1e3:.1f}k tok/s, "
+        f"{run['model_tflops']:.1f} TFLOP/s model, MFU {100 * (run['mfu'] or 0):.1f}%, step memory {mem:.1f} GiB, "
+        f"compile {compile_s:.0f}s",
+        flush=True,
+    )
     if prof is not None:
         from experiments.step_profile import format_table
+
         per, top, total = prof
         run["profile_ms"], run["profile_top"] = per, top
         print(format_table(per, total, 1e3 * step_s), flush=True)
@@ -181,16 +228,21 @@ def main(argv):
     base = transformers_baseline() if FLAGS.transformers else None
     results["transformers"] = base
     import jax
+
     from dsjax.config import ModelConfig
     from dsjax.runtime import resolve
     from dsjax.train.metrics import peak_flops
+
     peak = peak_flops()
     results["device"] = jax.devices()[0].device_kind
     print(f"device: {jax.devices()[0].device_kind}, peak {peak and peak / 1e12} TFLOP/s", flush=True)
     for backend in FLAGS.moe_backends:
         for attn in FLAGS.attention_impls:
-            cfg = resolve(ModelConfig.preset(FLAGS.preset, dtype="bfloat16", moe_backend=backend, remat=FLAGS.remat,
-                                             attention_impl=attn))
+            cfg = resolve(
+                ModelConfig.preset(
+                    FLAGS.preset, dtype="bfloat16", moe_backend=backend, remat=FLAGS.remat, attention_impl=attn
+                )
+            )
             for mtp_lambda in map(float, FLAGS.mtp_lambda):
                 try:
                     results["runs"].append(run_one(cfg, mtp_lambda, peak))
@@ -209,15 +261,19 @@ def summary_table(results) -> str:
     rows = ["| run | MTP | tokens/s | MFU | step memory | vs transformers |", "|---|---|---|---|---|---|"]
     if ref:
         mem = f"{base['peak_mem_gib']:.1f} GiB peak" if base.get("peak_mem_gib") else ""
-        rows.append(f"| transformers {base['transformers']} ({base['experts_implementation']}) | no | {ref / 1e3:.1f}k "
-                    f"| | {mem} | 1.00x |")
+        rows.append(
+            f"| transformers {base['transformers']} ({base['experts_implementation']}) | no | {ref / 1e3:.1f}k "
+            f"| | {mem} | 1.00x |"
+        )
     for r in results["runs"]:
         if "error" in r:
             rows.append(f"| {r['impl']} | {r['mtp_lambda']} | failed | | | |")
             continue
         ratio = f"{r['tokens_per_s'] / ref:.2f}x" if ref else ""
-        rows.append(f"| dsjax {r['impl']} | {r['mtp_lambda'] or 'no'} | {r['tokens_per_s'] / 1e3:.1f}k | "
-                    f"{100 * (r['mfu'] or 0):.1f}% | {r['step_mem_gib']:.1f} GiB | {ratio} |")
+        rows.append(
+            f"| dsjax {r['impl']} | {r['mtp_lambda'] or 'no'} | {r['tokens_per_s'] / 1e3:.1f}k | "
+            f"{100 * (r['mfu'] or 0):.1f}% | {r['step_mem_gib']:.1f} GiB | {ratio} |"
+        )
     return "\n".join(rows)
 
 

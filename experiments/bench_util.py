@@ -1,6 +1,7 @@
 """Shared pieces of the benchmarks: synthetic training batches and step timers (bench_pretrain.py,
 bench_scaling.py), a kernel-call timer, config-override parsing and JSON results (bench_grouped_matmul.py,
 bench_mla_decode.py). Defines no flags."""
+
 import datetime
 import json
 import statistics
@@ -10,11 +11,15 @@ import time
 def synthetic_batch(vocab: int, batch: int, seq_len: int):
     """Random tokens shaped like one train-step batch (grad accumulation 1): host numpy arrays [1, B, T]."""
     import numpy as np
+
     toks = np.random.RandomState(0).randint(0, vocab, (1, batch, seq_len + 1)).astype(np.int32)
-    return {"inputs": toks[..., :-1], "targets": toks[..., 1:],
-            "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (1, batch, seq_len)),
-            "segment_ids": np.ones((1, batch, seq_len), np.int32),
-            "loss_mask": np.ones((1, batch, seq_len), np.float32)}
+    return {
+        "inputs": toks[..., :-1],
+        "targets": toks[..., 1:],
+        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (1, batch, seq_len)),
+        "segment_ids": np.ones((1, batch, seq_len), np.int32),
+        "loss_mask": np.ones((1, batch, seq_len), np.float32),
+    }
 
 
 def time_steps(step_fn, params, opt, batch, steps):
@@ -22,6 +27,7 @@ def time_steps(step_fn, params, opt, batch, steps):
     timed."""
     import jax
     import numpy as np
+
     t0 = time.perf_counter()
     params, opt, m = step_fn(params, opt, np.int32(0), batch)
     jax.block_until_ready(m)
@@ -50,6 +56,7 @@ def median_seconds(f, *args, warmup: int, iters: int, repeats: int = 0) -> float
     on its own; repeats > 0: the median over `repeats` runs of `iters` calls back to back (per call), which hides
     the launch gap between calls that are microseconds long."""
     import jax
+
     for _ in range(warmup):
         jax.block_until_ready(f(*args))
     times = []
@@ -72,7 +79,16 @@ def write_results(path: str, flags_string: str, results) -> None:
     if not path:
         return
     import jax
+
     with open(path, "w") as f:
-        json.dump({"date": datetime.datetime.now().isoformat(), "jax": jax.__version__,
-                   "device": str(jax.devices()[0].device_kind), "flags": flags_string, "results": results}, f,
-                  indent=1)
+        json.dump(
+            {
+                "date": datetime.datetime.now().isoformat(),
+                "jax": jax.__version__,
+                "device": str(jax.devices()[0].device_kind),
+                "flags": flags_string,
+                "results": results,
+            },
+            f,
+            indent=1,
+        )

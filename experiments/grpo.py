@@ -10,6 +10,7 @@ Prints held-out pass@1 (greedy, fixed problems) after the warm start and after G
 tokens/s. Checkpoints, metrics.jsonl and TensorBoard logs go under --workdir; rerunning with the same --workdir
 resumes (a finished warm start is reused). SIGTERM or Ctrl-C saves a checkpoint and exits cleanly.
 """
+
 import os
 import sys
 
@@ -22,13 +23,17 @@ from sharding.mesh import define_mesh_flags, mesh_from_flags  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file(
-    "config", os.path.join(_HERE, "configs", "grpo.py"),
+    "config",
+    os.path.join(_HERE, "configs", "grpo.py"),
     "Experiment config file (ml_collections). Sections: model (a dsjax.ModelConfig preset plus any field), task, "
     "sft (warm start), rollout (prompts, G, temperature, lengths), rewards (name -> weight), grpo (steps, mu, "
     "loss_type, epsilons, beta, truncation masking, dynamic sampling), optim, train. Override any field with "
-    "--config.<section>.<field>=value; experiments/configs/grpo.py documents each field.", lock_config=True)
-flags.DEFINE_string("workdir", "runs/grpo", "Directory for checkpoints, metrics.jsonl and TensorBoard logs; an "
-                    "existing one is resumed.")
+    "--config.<section>.<field>=value; experiments/configs/grpo.py documents each field.",
+    lock_config=True,
+)
+flags.DEFINE_string(
+    "workdir", "runs/grpo", "Directory for checkpoints, metrics.jsonl and TensorBoard logs; an existing one is resumed."
+)
 define_mesh_flags()
 
 
@@ -37,8 +42,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     mesh = mesh_from_flags()  # before anything touches a device
     from absl import logging
+
     logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint write at INFO
     from dsjax.rl.trainer import train
+
     train(flags.FLAGS.config, flags.FLAGS.workdir, mesh)
 
 

@@ -10,6 +10,7 @@ bound), plus one MoE layer's expert-parallel buffers (send, receive at the owner
 return), which exist while that layer runs: "balanced" when every device receives what it sends, "worst" at the
 dropless bound (every source sends every pair to one owner) or the capacity bound.
 """
+
 import math
 import os
 import sys
@@ -20,8 +21,11 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 flags.DEFINE_string("preset", "deepseek-v3-671b", "dsjax.ModelConfig preset.")
-flags.DEFINE_string("mesh", "fsdp:4,expert:-1", "Mesh as for the training scripts (AXIS:SIZE over data, fsdp, "
-                    "expert, tensor; one size may be -1).")
+flags.DEFINE_string(
+    "mesh",
+    "fsdp:4,expert:-1",
+    "Mesh as for the training scripts (AXIS:SIZE over data, fsdp, expert, tensor; one size may be -1).",
+)
 flags.DEFINE_integer("num_devices", 256, "Devices in the planned mesh (fills a -1 size).")
 flags.DEFINE_integer("batch_size", 256, "Global batch, in sequences per optimizer step (one micro-batch).")
 flags.DEFINE_integer("seq_len", 4096, "Tokens per sequence.")
@@ -69,25 +73,32 @@ def plan(cfg, mesh_sizes: dict, batch_size: int, seq_len: int, use_mtp: bool = T
     def total_and_local(tree, specs, where=lambda path: True):
         leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
         chosen = [(x, s) for (p, x), s in zip(leaves, jax.tree.leaves(specs, is_leaf=_is_spec)) if where(p)]
-        return (sum(x.size * x.dtype.itemsize for x, _ in chosen),
-                sum(local_bytes(x.shape, x.dtype, s, mesh_sizes) for x, s in chosen))
+        return (
+            sum(x.size * x.dtype.itemsize for x, _ in chosen),
+            sum(local_bytes(x.shape, x.dtype, s, mesh_sizes) for x, s in chosen),
+        )
 
     experts = lambda p: "experts_" in jax.tree_util.keystr(p)  # noqa: E731
-    rows = {"parameters": total_and_local(params, pspecs),
-            "  routed experts": total_and_local(params, pspecs, experts),
-            "  everything else": total_and_local(params, pspecs, lambda p: not experts(p)),
-            "gradients": total_and_local(params, pspecs),
-            "AdamW moments": total_and_local(opt, ospecs)}
+    rows = {
+        "parameters": total_and_local(params, pspecs),
+        "  routed experts": total_and_local(params, pspecs, experts),
+        "  everything else": total_and_local(params, pspecs, lambda p: not experts(p)),
+        "gradients": total_and_local(params, pspecs),
+        "AdamW moments": total_and_local(opt, ospecs),
+    }
 
     tok = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
 
     def residuals(p, tok):
         def loss(p):
             aux = model.apply({"params": p}, tok, mtp=use_mtp).aux
-            return lm_loss(aux["hidden"], head_weight(p, cfg), tok, jnp.ones(tok.shape), aux,
-                           mtp_lambda=0.3 if use_mtp else 0.0)[0]
+            return lm_loss(
+                aux["hidden"], head_weight(p, cfg), tok, jnp.ones(tok.shape), aux, mtp_lambda=0.3 if use_mtp else 0.0
+            )[0]
+
         ids = {id(x) for x in jax.tree.leaves(p)}
         return [r for r in jax.tree.leaves(jax.vjp(loss, p)[1]) if id(r) not in ids]  # params are counted above
+
     by_shape = {x.shape: s for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(pspecs, is_leaf=_is_spec))}
     act_total = act_local = 0
     for r in jax.eval_shape(residuals, params, tok):
@@ -96,14 +107,28 @@ def plan(cfg, mesh_sizes: dict, batch_size: int, seq_len: int, use_mtp: bool = T
         if batch_size in r.shape or any(n % (batch_size * seq_len) == 0 for n in r.shape):  # per token (or per
             # flattened token x expert choice): split with the batch
             act_local += size // shards
-        else:                        # e.g. a compute-dtype copy of a weight: laid out like that weight
+        else:  # e.g. a compute-dtype copy of a weight: laid out like that weight
             act_local += local_bytes(r.shape, r.dtype, by_shape.get(r.shape, ()), mesh_sizes)
     rows[f"activations saved (remat {cfg.remat})"] = (act_total, act_local)
 
+    rows.update(_moe_buffer_rows(cfg, mesh_sizes, batch_size * seq_len // shards, shards))
+    steady = sum(
+        rows[r][1] for r in ("parameters", "gradients", "AdamW moments", f"activations saved (remat {cfg.remat})")
+    )
+    rows["total, balanced"] = (None, steady + rows["MoE buffers, one layer (balanced)"][1])
+    rows["total, worst"] = (None, steady + rows["MoE buffers, one layer (worst)"][1])
+    return rows
+
+
+def _moe_buffer_rows(cfg, mesh_sizes: dict, local_tokens: int, shards: int) -> dict:
+    """The transient buffers of one expert-parallel MoE layer: balanced routing and the dropless worst case."""
+    import jax.numpy as jnp
+
+    out = {}
     ep = mesh_sizes["expert"]
     d, inter, k, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok, cfg.n_routed_experts
     dt = jnp.dtype(cfg.dtype).itemsize
-    pairs = batch_size * seq_len // shards * k
+    pairs = local_tokens * k
     recv_worst = ep * pairs
     if cfg.moe_capacity_factor:
         recv_worst = min(recv_worst, ep * (e // ep) * math.ceil(cfg.moe_capacity_factor * pairs / e))
@@ -111,33 +136,35 @@ def plan(cfg, mesh_sizes: dict, batch_size: int, seq_len: int, use_mtp: bool = T
 
     def buffers(recv):  # send + receive + gate|up (f32) + SwiGLU + expert output + returned rows
         return 2 * pairs * d * dt + recv * (d * dt + 2 * inter // tp * 4 + inter // tp * dt + d * dt)
-    rows["MoE buffers, one layer (balanced)"] = (buffers(pairs) * shards, buffers(pairs))
-    rows["MoE buffers, one layer (worst)"] = (buffers(recv_worst) * shards, buffers(recv_worst))
-    steady = sum(rows[r][1] for r in ("parameters", "gradients", "AdamW moments", f"activations saved (remat "
-                                                                                    f"{cfg.remat})"))
-    rows["total, balanced"] = (None, steady + rows["MoE buffers, one layer (balanced)"][1])
-    rows["total, worst"] = (None, steady + rows["MoE buffers, one layer (worst)"][1])
-    return rows
+
+    out["MoE buffers, one layer (balanced)"] = (buffers(pairs) * shards, buffers(pairs))
+    out["MoE buffers, one layer (worst)"] = (buffers(recv_worst) * shards, buffers(recv_worst))
+    return out
 
 
 def _is_spec(x) -> bool:
     from jax.sharding import PartitionSpec
+
     return isinstance(x, PartitionSpec)
 
 
 def report(name: str, cfg, mesh_sizes: dict, batch_size: int, seq_len: int, use_mtp: bool) -> str:
     from sharding.mesh import describe
     from sharding.rules import RULES
+
     rows = plan(cfg, mesh_sizes, batch_size, seq_len, use_mtp)
     n = math.prod(mesh_sizes.values())
     counts = cfg.param_counts()
-    lines = [f"{name}: {counts['total'] / 1e9:.1f}B parameters ({counts['active_per_token'] / 1e9:.1f}B "
-             f"active per token); mesh {describe(mesh_sizes)} = {n} devices",
-             f"global batch {batch_size} x {seq_len} tokens; compute {cfg.dtype}, parameters/gradients/moments "
-             f"{cfg.param_dtype}; MTP {'on' if use_mtp else 'off'}; capacity factor "
-             f"{cfg.moe_capacity_factor or 'none (dropless)'}",
-             "rule table: " + ", ".join(f"{k}->{v}" for k, v in RULES if v), "",
-             f"{'':42s}{'total':>12s}{'per device':>14s}"]
+    lines = [
+        f"{name}: {counts['total'] / 1e9:.1f}B parameters ({counts['active_per_token'] / 1e9:.1f}B "
+        f"active per token); mesh {describe(mesh_sizes)} = {n} devices",
+        f"global batch {batch_size} x {seq_len} tokens; compute {cfg.dtype}, parameters/gradients/moments "
+        f"{cfg.param_dtype}; MTP {'on' if use_mtp else 'off'}; capacity factor "
+        f"{cfg.moe_capacity_factor or 'none (dropless)'}",
+        "rule table: " + ", ".join(f"{k}->{v}" for k, v in RULES if v),
+        "",
+        f"{'':42s}{'total':>12s}{'per device':>14s}",
+    ]
     for name, (total, local) in rows.items():
         tot = "" if total is None else f"{total / GB:10.2f} GB"
         lines.append(f"{name:42s}{tot:>12s}{local / GB:11.2f} GB")
@@ -149,14 +176,16 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import dsjax
     from sharding.mesh import AXES, parse_mesh_flag
+
     f = flags.FLAGS
     sizes = parse_mesh_flag(f.mesh)
     fixed = math.prod(s for s in sizes.values() if s != -1)
     sizes = {a: (f.num_devices // fixed if s == -1 else s) for a, s in sizes.items()}
     if math.prod(sizes.values()) != f.num_devices:
         raise app.UsageError(f"--mesh={f.mesh} does not use --num_devices={f.num_devices} devices")
-    cfg = dsjax.ModelConfig.preset(f.preset, dtype=f.dtype, param_dtype=f.param_dtype, remat=f.remat,
-                                   moe_capacity_factor=f.capacity_factor)
+    cfg = dsjax.ModelConfig.preset(
+        f.preset, dtype=f.dtype, param_dtype=f.param_dtype, remat=f.remat, moe_capacity_factor=f.capacity_factor
+    )
     print(report(f.preset, cfg, {a: sizes[a] for a in AXES}, f.batch_size, f.seq_len, f.mtp))
 
 

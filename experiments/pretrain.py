@@ -9,6 +9,7 @@
 Checkpoints, metrics.jsonl and TensorBoard logs go under --workdir; rerunning with the same --workdir resumes
 from its latest checkpoint. SIGTERM or Ctrl-C saves a checkpoint and exits cleanly.
 """
+
 import os
 import sys
 
@@ -21,14 +22,21 @@ from sharding.mesh import define_mesh_flags, mesh_from_flags  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file(
-    "config", os.path.join(_HERE, "configs", "tiny.py"),
+    "config",
+    os.path.join(_HERE, "configs", "tiny.py"),
     "Experiment config file (ml_collections). Sections: model (a dsjax.ModelConfig preset plus any of its "
     "fields, e.g. num_hidden_layers, dtype, remat), data (spec, eval_spec, tokenizer, seq_len, batch_size), "
     "optim (lr, warmup_steps, schedule, betas, weight_decay, clip_norm), train (steps, grad_accum, mtp_lambda, "
     "balance_alpha, bias_gamma, log/eval/save intervals, keep, seed). Override any field with "
-    "--config.<section>.<field>=value; experiments/configs/tiny.py documents each field.", lock_config=True)
-flags.DEFINE_string("workdir", "runs/pretrain", "Directory for checkpoints, metrics.jsonl and TensorBoard logs; "
-                    "an existing one is resumed from its latest checkpoint.")
+    "--config.<section>.<field>=value; experiments/configs/tiny.py documents each field.",
+    lock_config=True,
+)
+flags.DEFINE_string(
+    "workdir",
+    "runs/pretrain",
+    "Directory for checkpoints, metrics.jsonl and TensorBoard logs; "
+    "an existing one is resumed from its latest checkpoint.",
+)
 define_mesh_flags()
 
 
@@ -37,6 +45,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     mesh = mesh_from_flags()  # before anything touches a device: multi-host start-up happens here
     from dsjax.train.trainer import train
+
     train(flags.FLAGS.config, flags.FLAGS.workdir, mesh)
 
 

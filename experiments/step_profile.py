@@ -8,6 +8,7 @@ Kernels are read from the trace (`jax.profiler`, perfetto JSON): every device ev
 op's `op_name` (for a fusion: the names of the ops inside it) is matched against COMPONENTS in order; the first
 pattern that matches any of them wins. Defines no flags (used by bench_pretrain.py --profile).
 """
+
 from __future__ import annotations
 
 import collections
@@ -17,6 +18,7 @@ import json
 import os
 import re
 import tempfile
+
 
 # (component, regex on an op_name). Order matters: the first match wins. Names come from the Flax module path
 # (self_attn, mlp/gate, shared_experts, lm_head, ...) and the named scopes in dsjax (attention_core, dispatch,
@@ -42,9 +44,26 @@ COMPONENTS = (
     ("grad accumulation", _scope("accumulate")),
 )
 # HLO opcodes that only move or re-type data: a kernel made of nothing else is a cast/copy, wherever it sits
-_DATA_MOVES = {"convert", "copy", "transpose", "reshape", "broadcast", "bitcast", "parameter", "constant", "slice",
-               "concatenate", "pad", "dynamic-slice", "dynamic-update-slice", "tuple", "get-tuple-element",
-               "bitcast-convert", "copy-start", "copy-done"}
+_DATA_MOVES = {
+    "convert",
+    "copy",
+    "transpose",
+    "reshape",
+    "broadcast",
+    "bitcast",
+    "parameter",
+    "constant",
+    "slice",
+    "concatenate",
+    "pad",
+    "dynamic-slice",
+    "dynamic-update-slice",
+    "tuple",
+    "get-tuple-element",
+    "bitcast-convert",
+    "copy-start",
+    "copy-done",
+}
 _CONTROL = {"while", "call", "conditional"}  # their trace events contain their bodies' kernels
 
 
@@ -101,8 +120,13 @@ def _device_events(trace_dir: str):
         raise RuntimeError(f"no perfetto trace under {trace_dir}")
     data = json.load(gzip.open(sorted(paths)[-1]))
     events = data["traceEvents"] if isinstance(data, dict) else data
-    device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-                   and re.search(r"device:(GPU|TPU)", str(e.get("args", {}).get("name", "")))}
+    device_pids = {
+        e["pid"]
+        for e in events
+        if e.get("ph") == "M"
+        and e.get("name") == "process_name"
+        and re.search(r"device:(GPU|TPU)", str(e.get("args", {}).get("name", "")))
+    }
     out = []
     for e in events:
         if e.get("ph") != "X" or "hlo_op" not in (e.get("args") or {}):
@@ -117,6 +141,7 @@ def profile_components(compiled, call, calls: int = 3, trace_dir: str | None = N
     """Run `call()` `calls` times under the profiler; returns (per-component ms per call, top kernels of each
     component as [(kernel name, ms per call)], total device ms per call)."""
     import jax
+
     trace_dir = trace_dir or tempfile.mkdtemp(prefix="dsjax_trace_")
     jax.block_until_ready(call())
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)

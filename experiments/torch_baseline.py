@@ -6,6 +6,7 @@ randomly initialised with `dtype` weights (bf16 by default: "transformers eager 
 attention, the fastest available experts implementation, and trained with AdamW + grad clipping on random tokens.
 It is the model without MTP: transformers' causal LM has no MTP training path.
 """
+
 from __future__ import annotations
 
 import functools
@@ -49,8 +50,9 @@ def make_config(hf_config: dict):
             kw.pop(m.group(1))
 
 
-def build_model(hf_config: dict, *, experts_implementation: str = "auto", dtype: str = "bfloat16",
-                device: str | None = None):
+def build_model(
+    hf_config: dict, *, experts_implementation: str = "auto", dtype: str = "bfloat16", device: str | None = None
+):
     """Randomly initialised DeepseekV3ForCausalLM on `device`; returns (model, dropped config keys)."""
     torch, transformers = _import()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -82,6 +84,7 @@ def build_model(hf_config: dict, *, experts_implementation: str = "auto", dtype:
 
 def _train_step(model, opt, ids):
     import torch
+
     opt.zero_grad(set_to_none=True)
     loss = model(input_ids=ids, labels=ids).loss  # labels = ids: the model shifts them itself
     loss.backward()
@@ -90,21 +93,30 @@ def _train_step(model, opt, ids):
     return loss
 
 
-def train_throughput(hf_config: dict, batch: int, seq_len: int, steps: int, *, warmup: int = 3,
-                     experts_implementation: str = "auto", dtype: str = "bfloat16", seed: int = 0,
-                     device: str | None = None) -> dict:
+def train_throughput(
+    hf_config: dict,
+    batch: int,
+    seq_len: int,
+    steps: int,
+    *,
+    warmup: int = 3,
+    experts_implementation: str = "auto",
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    device: str | None = None,
+) -> dict:
     """Tokens/s of `steps` timed AdamW train steps after `warmup` (at least 1: the first checks the kernels run)."""
     torch, transformers = _import()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = torch.device(device).type == "cuda"
     torch.manual_seed(seed)
-    model, dropped = build_model(hf_config, experts_implementation=experts_implementation, dtype=dtype,
-                                 device=device)
+    model, dropped = build_model(hf_config, experts_implementation=experts_implementation, dtype=dtype, device=device)
     impl = model.config._experts_implementation or "eager"
     params = model.num_parameters()
     # fused: one kernel for the whole update on CUDA (bf16 and fp32 params alike); None = torch's CPU default
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                            fused=True if cuda else None)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True if cuda else None
+    )
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
 
     step = functools.partial(_train_step, model, opt, ids)

@@ -16,6 +16,7 @@ Logical names
 Flax resolves a name by the first rule whose mesh axes are all still free in that array, so order matters:
 `experts` takes `expert` before `embed` asks for it, and expert weights fall back to the second `embed` rule.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,20 +24,24 @@ import math
 
 import flax.linen as nn
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp", "expert")),
     ("experts", "expert"),
-    ("embed", ("fsdp", "expert")),   # non-expert weights: ZeRO-3 over every batch axis but data
-    ("embed", "fsdp"),               # expert weights: `expert` is taken by the experts axis
+    ("embed", ("fsdp", "expert")),  # non-expert weights: ZeRO-3 over every batch axis but data
+    ("embed", "fsdp"),  # expert weights: `expert` is taken by the experts axis
     ("q_lora", ("fsdp", "expert")),  # a weight with an embed axis splits that one instead (rules go in order)
     ("kv_lora", ("fsdp", "expert")),
     ("vocab", "tensor"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("expert_mlp", "tensor"),
-    ("seq", None), ("act_embed", None), ("layers", None), ("norm", None),
+    ("seq", None),
+    ("act_embed", None),
+    ("layers", None),
+    ("norm", None),
 )
 
 # Keyed by the last one or two components of a parameter's path; scanned segments (`*_layers`) prepend `layers`.
@@ -53,11 +58,11 @@ PARAM_AXES: dict[str, tuple[str | None, ...]] = {
     "gate_proj/kernel": ("embed", "mlp"),
     "up_proj/kernel": ("embed", "mlp"),
     "down_proj/kernel": ("mlp", "embed"),
-    "gate/kernel": ("embed", None),            # router: every token needs every expert's logit
+    "gate/kernel": ("embed", None),  # router: every token needs every expert's logit
     "gate/e_score_correction_bias": (None,),
     "experts_gate_up_proj": ("experts", "embed", "expert_mlp"),
     "experts_down_proj": ("experts", "expert_mlp", "embed"),
-    "eh_proj/kernel": (None, "embed"),          # its input is [embedding; hidden], twice the width
+    "eh_proj/kernel": (None, "embed"),  # its input is [embedding; hidden], twice the width
 }
 
 
@@ -98,14 +103,17 @@ def logical_spec(names, mesh: Mesh, shape=None, rules=RULES) -> P:
 
 def param_specs(params, mesh: Mesh, rules=RULES):
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: logical_spec(param_axes(p, x.ndim), mesh, x.shape, rules), params)
+        lambda p, x: logical_spec(param_axes(p, x.ndim), mesh, x.shape, rules), params
+    )
 
 
 def like_params_specs(tree, params, pspecs):
     """Specs for a tree that holds params-shaped subtrees (optimizer moments): a leaf whose path ends in a
     parameter's path and has its shape gets that parameter's spec; everything else (step counts) is replicated."""
-    by_path = {_keys(p): (x.shape, s) for (p, x), s in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                                                            jax.tree.leaves(pspecs, is_leaf=_is_spec))}
+    by_path = {
+        _keys(p): (x.shape, s)
+        for (p, x), s in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(pspecs, is_leaf=_is_spec))
+    }
 
     def spec(path, x):
         for i in range(len(path)):
@@ -113,6 +121,7 @@ def like_params_specs(tree, params, pspecs):
             if hit is not None and hit[0] == x.shape:
                 return hit[1]
         return P()
+
     return jax.tree_util.tree_map_with_path(spec, tree)
 
 

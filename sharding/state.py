@@ -6,13 +6,15 @@ Any training loop (the pretraining trainer, RL) needs the same four calls:
   step = bind(mesh, jax.jit(step_fn, out_shardings=(pshard, oshard, replicated(mesh))))
   batch = shard_batch(mesh, host_batch)                         # this process's rows -> one global array
 """
+
 from __future__ import annotations
 
 import functools
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sharding.rules import activate, batch_spec, like_params_specs, named, param_specs
 
@@ -45,6 +47,7 @@ def shard_batch(mesh: Mesh | None, batch, batch_dim: int = 0):
         x = np.asarray(x)
         sharding = NamedSharding(mesh, batch_spec(mesh, x.ndim, batch_dim))
         return jax.make_array_from_process_local_data(sharding, x)
+
     return jax.tree.map(put, batch)
 
 
@@ -58,4 +61,5 @@ def bind(mesh: Mesh | None, fn):
     def bound(*args, **kwargs):
         with activate(mesh):
             return fn(*args, **kwargs)
+
     return bound

@@ -6,6 +6,7 @@
 
 XLA_FLAGS must already hold --xla_force_host_platform_device_count=8 (the test sets it).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,10 @@ from dsjax.layers.moe_ops import route, sorted_experts
 from dsjax.layers.moe_parallel import capacity, padded_all_to_all
 from dsjax.model import head_weight
 from dsjax.train.checkpoint import Checkpointer, model_config_dict
+from dsjax.train.loop import model_config
 from dsjax.train.losses import lm_loss
 from dsjax.train.optim import OptimConfig
-from dsjax.train.trainer import make_step_fns, model_config
+from dsjax.train.trainer import make_step_fns
 from experiments.configs import tiny
 from sharding.mesh import make_mesh
 from sharding.rules import activate
@@ -35,8 +37,9 @@ B, T = 8, 32
 
 
 def maxdiff(a, b) -> float:
-    return max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(jax.tree.leaves(a),
-                                                                                    jax.tree.leaves(b)))
+    return max(
+        float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 def copy(tree):
@@ -52,8 +55,12 @@ def model_setup():
     c.optim.schedule, c.optim.warmup_steps = "constant", 0
     cfg = model_config(c)
     params = randomize_params(param_shapes(cfg), seed=1, std=0.1)
-    batch = {"inputs": tokens(B, T, cfg.vocab_size, seed=6), "positions": jnp.broadcast_to(jnp.arange(T), (B, T)),
-             "segment_ids": jnp.ones((B, T), jnp.int32), "loss_mask": jnp.ones((B, T))}
+    batch = {
+        "inputs": tokens(B, T, cfg.vocab_size, seed=6),
+        "positions": jnp.broadcast_to(jnp.arange(T), (B, T)),
+        "segment_ids": jnp.ones((B, T), jnp.int32),
+        "loss_mask": jnp.ones((B, T)),
+    }
     batch["targets"] = jnp.roll(batch["inputs"], -1, axis=1)
     return c, cfg, params, batch
 
@@ -65,8 +72,11 @@ def run_model(flags: list[str], ckpt: str | None) -> dict:
 
     def loss_fn(p, b):
         logits, _, aux = model.apply({"params": p}, b["inputs"], b["positions"], b["segment_ids"])
-        return (lm_loss(aux["hidden"], head_weight(p, cfg), b["targets"], b["loss_mask"])[0],
-                (logits, aux["expert_counts"]))
+        return (
+            lm_loss(aux["hidden"], head_weight(p, cfg), b["targets"], b["loss_mask"])[0],
+            (logits, aux["expert_counts"]),
+        )
+
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss0, (logits0, counts0)), grads0 = jax.jit(grad_fn)(params, batch)
     step0, _, _, tx = make_step_fns(cfg, c, ocfg)
@@ -76,12 +86,21 @@ def run_model(flags: list[str], ckpt: str | None) -> dict:
     bias = lambda p: p["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"]  # noqa: E731
     # Each device's own rows would move the bias differently from the whole batch: the loads are uneven.
     rows = jax.jit(lambda p, b: loss_fn(p, b)[1][1])
-    local = [np.asarray(rows(params, jax.tree.map(lambda x: x[i:i + 1], batch))) for i in range(B)]
-    local_signs_differ = any((np.sign(x.mean(-1, keepdims=True) - x) != np.sign(
-        np.asarray(counts0).mean(-1, keepdims=True) - np.asarray(counts0))).any() for x in local)
+    local = [np.asarray(rows(params, jax.tree.map(lambda x, i=i: x[i : i + 1], batch))) for i in range(B)]
+    local_signs_differ = any(
+        (
+            np.sign(x.mean(-1, keepdims=True) - x)
+            != np.sign(np.asarray(counts0).mean(-1, keepdims=True) - np.asarray(counts0))
+        ).any()
+        for x in local
+    )
 
-    out = {"ref_loss": float(loss0), "local_signs_differ": bool(local_signs_differ),
-           "bias_moved": maxdiff(bias(ref1[0]), bias(params)), "meshes": {}}
+    out = {
+        "ref_loss": float(loss0),
+        "local_signs_differ": bool(local_signs_differ),
+        "bias_moved": maxdiff(bias(ref1[0]), bias(params)),
+        "meshes": {},
+    }
     state = None
     for flag in flags:
         mesh = make_mesh(flag)
@@ -94,14 +113,18 @@ def run_model(flags: list[str], ckpt: str | None) -> dict:
         p1, o1, m1 = step(p, o, np.int32(0), shard_batch(mesh, micro, batch_dim=1))
         experts = p1["moe_layers"]["mlp"]["experts_gate_up_proj"].sharding.spec
         out["meshes"][flag] = {
-            "logits": maxdiff(logits, logits0), "grads": maxdiff(grads, grads0), "loss": abs(float(loss - loss0)),
+            "logits": maxdiff(logits, logits0),
+            "grads": maxdiff(grads, grads0),
+            "loss": abs(float(loss - loss0)),
             "grad_scale": max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads0)),
             "counts_equal": bool((np.asarray(counts) == np.asarray(counts0)).all()),
             "step_loss": abs(float(m1["loss"] - ref1[2]["loss"])),
             "grad_norm": abs(float(m1["grad_norm"] - ref1[2]["grad_norm"])),
-            "bias": maxdiff(bias(p1), bias(ref1[0])), "all_to_all": "all_to_all" in hlo,
-            "expert_spec": str(experts), "lm_head_moment_spec": str(
-                o1[1].inner_states["decay"].inner_state[0].mu["lm_head"].sharding.spec)}
+            "bias": maxdiff(bias(p1), bias(ref1[0])),
+            "all_to_all": "all_to_all" in hlo,
+            "expert_spec": str(experts),
+            "lm_head_moment_spec": str(o1[1].inner_states["decay"].inner_state[0].mu["lm_head"].sharding.spec),
+        }
         state = (mesh, step, p1, o1)
     if ckpt:  # written under the last mesh, restored under the first, trained one more step there
         mesh, _, p1, o1 = state
@@ -116,8 +139,11 @@ def run_model(flags: list[str], ckpt: str | None) -> dict:
         same_layout = all(x.sharding == y.sharding for x, y in zip(jax.tree.leaves(rp), jax.tree.leaves(like_p)))
         values = maxdiff(rp, p1) + maxdiff(ro, o1)
         _, _, m2 = step(rp, ro, np.int32(1), shard_batch(first, micro, batch_dim=1))
-        out["restore"] = {"values": values, "layout_is_new_mesh": same_layout,
-                          "next_step_loss": abs(float(m2["loss"] - ref2[2]["loss"]))}
+        out["restore"] = {
+            "values": values,
+            "layout_is_new_mesh": same_layout,
+            "next_step_loss": abs(float(m2["loss"] - ref2[2]["loss"])),
+        }
         np.save(f"{ckpt}/lm_head.npy", np.asarray(p1["lm_head"]))
     return out
 
@@ -166,17 +192,18 @@ def ragged_semantics(operand, output, in_off, send, out_off, recv):
     for src in range(n):
         for i in range(k):
             dst = i // per
-            result[dst][out_off[src][i]:out_off[src][i] + send[src][i]] = \
-                operand[src][in_off[src][i]:in_off[src][i] + send[src][i]]
+            result[dst][out_off[src][i] : out_off[src][i] + send[src][i]] = operand[src][
+                in_off[src][i] : in_off[src][i] + send[src][i]
+            ]
     return result
 
 
 def check_padded_all_to_all() -> float:
     mesh = make_mesh("expert:4", jax.devices()[:4])
     rng = np.random.RandomState(0)
-    rows, per = 12, 2                    # 4 devices x 2 slices each
+    rows, per = 12, 2  # 4 devices x 2 slices each
     send = rng.randint(0, 3, (4, 8))
-    recv = send.reshape(4, 4, per).transpose(1, 0, 2).reshape(4, 8)   # recv[d][s*per+j] = send[s][d*per+j]
+    recv = send.reshape(4, 4, per).transpose(1, 0, 2).reshape(4, 8)  # recv[d][s*per+j] = send[s][d*per+j]
     in_off = np.stack([np.concatenate([[0], np.cumsum(s)[:-1]]) for s in send])  # packed, in slice order
     # each receiver writes sender s's j-th slice after everything from lower senders, with a gap of one row
     out_off = np.zeros((4, 8), int)
@@ -190,10 +217,18 @@ def check_padded_all_to_all() -> float:
     output = np.full((4, 40, 3), -7.0, np.float32)
     want = ragged_semantics(operand, output, in_off, send, out_off, recv)
     spec = jax.sharding.PartitionSpec("expert")
-    f = jax.shard_map(lambda *a: padded_all_to_all(*[v[0] for v in a], axis_name="expert", peer_rows=8)[None],
-                      mesh=mesh, in_specs=(spec,) * 6, out_specs=spec)
-    got = jax.jit(f)(*[jnp.asarray(v, jnp.int32 if v.dtype.kind == "i" else jnp.float32)
-                       for v in (operand, output, in_off, send, out_off, recv)])
+    f = jax.shard_map(
+        lambda *a: padded_all_to_all(*[v[0] for v in a], axis_name="expert", peer_rows=8)[None],
+        mesh=mesh,
+        in_specs=(spec,) * 6,
+        out_specs=spec,
+    )
+    got = jax.jit(f)(
+        *[
+            jnp.asarray(v, jnp.int32 if v.dtype.kind == "i" else jnp.float32)
+            for v in (operand, output, in_off, send, out_off, recv)
+        ]
+    )
     return float(np.abs(np.asarray(got) - np.stack(want)).max())
 
 
@@ -225,9 +260,11 @@ def run_moe() -> dict:
         unlimited = reference_moe(lim_cfg, lim_params, x)[1]
         y, _ = on_mesh("data:2,expert:4", lim_layer, lim_params, x)
         devices = np.asarray(r.indices) // (lim_cfg.n_routed_experts // 4)
-        out[f"limit {m}"] = {"err": float(jnp.abs(y - want).max()),
-                             "max_devices": int(max(len(set(row)) for row in devices.tolist())),
-                             "changed_routing": bool((np.asarray(unlimited.indices) != np.asarray(r.indices)).any())}
+        out[f"limit {m}"] = {
+            "err": float(jnp.abs(y - want).max()),
+            "max_devices": int(max(len(set(row)) for row in devices.tolist())),
+            "changed_routing": bool((np.asarray(unlimited.indices) != np.asarray(r.indices)).any()),
+        }
     return out
 
 
@@ -250,8 +287,11 @@ def run_grpo(workdir: str) -> dict:
         summary = grpo_train(config(), f"{workdir}/{name}", mesh)
         with open(f"{workdir}/{name}/metrics.jsonl") as f:
             rows = [r for r in map(json.loads, f) if r["split"] == "train"]
-        out[name] = {"steps": summary["step"], "pass_before": summary["pass@1/before"],
-                     **{k: [r[k] for r in rows] for k in ("reward/mean", "loss", "kl", "logprob_gap")}}
+        out[name] = {
+            "steps": summary["step"],
+            "pass_before": summary["pass@1/before"],
+            **{k: [r[k] for r in rows] for k in ("reward/mean", "loss", "kl", "logprob_gap")},
+        }
     return out
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random HF checkpoints (transformers) and randomised dsjax params."""
+
 from __future__ import annotations
 
 import os
@@ -7,8 +8,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Test models are tiny: LLVM optimisation buys nothing at run time and doubles XLA's CPU compile time.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 # Subprocess tests (kill / resume / SIGTERM) compile the same train step as in-process runs: share the work.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    os.environ.get("TMPDIR", "/tmp"), f"dsjax-test-jax-cache-{os.getuid()}"))
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), f"dsjax-test-jax-cache-{os.getuid()}")
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax
@@ -18,29 +20,72 @@ import pytest
 
 import dsjax
 
-YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
-        "beta_fast": 32, "beta_slow": 1}
+YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 16,
+    "beta_fast": 32,
+    "beta_slow": 1,
+}
 
 
 def hf_v3_config(**kw):
     from transformers import DeepseekV3Config
-    args = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
-                first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32,
-                kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
-                num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5,
-                max_position_embeddings=512, num_mtp_layers=0,
-                rope_parameters={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0})
+
+    args = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        n_group=4,
+        topk_group=2,
+        n_shared_experts=1,
+        routed_scaling_factor=2.5,
+        max_position_embeddings=512,
+        num_mtp_layers=0,
+        rope_parameters={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
+    )
     args.update(kw)
     return DeepseekV3Config(**args)
 
 
 def hf_v2_config(**kw):
     from transformers import DeepseekV2Config
-    args = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
-                first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=None, kv_lora_rank=32,
-                qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=3,
-                n_shared_experts=2, routed_scaling_factor=1.0, topk_method="greedy", norm_topk_prob=False,
-                max_position_embeddings=512, rope_parameters={**YARN, "mscale": 0.707, "mscale_all_dim": 0.707})
+
+    args = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        q_lora_rank=None,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        n_shared_experts=2,
+        routed_scaling_factor=1.0,
+        topk_method="greedy",
+        norm_topk_prob=False,
+        max_position_embeddings=512,
+        rope_parameters={**YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
+    )
     args.update(kw)
     return DeepseekV2Config(**args)
 
@@ -48,6 +93,7 @@ def hf_v2_config(**kw):
 def randomize_torch(model, seed=0):
     """All weights random (norms around 1), router correction bias non-zero: nothing is left at its init."""
     import torch
+
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -84,6 +130,7 @@ def param_shapes(cfg):
 
 def build_hf(tmp_path_factory, cfg, cls_name, seed, name):
     import transformers
+
     cls = getattr(transformers, cls_name)
     cfg._attn_implementation = "eager"
     model = randomize_torch(cls(cfg).eval(), seed)

@@ -1,5 +1,6 @@
 """Full attention implementations (XLA reference, TPU splash in interpret mode, cuDNN's packed-document layout) and
 the one place "auto" runtime knobs are resolved (dsjax/runtime.py)."""
+
 from __future__ import annotations
 
 import types
@@ -31,8 +32,11 @@ def reference(q, k, v, segment_ids, scale):
 
 def qkv(b, t, h, dqk, dv, seed=0, dtype=jnp.float32):
     ks = jax.random.split(jax.random.key(seed), 3)
-    return (jax.random.normal(ks[0], (b, t, h, dqk)).astype(dtype), jax.random.normal(ks[1], (b, t, h, dqk)).astype(
-        dtype), jax.random.normal(ks[2], (b, t, h, dv)).astype(dtype))
+    return (
+        jax.random.normal(ks[0], (b, t, h, dqk)).astype(dtype),
+        jax.random.normal(ks[1], (b, t, h, dqk)).astype(dtype),
+        jax.random.normal(ks[2], (b, t, h, dv)).astype(dtype),
+    )
 
 
 def documents(t, bounds_per_row):
@@ -50,8 +54,9 @@ SEGS = ((50, 150), (128, 131))  # 3 documents per row, boundaries not block alig
 def test_xla_attention_matches_reference():
     q, k, v = qkv(2, 40, 3, 24, 16)
     seg = documents(40, ((7, 30), (20,)))
-    np.testing.assert_allclose(xla_attention(q, k, v, causal_mask(seg, 40), SCALE), reference(q, k, v, seg, SCALE),
-                               atol=2e-5)
+    np.testing.assert_allclose(
+        xla_attention(q, k, v, causal_mask(seg, 40), SCALE), reference(q, k, v, seg, SCALE), atol=2e-5
+    )
     np.testing.assert_allclose(attention(q, k, v, None, SCALE, "xla"), reference(q, k, v, None, SCALE), atol=2e-5)
     with pytest.raises(ValueError, match="not resolved"):
         attention(q, k, v, None, SCALE, "auto")
@@ -70,8 +75,11 @@ def test_splash_forward_and_gradients(with_docs):
     q, k, v = qkv(2, 256, 2, 24, 16, seed=3)
     ct = jax.random.normal(jax.random.key(9), (2, 256, 2, 16))
     loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * ct)  # noqa: E731
-    ours = jax.jit(jax.grad(loss(lambda q, k, v: splash_attention(q, k, v, seg, SCALE, interpret=True, block=128)),
-                            argnums=(0, 1, 2)))(q, k, v)
+    ours = jax.jit(
+        jax.grad(
+            loss(lambda q, k, v: splash_attention(q, k, v, seg, SCALE, interpret=True, block=128)), argnums=(0, 1, 2)
+        )
+    )(q, k, v)
     want = jax.grad(loss(lambda q, k, v: reference(q, k, v, seg, SCALE)), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(ours, want):
         np.testing.assert_allclose(a, b, atol=2e-5)
@@ -101,12 +109,15 @@ def fake_devices(platform, n=2):
     return [types.SimpleNamespace(platform=platform, device_kind=f"fake {platform}") for _ in range(n)]
 
 
-@pytest.mark.parametrize("platform, dtype, want", [
-    ("gpu", "bfloat16", dict(attention_impl="cudnn", moe_backend="gmm", moe_dispatch="ragged")),
-    ("gpu", "float32", dict(attention_impl="xla", moe_backend="gmm", moe_dispatch="ragged")),  # cuDNN: 16-bit only
-    ("tpu", "bfloat16", dict(attention_impl="splash", moe_backend="gmm", moe_dispatch="ragged")),
-    ("cpu", "bfloat16", dict(attention_impl="xla", moe_backend="ragged_dot", moe_dispatch="padded")),
-])
+@pytest.mark.parametrize(
+    "platform, dtype, want",
+    [
+        ("gpu", "bfloat16", dict(attention_impl="cudnn", moe_backend="gmm", moe_dispatch="ragged")),
+        ("gpu", "float32", dict(attention_impl="xla", moe_backend="gmm", moe_dispatch="ragged")),  # cuDNN: 16-bit only
+        ("tpu", "bfloat16", dict(attention_impl="splash", moe_backend="gmm", moe_dispatch="ragged")),
+        ("cpu", "bfloat16", dict(attention_impl="xla", moe_backend="ragged_dot", moe_dispatch="padded")),
+    ],
+)
 def test_auto_resolves_from_the_target_devices(platform, dtype, want):
     cfg = dsjax.ModelConfig.preset("small", dtype=dtype)
     assert cfg.attention_impl == cfg.moe_backend == cfg.platform == "auto"  # every preset's default

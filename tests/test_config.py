@@ -1,4 +1,5 @@
 """ModelConfig: presets, HF config.json round trip, validation errors that name the field."""
+
 import json
 
 import pytest
@@ -18,8 +19,15 @@ def test_preset_hf_roundtrip(name):
 def test_reads_legacy_rope_scaling_and_rope_parameters():
     base = ModelConfig.preset("deepseek-v3-671b").to_hf()
     legacy = {k: v for k, v in base.items() if k != "rope_parameters"}
-    legacy["rope_scaling"] = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
-                              "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+    legacy["rope_scaling"] = {
+        "type": "yarn",
+        "factor": 40,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    }
     legacy["rope_theta"] = 10000
     modern = {k: v for k, v in base.items() if k != "rope_scaling"}
     assert ModelConfig.from_hf(legacy) == ModelConfig.from_hf(modern) == ModelConfig.preset("deepseek-v3-671b")
@@ -36,31 +44,39 @@ def test_v3_facts():
 
 def test_small_preset_matches_baseline_model():
     cfg = ModelConfig.preset("small")
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.first_k_dense_replace, cfg.num_attention_heads) == \
-        (1024, 12, 1, 16)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.first_k_dense_replace, cfg.num_attention_heads) == (
+        1024,
+        12,
+        1,
+        16,
+    )
     assert (cfg.q_lora_rank, cfg.kv_lora_rank, cfg.n_routed_experts, cfg.num_experts_per_tok) == (384, 512, 64, 6)
     assert (cfg.n_group, cfg.topk_group, cfg.vocab_size, cfg.num_nextn_predict_layers) == (8, 4, 129280, 1)
     counts = cfg.param_counts()
-    assert counts["total_without_mtp"] == 1_475_055_808      # BASELINES.md: 1.48B
-    assert counts["active_per_token"] == 339_184_128          # BASELINES.md: 339M (incl. lm_head)
+    assert counts["total_without_mtp"] == 1_475_055_808  # BASELINES.md: 1.48B
+    assert counts["active_per_token"] == 339_184_128  # BASELINES.md: 339M (incl. lm_head)
 
 
 def test_transformers_config_object():
     from transformers import DeepseekV3Config
+
     hc = DeepseekV3Config.from_dict(ModelConfig.preset("tiny").to_hf())
     assert ModelConfig.from_hf(hc) == ModelConfig.preset("tiny")
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (dict(n_routed_experts=10, n_group=4), "n_group"),
-    (dict(topk_group=5, n_group=4), "topk_group"),
-    (dict(num_experts_per_tok=5, n_group=4, topk_group=2), "num_experts_per_tok"),
-    (dict(first_k_dense_replace=4), "first_k_dense_replace"),
-    (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
-    (dict(scoring_func="relu"), "scoring_func"),
-    (dict(moe_backend="magic"), "moe_backend"),
-    (dict(num_experts_per_tok=9), "num_experts_per_tok"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(n_routed_experts=10, n_group=4), "n_group"),
+        (dict(topk_group=5, n_group=4), "topk_group"),
+        (dict(num_experts_per_tok=5, n_group=4, topk_group=2), "num_experts_per_tok"),
+        (dict(first_k_dense_replace=4), "first_k_dense_replace"),
+        (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
+        (dict(scoring_func="relu"), "scoring_func"),
+        (dict(moe_backend="magic"), "moe_backend"),
+        (dict(num_experts_per_tok=9), "num_experts_per_tok"),
+    ],
+)
 def test_validation_names_field(overrides, field):
     with pytest.raises(ValueError, match=rf"ModelConfig\.{field}:"):
         ModelConfig.preset("tiny", **overrides)
@@ -89,11 +105,19 @@ def test_runtime_fields_declared_once():
     (decode_attention_impl was once treated as architecture and blocked resuming with a different decode path)."""
     from dsjax.config import RUNTIME_FIELDS
     from dsjax.train.checkpoint import config_mismatch, model_config_dict, model_config_from_dict
+
     cfg = dsjax.ModelConfig.preset("tiny")
     assert {"dtype", "platform", "attention_impl", "decode_attention_impl", "moe_dispatch"} <= set(RUNTIME_FIELDS)
     assert not set(RUNTIME_FIELDS) & set(cfg.to_hf())
-    other = cfg.replace(**{"decode_attention_impl": "contiguous", "dtype": "bfloat16", "platform": "cpu",
-                           "attention_impl": "xla", "moe_capacity_factor": 1.5})
+    other = cfg.replace(
+        **{
+            "decode_attention_impl": "contiguous",
+            "dtype": "bfloat16",
+            "platform": "cpu",
+            "attention_impl": "xla",
+            "moe_capacity_factor": 1.5,
+        }
+    )
     assert config_mismatch(cfg, other) == []
     assert config_mismatch(cfg, cfg.replace(hidden_size=32)) != []
     assert model_config_from_dict(model_config_dict(other)) == other

@@ -11,6 +11,7 @@ Acceptance map (issue 9):
   pickles refused unless allowed, then weights_only                   test_pickle_policy
   peak RSS bounded on a ~2 GB multi-shard checkpoint                  test_memory_bounded_on_2gb_checkpoint
 """
+
 from __future__ import annotations
 
 import filecmp
@@ -41,9 +42,18 @@ SHARD = 600_000  # bytes: the tiny checkpoints below come out as 3-5 shards with
 
 def _cfg():
     # kv_lora_rank 512 + rope 64 = 576 rows in kv_a_proj_with_mqa (scale [5, 2]: ragged rows and columns)
-    return dsjax.ModelConfig.preset("tiny", hidden_size=160, kv_lora_rank=512, qk_rope_head_dim=64,
-                                    qk_nope_head_dim=16, v_head_dim=16, num_attention_heads=2, q_lora_rank=96,
-                                    intermediate_size=192, moe_intermediate_size=48)
+    return dsjax.ModelConfig.preset(
+        "tiny",
+        hidden_size=160,
+        kv_lora_rank=512,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        num_attention_heads=2,
+        q_lora_rank=96,
+        intermediate_size=192,
+        moe_intermediate_size=48,
+    )
 
 
 def _flat(params) -> dict[str, np.ndarray]:
@@ -87,15 +97,15 @@ def _logits(cfg, params, tok):
 def test_fp8_block_math():
     rng = np.random.RandomState(0)
     w = (rng.standard_normal((576, 200)) * 0.05).astype(BF16)
-    w[130:140, 128:] = 0                                   # an all-zero corner inside a block
+    w[130:140, 128:] = 0  # an all-zero corner inside a block
     q, s = fp8.quantize(w)
     assert q.dtype == fp8.E4M3 and s.dtype == np.float32 and s.shape == (5, 2)
-    per = np.kron(s, np.ones((128, 128), np.float32))[:576, :200]   # the format, written out naively
+    per = np.kron(s, np.ones((128, 128), np.float32))[:576, :200]  # the format, written out naively
     ref = (q.astype(np.float32) * per).astype(BF16)
     deq = fp8.dequantize(q, s, BF16)
     np.testing.assert_array_equal(deq.view(np.uint16), ref.view(np.uint16))  # bit-identical to the definition
     err = np.abs(deq.astype(np.float32) - w.astype(np.float32))
-    assert (err <= fp8.error_bound(w, s) + np.abs(w.astype(np.float32)) * 2.0 ** -8).all()
+    assert (err <= fp8.error_bound(w, s) + np.abs(w.astype(np.float32)) * 2.0**-8).all()
     blocks = np.abs(q.astype(np.float32))
     assert blocks[:128, :128].max() == 448 and blocks[512:, 128:].max() == 448  # ragged edge blocks use the range
     # idempotent: re-quantizing the dequantized weights gives the same codes and scales
@@ -106,7 +116,7 @@ def test_fp8_block_math():
     s3 = s * rng.uniform(0.9, 1.1, s.shape).astype(np.float32)
     q3, s4 = fp8.quantize(fp8.dequantize(q, s3, BF16))
     np.testing.assert_array_equal(q3.view(np.uint8), q.view(np.uint8))
-    assert np.abs(s4 / s3 - 1).max() <= 2.0 ** -8
+    assert np.abs(s4 / s3 - 1).max() <= 2.0**-8
     # the fast float32 -> e4m3 rounding equals ml_dtypes' on every e4m3 value, every midpoint and its neighbours
     v = np.unique(np.abs(np.arange(256, dtype=np.uint8).view(fp8.E4M3).astype(np.float32)))
     v = v[np.isfinite(v)]
@@ -136,7 +146,7 @@ def test_fp8_checkpoint_converts_within_bounds(model):
             continue
         quantized += 1  # an FP8 tensor: every element inside the e4m3 bound (+ the bf16 rounding of the output)
         assert "kernel" in path or "experts" in path, path
-        bound = np.abs(w) * (2.0 ** -4 + 2.0 ** -8) + np.abs(w).max() / 448 * 2.0 ** -10 * 2
+        bound = np.abs(w) * (2.0**-4 + 2.0**-8) + np.abs(w).max() / 448 * 2.0**-10 * 2
         assert (np.abs(g - w) <= bound).all(), path
     assert quantized >= 14
     tok = tokens(2, 24, cfg.vocab_size, seed=5)
@@ -158,6 +168,7 @@ def test_bf16_roundtrip_is_byte_identical(model, tmp_path):
     assert not mismatch and not errors, mismatch
     # transformers loads the export (from_pretrained) and agrees with dsjax on the Orbax side
     from dsjax.convert.verify import verify
+
     r = verify(back, ob)
     assert r["max_abs_gap"] <= 1e-4, r
 
@@ -170,7 +181,7 @@ def test_fp8_export_roundtrips(model, tmp_path):
     files = sorted(os.listdir(model["fp8"]))
     assert files == sorted(os.listdir(out))
     _, mismatch, errors = filecmp.cmpfiles(model["fp8"], out, files, shallow=False)
-    assert not mismatch and not errors, mismatch   # FP8 -> bf16 Orbax -> FP8: the same bytes
+    assert not mismatch and not errors, mismatch  # FP8 -> bf16 Orbax -> FP8: the same bytes
     mtp = f"model.layers.{model['cfg'].num_hidden_layers}."
     with HFSource(out) as f:  # the MTP layer: its block in FP8, its own projections and head copies in bf16
         assert f.dtype(mtp + "mlp.experts.0.up_proj.weight") == fp8.E4M3
@@ -183,7 +194,7 @@ def test_cli_mesh_layout_and_sharded_restore(model, tmp_path):
     script = f"""
 import json, runpy, sys
 import jax, numpy as np
-sys.argv = ["convert.py", "--to=orbax", "--hf_dir={model['fp8']}", "--out={out}", "--mesh=expert:4,tensor:2",
+sys.argv = ["convert.py", "--to=orbax", "--hf_dir={model["fp8"]}", "--out={out}", "--mesh=expert:4,tensor:2",
             "--progress_every=60"]
 try:
     runpy.run_path("{ROOT}/experiments/convert.py", run_name="__main__")
@@ -196,7 +207,7 @@ r = ParamsReader("{out}/params")
 chunks = {{p: list(r.array(p).chunk_layout.read_chunk.shape) for p in r.paths}}
 mesh = make_mesh("expert:4,tensor:2")
 _, sharded = load_for_inference("{out}", mesh=mesh)
-_, single = load_for_inference("{model['orbax_fp8']}")
+_, single = load_for_inference("{model["orbax_fp8"]}")
 leaf = sharded["moe_layers"]["mlp"]["experts_gate_up_proj"]
 pairs = zip(jax.tree.leaves(sharded), jax.tree.leaves(single))
 same = all(bool((np.asarray(a) == np.asarray(b)).all()) for a, b in pairs)
@@ -217,6 +228,7 @@ print("RESULT " + json.dumps({{"chunks": chunks, "spec": list(leaf.sharding.spec
 
 def test_trainer_checkpoint_to_hf(tmp_path):
     from dsjax.train.checkpoint import Checkpointer, model_config_dict
+
     cfg = dsjax.ModelConfig.preset("tiny")
     params = randomize_params(param_shapes(cfg), seed=2, std=0.1)
     ck = Checkpointer(str(tmp_path / "run"), async_save=False)
@@ -273,19 +285,40 @@ def _config(d):
 
 
 BAD = {
-    "missing_shard": (None, _missing_shard, FileNotFoundError,
-                      r"model-00002-of-00004\.safetensors: shard listed in .* is missing \(it holds tensor 'model\."),
+    "missing_shard": (
+        None,
+        _missing_shard,
+        FileNotFoundError,
+        r"model-00002-of-00004\.safetensors: shard listed in .* is missing \(it holds tensor 'model\.",
+    ),
     "truncated": (None, _truncate, ValueError, r"model-00003-of-00004\.safetensors: tensor '.*' ends at .*truncated"),
-    "missing_scale": (lambda t: t[_file_of(t, KV + "_scale_inv")].pop(KV + "_scale_inv"), None, KeyError,
-                      r"model-0000\d-of-00004\.safetensors: FP8 tensor '" + KV.replace(".", r"\.") + "' has no block"),
-    "wrong_shape": (lambda t: t[_file_of(t, UP)].update({UP: t[_file_of(t, UP)][UP][:, :-1]}), None, ValueError,
-                    r"safetensors: tensor '" + UP.replace(".", r"\.") + r"' has shape \(48, 159\), but the config "
-                    r"needs \(48, 160\)"),
-    "unknown_name": (lambda t: t[_file_of(t, UP)].update({"model.layers.0.self_attn.bogus.weight": np.zeros(3, BF16)}),
-                     None, ValueError, r"unexpected tensors for this config: \['model\.layers\.0\.self_attn\.bogus"
-                     r"\.weight'\] \(first in .*model-0000\d-of-00004\.safetensors"),
-    "config_mismatch": (None, _config, ValueError, r"safetensors: tensor 'model\.layers\.1\.mlp\.experts\.0\.gate_proj"
-                        r"\.weight' has shape \(48, 160\), but the config needs \(40, 160\) \(does config\.json"),
+    "missing_scale": (
+        lambda t: t[_file_of(t, KV + "_scale_inv")].pop(KV + "_scale_inv"),
+        None,
+        KeyError,
+        r"model-0000\d-of-00004\.safetensors: FP8 tensor '" + KV.replace(".", r"\.") + "' has no block",
+    ),
+    "wrong_shape": (
+        lambda t: t[_file_of(t, UP)].update({UP: t[_file_of(t, UP)][UP][:, :-1]}),
+        None,
+        ValueError,
+        r"safetensors: tensor '" + UP.replace(".", r"\.") + r"' has shape \(48, 159\), but the config "
+        r"needs \(48, 160\)",
+    ),
+    "unknown_name": (
+        lambda t: t[_file_of(t, UP)].update({"model.layers.0.self_attn.bogus.weight": np.zeros(3, BF16)}),
+        None,
+        ValueError,
+        r"unexpected tensors for this config: \['model\.layers\.0\.self_attn\.bogus"
+        r"\.weight'\] \(first in .*model-0000\d-of-00004\.safetensors",
+    ),
+    "config_mismatch": (
+        None,
+        _config,
+        ValueError,
+        r"safetensors: tensor 'model\.layers\.1\.mlp\.experts\.0\.gate_proj"
+        r"\.weight' has shape \(48, 160\), but the config needs \(40, 160\) \(does config\.json",
+    ),
 }
 
 
@@ -301,6 +334,7 @@ def test_bad_input(model, tmp_path, case, monkeypatch):
             if len(calls) == 40:
                 raise OSError(f"{source.file_of(unit.names[0])}: I/O error reading {unit.names[0]!r}")
             return _real(source, unit, dtype)
+
         monkeypatch.setattr(stream.hf, "read_unit", flaky)
         err, pattern = OSError, r"safetensors: I/O error reading 'model\."
     else:
@@ -317,6 +351,7 @@ def test_bad_input(model, tmp_path, case, monkeypatch):
 
 def test_pickle_policy(model, tmp_path):
     import torch
+
     src = str(tmp_path / "pt")
     os.makedirs(src)
     shutil.copy(os.path.join(model["bf16"], "config.json"), src)
@@ -325,8 +360,9 @@ def test_pickle_policy(model, tmp_path):
         with st.SafetensorsFile(os.path.join(model["bf16"], fname)) as f:
             for k in f.keys():
                 a = np.array(f.get(k))
-                sd[k] = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype == BF16 else \
-                    torch.from_numpy(a)
+                sd[k] = (
+                    torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype == BF16 else torch.from_numpy(a)
+                )
     torch.save(sd, os.path.join(src, "pytorch_model.bin"))
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: pickled PyTorch checkpoints .* --allow_pickle"):
         stream.hf_to_orbax(src, str(tmp_path / "refused"), every=60)
@@ -351,11 +387,14 @@ def test_memory_bounded_on_2gb_checkpoint(tmp_path):
     under the checkpoint's size. What it holds: `workers` (4) units in flight, the largest here the 64 MB embedding /
     lm_head, plus TensorStore's 256 MB write-behind, plus reads, transposes and FP8 scratch of one unit each."""
     from experiments.bench_convert import make_synthetic, measure
+
     src = str(tmp_path / "hf")
     size = make_synthetic(src, max_shard_bytes=512 << 20)
     assert size > 2e9 and os.path.exists(os.path.join(src, st.INDEX))
     r = measure("orbax", src, str(tmp_path / "orbax"))
-    print(f"HF -> Orbax: {size / 1e9:.2f} GB, {r['gb_per_s']:.3f} GB/s, peak RSS {r['peak_rss_mb']:.0f} MB "
-          f"(after imports {r['import_rss_mb']:.0f} MB)")
+    print(
+        f"HF -> Orbax: {size / 1e9:.2f} GB, {r['gb_per_s']:.3f} GB/s, peak RSS {r['peak_rss_mb']:.0f} MB "
+        f"(after imports {r['import_rss_mb']:.0f} MB)"
+    )
     assert r["peak_rss_mb"] < RSS_BOUND_MB
     assert (r["peak_rss_mb"] - r["import_rss_mb"]) * 2**20 < 0.4 * size

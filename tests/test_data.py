@@ -1,4 +1,5 @@
 """Data pipeline: sources, split, packing, batches, resume, sharding, errors, bits-per-byte counts."""
+
 import collections
 import json
 import re
@@ -63,8 +64,13 @@ def test_packing_exact_rows():
     assert b["positions"].tolist() == [[0, 1, 2, 0], [0, 1, 2, 3], [0, 1, 0, 1]]
     assert b["num_bytes"].tolist() == [3, 4, 2]
     assert {k: v.dtype for k, v in b.items()} == {
-        "inputs": np.int32, "targets": np.int32, "segment_ids": np.int32, "positions": np.int32,
-        "loss_mask": np.float32, "num_bytes": np.int32}
+        "inputs": np.int32,
+        "targets": np.int32,
+        "segment_ids": np.int32,
+        "positions": np.int32,
+        "loss_mask": np.float32,
+        "num_bytes": np.int32,
+    }
 
 
 @pytest.mark.parametrize("row_len", [2, 3, 7, 64])
@@ -72,8 +78,7 @@ def test_packing_trains_every_pair_once(row_len):
     rng = np.random.default_rng(row_len)
     docs = [rng.integers(1, 200, rng.integers(1, 40)) for _ in range(30)]
     rows = _pack(docs, row_len)
-    b = data.make_batch(*(np.stack([r[k] for r in rows]) for k in ("tokens", "segment_ids", "positions")),
-                        BYTE_TABLE)
+    b = data.make_batch(*(np.stack([r[k] for r in rows]) for k in ("tokens", "segment_ids", "positions")), BYTE_TABLE)
     m = b["loss_mask"] > 0
     trained = collections.Counter(zip(b["inputs"][m].tolist(), b["targets"][m].tolist()))
     expected = collections.Counter(p for d in docs for p in zip(d[:-1].tolist(), d[1:].tolist()))
@@ -129,10 +134,10 @@ def test_resume_across_epochs_and_reshuffle(tmp_path):
     for k in (5, 23, 41):
         fresh, _, _ = data.make_datasets(str(d), **kw)
         fresh.set_state(states[k])
-        _assert_same(_take(fresh, 10), batches[k:k + 10])
+        _assert_same(_take(fresh, 10), batches[k : k + 10])
     # The (bos -> first letter) pair is trained once per document start, so it reveals the document order.
     order = [int(t) - 65 for b in batches for t in b["targets"][(b["inputs"] == 257) & (b["loss_mask"] > 0)]]
-    epochs = [tuple(order[i:i + 12]) for i in range(0, len(order) - 11, 12)]
+    epochs = [tuple(order[i : i + 12]) for i in range(0, len(order) - 11, 12)]
     assert len(epochs) >= 3 and all(sorted(e) == list(range(12)) for e in epochs)
     assert len(set(epochs)) == len(epochs)  # a new permutation every epoch
 
@@ -141,8 +146,9 @@ def test_shards_disjoint(tmp_path):
     d = _write_docs(tmp_path, [f"<{i:02d}>" for i in range(20)])
     seen = []
     for shard in range(2):
-        it, _, _ = data.make_datasets(str(d / "*.txt"), seq_len=8, batch_size=4, shard_index=shard,
-                                      shard_count=2, eval_fraction=0.1)
+        it, _, _ = data.make_datasets(
+            str(d / "*.txt"), seq_len=8, batch_size=4, shard_index=shard, shard_count=2, eval_fraction=0.1
+        )
         tok = ByteTokenizer()
         # Pieces of split documents are ignored; whole documents identify the shard's share.
         texts = (tok.decode(s) for b in _take(it, 20) for s in _segments(b))
@@ -169,16 +175,18 @@ def test_text_jsonl_glob_sources(tmp_path):
     jl2.write_text('{"body": "three"}\n')
     c = data.build_corpus(f"jsonl:{jl2}:body, {d}/*.txt")
     assert [c.read(i) for i in range(len(c))] == ["three", "alpha", "beta"]
-    it, ev, info = data.make_datasets(f"{jl},{d}/*.txt", seq_len=4, batch_size=2, shard_index=0,
-                                      shard_count=1)
+    it, ev, info = data.make_datasets(f"{jl},{d}/*.txt", seq_len=4, batch_size=2, shard_index=0, shard_count=1)
     assert info.num_train_docs + info.num_eval_docs == 4 and next(it)["inputs"].shape == (2, 4)
 
 
 def test_array_record_source(tmp_path):
     from array_record.python.array_record_module import ArrayRecordWriter
+
     raw, js = tmp_path / "raw.array_record-00000-of-00001", tmp_path / "js.array_record"
-    for path, records in ((raw, [b"first doc", "zweites D\xf6k".encode()]),
-                          (js, [json.dumps({"text": "json doc", "id": 1}).encode()])):
+    for path, records in (
+        (raw, [b"first doc", "zweites D\xf6k".encode()]),
+        (js, [json.dumps({"text": "json doc", "id": 1}).encode()]),
+    ):
         w = ArrayRecordWriter(str(path), "group_size:1")
         for r in records:
             w.write(r)
@@ -197,8 +205,9 @@ def test_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"--data: no such file: '.*missing\.txt'"):
         data.build_corpus(str(tmp_path / "missing.txt"))
     with pytest.raises(FileNotFoundError, match=r"--eval_data: glob matches no files: '.*\*\.nope'"):
-        data.make_datasets("stdlib", seq_len=8, batch_size=1, eval_spec=str(tmp_path / "*.nope"),
-                           shard_index=0, shard_count=1)
+        data.make_datasets(
+            "stdlib", seq_len=8, batch_size=1, eval_spec=str(tmp_path / "*.nope"), shard_index=0, shard_count=1
+        )
     d = _write_docs(tmp_path, ["", ""])
     with pytest.raises(ValueError, match="corpus is empty"):
         data.build_corpus(str(d / "*.txt"))
@@ -237,13 +246,12 @@ def _word_level_dir(tmp_path):
 def test_eval_batches_fixed_and_padded(tmp_path):
     texts = ["ünïcödé text " * 3, "short", "x" * 50, "déjà vu 🚀"]
     d = _write_docs(tmp_path, texts)
-    _, ev, _ = data.make_datasets("stdlib", seq_len=16, batch_size=3, eval_spec=str(d), shard_index=0,
-                                  shard_count=1)
+    _, ev, _ = data.make_datasets("stdlib", seq_len=16, batch_size=3, eval_spec=str(d), shard_index=0, shard_count=1)
     full = ev()
     assert full is ev() and len(full) >= 2
     fixed = ev(40)
     assert len(fixed) == 40 and fixed is ev(40)
-    _assert_same(fixed[:len(full)], full)
+    _assert_same(fixed[: len(full)], full)
     assert fixed[-1]["loss_mask"].sum() == 0 and (fixed[-1]["segment_ids"] == 0).all()
     # Bits per byte: with bos every byte of every validation document is a masked target exactly once.
     assert sum(int(b["num_bytes"].sum()) for b in full) == sum(len(t.encode()) for t in texts)
@@ -257,14 +265,21 @@ def test_hf_tokenizer_pipeline_byte_counts(tmp_path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts * 10, trainer=trainers.BpeTrainer(
-        vocab_size=300, show_progress=False, special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        texts * 10,
+        trainer=trainers.BpeTrainer(
+            vocab_size=300,
+            show_progress=False,
+            special_tokens=["<s>", "</s>", "<pad>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     (tmp_path / "tok").mkdir()
     tok.save(str(tmp_path / "tok" / "tokenizer.json"))
     d = _write_docs(tmp_path, texts)
-    _, ev, info = data.make_datasets(str(d), str(tmp_path / "tok"), seq_len=8, batch_size=2,
-                                     eval_spec=str(d), shard_index=0, shard_count=1)
+    _, ev, info = data.make_datasets(
+        str(d), str(tmp_path / "tok"), seq_len=8, batch_size=2, eval_spec=str(d), shard_index=0, shard_count=1
+    )
     assert info.vocab_size == tok.get_vocab_size()
     full = ev()
     assert sum(int(b["num_bytes"].sum()) for b in full) == sum(len(t.encode()) for t in texts)

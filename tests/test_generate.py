@@ -3,6 +3,7 @@
 Compiles are the cost here, so runs share shapes: every tiny-model run uses batch 3 (or 1), prompt bucket 16
 and max_new_tokens 8 or 12, and full-forward references use one [3, 32] shape.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,7 +37,7 @@ def full_forward(cfg, params, prompts, result, length=REF_LEN):
         _forward_cache[cfg] = jax.jit(lambda p, t: model.apply({"params": p}, t, mtp=True)[::2])  # (logits, aux)
     seqs = np.zeros((len(prompts), length), np.int32)
     for i, (p, c) in enumerate(zip(prompts, result.completions())):
-        seqs[i, :len(p) + len(c)] = p + c
+        seqs[i, : len(p) + len(c)] = p + c
     logits, aux = _forward_cache[cfg](params, jnp.asarray(seqs))
     return np.asarray(logits), np.asarray(aux["mtp_logits"][0])
 
@@ -51,6 +52,7 @@ def predictable(params, alpha=0.01):
     Residual writes (o_proj, down projections) shrink to alpha, so each next token depends mostly on the
     current token, and eh_proj passes the normalised embedding straight through.
     """
+
     def f(path, x):
         name = jax.tree_util.keystr(path)
         if "o_proj" in name or "down_proj" in name:
@@ -59,6 +61,7 @@ def predictable(params, alpha=0.01):
             d = x.shape[1]
             return jnp.concatenate([jnp.eye(d), jnp.zeros((d, d))], 0).astype(x.dtype)
         return x
+
     return jax.tree_util.tree_map_with_path(f, params)
 
 
@@ -76,12 +79,13 @@ def test_greedy_equals_full_forward_argmax(tiny_cfg, tiny_params, greedy_run):
     assert np.asarray(r.lengths).tolist() == [8, 8, 8] and np.asarray(r.mask).all()
     assert not np.asarray(r.finished).any()
     for i, p in enumerate(PROMPTS):
-        step_logits = logits[i, len(p) - 1:len(p) + 7]
+        step_logits = logits[i, len(p) - 1 : len(p) + 7]
         chosen = np.take_along_axis(step_logits, toks[i][:, None], -1)[:, 0]
         np.testing.assert_array_less(step_logits.max(-1) - chosen, 1e-4)  # argmax up to float ties
         assert (step_logits.argmax(-1) == toks[i]).mean() == 1.0
-        np.testing.assert_allclose(lps[i], np.take_along_axis(log_softmax(step_logits), toks[i][:, None], -1)[:, 0],
-                                   atol=1e-4)
+        np.testing.assert_allclose(
+            lps[i], np.take_along_axis(log_softmax(step_logits), toks[i][:, None], -1)[:, 0], atol=1e-4
+        )
     # cache accounting: (kv_lora_rank + qk_rope_head_dim) x layers x dtype bytes
     assert r.stats["cache_bytes_per_token"] == (32 + 8) * 3 * 4
     assert dsjax.cache.bytes_per_token(dsjax.ModelConfig.preset("deepseek-v3-671b")) == 70272
@@ -97,7 +101,7 @@ def test_ragged_prompts_match_running_alone(tiny_cfg, tiny_params, greedy_run):
     # a right-padded array with prompt_lengths is the same batch as the ragged list
     arr = np.full((3, 11), 9, np.int32)
     for i, p in enumerate(PROMPTS):
-        arr[i, :len(p)] = p
+        arr[i, : len(p)] = p
     padded = gen(tiny_cfg, tiny_params, arr, prompt_lengths=[len(p) for p in PROMPTS])
     np.testing.assert_array_equal(np.asarray(padded.tokens), np.asarray(greedy_run.tokens))
 
@@ -114,16 +118,17 @@ def test_stop_tokens_end_rows_independently(tiny_cfg, tiny_params, greedy_run):
     full = np.asarray(greedy_run.tokens)
     stops, expected, stopped = _stops_for(full)
     assert len(set(expected.tolist())) >= 2, expected  # rows end at different steps
-    r = gen(tiny_cfg, tiny_params, sampling=SamplingConfig(temperature=0, max_new_tokens=8, stop_tokens=stops,
-                                                           pad_token=-1))
+    r = gen(
+        tiny_cfg, tiny_params, sampling=SamplingConfig(temperature=0, max_new_tokens=8, stop_tokens=stops, pad_token=-1)
+    )
     toks, lps, mask = np.asarray(r.tokens), np.asarray(r.logprobs), np.asarray(r.mask)
     np.testing.assert_array_equal(np.asarray(r.lengths), expected)
     np.testing.assert_array_equal(np.asarray(r.finished), stopped)
     for i, n in enumerate(expected):
-        np.testing.assert_array_equal(toks[i, :n], full[i, :n])     # the stop token itself is emitted
+        np.testing.assert_array_equal(toks[i, :n], full[i, :n])  # the stop token itself is emitted
         assert (toks[i, n:] == -1).all() and (lps[i, n:] == 0).all()  # then pad, logprob 0
         assert mask[i, :n].all() and not mask[i, n:].any()
-    assert r.completions()[0] == full[0, :expected[0]].tolist()
+    assert r.completions()[0] == full[0, : expected[0]].tolist()
 
 
 def _simulate_greedy_drafts(prompts, completions, logits_mtp, stops, n_max):
@@ -148,8 +153,10 @@ def test_speculative_greedy_equals_plain(tiny_cfg, tiny_params, weights):
     params = tiny_params if weights == "random" else predictable(tiny_params)
     plain = gen(tiny_cfg, params, sampling=SamplingConfig(temperature=0, max_new_tokens=12))
     stops, _, _ = _stops_for(np.asarray(plain.tokens))
-    for sampling in (SamplingConfig(temperature=0, max_new_tokens=12),
-                     SamplingConfig(temperature=0, max_new_tokens=12, stop_tokens=stops)):
+    for sampling in (
+        SamplingConfig(temperature=0, max_new_tokens=12),
+        SamplingConfig(temperature=0, max_new_tokens=12, stop_tokens=stops),
+    ):
         ref = gen(tiny_cfg, params, sampling=sampling)
         # rows' pages permuted (one page of 64 each here; tests/test_paged_cache.py crosses pages)
         spec = gen(tiny_cfg, params, sampling=sampling, speculative=True, block_table=[[2], [0], [1]])
@@ -158,13 +165,16 @@ def test_speculative_greedy_equals_plain(tiny_cfg, tiny_params, weights):
         np.testing.assert_array_equal(np.asarray(spec.finished), np.asarray(ref.finished))
         np.testing.assert_allclose(np.asarray(spec.logprobs), np.asarray(ref.logprobs), atol=1e-5)
         rate = spec.stats["acceptance_rate"]
-        print(f"{weights} weights, stops {sampling.stop_tokens}: acceptance {rate:.3f}, "
-              f"{spec.stats['tokens_per_step']:.2f} tokens/step")
+        print(
+            f"{weights} weights, stops {sampling.stop_tokens}: acceptance {rate:.3f}, "
+            f"{spec.stats['tokens_per_step']:.2f} tokens/step"
+        )
         assert 0.0 <= rate <= 1.0
         # the MTP cache is consistent: drafts match the training-style MTP forward over the final sequences
         _, mtp_logits = full_forward(tiny_cfg, params, PROMPTS, ref)
-        want = _simulate_greedy_drafts(PROMPTS, ref.completions(), mtp_logits, stops if sampling.stop_tokens
-                                       else (), 12)
+        want = _simulate_greedy_drafts(
+            PROMPTS, ref.completions(), mtp_logits, stops if sampling.stop_tokens else (), 12
+        )
         assert (spec.stats["drafts"], spec.stats["accepted_drafts"]) == want
     if weights == "predictable":
         assert 0.2 < rate < 0.9  # both the accept and the reject paths ran
@@ -180,8 +190,9 @@ def test_sampling_reproducible_and_logprobs_tempered(tiny_cfg, tiny_params):
     assert (np.asarray(a.tokens) != np.asarray(c.tokens)).any()
     logits, _ = full_forward(tiny_cfg, tiny_params, PROMPTS, a)
     for i, p in enumerate(PROMPTS):
-        want = np.take_along_axis(log_softmax(logits[i, len(p) - 1:len(p) + 7] / 0.7),
-                                  np.asarray(a.tokens)[i][:, None], -1)[:, 0]
+        want = np.take_along_axis(
+            log_softmax(logits[i, len(p) - 1 : len(p) + 7] / 0.7), np.asarray(a.tokens)[i][:, None], -1
+        )[:, 0]
         np.testing.assert_allclose(np.asarray(a.logprobs)[i], want, atol=1e-4)
     # temperature is traced: a different temperature reuses the compiled program and samples differently
     d = gen(tiny_cfg, tiny_params, sampling=SamplingConfig(temperature=1.5, max_new_tokens=8), key=jax.random.key(1))
@@ -200,9 +211,9 @@ def test_top_k_top_p_kept_sets():
 
     assert kept(top_k=2) == {1, 3}
     assert kept(top_k=5) == kept() == {0, 1, 2, 3, 4}
-    assert kept(top_p=0.75) == {1, 3, 4}           # 0.4 + 0.3 < 0.75, so 0.15 is needed to reach it
+    assert kept(top_p=0.75) == {1, 3, 4}  # 0.4 + 0.3 < 0.75, so 0.15 is needed to reach it
     assert kept(top_p=0.5) == {1, 3}
-    assert kept(top_p=0.01) == {1}                  # the most likely token always survives
+    assert kept(top_p=0.01) == {1}  # the most likely token always survives
     # top-k renormalises before top-p: top-3 probs are 0.47 / 0.35 / 0.18, so top_p=0.8 keeps two, not three
     assert kept(top_p=0.8) == {1, 3, 4}
     assert kept(top_k=3, top_p=0.8) == {1, 3}
@@ -285,9 +296,9 @@ def test_speculative_sampling_matches_target_distribution():
     def dist(x):
         return np.asarray(jax.nn.softmax(processed_logits(x, temp, 0, top_p), axis=-1), np.float64)
 
-    p1 = dist(logits[0, 3])                                  # x1 | prompt
-    p2 = dist(logits[::16, 4])                               # x2 | x1   [16 (x1), 16]
-    p3 = dist(logits[:, 5])                                  # x3 | x1, x2   [256, 16]
+    p1 = dist(logits[0, 3])  # x1 | prompt
+    p2 = dist(logits[::16, 4])  # x2 | x1   [16 (x1), 16]
+    p3 = dist(logits[:, 5])  # x3 | x1, x2   [256, 16]
     joint12 = p1[:, None] * p2
     marg3 = (joint12.reshape(256, 1) * p3).sum(0)
     emp12 = np.bincount(toks[:, 0] * 16 + toks[:, 1], minlength=256).reshape(16, 16) / n
@@ -295,8 +306,10 @@ def test_speculative_sampling_matches_target_distribution():
     naive12 = p1[:, None] * dist(aux["mtp_logits"][0, ::16, 3])  # drafts for x2 emitted without correction
 
     b12, b3 = 2 * expected_tv(joint12, n), 2 * expected_tv(marg3, n)
-    print(f"acceptance {r.stats['acceptance_rate']:.3f}; TV(x1,x2) {tv(emp12, joint12):.4f} (bound {b12:.4f}, "
-          f"naive {tv(naive12, joint12):.4f}); TV(x3) {tv(emp3, marg3):.4f} (bound {b3:.4f})")
+    print(
+        f"acceptance {r.stats['acceptance_rate']:.3f}; TV(x1,x2) {tv(emp12, joint12):.4f} (bound {b12:.4f}, "
+        f"naive {tv(naive12, joint12):.4f}); TV(x3) {tv(emp3, marg3):.4f} (bound {b3:.4f})"
+    )
     assert 0.05 < r.stats["acceptance_rate"] < 0.95
     assert tv(emp12, joint12) < b12 and tv(emp3, marg3) < b3
     assert tv(naive12, joint12) > 2 * b12

@@ -12,6 +12,7 @@ warm starts, same rollout keys, the policy never moves), so their rise is pure s
 THRESHOLD = null mean + 5 x null std = 0.046: a rise that large happens by chance with learning switched off far
 less often than 1 in 1000 (every null rise stayed within 0.02 of zero). Every GRPO seed clears it by ~1.8x.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,16 @@ def run_short(workdir: str, seed: int = SEED, steps: int = STEPS) -> list[float]
     """Mean reward per GRPO step of a shortened default run (in a subprocess, at full XLA optimisation: the
     test suite's compile-time setting would make this run several times slower)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    args = [sys.executable, os.path.join(ROOT, "experiments", "grpo.py"), f"--workdir={workdir}",
-            f"--config.train.seed={seed}", f"--config.grpo.steps={steps}", "--config.train.tensorboard=False",
-            f"--config.train.save_every={steps}", "--config.train.log_every=10"]
+    args = [
+        sys.executable,
+        os.path.join(ROOT, "experiments", "grpo.py"),
+        f"--workdir={workdir}",
+        f"--config.train.seed={seed}",
+        f"--config.grpo.steps={steps}",
+        "--config.train.tensorboard=False",
+        f"--config.train.save_every={steps}",
+        "--config.train.log_every=10",
+    ]
     subprocess.run(args, cwd=ROOT, env=env, check=True, timeout=900, stdout=subprocess.DEVNULL)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [r for r in map(json.loads, f) if r["split"] == "train"]
@@ -46,5 +54,6 @@ def run_short(workdir: str, seed: int = SEED, steps: int = STEPS) -> list[float]
 def test_grpo_raises_mean_reward_beyond_seed_noise(tmp_path):
     rewards = run_short(str(tmp_path / "run"))
     first, last = np.mean(rewards[:WINDOW]), np.mean(rewards[-WINDOW:])
-    assert last - first > THRESHOLD, (f"mean reward rose {first:.3f} -> {last:.3f} (+{last - first:.3f}); "
-                                      f"seed-to-seed noise needs > {THRESHOLD:.3f}")
+    assert last - first > THRESHOLD, (
+        f"mean reward rose {first:.3f} -> {last:.3f} (+{last - first:.3f}); seed-to-seed noise needs > {THRESHOLD:.3f}"
+    )

@@ -1,4 +1,5 @@
 """dsjax.rl.grpo against a plain NumPy (float64, loops) reference written from the GRPO/DAPO/Dr. GRPO papers."""
+
 import functools
 import math
 
@@ -15,12 +16,13 @@ STD_EPS = 1e-4
 
 # ---------------------------------------------------------------- NumPy reference
 
+
 def np_advantages(rewards: np.ndarray, g: int, scale: str) -> np.ndarray:
     r = np.asarray(rewards, np.float64)
     out = np.zeros_like(r)
     batch_std = np.std(r, ddof=1) if len(r) > 1 else 0.0
     for start in range(0, len(r), g):
-        grp = r[start:start + g]
+        grp = r[start : start + g]
         if np.all(grp == grp[0]):
             continue
         mean = sum(grp) / g
@@ -68,9 +70,16 @@ def np_policy_loss(lp, old, ref, adv, mask, loss_type, eps_low, eps_high, beta, 
             high += (a > 0 and rho > 1 + eps_high) / n_tok
             rho_sum += rho / n_tok
             rhos.append(rho)
-    metrics = {"kl": kl, "clip_ratio/low": low, "clip_ratio/high": high, "clip_ratio/region": low + high,
-               "ratio/mean": rho_sum, "ratio/min": min(rhos), "ratio/max": max(rhos),
-               "advantage/mean": float(np.mean(adv))}
+    metrics = {
+        "kl": kl,
+        "clip_ratio/low": low,
+        "clip_ratio/high": high,
+        "clip_ratio/region": low + high,
+        "ratio/mean": rho_sum,
+        "ratio/min": min(rhos),
+        "ratio/max": max(rhos),
+        "advantage/mean": float(np.mean(adv)),
+    }
     return loss, metrics, grad
 
 
@@ -79,8 +88,9 @@ def make_inputs(seed: int, B: int = 6, T: int = 12, empty_row: bool = True):
     rng = np.random.default_rng(seed)
     old = -rng.uniform(0.1, 3.0, (B, T))
     band = rng.integers(0, 3, (B, T))
-    delta = np.choose(band, [rng.uniform(-1.0, -0.5, (B, T)), rng.uniform(-0.05, 0.05, (B, T)),
-                             rng.uniform(0.45, 1.0, (B, T))])
+    delta = np.choose(
+        band, [rng.uniform(-1.0, -0.5, (B, T)), rng.uniform(-0.05, 0.05, (B, T)), rng.uniform(0.45, 1.0, (B, T))]
+    )
     delta[0, :3], delta[1, :3] = -0.8, 0.7  # with adv[:2] below: both clip sides bite whatever the seed
     lp = old + delta
     ref = lp + rng.normal(0.0, 0.3, (B, T))
@@ -93,7 +103,7 @@ def make_inputs(seed: int, B: int = 6, T: int = 12, empty_row: bool = True):
     start = rng.integers(0, T - lengths + 1)
     mask = np.zeros((B, T))
     for b in range(B):
-        mask[b, start[b]:start[b] + lengths[b]] = 1
+        mask[b, start[b] : start[b] + lengths[b]] = 1
     # Padding holds garbage; it must be ignored, not turned into NaN.
     lp, old, ref = np.where(mask > 0, lp, 30.0), np.where(mask > 0, old, -np.inf), np.where(mask > 0, ref, np.nan)
     return lp, old, ref, adv, mask
@@ -110,6 +120,7 @@ def jax_loss_and_grad(lp, old, ref, adv, mask, **kw):
 
 
 # ---------------------------------------------------------------- group_advantages
+
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 @pytest.mark.parametrize("seed", [0, 1])
@@ -154,9 +165,9 @@ def test_group_advantages_unknown_scale():
 
 SETTINGS = [  # eps_low, eps_high, beta, max_completion_length, pass ref
     (0.2, 0.2, 0.04, None, True),
-    (0.2, 0.28, 0.1, None, True),   # DAPO clip-higher
-    (0.1, 0.3, 0.0, 20, False),     # no KL, no reference model
-    (0.2, 0.2, 0.0, 16, True),      # ref passed but beta 0: KL only reported
+    (0.2, 0.28, 0.1, None, True),  # DAPO clip-higher
+    (0.1, 0.3, 0.0, 20, False),  # no KL, no reference model
+    (0.2, 0.2, 0.0, 16, True),  # ref passed but beta 0: KL only reported
 ]
 
 
@@ -166,10 +177,8 @@ SETTINGS = [  # eps_low, eps_high, beta, max_completion_length, pass ref
 def test_policy_loss_matches_numpy(loss_type, eps_low, eps_high, beta, max_len, with_ref, seed):
     lp, old, ref, adv, mask = make_inputs(seed)
     ref = ref if with_ref else None
-    kw = dict(loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, beta=beta,
-              max_completion_length=max_len)
-    want, want_metrics, want_grad = np_policy_loss(lp, old, ref, adv, mask, loss_type, eps_low, eps_high, beta,
-                                                   max_len)
+    kw = dict(loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, beta=beta, max_completion_length=max_len)
+    want, want_metrics, want_grad = np_policy_loss(lp, old, ref, adv, mask, loss_type, eps_low, eps_high, beta, max_len)
     assert want_metrics["clip_ratio/low"] > 0 and want_metrics["clip_ratio/high"] > 0  # both clip sides exercised
 
     loss, metrics, grad = jax_loss_and_grad(lp, old, ref, adv, mask, **kw)
@@ -205,9 +214,11 @@ def test_on_policy_gradient_is_minus_advantage_times_weight(loss_type, beta):
     lp = np.where(mask > 0, lp, 0.0)
     B, T = mask.shape
     lengths = mask.sum(1)
-    weight = {"grpo": mask / np.maximum(lengths, 1)[:, None] / np.count_nonzero(lengths),
-              "dapo": mask / mask.sum(),
-              "dr_grpo": mask / (B * T)}[loss_type]
+    weight = {
+        "grpo": mask / np.maximum(lengths, 1)[:, None] / np.count_nonzero(lengths),
+        "dapo": mask / mask.sum(),
+        "dr_grpo": mask / (B * T),
+    }[loss_type]
     # ref == lp: k3 and its gradient vanish, so beta must not change anything.
     loss, metrics, grad = jax_loss_and_grad(lp, lp, lp if beta else None, adv, mask, loss_type=loss_type, beta=beta)
     np.testing.assert_allclose(grad, -adv[:, None] * weight, rtol=1e-6, atol=1e-9)

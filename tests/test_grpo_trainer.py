@@ -1,5 +1,6 @@
 """GRPO trainer pieces: rewards, prompt limits, rollouts and log-probs, inner iterations and clipping, masking,
 dynamic sampling, checkpoint resume. Small shapes throughout, so the whole file compiles a handful of programs."""
+
 from __future__ import annotations
 
 import json
@@ -42,20 +43,27 @@ def rollout(cfg, params):
 
 
 def test_rewards_are_weighted_and_a_failing_reward_scores_zero_and_is_counted():
-    samples = [Sample("1+2=", "3", "3", True), Sample("1+2=", "4", "3", True), Sample("1+2=", "3", "3", False),
-               Sample("9+9=", "18x", "18", True)]
+    samples = [
+        Sample("1+2=", "3", "3", True),
+        Sample("1+2=", "4", "3", True),
+        Sample("1+2=", "3", "3", False),
+        Sample("9+9=", "18x", "18", True),
+    ]
 
     def picky(s):
         if s.completion == "4":
             raise RuntimeError("cannot parse")
         return float("nan") if "x" in s.completion else 1.0
 
-    rewards = [WeightedReward("correct", exact_answer, 1.0), WeightedReward("picky", picky, 0.5),
-               WeightedReward("format", digits_then_eos, 0.1)]
+    rewards = [
+        WeightedReward("correct", exact_answer, 1.0),
+        WeightedReward("picky", picky, 0.5),
+        WeightedReward("format", digits_then_eos, 0.1),
+    ]
     sc = score(rewards, samples)
     np.testing.assert_array_equal(sc.per_fn["correct"], [1, 0, 0, 0])
-    np.testing.assert_array_equal(sc.per_fn["picky"], [1, 0, 1, 0])    # the raise and the NaN both score 0
-    np.testing.assert_array_equal(sc.per_fn["format"], [1, 1, 0, 0])   # truncated, or not only digits
+    np.testing.assert_array_equal(sc.per_fn["picky"], [1, 0, 1, 0])  # the raise and the NaN both score 0
+    np.testing.assert_array_equal(sc.per_fn["format"], [1, 1, 0, 0])  # truncated, or not only digits
     np.testing.assert_allclose(sc.total, [1.6, 0.1, 0.5, 0.0], rtol=1e-6)
     assert sc.errors == {"correct": 0, "picky": 2, "format": 0}
     assert "cannot parse" in sc.first_error["picky"]
@@ -89,24 +97,31 @@ def test_task_is_deterministic_and_never_trains_on_held_out_problems():
 
 def test_trainer_logprobs_equal_sampler_logprobs_in_float32(cfg, params, rollout):
     lp, ent = jax.jit(completion_logprobs, static_argnums=(0, 4, 5))(
-        dsjax.DeepSeekV3(cfg), params, rollout.sequences, rollout.prompt_lengths, N, 0.7)
+        dsjax.DeepSeekV3(cfg), params, rollout.sequences, rollout.prompt_lengths, N, 0.7
+    )
     valid = rollout.valid
     assert valid.sum() > 0 and np.all(np.asarray(ent)[valid] > 0)
     assert np.max(np.abs(np.asarray(lp) - rollout.sampler_logprobs)[valid]) < 1e-4
     # each completion sits right after its own prompt
     for i in range(len(valid)):
         n, L = rollout.prompt_lengths[i], rollout.lengths[i]
-        np.testing.assert_array_equal(rollout.sequences[i, n:n + L], rollout.completions[i, :L])
-        assert not rollout.sequences[i, n + L:].any()
+        np.testing.assert_array_equal(rollout.sequences[i, n : n + L], rollout.completions[i, :L])
+        assert not rollout.sequences[i, n + L :].any()
 
 
 def test_second_inner_iteration_sees_ratio_not_one_and_clips(cfg, params, rollout):
     ocfg = OptimConfig(lr=0.05, warmup_steps=0, total_steps=2, schedule="constant", weight_decay=0.0)
     update, _, tx = grpo_trainer._grpo_fns(cfg, ocfg, N, 0.7, "grpo", 0.2, 0.2, 0.0)
     adv = np.tile([1.0, -1.0], len(rollout.lengths) // 2).astype(np.float32)
-    batch = {"sequences": rollout.sequences, "prompt_lengths": rollout.prompt_lengths,
-             "mask": training_mask(rollout, False), "advantages": adv, "valid": rollout.valid.astype(np.float32),
-             "sampler_logprobs": rollout.sampler_logprobs, "old_logprobs": np.zeros_like(rollout.sampler_logprobs)}
+    batch = {
+        "sequences": rollout.sequences,
+        "prompt_lengths": rollout.prompt_lengths,
+        "mask": training_mask(rollout, False),
+        "advantages": adv,
+        "valid": rollout.valid.astype(np.float32),
+        "sampler_logprobs": rollout.sampler_logprobs,
+        "old_logprobs": np.zeros_like(rollout.sampler_logprobs),
+    }
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     p = jax.tree.map(jnp.copy, params)
     p, opt, m1, lp = update(p, tx.init(p), jnp.int32(0), batch, jnp.bool_(True))
@@ -115,17 +130,24 @@ def test_second_inner_iteration_sees_ratio_not_one_and_clips(cfg, params, rollou
     _, _, m2, _ = update(p, opt, jnp.int32(1), {**batch, "old_logprobs": lp}, jnp.bool_(False))
     assert float(m2["ratio/max"]) > 1.2 or float(m2["ratio/min"]) < 0.8
     assert float(m2["clip_ratio/region"]) > 0.0
-    assert float(m2["clip_ratio/low"]) + float(m2["clip_ratio/high"]) == pytest.approx(
-        float(m2["clip_ratio/region"]))
+    assert float(m2["clip_ratio/low"]) + float(m2["clip_ratio/high"]) == pytest.approx(float(m2["clip_ratio/region"]))
 
 
 def test_truncated_completions_are_masked_out():
-    ro = Rollout(np.zeros((3, 6), np.int32), np.full(3, 2, np.int32), np.zeros((3, 4), np.int32),
-                 np.array([2, 4, 4], np.int32), np.array([True, False, True]), np.zeros((3, 4), np.float32), {})
+    ro = Rollout(
+        np.zeros((3, 6), np.int32),
+        np.full(3, 2, np.int32),
+        np.zeros((3, 4), np.int32),
+        np.array([2, 4, 4], np.int32),
+        np.array([True, False, True]),
+        np.zeros((3, 4), np.float32),
+        {},
+    )
     np.testing.assert_array_equal(training_mask(ro, False), [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]])
     np.testing.assert_array_equal(training_mask(ro, True), [[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
-    np.testing.assert_array_equal(training_mask(ro, True, np.array([False, True, True])),
-                                  [[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(
+        training_mask(ro, True, np.array([False, True, True])), [[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]]
+    )
 
 
 def test_dynamic_sampling_keeps_only_groups_with_reward_spread():
@@ -138,13 +160,30 @@ def test_init_checkpoint_keeps_the_configs_runtime_knobs(cfg, params, tmp_path):
     knobs (dtype, remat, kernels, MoE dispatch, ...), not the values the checkpoint was trained with."""
     from dsjax.config import RUNTIME_FIELDS
     from dsjax.train.checkpoint import Checkpointer, model_config_dict
+
     ck = Checkpointer(str(tmp_path / "pre"), keep=1, async_save=False)
-    ck.save(1, params, {"unused": np.zeros((), np.int32)}, np.zeros(2, np.uint32), {"position": 0},
-            {"model": model_config_dict(cfg)}, force=True)
+    ck.save(
+        1,
+        params,
+        {"unused": np.zeros((), np.int32)},
+        np.zeros(2, np.uint32),
+        {"position": 0},
+        {"model": model_config_dict(cfg)},
+        force=True,
+    )
     ck.close()
-    runtime = {"dtype": "bfloat16", "param_dtype": "bfloat16", "platform": "cpu", "moe_backend": "dense",
-               "remat": "full", "attention_impl": "xla", "decode_attention_impl": "contiguous",
-               "moe_capacity_factor": 1.25, "moe_device_limit": 1, "moe_dispatch": "ragged"}
+    runtime = {
+        "dtype": "bfloat16",
+        "param_dtype": "bfloat16",
+        "platform": "cpu",
+        "moe_backend": "dense",
+        "remat": "full",
+        "attention_impl": "xla",
+        "decode_attention_impl": "contiguous",
+        "moe_capacity_factor": 1.25,
+        "moe_device_limit": 1,
+        "moe_dispatch": "ragged",
+    }
     assert set(runtime) == set(RUNTIME_FIELDS), "a new runtime knob: give it a non-default value here"
     assert all(getattr(cfg, k) != v for k, v in runtime.items())  # the checkpoint holds other values throughout
     c = grpo_config.get_config()

@@ -1,5 +1,6 @@
 """The fused output head + cross-entropy and the MoE pair permutations: values and gradients against the plain
 formulas, and what the fused head allocates."""
+
 from __future__ import annotations
 
 import jax
@@ -20,11 +21,14 @@ def ce_inputs(shape, d, vocab, seed=0, masked=True):
     return h, w, t, m
 
 
-@pytest.mark.parametrize("shape, d, vocab, chunk, masked", [
-    ((3, 37), 16, 101, 16, True),    # 111 tokens: 7 chunks of 16, the last one padded; vocab prime
-    ((50,), 8, 13, 7, True),
-    ((2, 5), 4, 9, 100, False),      # one chunk larger than the tokens, no mask
-])
+@pytest.mark.parametrize(
+    "shape, d, vocab, chunk, masked",
+    [
+        ((3, 37), 16, 101, 16, True),  # 111 tokens: 7 chunks of 16, the last one padded; vocab prime
+        ((50,), 8, 13, 7, True),
+        ((2, 5), 4, 9, 100, False),  # one chunk larger than the tokens, no mask
+    ],
+)
 def test_fused_cross_entropy_matches_plain(shape, d, vocab, chunk, masked):
     h, w, t, m = ce_inputs(shape, d, vocab, masked=masked)
 
@@ -35,8 +39,7 @@ def test_fused_cross_entropy_matches_plain(shape, d, vocab, chunk, masked):
     plain = lambda h, w: cross_entropy(jnp.dot(h, w, precision="highest"), t, m)  # noqa: E731
     fused = lambda h, w: fused_cross_entropy(h, w, t, m, chunk_size=chunk)  # noqa: E731
     (want, want_count), want_g = jax.value_and_grad(lambda h, w: total(plain, h, w), (0, 1), has_aux=True)(h, w)
-    (got, got_count), got_g = jax.jit(jax.value_and_grad(lambda h, w: total(fused, h, w), (0, 1), has_aux=True))(
-        h, w)
+    (got, got_count), got_g = jax.jit(jax.value_and_grad(lambda h, w: total(fused, h, w), (0, 1), has_aux=True))(h, w)
     assert float(got_count) == float(want_count) == (float(m.sum()) if masked else float(np.prod(shape)))
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for g, r in zip(got_g, want_g):
@@ -48,7 +51,8 @@ def test_fused_cross_entropy_matches_plain(shape, d, vocab, chunk, masked):
 def test_fused_cross_entropy_bf16_hidden_keeps_head_dtype():
     h, w, t, m = ce_inputs((4, 30), 16, 50, seed=1)
     g_h, g_w = jax.grad(lambda h, w: fused_cross_entropy(h, w, t, m, chunk_size=32)[0], (0, 1))(
-        h.astype(jnp.bfloat16), w)
+        h.astype(jnp.bfloat16), w
+    )
     assert g_h.dtype == jnp.bfloat16 and g_w.dtype == jnp.float32
     want_h, want_w = jax.grad(lambda h, w: cross_entropy(jnp.dot(h, w), t, m)[0], (0, 1))(h, w)
     assert float(jnp.linalg.norm(g_w - want_w) / jnp.linalg.norm(want_w)) < 2e-2
@@ -89,6 +93,7 @@ def test_pair_permutations_match_plain_indexing():
     def plain(x, wts):
         y = x[po.order // k] * scale
         return jnp.einsum("nkd,nk->nd", y[jnp.argsort(po.order)].reshape(n, k, d), wts)
+
     np.testing.assert_allclose(ours(x, wts), plain(x, wts), rtol=1e-6, atol=1e-6)
     ct = jnp.asarray(rng.randn(n, d), jnp.float32)
     got = jax.grad(lambda x, w: jnp.sum(ours(x, w) * ct), (0, 1))(x, wts)
@@ -103,17 +108,27 @@ def test_train_step_never_holds_the_logits():
     import re
 
     from dsjax.config import ModelConfig
+    from dsjax.train.loop import init_params
     from dsjax.train.losses import CE_CHUNK
     from dsjax.train.optim import OptimConfig
-    from dsjax.train.trainer import init_params, make_step_fns
+    from dsjax.train.trainer import make_step_fns
     from experiments.bench_util import synthetic_batch
     from experiments.configs import tiny
+
     vocab, batch, seq = 1000, 4, 2048  # 8192 tokens: two chunks per head
     cfg = ModelConfig.preset("tiny", vocab_size=vocab)
     step, _, use_mtp, tx = make_step_fns(cfg, tiny.get_config(), OptimConfig())
     params = jax.eval_shape(lambda: init_params(cfg, 0))
-    hlo = step.lower(params, jax.eval_shape(tx.init, params), np.int32(0),
-                     jax.tree.map(jnp.asarray, synthetic_batch(vocab, batch, seq))).compile().as_text()
+    hlo = (
+        step.lower(
+            params,
+            jax.eval_shape(tx.init, params),
+            np.int32(0),
+            jax.tree.map(jnp.asarray, synthetic_batch(vocab, batch, seq)),
+        )
+        .compile()
+        .as_text()
+    )
     with_vocab = set(re.findall(r"f32\[([\d,]*\b1000\b[\d,]*)\]", hlo))
     assert use_mtp and f"{CE_CHUNK},{vocab}" in with_vocab
     assert not any(str(batch * seq) in s.split(",") or str(seq) in s.split(",") for s in with_vocab), with_vocab

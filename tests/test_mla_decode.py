@@ -6,6 +6,7 @@ sequence's pages hold an invalid page id (so reading one fails), and cache rows 
 length hold large garbage (GPU: finite, the kernel's contract; reference and TPU: NaN).
 With MLA_TEST_REAL_GPU=1 on a Hopper GPU the GPU cases run compiled (interpret=False).
 """
+
 import dataclasses
 import os
 import threading
@@ -29,6 +30,7 @@ def _compile_interpreter_threads_once():
     per jaxpr: the same jaxpr runs with the thread id as an argument, so nothing else changes."""
     try:
         from jax._src.pallas.mosaic.interpret import thread_map
+
         orig = thread_map._run_jaxpr
     except (ImportError, AttributeError):
         yield
@@ -60,11 +62,10 @@ def _case(seed, b, s_q, h, lengths, page=64, stale=np.nan):
     table = np.full((b, max_pages), num_pages + 7, np.int32)  # invalid: must never be read
     for i, n in enumerate(lengths):
         used = int(common.cdiv(n, page))
-        table[i, :used] = perm[i * max_pages:i * max_pages + used]
+        table[i, :used] = perm[i * max_pages : i * max_pages + used]
         if n % page:  # rows past the length in the last page
-            kv[table[i, used - 1], n % page:] = stale
-    return (jnp.asarray(q, jnp.bfloat16), jnp.asarray(kv, jnp.bfloat16), jnp.asarray(table),
-            jnp.asarray(lengths))
+            kv[table[i, used - 1], n % page :] = stale
+    return (jnp.asarray(q, jnp.bfloat16), jnp.asarray(kv, jnp.bfloat16), jnp.asarray(table), jnp.asarray(lengths))
 
 
 def _oracle(q, kv, table, lengths):
@@ -75,8 +76,9 @@ def _oracle(q, kv, table, lengths):
     lse = np.full((b, s_q, h), -np.inf)
     for i in range(b):
         n = int(lengths[i])
-        rows = np.concatenate([kv[p] for p in np.asarray(table[i, :common.cdiv(n, kv.shape[1])])]
-                              or [np.zeros((0, WIDTH))])
+        rows = np.concatenate(
+            [kv[p] for p in np.asarray(table[i, : common.cdiv(n, kv.shape[1])])] or [np.zeros((0, WIDTH))]
+        )
         for t in range(s_q):
             see = n - s_q + t + 1
             if see <= 0:
@@ -131,8 +133,9 @@ def test_combine_of_split_reference_is_whole():
     parts = [_partial(q, kv, table, lengths, lo, hi) for lo, hi in bounds]
     o_parts, lse_parts = (jnp.stack([p[i] for p in parts], 1) for i in (0, 1))
     out, lse = jax.jit(common.combine, static_argnums=2)(o_parts, lse_parts, jnp.bfloat16)
-    _check((out.reshape(2, 2, 8, 512).astype(jnp.float32), lse.reshape(2, 2, 8)),
-           (want[0].astype(jnp.float32), want[1]))
+    _check(
+        (out.reshape(2, 2, 8, 512).astype(jnp.float32), lse.reshape(2, 2, 8)), (want[0].astype(jnp.float32), want[1])
+    )
 
 
 def _partial(q, kv, table, lengths, lo, hi):
@@ -151,8 +154,7 @@ def _partial(q, kv, table, lengths, lo, hi):
     e = np.exp(s - m)
     den = e.sum(-1, keepdims=True)
     out = np.einsum("bqhs,bsc->bqhc", e / np.where(den > 0, den, 1), rows[..., :512])
-    lse = np.where(den[..., 0] > 0, np.log(np.where(den[..., 0] > 0, den[..., 0], 1)) + m[..., 0],
-                   -np.inf)
+    lse = np.where(den[..., 0] > 0, np.log(np.where(den[..., 0] > 0, den[..., 0], 1)) + m[..., 0], -np.inf)
     return jnp.asarray(out.reshape(b, s_q * h, 512)), jnp.asarray(lse.reshape(b, s_q * h))
 
 
@@ -161,8 +163,7 @@ def test_dispatch():
     with pytest.raises(ValueError):
         mla_decode(q, kv, table, lengths, softmax_scale=SCALE, backend="cuda")
     with pytest.raises(ValueError):  # the kernels are 16-bit only
-        mla_decode(q.astype(jnp.float32), kv.astype(jnp.float32), table, lengths,
-                   softmax_scale=SCALE, backend="gpu")
+        mla_decode(q.astype(jnp.float32), kv.astype(jnp.float32), table, lengths, softmax_scale=SCALE, backend="gpu")
     with pytest.raises(ValueError):  # pages must hold whole 64-row blocks
         mla_decode(q, kv[:, :48], table, lengths, softmax_scale=SCALE, backend="gpu")
     out, lse = mla_decode(q, kv, table, lengths, softmax_scale=SCALE)  # auto on CPU: xla
@@ -189,38 +190,57 @@ GPU_CASES = {
 def test_gpu_kernel(name):
     b, s_q, h, lengths, cfg = GPU_CASES[name]
     q, kv, table, lens = _case(10 + len(name), b, s_q, h, lengths, stale=300.0)
-    got = mla_decode(q, kv, table, lens, softmax_scale=SCALE, backend="gpu",
-                     interpret=not REAL_GPU, config=cfg)
+    got = mla_decode(q, kv, table, lens, softmax_scale=SCALE, backend="gpu", interpret=not REAL_GPU, config=cfg)
     assert got[0].dtype == jnp.bfloat16
     want = mla_decode_reference(q, kv, table, lens, softmax_scale=SCALE)
     _check((got[0].astype(jnp.float32), got[1]), (want[0].astype(jnp.float32), want[1]))
 
 
 @pytest.mark.skipif(REAL_GPU, reason="the compiled cases above cover it")
-@pytest.mark.parametrize("spec", [dict(), dict(p_in_registers=False, pv_inplace=False, pv_chunk=128),
-                                  dict(kernel="simple"), dict(kernel="simple", p_in_registers=False,
-                                                              pv_inplace=False, pv_chunk=128)])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        dict(),
+        dict(p_in_registers=False, pv_inplace=False, pv_chunk=128),
+        dict(kernel="simple"),
+        dict(kernel="simple", p_in_registers=False, pv_inplace=False, pv_chunk=128),
+    ],
+)
 def test_gpu_kernel_lowers_for_hopper(spec):
     """Lower the compiled (non-interpret) kernel to Mosaic GPU MLIR for CUDA on this CPU machine via
     jax.export: catches shared-memory overflow, layout and TMA-shape errors of the GPU-only paths
     (register P, in-place accumulation, transposed K) that interpret mode does not exercise. The
     PTX/ptxas stage still needs a GPU."""
     from jax import export
+
     cfg = dataclasses.replace(gpu.GpuConfig(num_sms=132, num_splits=2), **spec)
     f = jax.jit(lambda *a: gpu.mla_decode(*a, softmax_scale=SCALE, config=cfg))
-    args = [jax.ShapeDtypeStruct(s, d) for s, d in (((2, 2, 128, WIDTH), jnp.bfloat16),
-                                                  ((8, 64, WIDTH), jnp.bfloat16),
-                                                  ((2, 4), jnp.int32), ((2,), jnp.int32))]
+    args = [
+        jax.ShapeDtypeStruct(s, d)
+        for s, d in (
+            ((2, 2, 128, WIDTH), jnp.bfloat16),
+            ((8, 64, WIDTH), jnp.bfloat16),
+            ((2, 4), jnp.int32),
+            ((2,), jnp.int32),
+        )
+    ]
     assert "mosaic_gpu" in export.export(f, platforms=["cuda"])(*args).mlir_module()
 
 
 def test_tpu_kernel_lowers_for_tpu():
     """Lower the TPU kernel to a Mosaic TPU custom call (jax.export for platform tpu) on this CPU."""
     from jax import export
+
     f = jax.jit(lambda *a: tpu.mla_decode(*a, softmax_scale=SCALE, config=tpu.TpuConfig(num_splits=2)))
-    args = [jax.ShapeDtypeStruct(s, d) for s, d in (((2, 2, 128, WIDTH), jnp.bfloat16),
-                                                  ((8, 64, WIDTH), jnp.bfloat16),
-                                                  ((2, 4), jnp.int32), ((2,), jnp.int32))]
+    args = [
+        jax.ShapeDtypeStruct(s, d)
+        for s, d in (
+            ((2, 2, 128, WIDTH), jnp.bfloat16),
+            ((8, 64, WIDTH), jnp.bfloat16),
+            ((2, 4), jnp.int32),
+            ((2,), jnp.int32),
+        )
+    ]
     assert "tpu_custom_call" in export.export(f, platforms=["tpu"])(*args).mlir_module()
 
 
@@ -235,7 +255,6 @@ TPU_CASES = {
 def test_tpu_kernel(name):
     b, s_q, h, lengths, cfg = TPU_CASES[name]
     q, kv, table, lens = _case(20 + len(name), b, s_q, h, lengths, page=16)
-    got = mla_decode(q, kv, table, lens, softmax_scale=SCALE, backend="tpu", interpret=True,
-                     config=cfg)
+    got = mla_decode(q, kv, table, lens, softmax_scale=SCALE, backend="tpu", interpret=True, config=cfg)
     want = mla_decode_reference(q, kv, table, lens, softmax_scale=SCALE)
     _check((got[0].astype(jnp.float32), got[1]), (want[0].astype(jnp.float32), want[1]))

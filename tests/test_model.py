@@ -1,4 +1,5 @@
 """Model behaviour: decode = forward, MoE backends, router vs NumPy, MTP, bf16 gap, remat, scan."""
+
 from __future__ import annotations
 
 import jax
@@ -10,7 +11,7 @@ import dsjax
 from dsjax.layers.moe_ops import route
 from dsjax.model import head_weight
 from dsjax.train.losses import cross_entropy, lm_loss
-from tests.conftest import randomize_params, param_shapes, tokens
+from tests.conftest import param_shapes, randomize_params, tokens
 
 
 def apply_fn(cfg, aux=False, **kw):
@@ -33,7 +34,7 @@ def test_decode_equals_forward(tiny_cfg, tiny_params):
     gaps = [np.abs(np.asarray(logits) - full[:, :prompt]).max()]
     for i in range(prompt, t):
         pos = jnp.full((b, 1), i, jnp.int32)
-        logits, cache, _ = step(tiny_params, tok[:, i:i + 1], pos, cache)
+        logits, cache, _ = step(tiny_params, tok[:, i : i + 1], pos, cache)
         gaps.append(np.abs(np.asarray(logits[:, 0]) - full[:, i]).max())
     print("decode vs forward max |dlogit|:", max(gaps))
     assert max(gaps) <= 1e-4
@@ -64,9 +65,11 @@ def test_moe_backends_agree_with_gradients(tiny_cfg, tiny_params):
 
     def loss_fn(cfg):
         model = dsjax.DeepSeekV3(cfg)
+
         def f(p):
             logits = model.apply({"params": p}, tok[:, :-1]).logits
             return cross_entropy(logits, tok[:, 1:])[0]
+
         return jax.jit(jax.value_and_grad(f))
 
     l1, g1 = loss_fn(tiny_cfg.replace(moe_backend="ragged_dot"))(tiny_params)
@@ -79,8 +82,12 @@ def test_moe_backends_agree_with_gradients(tiny_cfg, tiny_params):
 
 
 def _numpy_route(logits, bias, cfg):
-    scores = 1 / (1 + np.exp(-logits)) if cfg.scoring_func == "sigmoid" else \
-        np.exp(logits - logits.max(-1, keepdims=True)) / np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)
+    scores = (
+        1 / (1 + np.exp(-logits))
+        if cfg.scoring_func == "sigmoid"
+        else np.exp(logits - logits.max(-1, keepdims=True))
+        / np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)
+    )
     out_idx, out_w = [], []
     per_group = cfg.n_routed_experts // cfg.n_group
     for s in scores:
@@ -89,9 +96,9 @@ def _numpy_route(logits, bias, cfg):
         if cfg.n_group > 1:
             groups = choice.reshape(cfg.n_group, per_group)
             gscore = np.sort(groups, axis=1)[:, -2:].sum(1) if cfg.topk_method == "noaux_tc" else groups.max(1)
-            keep = np.argsort(-gscore)[:cfg.topk_group]
+            keep = np.argsort(-gscore)[: cfg.topk_group]
             allowed = np.concatenate([np.arange(g * per_group, (g + 1) * per_group) for g in keep])
-        idx = allowed[np.argsort(-choice[allowed])[:cfg.num_experts_per_tok]]
+        idx = allowed[np.argsort(-choice[allowed])[: cfg.num_experts_per_tok]]
         w = s[idx]
         if cfg.norm_topk_prob:
             w = w / w.sum()
@@ -100,26 +107,36 @@ def _numpy_route(logits, bias, cfg):
     return np.array(out_idx), np.array(out_w)
 
 
-@pytest.mark.parametrize("preset, overrides", [
-    ("tiny", {}),
-    ("tiny", dict(scoring_func="softmax", topk_method="group_limited_greedy", norm_topk_prob=False,
-                  routed_scaling_factor=16.0)),
-    ("tiny", dict(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False)),
-    ("deepseek-v3-671b", {}),
-])
+@pytest.mark.parametrize(
+    "preset, overrides",
+    [
+        ("tiny", {}),
+        (
+            "tiny",
+            dict(
+                scoring_func="softmax",
+                topk_method="group_limited_greedy",
+                norm_topk_prob=False,
+                routed_scaling_factor=16.0,
+            ),
+        ),
+        ("tiny", dict(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False)),
+        ("deepseek-v3-671b", {}),
+    ],
+)
 def test_router_matches_numpy(preset, overrides):
     cfg = dsjax.ModelConfig.preset(preset, **overrides)
     rng = np.random.RandomState(0)
     logits = rng.standard_normal((64, cfg.n_routed_experts)).astype(np.float32)
-    bias = (0.5 * rng.standard_normal(cfg.n_routed_experts)).astype(np.float32) \
-        if cfg.topk_method == "noaux_tc" else None
+    bias = (
+        (0.5 * rng.standard_normal(cfg.n_routed_experts)).astype(np.float32) if cfg.topk_method == "noaux_tc" else None
+    )
     r = route(jnp.asarray(logits), None if bias is None else jnp.asarray(bias), cfg)
     want_idx, want_w = _numpy_route(logits.astype(np.float64), bias, cfg)
     got_idx, got_w = np.asarray(r.indices), np.asarray(r.weights)
     order_g, order_w = np.argsort(got_idx, 1), np.argsort(want_idx, 1)
     np.testing.assert_array_equal(np.take_along_axis(got_idx, order_g, 1), np.take_along_axis(want_idx, order_w, 1))
-    np.testing.assert_allclose(np.take_along_axis(got_w, order_g, 1), np.take_along_axis(want_w, order_w, 1),
-                               rtol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(got_w, order_g, 1), np.take_along_axis(want_w, order_w, 1), rtol=1e-5)
     if bias is not None:
         # the bias changes which experts are picked, but the weights are unbiased scores of the picked ones
         scores = 1 / (1 + np.exp(-logits.astype(np.float64)))
@@ -166,6 +183,7 @@ def test_mtp_matches_transformers_mtp_layer():
     from transformers import DeepseekV3Config
     from transformers.modeling_layers import MtpLayer
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hfm
+
     from dsjax.convert.hf import hf_tensors
 
     cfg = dsjax.ModelConfig.preset("tiny", num_nextn_predict_layers=2)
@@ -182,33 +200,46 @@ def test_mtp_matches_transformers_mtp_layer():
     for k in range(1, 3):
         layer = MtpLayer(hc, hfm.DeepseekV3DecoderLayer, hfm.DeepseekV3RMSNorm, layer_idx=cfg.num_hidden_layers + k - 1)
         p = f"model.layers.{cfg.num_hidden_layers + k - 1}."
-        own = {n[len(p):]: v for n, v in sd.items() if n.startswith(p)}
+        own = {n[len(p) :]: v for n, v in sd.items() if n.startswith(p)}
         e = cfg.n_routed_experts
-        state = {"enorm.weight": own["enorm.weight"], "hnorm.weight": own["hnorm.weight"],
-                 "eh_proj.weight": own["eh_proj.weight"], "post_norm.weight": own["shared_head.norm.weight"],
-                 "mtp_block.mlp.experts.gate_up_proj": torch.stack(
-                     [torch.cat([own[f"mlp.experts.{j}.gate_proj.weight"], own[f"mlp.experts.{j}.up_proj.weight"]])
-                      for j in range(e)]),
-                 "mtp_block.mlp.experts.down_proj": torch.stack([own[f"mlp.experts.{j}.down_proj.weight"]
-                                                                 for j in range(e)])}
+        state = {
+            "enorm.weight": own["enorm.weight"],
+            "hnorm.weight": own["hnorm.weight"],
+            "eh_proj.weight": own["eh_proj.weight"],
+            "post_norm.weight": own["shared_head.norm.weight"],
+            "mtp_block.mlp.experts.gate_up_proj": torch.stack(
+                [
+                    torch.cat([own[f"mlp.experts.{j}.gate_proj.weight"], own[f"mlp.experts.{j}.up_proj.weight"]])
+                    for j in range(e)
+                ]
+            ),
+            "mtp_block.mlp.experts.down_proj": torch.stack(
+                [own[f"mlp.experts.{j}.down_proj.weight"] for j in range(e)]
+            ),
+        }
         for n, v in own.items():
             if n.startswith(("self_attn", "input_layernorm", "post_attention_layernorm", "mlp.gate", "mlp.shared")):
                 state["mtp_block." + n] = v
         missing, unexpected = layer.load_state_dict(state, strict=False)
         assert not unexpected and all("e_score" not in m for m in missing) and len(missing) == 0, (missing, unexpected)
         pos = torch.arange(t)[None].expand(2, t) + k
-        emb = torch.tensor(np.asarray(params["embed_tokens"]["embedding"]))[torch.tensor(np.asarray(
-            jnp.pad(tok[:, k:], ((0, 0), (0, k)))))]
+        emb = torch.tensor(np.asarray(params["embed_tokens"]["embedding"]))[
+            torch.tensor(np.asarray(jnp.pad(tok[:, k:], ((0, 0), (0, k)))))
+        ]
         with torch.no_grad():
-            prev = layer(emb, prev, position_embeddings=rotary(emb, pos), attention_mask=mask, position_ids=pos,
-                         cache=None)
+            prev = layer(
+                emb, prev, position_embeddings=rotary(emb, pos), attention_mask=mask, position_ids=pos, cache=None
+            )
         np.testing.assert_allclose(prev.numpy(), np.asarray(aux["mtp_hidden"][k - 1]), atol=2e-5)
 
 
-@pytest.mark.parametrize("std, max_rel, max_tv", [
-    (0.02, 0.02, 0.01),   # the model's init scale: bf16 rounding only
-    (0.15, 0.08, 0.05),   # large random weights: bf16 noise flips some top-k expert choices, the main cost
-])
+@pytest.mark.parametrize(
+    "std, max_rel, max_tv",
+    [
+        (0.02, 0.02, 0.01),  # the model's init scale: bf16 rounding only
+        (0.15, 0.08, 0.05),  # large random weights: bf16 noise flips some top-k expert choices, the main cost
+    ],
+)
 def test_bf16_gap_is_bounded(tiny_cfg, std, max_rel, max_tv):
     """bf16 compute (float32 params) vs float32: the gap is printed and held under the stated bounds.
 
@@ -222,9 +253,11 @@ def test_bf16_gap_is_bounded(tiny_cfg, std, max_rel, max_tv):
     rel = np.abs(b16 - f32).mean() / np.abs(f32).mean()
     tv = 0.5 * np.abs(np.asarray(jax.nn.softmax(f32)) - np.asarray(jax.nn.softmax(b16))).sum(-1)
     agree = (f32.argmax(-1) == b16.argmax(-1)).mean()
-    print(f"bf16 vs float32 (weights std {std}): max |dlogit| {np.abs(b16 - f32).max():.4f} at logit scale "
-          f"{np.abs(f32).max():.2f}, mean relative {rel:.4f}, TV mean {tv.mean():.4f} max {tv.max():.4f}, "
-          f"argmax agreement {agree:.3f}")
+    print(
+        f"bf16 vs float32 (weights std {std}): max |dlogit| {np.abs(b16 - f32).max():.4f} at logit scale "
+        f"{np.abs(f32).max():.2f}, mean relative {rel:.4f}, TV mean {tv.mean():.4f} max {tv.max():.4f}, "
+        f"argmax agreement {agree:.3f}"
+    )
     assert rel < max_rel and tv.mean() < max_tv
 
 
@@ -235,8 +268,9 @@ def test_remat_gives_same_gradients(tiny_cfg, tiny_params):
         model = dsjax.DeepSeekV3(cfg)
         return jax.jit(jax.grad(lambda p: model.apply({"params": p}, tok).logits.mean()))(tiny_params)
 
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads(tiny_cfg))[0],
-                            jax.tree.leaves(grads(tiny_cfg.replace(remat="full")))):
+    for (path, a), b in zip(
+        jax.tree_util.tree_flatten_with_path(grads(tiny_cfg))[0], jax.tree.leaves(grads(tiny_cfg.replace(remat="full")))
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
 
 
@@ -245,8 +279,10 @@ def test_scan_keeps_program_size_flat_in_depth():
         cfg = dsjax.ModelConfig.preset("tiny", num_hidden_layers=layers, num_nextn_predict_layers=0)
         shapes = param_shapes(cfg)
         jaxpr = jax.make_jaxpr(lambda p, t: dsjax.DeepSeekV3(cfg).apply({"params": p}, t))(
-            shapes, jax.ShapeDtypeStruct((1, 8), jnp.int32))
+            shapes, jax.ShapeDtypeStruct((1, 8), jnp.int32)
+        )
         return len(jaxpr.eqns)
+
     assert n_eqns(3) == n_eqns(9)
 
 
@@ -270,6 +306,7 @@ def test_expert_backends_agree_at_layer_level(tiny_cfg):
     """The Pallas gmm backend (its XLA path on CPU; the kernels are tested in test_grouped_matmul) and the
     dense reference agree with lax.ragged_dot, values and gradients (routing weights included)."""
     from dsjax.layers.moe_ops import route, routed_experts_local
+
     rng = np.random.RandomState(0)
     x = jnp.asarray(rng.randn(40, 64), jnp.float32)
     gu, dn = jnp.asarray(0.1 * rng.randn(8, 64, 64), jnp.float32), jnp.asarray(0.1 * rng.randn(8, 32, 64), jnp.float32)
@@ -280,7 +317,9 @@ def test_expert_backends_agree_at_layer_level(tiny_cfg):
 
         def f(x, gu, dn, logits):
             return jnp.sum(routed_experts_local(x, route(logits, None, cfg), gu, dn, cfg) ** 2)
+
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(x, gu, dn, logits)
+
     want = run("ragged_dot")
     assert float(jnp.abs(want[1][3]).max()) > 1e-3  # the routing weights do get a gradient
     for name in ("gmm", "dense"):

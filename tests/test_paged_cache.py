@@ -4,6 +4,7 @@ equals greedy. Engine prompts are 1, 60 and 70 tokens: page boundaries (64) fall
 decoding. (tests/test_generate.py runs the engine's paged default throughout and checks the contiguous path
 against it.) Compiles dominate the run time, so model-level tests share one geometry and jitted functions.
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,7 +27,7 @@ B, T, PROMPT, CAP, PAGE = 3, 20, 7, 32, 8  # model-level tests: 8-token pages, 4
 REF_LEN = 80  # every full forward is [3, 80] (one compile); causal, so its first T positions serve T-token checks
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jitted(cfg):
     model = dsjax.DeepSeekV3(cfg)
     forward = jax.jit(lambda p, x: model.apply({"params": p}, x).logits)
@@ -59,13 +60,16 @@ def test_paged_decode_equals_forward_any_block_table(tiny_cfg, tiny_params):
         logits, cache, _ = prefill(tiny_params, tok[:, :prompt], cache)
         out = [np.asarray(logits)]
         for i in range(prompt, t):
-            logits, cache, _ = step(tiny_params, tok[:, i:i + 1], jnp.full((b, 1), i, jnp.int32), cache)
+            logits, cache, _ = step(tiny_params, tok[:, i : i + 1], jnp.full((b, 1), i, jnp.int32), cache)
             out.append(np.asarray(logits))
         return np.concatenate(out, 1), cache
 
     ordered, c1 = run(init_paged_cache(cfg, b, max_len, jnp.float32, page_size=page))
-    shuffled, c2 = run(init_paged_cache(cfg, b, max_len, jnp.float32, page_size=page,
-                                        block_table=shuffled_table(b, max_len, page_size=page)))
+    shuffled, c2 = run(
+        init_paged_cache(
+            cfg, b, max_len, jnp.float32, page_size=page, block_table=shuffled_table(b, max_len, page_size=page)
+        )
+    )
     print("paged decode vs forward max |dlogit|:", np.abs(ordered - full).max())
     np.testing.assert_allclose(ordered, full, atol=1e-4)
     np.testing.assert_array_equal(shuffled, ordered)
@@ -87,26 +91,34 @@ def test_paged_two_token_steps_and_truncate(tiny_cfg, tiny_params):
     # row 0 verifies [p, p+1] with a wrong token at p+1 (crossing into its second page); row 1 is parked at the
     # capacity: no write, length kept
     wrong = (tok[0, p + 1] + 1) % cfg.vocab_size
-    logits, cache, _ = run(tiny_params, jnp.stack([jnp.stack([tok[0, p], wrong]), tok[1, p:p + 2], tok[2, p:p + 2]]),
-                        jnp.array([[p, p + 1], [CAP, CAP], [p, p + 1]], jnp.int32), cache)
+    logits, cache, _ = run(
+        tiny_params,
+        jnp.stack([jnp.stack([tok[0, p], wrong]), tok[1, p : p + 2], tok[2, p : p + 2]]),
+        jnp.array([[p, p + 1], [CAP, CAP], [p, p + 1]], jnp.int32),
+        cache,
+    )
     np.testing.assert_allclose(np.asarray(logits[0, 0]), full[0, p], atol=1e-4)
-    np.testing.assert_allclose(np.asarray(logits[2]), full[2, p:p + 2], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(logits[2]), full[2, p : p + 2], atol=1e-4)
     assert np.asarray(cache.lengths).tolist() == [p + 2, p, p + 2]
     assert float(np.abs(gathered(cache, "moe")[:, 1, p:]).max()) == 0.0
     cache = cache.truncate(jnp.array([p + 1, CAP, CAP], jnp.int32))  # row 0's draft at p+1 was rejected
     assert np.asarray(cache.lengths).tolist() == [p + 1, p, p + 2]
-    logits, cache, _ = run(tiny_params, jnp.stack([tok[0, p + 1:p + 3], tok[1, p:p + 2], tok[2, p + 2:p + 4]]),
-                        jnp.array([[p + 1, p + 2], [p, p + 1], [p + 2, p + 3]], jnp.int32), cache)
-    np.testing.assert_allclose(np.asarray(logits[0]), full[0, p + 1:p + 3], atol=1e-4)
-    np.testing.assert_allclose(np.asarray(logits[1]), full[1, p:p + 2], atol=1e-4)
-    np.testing.assert_allclose(np.asarray(logits[2]), full[2, p + 2:p + 4], atol=1e-4)
+    logits, cache, _ = run(
+        tiny_params,
+        jnp.stack([tok[0, p + 1 : p + 3], tok[1, p : p + 2], tok[2, p + 2 : p + 4]]),
+        jnp.array([[p + 1, p + 2], [p, p + 1], [p + 2, p + 3]], jnp.int32),
+        cache,
+    )
+    np.testing.assert_allclose(np.asarray(logits[0]), full[0, p + 1 : p + 3], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(logits[1]), full[1, p : p + 2], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(logits[2]), full[2, p + 2 : p + 4], atol=1e-4)
     assert np.asarray(cache.lengths).tolist() == [p + 3, p + 2, p + 4]
 
 
 def full_logits(cfg, params, result):
     seqs = np.zeros((len(PROMPTS), REF_LEN), np.int32)
     for i, (p, c) in enumerate(zip(PROMPTS, result.completions())):
-        seqs[i, :len(p) + len(c)] = p + c
+        seqs[i, : len(p) + len(c)] = p + c
     return np.asarray(jitted(cfg)[0](params, jnp.asarray(seqs)))
 
 
@@ -122,11 +134,12 @@ def test_engine_paged_greedy_equals_forward(tiny_cfg, tiny_params, paged_run):
     logits = full_logits(tiny_cfg, tiny_params, r)
     toks = np.asarray(r.tokens)
     for i, p in enumerate(PROMPTS):
-        step_logits = logits[i, len(p) - 1:len(p) + 7]
+        step_logits = logits[i, len(p) - 1 : len(p) + 7]
         np.testing.assert_array_equal(step_logits.argmax(-1), toks[i])
         lp = jax.nn.log_softmax(jnp.asarray(step_logits), -1)
-        np.testing.assert_allclose(np.asarray(r.logprobs)[i], np.take_along_axis(np.asarray(lp), toks[i][:, None],
-                                                                               -1)[:, 0], atol=1e-4)
+        np.testing.assert_allclose(
+            np.asarray(r.logprobs)[i], np.take_along_axis(np.asarray(lp), toks[i][:, None], -1)[:, 0], atol=1e-4
+        )
 
 
 def test_engine_shuffled_block_table(tiny_cfg, tiny_params, paged_run):
@@ -143,8 +156,15 @@ def test_engine_paged_speculative_equals_greedy(tiny_cfg, tiny_params):
     """MTP drafts verified 2 tokens per step over a shuffled paged cache (both accept and reject paths)."""
     params = predictable(tiny_params)
     plain = generate(tiny_cfg, params, PROMPTS, GREEDY, cache_dtype=jnp.float32)  # paged_run's program
-    spec = generate(tiny_cfg, params, PROMPTS, GREEDY, cache_dtype=jnp.float32, speculative=True,
-                    block_table=shuffled_table(3, MAX_LEN, seed=3))
+    spec = generate(
+        tiny_cfg,
+        params,
+        PROMPTS,
+        GREEDY,
+        cache_dtype=jnp.float32,
+        speculative=True,
+        block_table=shuffled_table(3, MAX_LEN, seed=3),
+    )
     np.testing.assert_array_equal(np.asarray(spec.tokens), np.asarray(plain.tokens))
     np.testing.assert_allclose(np.asarray(spec.logprobs), np.asarray(plain.logprobs), atol=1e-5)
     print(f"paged speculative acceptance {spec.stats['acceptance_rate']:.3f}")

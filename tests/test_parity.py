@@ -1,4 +1,5 @@
 """Logits parity with transformers (float32, eager attention) and the HF safetensors round trip."""
+
 from __future__ import annotations
 
 import json
@@ -46,6 +47,7 @@ def test_logits_match_transformers(which, request):
 
 def test_save_hf_loads_in_transformers(hf_v3, tmp_path, tiny_cfg, tiny_params):
     from transformers import AutoModelForCausalLM
+
     out = str(tmp_path / "ours")
     dsjax.save_hf(out, tiny_cfg, tiny_params)
     hf = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
@@ -56,8 +58,15 @@ def test_save_hf_loads_in_transformers(hf_v3, tmp_path, tiny_cfg, tiny_params):
     # MTP weights are written where the released checkpoint has them, with copies of embed/head.
     with st.SafetensorsFile(os.path.join(out, "model.safetensors")) as f:
         mtp = f"model.layers.{tiny_cfg.num_hidden_layers}"
-        for suffix in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
-                       "shared_head.head.weight", "embed_tokens.weight", "mlp.gate.e_score_correction_bias"):
+        for suffix in (
+            "enorm.weight",
+            "hnorm.weight",
+            "eh_proj.weight",
+            "shared_head.norm.weight",
+            "shared_head.head.weight",
+            "embed_tokens.weight",
+            "mlp.gate.e_score_correction_bias",
+        ):
             assert f"{mtp}.{suffix}" in f
         np.testing.assert_array_equal(f.get(f"{mtp}.shared_head.head.weight"), f.get("lm_head.weight"))
         assert f.shape(f"{mtp}.eh_proj.weight") == (tiny_cfg.hidden_size, 2 * tiny_cfg.hidden_size)
@@ -78,8 +87,9 @@ def test_load_save_roundtrip_identical(tmp_path, tiny_cfg, tiny_params, dtype, s
     assert len(flat_a) == len(flat_b)
     for path, a in flat_a:
         b = flat_b[path]
-        keep32 = "gate'][" in jax.tree_util.keystr(path) and jax.tree_util.keystr(path).endswith(("['kernel']",
-                                                                                                   "bias']"))
+        keep32 = "gate'][" in jax.tree_util.keystr(path) and jax.tree_util.keystr(path).endswith(
+            ("['kernel']", "bias']")
+        )
         want = a if keep32 or dtype == jnp.float32 else a.astype(dtype)
         assert b.dtype == want.dtype, jax.tree_util.keystr(path)
         np.testing.assert_array_equal(np.asarray(b), np.asarray(want), err_msg=jax.tree_util.keystr(path))
@@ -97,6 +107,7 @@ def test_config_json_roundtrip(tmp_path, tiny_cfg, tiny_params):
 def _corrupt(src, dst, fn):
     """Copy an HF dir with its single safetensors file rewritten by fn(dict name -> array)."""
     import shutil
+
     shutil.copytree(src, dst)
     path = os.path.join(dst, "model.safetensors")
     with st.SafetensorsFile(path) as f:
@@ -123,6 +134,7 @@ def test_bad_checkpoints_name_the_tensor(hf_v3, tmp_path):
 
 def test_truncated_safetensors_file(hf_v3, tmp_path):
     import shutil
+
     _, path = hf_v3
     dst = str(tmp_path / "trunc")
     shutil.copytree(path, dst)

@@ -5,6 +5,7 @@ Mesh tests run in subprocesses on 8 fake CPU devices (tests/_sharding_worker.py,
 The jobs the selected tests need start at module setup, two at a time, while the in-process tests run; each test
 waits for its own job. One job compiles the single-device reference once for all four meshes.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -18,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType
+from jax.sharding import PartitionSpec as P
 
 import dsjax
 from dsjax.layers.moe_ops import route
@@ -28,14 +30,17 @@ from tests.conftest import param_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ["data:8", "fsdp:8", "data:2,expert:4", "fsdp:2,expert:2,tensor:2"]
-NEEDS = {"test_mesh_matches_single_device": ["model"], "test_router_bias_update_uses_global_counts": ["model"],
-         "test_checkpoint_restores_under_another_mesh": ["model"],
-         "test_expert_parallel_drops_no_token_under_adversarial_routing": ["moe"],
-         "test_capacity_factor_drops_only_the_overflow": ["moe"],
-         "test_device_limited_routing_on_a_mesh": ["moe"],
-         "test_padded_all_to_all_has_ragged_semantics": ["moe"],
-         "test_two_processes_train_on_one_global_mesh": ["multihost"],
-         "test_grpo_trains_on_a_mesh_like_on_one_device": ["grpo"]}
+NEEDS = {
+    "test_mesh_matches_single_device": ["model"],
+    "test_router_bias_update_uses_global_counts": ["model"],
+    "test_checkpoint_restores_under_another_mesh": ["model"],
+    "test_expert_parallel_drops_no_token_under_adversarial_routing": ["moe"],
+    "test_capacity_factor_drops_only_the_overflow": ["moe"],
+    "test_device_limited_routing_on_a_mesh": ["moe"],
+    "test_padded_all_to_all_has_ragged_semantics": ["moe"],
+    "test_two_processes_train_on_one_global_mesh": ["multihost"],
+    "test_grpo_trains_on_a_mesh_like_on_one_device": ["grpo"],
+}
 
 
 def _env(devices: int) -> dict:
@@ -53,7 +58,7 @@ def _worker(*args) -> dict:
     rc, out = _run(["-m", "tests._sharding_worker", *args], _env(8))
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
     assert rc == 0 and lines, out[-4000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def _corpus(directory) -> str:
@@ -70,10 +75,26 @@ def _multihost(tmp) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     corpus, workdir = _corpus(tmp), str(tmp / "run")
-    args = [sys.executable, "tests/_sharding_multihost.py", f"--workdir={workdir}", f"--corpus={corpus}",
-            "--mesh=data:2,expert:2", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
-    procs = [subprocess.Popen(args + [f"--process_id={i}"], cwd=ROOT, env=_env(2), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    args = [
+        sys.executable,
+        "tests/_sharding_multihost.py",
+        f"--workdir={workdir}",
+        f"--corpus={corpus}",
+        "--mesh=data:2,expert:2",
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+    ]
+    procs = [
+        subprocess.Popen(
+            args + [f"--process_id={i}"],
+            cwd=ROOT,
+            env=_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=900)[0] for p in procs]
     return {"rc": [p.returncode for p in procs], "out": outs, "workdir": workdir}
 
@@ -81,13 +102,19 @@ def _multihost(tmp) -> dict:
 @pytest.fixture(scope="module")
 def jobs(request, tmp_path_factory):
     """Starts the subprocess jobs of the selected tests (longest first, two at a time); yields their futures."""
-    wanted = {j for item in request.session.items if item.module is sys.modules[__name__]
-              for j in NEEDS.get(item.originalname, [])}
+    wanted = {
+        j
+        for item in request.session.items
+        if item.module is sys.modules[__name__]
+        for j in NEEDS.get(item.originalname, [])
+    }
     ckpt = tmp_path_factory.mktemp("ckpt")
-    starts = {"model": lambda: {**_worker("model", *MESHES, "--ckpt", str(ckpt)), "ckpt": str(ckpt)},
-              "moe": lambda: _worker("moe"),
-              "multihost": lambda: _multihost(tmp_path_factory.mktemp("multihost")),
-              "grpo": lambda: _worker("grpo", str(tmp_path_factory.mktemp("grpo")))}
+    starts = {
+        "model": lambda: {**_worker("model", *MESHES, "--ckpt", str(ckpt)), "ckpt": str(ckpt)},
+        "moe": lambda: _worker("moe"),
+        "multihost": lambda: _multihost(tmp_path_factory.mktemp("multihost")),
+        "grpo": lambda: _worker("grpo", str(tmp_path_factory.mktemp("grpo"))),
+    }
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
     futures = {name: pool.submit(starts[name]) for name in starts if name in wanted}
     yield futures
@@ -98,13 +125,23 @@ def jobs(request, tmp_path_factory):
 def test_mesh_flag_parsing():
     assert parse_mesh_flag("data:2,expert:4") == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
     assert parse_mesh_flag("") == {"data": -1, "fsdp": 1, "expert": 1, "tensor": 1}
-    for bad, msg in (("model:2", "AXIS:SIZE"), ("data:0", "size 0"), ("data:2,data:2", "twice"), ("data", "AXIS:SIZE"),
-                     ("data:x", "not an integer"), ("data:-1,expert:-1", "only one axis")):
+    for bad, msg in (
+        ("model:2", "AXIS:SIZE"),
+        ("data:0", "size 0"),
+        ("data:2,data:2", "twice"),
+        ("data", "AXIS:SIZE"),
+        ("data:x", "not an integer"),
+        ("data:-1,expert:-1", "only one axis"),
+    ):
         with pytest.raises(ValueError, match=msg):
             parse_mesh_flag(bad)
     mesh = make_mesh("")  # every device (one here) on the data axis
-    assert mesh.axis_names == AXES and dict(mesh.shape) == {"data": jax.device_count(), "fsdp": 1, "expert": 1,
-                                                            "tensor": 1}
+    assert mesh.axis_names == AXES and dict(mesh.shape) == {
+        "data": jax.device_count(),
+        "fsdp": 1,
+        "expert": 1,
+        "tensor": 1,
+    }
     assert all(t == AxisType.Auto for t in mesh.axis_types)
     with pytest.raises(ValueError, match=f"needs {2 * jax.device_count()} devices"):
         make_mesh(f"data:{2 * jax.device_count()}")
@@ -115,8 +152,10 @@ def _abstract(**sizes):
     return AbstractMesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
-@pytest.mark.parametrize("preset,overrides", [("tiny", {}), ("tiny", {"q_lora_rank": None}), ("small", {}),
-                                              ("deepseek-v2-lite", {}), ("deepseek-v3-671b", {})])
+@pytest.mark.parametrize(
+    "preset,overrides",
+    [("tiny", {}), ("tiny", {"q_lora_rank": None}), ("small", {}), ("deepseek-v2-lite", {}), ("deepseek-v3-671b", {})],
+)
 def test_rule_table_names_every_parameter(preset, overrides):
     params = param_shapes(dsjax.ModelConfig.preset(preset, **overrides))
     axes = param_logical_axes(params)
@@ -145,6 +184,7 @@ def test_rule_table_layouts():
     assert specs["lm_head"] == P(("fsdp", "expert"), None)
     # optimizer moments follow their parameter; step counts are replicated
     from dsjax.train.optim import OptimConfig, make_optimizer
+
     opt = jax.eval_shape(make_optimizer(OptimConfig()).init, tiny)
     ospecs = like_params_specs(opt, tiny, specs)
     adam = ospecs[1].inner_states["decay"].inner_state[0]
@@ -152,11 +192,19 @@ def test_rule_table_layouts():
     assert adam.nu["lm_head"] == specs["lm_head"] and adam.count == P()
 
 
-@pytest.mark.parametrize("e,k,groups,topk_groups,ep,limit", [
-    (16, 4, 1, 1, 4, 1), (16, 4, 1, 1, 4, 2), (16, 6, 1, 1, 8, 3), (32, 8, 8, 4, 8, 3), (32, 8, 4, 2, 8, 3)])
+@pytest.mark.parametrize(
+    "e,k,groups,topk_groups,ep,limit",
+    [(16, 4, 1, 1, 4, 1), (16, 4, 1, 1, 4, 2), (16, 6, 1, 1, 8, 3), (32, 8, 8, 4, 8, 3), (32, 8, 4, 2, 8, 3)],
+)
 def test_device_limited_routing_reaches_at_most_m_devices(e, k, groups, topk_groups, ep, limit):
-    cfg = dsjax.ModelConfig.preset("tiny", n_routed_experts=e, num_experts_per_tok=k, n_group=groups,
-                                   topk_group=topk_groups, moe_device_limit=limit)
+    cfg = dsjax.ModelConfig.preset(
+        "tiny",
+        n_routed_experts=e,
+        num_experts_per_tok=k,
+        n_group=groups,
+        topk_group=topk_groups,
+        moe_device_limit=limit,
+    )
     rng = np.random.RandomState(e + k + ep)
     logits = jnp.asarray(rng.randn(512, e), jnp.float32)
     bias = jnp.asarray(0.3 * rng.randn(e), jnp.float32)
@@ -174,27 +222,37 @@ def test_device_limited_routing_reaches_at_most_m_devices(e, k, groups, topk_gro
 
 def test_memory_plan_splits_state_by_the_rule_table():
     from experiments.memory_plan import plan, report
+
     cfg = dsjax.ModelConfig.preset("tiny", num_nextn_predict_layers=0)
     sizes = {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1}
     rows = plan(cfg, sizes, batch_size=16, seq_len=32, use_mtp=False)
     total, local = rows["  routed experts"]
-    assert local == total // 8                        # experts over expert x fsdp, nothing replicated
+    assert local == total // 8  # experts over expert x fsdp, nothing replicated
     total, local = rows["parameters"]
-    assert total / 8 <= local <= total / 8 * 1.1      # only norms and router biases are whole everywhere
+    assert total / 8 <= local <= total / 8 * 1.1  # only norms and router biases are whole everywhere
     assert 0.99 * 2 * local <= rows["AdamW moments"][1] <= 2 * local  # router biases have no moments
     total, local = rows["activations saved (remat none)"]
     assert total / 8 <= local < total / 4
     worst, balanced = rows["MoE buffers, one layer (worst)"][1], rows["MoE buffers, one layer (balanced)"][1]
     assert worst > balanced
-    text = report("deepseek-v3-671b", dsjax.ModelConfig.preset("deepseek-v3-671b", dtype="bfloat16", remat="full"),
-                  {"data": 1, "fsdp": 4, "expert": 64, "tensor": 1}, 256, 4096, True)
+    text = report(
+        "deepseek-v3-671b",
+        dsjax.ModelConfig.preset("deepseek-v3-671b", dtype="bfloat16", remat="full"),
+        {"data": 1, "fsdp": 4, "expert": 64, "tensor": 1},
+        256,
+        4096,
+        True,
+    )
     assert "256 devices" in text and "routed experts" in text
 
 
 # ---------------------------------------------------------------- 8 fake devices: model, trainer, checkpoints
-EXPERT_SPECS = {"data:8": "P(None, None, None, None)", "fsdp:8": "P(None, None, 'fsdp', None)",
-                "data:2,expert:4": "P(None, 'expert', None, None)",
-                "fsdp:2,expert:2,tensor:2": "P(None, 'expert', 'fsdp', 'tensor')"}
+EXPERT_SPECS = {
+    "data:8": "P(None, None, None, None)",
+    "fsdp:8": "P(None, None, 'fsdp', None)",
+    "data:2,expert:4": "P(None, 'expert', None, None)",
+    "fsdp:2,expert:2,tensor:2": "P(None, 'expert', 'fsdp', 'tensor')",
+}
 
 
 @pytest.mark.slow
@@ -207,13 +265,13 @@ def test_mesh_matches_single_device(jobs, mesh):
     assert r["grads"] <= 1e-5 and r["grad_scale"] > 1e-2
     assert r["step_loss"] <= 1e-5 and r["grad_norm"] <= 1e-5
     assert r["counts_equal"]
-    assert r["expert_spec"] == EXPERT_SPECS[mesh]            # the state really is laid out by the rule table
-    assert r["all_to_all"] == ("expert" in mesh)             # expert parallelism only with an expert axis
+    assert r["expert_spec"] == EXPERT_SPECS[mesh]  # the state really is laid out by the rule table
+    assert r["all_to_all"] == ("expert" in mesh)  # expert parallelism only with an expert axis
 
 
 def test_router_bias_update_uses_global_counts(jobs):
     r = jobs["model"].result()
-    assert r["local_signs_differ"]      # per-device loads alone would move the bias differently
+    assert r["local_signs_differ"]  # per-device loads alone would move the bias differently
     assert r["bias_moved"] > 0
     for mesh in MESHES:
         assert r["meshes"][mesh]["bias"] <= 1e-7
@@ -224,6 +282,7 @@ def test_checkpoint_restores_under_another_mesh(jobs):
     assert r["restore"]["values"] == 0.0 and r["restore"]["layout_is_new_mesh"]
     assert r["restore"]["next_step_loss"] <= 1e-5
     from dsjax.train.checkpoint import load_for_inference
+
     cfg, params = load_for_inference(r["ckpt"])  # and on this process's single device
     assert cfg.num_hidden_layers == 2
     np.testing.assert_array_equal(np.asarray(params["lm_head"]), np.load(os.path.join(r["ckpt"], "lm_head.npy")))

@@ -1,6 +1,7 @@
 """Code structure rules (read from the source with `ast`, nothing imported): no import cycle between the project's
 modules (function-level imports count), `sharding/` knows meshes and not models, no private name imported across
 modules, and functions short enough to read (kernel bodies and benchmarks excepted)."""
+
 from __future__ import annotations
 
 import ast
@@ -9,12 +10,17 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("dsjax", "pallas_kernels", "sharding")
+PACKAGES = ("dsjax", "pallas_kernels", "sharding", "experiments")
 MAX_FUNCTION_LINES = 80
 # Pallas kernel bodies are one function per pipeline by construction; benchmarks and tests are scripts.
-LONG_FUNCTIONS_ALLOWED = ("pallas_kernels/grouped_matmul/gpu.py", "pallas_kernels/grouped_matmul/gpu_tgmm.py",
-                          "pallas_kernels/grouped_matmul/tpu.py", "pallas_kernels/mla_decode/gpu.py",
-                          "pallas_kernels/mla_decode/gpu_ws.py", "pallas_kernels/mla_decode/tpu.py")
+LONG_FUNCTIONS_ALLOWED = (
+    "pallas_kernels/grouped_matmul/gpu.py",
+    "pallas_kernels/grouped_matmul/gpu_tgmm.py",
+    "pallas_kernels/grouped_matmul/tpu.py",
+    "pallas_kernels/mla_decode/gpu.py",
+    "pallas_kernels/mla_decode/gpu_ws.py",
+    "pallas_kernels/mla_decode/tpu.py",
+)
 
 
 def modules() -> dict[str, str]:
@@ -26,7 +32,7 @@ def modules() -> dict[str, str]:
                 if f.endswith(".py"):
                     path = os.path.join(dirpath, f)
                     name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
-                    out[name[:-len(".__init__")] if name.endswith(".__init__") else name] = path
+                    out[name[: -len(".__init__")] if name.endswith(".__init__") else name] = path
     return out
 
 
@@ -42,7 +48,7 @@ def imports(path: str, name: str, known) -> list[tuple[str, str | None, int]]:
             base = node.module or ""
             if node.level:
                 parts = package.split(".")
-                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
             if base.split(".")[0] not in PACKAGES:
                 continue
             for a in node.names:
@@ -88,6 +94,7 @@ def cycles(edges) -> list[list[str]]:
                     break
             if len(comp) > 1:
                 out.append(sorted(comp))
+
     for v in edges:
         if v not in index:
             visit(v)
@@ -100,20 +107,26 @@ def test_no_import_cycles():
 
 def test_sharding_knows_meshes_not_models():
     mods, edges = graph()
-    bad = {m: sorted(t for t in targets if t.startswith("dsjax.")) for m, targets in edges.items()
-           if m.startswith("sharding")}
+    bad = {
+        m: sorted(t for t in targets if t.startswith("dsjax."))
+        for m, targets in edges.items()
+        if m.startswith("sharding")
+    }
     assert not any(bad.values()), bad
 
 
 def test_no_private_names_imported_across_modules():
     mods = modules()
-    bad = [f"{os.path.relpath(path, ROOT)}:{line} imports {target}.{name}" for m, path in mods.items()
-           for target, name, line in imports(path, m, mods)
-           if name is not None and name.startswith("_") and not name.startswith("__")]
+    bad = [
+        f"{os.path.relpath(path, ROOT)}:{line} imports {target}.{name}"
+        for m, path in mods.items()
+        for target, name, line in imports(path, m, mods)
+        if name is not None and name.startswith("_") and not name.startswith("__")
+    ]
     assert bad == []
 
 
-@pytest.mark.parametrize("pkg", PACKAGES + ("experiments",))
+@pytest.mark.parametrize("pkg", PACKAGES)
 def test_functions_are_short(pkg):
     long = []
     for dirpath, _, files in os.walk(os.path.join(ROOT, pkg)):

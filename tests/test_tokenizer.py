@@ -1,4 +1,5 @@
 """Byte tokenizer and HF tokenizer.json loading."""
+
 import json
 
 import numpy as np
@@ -14,8 +15,12 @@ def _byte_level_bpe(path, special=("<pad>", "<s>", "</s>")):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False, special_tokens=list(special),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        show_progress=False,
+        special_tokens=list(special),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(TEXTS * 20, trainer=trainer)
     tok.save(str(path))
     return path
@@ -81,8 +86,7 @@ def test_hf_byte_level_bpe(tmp_path):
 def test_hf_deepseek_names_and_fallbacks(tmp_path):
     ds = tmp_path / "ds"
     ds.mkdir()
-    _byte_level_bpe(ds / "tokenizer.json", special=("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>",
-                                                    "<｜▁pad▁｜>"))
+    _byte_level_bpe(ds / "tokenizer.json", special=("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"))
     tok = load_tokenizer(str(ds))
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2)
     gpt2 = tmp_path / "gpt2"
@@ -95,7 +99,8 @@ def test_hf_deepseek_names_and_fallbacks(tmp_path):
 def test_hf_tokenizer_config_wins(tmp_path):
     _word_level(tmp_path / "tokenizer.json", ["[UNK]", "<s>", "</s>", "<a>", "<b>", "hello", "world"])
     (tmp_path / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": "<a>", "eos_token": {"content": "<b>"}, "pad_token": None}))
+        json.dumps({"bos_token": "<a>", "eos_token": {"content": "<b>"}, "pad_token": None})
+    )
     tok = load_tokenizer(str(tmp_path))
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (3, 4, 4)
     assert tok.encode("hello world") == [5, 6]

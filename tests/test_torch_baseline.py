@@ -1,4 +1,5 @@
 """experiments/torch_baseline.py: the transformers training baseline runs on CPU and builds our shape without MTP."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Pretraining: resume exactness, crash safety, signals, packing isolation, bias update, loss weights, errors."""
+
 from __future__ import annotations
 
 import json
@@ -70,6 +71,7 @@ def flat(c, prefix=""):
 @pytest.mark.slow
 def test_resume_after_kill_is_exact(corpus, tmp_path):
     from dsjax.train.trainer import train
+
     straight = str(tmp_path / "straight")
     train(small_config(corpus), straight)
     want = read_losses(straight)
@@ -110,6 +112,7 @@ os._exit(0)
 """
     subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=300)
     from dsjax.train.checkpoint import Checkpointer
+
     ck = Checkpointer(str(tmp_path), keep=3)
     assert ck.latest_step() == 1
     params, opt, meta, data = ck.restore(1, {"w": jnp.zeros((4, 4))}, {"m": jnp.zeros(3)})
@@ -122,8 +125,9 @@ os._exit(0)
 def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path):
     workdir = str(tmp_path / "term")
     c = small_config(corpus, steps=100000, save_every=100000)
-    proc = subprocess.Popen(cli(flat(c), workdir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        cli(flat(c), workdir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     metrics = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 300
     while (not os.path.exists(metrics) or not read_losses(workdir)) and time.time() < deadline:
@@ -135,6 +139,7 @@ def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path):
     steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
     assert steps and max(steps) == max(read_losses(workdir))
     from dsjax.train.checkpoint import load_for_inference
+
     cfg, params = load_for_inference(workdir)
     assert cfg.num_hidden_layers == 2 and "moe_layers" in params
 
@@ -155,15 +160,18 @@ def test_packed_documents_do_not_see_each_other(tiny_cfg, tiny_params):
 
 
 def test_router_bias_update_rule():
-    params = {"moe_layers": {"mlp": {"gate": {"e_score_correction_bias": jnp.zeros((2, 4)),
-                                              "kernel": jnp.ones((2, 3, 4))}}},
-              "mtp_0": {"block": {"mlp": {"gate": {"e_score_correction_bias": jnp.zeros(4)}}}}}
+    params = {
+        "moe_layers": {"mlp": {"gate": {"e_score_correction_bias": jnp.zeros((2, 4)), "kernel": jnp.ones((2, 3, 4))}}},
+        "mtp_0": {"block": {"mlp": {"gate": {"e_score_correction_bias": jnp.zeros(4)}}}},
+    }
     counts = {"moe_layers": jnp.array([[10, 0, 5, 5], [5, 5, 5, 5]]), "mtp_0": jnp.array([1, 2, 3, 6])}
     out = update_router_bias(params, counts, 0.01)
-    np.testing.assert_allclose(out["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"],
-                               [[-0.01, 0.01, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
-    np.testing.assert_allclose(out["mtp_0"]["block"]["mlp"]["gate"]["e_score_correction_bias"],
-                               [0.01, 0.01, 0.0, -0.01])  # mean load 3
+    np.testing.assert_allclose(
+        out["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"], [[-0.01, 0.01, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    )
+    np.testing.assert_allclose(
+        out["mtp_0"]["block"]["mlp"]["gate"]["e_score_correction_bias"], [0.01, 0.01, 0.0, -0.01]
+    )  # mean load 3
     np.testing.assert_array_equal(out["moe_layers"]["mlp"]["gate"]["kernel"], 1.0)
 
 
@@ -194,7 +202,8 @@ def test_lr_schedule_warmup_then_cosine():
 def test_loss_weights(tiny_cfg, tiny_params):
     tok = tokens(2, 17, tiny_cfg.vocab_size, seed=3)
     aux = jax.jit(lambda p, t: dsjax.DeepSeekV3(tiny_cfg).apply({"params": p}, t, mtp=True).aux)(
-        tiny_params, tok[:, :-1])
+        tiny_params, tok[:, :-1]
+    )
     mask = jnp.ones(tok[:, 1:].shape)
     head = head_weight(tiny_params, tiny_cfg)
     base, m0 = lm_loss(aux["hidden"], head, tok[:, 1:], mask, aux)
@@ -206,18 +215,25 @@ def test_loss_weights(tiny_cfg, tiny_params):
 
 def test_bias_update_uses_whole_step_counts(corpus, tmp_path):
     """With grad accumulation the bias moves once per optimizer step, by the counts of all micro-batches."""
-    from dsjax.train.trainer import make_step_fns, model_config
+    from dsjax.train.loop import model_config
+    from dsjax.train.trainer import make_step_fns
+
     c = small_config(corpus, grad_accum=2, bias_gamma=0.5, mtp_lambda=0.0)
     c.model.num_nextn_predict_layers = 0  # a smaller program to compile; MTP routers are covered elsewhere
     cfg = model_config(c)
     ocfg = OptimConfig(**{**c.optim.to_dict(), "total_steps": 10})
     step_fn, _, _, tx = make_step_fns(cfg, c, ocfg)
     params = randomize_params(param_shapes(cfg), seed=5, std=0.1)
-    b = {"inputs": tokens(4, 32, 259, seed=6), "positions": jnp.broadcast_to(jnp.arange(32), (4, 32)),
-         "segment_ids": jnp.ones((4, 32), jnp.int32), "loss_mask": jnp.ones((4, 32))}
+    b = {
+        "inputs": tokens(4, 32, 259, seed=6),
+        "positions": jnp.broadcast_to(jnp.arange(32), (4, 32)),
+        "segment_ids": jnp.ones((4, 32), jnp.int32),
+        "loss_mask": jnp.ones((4, 32)),
+    }
     b["targets"] = jnp.roll(b["inputs"], -1, axis=1)
-    aux = jax.jit(lambda p, b: dsjax.DeepSeekV3(cfg).apply({"params": p}, b["inputs"], b["positions"],
-                                                           b["segment_ids"]).aux)(params, b)
+    aux = jax.jit(
+        lambda p, b: dsjax.DeepSeekV3(cfg).apply({"params": p}, b["inputs"], b["positions"], b["segment_ids"]).aux
+    )(params, b)
     counts = np.asarray(aux["expert_counts"], np.float64)
     want = np.sign(counts.mean(-1, keepdims=True) - counts) * 0.5
     before = np.asarray(params["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"])
@@ -229,6 +245,7 @@ def test_bias_update_uses_whole_step_counts(corpus, tmp_path):
 
 def test_bad_inputs_get_clear_errors(corpus, tmp_path):
     from dsjax.train.trainer import train
+
     c = small_config(corpus)
     c.data.spec = str(tmp_path / "nope" / "*.txt")
     with pytest.raises(FileNotFoundError, match="nope"):
@@ -249,22 +266,22 @@ def test_bad_inputs_get_clear_errors(corpus, tmp_path):
 @pytest.mark.slow
 def test_resume_with_incompatible_config_is_refused(corpus, tmp_path):
     from dsjax.train.trainer import train
+
     workdir = str(tmp_path / "w")
     train(small_config(corpus), workdir)
-    before = {os.path.join(r, f): os.path.getmtime(os.path.join(r, f))
-              for r, _, fs in os.walk(workdir) for f in fs}
+    before = {os.path.join(r, f): os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(workdir) for f in fs}
     c = small_config(corpus, steps=12)
     c.model.num_hidden_layers = 3
     with pytest.raises(ValueError, match=r"different model config.*num_hidden_layers: checkpoint 2 vs now 3"):
         train(c, workdir)
-    after = {os.path.join(r, f): os.path.getmtime(os.path.join(r, f))
-             for r, _, fs in os.walk(workdir) for f in fs}
+    after = {os.path.join(r, f): os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(workdir) for f in fs}
     assert before == after
 
 
 def test_resume_may_change_runtime_knobs(corpus, tmp_path):
     """A runtime knob (dsjax.config.RUNTIME_FIELDS) is not the model: resuming with another value continues."""
     from dsjax.train.trainer import train
+
     workdir = str(tmp_path / "w")
 
     def config(steps):
@@ -285,6 +302,10 @@ def test_plot_metrics_draws_png(tmp_path):
     rows += [{"step": 5, "split": "eval", "time": 0, "bits_per_byte": 3.0}]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "m.png"
-    subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "plot_metrics.py"), f"--workdir={tmp_path}",
-                    f"--out={out}"], check=True, timeout=120, capture_output=True)
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "experiments", "plot_metrics.py"), f"--workdir={tmp_path}", f"--out={out}"],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,6 +4,7 @@ The layout of the output (names, shapes, dtypes, shards) is fixed before any dat
 so safetensors headers are written up front and tensors stream straight to disk. Tensors are ordered by HF layer
 like the released checkpoint; the MTP layers carry copies of the embedding and head, as the release does.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -34,13 +35,15 @@ def export_specs(cfg: ModelConfig, leaf_dtypes: dict[str, np.dtype], dtype=None,
         dt = np.dtype(jnp.float32) if u.router else np.dtype(dtype or leaf_dtypes[u.path])
         for name, shape in zip(u.names, hf_shapes(u, shapes[u.path])):
             if fp8 and fp8_lib.is_fp8_weight(name):
-                out += [(name, shape, fp8_lib.E4M3), (fp8_lib.scale_name(name), fp8_lib.scale_shape(shape),
-                                                      np.dtype(np.float32))]
+                out += [
+                    (name, shape, fp8_lib.E4M3),
+                    (fp8_lib.scale_name(name), fp8_lib.scale_shape(shape), np.dtype(np.float32)),
+                ]
             else:
                 out.append((name, shape, dt))
     seen = {name: (shape, dt) for name, shape, dt in out}
     for copy, src in mtp_copies(cfg):  # right after the rest of their MTP layer
-        layer = copy[:copy.index(".", len("model.layers.")) + 1]
+        layer = copy[: copy.index(".", len("model.layers.")) + 1]
         last = max(i for i, (name, _, _) in enumerate(out) if name.startswith(layer))
         out.insert(last + 1, (copy, *seen[src]))
     return out
@@ -88,8 +91,10 @@ def hf_tensors(cfg: ModelConfig, params, dtype=None):
 
 
 def _flat(params) -> dict:
-    return {"/".join(str(getattr(k, "key", k)) for k in path): x
-            for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): x
+        for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
 
 
 def hf_config_dict(cfg: ModelConfig, dtype=None, fp8: bool = False) -> dict:
@@ -129,8 +134,16 @@ def atomic_dir(out_dir: str, overwrite: bool = True):
         raise
 
 
-def write_hf(tmp_dir: str, cfg: ModelConfig, tensors, specs, dtype=None, fp8: bool = False,
-             max_shard_bytes: int = 4 << 30, on_tensor=None) -> int:
+def write_hf(
+    tmp_dir: str,
+    cfg: ModelConfig,
+    tensors,
+    specs,
+    dtype=None,
+    fp8: bool = False,
+    max_shard_bytes: int = 4 << 30,
+    on_tensor=None,
+) -> int:
     """config.json + safetensors shards (+ index) into `tmp_dir`, streaming `tensors`; returns bytes written."""
     with open(os.path.join(tmp_dir, "config.json"), "w") as f:
         json.dump(hf_config_dict(cfg, dtype, fp8), f, indent=2)
@@ -143,8 +156,9 @@ def write_hf(tmp_dir: str, cfg: ModelConfig, tensors, specs, dtype=None, fp8: bo
     return writer.bytes_written
 
 
-def save_hf(out_dir: str, cfg: ModelConfig, params, dtype=None, max_shard_bytes: int = 4 << 30,
-            fp8: bool = False) -> None:
+def save_hf(
+    out_dir: str, cfg: ModelConfig, params, dtype=None, max_shard_bytes: int = 4 << 30, fp8: bool = False
+) -> None:
     """Write config.json + safetensors (sharded with an index past `max_shard_bytes`), atomically.
 
     The result loads with `transformers.AutoModelForCausalLM.from_pretrained` (MTP layers are written at
@@ -159,5 +173,6 @@ def save_hf(out_dir: str, cfg: ModelConfig, params, dtype=None, max_shard_bytes:
         if u.path not in host:
             host[u.path] = np.asarray(jax.device_get(get_leaf(params, u.path)))
         return host[u.path][u.index]
+
     with atomic_dir(out_dir) as tmp:
         write_hf(tmp, cfg, export_tensors(cfg, read, specs), specs, dtype, fp8, max_shard_bytes)

@@ -7,6 +7,7 @@ kv_a_proj_with_mqa has S of shape [5, 56], its last row block holding 64 rows.
 Pure NumPy functions. They work 128 rows at a time, so converting a [18432, 7168] weight never builds a float32
 copy of the whole tensor (only one row block of it).
 """
+
 from __future__ import annotations
 
 import re
@@ -15,16 +16,22 @@ import ml_dtypes
 import numpy as np
 
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
-E4M3_MAX = 448.0   # largest finite float8_e4m3fn
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 BLOCK = 128
 
 # The tensors the released checkpoint stores in FP8: every attention projection, the dense MLPs, routed and shared
 # experts (also inside the MTP block). Embeddings, lm_head, norms, the router (mlp.gate) and MTP's eh_proj stay bf16.
-_FP8_NAME = re.compile(r"\.(self_attn\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
-                       r"|mlp\.(shared_experts\.|experts\.\d+\.)?(gate|up|down)_proj)\.weight$")
+_FP8_NAME = re.compile(
+    r"\.(self_attn\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+    r"|mlp\.(shared_experts\.|experts\.\d+\.)?(gate|up|down)_proj)\.weight$"
+)
 
-QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                       "weight_block_size": [BLOCK, BLOCK]}
+QUANTIZATION_CONFIG = {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "weight_block_size": [BLOCK, BLOCK],
+}
 
 
 def is_fp8_weight(name: str) -> bool:
@@ -51,8 +58,10 @@ def _check(q, s, block, name):
     if q.ndim != 2:
         raise ValueError(f"{name}: FP8 weight must be 2-d, got shape {q.shape}")
     if s.shape != scale_shape(q.shape, block):
-        raise ValueError(f"{name}: scale_inv has shape {s.shape}, but a {q.shape} weight with {block}x{block} blocks "
-                         f"needs {scale_shape(q.shape, block)}")
+        raise ValueError(
+            f"{name}: scale_inv has shape {s.shape}, but a {q.shape} weight with {block}x{block} blocks "
+            f"needs {scale_shape(q.shape, block)}"
+        )
 
 
 # float8 -> float32 by table lookup (np.take), and float32 -> bf16 by integer round-to-nearest-even on the bit
@@ -91,8 +100,9 @@ def cast(a: np.ndarray, dtype) -> np.ndarray:
     return a.astype(dtype)
 
 
-def dequantize(q: np.ndarray, scale_inv: np.ndarray, dtype=np.float32, block: int = BLOCK,
-               name: str = "weight") -> np.ndarray:
+def dequantize(
+    q: np.ndarray, scale_inv: np.ndarray, dtype=np.float32, block: int = BLOCK, name: str = "weight"
+) -> np.ndarray:
     """Q [out, in] (e4m3) and S -> dtype(float32(Q) * S per block): the product is formed in float32 and rounded
     once, as the official code and transformers do, so bf16 output is bit-identical to theirs."""
     q, s = np.asarray(q), np.asarray(scale_inv, np.float32)
@@ -135,8 +145,9 @@ def quantize(w: np.ndarray, block: int = BLOCK, name: str = "weight") -> tuple[n
             a = np.pad(a, ((0, 0), (0, pad)))
         amax = a.reshape(a.shape[0], s.shape[1], block).max(axis=(0, 2))
         if not np.isfinite(amax).all():
-            raise ValueError(f"{name}: non-finite values in rows {rows.start}:{min(rows.stop, rows_n)}; "
-                             "cannot quantize to FP8")
+            raise ValueError(
+                f"{name}: non-finite values in rows {rows.start}:{min(rows.stop, rows_n)}; cannot quantize to FP8"
+            )
         s[b] = np.maximum(amax, np.finfo(np.float32).tiny) / np.float32(E4M3_MAX)
         # x / S can exceed 448 by a rounding error at the block maximum; clip so it cannot overflow to NaN.
         x /= _per_column(s[b], cols, block)
@@ -154,16 +165,16 @@ def e4m3_codes(x: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
     multiples of 2^-9: rint(|x| * 512), which is exact and rounds half to even."""
     out = np.empty(x.shape, np.uint8)
     for i in range(0, x.size, chunk):
-        v = x[i:i + chunk]
+        v = x[i : i + chunk]
         u = v.view(np.uint32)
         a = u & np.uint32(0x7FFFFFFF)
         r = a + (np.uint32(0x7FFFF) + ((a >> 20) & 1))
         code = ((r >> 20) - np.uint32(120 << 3)).astype(np.uint8)  # exponent << 3 | mantissa, rebiased
-        sub = a < np.uint32(0x3C800000)                            # |x| < 2^-6
+        sub = a < np.uint32(0x3C800000)  # |x| < 2^-6
         if sub.any():
             code[sub] = np.rint(np.abs(v[sub]) * np.float32(512)).astype(np.uint8)
         code |= ((u >> 24) & 0x80).astype(np.uint8)
-        out[i:i + chunk] = code
+        out[i : i + chunk] = code
     return out
 
 
@@ -176,4 +187,4 @@ def error_bound(w: np.ndarray, scale_inv: np.ndarray, block: int = BLOCK) -> np.
     w = np.abs(to_float32(w))
     s = np.asarray(scale_inv, np.float32)
     per = np.repeat(np.repeat(s, block, axis=0), block, axis=1)[: w.shape[0], : w.shape[1]]
-    return w * 2.0 ** -4 + per * 2.0 ** -10
+    return w * 2.0**-4 + per * 2.0**-10

@@ -4,6 +4,7 @@ How each dsjax leaf maps to HF tensors (the rule table, `Unit`s) lives in plan.p
 (`save_hf`, `hf_tensors`, `atomic_dir`, the export side of the converter) lives in export.py and is importable from
 here too. `load_hf` assembles units in memory; the streaming converter (stream.py) reads them one at a time.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -29,8 +30,11 @@ class MissingTensorError(CheckpointError, KeyError):
 def resolve_mtp(cfg: ModelConfig, source: HFSource) -> ModelConfig:
     mtp_prefix = f"model.layers.{cfg.num_hidden_layers}."
     if cfg.num_nextn_predict_layers and not any(k.startswith(mtp_prefix) for k in source.names()):
-        warnings.warn(f"{source.dir}: config has num_nextn_predict_layers={cfg.num_nextn_predict_layers} but the "
-                      "checkpoint holds no MTP layer (transformers' save_pretrained drops it); loading without MTP")
+        warnings.warn(
+            f"{source.dir}: config has num_nextn_predict_layers={cfg.num_nextn_predict_layers} but the "
+            "checkpoint holds no MTP layer (transformers' save_pretrained drops it); loading without MTP",
+            stacklevel=2,
+        )
         cfg = cfg.replace(num_nextn_predict_layers=0)
     return cfg
 
@@ -45,12 +49,13 @@ def check_source(cfg: ModelConfig, source: HFSource) -> list[Unit]:
         for name, shape in zip(u.names, hf_shapes(u, shapes[u.path])):
             need.add(name)
             if name not in source:
-                raise MissingTensorError(f"{source.dir}: checkpoint is missing tensor {name!r} (needed for "
-                                         f"{u.path})")
+                raise MissingTensorError(f"{source.dir}: checkpoint is missing tensor {name!r} (needed for {u.path})")
             got, dtype = source.shape(name), source.dtype(name)
             if got != shape:
-                raise CheckpointError(f"{source.file_of(name)}: tensor {name!r} has shape {got}, but the config "
-                                      f"needs {shape} (does config.json belong to these weights?)")
+                raise CheckpointError(
+                    f"{source.file_of(name)}: tensor {name!r} has shape {got}, but the config "
+                    f"needs {shape} (does config.json belong to these weights?)"
+                )
             if dtype not in _FLOATS:
                 raise CheckpointError(f"{source.file_of(name)}: tensor {name!r} has dtype {dtype}; expected a float")
             if dtype == fp8_lib.E4M3:
@@ -62,8 +67,10 @@ def check_source(cfg: ModelConfig, source: HFSource) -> list[Unit]:
     unexpected = sorted(set(source.names()) - need - copies - derived)
     if unexpected:
         more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
-        raise CheckpointError(f"{source.dir}: unexpected tensors for this config: {unexpected[:5]}{more} (first in "
-                              f"{source.file_of(unexpected[0])}; does config.json belong to these weights?)")
+        raise CheckpointError(
+            f"{source.dir}: unexpected tensors for this config: {unexpected[:5]}{more} (first in "
+            f"{source.file_of(unexpected[0])}; does config.json belong to these weights?)"
+        )
     return todo
 
 
@@ -76,9 +83,11 @@ def _check_scale(source, name, shape):
         raise MissingTensorError(f"{source.file_of(name)}: FP8 tensor {name!r} has no block scale {scale!r}")
     want = fp8_lib.scale_shape(shape)
     if source.shape(scale) != want or source.dtype(scale) not in _FLOATS - {fp8_lib.E4M3}:
-        raise CheckpointError(f"{source.file_of(scale)}: scale {scale!r} is {source.shape(scale)} "
-                              f"{source.dtype(scale)}, but a {shape} FP8 weight with 128x128 blocks needs {want} "
-                              "float32")
+        raise CheckpointError(
+            f"{source.file_of(scale)}: scale {scale!r} is {source.shape(scale)} "
+            f"{source.dtype(scale)}, but a {shape} FP8 weight with 128x128 blocks needs {want} "
+            "float32"
+        )
 
 
 def read_unit(source: HFSource, unit: Unit, dtype) -> np.ndarray:

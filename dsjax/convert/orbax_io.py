@@ -12,6 +12,7 @@ with the unit axes (layer, expert) cut to 1, so every device of that mesh reads 
 and every unit write covers whole chunks (no read-modify-write). Data is stored uncompressed: weights barely
 compress (about 10% for bf16) and zstd would cost more CPU than the conversion itself.
 """
+
 from __future__ import annotations
 
 import ast
@@ -36,6 +37,7 @@ def mesh_sizes(flag: str) -> dict[str, int]:
     """--mesh=fsdp:8,expert:8 -> axis sizes. The converter lays out for a mesh it does not have, so sizes are
     explicit (-1, 'the remaining devices', has no meaning here)."""
     from sharding.mesh import parse_mesh_flag
+
     sizes = parse_mesh_flag(flag) if flag else dict.fromkeys(AXES, 1)
     if any(v == -1 for v in sizes.values()):
         raise ValueError(f"--mesh={flag!r}: give every axis size explicitly when converting (no -1)")
@@ -50,7 +52,7 @@ def chunk_shape(path: str, shape: tuple[int, ...], sizes: dict[str, int], unit_a
     for dim, entry in zip(shape, spec):
         names = () if entry is None else (entry,) if isinstance(entry, str) else entry
         chunk.append(max(1, dim // math.prod(sizes[a] for a in names)))
-    chunk += list(shape[len(chunk):])
+    chunk += list(shape[len(chunk) :])
     return tuple(1 if i < unit_axes else c for i, c in enumerate(chunk))
 
 
@@ -65,8 +67,13 @@ def _zarr_dtype(dtype: np.dtype) -> str:
 class ParamsWriter:
     """Creates every leaf's array up front, then takes slices (`write(path, index, value)`) in any order."""
 
-    def __init__(self, directory: str, leaves: dict[str, tuple[tuple[int, ...], np.dtype]],
-                 chunks: dict[str, tuple[int, ...]], max_inflight_bytes: int = 1 << 30):
+    def __init__(
+        self,
+        directory: str,
+        leaves: dict[str, tuple[tuple[int, ...], np.dtype]],
+        chunks: dict[str, tuple[int, ...]],
+        max_inflight_bytes: int = 1 << 30,
+    ):
         self.dir = os.path.abspath(directory)
         os.makedirs(self.dir, exist_ok=True)
         self._ctx = ts.Context({"file_io_concurrency": {"limit": 16}})
@@ -74,9 +81,17 @@ class ParamsWriter:
         self.leaves = leaves
         self._arrays = {}
         for path, (shape, dtype) in leaves.items():
-            spec = {"driver": "zarr", "kvstore": kv, "path": _name(path),
-                    "metadata": {"shape": list(shape), "chunks": list(chunks[path]),
-                                 "dtype": _zarr_dtype(np.dtype(dtype)), "compressor": None}}
+            spec = {
+                "driver": "zarr",
+                "kvstore": kv,
+                "path": _name(path),
+                "metadata": {
+                    "shape": list(shape),
+                    "chunks": list(chunks[path]),
+                    "dtype": _zarr_dtype(np.dtype(dtype)),
+                    "compressor": None,
+                },
+            }
             self._arrays[path] = ts.open(spec, create=True, open=True, context=self._ctx).result()
         self.chunks = chunks
         self._pending: collections.deque = collections.deque()
@@ -88,7 +103,7 @@ class ParamsWriter:
         """Starts writing `value` to leaf[index]. Returns once TensorStore has copied it (so the caller may drop
         it); disk writes overlap with the caller's next read, up to `max_inflight_bytes` outstanding."""
         arr = self._arrays[path]
-        want = tuple(arr.shape[len(index):])
+        want = tuple(arr.shape[len(index) :])
         if tuple(value.shape) != want:
             raise ValueError(f"{self.dir}: slice {index} of {path} needs shape {want}, got {tuple(value.shape)}")
         fut = arr[index].write(value)
@@ -121,16 +136,33 @@ class ParamsWriter:
             keys = path.split("/")
             tree[str(tuple(keys))] = {
                 "key_metadata": [{"key": k, "key_type": _KEY_TYPE_DICT} for k in keys],
-                "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False,
-                                   "write_shape": list(self.chunks[path])}}
-        meta = {"tree_metadata": tree, "use_ocdbt": True, "use_zarr3": False,
-                "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+                "value_metadata": {
+                    "value_type": "jax.Array",
+                    "skip_deserialize": False,
+                    "write_shape": list(self.chunks[path]),
+                },
+            }
+        meta = {
+            "tree_metadata": tree,
+            "use_ocdbt": True,
+            "use_zarr3": False,
+            "store_array_data_equal_to_fill_value": True,
+            "custom_metadata": None,
+        }
         with open(os.path.join(self.dir, METADATA), "w") as f:
             json.dump(meta, f)
         with open(os.path.join(self.dir, "_CHECKPOINT_METADATA"), "w") as f:
-            json.dump({"item_handlers": None, "metrics": {}, "performance_metrics": {},
-                       "init_timestamp_nsecs": self._init_ns, "commit_timestamp_nsecs": time.time_ns(),
-                       "custom_metadata": {"written_by": "dsjax.convert"}}, f)
+            json.dump(
+                {
+                    "item_handlers": None,
+                    "metrics": {},
+                    "performance_metrics": {},
+                    "init_timestamp_nsecs": self._init_ns,
+                    "commit_timestamp_nsecs": time.time_ns(),
+                    "custom_metadata": {"written_by": "dsjax.convert"},
+                },
+                f,
+            )
 
 
 class ParamsReader:
@@ -157,8 +189,11 @@ class ParamsReader:
             if path not in self.paths:
                 raise KeyError(f"{self.dir}: checkpoint has no parameter {path!r}")
             name = self.paths[path]
-            kv = ({"driver": "ocdbt", "base": f"file://{self.dir}/"} if self._ocdbt
-                  else {"driver": "file", "path": os.path.join(self.dir, name) + "/"})
+            kv = (
+                {"driver": "ocdbt", "base": f"file://{self.dir}/"}
+                if self._ocdbt
+                else {"driver": "file", "path": os.path.join(self.dir, name) + "/"}
+            )
             spec = {"driver": self._driver, "kvstore": kv, "open": True}
             if self._ocdbt:
                 spec["path"] = name

@@ -9,14 +9,15 @@ The unit of work is a `Unit`: one slice of one dsjax leaf (a layer of a scanned 
 it) and the few HF tensors it comes from. `load_hf` assembles units in memory; the streaming converter writes
 each one to disk as it is read, so its memory is a few units, never a whole stacked leaf.
 """
+
 from __future__ import annotations
 
 import collections
 import functools
 import sys
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -53,15 +54,15 @@ def transpose(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         r1 = min(main, r0 + slab)
         words = src[r0:r1:k].astype(np.uint64)
         for j in range(1, k):
-            part = src[r0 + j:r1:k].astype(np.uint64)
+            part = src[r0 + j : r1 : k].astype(np.uint64)
             part <<= np.uint64(8 * size * j)
             words |= part
         t = np.empty((c, words.shape[0]), np.uint64)
         for i in range(0, words.shape[0], 32):
-            t[:, i:i + 32] = words[i:i + 32].T
+            t[:, i : i + 32] = words[i : i + 32].T
         out.view(bits)[:, r0:r1] = t.view(bits)  # little-endian: word j holds row r0 + k*i + j at bytes 8i..
     for i in range(main, r, 256):  # leftover rows (and 8-byte dtypes): plain blocked copy
-        out.view(bits)[:, i:min(r, i + 256)] = src[i:i + 256].T
+        out.view(bits)[:, i : min(r, i + 256)] = src[i : i + 256].T
     return out
 
 
@@ -72,6 +73,7 @@ class Rule:
     experts > 0: the leaf has an experts axis after the layer axis; the rule describes one expert, whose HF prefix
     is `{layer prefix}.mlp.experts.{j}`.
     """
+
     names: Callable[[str], list[str]]
     join: Callable[[list[np.ndarray]], np.ndarray]
     split: Callable[[np.ndarray], list[np.ndarray]]
@@ -95,8 +97,12 @@ def _join_gate_up(a):  # gate [I, D], up [I, D] -> [D, 2I] = [gate.T | up.T]
 
 
 def _experts_gate_up(e):
-    return Rule(lambda p: [f"{p}.gate_proj.weight", f"{p}.up_proj.weight"], _join_gate_up,
-                lambda x: [transpose(x[:, :x.shape[1] // 2]), transpose(x[:, x.shape[1] // 2:])], experts=e)
+    return Rule(
+        lambda p: [f"{p}.gate_proj.weight", f"{p}.up_proj.weight"],
+        _join_gate_up,
+        lambda x: [transpose(x[:, : x.shape[1] // 2]), transpose(x[:, x.shape[1] // 2 :])],
+        experts=e,
+    )
 
 
 def _experts_down(e):
@@ -104,10 +110,13 @@ def _experts_down(e):
 
 
 def _block_rules(cfg: ModelConfig, moe: bool) -> dict[str, Rule]:
-    r = {"input_layernorm/weight": _same("input_layernorm.weight"),
-         "post_attention_layernorm/weight": _same("post_attention_layernorm.weight")}
-    projs = (["kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
-             + (["q_a_proj", "q_b_proj"] if cfg.q_lora_rank else ["q_proj"]))
+    r = {
+        "input_layernorm/weight": _same("input_layernorm.weight"),
+        "post_attention_layernorm/weight": _same("post_attention_layernorm.weight"),
+    }
+    projs = ["kv_a_proj_with_mqa", "kv_b_proj", "o_proj"] + (
+        ["q_a_proj", "q_b_proj"] if cfg.q_lora_rank else ["q_proj"]
+    )
     for name in projs:
         r[f"self_attn/{name}/kernel"] = _linear(f"self_attn.{name}.weight")
     for name in ["kv_a_layernorm"] + (["q_a_layernorm"] if cfg.q_lora_rank else []):
@@ -129,31 +138,43 @@ def _block_rules(cfg: ModelConfig, moe: bool) -> dict[str, Rule]:
 
 @dataclass(frozen=True)
 class Entry:
-    path: str                 # "/"-joined dsjax param path
-    prefixes: list[str]       # HF name prefix per stacked layer ([one] when not stacked)
+    path: str  # "/"-joined dsjax param path
+    prefixes: list[str]  # HF name prefix per stacked layer ([one] when not stacked)
     rule: Rule
     stacked: bool
 
 
 def plan(cfg: ModelConfig) -> list[Entry]:
     """Every dsjax parameter with the HF tensors it comes from."""
-    out = [Entry("embed_tokens/embedding", ["model"], _same("embed_tokens.weight"), False),
-           Entry("norm/weight", ["model"], _same("norm.weight"), False)]
+    out = [
+        Entry("embed_tokens/embedding", ["model"], _same("embed_tokens.weight"), False),
+        Entry("norm/weight", ["model"], _same("norm.weight"), False),
+    ]
     if not cfg.tie_word_embeddings:
-        out.append(Entry("lm_head", [""], Rule(lambda p: ["lm_head.weight"], lambda a: transpose(a[0]),
-                                               lambda x: [transpose(x)]), False))
-    segs = (("dense_layers", range(cfg.num_dense_layers), False),
-            ("moe_layers", range(cfg.first_k_dense_replace, cfg.num_hidden_layers), True))
+        out.append(
+            Entry(
+                "lm_head",
+                [""],
+                Rule(lambda p: ["lm_head.weight"], lambda a: transpose(a[0]), lambda x: [transpose(x)]),
+                False,
+            )
+        )
+    segs = (
+        ("dense_layers", range(cfg.num_dense_layers), False),
+        ("moe_layers", range(cfg.first_k_dense_replace, cfg.num_hidden_layers), True),
+    )
     for seg, layers, moe in segs:
         if len(layers):
             for rel, rule in _block_rules(cfg, moe).items():
                 out.append(Entry(f"{seg}/{rel}", [f"model.layers.{i}" for i in layers], rule, True))
     for k in range(cfg.num_nextn_predict_layers):
         p = f"model.layers.{cfg.num_hidden_layers + k}"
-        out += [Entry(f"mtp_{k}/enorm/weight", [p], _same("enorm.weight"), False),
-                Entry(f"mtp_{k}/hnorm/weight", [p], _same("hnorm.weight"), False),
-                Entry(f"mtp_{k}/eh_proj/kernel", [p], _linear("eh_proj.weight"), False),
-                Entry(f"mtp_{k}/norm/weight", [p], _same("shared_head.norm.weight"), False)]
+        out += [
+            Entry(f"mtp_{k}/enorm/weight", [p], _same("enorm.weight"), False),
+            Entry(f"mtp_{k}/hnorm/weight", [p], _same("hnorm.weight"), False),
+            Entry(f"mtp_{k}/eh_proj/kernel", [p], _linear("eh_proj.weight"), False),
+            Entry(f"mtp_{k}/norm/weight", [p], _same("shared_head.norm.weight"), False),
+        ]
         for rel, rule in _block_rules(cfg, cfg.num_moe_layers > 0).items():
             out.append(Entry(f"mtp_{k}/block/{rel}", [p], rule, False))
     return out
@@ -161,11 +182,11 @@ def plan(cfg: ModelConfig) -> list[Entry]:
 
 @dataclass(frozen=True)
 class Unit:
-    path: str                  # the dsjax leaf
-    index: tuple[int, ...]     # which slice of it: (layer,), (layer, expert), (expert,) or ()
-    names: tuple[str, ...]     # the HF tensors it is made of
+    path: str  # the dsjax leaf
+    index: tuple[int, ...]  # which slice of it: (layer,), (layer, expert), (expert,) or ()
+    names: tuple[str, ...]  # the HF tensors it is made of
     rule: Rule
-    layer: float               # HF layer number, for ordering output files like the released checkpoint
+    layer: float  # HF layer number, for ordering output files like the released checkpoint
 
     @property
     def router(self) -> bool:
@@ -216,9 +237,13 @@ def mtp_copies(cfg: ModelConfig) -> list[tuple[str, str]]:
     out = []
     for k in range(cfg.num_nextn_predict_layers):
         p = f"model.layers.{cfg.num_hidden_layers + k}"
-        out += [(f"{p}.embed_tokens.weight", "model.embed_tokens.weight"),
-                (f"{p}.shared_head.head.weight", "model.embed_tokens.weight" if cfg.tie_word_embeddings
-                 else "lm_head.weight")]
+        out += [
+            (f"{p}.embed_tokens.weight", "model.embed_tokens.weight"),
+            (
+                f"{p}.shared_head.head.weight",
+                "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight",
+            ),
+        ]
     return out
 
 
@@ -227,10 +252,13 @@ def leaf_specs(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
     """Shape and dtype (cfg.param_dtype; the router float32) of every leaf, without allocating anything (cached:
     tracing the model's init takes a second or two; treat the result as read-only)."""
     from dsjax.model import DeepSeekV3
+
     tok = jax.ShapeDtypeStruct((1, max(8, cfg.num_nextn_predict_layers + 2)), jnp.int32)  # MTP depth k needs t+k
     shapes = jax.eval_shape(lambda t: DeepSeekV3(cfg).init(jax.random.key(0), t), tok)["params"]
-    return {"/".join(str(getattr(k, "key", k)) for k in path): x
-            for path, x in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): x
+        for path, x in jax.tree_util.tree_flatten_with_path(shapes)[0]
+    }
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -239,7 +267,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def hf_shapes(unit: Unit, leaf_shape) -> list[tuple[int, ...]]:
     """The HF tensor shapes of a unit, from splitting a zero-stride stand-in (no memory touched)."""
-    stand_in = np.broadcast_to(np.zeros((), np.float32), tuple(leaf_shape)[len(unit.index):])
+    stand_in = np.broadcast_to(np.zeros((), np.float32), tuple(leaf_shape)[len(unit.index) :])
     return [tuple(a.shape) for a in unit.rule.split(stand_in)]
 
 

@@ -6,6 +6,7 @@ into shards whose layout is planned up front (`ShardedWriter`), and FP8 e4m3 wor
 little-endian header length, a JSON header {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}},
 then the raw bytes.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,16 +14,24 @@ import mmap
 import os
 import struct
 import threading
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
 
 DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
@@ -47,8 +56,10 @@ class SafetensorsFile:
             raise SafetensorsError(f"{self.path}: truncated safetensors file ({size} bytes, no header)")
         (n,) = struct.unpack("<Q", self._f.read(8))
         if n > _MAX_HEADER or 8 + n > size:
-            raise SafetensorsError(f"{self.path}: header length {n} does not fit in the {size}-byte file "
-                                   "(truncated or not a safetensors file)")
+            raise SafetensorsError(
+                f"{self.path}: header length {n} does not fit in the {size}-byte file "
+                "(truncated or not a safetensors file)"
+            )
         try:
             header = json.loads(self._f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -63,11 +74,15 @@ class SafetensorsFile:
                 raise SafetensorsError(f"{self.path}: tensor {name!r} has unsupported dtype {e['dtype']}")
             want = int(np.prod(e["shape"], dtype=np.int64)) * DTYPES[e["dtype"]].itemsize
             if end - begin != want:
-                raise SafetensorsError(f"{self.path}: tensor {name!r} has {end - begin} bytes for shape "
-                                       f"{e['shape']} {e['dtype']} ({want} expected)")
+                raise SafetensorsError(
+                    f"{self.path}: tensor {name!r} has {end - begin} bytes for shape "
+                    f"{e['shape']} {e['dtype']} ({want} expected)"
+                )
             if end > data_size:
-                raise SafetensorsError(f"{self.path}: tensor {name!r} ends at byte {self._base + end} but the "
-                                       f"file has {size} bytes (truncated file)")
+                raise SafetensorsError(
+                    f"{self.path}: tensor {name!r} ends at byte {self._base + end} but the "
+                    f"file has {size} bytes (truncated file)"
+                )
         self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
 
     def keys(self) -> list[str]:
@@ -91,8 +106,12 @@ class SafetensorsFile:
             raise SafetensorsError(f"{self.path}: no tensor named {name!r}")
         e = self._entries[name]
         begin, end = e["data_offsets"]
-        arr = np.frombuffer(self._mm, dtype=DTYPES[e["dtype"]], count=(end - begin) // DTYPES[e["dtype"]].itemsize,
-                            offset=self._base + begin)
+        arr = np.frombuffer(
+            self._mm,
+            dtype=DTYPES[e["dtype"]],
+            count=(end - begin) // DTYPES[e["dtype"]].itemsize,
+            offset=self._base + begin,
+        )
         return arr.reshape(e["shape"])
 
     def offset(self, name: str) -> int:
@@ -111,8 +130,9 @@ class SafetensorsFile:
         while done < len(view):
             n = _pread_into(self._f, view[done:], pos + done)
             if not n:
-                raise SafetensorsError(f"{self.path}: tensor {name!r}: file ended after {done} of {len(view)} "
-                                       "bytes (truncated file)")
+                raise SafetensorsError(
+                    f"{self.path}: tensor {name!r}: file ended after {done} of {len(view)} bytes (truncated file)"
+                )
             done += n
         return out
 
@@ -141,8 +161,7 @@ def _pread_into(f, view: memoryview, pos: int) -> int:
         return f.readinto(view)
 
 
-def _header(entries: list[tuple[str, np.dtype, tuple[int, ...]]], metadata: dict[str, str] | None,
-            path: str) -> bytes:
+def _header(entries: list[tuple[str, np.dtype, tuple[int, ...]]], metadata: dict[str, str] | None, path: str) -> bytes:
     """The length-prefixed JSON header for tensors laid out back to back in `entries` order."""
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
@@ -182,8 +201,13 @@ class ShardedWriter:
     (what transformers and the released checkpoints use), else one `model.safetensors`.
     """
 
-    def __init__(self, directory: str, specs: list[tuple[str, tuple[int, ...], np.dtype]],
-                 max_shard_bytes: int = 4 << 30, metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        directory: str,
+        specs: list[tuple[str, tuple[int, ...], np.dtype]],
+        max_shard_bytes: int = 4 << 30,
+        metadata: dict[str, str] | None = None,
+    ):
         self.dir, self._metadata = directory, metadata
         self._shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
         size = 0
@@ -195,8 +219,9 @@ class ShardedWriter:
             self._shards[-1].append((name, tuple(shape), np.dtype(dtype)))
             size += n
         k = len(self._shards)
-        self.files = (["model.safetensors"] if k == 1
-                      else [f"model-{i + 1:05d}-of-{k:05d}.safetensors" for i in range(k)])
+        self.files = (
+            ["model.safetensors"] if k == 1 else [f"model-{i + 1:05d}-of-{k:05d}.safetensors" for i in range(k)]
+        )
         self._order = [(i, spec) for i, shard in enumerate(self._shards) for spec in shard]
         self._next = 0
         self._f = None
@@ -208,8 +233,9 @@ class ShardedWriter:
         i, (want, shape, dtype) = self._order[self._next]
         path = os.path.join(self.dir, self.files[i])
         if name != want or tuple(a.shape) != shape or a.dtype != dtype:
-            raise SafetensorsError(f"{path}: expected tensor {want!r} {shape} {dtype} next, got {name!r} "
-                                   f"{tuple(a.shape)} {a.dtype}")
+            raise SafetensorsError(
+                f"{path}: expected tensor {want!r} {shape} {dtype} next, got {name!r} {tuple(a.shape)} {a.dtype}"
+            )
         if self._f is None:
             self._f = open(path, "wb")
             self._f.write(_header([(n, d, s) for n, s, d in self._shards[i]], self._metadata, path))
@@ -226,8 +252,10 @@ class ShardedWriter:
             self._f.close()
             self._f = None
         if self._next != len(self._order):
-            raise SafetensorsError(f"{self.dir}: only {self._next} of {len(self._order)} planned tensors were "
-                                   f"written (next: {self._order[self._next][1][0]!r})")
+            raise SafetensorsError(
+                f"{self.dir}: only {self._next} of {len(self._order)} planned tensors were "
+                f"written (next: {self._order[self._next][1][0]!r})"
+            )
         if len(self.files) > 1:
             weight_map = {name: self.files[i] for i, (name, _, _) in self._order}
             total = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for _, (_, s, d) in self._order)

@@ -8,6 +8,7 @@ unpickled, so they are refused unless the caller passes `allow_pickle=True`, and
 Every file's header is read when the source opens, so a missing shard, a truncated file or an index that
 names a tensor its file lacks fails before any output is written.
 """
+
 from __future__ import annotations
 
 import glob
@@ -34,6 +35,7 @@ class _PickleFile:
 
     def __init__(self, path: str):
         import torch
+
         self.path = path
         try:
             self._sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -64,6 +66,7 @@ class _PickleFile:
 
     def read(self, name):
         import torch
+
         t = self._sd[name].contiguous()
         dt = self.dtype(name)
         if dt.itemsize == 1 and dt != np.dtype(np.uint8):
@@ -78,9 +81,16 @@ class _PickleFile:
 
 def _numpy_dtype(torch_dtype, path, name):
     import torch
-    table = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: ml_dtypes.bfloat16,
-             torch.float8_e4m3fn: ml_dtypes.float8_e4m3fn, torch.int64: np.int64, torch.int32: np.int32,
-             torch.uint8: np.uint8}
+
+    table = {
+        torch.float32: np.float32,
+        torch.float16: np.float16,
+        torch.bfloat16: ml_dtypes.bfloat16,
+        torch.float8_e4m3fn: ml_dtypes.float8_e4m3fn,
+        torch.int64: np.int64,
+        torch.int32: np.int32,
+        torch.uint8: np.uint8,
+    }
     if torch_dtype not in table:
         raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {torch_dtype}")
     return np.dtype(table[torch_dtype])
@@ -105,8 +115,9 @@ class HFSource:
                 if fname not in self._files:
                     raise CheckpointError(f"{index}: tensor {name!r} maps to {fname!r}, which the index does not list")
                 if name not in self._files[fname]:
-                    raise CheckpointError(f"{os.path.join(hf_dir, fname)}: tensor {name!r} is listed in {INDEX} but "
-                                          "not in the file")
+                    raise CheckpointError(
+                        f"{os.path.join(hf_dir, fname)}: tensor {name!r} is listed in {INDEX} but not in the file"
+                    )
         except BaseException:
             self.close()
             raise
@@ -129,8 +140,9 @@ class HFSource:
         safe = sorted(os.path.basename(p) for p in glob.glob(os.path.join(hf_dir, "*.safetensors")))
         if safe:
             return safe, None, None
-        pickles = sorted(os.path.basename(p) for e in ("*.bin", "*.pt", "*.pth")
-                         for p in glob.glob(os.path.join(hf_dir, e)))
+        pickles = sorted(
+            os.path.basename(p) for e in ("*.bin", "*.pt", "*.pth") for p in glob.glob(os.path.join(hf_dir, e))
+        )
         if pickles and not allow_pickle:
             raise CheckpointError(_pickle_refusal(os.path.join(hf_dir, pickles[0])))
         if pickles:
@@ -200,6 +212,8 @@ class HFSource:
 
 
 def _pickle_refusal(path: str) -> str:
-    return (f"{path}: pickled PyTorch checkpoints can run arbitrary code when loaded, so they are refused; convert "
-            "the model to safetensors, or pass --allow_pickle (allow_pickle=True) to read it with "
-            "torch.load(weights_only=True)")
+    return (
+        f"{path}: pickled PyTorch checkpoints can run arbitrary code when loaded, so they are refused; convert "
+        "the model to safetensors, or pass --allow_pickle (allow_pickle=True) to read it with "
+        "torch.load(weights_only=True)"
+    )

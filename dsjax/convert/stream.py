@@ -15,6 +15,7 @@ The Orbax output is a checkpoint step directory: `<out>/params` (see orbax_io.py
 `experiments/generate.py --checkpoint=out` and `experiments/grpo.py --config.init_checkpoint=out` read.
 Both directions write into a temporary directory next to `out` and rename it at the end.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,20 +23,25 @@ import os
 import shutil
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from dsjax.config import ModelConfig
-from dsjax.convert import fp8 as fp8_lib
 from dsjax.convert import export, hf, plan
+from dsjax.convert import fp8 as fp8_lib
 from dsjax.convert.orbax_io import ParamsReader, ParamsWriter, chunk_shape, mesh_sizes
 from dsjax.convert.source import CheckpointError, HFSource
 
 # Small files that travel with the weights (generate.py finds tokenizer.json next to its checkpoint).
 WORKERS = min(4, os.cpu_count() or 1)  # units converted at once (threads; NumPy releases the GIL)
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-              "generation_config.json")
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "generation_config.json",
+)
 
 
 class Progress:
@@ -54,9 +60,11 @@ class Progress:
             self._last = now
             rate = self.done / max(now - self.start, 1e-9)
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            self.log(f"{self.label}: {self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB "
-                     f"({100 * self.done / self.total:.1f}%), {rate / 1e9:.3f} GB/s, ETA {_hms(eta)}"
-                     + (f"  [{where}]" if where else ""))
+            self.log(
+                f"{self.label}: {self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB "
+                f"({100 * self.done / self.total:.1f}%), {rate / 1e9:.3f} GB/s, ETA {_hms(eta)}"
+                + (f"  [{where}]" if where else "")
+            )
 
     def finish(self) -> dict:
         secs = time.perf_counter() - self.start
@@ -89,9 +97,18 @@ def _unit_bytes(source: HFSource, unit: plan.Unit) -> int:
     return n
 
 
-def hf_to_orbax(hf_dir: str, out: str, dtype: str = "bfloat16", mesh: str = "", allow_pickle: bool = False,
-                overwrite: bool = False, log: Callable[[str], None] | None = None, every: float = 10.0,
-                max_inflight_bytes: int = 256 << 20, workers: int = WORKERS) -> dict:
+def hf_to_orbax(
+    hf_dir: str,
+    out: str,
+    dtype: str = "bfloat16",
+    mesh: str = "",
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
+    every: float = 10.0,
+    max_inflight_bytes: int = 256 << 20,
+    workers: int = WORKERS,
+) -> dict:
     """HF directory (bf16 / float32 / FP8 with block scales; sharded or not) -> Orbax checkpoint at `out`.
 
     `dtype` is the stored parameter dtype (bfloat16 or float32; the router stays float32); `mesh` the layout the
@@ -103,7 +120,7 @@ def hf_to_orbax(hf_dir: str, out: str, dtype: str = "bfloat16", mesh: str = "", 
     cfg = ModelConfig.from_hf(hf_dir, dtype=dtype, param_dtype=dtype)
     with HFSource(hf_dir, allow_pickle) as source:
         cfg = hf.resolve_mtp(cfg, source)
-        todo = hf.check_source(cfg, source)          # every header checked before anything is written
+        todo = hf.check_source(cfg, source)  # every header checked before anything is written
         todo.sort(key=lambda u: source.location(u.names[0]))  # shard by shard, front to back
         specs = plan.leaf_specs(cfg)
         unit_axes = {u.path: len(u.index) for u in todo}
@@ -120,8 +137,8 @@ def hf_to_orbax(hf_dir: str, out: str, dtype: str = "bfloat16", mesh: str = "", 
                     progress.update(_unit_bytes(source, u), os.path.basename(source.file_of(u.names[0])))
                 writer.close()
             except BaseException:
-                values.close()   # stop the readers and
-                writer.abort()   # let in-flight writes land before the temporary directory is removed
+                values.close()  # stop the readers and
+                writer.abort()  # let in-flight writes land before the temporary directory is removed
                 raise
             _write_config(tmp, cfg, {"source": os.path.abspath(hf_dir), "dtype": dtype, "mesh": sizes})
             _copy_side_files([hf_dir], tmp)
@@ -131,6 +148,7 @@ def hf_to_orbax(hf_dir: str, out: str, dtype: str = "bfloat16", mesh: str = "", 
 
 def _write_config(step_dir, cfg, conversion):
     from dsjax.train.checkpoint import model_config_dict
+
     with open(os.path.join(step_dir, "config", "metadata"), "w") as f:
         json.dump({"model": model_config_dict(cfg), "conversion": conversion}, f, indent=2)
 
@@ -138,6 +156,7 @@ def _write_config(step_dir, cfg, conversion):
 def open_orbax(checkpoint: str) -> tuple[str, ModelConfig, ParamsReader]:
     """(step dir, config, reader) for a converted checkpoint, a pretraining workdir or one of its step dirs."""
     from dsjax.train.checkpoint import model_config_from_dict, step_dir
+
     step = step_dir(checkpoint)
     with open(os.path.join(step, "config", "metadata")) as f:
         cfg = model_config_from_dict(json.load(f)["model"])
@@ -146,14 +165,24 @@ def open_orbax(checkpoint: str) -> tuple[str, ModelConfig, ParamsReader]:
         if path not in reader.paths:
             raise CheckpointError(f"{step}/params: missing parameter {path!r}, which its config needs")
         if reader.shape(path) != tuple(spec.shape):
-            raise CheckpointError(f"{step}/params: parameter {path!r} has shape {reader.shape(path)}, but its "
-                                  f"config needs {tuple(spec.shape)}")
+            raise CheckpointError(
+                f"{step}/params: parameter {path!r} has shape {reader.shape(path)}, but its "
+                f"config needs {tuple(spec.shape)}"
+            )
     return step, cfg, reader
 
 
-def orbax_to_hf(checkpoint: str, out: str, dtype: str = "bfloat16", fp8: bool = False,
-                max_shard_bytes: int = 4 << 30, overwrite: bool = False, log: Callable[[str], None] | None = None,
-                every: float = 10.0, workers: int = WORKERS) -> dict:
+def orbax_to_hf(
+    checkpoint: str,
+    out: str,
+    dtype: str = "bfloat16",
+    fp8: bool = False,
+    max_shard_bytes: int = 4 << 30,
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
+    every: float = 10.0,
+    workers: int = WORKERS,
+) -> dict:
     """Orbax checkpoint (converted, or a pretraining workdir / step) -> HF safetensors directory at `out`.
 
     Reads one unit at a time from disk; with `fp8`, quantizes the weights the released format stores in FP8
@@ -167,20 +196,27 @@ def orbax_to_hf(checkpoint: str, out: str, dtype: str = "bfloat16", fp8: bool = 
     tensors = export.export_tensors(cfg, lambda u: reader.read(u.path, u.index), specs, workers)
     with export.atomic_dir(out, overwrite) as tmp:
         try:
-            export.write_hf(tmp, cfg, tensors, specs, _np_dtype(dtype), fp8, max_shard_bytes,
-                            on_tensor=lambda name, n: progress.update(n, name))
+            export.write_hf(
+                tmp,
+                cfg,
+                tensors,
+                specs,
+                _np_dtype(dtype),
+                fp8,
+                max_shard_bytes,
+                on_tensor=lambda name, n: progress.update(n, name),
+            )
         finally:
             tensors.close()  # on failure, stop the reader threads
         parent = os.path.dirname(step)  # a trainer's <workdir>/checkpoints/<step>: side files live in the workdir
-        _copy_side_files([step] + ([os.path.dirname(parent)] if os.path.basename(parent) == "checkpoints" else []),
-                         tmp)
+        _copy_side_files([step] + ([os.path.dirname(parent)] if os.path.basename(parent) == "checkpoints" else []), tmp)
         stats = progress.finish()
     return {**stats, "config": cfg}
 
 
 def _np_dtype(name: str):
     import jax.numpy as jnp
+
     if name not in ("bfloat16", "float32"):
         raise ValueError(f"dtype must be bfloat16 or float32, got {name!r}")
     return np.dtype(jnp.bfloat16 if name == "bfloat16" else jnp.float32)
-

@@ -6,11 +6,12 @@ a plain bf16/float32 export is loaded with `from_pretrained`, which is also the 
 The dsjax side restores the Orbax checkpoint with `load_for_inference`. Both run in float32, so the gap measures
 the conversion (and, for FP8 -> bf16, the bf16 rounding of the stored weights), not bf16 arithmetic.
 """
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -34,6 +35,7 @@ def torch_model(hf_dir: str, allow_pickle: bool = False):
     """transformers' DeepseekV3/V2ForCausalLM (float32, eager attention) with the directory's weights."""
     import torch
     import transformers
+
     from dsjax.convert.fp8 import scale_name
     from dsjax.convert.source import HFSource
 
@@ -45,7 +47,8 @@ def torch_model(hf_dir: str, allow_pickle: bool = False):
         transformers.logging.set_verbosity_error()  # its load report lists the MTP layer, which it ignores by design
         try:
             return transformers.AutoModelForCausalLM.from_pretrained(
-                hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+                hf_dir, dtype=torch.float32, attn_implementation="eager"
+            ).eval()
         finally:
             transformers.logging.set_verbosity(level)
     d.pop("quantization_config", None)
@@ -66,20 +69,23 @@ def torch_model(hf_dir: str, allow_pickle: bool = False):
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if "rotary" not in k]
     if missing or unexpected:
-        raise ValueError(f"{hf_dir}: transformers state dict mismatch: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{hf_dir}: transformers state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return model
 
 
 def _fuse_experts(sd: dict, own: dict) -> dict:
     """Per-expert HF keys -> transformers 5's fused `experts.gate_up_proj` [E, 2I, D] / `down_proj` [E, D, I]."""
     import torch
+
     fused = [k for k in own if k.endswith("mlp.experts.gate_up_proj")]
     for key in fused:
         p = key[: -len("gate_up_proj")]
         e = own[key].shape[0]
-        sd[key] = torch.stack([torch.cat([sd.pop(f"{p}{j}.gate_proj.weight"), sd.pop(f"{p}{j}.up_proj.weight")])
-                               for j in range(e)])
+        sd[key] = torch.stack(
+            [torch.cat([sd.pop(f"{p}{j}.gate_proj.weight"), sd.pop(f"{p}{j}.up_proj.weight")]) for j in range(e)]
+        )
         sd[p + "down_proj"] = torch.stack([sd.pop(f"{p}{j}.down_proj.weight") for j in range(e)])
     return sd
 
@@ -89,6 +95,7 @@ def prompt_tokens(cfg, hf_dir: str | None, n: int = 3, length: int = 16) -> list
     path = hf_dir and os.path.join(hf_dir, "tokenizer.json")
     if path and os.path.isfile(path):
         from dsjax.tokenizer import load_tokenizer
+
         tok = load_tokenizer(path)
         out = [np.asarray(tok.encode(t), np.int32) for t in PROMPTS[:n]]
         if all(len(t) and t.max() < cfg.vocab_size for t in out):
@@ -102,6 +109,7 @@ def logit_gap(cfg, params, model, prompts, log: Callable[[str], None] = print) -
     import jax
     import jax.numpy as jnp
     import torch
+
     import dsjax
 
     cfg32 = cfg.replace(dtype="float32", param_dtype="float32")
@@ -118,23 +126,29 @@ def logit_gap(cfg, params, model, prompts, log: Callable[[str], None] = print) -
         total += len(toks)
         log(f"verify: prompt of {len(toks)} tokens: max |dlogit| = {gaps[-1]:.3e}")
     out = {"max_abs_gap": max(gaps), "logit_scale": scale, "top1_agreement": agree / total}
-    log(f"verify: max |dlogit| = {out['max_abs_gap']:.3e} over {len(prompts)} prompts (max |logit| "
+    log(
+        f"verify: max |dlogit| = {out['max_abs_gap']:.3e} over {len(prompts)} prompts (max |logit| "
         f"{scale:.2f}, relative {out['max_abs_gap'] / max(scale, 1e-30):.2e}); top-1 agreement "
-        f"{100 * out['top1_agreement']:.1f}%")
+        f"{100 * out['top1_agreement']:.1f}%"
+    )
     return out
 
 
-def verify(hf_dir: str, checkpoint: str, allow_pickle: bool = False, n: int = 3,
-           log: Callable[[str], None] = print) -> dict | None:
+def verify(
+    hf_dir: str, checkpoint: str, allow_pickle: bool = False, n: int = 3, log: Callable[[str], None] = print
+) -> dict | None:
     """Logit gap between the HF directory (transformers) and the Orbax checkpoint (dsjax); None if too big."""
-    from dsjax.train.checkpoint import load_for_inference
     import jax.numpy as jnp
+
+    from dsjax.train.checkpoint import load_for_inference
 
     cfg, params = load_for_inference(checkpoint, dtype=jnp.float32)
     ok, need = fits(cfg)
     if not ok:
-        log(f"verify: skipped; the model needs about {need / 1e9:.0f} GB of host memory in float32 on both sides "
-            f"and {available_bytes() / 1e9:.0f} GB are free")
+        log(
+            f"verify: skipped; the model needs about {need / 1e9:.0f} GB of host memory in float32 on both sides "
+            f"and {available_bytes() / 1e9:.0f} GB are free"
+        )
         return None
     model = torch_model(hf_dir, allow_pickle)
     return logit_gap(cfg, params, model, prompt_tokens(cfg, hf_dir, n), log)

@@ -10,6 +10,7 @@ concrete by dsjax/runtime.py):
             (ragged-offset) layout, so neither a [B, T, T] mask nor a padded value head reaches the kernel
   "splash"  Pallas splash attention (TPU)
 """
+
 from __future__ import annotations
 
 import jax
@@ -33,8 +34,9 @@ def causal_mask(segment_ids: jax.Array | None, t: int) -> jax.Array:
 def xla_attention(q, k, v, mask, scale):
     """Reference: q [B,T,H,D], k [B,S,H,D], v [B,S,H,Dv], mask [B or 1, T, S] bool. Heads-major matmuls (the
     layout XLA:CPU runs fastest), float32 softmax."""
-    s = jnp.einsum("bhtd,bhsd->bhts", q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
-                   preferred_element_type=jnp.float32)
+    s = jnp.einsum(
+        "bhtd,bhsd->bhts", q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), preferred_element_type=jnp.float32
+    )
     s = jnp.where(mask[:, None], s * scale, NEG_INF)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     o = jnp.einsum("bhts,bhsd->bhtd", p, v.transpose(0, 2, 1, 3), preferred_element_type=jnp.float32)
@@ -74,8 +76,17 @@ def cudnn_attention(q, k, v, segment_ids, scale, max_segments: int = CUDNN_MAX_S
     vp = jnp.pad(v, [(0, 0)] * 3 + [(0, q.shape[-1] - dv)])
     if fa is not None:
         seqlens, offsets = segment_layout(segment_ids, max_segments)
-        o = fa.dot_product_attention(q, k, vp, q_seqlen=seqlens, kv_seqlen=seqlens, q_offsets=offsets,
-                                     kv_offsets=offsets, scale=scale, mask_type=fa.MaskType.PADDING_CAUSAL)
+        o = fa.dot_product_attention(
+            q,
+            k,
+            vp,
+            q_seqlen=seqlens,
+            kv_seqlen=seqlens,
+            q_offsets=offsets,
+            kv_offsets=offsets,
+            scale=scale,
+            mask_type=fa.MaskType.PADDING_CAUSAL,
+        )
         return o[..., :dv]
     mask = None if segment_ids is None else (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
     o = jax.nn.dot_product_attention(q, k, vp, mask=mask, scale=scale, is_causal=True, implementation="cudnn")
@@ -129,8 +140,10 @@ def paged_absorbed_attention(q_lat, q_pe, pool, table, capacity, positions, scal
     elif backend in ("auto", "xla"):  # small test models: the reference with their latent width as values
         out, _ = mla_decode_reference(q, pool, table, lengths, softmax_scale=scale, v_dim=c)
     else:
-        raise ValueError(f"decode_attention_impl={backend!r}: the kernels need kv_lora_rank "
-                         f"{V_DIM}, got {c}; use 'auto', 'xla' or 'contiguous'")
+        raise ValueError(
+            f"decode_attention_impl={backend!r}: the kernels need kv_lora_rank "
+            f"{V_DIM}, got {c}; use 'auto', 'xla' or 'contiguous'"
+        )
     return jnp.where(valid[:, :, None, None], out, 0)
 
 
@@ -141,6 +154,7 @@ def attention(q, k, v, segment_ids, scale: float, impl: str):
         return cudnn_attention(q, k, v, segment_ids, scale)
     if impl == "splash":
         from dsjax.layers.splash import splash_attention  # TPU only; imports Pallas TPU
+
         return splash_attention(q, k, v, segment_ids, scale, pad_seq=True)  # prefill buckets: any T
     if impl == "xla":
         return xla_attention(q, k, v, causal_mask(segment_ids, q.shape[1]), scale)

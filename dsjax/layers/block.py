@@ -1,9 +1,10 @@
 """One pre-norm transformer block: x + MLA(norm(x)), then + FFN(norm(.)), FFN = dense SwiGLU or DeepSeekMoE."""
+
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from dsjax.config import ModelConfig
 from dsjax.layers.mla import MLA
@@ -34,8 +35,8 @@ class Block(nn.Module):
         cfg = self.cfg
         pdt = jnp.dtype(cfg.param_dtype)
         h, kv_cache = MLA(cfg, self.absorb, name="self_attn")(
-            RMSNorm(cfg.rms_norm_eps, pdt, name="input_layernorm")(x), cos, sin, segment_ids, positions, kv_cache,
-            layer)
+            RMSNorm(cfg.rms_norm_eps, pdt, name="input_layernorm")(x), cos, sin, segment_ids, positions, kv_cache, layer
+        )
         x = x + h
         y = RMSNorm(cfg.rms_norm_eps, pdt, name="post_attention_layernorm")(x)
         if self.moe:
@@ -59,6 +60,11 @@ def scanned_blocks(cfg: ModelConfig, moe: bool, length: int, absorb: bool, name:
     Compile time stays flat in depth: XLA sees one block body. Call it with ((x, cache), cos, sin, segment_ids,
     positions, jnp.arange(length)); the layer index is the scanned input that picks each block's cache slice.
     """
-    scan = nn.scan(block_class(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
-                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0), length=length)
+    scan = nn.scan(
+        block_class(cfg),
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+        length=length,
+    )
     return scan(cfg, moe, absorb, name=name)

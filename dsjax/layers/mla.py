@@ -10,30 +10,36 @@ Two ways to compute the same attention:
   and never materialises per-head K/V. This is what makes MLA decode cheap. Over a paged cache it is the MLA
   decode kernel (pallas_kernels/mla_decode, backend `cfg.decode_attention_impl`); over a contiguous cache, einsums.
 """
+
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from dsjax.config import ModelConfig
 from dsjax.layers.attention import attention
 from dsjax.layers.norms import RMSNorm
-from dsjax.runtime import resolved
 from dsjax.layers.rope import apply_rope
+from dsjax.runtime import resolved
 
 HEADS = ("batch", "seq", "heads", None)  # logical axes of per-head activations (sharding/rules.py)
 
 
 class Linear(nn.Module):
     """y = x @ kernel, kernel [in, out] (the transpose of a torch Linear weight); computes in cfg.dtype."""
+
     in_features: int
     out_features: int
     cfg: ModelConfig
 
     def setup(self):
-        self.kernel = self.param("kernel", nn.initializers.normal(self.cfg.initializer_range),
-                                 (self.in_features, self.out_features), jnp.dtype(self.cfg.param_dtype))
+        self.kernel = self.param(
+            "kernel",
+            nn.initializers.normal(self.cfg.initializer_range),
+            (self.in_features, self.out_features),
+            jnp.dtype(self.cfg.param_dtype),
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = jnp.dtype(self.cfg.dtype)
@@ -50,8 +56,13 @@ class MLA(nn.Module):
         latent cache as the cache hands it out (dsjax/cache.py: `write` and `attend`, whatever the layout), or
         None. Returns (out [B,T,D], new kv_cache)."""
         cfg = resolved(self.cfg)
-        h, nope, rdim, vdim, c = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
-                                  cfg.v_head_dim, cfg.kv_lora_rank)
+        h, nope, rdim, vdim, c = (
+            cfg.num_attention_heads,
+            cfg.qk_nope_head_dim,
+            cfg.qk_rope_head_dim,
+            cfg.v_head_dim,
+            cfg.kv_lora_rank,
+        )
         b, t, d = x.shape
         pdt = jnp.dtype(cfg.param_dtype)
         if cfg.q_lora_rank:

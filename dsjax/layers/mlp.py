@@ -1,9 +1,10 @@
 """SwiGLU MLP: the dense FFN of the first layers and the shared experts of MoE layers."""
+
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from dsjax.config import ModelConfig
 from dsjax.layers.mla import Linear
@@ -26,5 +27,5 @@ class MLP(nn.Module):
         d, i = x.shape[-1], self.intermediate_size
         gate = Linear(d, i, self.cfg, name="gate_proj")(x)
         up = Linear(d, i, self.cfg, name="up_proj")(x)
-        hidden = nn.with_logical_constraint(swiglu(gate, up, gate.dtype), ("batch", "seq", "mlp")[-x.ndim:])
+        hidden = nn.with_logical_constraint(swiglu(gate, up, gate.dtype), ("batch", "seq", "mlp")[-x.ndim :])
         return Linear(i, d, self.cfg, name="down_proj")(hidden)

@@ -5,11 +5,12 @@ The math lives in dsjax/layers/moe_ops.py (routing, expert sort, grouped SwiGLU,
 tokens never leave their device unless the mesh's expert axis is > 1, which sends them to the experts' owners by
 all-to-all. Without one, on the whole batch with `cfg.moe_backend`.
 """
+
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from dsjax.config import ModelConfig
 from dsjax.layers.mlp import MLP
@@ -25,8 +26,12 @@ class Router(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.kernel = self.param("kernel", nn.initializers.normal(cfg.initializer_range),
-                                 (cfg.hidden_size, cfg.n_routed_experts), jnp.float32)
+        self.kernel = self.param(
+            "kernel",
+            nn.initializers.normal(cfg.initializer_range),
+            (cfg.hidden_size, cfg.n_routed_experts),
+            jnp.float32,
+        )
         self.bias = None
         if cfg.topk_method == "noaux_tc":
             self.bias = self.param(ROUTER_BIAS, nn.initializers.zeros, (cfg.n_routed_experts,), jnp.float32)
@@ -42,6 +47,7 @@ def mesh_bound() -> bool:
 
 class MoE(nn.Module):
     """Routed + shared experts (see the module docstring for when the routed experts go through shard_map)."""
+
     cfg: ModelConfig
 
     @nn.compact

@@ -12,6 +12,7 @@ Routed experts run on expert-sorted tokens: each (token, choice) pair is sorted 
 per projection (`jax.lax.ragged_dot`), then un-sorted and combined. `moe_backend="dense"` evaluates every expert
 on every token with a one-hot weight matrix: slow, obviously right, used to test the sorted path.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,9 +26,9 @@ from dsjax.layers.mlp import swiglu
 
 
 class Routing(NamedTuple):
-    weights: jax.Array   # [N, k] float32 combine weights
-    indices: jax.Array   # [N, k] int32 expert ids
-    scores: jax.Array    # [N, E] float32 unbiased scores
+    weights: jax.Array  # [N, k] float32 combine weights
+    indices: jax.Array  # [N, k] int32 expert ids
+    scores: jax.Array  # [N, E] float32 unbiased scores
 
 
 def _keep_best_groups(choice: jax.Array, groups: int, keep: int, per_group: int) -> jax.Array:
@@ -60,8 +61,10 @@ def route(logits: jax.Array, bias: jax.Array | None, cfg: ModelConfig, device_gr
     if device_groups > 1 and 0 < limit < device_groups:
         per_device = e // device_groups
         if limit * per_device < k:
-            raise ValueError(f"moe_device_limit={limit} devices x {per_device} experts each cannot hold the "
-                             f"num_experts_per_tok={k} experts of a token")
+            raise ValueError(
+                f"moe_device_limit={limit} devices x {per_device} experts each cannot hold the "
+                f"num_experts_per_tok={k} experts of a token"
+            )
         choice = _keep_best_groups(choice, device_groups, limit, min(-(-k // limit), per_device))
     _, indices = jax.lax.top_k(choice, k)
     weights = jnp.take_along_axis(scores, indices, axis=-1)
@@ -80,8 +83,11 @@ def sequence_balance_loss(scores: jax.Array, indices: jax.Array, batch: int, cfg
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     scores = scores.reshape(batch, -1, e)
     t = scores.shape[1]
-    chosen = jnp.zeros(scores.shape, jnp.float32).at[
-        jnp.arange(batch)[:, None, None], jnp.arange(t)[None, :, None], indices.reshape(batch, t, k)].set(1.0)
+    chosen = (
+        jnp.zeros(scores.shape, jnp.float32)
+        .at[jnp.arange(batch)[:, None, None], jnp.arange(t)[None, :, None], indices.reshape(batch, t, k)]
+        .set(1.0)
+    )
     f = chosen.sum(1) * (e / (k * t))
     p = (scores / scores.sum(-1, keepdims=True)).mean(1)
     return (f * p).sum(-1).mean()
@@ -95,6 +101,7 @@ def pallas_gmm(lhs, rhs, sizes, platform=None):
     # Mosaic GPU / TPU kernel for `platform` (XLA elsewhere). Accumulates in float32 and writes the compute
     # dtype, halving the traffic of the [tokens x k, 2I] intermediate against a float32 output.
     from pallas_kernels.grouped_matmul import gmm
+
     return gmm(lhs, rhs, sizes, platform=platform)
 
 
@@ -107,9 +114,10 @@ def grouped_ffn(rows, sizes, gate_up, down, dtype, matmul=ragged_dot):
 
 class PairOrder(NamedTuple):
     """Where each (token, choice) pair goes when rows are sorted by expert. A pair's index is token * k + choice."""
-    order: jax.Array    # [P] int32: sorted slot -> pair
+
+    order: jax.Array  # [P] int32: sorted slot -> pair
     inverse: jax.Array  # [P] int32: pair -> sorted slot
-    sizes: jax.Array    # [E] int32: pairs per expert (the group sizes of the grouped matmuls)
+    sizes: jax.Array  # [E] int32: pairs per expert (the group sizes of the grouped matmuls)
 
 
 def pair_order(indices: jax.Array, num_experts: int) -> PairOrder:
@@ -117,8 +125,7 @@ def pair_order(indices: jax.Array, num_experts: int) -> PairOrder:
     reused by the un-sort and by both backward passes (which are gathers, not scatter-adds)."""
     flat = indices.reshape(-1)
     order = jnp.argsort(flat, stable=True).astype(jnp.int32)
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32),
-                                                  unique_indices=True)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32), unique_indices=True)
     return PairOrder(order, inverse, jnp.bincount(flat, length=num_experts).astype(jnp.int32))
 
 

@@ -18,6 +18,7 @@ contract (`moe_dispatch` overrides the choice). A tensor axis on `expert_mlp` sp
 partial outputs are summed over it. Expert counts come out summed over every token shard (the global load the
 router-bias update needs); the balance loss is averaged over them.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,17 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from dsjax.config import ModelConfig
-from dsjax.layers.moe_ops import (combine_pairs, expert_counts, expert_matmul, gather_pairs, grouped_ffn,
-                                  pair_order, route, routed_experts_local, sequence_balance_loss)
+from dsjax.layers.moe_ops import (
+    combine_pairs,
+    expert_counts,
+    expert_matmul,
+    gather_pairs,
+    grouped_ffn,
+    pair_order,
+    route,
+    routed_experts_local,
+    sequence_balance_loss,
+)
 from sharding.rules import logical_spec
 
 
@@ -47,8 +57,10 @@ def routed_experts(x, kernel, bias, gate_up, down, cfg: ModelConfig):
     gu = gate_up.reshape(e, d, 2, -1)  # gate and up halves split alike over the tensor axis
     x_spec = logical_spec(("batch", "seq", "act_embed"), mesh, x.shape, rules)
     if x_spec[1] is not None or x_spec[2] is not None:
-        raise NotImplementedError(f"expert parallelism needs whole sequences and hidden vectors per device; the "
-                                  f"rules split activations as {x_spec}")
+        raise NotImplementedError(
+            f"expert parallelism needs whole sequences and hidden vectors per device; the "
+            f"rules split activations as {x_spec}"
+        )
     w_spec = logical_spec(("experts", None, None, "expert_mlp"), mesh, gu.shape, rules)
     token_axes, ep_axes, tp_axes = _axes(x_spec[0]), _axes(w_spec[0]), _axes(w_spec[3])
     ep = math.prod(mesh.shape[a] for a in ep_axes)
@@ -74,11 +86,13 @@ def routed_experts(x, kernel, bias, gate_up, down, cfg: ModelConfig):
     # check_vma=False: the Pallas grouped-matmul kernels declare outputs without manual-axis types, which the
     # check rejects; gradients through the psums are the same either way (tests/test_sharding.py compares them).
     return jax.shard_map(body, in_specs=in_specs, out_specs=(x_spec, P(), P()), check_vma=False)(
-        x, kernel, bias, gu, down)
+        x, kernel, bias, gu, down
+    )
 
 
 class Plan(NamedTuple):
     """Offsets and sizes (ragged_all_to_all's four arrays) for the trip to the owners and the trip back."""
+
     there: tuple[jax.Array, jax.Array, jax.Array, jax.Array]
     back: tuple[jax.Array, jax.Array, jax.Array, jax.Array]
     local_sizes: jax.Array  # [E/ep] rows of each local expert in the receive buffer
@@ -94,18 +108,19 @@ def plan(held: jax.Array, sent: jax.Array, me: jax.Array) -> Plan:
     the way out is just global expert j."""
     ep, e = sent.shape
     el = e // ep
-    start = exclusive_cumsum(held, 1)                      # [src, E] expert e's first row in src's buffer
-    by_owner = sent.reshape(ep, ep, el)                    # [src, owner, local expert]
-    expert_base = exclusive_cumsum(by_owner.sum(0), 1)     # [owner, l] local expert l's first row at the owner
+    start = exclusive_cumsum(held, 1)  # [src, E] expert e's first row in src's buffer
+    by_owner = sent.reshape(ep, ep, el)  # [src, owner, local expert]
+    expert_base = exclusive_cumsum(by_owner.sum(0), 1)  # [owner, l] local expert l's first row at the owner
     slot = expert_base[None] + exclusive_cumsum(by_owner, 0)  # [src, owner, l] where src's rows land
-    mine = by_owner[:, me].reshape(-1)                     # [src * l] rows each source sends me
+    mine = by_owner[:, me].reshape(-1)  # [src * l] rows each source sends me
     there = (start[me], sent[me], slot[me].reshape(-1), mine)
     back = (slot[:, me].reshape(-1), mine, start.reshape(ep, ep, el)[:, me].reshape(-1), sent[me])
     return Plan(there, back, by_owner.sum(0)[me])
 
 
-def padded_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name,
-                      peer_rows: int):
+def padded_all_to_all(
+    operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name, peer_rows: int
+):
     """`lax.ragged_all_to_all`'s contract on a dense all_to_all: each peer's slices travel in one block of
     `peer_rows` rows (at least what any peer can receive from one sender) with the output row of each; padding
     rows carry an out-of-range row and are dropped. recv_sizes is implied by those rows."""
@@ -115,7 +130,7 @@ def padded_all_to_all(operand, output, input_offsets, send_sizes, output_offsets
     spd = sizes.shape[1]
     ends = jnp.cumsum(sizes, 1)
     r = jnp.arange(peer_rows, dtype=ends.dtype)
-    j = (r[None, :, None] >= ends[:, None, :]).sum(-1)          # [peer, row] slice of each block row
+    j = (r[None, :, None] >= ends[:, None, :]).sum(-1)  # [peer, row] slice of each block row
     valid = j < spd
     j = jnp.minimum(j, spd - 1)
     within = r[None] - jnp.take_along_axis(ends - sizes, j, 1)
@@ -145,14 +160,16 @@ def dispatch_and_combine(flat, routing, gate_up, down, cfg: ModelConfig, axes, e
     held = po.sizes
     cap = capacity(cfg, pairs)
     sent = held if cap is None else jnp.minimum(held, cap)
-    both = jax.lax.all_gather(jnp.stack([held, sent]), axes)    # [ep, 2, E]: every source's loads
+    both = jax.lax.all_gather(jnp.stack([held, sent]), axes)  # [ep, 2, E]: every source's loads
     p = plan(both[:, 0], both[:, 1], jax.lax.axis_index(axes))
     peer_rows = pairs if cap is None else min(pairs, (e // ep) * cap)
     if cfg.moe_dispatch == "ragged":
         a2a = jax.lax.ragged_all_to_all
     else:
+
         def a2a(*args, axis_name):
             return padded_all_to_all(*args, axis_name=axis_name, peer_rows=peer_rows)
+
     rows = gather_pairs(flat.astype(dt), po.order, po.inverse, k)
     recv = a2a(rows, jnp.zeros((ep * peer_rows, d), dt), *p.there, axis_name=axes)
     out = grouped_ffn(recv, p.local_sizes, gate_up, down, dt, expert_matmul(cfg)).astype(dt)

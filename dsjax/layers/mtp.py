@@ -7,11 +7,12 @@ Depth 0's representation is the main model's final (normed) hidden state, the on
 output head and the next depth, as transformers' MtpLayer and the inference engines do. Embedding and head are
 the main model's.
 """
+
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from dsjax.config import ModelConfig
 from dsjax.layers.block import block_class
@@ -32,7 +33,8 @@ class MTPModule(nn.Module):
         h = RMSNorm(cfg.rms_norm_eps, pdt, name="hnorm")(h_prev)
         x = Linear(2 * d, d, cfg, name="eh_proj")(jnp.concatenate([e, h], axis=-1))
         (x, kv_cache), stats = block_class(cfg)(cfg, cfg.num_moe_layers > 0, absorb, name="block")(
-            (x, kv_cache), cos, sin, segment_ids, positions)
+            (x, kv_cache), cos, sin, segment_ids, positions
+        )
         return RMSNorm(cfg.rms_norm_eps, pdt, name="norm")(x), kv_cache, stats
 
 

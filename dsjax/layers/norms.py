@@ -1,7 +1,8 @@
 """RMSNorm, computed in float32 whatever the activation dtype (as transformers and the official code do)."""
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

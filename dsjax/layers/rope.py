@@ -5,6 +5,7 @@ half-split order ([all first members | all second members]); because q and k get
 unchanged and we skip an interleaving copy. Everything downstream (attention, the latent cache) only ever
 dots roped q against roped k, so the layout never leaks.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,6 +20,7 @@ from dsjax.config import ModelConfig, YarnScaling, yarn_mscale
 def _yarn_correction_range(sc: YarnScaling, dim: int, base: float) -> tuple[float, float]:
     def corr_dim(rotations: float) -> float:
         return dim * math.log(sc.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
     low, high = corr_dim(sc.beta_fast), corr_dim(sc.beta_slow)
     if sc.truncate:
         low, high = math.floor(low), math.ceil(high)
@@ -62,7 +64,7 @@ def rope_cos_sin(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """x [..., T, (heads,) dim] with interleaved pairs; cos/sin [..., T, dim // 2]. Output in half-split order."""
-    if x.ndim == cos.ndim + 1:          # a heads axis between T and dim
+    if x.ndim == cos.ndim + 1:  # a heads axis between T and dim
         cos, sin = cos[..., None, :], sin[..., None, :]
     x1 = x[..., 0::2].astype(jnp.float32)
     x2 = x[..., 1::2].astype(jnp.float32)

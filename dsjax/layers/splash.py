@@ -14,14 +14,15 @@ j <= i and both lie in one document. What the installed splash kernel needs (rea
 - Gradients: splash's custom VJP (its dq and dkv kernels); no second-order derivatives.
 - Sharding: pallas_call has no partitioning rule, so a sharded jit must call it inside shard_map over batch/heads.
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-LANES = 128                      # splash's NUM_LANES: every block size must be a multiple of this
-MAX_BLOCK = 512                  # largest block size picked automatically
+LANES = 128  # splash's NUM_LANES: every block size must be a multiple of this
+MAX_BLOCK = 512  # largest block size picked automatically
 _AUTO_BLOCKS = (512, 256, 128)
 
 
@@ -38,11 +39,13 @@ def _pick_block(t: int, block, shape_desc: str) -> int:
         raise ValueError(
             f"splash_attention: sequence length T={t} (q {shape_desc}) is not a multiple of {LANES}; splash needs "
             f"block sizes that are multiples of {LANES} dividing T. Pad T to a multiple of {LANES} "
-            f"(or pass pad_seq=True).")
+            f"(or pass pad_seq=True)."
+        )
     block = int(block)
     if block % LANES or t % block:
         raise ValueError(
-            f"splash_attention: block={block} must be a multiple of {LANES} dividing T={t} (q {shape_desc}).")
+            f"splash_attention: block={block} must be a multiple of {LANES} dividing T={t} (q {shape_desc})."
+        )
     return block
 
 
@@ -64,10 +67,16 @@ def _block_sizes(t: int, block, shape_desc: str) -> splash.BlockSizes:
         return block
     b = _pick_block(t, block, shape_desc)
     return splash.BlockSizes(
-        block_q=b, block_kv=b, block_kv_compute=b,
-        block_q_dkv=b, block_kv_dkv=b, block_kv_dkv_compute=b,
-        block_q_dq=b, block_kv_dq=b,
-        use_fused_bwd_kernel=False)
+        block_q=b,
+        block_kv=b,
+        block_kv_compute=b,
+        block_q_dkv=b,
+        block_kv_dkv=b,
+        block_kv_dkv_compute=b,
+        block_q_dq=b,
+        block_kv_dq=b,
+        use_fused_bwd_kernel=False,
+    )
 
 
 def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
@@ -79,8 +88,9 @@ def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
-def splash_attention(q, k, v, segment_ids, scale, *, interpret=False, block=None, head_dim_multiple=None,
-                     pad_seq=False):
+def splash_attention(
+    q, k, v, segment_ids, scale, *, interpret=False, block=None, head_dim_multiple=None, pad_seq=False
+):
     """Causal (and per-document) attention through splash attention; see the module docstring.
 
     q, k [B, T, H, Dqk]; v [B, T, H, Dv]; segment_ids [B, T] int or None; scale: softmax scale (applied to q).
@@ -93,15 +103,17 @@ def splash_attention(q, k, v, segment_ids, scale, *, interpret=False, block=None
     Returns [B, T, H, Dv] in v's dtype.
     """
     if q.ndim != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"splash_attention: expected q, k [B, T, H, Dqk] and v [B, T, H, Dv]; got q {q.shape}, "
-                         f"k {k.shape}, v {v.shape}")
+        raise ValueError(
+            f"splash_attention: expected q, k [B, T, H, Dqk] and v [B, T, H, Dv]; got q {q.shape}, "
+            f"k {k.shape}, v {v.shape}"
+        )
     b, t, h, dqk = q.shape
     dv = v.shape[-1]
     if segment_ids is not None and segment_ids.shape != (b, t):
         raise ValueError(f"splash_attention: segment_ids {segment_ids.shape} should be [B, T] = {(b, t)}")
     out_dtype = v.dtype
     dtype = jnp.promote_types(jnp.promote_types(q.dtype, k.dtype), v.dtype)
-    q = (q.astype(jnp.float32) * scale).astype(dtype)   # splash applies no softmax scale of its own
+    q = (q.astype(jnp.float32) * scale).astype(dtype)  # splash applies no softmax scale of its own
     k, v = k.astype(dtype), v.astype(dtype)
 
     tp = t
@@ -109,12 +121,12 @@ def splash_attention(q, k, v, segment_ids, scale, *, interpret=False, block=None
         tp = _round_up(t, LANES)
         q, k, v = (_pad_axis(x, 1, tp) for x in (q, k, v))
         if segment_ids is not None:
-            segment_ids = _pad_axis(segment_ids, 1, tp)   # any id: padded keys lie after every real query
+            segment_ids = _pad_axis(segment_ids, 1, tp)  # any id: padded keys lie after every real query
     block_sizes = _block_sizes(tp, block, f"[B, T, H, Dqk] = {(b, t, h, dqk)}")
 
     if head_dim_multiple:
         q, k = (_pad_axis(x, 3, _round_up(dqk, head_dim_multiple)) for x in (q, k))  # zero q.k terms
-        v = _pad_axis(v, 3, _round_up(dv, head_dim_multiple))                        # zero output columns
+        v = _pad_axis(v, 3, _round_up(dv, head_dim_multiple))  # zero output columns
 
     kernel = _kernel(tp, h, block_sizes, bool(interpret))
     # [B, T, H, D] -> [B, H, T, D]; the kernel works on one sequence's [H, T, D], vmapped over B.

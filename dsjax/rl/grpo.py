@@ -18,6 +18,7 @@ Why each piece exists:
 Gradients flow only through `logprobs`; old/ref log-probs, advantages and the mask are constants. Values at
 masked positions are ignored (they may be padding garbage, even inf) and get zero gradient.
 """
+
 import numbers
 from typing import Literal
 
@@ -44,7 +45,7 @@ def group_advantages(rewards: jax.Array, group_size: int, scale: Scale = "group"
     groups = rewards.reshape(-1, group_size)
     centered = groups - groups.mean(axis=1, keepdims=True)
     # Equal rewards must give exactly 0; the float32 mean of equal numbers can differ from them by round-off.
-    flat = (groups.max(axis=1, keepdims=True) == groups.min(axis=1, keepdims=True))
+    flat = groups.max(axis=1, keepdims=True) == groups.min(axis=1, keepdims=True)
     if scale == "group":
         # ddof=1 is undefined for one sample; such a group is flat anyway, so the guard only avoids 0/0.
         std = jnp.std(groups, axis=1, ddof=1, keepdims=True) if group_size > 1 else jnp.zeros_like(centered)

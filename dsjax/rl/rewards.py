@@ -6,12 +6,13 @@ scores 0 for that sample and is counted in the step's metrics rather than stoppi
 model output, which is arbitrary text, and one unparsable completion must not kill a long run. The count makes
 a systematically broken reward visible (reward/<name>/errors stays high) instead of silently zero.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -20,10 +21,10 @@ __all__ = ["Sample", "WeightedReward", "Scores", "score", "exact_answer", "digit
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-    prompt: str             # the task's prompt text (without special tokens)
-    completion: str         # decoded completion, special tokens (the stop token) removed
-    answer: str | None      # the task's reference answer
-    finished: bool          # ended with a stop token; False: cut off at max_new_tokens
+    prompt: str  # the task's prompt text (without special tokens)
+    completion: str  # decoded completion, special tokens (the stop token) removed
+    answer: str | None  # the task's reference answer
+    finished: bool  # ended with a stop token; False: cut off at max_new_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +36,10 @@ class WeightedReward:
 
 @dataclasses.dataclass(frozen=True)
 class Scores:
-    total: np.ndarray                 # [B] float32 weighted sum over functions
-    per_fn: dict[str, np.ndarray]     # name -> [B] float32 unweighted scores (0 where the function failed)
-    errors: dict[str, int]            # name -> samples on which the function failed
-    first_error: dict[str, str]       # name -> the first failure's message (for the log)
+    total: np.ndarray  # [B] float32 weighted sum over functions
+    per_fn: dict[str, np.ndarray]  # name -> [B] float32 unweighted scores (0 where the function failed)
+    errors: dict[str, int]  # name -> samples on which the function failed
+    first_error: dict[str, str]  # name -> the first failure's message (for the log)
 
     def metrics(self) -> dict[str, float]:
         out = {"reward/mean": float(self.total.mean()), "reward/std": float(self.total.std())}

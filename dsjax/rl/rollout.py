@@ -13,10 +13,12 @@ the importance ratio come from the trainer, not the sampler. With top-k / top-p 
 the truncated, renormalised distribution while the trainer uses log_softmax(logits / T): the ratio then targets
 the untruncated policy and the gap is no longer ~0. Rollouts default to no top-k / top-p for that reason.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +29,7 @@ from dsjax.generate import bucket_length, generate
 from dsjax.model import DeepSeekV3
 from dsjax.sampling import SamplingConfig
 
-__all__ = ["encode_prompts", "cast_for_rollout", "Rollout", "sample_rollouts", "completion_logprobs",
-           "training_mask"]
+__all__ = ["encode_prompts", "cast_for_rollout", "Rollout", "sample_rollouts", "completion_logprobs", "training_mask"]
 
 _ROUTER_F32 = ("gate/kernel", "e_score_correction_bias")  # router math stays float32 (DESIGN.md section 3)
 
@@ -40,8 +41,10 @@ def encode_prompts(tok, texts: Sequence[str], max_prompt_length: int, add_bos: b
     for i, text in enumerate(texts):
         ids = ([tok.bos_id] if add_bos else []) + tok.encode(text)
         if len(ids) > max_prompt_length:
-            raise ValueError(f"prompt {i} ({text[:80]!r}) is {len(ids)} tokens, longer than max_prompt_length="
-                             f"{max_prompt_length}; raise --config.rollout.max_prompt_length or shorten the prompt")
+            raise ValueError(
+                f"prompt {i} ({text[:80]!r}) is {len(ids)} tokens, longer than max_prompt_length="
+                f"{max_prompt_length}; raise --config.rollout.max_prompt_length or shorten the prompt"
+            )
         out.append(ids)
     return out
 
@@ -53,17 +56,19 @@ def cast_for_rollout(params, dtype):
     def cast(path, x):
         name = "/".join(str(getattr(k, "key", k)) for k in path)
         return x.astype(jnp.float32 if name.endswith(_ROUTER_F32) else dtype)
+
     return jax.tree_util.tree_map_with_path(cast, params)
 
 
 @dataclasses.dataclass
 class Rollout:
     """Host (NumPy) arrays for B = prompts x G rows, the G samples of each prompt consecutive."""
-    sequences: np.ndarray         # [B, P + N] int32: prompt, completion, then 0
-    prompt_lengths: np.ndarray    # [B] int32
-    completions: np.ndarray       # [B, N] int32 (pad token after each end)
-    lengths: np.ndarray           # [B] int32 completion lengths, stop token included
-    finished: np.ndarray          # [B] bool: ended by a stop token (False: truncated at N)
+
+    sequences: np.ndarray  # [B, P + N] int32: prompt, completion, then 0
+    prompt_lengths: np.ndarray  # [B] int32
+    completions: np.ndarray  # [B, N] int32 (pad token after each end)
+    lengths: np.ndarray  # [B] int32 completion lengths, stop token included
+    finished: np.ndarray  # [B] bool: ended by a stop token (False: truncated at N)
     sampler_logprobs: np.ndarray  # [B, N] float32, 0 after each end
     stats: dict[str, Any]
 
@@ -72,25 +77,50 @@ class Rollout:
         """[B, N] bool: positions holding a sampled token."""
         return np.arange(self.completions.shape[1])[None] < self.lengths[:, None]
 
-    def take(self, rows: np.ndarray) -> "Rollout":
-        return Rollout(self.sequences[rows], self.prompt_lengths[rows], self.completions[rows], self.lengths[rows],
-                       self.finished[rows], self.sampler_logprobs[rows], self.stats)
+    def take(self, rows: np.ndarray) -> Rollout:
+        return Rollout(
+            self.sequences[rows],
+            self.prompt_lengths[rows],
+            self.completions[rows],
+            self.lengths[rows],
+            self.finished[rows],
+            self.sampler_logprobs[rows],
+            self.stats,
+        )
 
 
-def sample_rollouts(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-                    key: jax.Array, num_samples: int, max_prompt_length: int, cache_dtype=jnp.float32) -> Rollout:
+def sample_rollouts(
+    cfg: ModelConfig,
+    params,
+    prompts: Sequence[Sequence[int]],
+    sampling: SamplingConfig,
+    key: jax.Array,
+    num_samples: int,
+    max_prompt_length: int,
+    cache_dtype=jnp.float32,
+) -> Rollout:
     """num_samples completions of each prompt (prompt-major). The cache size is fixed by max_prompt_length, so the
     decode loop compiles once per run."""
     lens = np.asarray([len(p) for p in prompts], np.int32)
     if lens.max() > max_prompt_length:
-        raise ValueError(f"prompt {int(lens.argmax())} has {int(lens.max())} tokens, longer than "
-                         f"max_prompt_length={max_prompt_length}")
+        raise ValueError(
+            f"prompt {int(lens.argmax())} has {int(lens.max())} tokens, longer than "
+            f"max_prompt_length={max_prompt_length}"
+        )
     n = sampling.max_new_tokens
     # The decode loop checks for "all rows done" every sync_every steps and runs whole bodies of that many steps;
     # short completions (the first token comes from the prefill) then finish in one body without wasted steps.
-    res = generate(cfg, params, [list(p) for p in prompts], sampling, key, num_samples=num_samples,
-                   max_len=bucket_length(max_prompt_length) + n, cache_dtype=cache_dtype,
-                   sync_every=max(1, min(8, n - 1)))
+    res = generate(
+        cfg,
+        params,
+        [list(p) for p in prompts],
+        sampling,
+        key,
+        num_samples=num_samples,
+        max_len=bucket_length(max_prompt_length) + n,
+        cache_dtype=cache_dtype,
+        sync_every=max(1, min(8, n - 1)),
+    )
     comp, lp = np.asarray(res.tokens), np.asarray(res.logprobs)
     lengths, finished = np.asarray(res.lengths), np.asarray(res.finished)
     plens = np.repeat(lens, num_samples)
@@ -98,7 +128,7 @@ def sample_rollouts(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], 
     seq = np.zeros((len(plens), max_prompt_length + n), np.int32)
     for i, p in enumerate(prompts):
         rows = slice(i * num_samples, (i + 1) * num_samples)
-        seq[rows, :len(p)] = p
+        seq[rows, : len(p)] = p
     # Each completion starts right after its own prompt: positions stay 0..len-1 as at sampling time.
     cols = plens[:, None] + np.arange(n)[None]
     np.put_along_axis(seq, cols, np.where(valid, comp, 0), axis=1)

@@ -10,6 +10,7 @@ Determinism: problem i of a stream is a function of (seed, stream, step) only, s
 needs is just the step counter. The held-out set comes from its own fixed seed (independent of the run seed)
 and training draws that hit a held-out pair are redrawn, so training and evaluation never share a problem.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,9 @@ class Problem:
 class AdditionTask:
     name = "addition"
 
-    def __init__(self, max_digits: int = 3, min_digits: int = 1, seed: int = 0, num_eval: int = 256,
-                 eval_seed: int = 1234):
+    def __init__(
+        self, max_digits: int = 3, min_digits: int = 1, seed: int = 0, num_eval: int = 256, eval_seed: int = 1234
+    ):
         if not 1 <= min_digits <= max_digits:
             raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
         if num_eval < 1:
@@ -54,7 +56,7 @@ class AdditionTask:
     def _operands(self, rng: np.random.Generator, n: int) -> np.ndarray:
         digits = rng.integers(self.min_digits, self.max_digits + 1, size=(n, 2))
         lo = np.where(digits == 1, 0, 10 ** (digits - 1))
-        return lo + (rng.random((n, 2)) * (10 ** digits - lo)).astype(np.int64)
+        return lo + (rng.random((n, 2)) * (10**digits - lo)).astype(np.int64)
 
     @functools.cached_property
     def _eval_pairs(self) -> np.ndarray:

@@ -14,6 +14,7 @@ State: <workdir>/sft/checkpoints (warm-start params, held-out pass@1 before GRPO
 step count; a finished warm start is reused, never retrained.
 `train(config, workdir)` takes experiments/configs/grpo.py's config and returns a summary dict.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,16 +29,31 @@ import numpy as np
 from dsjax.config import RUNTIME_FIELDS, ModelConfig
 from dsjax.model import DeepSeekV3
 from dsjax.rl.grpo import group_advantages, policy_loss
-from dsjax.runtime import resolve
 from dsjax.rl.rewards import Sample, exact_answer, score
-from dsjax.rl.rollout import (Rollout, cast_for_rollout, completion_logprobs, encode_prompts, sample_rollouts,
-                              training_mask)
+from dsjax.rl.rollout import (
+    Rollout,
+    cast_for_rollout,
+    completion_logprobs,
+    encode_prompts,
+    sample_rollouts,
+    training_mask,
+)
 from dsjax.rl.tasks import PROBE_STREAM, RL_STREAM, SFT_STREAM, make_task
+from dsjax.runtime import resolve
 from dsjax.sampling import SamplingConfig
 from dsjax.tokenizer import load_tokenizer
 from dsjax.train.checkpoint import Checkpointer, load_for_inference, model_config_dict
-from dsjax.train.loop import (StopFlag, apply_optimizer, checked_resume_step, grad_norm, jit_forward, jit_train_step,
-                              model_config, save_due, to_plain)
+from dsjax.train.loop import (
+    StopFlag,
+    apply_optimizer,
+    checked_resume_step,
+    grad_norm,
+    jit_forward,
+    jit_train_step,
+    model_config,
+    save_due,
+    to_plain,
+)
 from dsjax.train.losses import cross_entropy
 from dsjax.train.metrics import MetricsLogger
 from dsjax.train.optim import OptimConfig, lr_schedule, make_optimizer
@@ -56,13 +72,29 @@ def groups_with_spread(rewards: np.ndarray, group_size: int) -> np.ndarray:
 def _concat(parts: list[Rollout]) -> Rollout:
     cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
     stats = {k: sum(p.stats[k] for p in parts) for k in ("new_tokens", "prefill_s", "decode_s")}
-    return Rollout(cat("sequences"), cat("prompt_lengths"), cat("completions"), cat("lengths"), cat("finished"),
-                   cat("sampler_logprobs"), stats)
+    return Rollout(
+        cat("sequences"),
+        cat("prompt_lengths"),
+        cat("completions"),
+        cat("lengths"),
+        cat("finished"),
+        cat("sampler_logprobs"),
+        stats,
+    )
 
 
 @functools.lru_cache(maxsize=8)
-def _grpo_fns(cfg, ocfg: OptimConfig, width: int, temperature: float, loss_type: str, eps_low: float,
-              eps_high: float, beta: float, mesh=None):
+def _grpo_fns(
+    cfg,
+    ocfg: OptimConfig,
+    width: int,
+    temperature: float,
+    loss_type: str,
+    eps_low: float,
+    eps_high: float,
+    beta: float,
+    mesh=None,
+):
     """(jitted update, jitted log-prob forward, optimizer); cached so repeated runs in one process reuse them."""
     model, tx, sched = DeepSeekV3(cfg), make_optimizer(ocfg), lr_schedule(ocfg)
 
@@ -72,8 +104,18 @@ def _grpo_fns(cfg, ocfg: OptimConfig, width: int, temperature: float, loss_type:
     def loss_fn(params, b, first):
         lp, ent = completion_logprobs(model, params, b["sequences"], b["prompt_lengths"], width, temperature)
         old = jnp.where(first, jax.lax.stop_gradient(lp), b["old_logprobs"])
-        loss, m = policy_loss(lp, old, b.get("ref_logprobs"), b["advantages"], b["mask"], loss_type=loss_type,
-                              epsilon_low=eps_low, epsilon_high=eps_high, beta=beta, max_completion_length=width)
+        loss, m = policy_loss(
+            lp,
+            old,
+            b.get("ref_logprobs"),
+            b["advantages"],
+            b["mask"],
+            loss_type=loss_type,
+            epsilon_low=eps_low,
+            epsilon_high=eps_high,
+            beta=beta,
+            max_completion_length=width,
+        )
         return loss, (m, jax.lax.stop_gradient(lp), ent)
 
     def update(params, opt_state, opt_step, b, first):
@@ -81,10 +123,15 @@ def _grpo_fns(cfg, ocfg: OptimConfig, width: int, temperature: float, loss_type:
         params, opt_state = apply_optimizer(tx, g, opt_state, params)
         valid = b["valid"]
         n = jnp.maximum(valid.sum(), 1.0)
-        m = {**m, "loss": loss, "grad_norm": grad_norm(g), "lr": sched(opt_step),
-             "entropy": jnp.sum(ent * valid) / n,
-             # sampler vs trainer log-probs of the same tokens; meaningful on inner iteration 1 (same params)
-             "logprob_gap": jnp.sum(jnp.abs(b["sampler_logprobs"] - lp) * valid) / n}
+        m = {
+            **m,
+            "loss": loss,
+            "grad_norm": grad_norm(g),
+            "lr": sched(opt_step),
+            "entropy": jnp.sum(ent * valid) / n,
+            # sampler vs trainer log-probs of the same tokens; meaningful on inner iteration 1 (same params)
+            "logprob_gap": jnp.sum(jnp.abs(b["sampler_logprobs"] - lp) * valid) / n,
+        }
         return params, opt_state, m, lp
 
     # the log-probs stay split over the batch: they become the next inner iteration's old_logprobs
@@ -98,9 +145,11 @@ def _sft_fns(cfg, ocfg: OptimConfig, mesh=None):
     def step(params, opt_state, i, inputs, targets, mask):
         def loss_fn(p):
             return cross_entropy(model.apply({"params": p}, inputs).logits, targets, mask)[0]
+
         loss, g = jax.value_and_grad(loss_fn)(params)
         params, opt_state = apply_optimizer(tx, g, opt_state, params)
         return params, opt_state, {"loss": loss, "lr": sched(i)}
+
     return jit_train_step(step, cfg, tx, mesh, extra_outputs=1), tx
 
 
@@ -118,10 +167,12 @@ def sft_arrays(tok, problems, max_prompt_length: int, max_new_tokens: int):
     for i, (p, ids) in enumerate(zip(problems, prompts)):
         ans = tok.encode(p.answer) + [tok.eos_id]
         if len(ans) > max_new_tokens:
-            raise ValueError(f"answer {p.answer!r} + eos is {len(ans)} tokens, more than max_new_tokens="
-                             f"{max_new_tokens}: the policy could never produce it")
-        seq[i, :len(ids)], seq[i, len(ids):len(ids) + len(ans)] = ids, ans
-        mask[i, len(ids):len(ids) + len(ans)] = 1.0
+            raise ValueError(
+                f"answer {p.answer!r} + eos is {len(ans)} tokens, more than max_new_tokens="
+                f"{max_new_tokens}: the policy could never produce it"
+            )
+        seq[i, : len(ids)], seq[i, len(ids) : len(ids) + len(ans)] = ids, ans
+        mask[i, len(ids) : len(ids) + len(ans)] = 1.0
     return seq[:, :-1], seq[:, 1:], mask[:, 1:]
 
 
@@ -145,22 +196,33 @@ class _Run:
     def __init__(self, config, devices):
         self.c = config
         r, t = config.rollout, config.task
-        self.task = make_task(t.name, config.train.seed, **{k: v for k, v in t.items() if k not in ("name",
-                                                                                                "tokenizer")})
+        self.task = make_task(
+            t.name, config.train.seed, **{k: v for k, v in t.items() if k not in ("name", "tokenizer")}
+        )
         self.tok = load_tokenizer(t.tokenizer or None)
         self.cfg, self.init_params = initial_policy(config, devices)
         if config.init_checkpoint and self.tok.vocab_size > self.cfg.vocab_size:
-            raise ValueError(f"tokenizer has {self.tok.vocab_size} ids, more than the checkpoint's vocab_size "
-                             f"{self.cfg.vocab_size}")
+            raise ValueError(
+                f"tokenizer has {self.tok.vocab_size} ids, more than the checkpoint's vocab_size {self.cfg.vocab_size}"
+            )
         self.max_prompt_length = r.max_prompt_length or self.task.max_prompt_chars + 1  # + bos
-        self.max_new_tokens = r.max_new_tokens or self.task.max_answer_chars + 2        # + eos + one spare
+        self.max_new_tokens = r.max_new_tokens or self.task.max_answer_chars + 2  # + eos + one spare
         if r.temperature <= 0:
             raise ValueError("rollout.temperature must be > 0: GRPO needs sampled completions and their log-probs")
-        self.sampling = SamplingConfig(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                                       max_new_tokens=self.max_new_tokens, stop_tokens=(self.tok.eos_id,),
-                                       pad_token=self.tok.pad_id)
-        self.greedy = SamplingConfig(temperature=0.0, max_new_tokens=self.max_new_tokens,
-                                     stop_tokens=(self.tok.eos_id,), pad_token=self.tok.pad_id)
+        self.sampling = SamplingConfig(
+            temperature=r.temperature,
+            top_k=r.top_k,
+            top_p=r.top_p,
+            max_new_tokens=self.max_new_tokens,
+            stop_tokens=(self.tok.eos_id,),
+            pad_token=self.tok.pad_id,
+        )
+        self.greedy = SamplingConfig(
+            temperature=0.0,
+            max_new_tokens=self.max_new_tokens,
+            stop_tokens=(self.tok.eos_id,),
+            pad_token=self.tok.pad_id,
+        )
         self.rewards = self.task.rewards(dict(config.rewards))
         # Encoding the held-out prompts up front checks the prompt limit before anything compiles.
         self.eval_problems = self.task.eval_problems()
@@ -172,13 +234,28 @@ class _Run:
         return encode_prompts(self.tok, prompts, self.max_prompt_length)
 
     def samples(self, problems, ro: Rollout, group: int) -> list[Sample]:
-        return [Sample(problems[i // group].prompt, self.tok.decode(ro.completions[i, :ro.lengths[i]]),
-                       problems[i // group].answer, bool(ro.finished[i])) for i in range(len(ro.lengths))]
+        return [
+            Sample(
+                problems[i // group].prompt,
+                self.tok.decode(ro.completions[i, : ro.lengths[i]]),
+                problems[i // group].answer,
+                bool(ro.finished[i]),
+            )
+            for i in range(len(ro.lengths))
+        ]
 
     def generate(self, params, problems, sampling, key, group, prompts=None):
         prompts = prompts or self.encode([p.prompt for p in problems])
-        return sample_rollouts(self.cfg, cast_for_rollout(params, self.cfg.dtype), prompts, sampling, key, group,
-                               self.max_prompt_length, self.cache_dtype)
+        return sample_rollouts(
+            self.cfg,
+            cast_for_rollout(params, self.cfg.dtype),
+            prompts,
+            sampling,
+            key,
+            group,
+            self.max_prompt_length,
+            self.cache_dtype,
+        )
 
     def pass_at_1(self, params, problems=None, prompts=None) -> float:
         """Greedy exact-answer rate; the held-out set by default."""
@@ -195,8 +272,13 @@ def _warm_start(run: _Run, workdir: str, key, run_config, mesh=None) -> tuple[An
     """Warm-start params and their held-out pass@1: from <workdir>/sft if present, else init_checkpoint or random
     init, then `sft.steps` supervised steps, then saved there."""
     s, cfg = run.c.sft, run.cfg
-    ocfg = OptimConfig(lr=s.lr, warmup_steps=s.warmup_steps, total_steps=max(s.steps, 1), schedule="cosine",
-                       weight_decay=s.weight_decay)
+    ocfg = OptimConfig(
+        lr=s.lr,
+        warmup_steps=s.warmup_steps,
+        total_steps=max(s.steps, 1),
+        schedule="cosine",
+        weight_decay=s.weight_decay,
+    )
     step_fn, tx = _sft_fns(cfg, ocfg, mesh)
     ckpt = Checkpointer(os.path.join(workdir, "sft"), keep=1, async_save=False)
     try:
@@ -217,8 +299,9 @@ def _warm_start(run: _Run, workdir: str, key, run_config, mesh=None) -> tuple[An
         probe_prompts = run.encode([p.prompt for p in probe])
         t0, done = time.time(), 0
         while done < s.steps:
-            arrays = sft_arrays(run.tok, run.task.problems(SFT_STREAM, done, s.batch_size), run.max_prompt_length,
-                                run.max_new_tokens)
+            arrays = sft_arrays(
+                run.tok, run.task.problems(SFT_STREAM, done, s.batch_size), run.max_prompt_length, run.max_new_tokens
+            )
             params, opt_state, m = step_fn(params, opt_state, jnp.int32(done), *shard_batch(mesh, arrays))
             done += 1
             check = bool(s.target_pass_at_1) and done % s.check_every == 0
@@ -227,15 +310,16 @@ def _warm_start(run: _Run, workdir: str, key, run_config, mesh=None) -> tuple[An
             if check or done % s.log_every == 0 or done == s.steps:
                 logger.log(done, jax.device_get(m), prefix="sft", console=False)
                 probe_msg = f" | probe pass@1 {m['probe_pass_at_1']:.3f}" if "probe_pass_at_1" in m else ""
-                print(f"sft {done}/{s.steps} | loss {float(m['loss']):.4f}{probe_msg} | {time.time() - t0:.0f}s",
-                      flush=True)
+                print(
+                    f"sft {done}/{s.steps} | loss {float(m['loss']):.4f}{probe_msg} | {time.time() - t0:.0f}s",
+                    flush=True,
+                )
             if m.get("probe_pass_at_1", 0.0) >= s.target_pass_at_1 > 0:
                 break
         logger.close()
         p1 = run.pass_at_1(params)
         if run.c.train.save_every > 0:
-            ckpt.save(done, params, _NO_OPT_STATE, jax.random.key_data(key), {"pass_at_1": p1}, run_config,
-                      force=True)
+            ckpt.save(done, params, _NO_OPT_STATE, jax.random.key_data(key), {"pass_at_1": p1}, run_config, force=True)
         return params, p1
     finally:
         ckpt.close()
@@ -265,7 +349,7 @@ def _collect(run: _Run, params, step: int, key):
     stats = {"rollout_tokens": gen_tokens, "rollout_s": gen_s, "dynamic/rounds": i + 1}
     if not g.dynamic_sampling:
         return first[0], first[1].total, np.ones(n * G, bool), first, stats
-    chosen = kept[:n] + spare[:max(n - len(kept), 0)]
+    chosen = kept[:n] + spare[: max(n - len(kept), 0)]
     keep = np.repeat(np.arange(n) < len(kept), G)
     stats["dynamic/kept_groups"] = min(len(kept), n)
     return _concat([c[0] for c in chosen]), np.concatenate([c[1] for c in chosen]), keep, first, stats
@@ -275,16 +359,24 @@ def _step_metrics(first, stats, ms, G, mu, beta, ro, train_s) -> dict[str, float
     ro0, sc0 = first
     out = sc0.metrics()
     out["frac_reward_zero_std"] = 1.0 - float(groups_with_spread(sc0.total, G).mean())
-    out.update({"completion/length_mean": float(ro0.lengths.mean()), "completion/length_max": float(ro0.lengths.max()),
-                "completion/truncated_frac": 1.0 - float(ro0.finished.mean())})
+    out.update(
+        {
+            "completion/length_mean": float(ro0.lengths.mean()),
+            "completion/length_max": float(ro0.lengths.max()),
+            "completion/truncated_frac": 1.0 - float(ro0.finished.mean()),
+        }
+    )
     for k in ms[0]:
         if k == "kl" and not beta:
             continue  # no reference model: nothing was measured
         vals = [float(m[k]) for m in ms]
         out[k] = min(vals) if k == "ratio/min" else max(vals) if k == "ratio/max" else float(np.mean(vals))
     # iteration 1 runs on the sampling params: its entropy and sampler-vs-trainer gap describe the rollout
-    out["entropy"], out["logprob_gap"], out["lr"] = float(ms[0]["entropy"]), float(ms[0]["logprob_gap"]), float(
-        ms[-1]["lr"])
+    out["entropy"], out["logprob_gap"], out["lr"] = (
+        float(ms[0]["entropy"]),
+        float(ms[0]["logprob_gap"]),
+        float(ms[-1]["lr"]),
+    )
     out["clip_ratio/region_last_iter"] = float(ms[-1]["clip_ratio/region"])
     out["rollout_tokens_per_s"] = stats.pop("rollout_tokens") / max(stats.pop("rollout_s"), 1e-9)
     out["train_tokens_per_s"] = mu * float(ro.prompt_lengths.sum() + ro.lengths.sum()) / max(train_s, 1e-9)
@@ -296,12 +388,20 @@ def _console(step, total, m, eta) -> str:
     parts = [f"grpo {step}/{total}", f"reward {m['reward/mean']:.3f}"]
     if "reward/correct/mean" in m:
         parts.append(f"correct {m['reward/correct/mean']:.3f}")
-    parts += [f"zero-std {m['frac_reward_zero_std']:.2f}", f"len {m['completion/length_mean']:.1f}",
-              f"ent {m['entropy']:.3f}", f"clip {m['clip_ratio/region']:.3f}", f"gap {m['logprob_gap']:.1e}"]
+    parts += [
+        f"zero-std {m['frac_reward_zero_std']:.2f}",
+        f"len {m['completion/length_mean']:.1f}",
+        f"ent {m['entropy']:.3f}",
+        f"clip {m['clip_ratio/region']:.3f}",
+        f"gap {m['logprob_gap']:.1e}",
+    ]
     if "kl" in m:
         parts.append(f"kl {m['kl']:.4f}")
-    parts += [f"rollout {m['rollout_tokens_per_s'] / 1e3:.1f}k tok/s",
-              f"train {m['train_tokens_per_s'] / 1e3:.1f}k tok/s", f"ETA {eta:.0f}s"]
+    parts += [
+        f"rollout {m['rollout_tokens_per_s'] / 1e3:.1f}k tok/s",
+        f"train {m['train_tokens_per_s'] / 1e3:.1f}k tok/s",
+        f"ETA {eta:.0f}s",
+    ]
     return " | ".join(parts)
 
 
@@ -310,8 +410,10 @@ def _grpo_mesh(mesh):
     if mesh is not None and mesh.size == 1:
         mesh = None
     if mesh is not None and jax.process_count() > 1:
-        raise ValueError("GRPO runs in one process (its rollouts are generated on this host); multi-device meshes "
-                         f"are supported, multi-process ones not yet: {jax.process_count()} processes")
+        raise ValueError(
+            "GRPO runs in one process (its rollouts are generated on this host); multi-device meshes "
+            f"are supported, multi-process ones not yet: {jax.process_count()} processes"
+        )
     return mesh
 
 
@@ -324,23 +426,35 @@ def _check_config(config, mesh) -> None:
         raise ValueError(f"grpo.mu (inner iterations per rollout batch) must be >= 1, got {g.mu}")
     if mesh is not None:
         shards = batch_shards(mesh)
-        for name, rows in (("rollout.num_prompts x rollout.num_samples", r.num_prompts * r.num_samples),
-                           ("sft.batch_size", s.batch_size)):
+        for name, rows in (
+            ("rollout.num_prompts x rollout.num_samples", r.num_prompts * r.num_samples),
+            ("sft.batch_size", s.batch_size),
+        ):
             if rows % shards:
-                raise ValueError(f"{name} = {rows} rows do not split over the {shards} batch shards of --mesh="
-                                 f"{describe(mesh)}")
+                raise ValueError(
+                    f"{name} = {rows} rows do not split over the {shards} batch shards of --mesh={describe(mesh)}"
+                )
 
 
 class _Grpo:
     """The GRPO phase: the policy's params, optimizer state and step count, the compiled update, the frozen
     reference (beta > 0), and the checkpoint it saves to."""
 
-    def __init__(self, run: _Run, params, ocfg: OptimConfig, mesh, ckpt: Checkpointer, key, before: float,
-                 run_config: dict):
+    def __init__(
+        self, run: _Run, params, ocfg: OptimConfig, mesh, ckpt: Checkpointer, key, before: float, run_config: dict
+    ):
         g, r = run.c.grpo, run.c.rollout
-        self.update, self.logprob_fn, tx = _grpo_fns(run.cfg, ocfg, run.max_new_tokens, float(r.temperature),
-                                                     g.loss_type, float(g.epsilon_low), float(g.epsilon_high),
-                                                     float(g.beta), mesh)
+        self.update, self.logprob_fn, tx = _grpo_fns(
+            run.cfg,
+            ocfg,
+            run.max_new_tokens,
+            float(r.temperature),
+            g.loss_type,
+            float(g.epsilon_low),
+            float(g.epsilon_high),
+            float(g.beta),
+            mesh,
+        )
         # frozen reference = the warm start; copied because the update donates (and so invalidates) `params`
         self.ref = jax.tree.map(jnp.copy, cast_for_rollout(params, run.cfg.dtype)) if g.beta else None
         self.params, self.opt_state, self.step = params, tx.init(params), 0
@@ -356,16 +470,25 @@ class _Grpo:
         print(f"resumed GRPO from {self.ckpt.directory}/{self.step}", flush=True)
 
     def save(self):
-        self.ckpt.save(self.step, self.params, self.opt_state, jax.random.key_data(self.key),
-                       {"task_stream": RL_STREAM, "task_step": self.step, "pass@1/before": self.before},
-                       self.run_config, force=True)
+        self.ckpt.save(
+            self.step,
+            self.params,
+            self.opt_state,
+            jax.random.key_data(self.key),
+            {"task_stream": RL_STREAM, "task_step": self.step, "pass@1/before": self.before},
+            self.run_config,
+            force=True,
+        )
 
     def _warn_reward_errors(self, scores):
         for name, msg in scores.first_error.items():
             if name not in self.warned:
                 self.warned.add(name)
-                print(f"warning: reward {name!r} failed on some samples (scored 0, counted in "
-                      f"reward/{name}/errors); first error: {msg}", flush=True)
+                print(
+                    f"warning: reward {name!r} failed on some samples (scored 0, counted in "
+                    f"reward/{name}/errors); first error: {msg}",
+                    flush=True,
+                )
 
     def train_step(self, k_roll) -> dict[str, float]:
         """One GRPO step: a rollout batch scored into advantages, then `mu` optimizer steps on it (iteration 1's
@@ -373,20 +496,24 @@ class _Grpo:
         g, G = self.run.c.grpo, self.run.c.rollout.num_samples
         ro, rewards, keep, first, stats = _collect(self.run, self.params, self.step, k_roll)
         self._warn_reward_errors(first[1])
-        batch = {"sequences": ro.sequences, "prompt_lengths": ro.prompt_lengths,
-                 "mask": training_mask(ro, g.mask_truncated_completions, keep),
-                 "advantages": np.asarray(group_advantages(rewards, G, g.advantage_scale)),
-                 "valid": ro.valid.astype(np.float32), "sampler_logprobs": ro.sampler_logprobs,
-                 "old_logprobs": np.zeros_like(ro.sampler_logprobs)}
+        batch = {
+            "sequences": ro.sequences,
+            "prompt_lengths": ro.prompt_lengths,
+            "mask": training_mask(ro, g.mask_truncated_completions, keep),
+            "advantages": np.asarray(group_advantages(rewards, G, g.advantage_scale)),
+            "valid": ro.valid.astype(np.float32),
+            "sampler_logprobs": ro.sampler_logprobs,
+            "old_logprobs": np.zeros_like(ro.sampler_logprobs),
+        }
         batch = shard_batch(self.mesh, batch)
         t0 = time.time()
         if g.beta:
             batch["ref_logprobs"] = self.logprob_fn(self.ref, batch)
         ms = []
         for it in range(g.mu):
-            self.params, self.opt_state, m, lp = self.update(self.params, self.opt_state,
-                                                             jnp.int32(self.step * g.mu + it), batch,
-                                                             jnp.bool_(it == 0))
+            self.params, self.opt_state, m, lp = self.update(
+                self.params, self.opt_state, jnp.int32(self.step * g.mu + it), batch, jnp.bool_(it == 0)
+            )
             if it == 0:
                 batch["old_logprobs"] = lp
             ms.append(m)
@@ -416,20 +543,34 @@ class _Grpo:
         return history, speeds
 
 
-def _summary(run: _Run, grpo: _Grpo, logger: MetricsLogger, history, speeds, stopped: bool, t_start: float,
-             workdir: str) -> dict[str, Any]:
+def _summary(
+    run: _Run, grpo: _Grpo, logger: MetricsLogger, history, speeds, stopped: bool, t_start: float, workdir: str
+) -> dict[str, Any]:
     """Held-out pass@1 after GRPO, printed and logged with the throughput; the summary dict train() returns."""
     after = run.pass_at_1(grpo.params)
     logger.log(grpo.step, {"pass_at_1": after}, prefix="eval", console=False)
     logger.close()
-    print(f"held-out pass@1 ({len(run.eval_problems)} problems, greedy): warm start {grpo.before:.3f} -> after "
-          f"{grpo.step} GRPO steps {after:.3f}", flush=True)
-    summary = {"pass@1/before": grpo.before, "pass@1/after": after, "step": grpo.step, "rewards": history,
-               "stopped_by_signal": stopped, "wall_s": time.time() - t_start, "workdir": os.path.abspath(workdir)}
+    print(
+        f"held-out pass@1 ({len(run.eval_problems)} problems, greedy): warm start {grpo.before:.3f} -> after "
+        f"{grpo.step} GRPO steps {after:.3f}",
+        flush=True,
+    )
+    summary = {
+        "pass@1/before": grpo.before,
+        "pass@1/after": after,
+        "step": grpo.step,
+        "rewards": history,
+        "stopped_by_signal": stopped,
+        "wall_s": time.time() - t_start,
+        "workdir": os.path.abspath(workdir),
+    }
     if speeds:
         summary["rollout_tokens_per_s"], summary["train_tokens_per_s"] = map(float, np.mean(speeds, axis=0))
-        print(f"rollout {summary['rollout_tokens_per_s']:.0f} tokens/s, train {summary['train_tokens_per_s']:.0f} "
-              f"tokens/s (mean over steps after the first, which compiles)", flush=True)
+        print(
+            f"rollout {summary['rollout_tokens_per_s']:.0f} tokens/s, train {summary['train_tokens_per_s']:.0f} "
+            f"tokens/s (mean over steps after the first, which compiles)",
+            flush=True,
+        )
     return summary
 
 

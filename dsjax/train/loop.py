@@ -7,6 +7,7 @@ the optimizer step and gradient norm used inside the jitted steps, and jitting t
     step = jit_train_step(fn, cfg, tx, mesh, extra_outputs=1)    # fn(params, opt_state, ...) -> (params, opt_state, m)
     stop = StopFlag()                                   # ... while not stop.requested: ... finally: stop.restore()
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,11 @@ from dsjax.train.checkpoint import Checkpointer, config_mismatch, model_config_f
 from sharding.state import bind, replicated, state_shardings
 
 # rope_scaling is a dict and the token ids are the tokenizer's business: neither is a command-line override
-_OVERRIDABLE = {f.name: f.type for f in dataclasses.fields(ModelConfig)
-                if f.name not in ("rope_scaling", "eos_token_id", "bos_token_id")}
+_OVERRIDABLE = {
+    f.name: f.type
+    for f in dataclasses.fields(ModelConfig)
+    if f.name not in ("rope_scaling", "eos_token_id", "bos_token_id")
+}
 
 
 def model_config_section(preset: str, **overrides) -> ml_collections.ConfigDict:
@@ -102,8 +106,10 @@ def checked_resume_step(ckpt: Checkpointer, cfg: ModelConfig, workdir: str) -> i
     diff = config_mismatch(model_config_from_dict(ckpt.read_config(step)["model"]), cfg)
     if diff:
         ckpt.close()
-        raise ValueError(f"{workdir}: the checkpoint at step {step} was written with a different model config; use a "
-                         "new --workdir or the old config. Differences: " + "; ".join(diff))
+        raise ValueError(
+            f"{workdir}: the checkpoint at step {step} was written with a different model config; use a "
+            "new --workdir or the old config. Differences: " + "; ".join(diff)
+        )
     return step
 
 
@@ -123,8 +129,9 @@ def grad_norm(grads) -> jax.Array:
 def init_params(cfg: ModelConfig, seed: int, shardings=None):
     """Parameters created in place: with shardings, each device only ever holds its own shards."""
     model = DeepSeekV3(cfg)
-    return jax.jit(lambda: model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"],
-                   out_shardings=shardings)()
+    return jax.jit(
+        lambda: model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"], out_shardings=shardings
+    )()
 
 
 def jit_train_step(fn, cfg: ModelConfig, tx: optax.GradientTransformation, mesh=None, *, extra_outputs: int):

@@ -8,6 +8,7 @@ The output head and its cross-entropy are fused (`fused_cross_entropy`): the [to
 chunk of tokens at a time, so training never holds float32 logits for the whole batch (16,384 tokens x 129,280
 ids would be 8.5 GB per head, paid again for every MTP depth).
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,8 +31,9 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None 
     return total / jnp.maximum(count, 1.0), total, count
 
 
-def fused_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, mask: jax.Array | None = None, *,
-                        chunk_size: int = CE_CHUNK):
+def fused_cross_entropy(
+    hidden: jax.Array, head: jax.Array, targets: jax.Array, mask: jax.Array | None = None, *, chunk_size: int = CE_CHUNK
+):
     """`cross_entropy(hidden @ head, targets, mask)` without the whole logits array -> (mean, nats, count).
 
     hidden [..., D] in the compute dtype; head [D, V] (any dtype: cast to hidden's, gradient returned in its own);
@@ -77,8 +79,9 @@ def _ce_sum(h, head, t, m, chunk):
         return total + jnp.sum(nll * m_c), None
 
     with jax.named_scope("cross_entropy"):
-        total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (_chunks(h, chunk), _chunks(t, chunk),
-                                                                   _chunks(m, chunk)))
+        total, _ = jax.lax.scan(
+            body, jnp.zeros((), jnp.float32), (_chunks(h, chunk), _chunks(t, chunk), _chunks(m, chunk))
+        )
     return total
 
 
@@ -124,8 +127,18 @@ def mtp_targets(targets: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array
     return shifted, mask
 
 
-def lm_loss(hidden, head, targets, loss_mask, aux=None, segment_ids=None, *, mtp_lambda: float = 0.0,
-            balance_alpha: float = 0.0, chunk_size: int = CE_CHUNK):
+def lm_loss(
+    hidden,
+    head,
+    targets,
+    loss_mask,
+    aux=None,
+    segment_ids=None,
+    *,
+    mtp_lambda: float = 0.0,
+    balance_alpha: float = 0.0,
+    chunk_size: int = CE_CHUNK,
+):
     """Total loss and metrics from the final hidden states (the model's `aux["hidden"]`, [B, T, D]) and the
     output head [D, V] (`dsjax.model.head_weight`). aux is the model output's aux dict (needs mtp_hidden when
     mtp_lambda > 0). Every head pass goes through `fused_cross_entropy`."""

@@ -1,4 +1,5 @@
 """Training metrics: FLOP accounting for MFU, a console progress line, JSONL and TensorBoard writers."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,17 @@ import jax
 from dsjax.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per chip (datasheet), by substring of jax's device_kind.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "TPU v5p": 459e12,
-              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v4": 275e12, "TPU v6": 918e12}
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "H800": 989e12,
+    "A100": 312e12,
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v4": 275e12,
+    "TPU v6": 918e12,
+}
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, with_mtp: bool) -> float:
@@ -67,9 +77,12 @@ class MetricsLogger:
             if tensorboard:
                 try:
                     from tensorboardX import SummaryWriter
+
                     self._tb = SummaryWriter(os.path.join(workdir, "tb"))
                 except ImportError:
-                    warnings.warn("tensorboardX is not installed; TensorBoard logs are off (JSONL still written)")
+                    warnings.warn(
+                        "tensorboardX is not installed; TensorBoard logs are off (JSONL still written)", stacklevel=2
+                    )
         self._t0 = time.time()
         self._start_step: int | None = None
 
@@ -94,8 +107,11 @@ class MetricsLogger:
         parts = [f"step {step}/{self.total_steps}", f"loss {s.get('loss', float('nan')):.4f}"]
         if "loss/mtp" in s:
             parts.append(f"mtp {s['loss/mtp']:.4f}")
-        parts += [f"gnorm {s.get('grad_norm', 0):.3f}", f"lr {s.get('lr', 0):.2e}",
-                  f"{s.get('tokens_per_sec', 0) / 1e3:.1f}k tok/s"]
+        parts += [
+            f"gnorm {s.get('grad_norm', 0):.3f}",
+            f"lr {s.get('lr', 0):.2e}",
+            f"{s.get('tokens_per_sec', 0) / 1e3:.1f}k tok/s",
+        ]
         if "mfu" in s:
             parts.append(f"MFU {100 * s['mfu']:.1f}%")
         done = step - self._start_step

@@ -4,6 +4,7 @@ The router correction bias lives in the params tree (so checkpoints and HF conve
 trained parameter: the optimizer gives it a zero update and no weight decay, and `update_router_bias` moves it
 after each optimizer step by the sign rule on that step's global per-expert token counts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,8 @@ class OptimConfig:
     lr: float = 3e-4
     warmup_steps: int = 100
     total_steps: int = 1000
-    schedule: str = "cosine"        # "cosine", "constant", or "step" (x step_factor at each step_boundaries fraction)
-    min_lr_ratio: float = 0.1       # cosine floor as a fraction of lr
+    schedule: str = "cosine"  # "cosine", "constant", or "step" (x step_factor at each step_boundaries fraction)
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
     step_boundaries: tuple[float, ...] = (0.8, 0.9)
     step_factor: float = 0.316
     b1: float = 0.9
@@ -35,8 +36,9 @@ class OptimConfig:
         if self.schedule not in ("cosine", "constant", "step"):
             raise ValueError(f"optimizer schedule {self.schedule!r} is not one of cosine, constant, step")
         if self.total_steps < 1 or self.warmup_steps < 0:
-            raise ValueError(f"total_steps must be >= 1 and warmup_steps >= 0 "
-                             f"(got {self.total_steps}, {self.warmup_steps})")
+            raise ValueError(
+                f"total_steps must be >= 1 and warmup_steps >= 0 (got {self.total_steps}, {self.warmup_steps})"
+            )
 
 
 def lr_schedule(c: OptimConfig) -> optax.Schedule:
@@ -48,7 +50,8 @@ def lr_schedule(c: OptimConfig) -> optax.Schedule:
         decay = optax.constant_schedule(c.lr)
     else:
         decay = optax.piecewise_constant_schedule(
-            c.lr, {int(f * c.total_steps) - warm: c.step_factor for f in c.step_boundaries})
+            c.lr, {int(f * c.total_steps) - warm: c.step_factor for f in c.step_boundaries}
+        )
     if warm == 0:
         return decay
     return optax.join_schedules([optax.linear_schedule(c.lr / warm, c.lr, warm - 1), decay], [warm])
@@ -63,11 +66,13 @@ def is_router_bias(path) -> bool:
 
 
 def param_labels(params):
-    """"bias" for router correction biases (frozen), "decay" for matrices, "no_decay" for norm weights."""
+    """ "bias" for router correction biases (frozen), "decay" for matrices, "no_decay" for norm weights."""
+
     def label(path, x):
         if is_router_bias(path):
             return "bias"
         return "decay" if x.ndim >= 2 and not _path_name(path).endswith("weight") else "no_decay"
+
     return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -76,8 +81,10 @@ def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
 
     def adamw(wd):
         return optax.adamw(sched, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=wd)
-    inner = optax.multi_transform({"decay": adamw(c.weight_decay), "no_decay": adamw(0.0),
-                                   "bias": optax.set_to_zero()}, param_labels)
+
+    inner = optax.multi_transform(
+        {"decay": adamw(c.weight_decay), "no_decay": adamw(0.0), "bias": optax.set_to_zero()}, param_labels
+    )
     return optax.chain(optax.clip_by_global_norm(c.clip_norm), inner) if c.clip_norm else inner
 
 
@@ -94,6 +101,7 @@ def update_router_bias(params, counts: dict[str, jax.Array], gamma: float):
             return x
         c = counts[seg].astype(jnp.float32)
         return x + gamma * jnp.sign(c.mean(-1, keepdims=True) - c).astype(x.dtype)
+
     return jax.tree_util.tree_map_with_path(upd, params)
 
 

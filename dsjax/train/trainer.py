@@ -7,6 +7,7 @@ dict. Parameters and optimizer state are laid out by sharding/rules.py, batches 
 The plumbing it shares with the GRPO trainer (stop flag, resume check, optimizer step, jitting with or without a
 mesh) is in dsjax/train/loop.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,10 +30,19 @@ from dsjax.model import DeepSeekV3, head_weight
 from dsjax.runtime import resolve
 from dsjax.tokenizer import load_tokenizer
 from dsjax.train.checkpoint import Checkpointer, model_config_dict
+from dsjax.train.loop import (
+    StopFlag,
+    apply_optimizer,
+    checked_resume_step,
+    grad_norm,
+    init_params,
+    jit_forward,
+    jit_train_step,
+    model_config,
+    save_due,
+    to_plain,
+)
 from dsjax.train.losses import fused_cross_entropy, lm_loss
-# model_config_section and init_params are re-exported: experiment configs and benchmarks import them from here
-from dsjax.train.loop import (StopFlag, apply_optimizer, checked_resume_step, grad_norm, init_params,  # noqa: F401
-                              jit_forward, jit_train_step, model_config, model_config_section, save_due, to_plain)
 from dsjax.train.metrics import MetricsLogger, peak_flops, peak_memory_gib, train_flops_per_token
 from dsjax.train.optim import OptimConfig, lr_schedule, make_optimizer, update_router_bias
 from sharding.mesh import describe, make_mesh
@@ -80,25 +90,30 @@ def gather_data_states(state: dict) -> dict:
     if jax.process_count() == 1:
         return state
     from jax.experimental import multihost_utils
+
     raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.int32(raw.size))).reshape(-1)
     buf = np.zeros(int(sizes.max()), np.uint8)
-    buf[:raw.size] = raw
+    buf[: raw.size] = raw
     rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
-    return {"per_process": [json.loads(rows[i, :sizes[i]].tobytes().decode()) for i in range(len(sizes))]}
+    return {"per_process": [json.loads(rows[i, : sizes[i]].tobytes().decode()) for i in range(len(sizes))]}
 
 
 def own_data_state(data: dict) -> dict:
     """This process's entry of a `gather_data_states` result (a plain state is a single-process checkpoint)."""
     if "per_process" not in data:
         if jax.process_count() > 1:
-            raise ValueError("the checkpoint holds one data-iterator state but this run has "
-                             f"{jax.process_count()} processes; resume with the process count that wrote it")
+            raise ValueError(
+                "the checkpoint holds one data-iterator state but this run has "
+                f"{jax.process_count()} processes; resume with the process count that wrote it"
+            )
         return data
     states = data["per_process"]
     if len(states) != jax.process_count():
-        raise ValueError(f"the checkpoint's data state was written by {len(states)} processes, this run has "
-                         f"{jax.process_count()}; resume with the same process count")
+        raise ValueError(
+            f"the checkpoint's data state was written by {len(states)} processes, this run has "
+            f"{jax.process_count()}; resume with the same process count"
+        )
     return states[jax.process_index()]
 
 
@@ -106,13 +121,33 @@ def make_step_fns(cfg: ModelConfig, config, ocfg: OptimConfig, mesh=None):
     """(jitted train_step, jitted eval_step, use_mtp, optimizer) for a run's ml_collections config: `step_fns`
     with the loss weights and bias rate of its `train` section."""
     t = config.train
-    return step_fns(cfg, ocfg, mtp_lambda=float(t.mtp_lambda), balance_alpha=float(t.balance_alpha),
-                    bias_gamma=float(t.bias_gamma), mesh=mesh)
+    return step_fns(
+        cfg,
+        ocfg,
+        mtp_lambda=float(t.mtp_lambda),
+        balance_alpha=float(t.balance_alpha),
+        bias_gamma=float(t.bias_gamma),
+        mesh=mesh,
+    )
+
+
+def _step_metrics(m: dict, counts: dict, grads, lr) -> dict:
+    """The logged metrics of one step: losses, grad norm, LR, expert load spread of the MoE layers."""
+    out = {k: v for k, v in m.items() if k.startswith("loss/")}
+    out["loss"] = out.pop("loss/total")
+    out["grad_norm"] = grad_norm(grads)
+    out["lr"] = lr
+    if "moe_layers" in counts:
+        c = counts["moe_layers"].astype(jnp.float32)
+        out["expert_load/max_over_mean"] = jnp.max(c.max(-1) / jnp.maximum(c.mean(-1), 1.0))
+        out["expert_load/min_over_mean"] = jnp.min(c.min(-1) / jnp.maximum(c.mean(-1), 1.0))
+    return out
 
 
 @functools.lru_cache(maxsize=8)
-def step_fns(cfg: ModelConfig, ocfg: OptimConfig, *, mtp_lambda: float, balance_alpha: float, bias_gamma: float,
-             mesh=None):
+def step_fns(
+    cfg: ModelConfig, ocfg: OptimConfig, *, mtp_lambda: float, balance_alpha: float, bias_gamma: float, mesh=None
+):
     """(jitted train_step, jitted eval_step, use_mtp, optimizer). Cached on the things that shape the step,
     so repeated train() calls in one process (tests, notebooks, benchmarks) reuse compiled code. With a mesh, the
     steps keep params and optimizer state in their rule-table layout and trace with the mesh bound
@@ -128,9 +163,16 @@ def step_fns(cfg: ModelConfig, ocfg: OptimConfig, *, mtp_lambda: float, balance_
         # The logits the model also returns are unused, so XLA drops them: the head runs inside the fused CE.
         aux = model.apply({"params": params}, mb["inputs"], mb["positions"], mb["segment_ids"], mtp=use_mtp).aux
         with jax.named_scope("loss"):
-            loss, m = lm_loss(aux["hidden"], head_weight(params, cfg), mb["targets"], mb["loss_mask"], aux,
-                              mb["segment_ids"], mtp_lambda=mtp_lambda if use_mtp else 0.0,
-                              balance_alpha=balance_alpha)
+            loss, m = lm_loss(
+                aux["hidden"],
+                head_weight(params, cfg),
+                mb["targets"],
+                mb["loss_mask"],
+                aux,
+                mb["segment_ids"],
+                mtp_lambda=mtp_lambda if use_mtp else 0.0,
+                balance_alpha=balance_alpha,
+            )
         counts = {}
         if cfg.num_moe_layers:
             counts["moe_layers"] = aux["expert_counts"]
@@ -144,38 +186,38 @@ def step_fns(cfg: ModelConfig, ocfg: OptimConfig, *, mtp_lambda: float, balance_
         if accum == 1:  # no accumulation buffers: zeroing and adding them is a pass over every gradient
             (_, (m, counts)), g = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
         else:
+
             def micro(carry, mb):
                 (_, (m, c)), g = grad_fn(params, mb)
                 with jax.named_scope("accumulate"):
                     return jax.tree.map(jnp.add, carry, (g, m, c)), None
 
             first = jax.tree.map(lambda x: x[0], batch)
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-                lambda: (jax.grad(lambda p: loss_fn(p, first)[0])(params), *loss_fn(params, first)[1])))
+            zeros = jax.tree.map(
+                lambda s: jnp.zeros(s.shape, s.dtype),
+                jax.eval_shape(lambda: (jax.grad(lambda p: loss_fn(p, first)[0])(params), *loss_fn(params, first)[1])),
+            )
             (g, m, counts), _ = jax.lax.scan(micro, zeros, batch)
             g = jax.tree.map(lambda x: x / accum, g)
             m = {k: v / accum if k.startswith("loss/") else v for k, v in m.items()}
         with jax.named_scope("optimizer"):
             params, opt_state = apply_optimizer(tx, g, opt_state, params)
             params = update_router_bias(params, counts, bias_gamma)
-        out = {k: v for k, v in m.items() if k.startswith("loss/")}
-        out["loss"] = out.pop("loss/total")
-        out["grad_norm"] = grad_norm(g)
-        out["lr"] = sched(step)
-        if "moe_layers" in counts:
-            c = counts["moe_layers"].astype(jnp.float32)
-            out["expert_load/max_over_mean"] = jnp.max(c.max(-1) / jnp.maximum(c.mean(-1), 1.0))
-            out["expert_load/min_over_mean"] = jnp.min(c.min(-1) / jnp.maximum(c.mean(-1), 1.0))
-        return params, opt_state, out
+        return params, opt_state, _step_metrics(m, counts, g, sched(step))
 
     def eval_step(params, batch):
         aux = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]).aux
-        _, nats, count = fused_cross_entropy(aux["hidden"], head_weight(params, cfg), batch["targets"],
-                                             batch["loss_mask"])
+        _, nats, count = fused_cross_entropy(
+            aux["hidden"], head_weight(params, cfg), batch["targets"], batch["loss_mask"]
+        )
         return nats, count
 
-    return (jit_train_step(train_step, cfg, tx, mesh, extra_outputs=1),
-            jit_forward(eval_step, mesh, replicate_outputs=True), use_mtp, tx)
+    return (
+        jit_train_step(train_step, cfg, tx, mesh, extra_outputs=1),
+        jit_forward(eval_step, mesh, replicate_outputs=True),
+        use_mtp,
+        tx,
+    )
 
 
 def evaluate(eval_step, params, batches, mesh=None) -> dict[str, float]:
@@ -184,31 +226,39 @@ def evaluate(eval_step, params, batches, mesh=None) -> dict[str, float]:
     for b in batches:
         n, c = eval_step(params, shard_batch(mesh, {k: v for k, v in b.items() if k != "num_bytes"}))
         nats, tokens, nbytes = nats + float(n), tokens + float(c), nbytes + float(np.sum(b["num_bytes"]))
-    return {"loss": nats / max(tokens, 1.0), "bits_per_byte": nats / math.log(2) / max(nbytes, 1.0),
-            "tokens": tokens}
+    return {"loss": nats / max(tokens, 1.0), "bits_per_byte": nats / math.log(2) / max(nbytes, 1.0), "tokens": tokens}
 
 
 def _check_inputs(config, cfg: ModelConfig, vocab_size: int, mesh) -> None:
     """Raises ValueError, naming the flag to change, when the data config does not fit the model or the mesh."""
     t, d = config.train, config.data
     if vocab_size > cfg.vocab_size:
-        raise ValueError(f"--config.data.tokenizer has {vocab_size} ids but the model's vocab_size is "
-                         f"{cfg.vocab_size} (--config.model.vocab_size)")
+        raise ValueError(
+            f"--config.data.tokenizer has {vocab_size} ids but the model's vocab_size is "
+            f"{cfg.vocab_size} (--config.model.vocab_size)"
+        )
     if d.seq_len > cfg.max_position_embeddings:
-        raise ValueError(f"--config.data.seq_len={d.seq_len} exceeds the model's max_position_embeddings="
-                         f"{cfg.max_position_embeddings}")
+        raise ValueError(
+            f"--config.data.seq_len={d.seq_len} exceeds the model's max_position_embeddings="
+            f"{cfg.max_position_embeddings}"
+        )
     if d.batch_size % (t.grad_accum * jax.process_count()):
-        raise ValueError(f"--config.data.batch_size={d.batch_size} must divide by grad_accum={t.grad_accum} x "
-                         f"processes={jax.process_count()}")
+        raise ValueError(
+            f"--config.data.batch_size={d.batch_size} must divide by grad_accum={t.grad_accum} x "
+            f"processes={jax.process_count()}"
+        )
     if d.batch_size // t.grad_accum % batch_shards(mesh):
-        raise ValueError(f"--config.data.batch_size={d.batch_size} / grad_accum={t.grad_accum} must divide by the "
-                         f"{batch_shards(mesh)} batch shards of --mesh={describe(mesh)}")
+        raise ValueError(
+            f"--config.data.batch_size={d.batch_size} / grad_accum={t.grad_accum} must divide by the "
+            f"{batch_shards(mesh)} batch shards of --mesh={describe(mesh)}"
+        )
 
 
 @dataclasses.dataclass
 class _State:
     """What a checkpoint holds: params, optimizer state, the run's RNG key, the step count, and the data
     iterator's position after the last batch consumed."""
+
     params: Any
     opt_state: Any
     key: Any
@@ -216,8 +266,15 @@ class _State:
     data_state: dict | None = None
 
     def save(self, ckpt: Checkpointer, run_config: dict):
-        ckpt.save(self.step, self.params, self.opt_state, jax.random.key_data(self.key),
-                  gather_data_states(self.data_state), run_config, force=True)
+        ckpt.save(
+            self.step,
+            self.params,
+            self.opt_state,
+            jax.random.key_data(self.key),
+            gather_data_states(self.data_state),
+            run_config,
+            force=True,
+        )
 
 
 def _init_or_restore(run_cfg: ModelConfig, tx, mesh, seed: int, ckpt: Checkpointer, resume_step, train_it) -> _State:
@@ -248,8 +305,11 @@ class _Throughput:
         jax.block_until_ready(metrics)
         self.t_mark, self.steps_mark = time.time(), step
         mem = peak_memory_gib()
-        print(f"first step done (compilation included) in {self.t_mark - self.t_start:.0f}s" +
-              (f"; peak device memory {mem:.1f} GiB" if mem is not None else ""), flush=True)
+        print(
+            f"first step done (compilation included) in {self.t_mark - self.t_start:.0f}s"
+            + (f"; peak device memory {mem:.1f} GiB" if mem is not None else ""),
+            flush=True,
+        )
 
     def add_rates(self, step: int, m: dict):
         """Adds tokens_per_sec (and mfu, when the peak is known) since the last call to the host metrics `m`."""
@@ -265,6 +325,7 @@ class _Throughput:
 class _Loop:
     """The step loop's fixed pieces: the run's config and mesh, the compiled steps, the eval batches, and where
     metrics and checkpoints go."""
+
     config: Any
     mesh: Any
     train_step: Any
@@ -281,10 +342,14 @@ class _Loop:
         losses, last_eval = {}, None  # training losses: every process sees the same global value
         while state.step < t.steps and not stop.requested:
             batch, state.data_state = prefetch.next()
-            batch = shard_batch(self.mesh, {k: v.reshape((t.grad_accum, -1) + v.shape[1:])
-                                            for k, v in batch.items() if k != "num_bytes"}, batch_dim=1)
-            state.params, state.opt_state, metrics = self.train_step(state.params, state.opt_state,
-                                                                     np.int32(state.step), batch)
+            batch = shard_batch(
+                self.mesh,
+                {k: v.reshape((t.grad_accum, -1) + v.shape[1:]) for k, v in batch.items() if k != "num_bytes"},
+                batch_dim=1,
+            )
+            state.params, state.opt_state, metrics = self.train_step(
+                state.params, state.opt_state, np.int32(state.step), batch
+            )
             state.step += 1
             step = state.step
             if speed.t_mark is None:
@@ -304,10 +369,13 @@ class _Loop:
 
 def _print_header(config, cfg: ModelConfig, run_cfg: ModelConfig, info, flops_tok: float, mesh):
     counts = cfg.param_counts()
-    print(f"model {config.model.preset}: {counts['total'] / 1e6:.2f}M params ({counts['active_per_token'] / 1e6:.2f}M "
-          f"active/token), {flops_tok / 1e6:.1f} MFLOP/token; data: {info.num_train_docs} train / "
-          f"{info.num_eval_docs} eval docs; {jax.device_count()} x {jax.devices()[0].device_kind}, mesh "
-          f"{describe(mesh)}; attention {run_cfg.attention_impl}, experts {run_cfg.moe_backend}", flush=True)
+    print(
+        f"model {config.model.preset}: {counts['total'] / 1e6:.2f}M params ({counts['active_per_token'] / 1e6:.2f}M "
+        f"active/token), {flops_tok / 1e6:.1f} MFLOP/token; data: {info.num_train_docs} train / "
+        f"{info.num_eval_docs} eval docs; {jax.device_count()} x {jax.devices()[0].device_kind}, mesh "
+        f"{describe(mesh)}; attention {run_cfg.attention_impl}, experts {run_cfg.moe_backend}",
+        flush=True,
+    )
 
 
 def train(config, workdir: str, mesh=None) -> dict[str, Any]:
@@ -321,8 +389,14 @@ def train(config, workdir: str, mesh=None) -> dict[str, Any]:
     ckpt = Checkpointer(workdir, keep=t.keep, async_save=t.async_save)
     resume_step = checked_resume_step(ckpt, cfg, workdir)  # before anything is written
     train_it, eval_batches, info = make_datasets(
-        d.spec, tok, seq_len=d.seq_len, batch_size=d.batch_size // jax.process_count(), seed=t.seed,
-        eval_spec=d.eval_spec or None, add_bos=d.add_bos)
+        d.spec,
+        tok,
+        seq_len=d.seq_len,
+        batch_size=d.batch_size // jax.process_count(),
+        seed=t.seed,
+        eval_spec=d.eval_spec or None,
+        add_bos=d.add_bos,
+    )
     ocfg = OptimConfig(**{**to_plain(config.optim), "total_steps": t.steps})
     # "auto" knobs resolved once, for the mesh's devices; the checkpoint keeps the config as asked (cfg)
     run_cfg = resolve(cfg, mesh.devices.flat)
@@ -352,7 +426,15 @@ def train(config, workdir: str, mesh=None) -> dict[str, Any]:
         logger.close()
     last_eval = last_eval or first_eval
     if first_eval and last_eval:
-        print(f"validation bits per byte: {first_eval['bits_per_byte']:.3f} -> {last_eval['bits_per_byte']:.3f}",
-              flush=True)
-    return {"step": state.step, "stopped_by_signal": stop.requested, "eval_start": first_eval,
-            "eval_end": last_eval, "workdir": os.path.abspath(workdir), "train_losses": losses}
+        print(
+            f"validation bits per byte: {first_eval['bits_per_byte']:.3f} -> {last_eval['bits_per_byte']:.3f}",
+            flush=True,
+        )
+    return {
+        "step": state.step,
+        "stopped_by_signal": stop.requested,
+        "eval_start": first_eval,
+        "eval_end": last_eval,
+        "workdir": os.path.abspath(workdir),
+        "train_losses": losses,
+    }

@@ -6,9 +6,10 @@ train tokens/s (means over the steps after the first, which compiles):
 
   python experiments/grpo.py --config=experiments/configs/grpo_small.py --workdir=/tmp/grpo_small
 """
+
 import ml_collections
 
-from dsjax.train.trainer import model_config_section
+from dsjax.train.loop import model_config_section
 from experiments.configs import grpo
 
 
@@ -16,8 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
     c = grpo.get_config()
     c.model = model_config_section("small", dtype="bfloat16", num_nextn_predict_layers=0)
     c.task.max_digits = 3
-    c.sft.update(steps=200, batch_size=256, lr=5e-4, warmup_steps=30, log_every=50, target_pass_at_1=0.4,
-                 check_every=50)
+    c.sft.update(
+        steps=200, batch_size=256, lr=5e-4, warmup_steps=30, log_every=50, target_pass_at_1=0.4, check_every=50
+    )
     c.rollout.update(num_prompts=128, num_samples=16)
     c.grpo.update(steps=30, mu=2)
     c.optim.update(lr=3e-5, warmup_steps=10)

@@ -1,8 +1,9 @@
 """The `medium` preset (3.94B params with MTP depth 1, 0.76B active per token; DeepSeek-V3's ratios at 2/7 of its
 width) on one GPU, bf16 compute: `python experiments/pretrain.py --config=experiments/configs/medium.py`."""
+
 import ml_collections
 
-from dsjax.train.trainer import model_config_section
+from dsjax.train.loop import model_config_section
 from experiments.configs import small
 
 

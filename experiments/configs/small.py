@@ -1,7 +1,8 @@
 """The `small` preset (1.48B params, 339M active; BASELINES.md's model + MTP depth 1) on one GPU, bf16 compute."""
+
 import ml_collections
 
-from dsjax.train.trainer import model_config_section
+from dsjax.train.loop import model_config_section
 from experiments.configs import tiny
 
 

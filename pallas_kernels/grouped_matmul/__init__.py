@@ -2,6 +2,7 @@
 
 `backend` picks Mosaic GPU (Hopper), Mosaic TPU or the XLA reference; see ops.py for dtypes.
 """
+
 from pallas_kernels.grouped_matmul.gpu import GpuConfig
 from pallas_kernels.grouped_matmul.ops import gmm, resolve_backend, tgmm
 from pallas_kernels.grouped_matmul.tpu import TpuConfig

@@ -19,6 +19,7 @@ are static).
 
 tgmm (the weight gradient) lives in gpu_tgmm.py; the helpers both kernels use, in gpu_common.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,20 +36,21 @@ from pallas_kernels.grouped_matmul import gpu_common
 
 @dataclasses.dataclass(frozen=True)
 class GpuConfig:
-  """Tuning knobs. gmm: tile = block_m rows x (2*block_n) cols, K stepped by block_k.
+    """Tuning knobs. gmm: tile = block_m rows x (2*block_n) cols, K stepped by block_k.
 
-  tgmm: tile = block_m rows of K x (2*block_n) cols of N, group rows stepped by block_k.
-  With warp_specialized=False a tile is block_m x block_n (one warpgroup).
-  """
-  block_m: int = 128
-  block_n: int = 128
-  block_k: int = 64
-  max_concurrent_steps: int = 4
-  epi_m: int = 64  # warp-specialized epilogue stages the tile through smem this many rows at a time
-  grid_tile_n: int = 0  # tile order: strips this many N tiles wide, rows inside; 0 = row-major
-  warp_specialized: bool = True
-  chain_tiles: bool = True  # warp-specialized gmm: stream the next tile's loads across tile edges
-  num_sms: int | None = None  # None: the device's SM count (2 in interpret mode)
+    tgmm: tile = block_m rows of K x (2*block_n) cols of N, group rows stepped by block_k.
+    With warp_specialized=False a tile is block_m x block_n (one warpgroup).
+    """
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    max_concurrent_steps: int = 4
+    epi_m: int = 64  # warp-specialized epilogue stages the tile through smem this many rows at a time
+    grid_tile_n: int = 0  # tile order: strips this many N tiles wide, rows inside; 0 = row-major
+    warp_specialized: bool = True
+    chain_tiles: bool = True  # warp-specialized gmm: stream the next tile's loads across tile edges
+    num_sms: int | None = None  # None: the device's SM count (2 in interpret mode)
 
 
 # Tile orders from H200 sweeps (2026-11-28, experiments/bench_grouped_matmul.py --sweep): strips
@@ -59,203 +61,219 @@ TGMM_CONFIG = GpuConfig(grid_tile_n=4)
 
 
 def gmm_tiles(group_sizes, m, block_m):
-  """Per-row-tile metadata, host side of the kernel (m % 8 == 0, m >= block_m).
+    """Per-row-tile metadata, host side of the kernel (m % 8 == 0, m >= block_m).
 
-  Tile j of group g loads rows [floor8(start_g) + j*block_m, ...): Mosaic GPU only accepts a TMA
-  load into a tiled smem buffer at a row offset it can prove is a multiple of 8. Tiles past
-  count[0] are unused; the zero-tail tiles come last. Returns count [2] (all tiles, tiles of real groups),
-  group (-1: zero tail), row0 (load row), lo, rows (valid range).
-  """
-  g = group_sizes.shape[0]
-  gs = group_sizes.astype(jnp.int32)
-  ends = jnp.cumsum(gs)
-  total = ends[-1]
-  sizes = jnp.concatenate([gs, jnp.maximum(m - total, 0)[None]])  # pseudo-group g: zero tail
-  starts = jnp.concatenate([ends - gs, total[None]])
-  aligned = starts // 8 * 8
-  ntiles = jnp.where(sizes > 0, (sizes + starts - aligned + block_m - 1) // block_m, 0)
-  cum = jnp.cumsum(ntiles)
-  t = jnp.arange(pl.cdiv(m + 8 * (g + 1), block_m) + g + 1, dtype=jnp.int32)
-  owner = jnp.minimum(jnp.searchsorted(cum, t, side="right"), g).astype(jnp.int32)
-  row = aligned[owner] + (t - (cum - ntiles)[owner]) * block_m
-  lo = jnp.maximum(starts[owner] - row, 0)
-  rows = jnp.clip(starts[owner] + sizes[owner] - row, 0, block_m) - lo
-  row0 = jnp.clip(row, 0, m - block_m)  # slide the last tile back inside the array
-  group = jnp.where(owner < g, owner, -1)
-  count = jnp.stack([cum[-1], cum[g - 1]]).astype(jnp.int32)
-  return count, group, row0, lo + row - row0, jnp.maximum(rows, 0)
+    Tile j of group g loads rows [floor8(start_g) + j*block_m, ...): Mosaic GPU only accepts a TMA
+    load into a tiled smem buffer at a row offset it can prove is a multiple of 8. Tiles past
+    count[0] are unused; the zero-tail tiles come last. Returns count [2] (all tiles, tiles of real groups),
+    group (-1: zero tail), row0 (load row), lo, rows (valid range).
+    """
+    g = group_sizes.shape[0]
+    gs = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(gs)
+    total = ends[-1]
+    sizes = jnp.concatenate([gs, jnp.maximum(m - total, 0)[None]])  # pseudo-group g: zero tail
+    starts = jnp.concatenate([ends - gs, total[None]])
+    aligned = starts // 8 * 8
+    ntiles = jnp.where(sizes > 0, (sizes + starts - aligned + block_m - 1) // block_m, 0)
+    cum = jnp.cumsum(ntiles)
+    t = jnp.arange(pl.cdiv(m + 8 * (g + 1), block_m) + g + 1, dtype=jnp.int32)
+    owner = jnp.minimum(jnp.searchsorted(cum, t, side="right"), g).astype(jnp.int32)
+    row = aligned[owner] + (t - (cum - ntiles)[owner]) * block_m
+    lo = jnp.maximum(starts[owner] - row, 0)
+    rows = jnp.clip(starts[owner] + sizes[owner] - row, 0, block_m) - lo
+    row0 = jnp.clip(row, 0, m - block_m)  # slide the last tile back inside the array
+    group = jnp.where(owner < g, owner, -1)
+    count = jnp.stack([cum[-1], cum[g - 1]]).astype(jnp.int32)
+    return count, group, row0, lo + row - row0, jnp.maximum(rows, 0)
 
 
 def _store_rows(out_smem, out_gmem, row0, lo, rows, col0, block_m, block_n):
-  """TMA-store smem rows [lo, lo+rows) to out rows row0+lo..; full tiles take one store."""
-  @pl.when(rows == block_m)
-  def _():
-    plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[pl.ds(row0, block_m), pl.ds(col0, block_n)])
+    """TMA-store smem rows [lo, lo+rows) to out rows row0+lo..; full tiles take one store."""
 
-  @pl.when(rows < block_m)
-  def _():
-    off = lo
-    size = block_m // 2
-    while size >= 1:
-      @pl.when((rows & size) != 0)
-      def _():
-        plgpu.copy_smem_to_gmem(
-            out_smem.at[pl.ds(off, size)],
-            out_gmem.at[pl.ds(row0 + off, size), pl.ds(col0, block_n)])
-      off = off + (rows & size)
-      size //= 2
+    @pl.when(rows == block_m)
+    def _():
+        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[pl.ds(row0, block_m), pl.ds(col0, block_n)])
+
+    @pl.when(rows < block_m)
+    def _():
+        off = lo
+        size = block_m // 2
+        while size >= 1:
+
+            @pl.when((rows & size) != 0)  # traced right here, in this iteration: off and size are current
+            def _():
+                plgpu.copy_smem_to_gmem(
+                    out_smem.at[pl.ds(off, size)],  # noqa: B023
+                    out_gmem.at[pl.ds(row0 + off, size), pl.ds(col0, block_n)],  # noqa: B023
+                )
+
+            off = off + (rows & size)
+            size //= 2
 
 
 def _chained(run_tile, i, n, chain):
-  """Run tile i of n with the pipeline state that chains it to its neighbours. States are static,
-  so each branch gets its own unrolled prologue and drain; a lone tile fills and drains alone."""
-  if not chain:
-    run_tile(None)
-    return
-  pp = plgpu.PipelinePipeline
-  pl.when(n == 1)(lambda: run_tile(None))
-  pl.when((n > 1) & (i == 0))(lambda: run_tile(pp.START))
-  pl.when((i > 0) & (i < n - 1))(lambda: run_tile(pp.STEADY))
-  pl.when((n > 1) & (i == n - 1))(lambda: run_tile(pp.STOP))
+    """Run tile i of n with the pipeline state that chains it to its neighbours. States are static,
+    so each branch gets its own unrolled prologue and drain; a lone tile fills and drains alone."""
+    if not chain:
+        run_tile(None)
+        return
+    pp = plgpu.PipelinePipeline
+    pl.when(n == 1)(lambda: run_tile(None))
+    pl.when((n > 1) & (i == 0))(lambda: run_tile(pp.START))
+    pl.when((i > 0) & (i < n - 1))(lambda: run_tile(pp.STEADY))
+    pl.when((n > 1) & (i == n - 1))(lambda: run_tile(pp.STOP))
 
 
-def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, config=None, interpret=False,
-        out_dtype=None):
-  """lhs [M, K] x rhs [G, K, N] (or [G, N, K] with transpose_rhs) -> [M, N].
+def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, config=None, interpret=False, out_dtype=None):
+    """lhs [M, K] x rhs [G, K, N] (or [G, N, K] with transpose_rhs) -> [M, N].
 
-  Requires M % 8 == 0, M >= block_m, K % block_k == 0, N % (num_wgs*block_n) == 0 (ops.py pads).
-  """
-  cfg = config or GMM_CONFIG
-  gpu_common.check_config(cfg, out_dtype or lhs.dtype)
-  m, k = lhs.shape
-  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  out_dtype = out_dtype or lhs.dtype
-  nw = gpu_common.num_wgs(cfg)
-  bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
-  cta_n = nw * bn
-  k_steps = k // bk
-  n_tiles = n // cta_n
-  mcs = max(1, min(cfg.max_concurrent_steps, k_steps))
-  count, tgroup, trow0, tlo, trows = gmm_tiles(group_sizes, m, bm)
-  # wgmma wants one swizzle for both operands, and each warpgroup slices out bn columns of B.
-  tf = gpu_common.transforms(min(bk, bn), lhs.dtype)
-  lhs_spec = plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=tf)
-  if transpose_rhs:
-    rhs_spec = plgpu.BlockSpec((cta_n, bk), lambda kk: (0, kk), transforms=tf)
-  else:
-    rhs_spec = plgpu.BlockSpec((bk, cta_n), lambda kk: (kk, 0), transforms=tf)
-
-  def views(lhs_gmem, rhs_gmem, gi, row0, n0):
-    r = rhs_gmem.at[gi]
-    r = r.at[pl.ds(n0, cta_n), :] if transpose_rhs else r.at[:, pl.ds(n0, cta_n)]
-    return lhs_gmem.at[pl.ds(row0, bm), :], r
-
-  def b_operand(b_smem, wg, t_smem):
+    Requires M % 8 == 0, M >= block_m, K % block_k == 0, N % (num_wgs*block_n) == 0 (ops.py pads).
+    """
+    cfg = config or GMM_CONFIG
+    gpu_common.check_config(cfg, out_dtype or lhs.dtype)
+    m, k = lhs.shape
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    out_dtype = out_dtype or lhs.dtype
+    nw = gpu_common.num_wgs(cfg)
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    cta_n = nw * bn
+    k_steps = k // bk
+    n_tiles = n // cta_n
+    mcs = max(1, min(cfg.max_concurrent_steps, k_steps))
+    count, tgroup, trow0, tlo, trows = gmm_tiles(group_sizes, m, bm)
+    # wgmma wants one swizzle for both operands, and each warpgroup slices out bn columns of B.
+    tf = gpu_common.transforms(min(bk, bn), lhs.dtype)
+    lhs_spec = plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=tf)
     if transpose_rhs:
-      return gpu_common.transposed(b_smem.at[pl.ds(wg * bn, bn), :], t_smem)
-    return b_smem.at[:, pl.ds(wg * bn, bn)]
+        rhs_spec = plgpu.BlockSpec((cta_n, bk), lambda kk: (0, kk), transforms=tf)
+    else:
+        rhs_spec = plgpu.BlockSpec((bk, cta_n), lambda kk: (kk, 0), transforms=tf)
 
-  t_shape = gpu_common.scratch(interpret and transpose_rhs, (bk, bn), rhs.dtype)
-  epi_m = min(cfg.epi_m, bm)
+    def views(lhs_gmem, rhs_gmem, gi, row0, n0):
+        r = rhs_gmem.at[gi]
+        r = r.at[pl.ds(n0, cta_n), :] if transpose_rhs else r.at[:, pl.ds(n0, cta_n)]
+        return lhs_gmem.at[pl.ds(row0, bm), :], r
 
-  # Chaining needs every tile's ring to end on the same slot; other K fall back to one pipeline
-  # (with its fill and drain) per tile.
-  chain = cfg.chain_tiles and k_steps % mcs == 0
+    def b_operand(b_smem, wg, t_smem):
+        if transpose_rhs:
+            return gpu_common.transposed(b_smem.at[pl.ds(wg * bn, bn), :], t_smem)
+        return b_smem.at[:, pl.ds(wg * bn, bn)]
 
-  def tile_info(refs, mt, nt):
-    _, group_ref, row0_ref, lo_ref, rows_ref = refs
-    row0 = pl.multiple_of(row0_ref[mt], 8)
-    return jnp.maximum(group_ref[mt], 0), row0, lo_ref[mt], rows_ref[mt], nt * cta_n
+    t_shape = gpu_common.scratch(interpret and transpose_rhs, (bk, bn), rhs.dtype)
+    epi_m = min(cfg.epi_m, bm)
 
-  def body_ws(*refs):
-    meta, (lhs_gmem, rhs_gmem, out_gmem) = refs[:5], refs[5:]
-    n_all, n_real = meta[0][0], meta[0][1]
-    allocs = gpu_common.pipeline(
-        cfg, gpu_common.ignore, gpu_common.ignore, k_steps, [lhs_spec, rhs_spec], mcs,
-    ).get_allocations(*views(lhs_gmem, rhs_gmem, 0, 0, 0))
+    # Chaining needs every tile's ring to end on the same slot; other K fall back to one pipeline
+    # (with its fill and drain) per tile.
+    chain = cfg.chain_tiles and k_steps % mcs == 0
 
-    @functools.partial(pl.run_scoped, allocs=allocs, t_smem=gpu_common.scratch(
-        interpret and transpose_rhs, (2, bk, bn), rhs.dtype),
-                       out_smem=plgpu.SMEM((2, epi_m, bn), out_dtype), collective_axes="wg")
-    def _(allocs, t_smem, out_smem):
-      wg = lax.axis_index("wg")
-      t_wg = None if t_smem is None else t_smem.at[wg]
+    def tile_info(refs, mt, nt):
+        _, group_ref, row0_ref, lo_ref, rows_ref = refs
+        row0 = pl.multiple_of(row0_ref[mt], 8)
+        return jnp.maximum(group_ref[mt], 0), row0, lo_ref[mt], rows_ref[mt], nt * cta_n
 
-      def store_chunk_fn(row0, lo, rows, n0):
-        def store_chunk(r0):
-          clo = jnp.clip(lo - r0, 0, epi_m)
-          crows = jnp.clip(lo + rows - r0, 0, epi_m) - clo
-          _store_rows(out_smem.at[wg], out_gmem, row0 + r0, clo, crows, n0 + wg * bn, epi_m, bn)
-        return store_chunk
+    def body_ws(*refs):
+        meta, (lhs_gmem, rhs_gmem, out_gmem) = refs[:5], refs[5:]
+        n_all, n_real = meta[0][0], meta[0][1]
+        allocs = gpu_common.pipeline(
+            cfg,
+            gpu_common.ignore,
+            gpu_common.ignore,
+            k_steps,
+            [lhs_spec, rhs_spec],
+            mcs,
+        ).get_allocations(*views(lhs_gmem, rhs_gmem, 0, 0, 0))
 
-      def tile(i, lin, n):
-        mt, nt = gpu_common.tile_order(lin, n_real, n_tiles, cfg.grid_tile_n)
-        gi, row0, lo, rows, n0 = tile_info(meta, mt, nt)
+        @functools.partial(
+            pl.run_scoped,
+            allocs=allocs,
+            t_smem=gpu_common.scratch(interpret and transpose_rhs, (2, bk, bn), rhs.dtype),
+            out_smem=plgpu.SMEM((2, epi_m, bn), out_dtype),
+            collective_axes="wg",
+        )
+        def _(allocs, t_smem, out_smem):
+            wg = lax.axis_index("wg")
+            t_wg = None if t_smem is None else t_smem.at[wg]
 
-        def ctx(eval_pipeline):
-          @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn), jnp.float32))
-          def _(acc_ref):
-            eval_pipeline(acc_ref)
-            gpu_common.epilogue(acc_ref[...], out_smem.at[wg], store_chunk_fn(row0, lo, rows, n0))
+            def store_chunk_fn(row0, lo, rows, n0):
+                def store_chunk(r0):
+                    clo = jnp.clip(lo - r0, 0, epi_m)
+                    crows = jnp.clip(lo + rows - r0, 0, epi_m) - clo
+                    _store_rows(out_smem.at[wg], out_gmem, row0 + r0, clo, crows, n0 + wg * bn, epi_m, bn)
 
-        def mma(_, a_smem, b_smem, acc_ref):
-          plgpu.wgmma(acc_ref, a_smem, b_operand(b_smem, wg, t_wg))
-          plgpu.wgmma_wait(0)
-          return acc_ref
+                return store_chunk
 
-        def run(state):
-          gpu_common.pipeline(cfg, mma, ctx, k_steps, [lhs_spec, rhs_spec], mcs, state)(
-              *views(lhs_gmem, rhs_gmem, gi, row0, n0), allocations=allocs)
+            def tile(i, lin, n):
+                mt, nt = gpu_common.tile_order(lin, n_real, n_tiles, cfg.grid_tile_n)
+                gi, row0, lo, rows, n0 = tile_info(meta, mt, nt)
 
-        _chained(run, i, n, chain)
+                def ctx(eval_pipeline):
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn), jnp.float32))
+                    def _(acc_ref):
+                        eval_pipeline(acc_ref)
+                        gpu_common.epilogue(acc_ref[...], out_smem.at[wg], store_chunk_fn(row0, lo, rows, n0))
 
-      gpu_common.persistent_loop(n_real * n_tiles, tile)
+                def mma(_, a_smem, b_smem, acc_ref):
+                    plgpu.wgmma(acc_ref, a_smem, b_operand(b_smem, wg, t_wg))
+                    plgpu.wgmma_wait(0)
+                    return acc_ref
 
-      # Rows past sum(group_sizes): the compute warpgroups store zeros, the memory one has no work.
-      @pl.when(wg < 2)
-      def _():
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        out_smem.at[wg][...] = jnp.zeros((epi_m, bn), out_dtype)
-        plgpu.commit_smem()
+                def run(state):
+                    gpu_common.pipeline(cfg, mma, ctx, k_steps, [lhs_spec, rhs_spec], mcs, state)(
+                        *views(lhs_gmem, rhs_gmem, gi, row0, n0), allocations=allocs
+                    )
 
-        def zero_tile(i, lin, n):
-          _, row0, lo, rows, n0 = tile_info(meta, n_real + lax.div(lin, n_tiles),
-                                            lax.rem(lin, n_tiles))
-          store = store_chunk_fn(row0, lo, rows, n0)
-          for c in range(bm // epi_m):
-            store(c * epi_m)
+                _chained(run, i, n, chain)
 
-        gpu_common.persistent_loop((n_all - n_real) * n_tiles, zero_tile)
-    plgpu.wait_smem_to_gmem(0)
+            gpu_common.persistent_loop(n_real * n_tiles, tile)
 
-  def body_simple(*refs):
-    meta, (lhs_gmem, rhs_gmem, out_gmem) = refs[:5], refs[5:]
-    specs = [dataclasses.replace(s, delay_release=1) for s in (lhs_spec, rhs_spec)]
+            # Rows past sum(group_sizes): the compute warpgroups store zeros, the memory one has no work.
+            @pl.when(wg < 2)
+            def _():
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                out_smem.at[wg][...] = jnp.zeros((epi_m, bn), out_dtype)
+                plgpu.commit_smem()
 
-    def tile(_, lin, __):
-      mt, nt = gpu_common.tile_order(lin, meta[0][0], n_tiles, cfg.grid_tile_n)
-      gi, row0, lo, rows, n0 = tile_info(meta, mt, nt)
-      steps = jnp.where(meta[1][mt] >= 0, k_steps, 0)  # zero-tail tiles load nothing
+                def zero_tile(i, lin, n):
+                    _, row0, lo, rows, n0 = tile_info(meta, n_real + lax.div(lin, n_tiles), lax.rem(lin, n_tiles))
+                    store = store_chunk_fn(row0, lo, rows, n0)
+                    for c in range(bm // epi_m):
+                        store(c * epi_m)
 
-      def acc_scope(acc_ref, t_smem):
-        plgpu.emit_pipeline(
-            lambda _, a_smem, b_smem: plgpu.wgmma(acc_ref, a_smem, b_operand(b_smem, 0, t_smem)),
-            grid=(steps,), in_specs=specs, max_concurrent_steps=max(mcs, 2),
-        )(*views(lhs_gmem, rhs_gmem, gi, row0, n0))
-        return acc_ref[...]
+                gpu_common.persistent_loop((n_all - n_real) * n_tiles, zero_tile)
 
-      acc = gpu_common.acc_with_scratch(acc_scope, (bm, bn), t_shape)
+        plgpu.wait_smem_to_gmem(0)
 
-      @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((bm, bn), out_dtype))
-      def _(out_smem):
-        out_smem[...] = acc.astype(out_dtype)
-        plgpu.commit_smem()
-        _store_rows(out_smem, out_gmem, row0, lo, rows, n0, bm, bn)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    def body_simple(*refs):
+        meta, (lhs_gmem, rhs_gmem, out_gmem) = refs[:5], refs[5:]
+        specs = [dataclasses.replace(s, delay_release=1) for s in (lhs_spec, rhs_spec)]
 
-    gpu_common.persistent_loop(meta[0][0] * n_tiles, tile)
-    plgpu.wait_smem_to_gmem(0)
+        def tile(_, lin, __):
+            mt, nt = gpu_common.tile_order(lin, meta[0][0], n_tiles, cfg.grid_tile_n)
+            gi, row0, lo, rows, n0 = tile_info(meta, mt, nt)
+            steps = jnp.where(meta[1][mt] >= 0, k_steps, 0)  # zero-tail tiles load nothing
 
-  body = body_ws if cfg.warp_specialized else body_simple
-  out_type = jax.ShapeDtypeStruct((m, n), out_dtype)
-  return gpu_common.run(body, out_type, cfg, interpret)(count, tgroup, trow0, tlo, trows, lhs, rhs)
+            def acc_scope(acc_ref, t_smem):
+                plgpu.emit_pipeline(
+                    lambda _, a_smem, b_smem: plgpu.wgmma(acc_ref, a_smem, b_operand(b_smem, 0, t_smem)),
+                    grid=(steps,),
+                    in_specs=specs,
+                    max_concurrent_steps=max(mcs, 2),
+                )(*views(lhs_gmem, rhs_gmem, gi, row0, n0))
+                return acc_ref[...]
+
+            acc = gpu_common.acc_with_scratch(acc_scope, (bm, bn), t_shape)
+
+            @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((bm, bn), out_dtype))
+            def _(out_smem):
+                out_smem[...] = acc.astype(out_dtype)
+                plgpu.commit_smem()
+                _store_rows(out_smem, out_gmem, row0, lo, rows, n0, bm, bn)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        gpu_common.persistent_loop(meta[0][0] * n_tiles, tile)
+        plgpu.wait_smem_to_gmem(0)
+
+    body = body_ws if cfg.warp_specialized else body_simple
+    out_type = jax.ShapeDtypeStruct((m, n), out_dtype)
+    return gpu_common.run(body, out_type, cfg, interpret)(count, tgroup, trow0, tlo, trows, lhs, rhs)

@@ -4,6 +4,7 @@ launch, and the interpret-mode stand-ins for transposed wgmma operands.
 
 Functions here take any config with GpuConfig's fields (gpu.GpuConfig).
 """
+
 from __future__ import annotations
 
 import jax
@@ -14,118 +15,126 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 
 def check_config(cfg, dtype):
-  """Raise ValueError unless block_n rows of `dtype` are a multiple of 128 bytes."""
-  # Ragged-row TMA stores start at any smem row; TMA wants 128-byte aligned smem addresses.
-  if cfg.block_n * jnp.dtype(dtype).itemsize % 128:
-    raise ValueError(f"block_n * itemsize must be a multiple of 128 bytes, got {cfg.block_n}")
+    """Raise ValueError unless block_n rows of `dtype` are a multiple of 128 bytes."""
+    # Ragged-row TMA stores start at any smem row; TMA wants 128-byte aligned smem addresses.
+    if cfg.block_n * jnp.dtype(dtype).itemsize % 128:
+        raise ValueError(f"block_n * itemsize must be a multiple of 128 bytes, got {cfg.block_n}")
 
 
 def interpret_params():
-  """Mosaic GPU interpret params; the public name moved between jax releases."""
-  for name in ("InterpretParams", "InterpretGPUParams"):
-    if hasattr(plgpu, name):
-      return getattr(plgpu, name)()
-  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-  return InterpretGPUParams()
+    """Mosaic GPU interpret params; the public name moved between jax releases."""
+    for name in ("InterpretParams", "InterpretGPUParams"):
+        if hasattr(plgpu, name):
+            return getattr(plgpu, name)()
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()
 
 
 def num_wgs(cfg):
-  """Compute warpgroups per CTA: 2 warp-specialized, else 1."""
-  return 2 if cfg.warp_specialized else 1
+    """Compute warpgroups per CTA: 2 warp-specialized, else 1."""
+    return 2 if cfg.warp_specialized else 1
 
 
 def _num_sms(cfg, interpret):
-  if cfg.num_sms is not None:
-    return cfg.num_sms
-  if interpret:
-    return 2
-  return jax.devices()[0].core_count
+    if cfg.num_sms is not None:
+        return cfg.num_sms
+    if interpret:
+        return 2
+    return jax.devices()[0].core_count
 
 
 def transforms(block_minor, dtype):
-  """smem tiling + swizzle transforms for blocks `block_minor` elements of `dtype` wide."""
-  swizzle = plgpu.find_swizzle(block_minor * jnp.dtype(dtype).itemsize * 8)
-  elems = swizzle // jnp.dtype(dtype).itemsize
-  return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
+    """smem tiling + swizzle transforms for blocks `block_minor` elements of `dtype` wide."""
+    swizzle = plgpu.find_swizzle(block_minor * jnp.dtype(dtype).itemsize * 8)
+    elems = swizzle // jnp.dtype(dtype).itemsize
+    return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
 
 
 def tile_order(lin, n_major, n_minor, width):
-  """Linear tile id -> (major, minor) index; strips of `width` minor tiles keep operands in L2."""
-  if width <= 0 or width >= n_minor:
-    return lax.div(lin, n_minor), lax.rem(lin, n_minor)
-  strip = width * n_major
-  s = lax.div(lin, strip)
-  r = lax.rem(lin, strip)
-  w = jnp.minimum(width, n_minor - s * width)
-  return lax.div(r, w), s * width + lax.rem(r, w)
+    """Linear tile id -> (major, minor) index; strips of `width` minor tiles keep operands in L2."""
+    if width <= 0 or width >= n_minor:
+        return lax.div(lin, n_minor), lax.rem(lin, n_minor)
+    strip = width * n_major
+    s = lax.div(lin, strip)
+    r = lax.rem(lin, strip)
+    w = jnp.minimum(width, n_minor - s * width)
+    return lax.div(r, w), s * width + lax.rem(r, w)
 
 
 def epilogue(acc, out_smem, store_chunk):
-  """Cast acc and TMA-store it through out_smem [epi_m, bn], one row chunk at a time.
+    """Cast acc and TMA-store it through out_smem [epi_m, bn], one row chunk at a time.
 
-  A whole bm x bn staging buffer per warpgroup would not fit next to 4 pipeline stages."""
-  epi_m = out_smem.shape[0]
-  for c in range(acc.shape[0] // epi_m):
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous store has left out_smem
-    out_smem[...] = acc[c * epi_m:(c + 1) * epi_m].astype(out_smem.dtype)
-    plgpu.commit_smem()
-    store_chunk(c * epi_m)
+    A whole bm x bn staging buffer per warpgroup would not fit next to 4 pipeline stages."""
+    epi_m = out_smem.shape[0]
+    for c in range(acc.shape[0] // epi_m):
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous store has left out_smem
+        out_smem[...] = acc[c * epi_m : (c + 1) * epi_m].astype(out_smem.dtype)
+        plgpu.commit_smem()
+        store_chunk(c * epi_m)
 
 
 def persistent_loop(num_tiles, body):
-  """Each SM takes tiles sm, sm + num_sms, ... < num_tiles: body(i, tile, n) for its i-th of n."""
-  sm = lax.axis_index("sm")
-  nsm = lax.axis_size("sm")
-  steps = lax.div(jnp.maximum(num_tiles - sm + nsm - 1, 0), nsm)
-  lax.fori_loop(0, steps, lambda i, c: (body(i, i * nsm + sm, steps), c)[1], None)
+    """Each SM takes tiles sm, sm + num_sms, ... < num_tiles: body(i, tile, n) for its i-th of n."""
+    sm = lax.axis_index("sm")
+    nsm = lax.axis_size("sm")
+    steps = lax.div(jnp.maximum(num_tiles - sm + nsm - 1, 0), nsm)
+    lax.fori_loop(0, steps, lambda i, c: (body(i, i * nsm + sm, steps), c)[1], None)
 
 
 def run(body, out_type, cfg, interpret):
-  """plgpu.kernel over one CTA per SM (grid axis "sm"); warp-specialized: 3 warpgroups (axis "wg")."""
-  kw = dict(
-      out_type=out_type,
-      grid=(_num_sms(cfg, interpret),),
-      grid_names=("sm",),
-      compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-  )
-  if cfg.warp_specialized:
-    kw.update(num_threads=3, thread_name="wg")
-  if interpret:
-    kw["interpret"] = interpret_params()
-  return plgpu.kernel(body, **kw)
+    """plgpu.kernel over one CTA per SM (grid axis "sm"); warp-specialized: 3 warpgroups (axis "wg")."""
+    kw = dict(
+        out_type=out_type,
+        grid=(_num_sms(cfg, interpret),),
+        grid_names=("sm",),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )
+    if cfg.warp_specialized:
+        kw.update(num_threads=3, thread_name="wg")
+    if interpret:
+        kw["interpret"] = interpret_params()
+    return plgpu.kernel(body, **kw)
 
 
 def pipeline(cfg, mma, ctx, steps, in_specs, mcs, state=None):
-  """Warp-specialized pipeline over `steps` contraction steps (may be traced, may be 0).
+    """Warp-specialized pipeline over `steps` contraction steps (may be traced, may be 0).
 
-  `state` (static steps only) chains the pipelines of an SM's consecutive tiles: the memory
-  warpgroup streams the next tile's loads while the compute warpgroups finish the current tile."""
-  return plgpu.emit_pipeline_warp_specialized(
-      mma, grid=(steps,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
-      num_compute_wgs=2, max_concurrent_steps=mcs, compute_context=ctx, pipeline_state=state)
+    `state` (static steps only) chains the pipelines of an SM's consecutive tiles: the memory
+    warpgroup streams the next tile's loads while the compute warpgroups finish the current tile."""
+    return plgpu.emit_pipeline_warp_specialized(
+        mma,
+        grid=(steps,),
+        memory_registers=40,
+        in_specs=in_specs,
+        wg_axis="wg",
+        num_compute_wgs=2,
+        max_concurrent_steps=mcs,
+        compute_context=ctx,
+        pipeline_state=state,
+    )
 
 
 def ignore(*_, **__):
-  """Placeholder body/context (returns None) for a pipeline built only for get_allocations()."""
+    """Placeholder body/context (returns None) for a pipeline built only for get_allocations()."""
 
 
 def transposed(ref, scratch):
-  """wgmma operand ref.T. Hardware reads it in place (transpose_ref); jax 0.10's GPU interpreter
-  cannot apply a TransposeTransform to a wgmma operand, so interpret mode copies the transpose into
-  `scratch` through registers instead."""
-  if scratch is None:
-    return plgpu.transpose_ref(ref, (1, 0))
-  scratch[...] = ref[...].T
-  return scratch
+    """wgmma operand ref.T. Hardware reads it in place (transpose_ref); jax 0.10's GPU interpreter
+    cannot apply a TransposeTransform to a wgmma operand, so interpret mode copies the transpose into
+    `scratch` through registers instead."""
+    if scratch is None:
+        return plgpu.transpose_ref(ref, (1, 0))
+    scratch[...] = ref[...].T
+    return scratch
 
 
 def scratch(interpret, shape, dtype):
-  """smem buffer for `transposed` in interpret mode; None (read in place) on hardware."""
-  return plgpu.SMEM(shape, dtype) if interpret else None
+    """smem buffer for `transposed` in interpret mode; None (read in place) on hardware."""
+    return plgpu.SMEM(shape, dtype) if interpret else None
 
 
 def acc_with_scratch(acc_scope, acc_shape, scratch):
-  """run_scoped(acc_scope, ACC, scratch); register and smem scopes cannot be mixed."""
-  acc = lambda t: pl.run_scoped(lambda a: acc_scope(a, t), plgpu.ACC(acc_shape, jnp.float32))
-  return acc(None) if scratch is None else pl.run_scoped(acc, scratch)
+    """run_scoped(acc_scope, ACC, scratch); register and smem scopes cannot be mixed."""
+    acc = lambda t: pl.run_scoped(lambda a: acc_scope(a, t), plgpu.ACC(acc_shape, jnp.float32))
+    return acc(None) if scratch is None else pl.run_scoped(acc, scratch)

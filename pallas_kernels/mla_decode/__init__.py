@@ -2,6 +2,7 @@
 
 `backend` picks Mosaic GPU (Hopper), Mosaic TPU or the XLA reference; see ops.py.
 """
+
 from pallas_kernels.mla_decode.common import V_DIM
 from pallas_kernels.mla_decode.ops import mla_decode, resolve_backend
 from pallas_kernels.mla_decode.reference import mla_decode_reference

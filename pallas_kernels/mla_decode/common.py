@@ -5,6 +5,7 @@ ceil(nblk / num_splits) blocks; each (sequence, split) writes a partial output n
 softmax denominator plus that split's log-sum-exp, and `combine` merges them. Splits past the end of a
 short sequence are empty and write out = 0, lse = -inf, which the combine weighs by exp(-inf) = 0.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp

@@ -28,6 +28,7 @@ Interpret mode (CPU) runs the same bodies. jax 0.10's GPU interpreter takes wgmm
 smem refs without transposes and has no run_state, so there K^T is copied into a scratch buffer,
 P is read back from smem, and O is updated as O + (P V from a zeroed accumulator).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,6 +51,7 @@ class GpuConfig:
     p_in_registers: the PV wgmma reads P from registers (else from smem). pv_inplace: O is rescaled
     and accumulated in place (run_state on an initialised accumulator); else O += P V through a zeroed
     accumulator, `pv_chunk` columns at a time (fewer registers live)."""
+
     kernel: str = "ws"
     block_kv: int = 64
     num_stages: int = 2
@@ -67,6 +69,7 @@ SIMPLE_CONFIG = GpuConfig(kernel="simple", p_in_registers=False, pv_inplace=Fals
 @dataclasses.dataclass(frozen=True)
 class Dims:
     """Static sizes of one call."""
+
     s_q: int
     h: int
     rq: int  # query rows a CTA loads and stores (< 64 for small s_q * H)
@@ -111,6 +114,7 @@ def interpret_params():
         if hasattr(plgpu, name):
             return getattr(plgpu, name)()
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
     return InterpretGPUParams()
 
 
@@ -126,8 +130,9 @@ def _simple_body(len_ref, bt_ref, q_ref, kv_ref, out_ref, lse_ref, *, dm):
     def scoped(q_smem, kv_smem, p_smem, lse_smem, kt_smem, q_bar, kv_bar):
         gpu_common.load_q(q_ref, q_smem, q_bar, b, m0, dm)
         for i in range(dm.stages):
-            pl.when(i < steps)(functools.partial(
-                gpu_common.load_kv, bt_ref, kv_ref, kv_smem, kv_bar, b, start + i, i, dm))
+            pl.when(i < steps)(
+                functools.partial(gpu_common.load_kv, bt_ref, kv_ref, kv_smem, kv_bar, b, start + i, i, dm)
+            )
         plgpu.barrier_wait(q_bar.at[0])
 
         def step(t, carry, masked):
@@ -150,10 +155,14 @@ def _simple_body(len_ref, bt_ref, q_ref, kv_ref, out_ref, lse_ref, *, dm):
             @pl.when(t + dm.stages < steps)
             def _():
                 gpu_common.load_kv(bt_ref, kv_ref, kv_smem, kv_bar, b, blk + dm.stages, slot, dm)
+
             return o, m, l
 
-        carry = (tuple(gpu_common.zeros_acc(dm.cfg.pv_chunk, dm) for _ in range(nchunks)),
-                 gpu_common.row_full(common.M_INIT, dm), gpu_common.row_full(0.0, dm))
+        carry = (
+            tuple(gpu_common.zeros_acc(dm.cfg.pv_chunk, dm) for _ in range(nchunks)),
+            gpu_common.row_full(common.M_INIT, dm),
+            gpu_common.row_full(0.0, dm),
+        )
         carry = lax.fori_loop(0, nfull, functools.partial(step, masked=False), carry)
         o, m, l = lax.fori_loop(nfull, steps, functools.partial(step, masked=True), carry)
         inv, lse = gpu_common.finish_rows(m, l)
@@ -204,21 +213,37 @@ def mla_decode(q, kv_pages, block_table, lengths, *, softmax_scale, config=None,
     m_blocks = rows_p // rq
     ncol = 2 if cfg.kernel == "simple" else 1
     max_blocks = block_table.shape[1] * page_size // cfg.block_kv
-    splits = cfg.num_splits or common.auto_splits(b * m_blocks * ncol, _num_sms(cfg, interpret),
-                                                  max_blocks)
+    splits = cfg.num_splits or common.auto_splits(b * m_blocks * ncol, _num_sms(cfg, interpret), max_blocks)
     splits = max(1, min(splits, max_blocks))
-    dm = Dims(s_q=s_q, h=h, rq=rq, d=d, num_pages=num_pages, page_size=page_size,
-              max_pages=block_table.shape[1], splits=splits, bkv=cfg.block_kv, stages=cfg.num_stages,
-              scale_log2=float(softmax_scale) * common.LOG2E, dtype=q.dtype, cfg=cfg,
-              interpret=bool(interpret))
+    dm = Dims(
+        s_q=s_q,
+        h=h,
+        rq=rq,
+        d=d,
+        num_pages=num_pages,
+        page_size=page_size,
+        max_pages=block_table.shape[1],
+        splits=splits,
+        bkv=cfg.block_kv,
+        stages=cfg.num_stages,
+        scale_log2=float(softmax_scale) * common.LOG2E,
+        dtype=q.dtype,
+        cfg=cfg,
+        interpret=bool(interpret),
+    )
     if splits == 1:
-        out_type = (jax.ShapeDtypeStruct((b, rows_p, V_DIM), q.dtype),
-                    jax.ShapeDtypeStruct((b, rows_p), jnp.float32))
+        out_type = (jax.ShapeDtypeStruct((b, rows_p, V_DIM), q.dtype), jax.ShapeDtypeStruct((b, rows_p), jnp.float32))
     else:
-        out_type = (jax.ShapeDtypeStruct((b, splits, rows_p, 2 * V_DIM), q.dtype),
-                    jax.ShapeDtypeStruct((b, splits, rows_p), jnp.float32))
-    kw = dict(out_type=out_type, grid=(m_blocks * ncol, splits, b), grid_names=("m", "split", "b"),
-              compiler_params=compiler_params())
+        out_type = (
+            jax.ShapeDtypeStruct((b, splits, rows_p, 2 * V_DIM), q.dtype),
+            jax.ShapeDtypeStruct((b, splits, rows_p), jnp.float32),
+        )
+    kw = dict(
+        out_type=out_type,
+        grid=(m_blocks * ncol, splits, b),
+        grid_names=("m", "split", "b"),
+        compiler_params=compiler_params(),
+    )
     if cfg.kernel == "simple":
         body = functools.partial(_simple_body, dm=dm)
     else:

@@ -3,6 +3,7 @@ warp-specialized "ws" kernel (gpu_ws.py). See gpu.py's module doc for the algori
 
 `dm` is the call's static sizes (gpu.Dims); every function here runs inside a kernel body.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -87,6 +88,7 @@ def scores(q_smem, tile, kt_smem, dm):
     def body(acc_ref):
         plgpu.wgmma(acc_ref, q_smem, k_t)
         return acc_ref[...]
+
     return pl.run_scoped(body, plgpu.ACC((BM, dm.bkv), jnp.float32)) * dm.scale_log2
 
 
@@ -118,9 +120,11 @@ def pv_update(o_chunks, alpha, a, tile, col0, dm):
         if inplace:
             oc = pl.run_state(lambda acc_ref, v=v: plgpu.wgmma(acc_ref, a, v))(plgpu.ACC.init(oc))
         else:
+
             def fresh(acc_ref, v=v):
                 plgpu.wgmma(acc_ref, a, v)
                 return acc_ref[...]
+
             oc = oc + pl.run_scoped(fresh, plgpu.ACC((BM, cw), jnp.float32))
         new.append(oc)
     return tuple(new)
@@ -151,8 +155,7 @@ def store_half(o_chunks, inv, stage, out_view, col0, dm):
         # TMA wants a contiguous smem box: in the (8, 64)-tiled Q buffer that is 8 rows of the
         # column slice, so the stage leaves in 8-row pieces.
         for r in range(0, dm.rq, 8):
-            plgpu.copy_smem_to_gmem(stage.at[pl.ds(r, 8)],
-                                    out_view.at[pl.ds(r, 8), pl.ds(i * V_DIM + col0, HALF)])
+            plgpu.copy_smem_to_gmem(stage.at[pl.ds(r, 8)], out_view.at[pl.ds(r, 8), pl.ds(i * V_DIM + col0, HALF)])
 
 
 def store_lse(lse, lse_smem, lse_view, dm):

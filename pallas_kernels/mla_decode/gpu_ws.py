@@ -18,6 +18,7 @@ fit next to Q and two 72 KB KV stages.
 The output is staged through the Q buffer: wg0 writes columns [0, 256) after its last S; wg1 writes
 [256, 512) only after the final p_full, which wg0 sends after its last S, so Q is no longer read.
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,6 +41,7 @@ class CtaWork(NamedTuple):
     """What this CTA computes (traced ints): sequence `b`, KV split `split` and query rows from `m0`;
     the sequence's `length`, and its split's first block `start`, `steps` blocks, the first `nfull`
     of which need no mask."""
+
     b: Any
     split: Any
     m0: Any
@@ -51,6 +53,7 @@ class CtaWork(NamedTuple):
 
 class Barriers(NamedTuple):
     """The CTA's barriers; the handshakes are in the module doc."""
+
     q_bar: Any  # Q has landed
     kv_full: Any  # [stages]: TMA -> wg0, wg1
     kv_free: Any  # [stages], 2 arrivals: wg0 + wg1 -> wg2
@@ -60,6 +63,7 @@ class Barriers(NamedTuple):
 
 class KernelRefs(NamedTuple):
     """The kernel's GMEM operands, the CTA's smem buffers and its barriers."""
+
     q_ref: Any
     kv_ref: Any
     out_ref: Any
@@ -81,9 +85,11 @@ def _wg0(refs, work, dm):
 
     def handoff(t, vec):
         """Publish (P, vec) to wg1 once it has read the previous pair; t > 0 means one exists."""
+
         @pl.when(t > 0)
         def _():
             plgpu.barrier_wait(bars.p_free.at[0])
+
         vec_smem[...] = vec
 
     def step(t, carry, masked):
@@ -105,8 +111,11 @@ def _wg0(refs, work, dm):
         plgpu.barrier_arrive(bars.kv_free.at[slot])
         return o, m, l
 
-    carry = (tuple(gpu_common.zeros_acc(dm.cfg.pv_chunk, dm) for _ in range(nchunks)),
-             gpu_common.row_full(common.M_INIT, dm), gpu_common.row_full(0.0, dm))
+    carry = (
+        tuple(gpu_common.zeros_acc(dm.cfg.pv_chunk, dm) for _ in range(nchunks)),
+        gpu_common.row_full(common.M_INIT, dm),
+        gpu_common.row_full(0.0, dm),
+    )
     carry = lax.fori_loop(0, work.nfull, functools.partial(step, masked=False), carry)
     o, m, l = lax.fori_loop(work.nfull, work.steps, functools.partial(step, masked=True), carry)
     inv, lse = gpu_common.finish_rows(m, l)
@@ -142,8 +151,7 @@ def _wg1(refs, work, dm):
         plgpu.barrier_arrive(bars.kv_free.at[slot])
         return o
 
-    o = lax.fori_loop(0, work.steps, step,
-                      tuple(gpu_common.zeros_acc(dm.cfg.pv_chunk, dm) for _ in range(nchunks)))
+    o = lax.fori_loop(0, work.steps, step, tuple(gpu_common.zeros_acc(dm.cfg.pv_chunk, dm) for _ in range(nchunks)))
     plgpu.barrier_wait(bars.p_full.at[0])
     inv = gpu_common.cast(vec_smem[...], "row", dm)
     out_view, _ = gpu_common.out_views(refs.out_ref, refs.lse_ref, work.b, work.split, work.m0, dm)
@@ -154,8 +162,7 @@ def _wg1(refs, work, dm):
 def _producer(bt_ref, kv_ref, kv_smem, kv_full, kv_free, work, dm):
     b, start, steps = work.b, work.start, work.steps
     for i in range(dm.stages):
-        pl.when(i < steps)(functools.partial(
-            gpu_common.load_kv, bt_ref, kv_ref, kv_smem, kv_full, b, start + i, i, dm))
+        pl.when(i < steps)(functools.partial(gpu_common.load_kv, bt_ref, kv_ref, kv_smem, kv_full, b, start + i, i, dm))
 
     def refill(t, c):
         slot = lax.rem(t, dm.stages)
@@ -185,8 +192,18 @@ def body(len_ref, bt_ref, q_ref, kv_ref, out_ref, lse_ref, *, dm):
     def scoped(q_smem, kv_smem, p_smem, vecs, kt_smem, q_bar, kv_full, kv_free, p_full, p_free):
         wg = lax.axis_index("wg")
         bars = Barriers(q_bar=q_bar, kv_full=kv_full, kv_free=kv_free, p_full=p_full, p_free=p_free)
-        refs = KernelRefs(q_ref=q_ref, kv_ref=kv_ref, out_ref=out_ref, lse_ref=lse_ref, q_smem=q_smem,
-                          kv_smem=kv_smem, p_smem=p_smem, vecs=vecs, kt_smem=kt_smem, bars=bars)
+        refs = KernelRefs(
+            q_ref=q_ref,
+            kv_ref=kv_ref,
+            out_ref=out_ref,
+            lse_ref=lse_ref,
+            q_smem=q_smem,
+            kv_smem=kv_smem,
+            p_smem=p_smem,
+            vecs=vecs,
+            kt_smem=kt_smem,
+            bars=bars,
+        )
 
         @pl.when(wg == 0)
         def _():

@@ -4,6 +4,7 @@
 elsewhere (CPU) or when the kernel cannot take the inputs (dtype, page size, head dims); an explicit
 backend="gpu"/"tpu" raises instead of falling back.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,13 +32,15 @@ def _kernel_problem(backend, q, kv_pages, config):
         return f"q and kv rows must be [{V_DIM} latent | rope] wide, got {q.shape[-1]}, {kv_pages.shape[-1]}"
     if backend == "gpu":
         from pallas_kernels.mla_decode import gpu as _gpu
+
         return _gpu.unsupported(q, kv_pages, config)
     from pallas_kernels.mla_decode import tpu as _tpu
+
     return _tpu.unsupported(q, kv_pages, config)
 
 
 def resolve_backend(backend, q, kv_pages, config=None, platform=None):
-    """"auto": the kernel of `platform` ("gpu" / "tpu"; None = this host's) where the shape allows, else XLA."""
+    """ "auto": the kernel of `platform` ("gpu" / "tpu"; None = this host's) where the shape allows, else XLA."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -58,9 +61,11 @@ def resolve_backend(backend, q, kv_pages, config=None, platform=None):
 
 def _check(q, kv_pages, block_table, lengths):
     if q.ndim != 4 or kv_pages.ndim != 3 or block_table.ndim != 2 or lengths.ndim != 1:
-        raise ValueError("mla_decode: want q [B, s_q, H, D], kv_pages [N, P, D], block_table [B, M], "
-                         f"lengths [B]; got {q.shape}, {kv_pages.shape}, {block_table.shape}, "
-                         f"{lengths.shape}")
+        raise ValueError(
+            "mla_decode: want q [B, s_q, H, D], kv_pages [N, P, D], block_table [B, M], "
+            f"lengths [B]; got {q.shape}, {kv_pages.shape}, {block_table.shape}, "
+            f"{lengths.shape}"
+        )
     b = q.shape[0]
     if block_table.shape[0] != b or lengths.shape[0] != b:
         raise ValueError(f"mla_decode: batch mismatch {q.shape}, {block_table.shape}, {lengths.shape}")
@@ -71,8 +76,9 @@ def _check(q, kv_pages, block_table, lengths):
             raise ValueError(f"mla_decode: {name} must be integer, got {x.dtype}")
 
 
-def mla_decode(q, kv_pages, block_table, lengths, *, softmax_scale, backend="auto", interpret=False,
-               config=None, platform=None):
+def mla_decode(
+    q, kv_pages, block_table, lengths, *, softmax_scale, backend="auto", interpret=False, config=None, platform=None
+):
     """Absorbed MLA decode attention over a paged latent cache.
 
     q [B, s_q, H, 576] (512 latent | 64 rope); kv_pages [num_pages, page_size, 576], values are the
@@ -86,20 +92,30 @@ def mla_decode(q, kv_pages, block_table, lengths, *, softmax_scale, backend="aut
     """
     _check(q, kv_pages, block_table, lengths)
     backend = resolve_backend(backend, q, kv_pages, config, platform)
-    return _dispatch(q, kv_pages, block_table.astype(jnp.int32), lengths.astype(jnp.int32),
-                     softmax_scale=float(softmax_scale), backend=backend, interpret=bool(interpret),
-                     config=config)
+    return _dispatch(
+        q,
+        kv_pages,
+        block_table.astype(jnp.int32),
+        lengths.astype(jnp.int32),
+        softmax_scale=float(softmax_scale),
+        backend=backend,
+        interpret=bool(interpret),
+        config=config,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("softmax_scale", "backend", "interpret", "config"))
 def _dispatch(q, kv_pages, block_table, lengths, *, softmax_scale, backend, interpret, config):
     if backend == "xla":
-        return _ref.mla_decode_reference(q, kv_pages, block_table, lengths,
-                                         softmax_scale=softmax_scale)
+        return _ref.mla_decode_reference(q, kv_pages, block_table, lengths, softmax_scale=softmax_scale)
     if backend == "gpu":
         from pallas_kernels.mla_decode import gpu as _gpu
-        return _gpu.mla_decode(q, kv_pages, block_table, lengths, softmax_scale=softmax_scale,
-                               config=config, interpret=interpret)
+
+        return _gpu.mla_decode(
+            q, kv_pages, block_table, lengths, softmax_scale=softmax_scale, config=config, interpret=interpret
+        )
     from pallas_kernels.mla_decode import tpu as _tpu
-    return _tpu.mla_decode(q, kv_pages, block_table, lengths, softmax_scale=softmax_scale,
-                           config=config, interpret=interpret)
+
+    return _tpu.mla_decode(
+        q, kv_pages, block_table, lengths, softmax_scale=softmax_scale, config=config, interpret=interpret
+    )

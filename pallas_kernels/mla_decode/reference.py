@@ -9,6 +9,7 @@ A query that sees no position (lengths < s_q - i, e.g. an idle batch row with le
 and lse = -inf. Rows past a sequence's length are masked out of both products, so stale or NaN rows in
 partially filled pages never reach the output.
 """
+
 from __future__ import annotations
 
 import functools

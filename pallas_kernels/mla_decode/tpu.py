@@ -11,6 +11,7 @@ Split-KV as on GPU (common.py): with num_splits > 1 the outputs are float32 part
 common.combine merges. Rows past a sequence's length are zeroed before P V, so stale or NaN cache rows
 in its last page cannot reach the output.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,8 +39,9 @@ def unsupported(q, kv_pages, config):
     return None
 
 
-def _kernel(len_ref, bt_ref, q_ref, kv_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, s_q, h, splits,
-            page, max_pages, scale):
+def _kernel(
+    len_ref, bt_ref, q_ref, kv_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, s_q, h, splits, page, max_pages, scale
+):
     b, sp, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     length = len_ref[b]
     start, steps = common.block_range(length, sp, splits, page, max_pages)
@@ -72,8 +74,8 @@ def _kernel(len_ref, bt_ref, q_ref, kv_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, 
         p = jnp.exp(s - m_new)
         l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
         acc_sc[...] = alpha * acc_sc[...] + lax.dot_general(
-            p.astype(kv.dtype), kv[:, :V_DIM], (((1,), (0,)), ((), ())),
-            preferred_element_type=jnp.float32)
+            p.astype(kv.dtype), kv[:, :V_DIM], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
         m_sc[...] = m_new
 
     @pl.when(j == pl.num_programs(2) - 1)
@@ -106,22 +108,33 @@ def mla_decode(q, kv_pages, block_table, lengths, *, softmax_scale, config=None,
         return jnp.clip(bt_ref[bi * max_pages + jj], 0, num_pages - 1), 0, 0
 
     out_dtype = q.dtype if splits == 1 else jnp.float32
-    kernel = lambda *refs: _kernel(*refs, s_q=s_q, h=h, splits=splits, page=page,
-                                   max_pages=max_pages, scale=float(softmax_scale))
+    kernel = lambda *refs: _kernel(
+        *refs, s_q=s_q, h=h, splits=splits, page=page, max_pages=max_pages, scale=float(softmax_scale)
+    )
     out, lse = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(b, splits, per),
-            in_specs=[pl.BlockSpec((None, rows_p, d), lambda bi, sp, j, *_: (bi, 0, 0)),
-                      pl.BlockSpec((None, page, d), kv_map)],
-            out_specs=[pl.BlockSpec((None, None, rows_p, V_DIM), lambda bi, sp, j, *_: (bi, sp, 0, 0)),
-                       pl.BlockSpec((None, None, rows_p, 1), lambda bi, sp, j, *_: (bi, sp, 0, 0))],
-            scratch_shapes=[pltpu.VMEM((rows_p, 1), jnp.float32), pltpu.VMEM((rows_p, 1), jnp.float32),
-                            pltpu.VMEM((rows_p, V_DIM), jnp.float32)]),
-        out_shape=[jax.ShapeDtypeStruct((b, splits, rows_p, V_DIM), out_dtype),
-                   jax.ShapeDtypeStruct((b, splits, rows_p, 1), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary")),
+            num_scalar_prefetch=2,
+            grid=(b, splits, per),
+            in_specs=[
+                pl.BlockSpec((None, rows_p, d), lambda bi, sp, j, *_: (bi, 0, 0)),
+                pl.BlockSpec((None, page, d), kv_map),
+            ],
+            out_specs=[
+                pl.BlockSpec((None, None, rows_p, V_DIM), lambda bi, sp, j, *_: (bi, sp, 0, 0)),
+                pl.BlockSpec((None, None, rows_p, 1), lambda bi, sp, j, *_: (bi, sp, 0, 0)),
+            ],
+            scratch_shapes=[
+                pltpu.VMEM((rows_p, 1), jnp.float32),
+                pltpu.VMEM((rows_p, 1), jnp.float32),
+                pltpu.VMEM((rows_p, V_DIM), jnp.float32),
+            ],
+        ),
+        out_shape=[
+            jax.ShapeDtypeStruct((b, splits, rows_p, V_DIM), out_dtype),
+            jax.ShapeDtypeStruct((b, splits, rows_p, 1), jnp.float32),
+        ],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=pltpu.InterpretParams() if interpret else False,
     )(lengths, table, q2, kv_pages)
     lse = lse[..., 0]
