@@ -31,12 +31,17 @@ class Routing(NamedTuple):
     scores: jax.Array  # [N, E] float32 unbiased scores
 
 
+# Score of an expert already masked out when groups are ranked: finite, so a group's top-k sum stays ordered (a group
+# missing candidates ranks below every full one) where -inf sums would all tie.
+MASKED_EXPERT_SCORE = -1e9
+
+
 def _keep_best_groups(choice: jax.Array, groups: int, keep: int, per_group: int) -> jax.Array:
     """Mask (-inf) all but the `keep` groups of consecutive experts whose `per_group` best choice scores sum
     highest. Already-masked entries count as a large negative score, so a group short of `per_group` candidates
     ranks below every group that has them (device limiting after group limiting never picks an empty device)."""
     n, e = choice.shape
-    grouped = jnp.where(jnp.isneginf(choice), -1e9, choice).reshape(n, groups, e // groups)
+    grouped = jnp.where(jnp.isneginf(choice), MASKED_EXPERT_SCORE, choice).reshape(n, groups, e // groups)
     score = jax.lax.top_k(grouped, per_group)[0].sum(-1)
     _, best = jax.lax.top_k(score, keep)
     mask = jnp.zeros((n, groups), bool).at[jnp.arange(n)[:, None], best].set(True)
