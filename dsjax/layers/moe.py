@@ -14,7 +14,14 @@ import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
 from dsjax.layers.mlp import MLP
-from dsjax.layers.moe_ops import Routing, expert_counts, route, routed_experts_local, sequence_balance_loss
+from dsjax.layers.moe_ops import (
+    Routing,
+    expert_counts,
+    route,
+    routed_experts_local,
+    router_logits,
+    sequence_balance_loss,
+)
 from dsjax.layers.moe_parallel import routed_experts
 from dsjax.runtime import resolved
 
@@ -37,7 +44,7 @@ class Router(nn.Module):
             self.bias = self.param(ROUTER_BIAS, nn.initializers.zeros, (cfg.n_routed_experts,), jnp.float32)
 
     def __call__(self, x: jax.Array) -> Routing:
-        return route(jnp.dot(x.astype(jnp.float32), self.kernel.astype(jnp.float32)), self.bias, self.cfg)
+        return route(router_logits(x, self.kernel), self.bias, self.cfg)
 
 
 def mesh_bound() -> bool:

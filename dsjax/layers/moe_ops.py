@@ -48,6 +48,11 @@ def _keep_best_groups(choice: jax.Array, groups: int, keep: int, per_group: int)
     return jnp.where(jnp.repeat(mask, e // groups, axis=-1), choice, -jnp.inf)
 
 
+def router_logits(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x [N, D] . W_gate [D, E] in float32 (the router runs in float32 whatever the compute dtype)."""
+    return jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32))
+
+
 def route(logits: jax.Array, bias: jax.Array | None, cfg: ModelConfig, device_groups: int = 1) -> Routing:
     """Pure router math on float32 logits [N, E].
 

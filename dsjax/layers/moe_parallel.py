@@ -39,6 +39,7 @@ from dsjax.layers.moe_ops import (
     pair_order,
     route,
     routed_experts_local,
+    router_logits,
     sequence_balance_loss,
 )
 from sharding.rules import logical_spec
@@ -68,7 +69,7 @@ def routed_experts(x, kernel, bias, gate_up, down, cfg: ModelConfig):
     def body(x, kernel, bias, gate_up, down):
         b, t, _ = x.shape
         flat = x.reshape(b * t, d)
-        routing = route(jnp.dot(flat.astype(jnp.float32), kernel.astype(jnp.float32)), bias, cfg, ep)
+        routing = route(router_logits(flat, kernel), bias, cfg, ep)
         gate_up = gate_up.reshape(gate_up.shape[0], d, -1)
         if ep == 1:
             y = routed_experts_local(flat, routing, gate_up, down, cfg)
