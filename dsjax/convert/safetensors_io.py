@@ -19,6 +19,8 @@ from collections.abc import Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
+from dsjax.errors import UserError
+
 DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -38,7 +40,7 @@ _MAX_HEADER = 100 * 1024 * 1024
 INDEX = "model.safetensors.index.json"
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(UserError):
     pass
 
 

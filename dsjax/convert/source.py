@@ -20,14 +20,11 @@ import numpy as np
 
 from dsjax.convert import fp8
 from dsjax.convert import safetensors_io as st
+from dsjax.errors import CheckpointError
 
 INDEX = st.INDEX
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 FLOAT_DTYPES = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), fp8.E4M3}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be converted; the message names the file and the tensor."""
 
 
 class _PickleFile:
