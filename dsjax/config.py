@@ -12,6 +12,8 @@ import math
 import os
 from typing import Any
 
+from dsjax.errors import ConfigError
+
 _SCORING = ("sigmoid", "softmax")
 _TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -23,7 +25,7 @@ _PLATFORMS = ("auto", "cpu", "gpu", "tpu")
 
 
 def _bad(field: str, msg: str):
-    raise ValueError(f"ModelConfig.{field}: {msg}")
+    raise ConfigError(f"ModelConfig.{field}: {msg} (--config.model.{field})")
 
 
 def _runtime(default):
@@ -275,7 +277,7 @@ class ModelConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> ModelConfig:
         if name not in PRESETS:
-            raise ValueError(f"unknown ModelConfig preset {name!r}; known: {sorted(PRESETS)}")
+            raise ConfigError(f"unknown ModelConfig preset {name!r} (--config.model.preset); known: {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
 
     # ------------------------------------------------------------------ HF config.json
@@ -283,6 +285,12 @@ class ModelConfig:
     def from_hf(cls, source: Any, **runtime) -> ModelConfig:
         """From an HF model dir, a config.json path, a dict, or a transformers config object."""
         d = _read_hf_dict(source)
+        missing = [f for f in _HF_REQUIRED if d.get(f) is None]
+        if d.get("n_routed_experts"):
+            missing += [f for f in _HF_REQUIRED_MOE if d.get(f) is None]
+        if missing:  # DeepSeek-V3-671B's values would stand in for them silently
+            where = source if isinstance(source, (str, os.PathLike)) else "the HF config"
+            raise ConfigError(f"{where}: config.json lacks {', '.join(missing)}, which the model needs")
         model_type = d.get("model_type", "deepseek_v3")
         is_v3 = model_type == "deepseek_v3"
         kw: dict[str, Any] = {}
@@ -359,6 +367,18 @@ class ModelConfig:
         return d
 
 
+# config.json fields with no sensible default: without them a checkpoint's shapes would be guessed
+_HF_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+)
+_HF_REQUIRED_MOE = ("num_experts_per_tok", "moe_intermediate_size")
 RUNTIME_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.metadata.get("runtime"))
 
 

@@ -1,6 +1,7 @@
 """Errors that are the user's to fix: a flag, a config field, a file, a checkpoint. The experiment scripts print
 them as one line and exit with status 2 (`report_user_errors`); anything else keeps its traceback, since it is ours.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -58,6 +58,7 @@ from dsjax.cache import (
     pages_per_sequence,
 )
 from dsjax.config import ModelConfig
+from dsjax.errors import ConfigError
 from dsjax.layers.mtp import shift_tokens
 from dsjax.model import DeepSeekV3
 from dsjax.sampling import SamplerProgram, SamplingConfig, pick, sample, sampling_logprobs, speculative_accept
@@ -451,6 +452,11 @@ def generate(
         raise ValueError(
             f"prompt {i // num_samples} has {int(lens[i])} tokens, longer than the cache "
             f"(max_len={max_len} slots per sequence)"
+        )
+    if int(lens.max()) + n > cfg.max_position_embeddings:
+        raise ConfigError(
+            f"a prompt of {int(lens.max())} tokens + max_new_tokens={n} exceeds the model's max_position_embeddings="
+            f"{cfg.max_position_embeddings}; ask for fewer new tokens or shorten the prompt"
         )
     eng = engine(cfg, sampling.program, n, max_len, jnp.dtype(cache_dtype).name, bool(speculative), int(sync_every))
     table = _block_table(cfg, block_table, len(lens), max_len)

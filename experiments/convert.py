@@ -21,6 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from dsjax.errors import UserError  # noqa: E402
+from experiments import cli  # noqa: E402
+
 flags.DEFINE_enum("to", None, ["orbax", "hf"], "Direction: 'orbax' reads --hf_dir, 'hf' reads --checkpoint.")
 flags.DEFINE_string(
     "hf_dir",
@@ -84,15 +87,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.to or not FLAGS.out:
         raise app.UsageError("give --to=orbax|hf and --out")
-    from dsjax.convert.safetensors_io import SafetensorsError
-    from dsjax.convert.source import CheckpointError
-
     try:
         run()
-    except (CheckpointError, SafetensorsError, FileExistsError, FileNotFoundError) as e:
-        # bad input: the message names the file and tensor; nothing was left at --out
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except (FileExistsError, FileNotFoundError) as e:  # bad paths: nothing was left at --out
+        raise UserError(str(e)) from None
 
 
 def run():
@@ -134,4 +132,4 @@ def run():
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -20,6 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from dsjax.errors import report_user_errors  # noqa: E402
+
 
 def define_flags():
     """Defined on demand, so bench_generate.py can import this module's helpers without flag clashes."""
@@ -195,6 +197,11 @@ def read_prompts(prompts, prompts_file) -> list[str]:
 
 
 def main(argv):
+    with report_user_errors():  # a missing, unreadable or corrupt checkpoint: one line, exit status 2
+        generate_main(argv)
+
+
+def generate_main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
@@ -271,5 +278,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from experiments import cli
+
     define_flags()
-    app.run(main)
+    cli.run(main)  # quiet library logs, so an error is the one line report_user_errors prints

@@ -19,18 +19,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from experiments import cli  # noqa: E402
 from sharding.mesh import define_mesh_flags, mesh_from_flags  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-config_flags.DEFINE_config_file(
-    "config",
-    os.path.join(_HERE, "configs", "grpo.py"),
-    "Experiment config file (ml_collections). Sections: model (a dsjax.ModelConfig preset plus any field), task, "
-    "sft (warm start), rollout (prompts, G, temperature, lengths), rewards (name -> weight), grpo (steps, mu, "
-    "loss_type, epsilons, beta, truncation masking, dynamic sampling), optim, train. Override any field with "
-    "--config.<section>.<field>=value; experiments/configs/grpo.py documents each field.",
-    lock_config=True,
-)
+with cli.config_errors():
+    config_flags.DEFINE_config_file(
+        "config",
+        os.path.join(_HERE, "configs", "grpo.py"),
+        "Experiment config file (ml_collections). Sections: model (a dsjax.ModelConfig preset plus any field), task, "
+        "sft (warm start), rollout (prompts, G, temperature, lengths), rewards (name -> weight), grpo (steps, mu, "
+        "loss_type, epsilons, beta, truncation masking, dynamic sampling), optim, train. Override any field with "
+        "--config.<section>.<field>=value; experiments/configs/grpo.py documents each field.",
+        lock_config=True,
+    )
 flags.DEFINE_string(
     "workdir", "runs/grpo", "Directory for checkpoints, metrics.jsonl and TensorBoard logs; an existing one is resumed."
 )
@@ -50,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -18,19 +18,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from experiments import cli  # noqa: E402
 from sharding.mesh import define_mesh_flags, mesh_from_flags  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-config_flags.DEFINE_config_file(
-    "config",
-    os.path.join(_HERE, "configs", "tiny.py"),
-    "Experiment config file (ml_collections). Sections: model (a dsjax.ModelConfig preset plus any of its "
-    "fields, e.g. num_hidden_layers, dtype, remat), data (spec, eval_spec, tokenizer, seq_len, batch_size), "
-    "optim (lr, warmup_steps, schedule, betas, weight_decay, clip_norm), train (steps, grad_accum, mtp_lambda, "
-    "balance_alpha, bias_gamma, log/eval/save intervals, keep, seed). Override any field with "
-    "--config.<section>.<field>=value; experiments/configs/tiny.py documents each field.",
-    lock_config=True,
-)
+with cli.config_errors():
+    config_flags.DEFINE_config_file(
+        "config",
+        os.path.join(_HERE, "configs", "tiny.py"),
+        "Experiment config file (ml_collections). Sections: model (a dsjax.ModelConfig preset plus any of its "
+        "fields, e.g. num_hidden_layers, dtype, remat), data (spec, eval_spec, tokenizer, seq_len, batch_size), "
+        "optim (lr, warmup_steps, schedule, betas, weight_decay, clip_norm), train (steps, grad_accum, mtp_lambda, "
+        "balance_alpha, bias_gamma, log/eval/save intervals, keep, seed). Override any field with "
+        "--config.<section>.<field>=value; experiments/configs/tiny.py documents each field.",
+        lock_config=True,
+    )
 flags.DEFINE_string(
     "workdir",
     "runs/pretrain",
@@ -50,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -297,6 +297,65 @@ def test_resume_may_change_runtime_knobs(corpus, tmp_path):
     assert sorted(read_losses(workdir)) == [1, 2, 3, 4]
 
 
+def _scribble(step_dir: str, seed: int = 0):
+    """4 KiB of random bytes into the middle of the largest params data file of a checkpoint step."""
+    files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, "params")) for f in fs]
+    path = max(files, key=os.path.getsize)
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        f.write(np.random.RandomState(seed).bytes(4096))
+
+
+def test_corrupt_checkpoint_falls_back_and_generate_refuses_it(corpus, tmp_path):
+    """Bit rot in the newest checkpoint: resume says so in one line, moves it aside (not deleted) and resumes from
+    the newest intact step; sampling from the corrupt step refuses in one line (exit 2)."""
+    from dsjax.train.trainer import train
+
+    workdir = str(tmp_path / "w")
+
+    def config(steps):
+        c = small_config(corpus, steps=steps, eval_batches=1, save_every=2, async_save=False)
+        c.model.num_hidden_layers, c.model.num_nextn_predict_layers = 1, 0
+        return c
+
+    assert train(config(4), workdir)["step"] == 4
+    ckpts = os.path.join(workdir, "checkpoints")
+    _scribble(os.path.join(ckpts, "4"))
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "experiments", "generate.py"),
+            f"--checkpoint={ckpts}/4",
+            "--prompt=def ",
+            "--max_new_tokens=4",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(err) == 1 and "step" in err[0] and "corrupt" in err[0], r.stderr[-2000:]
+    summary = train(config(6), workdir)
+    assert summary["step"] == 6 and sorted(summary["train_losses"]) == [3, 4, 5, 6]  # resumed from step 2
+    assert os.path.isdir(os.path.join(ckpts, "4.corrupt"))  # kept for inspection, never deleted
+
+
+def test_second_run_on_a_locked_workdir_is_refused(corpus, tmp_path):
+    from dsjax.train.lock import WorkdirLock
+
+    workdir = str(tmp_path / "w")
+    with WorkdirLock(workdir):  # this process holds the workdir, as a running training job would
+        r = subprocess.run(
+            cli(flat(small_config(corpus)), workdir), cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(err) == 1 and f"pid {os.getpid()}" in err[0], r.stderr[-2000:]
+    assert not os.path.exists(os.path.join(workdir, "checkpoints")) or not os.listdir(
+        os.path.join(workdir, "checkpoints")
+    )
+
+
 def test_plot_metrics_draws_png(tmp_path):
     rows = [{"step": s, "split": "train", "time": 0, "loss": 5.0 / s, "lr": 1e-3} for s in range(1, 6)]
     rows += [{"step": 5, "split": "eval", "time": 0, "bits_per_byte": 3.0}]

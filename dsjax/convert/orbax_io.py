@@ -26,6 +26,8 @@ from types import SimpleNamespace
 import numpy as np
 import tensorstore as ts
 
+from dsjax.errors import CheckpointError
+from dsjax.train.checkpoint import short_cause
 from sharding.mesh import AXES
 from sharding.rules import logical_spec, param_axes
 
@@ -172,13 +174,17 @@ class ParamsReader:
         self.dir = os.path.abspath(directory)
         meta_path = os.path.join(self.dir, METADATA)
         if not os.path.exists(meta_path):
-            raise FileNotFoundError(f"{self.dir}: no {METADATA}; not an Orbax params checkpoint")
-        with open(meta_path) as f:
-            meta = json.load(f)
+            raise CheckpointError(f"{self.dir}: no {METADATA}; not an Orbax params checkpoint")
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            tree_metadata = meta["tree_metadata"]
+        except (OSError, ValueError, KeyError, TypeError) as e:  # empty, truncated or not Orbax's
+            raise CheckpointError(f"{meta_path}: not a readable Orbax tree metadata file ({short_cause(e)})") from None
         self._driver = "zarr3" if meta.get("use_zarr3") else "zarr"
         self._ocdbt = os.path.exists(os.path.join(self.dir, "manifest.ocdbt"))
         self.paths = {}
-        for key, entry in meta["tree_metadata"].items():
+        for key, entry in tree_metadata.items():
             keys = [str(k["key"]) for k in entry.get("key_metadata", [])] or [str(k) for k in ast.literal_eval(key)]
             self.paths["/".join(keys)] = ".".join(keys)
         self._ctx = ts.Context({"file_io_concurrency": {"limit": 16}})
@@ -197,7 +203,10 @@ class ParamsReader:
             spec = {"driver": self._driver, "kvstore": kv, "open": True}
             if self._ocdbt:
                 spec["path"] = name
-            self._open[path] = ts.open(spec, context=self._ctx).result()
+            try:
+                self._open[path] = ts.open(spec, context=self._ctx).result()
+            except ValueError as e:  # TensorStore: missing or unreadable array metadata
+                raise CheckpointError(f"{self.dir}: cannot open parameter {path!r} ({short_cause(e)})") from None
         return self._open[path]
 
     def shape(self, path: str) -> tuple[int, ...]:
@@ -207,4 +216,11 @@ class ParamsReader:
         return np.dtype(self.array(path).dtype.numpy_dtype)
 
     def read(self, path: str, index: tuple[int, ...] = ()) -> np.ndarray:
-        return np.asarray(self.array(path)[index].read().result())
+        """Slice `index` (leading axes) of leaf `path`, in its stored dtype; CheckpointError (one line) when the
+        data cannot be read or decoded (a truncated, missing or damaged file)."""
+        try:
+            return np.asarray(self.array(path)[index].read().result())
+        except ValueError as e:
+            raise CheckpointError(
+                f"{self.dir}: cannot read parameter {path!r}{list(index)} ({short_cause(e)})"
+            ) from None

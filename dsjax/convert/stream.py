@@ -13,7 +13,9 @@ read shard by shard, front to back.
 The Orbax output is a checkpoint step directory: `<out>/params` (see orbax_io.py; chunked for `mesh`) and
 `<out>/config/metadata` (the model config, as the trainer writes it), which `load_for_inference(out)`,
 `experiments/generate.py --checkpoint=out` and `experiments/grpo.py --config.init_checkpoint=out` read.
-Both directions write into a temporary directory next to `out` and rename it at the end.
+Both directions write into a temporary directory next to `out` and rename it at the end, and refuse an `out`
+that is, contains or lies inside their input (before anything is written). Orbax -> HF checks every leaf against
+the params fingerprints a trainer's step records (`LeafVerifier`): a corrupt step leaves no output behind.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -31,7 +34,9 @@ from dsjax.config import ModelConfig
 from dsjax.convert import export, hf, plan
 from dsjax.convert import fp8 as fp8_lib
 from dsjax.convert.orbax_io import ParamsReader, ParamsWriter, chunk_shape, mesh_sizes
-from dsjax.convert.source import CheckpointError, HFSource
+from dsjax.convert.source import HFSource
+from dsjax.errors import CheckpointError, ConfigError
+from dsjax.train.fingerprint import StreamingFingerprint
 
 # Small files that travel with the weights (generate.py finds tokenizer.json next to its checkpoint).
 WORKERS = min(4, os.cpu_count() or 1)  # units converted at once (threads; NumPy releases the GIL)
@@ -97,6 +102,19 @@ def _unit_bytes(source: HFSource, unit: plan.Unit) -> int:
     return n
 
 
+def refuse_overlap(out: str, flag: str, source: str) -> None:
+    """ConfigError when `out` is `source`, lies inside it or contains it (real paths, so symlinks count): the
+    output is built next to `out` and renamed over it, so with --overwrite the input would be deleted."""
+    o, s = os.path.realpath(out), os.path.realpath(source)
+    common = os.path.commonpath([o, s])
+    if common not in (o, s):
+        return
+    how = "is" if o == s else "lies inside" if common == s else "contains"
+    raise ConfigError(
+        f"--out={out} {how} the input {flag}={source}; give an --out outside it (nothing was written or deleted)"
+    )
+
+
 def hf_to_orbax(
     hf_dir: str,
     out: str,
@@ -114,6 +132,7 @@ def hf_to_orbax(
     `dtype` is the stored parameter dtype (bfloat16 or float32; the router stays float32); `mesh` the layout the
     chunks follow (`fsdp:8,expert:8`; empty = one device). Returns stats: bytes read, seconds, GB/s.
     """
+    refuse_overlap(out, "--hf_dir", hf_dir)
     if dtype not in ("bfloat16", "float32"):
         raise ValueError(f"dtype must be bfloat16 or float32, got {dtype!r}")
     sizes = mesh_sizes(mesh)
@@ -155,11 +174,10 @@ def _write_config(step_dir, cfg, conversion):
 
 def open_orbax(checkpoint: str) -> tuple[str, ModelConfig, ParamsReader]:
     """(step dir, config, reader) for a converted checkpoint, a pretraining workdir or one of its step dirs."""
-    from dsjax.train.checkpoint import model_config_from_dict, step_dir
+    from dsjax.train.checkpoint import model_config_from_dict, read_step_config, step_dir
 
     step = step_dir(checkpoint)
-    with open(os.path.join(step, "config", "metadata")) as f:
-        cfg = model_config_from_dict(json.load(f)["model"])
+    cfg = model_config_from_dict(read_step_config(step)["model"])
     reader = ParamsReader(os.path.join(step, "params"))
     for path, spec in plan.leaf_specs(cfg).items():
         if path not in reader.paths:
@@ -188,12 +206,14 @@ def orbax_to_hf(
     Reads one unit at a time from disk; with `fp8`, quantizes the weights the released format stores in FP8
     (128x128 block scales, `quantization_config` in config.json). Returns stats: bytes written, seconds, GB/s.
     """
+    refuse_overlap(out, "--checkpoint", checkpoint)
     step, cfg, reader = open_orbax(checkpoint)
+    verifier = LeafVerifier(step, reader)
     leaf_dtypes = {p: reader.dtype(p) for p in reader.paths}
     specs = export.export_specs(cfg, leaf_dtypes, np.dtype(_np_dtype(dtype)), fp8)
     total = sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for _, s, d in specs)
     progress = Progress(total, "orbax->hf", log, every)
-    tensors = export.export_tensors(cfg, lambda u: reader.read(u.path, u.index), specs, workers)
+    tensors = export.export_tensors(cfg, verifier.read, specs, workers)
     with export.atomic_dir(out, overwrite) as tmp:
         try:
             export.write_hf(
@@ -212,6 +232,47 @@ def orbax_to_hf(
         _copy_side_files([step] + ([os.path.dirname(parent)] if os.path.basename(parent) == "checkpoints" else []), tmp)
         stats = progress.finish()
     return {**stats, "config": cfg}
+
+
+class LeafVerifier:
+    """Reads units for the HF export and checks each leaf, once all its units have streamed by, against the
+    params fingerprint the trainer saved with the step (dsjax/train/fingerprint.py). A step without them (what
+    `--to=orbax` writes, or one saved before fingerprints) is read unchecked. Thread-safe: units arrive from the
+    export's worker threads in any order."""
+
+    def __init__(self, step: str, reader: ParamsReader):
+        from dsjax.train.checkpoint import params_fingerprints
+
+        self.step, self.reader = step, reader
+        self.expected = params_fingerprints(step) or {}
+        self._sums: dict[str, StreamingFingerprint] = {}
+        self._seen: set = set()
+        self._lock = threading.Lock()
+
+    def read(self, unit: plan.Unit) -> np.ndarray:
+        value = self.reader.read(unit.path, unit.index)
+        want = self.expected.get(unit.path)
+        if want is None:
+            return value
+        with self._lock:
+            if (unit.path, unit.index) in self._seen:  # the MTP layers' copies re-read the embedding and head
+                return value
+            self._seen.add((unit.path, unit.index))
+            if unit.path not in self._sums:
+                self._sums[unit.path] = StreamingFingerprint(self.reader.shape(unit.path), self.reader.dtype(unit.path))
+            acc = self._sums[unit.path]
+        acc.add(value, _flat_offset(unit.index, acc.shape))
+        if acc.complete and acc.value() != list(want):
+            raise CheckpointError(f"checkpoint {self.step} is corrupt: params/{unit.path} does not match its checksum")
+        return value
+
+
+def _flat_offset(index: tuple[int, ...], shape: tuple[int, ...]) -> int:
+    """Row-major flat index of element index + (0, ...) of an array of `shape` (Python ints: no overflow)."""
+    offset = 0
+    for i, dim in enumerate(shape):
+        offset = offset * dim + (int(index[i]) if i < len(index) else 0)
+    return offset
 
 
 def _np_dtype(name: str):

@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsjax.config import RUNTIME_FIELDS, ModelConfig
+from dsjax.errors import ConfigError
 from dsjax.model import DeepSeekV3
-from dsjax.rl.grpo import group_advantages, policy_loss
+from dsjax.rl.grpo import LOSS_TYPES, SCALES, group_advantages, policy_loss
 from dsjax.rl.rewards import Sample, exact_answer, score
 from dsjax.rl.rollout import (
     Rollout,
@@ -43,11 +44,13 @@ from dsjax.runtime import resolve
 from dsjax.sampling import SamplingConfig
 from dsjax.tokenizer import load_tokenizer
 from dsjax.train.checkpoint import Checkpointer, load_for_inference, model_config_dict
+from dsjax.train.lock import WorkdirLock
 from dsjax.train.loop import (
+    NonFiniteGuard,
+    ResumeCheck,
     StopFlag,
-    apply_optimizer,
-    checked_resume_step,
-    grad_norm,
+    check_counts,
+    guarded_update,
     jit_forward,
     jit_train_step,
     model_config,
@@ -120,13 +123,14 @@ def _grpo_fns(
 
     def update(params, opt_state, opt_step, b, first):
         (loss, (m, lp, ent)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, b, first)
-        params, opt_state = apply_optimizer(tx, g, opt_state, params)
+        params, opt_state, gnorm, skipped = guarded_update(tx, g, opt_state, params, loss)
         valid = b["valid"]
         n = jnp.maximum(valid.sum(), 1.0)
         m = {
             **m,
             "loss": loss,
-            "grad_norm": grad_norm(g),
+            "grad_norm": gnorm,
+            "skipped": skipped,
             "lr": sched(opt_step),
             "entropy": jnp.sum(ent * valid) / n,
             # sampler vs trainer log-probs of the same tokens; meaningful on inner iteration 1 (same params)
@@ -147,8 +151,8 @@ def _sft_fns(cfg, ocfg: OptimConfig, mesh=None):
             return cross_entropy(model.apply({"params": p}, inputs).logits, targets, mask)[0]
 
         loss, g = jax.value_and_grad(loss_fn)(params)
-        params, opt_state = apply_optimizer(tx, g, opt_state, params)
-        return params, opt_state, {"loss": loss, "lr": sched(i)}
+        params, opt_state, _, skipped = guarded_update(tx, g, opt_state, params, loss)
+        return params, opt_state, {"loss": loss, "lr": sched(i), "skipped": skipped}
 
     return jit_train_step(step, cfg, tx, mesh, extra_outputs=1), tx
 
@@ -283,8 +287,9 @@ def _warm_start(run: _Run, workdir: str, key, run_config, mesh=None) -> tuple[An
     ckpt = Checkpointer(os.path.join(workdir, "sft"), keep=1, async_save=False)
     try:
         init = _init_fn(cfg)
-        if ckpt.latest_step() is not None:
-            params, _, _, data = ckpt.restore(ckpt.latest_step(), jax.eval_shape(init, key), _NO_OPT_STATE)
+        restored = ckpt.restore_latest(jax.eval_shape(init, key), _NO_OPT_STATE)  # a corrupt one is moved aside
+        if restored is not None:
+            _, params, _, _, data = restored
             print(f"warm start: reusing {ckpt.directory} (held-out pass@1 {data['pass_at_1']:.3f})", flush=True)
             return (params if mesh is None else shard_train_state(mesh, params)), float(data["pass_at_1"])
         params = init(key) if run.init_params is None else run.init_params
@@ -296,6 +301,7 @@ def _warm_start(run: _Run, workdir: str, key, run_config, mesh=None) -> tuple[An
         # the greedy pass reuses its compiled program. Stopping at a target rate rather than a step count makes
         # the warm start's level independent of how fast a given seed or machine happens to learn.
         probe = run.task.problems(PROBE_STREAM, 0, len(run.eval_problems))
+        guard = NonFiniteGuard(run.c.train.max_skipped_steps, "--config.train.max_skipped_steps")
         probe_prompts = run.encode([p.prompt for p in probe])
         t0, done = time.time(), 0
         while done < s.steps:
@@ -304,6 +310,7 @@ def _warm_start(run: _Run, workdir: str, key, run_config, mesh=None) -> tuple[An
             )
             params, opt_state, m = step_fn(params, opt_state, jnp.int32(done), *shard_batch(mesh, arrays))
             done += 1
+            guard.observe(done, m["skipped"])
             check = bool(s.target_pass_at_1) and done % s.check_every == 0
             if check:
                 m = {**m, "probe_pass_at_1": run.pass_at_1(params, probe, probe_prompts)}
@@ -418,12 +425,20 @@ def _grpo_mesh(mesh):
 
 
 def _check_config(config, mesh) -> None:
-    """Raises ValueError for GRPO settings that cannot run, before anything is written or compiled."""
+    """Raises ConfigError naming the field for GRPO settings that cannot run, before anything is read, written or
+    compiled (a bad loss_type used to fail only after the warm start)."""
     g, r, s = config.grpo, config.rollout, config.sft
+    check_counts(config, "grpo", positive=("mu",), nonnegative=("steps", "dynamic_sampling_max_rounds"))
+    check_counts(config, "rollout", positive=("num_prompts", "num_samples"), nonnegative=("max_new_tokens",))
+    check_counts(config, "train", positive=("log_every", "keep"), nonnegative=("eval_every", "save_every"))
+    for field, value, allowed in (
+        ("grpo.loss_type", g.loss_type, LOSS_TYPES),
+        ("grpo.advantage_scale", g.advantage_scale, SCALES),
+    ):
+        if value not in allowed:
+            raise ConfigError(f"--config.{field}={value!r} is not one of {', '.join(allowed)}")
     if s.target_pass_at_1 and s.check_every < 1:
-        raise ValueError("sft.target_pass_at_1 needs sft.check_every >= 1")
-    if g.mu < 1:
-        raise ValueError(f"grpo.mu (inner iterations per rollout batch) must be >= 1, got {g.mu}")
+        raise ConfigError("--config.sft.target_pass_at_1 needs --config.sft.check_every >= 1")
     if mesh is not None:
         shards = batch_shards(mesh)
         for name, rows in (
@@ -431,8 +446,9 @@ def _check_config(config, mesh) -> None:
             ("sft.batch_size", s.batch_size),
         ):
             if rows % shards:
-                raise ValueError(
-                    f"{name} = {rows} rows do not split over the {shards} batch shards of --mesh={describe(mesh)}"
+                raise ConfigError(
+                    f"--config.{name} = {rows} rows do not split over the {shards} batch shards of "
+                    f"--mesh={describe(mesh)}"
                 )
 
 
@@ -461,13 +477,17 @@ class _Grpo:
         if mesh is not None:
             self.params, self.opt_state = shard_train_state(mesh, self.params, self.opt_state)
         self.run, self.mesh, self.ckpt = run, mesh, ckpt
+        self.guard = NonFiniteGuard(run.c.train.max_skipped_steps, "--config.train.max_skipped_steps")
         self.key, self.before, self.run_config = key, before, run_config  # what each checkpoint records
         self.warned = set()  # reward functions whose first failure was already reported
 
-    def restore(self, step: int):
-        self.params, self.opt_state, meta, _ = self.ckpt.restore(step, self.params, self.opt_state)
-        self.step = int(meta["step"])
-        print(f"resumed GRPO from {self.ckpt.directory}/{self.step}", flush=True)
+    def restore(self, check: ResumeCheck):
+        """The newest intact GRPO checkpoint, if any (a corrupt newer step is moved aside with a message)."""
+        restored = self.ckpt.restore_latest(self.params, self.opt_state, check_config=check)
+        if restored is not None:
+            _, self.params, self.opt_state, meta, _ = restored
+            self.step = int(meta["step"])
+            print(f"resumed GRPO from {self.ckpt.directory}/{self.step}", flush=True)
 
     def save(self):
         self.ckpt.save(
@@ -518,6 +538,8 @@ class _Grpo:
                 batch["old_logprobs"] = lp
             ms.append(m)
         ms = jax.device_get(ms)
+        for it, mm in enumerate(ms):  # a non-finite inner update was not applied; too many in a row stop the run
+            self.guard.observe(self.step * g.mu + it + 1, mm.pop("skipped"))
         self.step += 1
         return _step_metrics(first, stats, ms, G, g.mu, g.beta, ro, time.time() - t0)
 
@@ -582,12 +604,21 @@ def train(config, workdir: str, mesh=None) -> dict[str, Any]:
     the mesh bound (expert-parallel MoE), as in pretraining. Rollouts run on the same sharded params."""
     t_start = time.time()
     mesh = _grpo_mesh(mesh)
-    run = _Run(config, jax.devices()[:1] if mesh is None else mesh.devices.flat)
     _check_config(config, mesh)
+    run = _Run(config, jax.devices()[:1] if mesh is None else mesh.devices.flat)
+    lock = WorkdirLock(workdir).acquire()  # one run per workdir, before anything is written
+    try:
+        return _train(config, workdir, mesh, run, t_start)
+    finally:
+        lock.release()
+
+
+def _train(config, workdir: str, mesh, run: _Run, t_start: float) -> dict[str, Any]:
     g, t = config.grpo, config.train
     ocfg = OptimConfig(**{**to_plain(config.optim), "total_steps": max(g.steps * g.mu, 1)})
     ckpt = Checkpointer(workdir, keep=t.keep, async_save=t.async_save)
-    resume = checked_resume_step(ckpt, run.cfg, workdir)  # refuse before anything is written
+    check = ResumeCheck(run.cfg, workdir)
+    check.early(ckpt)  # a checkpoint of another model is refused before the warm start
     run_config = {"model": model_config_dict(run.cfg), "experiment": to_plain(config)}
     key = jax.random.key(t.seed)
     k_init, k_roll = jax.random.split(key)
@@ -596,8 +627,7 @@ def train(config, workdir: str, mesh=None) -> dict[str, Any]:
     params, before = _warm_start(run, workdir, k_init, run_config, mesh)
     print(f"held-out pass@1 after warm start: {before:.3f} ({len(run.eval_problems)} problems, greedy)", flush=True)
     grpo = _Grpo(run, params, ocfg, mesh, ckpt, key, before, run_config)
-    if resume is not None:
-        grpo.restore(resume)
+    grpo.restore(check)
     logger, stop = MetricsLogger(workdir, g.steps, tensorboard=t.tensorboard), StopFlag()
     try:
         history, speeds = grpo.run_steps(k_roll, logger, stop)

@@ -3,7 +3,7 @@
 the optimizer step and gradient norm used inside the jitted steps, and jitting those steps with or without a mesh.
 
     cfg = model_config(config)                          # the config's `model` section -> ModelConfig
-    resume = checked_resume_step(ckpt, cfg, workdir)    # None: fresh run; raises if the checkpoint's model differs
+    restored = ckpt.restore_latest(params, opt_state, ResumeCheck(cfg, workdir))  # None: a fresh run
     step = jit_train_step(fn, cfg, tx, mesh, extra_outputs=1)    # fn(params, opt_state, ...) -> (params, opt_state, m)
     stop = StopFlag()                                   # ... while not stop.requested: ... finally: stop.restore()
 """
@@ -19,6 +19,7 @@ import ml_collections
 import optax
 
 from dsjax.config import ModelConfig
+from dsjax.errors import CheckpointError, ConfigError
 from dsjax.model import DeepSeekV3
 from dsjax.train.checkpoint import Checkpointer, config_mismatch, model_config_from_dict
 from sharding.state import bind, replicated, state_shardings
@@ -40,7 +41,7 @@ def model_config_section(preset: str, **overrides) -> ml_collections.ConfigDict:
         c[name] = ml_collections.config_dict.placeholder(types[typ])
     for name, value in overrides.items():
         if name not in _OVERRIDABLE:
-            raise ValueError(f"model override {name!r} is not a ModelConfig field")
+            raise ConfigError(f"model override {name!r} is not a ModelConfig field")
         c[name] = value
     return c
 
@@ -95,22 +96,70 @@ class StopFlag:
             signal.signal(s, h)
 
 
-def checked_resume_step(ckpt: Checkpointer, cfg: ModelConfig, workdir: str) -> int | None:
-    """The step to resume from (None: no checkpoint, a fresh run), once the checkpoint is known to hold the same
-    model: its architecture must equal `cfg`'s, while runtime knobs (dsjax.config.RUNTIME_FIELDS: dtype, remat,
-    kernels, ...) may change across a resume. Call it before anything is written; on a mismatch it closes `ckpt`
-    and raises ValueError naming the differing fields."""
-    step = ckpt.latest_step()
-    if step is None:
-        return None
-    diff = config_mismatch(model_config_from_dict(ckpt.read_config(step)["model"]), cfg)
-    if diff:
-        ckpt.close()
-        raise ValueError(
-            f"{workdir}: the checkpoint at step {step} was written with a different model config; use a "
-            "new --workdir or the old config. Differences: " + "; ".join(diff)
-        )
-    return step
+def check_counts(config, section: str, positive=(), nonnegative=()) -> None:
+    """ConfigError naming `--config.<section>.<field>` for any listed count that is out of range (before anything
+    compiles: a zero interval would otherwise fail with ZeroDivisionError after the first step)."""
+    values = config[section]
+    for name, low in [(f, 1) for f in positive] + [(f, 0) for f in nonnegative]:
+        v = values[name]
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise ConfigError(f"--config.{section}.{name}={v!r} must be an integer >= {low}")
+
+
+# The data settings a checkpoint's data-iterator position is only meaningful for.
+DATA_FIELDS = ("spec", "eval_spec", "tokenizer", "seq_len", "batch_size", "add_bos")
+
+
+def data_changes(saved_experiment: dict, config) -> list[str]:
+    """The data settings (and the data seed) that differ between a checkpoint's run and this one, as
+    '--config.data.spec: checkpoint 'stdlib' vs now 'x.txt'' strings."""
+    old_data, out = saved_experiment.get("data", {}), []
+    for name in DATA_FIELDS:
+        if name in old_data and old_data[name] != config.data[name]:
+            out.append(f"--config.data.{name}: checkpoint {old_data[name]!r} vs now {config.data[name]!r}")
+    old_seed = saved_experiment.get("train", {}).get("seed", config.train.seed)
+    if old_seed != config.train.seed:
+        out.append(f"--config.train.seed: checkpoint {old_seed!r} vs now {config.train.seed!r}")
+    return out
+
+
+class ResumeCheck:
+    """Whether a checkpoint may be resumed by this run (the `check_config` of Checkpointer.restore_latest): the same
+    model architecture (runtime knobs such as dtype, remat or kernels may change) and, when `config` is given (a
+    pretraining run, whose checkpoints record a data position), the same data settings unless `allow_data_change`.
+    Raises ConfigError naming the differing fields; `data_changed` lists the data changes it let through."""
+
+    def __init__(self, cfg: ModelConfig, workdir: str, config=None, allow_data_change: bool = False):
+        self.cfg, self.workdir, self.config, self.allow = cfg, workdir, config, allow_data_change
+        self.data_changed: list[str] = []
+
+    def __call__(self, saved: dict) -> None:
+        diff = config_mismatch(model_config_from_dict(saved["model"]), self.cfg)
+        if diff:
+            raise ConfigError(
+                f"{self.workdir}: its checkpoint was written with a different model config; use a new --workdir or "
+                "the old config. Differences: " + "; ".join(diff)
+            )
+        if self.config is None:
+            return
+        self.data_changed = data_changes(saved.get("experiment", {}), self.config)
+        if self.data_changed and not self.allow:
+            raise ConfigError(
+                f"{self.workdir}: its checkpoint was written with other data settings, so its data position means "
+                "nothing now: " + "; ".join(self.data_changed) + ". Resume with those, use a new --workdir, or set "
+                "--config.train.allow_data_change=True to continue with the new data from its start"
+            )
+
+    def early(self, ckpt: Checkpointer) -> None:
+        """The check against the newest checkpoint whose config reads, before any expensive work (a corrupt step is
+        skipped here; restore_latest moves it aside later)."""
+        for step in reversed(ckpt.all_steps()):
+            try:
+                saved = ckpt.read_config(step)
+            except CheckpointError:
+                continue
+            self(saved)
+            return
 
 
 def apply_optimizer(tx: optax.GradientTransformation, grads, opt_state, params):
@@ -118,6 +167,45 @@ def apply_optimizer(tx: optax.GradientTransformation, grads, opt_state, params):
     each parameter's dtype, so float32 updates never promote low-precision parameters."""
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
+
+
+def guarded_update(tx: optax.GradientTransformation, grads, opt_state, params, loss, after=None):
+    """One optimizer step that is not applied when the loss or the gradient norm is not finite (a diverging or
+    corrupted step must not reach the parameters, the moments or a checkpoint). `after(new_params)` runs on the
+    updated params before the choice (the router-bias update). Returns (params, opt_state, grad norm, skipped).
+
+    The choice is an elementwise select that XLA fuses into the optimizer's own pass: no extra traffic."""
+    gnorm = grad_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+    new_params, new_state = apply_optimizer(tx, grads, opt_state, params)
+    if after is not None:
+        new_params = after(new_params)
+    chosen = jax.tree.map(lambda n, o: jnp.where(ok, n, o), (new_params, new_state), (params, opt_state))
+    return (*chosen, gnorm, jnp.logical_not(ok))
+
+
+class NonFiniteGuard:
+    """Host side of `guarded_update`: prints each skipped step and stops the run after `limit` in a row."""
+
+    def __init__(self, limit: int, flag: str):
+        if limit < 1:
+            raise ConfigError(f"{flag}={limit} must be >= 1")
+        self.limit, self.flag, self.in_a_row, self.total = limit, flag, 0, 0
+
+    def observe(self, step: int, skipped) -> None:
+        """`skipped` is the step's device flag; raises ConfigError once `limit` steps in a row were skipped."""
+        if not bool(skipped):
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.total += 1
+        print(f"step {step}: loss or gradient norm not finite; update skipped ({self.in_a_row} in a row)", flush=True)
+        if self.in_a_row >= self.limit:
+            raise ConfigError(
+                f"training diverged: {self.in_a_row} steps in a row up to step {step} had a non-finite loss or "
+                f"gradient norm, so none was applied and no such state was saved; lower --config.optim.lr or check "
+                f"the data, then resume (the limit is {self.flag})"
+            )
 
 
 def grad_norm(grads) -> jax.Array:

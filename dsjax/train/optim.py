@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dsjax.errors import ConfigError
 from dsjax.layers.moe import ROUTER_BIAS
 
 
@@ -34,10 +35,16 @@ class OptimConfig:
     def __post_init__(self):
         object.__setattr__(self, "step_boundaries", tuple(self.step_boundaries))  # hashable (step-fn cache key)
         if self.schedule not in ("cosine", "constant", "step"):
-            raise ValueError(f"optimizer schedule {self.schedule!r} is not one of cosine, constant, step")
+            raise ConfigError(f"--config.optim.schedule={self.schedule!r} is not one of cosine, constant, step")
         if self.total_steps < 1 or self.warmup_steps < 0:
-            raise ValueError(
-                f"total_steps must be >= 1 and warmup_steps >= 0 (got {self.total_steps}, {self.warmup_steps})"
+            raise ConfigError(
+                f"total_steps must be >= 1 and --config.optim.warmup_steps >= 0 "
+                f"(got {self.total_steps}, {self.warmup_steps})"
+            )
+        if self.lr < 0 or not 0 <= self.b1 < 1 or not 0 <= self.b2 < 1 or self.clip_norm < 0:
+            raise ConfigError(
+                f"--config.optim: lr must be >= 0, b1 and b2 in [0, 1), clip_norm >= 0 (got lr={self.lr}, "
+                f"b1={self.b1}, b2={self.b2}, clip_norm={self.clip_norm})"
             )
 
 

@@ -26,15 +26,18 @@ import numpy as np
 
 from dsjax.config import ModelConfig
 from dsjax.data import make_datasets
+from dsjax.errors import ConfigError
 from dsjax.model import DeepSeekV3, head_weight
 from dsjax.runtime import resolve
 from dsjax.tokenizer import load_tokenizer
 from dsjax.train.checkpoint import Checkpointer, model_config_dict
+from dsjax.train.lock import WorkdirLock
 from dsjax.train.loop import (
+    NonFiniteGuard,
+    ResumeCheck,
     StopFlag,
-    apply_optimizer,
-    checked_resume_step,
-    grad_norm,
+    check_counts,
+    guarded_update,
     init_params,
     jit_forward,
     jit_train_step,
@@ -131,11 +134,13 @@ def make_step_fns(cfg: ModelConfig, config, ocfg: OptimConfig, mesh=None):
     )
 
 
-def _step_metrics(m: dict, counts: dict, grads, lr) -> dict:
-    """The logged metrics of one step: losses, grad norm, LR, expert load spread of the MoE layers."""
+def _step_metrics(m: dict, counts: dict, gnorm, skipped, lr) -> dict:
+    """The logged metrics of one step: losses, grad norm, whether it was skipped (not finite), LR, expert load
+    spread of the MoE layers."""
     out = {k: v for k, v in m.items() if k.startswith("loss/")}
     out["loss"] = out.pop("loss/total")
-    out["grad_norm"] = grad_norm(grads)
+    out["grad_norm"] = gnorm
+    out["skipped"] = skipped
     out["lr"] = lr
     if "moe_layers" in counts:
         c = counts["moe_layers"].astype(jnp.float32)
@@ -201,9 +206,10 @@ def step_fns(
             g = jax.tree.map(lambda x: x / accum, g)
             m = {k: v / accum if k.startswith("loss/") else v for k, v in m.items()}
         with jax.named_scope("optimizer"):
-            params, opt_state = apply_optimizer(tx, g, opt_state, params)
-            params = update_router_bias(params, counts, bias_gamma)
-        return params, opt_state, _step_metrics(m, counts, g, sched(step))
+            params, opt_state, gnorm, skipped = guarded_update(
+                tx, g, opt_state, params, m["loss/total"], after=lambda p: update_router_bias(p, counts, bias_gamma)
+            )
+        return params, opt_state, _step_metrics(m, counts, gnorm, skipped, sched(step))
 
     def eval_step(params, batch):
         aux = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]).aux
@@ -230,25 +236,33 @@ def evaluate(eval_step, params, batches, mesh=None) -> dict[str, float]:
 
 
 def _check_inputs(config, cfg: ModelConfig, vocab_size: int, mesh) -> None:
-    """Raises ValueError, naming the flag to change, when the data config does not fit the model or the mesh."""
+    """Raises ConfigError, naming the flag to change, for a count out of range or a data config that does not fit
+    the model or the mesh (all before anything compiles)."""
     t, d = config.train, config.data
+    check_counts(
+        config,
+        "train",
+        positive=("steps", "log_every", "eval_every", "save_every", "keep", "grad_accum", "max_skipped_steps"),
+        nonnegative=("eval_batches",),
+    )
+    check_counts(config, "data", positive=("seq_len", "batch_size"))
     if vocab_size > cfg.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"--config.data.tokenizer has {vocab_size} ids but the model's vocab_size is "
             f"{cfg.vocab_size} (--config.model.vocab_size)"
         )
     if d.seq_len > cfg.max_position_embeddings:
-        raise ValueError(
+        raise ConfigError(
             f"--config.data.seq_len={d.seq_len} exceeds the model's max_position_embeddings="
             f"{cfg.max_position_embeddings}"
         )
     if d.batch_size % (t.grad_accum * jax.process_count()):
-        raise ValueError(
+        raise ConfigError(
             f"--config.data.batch_size={d.batch_size} must divide by grad_accum={t.grad_accum} x "
             f"processes={jax.process_count()}"
         )
     if d.batch_size // t.grad_accum % batch_shards(mesh):
-        raise ValueError(
+        raise ConfigError(
             f"--config.data.batch_size={d.batch_size} / grad_accum={t.grad_accum} must divide by the "
             f"{batch_shards(mesh)} batch shards of --mesh={describe(mesh)}"
         )
@@ -277,17 +291,23 @@ class _State:
         )
 
 
-def _init_or_restore(run_cfg: ModelConfig, tx, mesh, seed: int, ckpt: Checkpointer, resume_step, train_it) -> _State:
-    """Fresh state placed on the mesh, then, when resuming, the checkpoint's state (data position included)."""
+def _init_or_restore(run_cfg: ModelConfig, tx, mesh, seed: int, ckpt: Checkpointer, check, train_it) -> _State:
+    """Fresh state placed on the mesh, then the newest intact checkpoint's state when there is one (a corrupt newer
+    step is moved aside with a message; `check` refuses one from another model or other data). The data position
+    is restored too, unless the data settings changed (`check.data_changed`, when allowed)."""
     shapes = jax.eval_shape(lambda: init_params(run_cfg, seed))
     pshard, oshard = state_shardings(mesh, shapes, jax.eval_shape(tx.init, shapes))
     params = init_params(run_cfg, seed, pshard)
     state = _State(params, jax.jit(tx.init, out_shardings=oshard)(params), jax.random.key(seed))
-    if resume_step is not None:
-        state.params, state.opt_state, meta, data_state = ckpt.restore(resume_step, state.params, state.opt_state)
+    restored = ckpt.restore_latest(state.params, state.opt_state, check_config=check)
+    if restored is not None:
+        _, state.params, state.opt_state, meta, data_state = restored
         state.step = int(meta["step"])
         state.key = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
-        train_it.set_state(own_data_state(data_state))
+        if check.data_changed:
+            print("data settings changed (" + "; ".join(check.data_changed) + "): the data starts from the beginning")
+        else:
+            train_it.set_state(own_data_state(data_state))
         print(f"resumed from {ckpt.directory}/{state.step}", flush=True)
     state.data_state = train_it.get_state()
     return state
@@ -340,6 +360,7 @@ class _Loop:
         logged steps' training losses and the last eval (None if none ran)."""
         t = self.config.train
         losses, last_eval = {}, None  # training losses: every process sees the same global value
+        guard, pending = NonFiniteGuard(t.max_skipped_steps, "--config.train.max_skipped_steps"), None
         while state.step < t.steps and not stop.requested:
             batch, state.data_state = prefetch.next()
             batch = shard_batch(
@@ -352,6 +373,9 @@ class _Loop:
             )
             state.step += 1
             step = state.step
+            if pending is not None:  # one step late, so the device always has the next step queued
+                guard.observe(*pending)
+            pending = (step, metrics["skipped"])
             if speed.t_mark is None:
                 speed.first_step_done(step, metrics)
             if step % t.log_every == 0 or step == t.steps:
@@ -363,7 +387,11 @@ class _Loop:
                 last_eval = evaluate(self.eval_step, state.params, self.evals, self.mesh)
                 self.logger.log(step, last_eval, prefix="eval")
             if save_due(step, t.steps, t.save_every):
+                guard.observe(*pending)  # a run that is diverging stops before it saves
+                pending = None
                 state.save(self.ckpt, self.run_config)
+        if pending is not None:
+            guard.observe(*pending)
         return losses, last_eval
 
 
@@ -381,13 +409,23 @@ def _print_header(config, cfg: ModelConfig, run_cfg: ModelConfig, info, flops_to
 def train(config, workdir: str, mesh=None) -> dict[str, Any]:
     """Pretrains (or resumes, from `workdir`'s latest checkpoint) and returns {"step", "stopped_by_signal",
     "eval_start", "eval_end", "workdir", "train_losses"}."""
-    t, d = config.train, config.data
+    d = config.data
     cfg = model_config(config)
     mesh = make_mesh("") if mesh is None else mesh
     tok = load_tokenizer(d.tokenizer or None)
     _check_inputs(config, cfg, tok.vocab_size, mesh)
+    lock = WorkdirLock(workdir).acquire()  # one run per workdir, before anything is written
+    try:
+        return _train(config, workdir, mesh, cfg, tok)
+    finally:
+        lock.release()
+
+
+def _train(config, workdir: str, mesh, cfg: ModelConfig, tok) -> dict[str, Any]:
+    t, d = config.train, config.data
     ckpt = Checkpointer(workdir, keep=t.keep, async_save=t.async_save)
-    resume_step = checked_resume_step(ckpt, cfg, workdir)  # before anything is written
+    check = ResumeCheck(cfg, workdir, config, t.allow_data_change)
+    check.early(ckpt)  # a checkpoint of another model or other data is refused before the data is read
     train_it, eval_batches, info = make_datasets(
         d.spec,
         tok,
@@ -401,7 +439,7 @@ def train(config, workdir: str, mesh=None) -> dict[str, Any]:
     # "auto" knobs resolved once, for the mesh's devices; the checkpoint keeps the config as asked (cfg)
     run_cfg = resolve(cfg, mesh.devices.flat)
     train_step, eval_step, use_mtp, tx = make_step_fns(run_cfg, config, ocfg, mesh)
-    state = _init_or_restore(run_cfg, tx, mesh, t.seed, ckpt, resume_step, train_it)
+    state = _init_or_restore(run_cfg, tx, mesh, t.seed, ckpt, check, train_it)
     run_config = {"model": model_config_dict(cfg), "experiment": to_plain(config)}
     flops_tok = train_flops_per_token(cfg, d.seq_len, use_mtp)
     _print_header(config, cfg, run_cfg, info, flops_tok, mesh)

@@ -80,7 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.log_every = 10
     c.train.eval_every = 0  # held-out pass@1 every n GRPO steps (0: only before and after)
     c.train.save_every = 50  # 0: no checkpoints at all (benchmarks; nothing to resume from)
-    c.train.keep = 2
+    c.train.keep = 2  # >= 1
+    c.train.max_skipped_steps = 3  # updates in a row with a non-finite loss or gradient (not applied) before stopping
     c.train.async_save = True
     c.train.tensorboard = True
     return c

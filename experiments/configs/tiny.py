@@ -45,7 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 100
     c.train.eval_batches = 8
     c.train.save_every = 250
-    c.train.keep = 3  # checkpoints kept
+    c.train.keep = 3  # checkpoints kept (>= 1)
+    c.train.max_skipped_steps = 3  # steps in a row with a non-finite loss or gradient (not applied) before stopping
+    c.train.allow_data_change = False  # resume although the data settings changed (the data restarts)
     c.train.async_save = True
     c.train.peak_tflops = 0.0  # per-device peak for MFU; 0 = detect (unknown on CPU: MFU not shown)
     c.train.tensorboard = True

@@ -1,0 +1,366 @@
+"""Never losing a good checkpoint: fingerprints (device vs streamed), corruption caught by restore, restore_latest,
+load_for_inference and the HF export, bad metadata files, keep >= 1, non-finite saves refused, write failures,
+the workdir lock, and the converter refusing an --out that overlaps its input. Small trees on CPU throughout."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorstore as ts
+
+from dsjax.errors import CheckpointError, ConfigError
+from dsjax.train.checkpoint import Checkpointer, load_for_inference, model_config_dict
+from dsjax.train.fingerprint import StreamingFingerprint, fingerprint_tree, fingerprints
+from dsjax.train.lock import WorkdirLock
+from tests.conftest import param_shapes, randomize_params
+
+RNG = np.zeros(2, np.uint32)
+
+
+def _tree(seed=0):
+    """Random params (f32 big enough for a multi-KiB data file, bf16, int32) and an Adam-like opt_state."""
+    r = np.random.RandomState(seed)
+    params = {
+        "dense": {"kernel": jnp.asarray(r.randn(256, 256), jnp.float32)},
+        "bias": jnp.asarray(r.randn(300), jnp.bfloat16),
+        "ids": jnp.asarray(r.randint(-(2**31), 2**31 - 1, (7, 5)), jnp.int32),
+    }
+    opt_state = ({"count": jnp.asarray(3, jnp.int32), "mu": jax.tree.map(jnp.zeros_like, params)},)
+    return params, opt_state
+
+
+def _save(ck, step, params=None, opt_state=None):
+    p, o = _tree(step) if params is None else (params, opt_state)
+    ck.save(step, p, o, RNG, {"it": step}, {"model": {"step": step}})
+    ck.wait()
+    return p, o
+
+
+def _largest_file(directory):
+    files = [os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs]
+    return max(files, key=os.path.getsize)
+
+
+def _scribble(step_dir):
+    """4 KiB of random bytes into the middle of the largest params data file."""
+    path = _largest_file(os.path.join(step_dir, "params"))
+    size = os.path.getsize(path)
+    assert size > 8192, size
+    with open(path, "r+b") as f:
+        f.seek(size // 2 - 2048)
+        f.write(np.random.RandomState(1).bytes(4096))
+
+
+def _set_element(params_dir, name, index, value):
+    """A silent change: one element rewritten through TensorStore, so every file still decodes."""
+    arr = ts.open(
+        {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{params_dir}/"}, "path": name}
+    ).result()
+    arr[index] = value
+
+
+def _one_line(e) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+# -------------------------------------------------------------------------------------------------- fingerprint
+
+
+def test_fingerprints_whole_and_streamed_agree():
+    r = np.random.RandomState(0)
+    tree = {
+        "bf16": jnp.asarray(r.randn(6, 5, 4), jnp.bfloat16),
+        "i32": jnp.asarray(r.randint(-(2**31), 2**31 - 1, (9, 7)), jnp.int32),
+        "f32": jnp.asarray(r.randn(3, 8), jnp.float32),
+        "f16": jnp.asarray(r.randn(5), jnp.float16),
+        "u8": jnp.asarray(r.randint(0, 255, (4, 4)), jnp.uint8),
+        "bool": jnp.asarray(r.rand(11) > 0.5),
+        "scalar": jnp.float32(2.5),
+        "long": jnp.asarray(r.randn(3, 300_000), jnp.bfloat16),  # rows longer than the host's NumPy chunk
+    }
+    whole = fingerprints(tree)
+    assert fingerprints(jax.device_get(tree)) == whole  # the NumPy path of fingerprint_tree
+    for name, x in tree.items():
+        x = np.asarray(x)
+        acc = StreamingFingerprint(x.shape, x.dtype)
+        if x.ndim == 0:
+            acc.add(x, 0)
+        else:
+            row = x[0].size
+            for i in r.permutation(x.shape[0]):  # any order, one leading-axis unit at a time
+                acc.add(x[i], int(i) * row)
+        assert acc.complete and acc.value() == whole[name], name
+    # position matters: swapping two values keeps s1 and changes s2
+    swapped = np.asarray(tree["f32"]).copy()
+    swapped[0, [0, 1]] = swapped[0, [1, 0]]
+    got = fingerprints({"f32": jnp.asarray(swapped)})["f32"]
+    assert got[0] == whole["f32"][0] and got[1] != whole["f32"][1]
+    _, bad = fingerprint_tree({"a": jnp.asarray([1.0, np.nan]), "b": np.array([np.inf]), "c": jnp.ones(2)})
+    assert bad == ["a", "b"]
+
+
+# ------------------------------------------------------------------------------------------------- corruption
+
+
+def test_scribbled_step_is_caught_and_moved_aside(tmp_path, capsys):
+    ck = Checkpointer(str(tmp_path), keep=3, async_save=False)
+    p3, o3 = _save(ck, 3)
+    p6, o6 = _save(ck, 6)
+    _scribble(os.path.join(ck.directory, "6"))
+    with pytest.raises(CheckpointError, match=r"^checkpoint step 6 is corrupt: params") as e:
+        ck.restore(6, p6, o6)
+    _one_line(e)
+
+    step, params, opt_state, meta, data = ck.restore_latest(p6, o6)
+    assert step == 3 and meta["step"] == 3 and data == {"it": 3}
+    np.testing.assert_array_equal(params["dense"]["kernel"], p3["dense"]["kernel"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("checkpoint step 6 is corrupt (params")
+    assert lines[0].endswith("; moved aside to checkpoints/6.corrupt; resuming from step 3"), lines[0]
+    assert os.path.isdir(os.path.join(ck.directory, "6.corrupt")) and ck.all_steps() == [3]
+
+    _save(ck, 6)  # the same step number again: no collision with the corrupt copy
+    _set_element(os.path.join(ck.directory, "6", "params"), "dense.kernel", (1, 2), np.float32(7.0))
+    assert ck.restore_latest(p6, o6)[0] == 3
+    assert "params/dense/kernel does not match its checksum" in capsys.readouterr().out
+    assert sorted(os.listdir(ck.directory)) == ["3", "6.corrupt", "6.corrupt-1"]
+    ck.close()
+
+    fresh = Checkpointer(str(tmp_path), keep=3)  # a later run lists neither corrupt copy
+    assert fresh.latest_step() == 3
+    fresh.close()
+
+
+def test_silent_change_names_the_array_and_dtype_changes_still_check(tmp_path):
+    ck = Checkpointer(str(tmp_path), keep=3, async_save=False)
+    p, o = _save(ck, 2)
+    as_f16 = jax.tree.map(lambda x: x.astype(jnp.float16) if x.dtype == jnp.float32 else x, p)
+    got, *_ = ck.restore(2, as_f16, o)  # a param_dtype change across a resume: checked on the stored bits
+    assert got["dense"]["kernel"].dtype == jnp.float16
+    _set_element(os.path.join(ck.directory, "2", "opt_state"), "0.count", (), np.int32(4))
+    with pytest.raises(CheckpointError) as e:
+        ck.restore(2, p, o)
+    assert _one_line(e) == "checkpoint step 2 is corrupt: opt_state/0/count does not match its checksum"
+    with pytest.raises(CheckpointError, match=r"step 2 does not fit this run: params/dense/kernel has shape"):
+        ck.restore(2, {**p, "dense": {"kernel": jnp.zeros((4, 4))}}, o)
+    ck.close()
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("truncate", r"checkpoint step 5 is corrupt: params: .*not valid for value of size"),
+        ("meta", r"checkpoint step 5 is corrupt: meta/metadata: empty file"),
+        ("params_metadata", r"checkpoint step 5 is corrupt: params/_METADATA: empty file"),
+        ("config", r"checkpoint step 5 is corrupt: config/metadata: empty file"),
+    ],
+)
+def test_bad_files_are_one_line_errors(tmp_path, damage, match):
+    ck = Checkpointer(str(tmp_path), keep=3, async_save=False)
+    p, o = _save(ck, 5)
+    step = os.path.join(ck.directory, "5")
+    if damage == "truncate":
+        path = _largest_file(os.path.join(step, "params"))
+        os.truncate(path, os.path.getsize(path) // 2)
+    else:
+        path = {"meta": "meta/metadata", "params_metadata": "params/_METADATA", "config": "config/metadata"}[damage]
+        open(os.path.join(step, path), "w").close()
+    with pytest.raises(CheckpointError, match=match) as e:
+        ck.read_config(5) if damage == "config" else ck.restore(5, p, o)
+    _one_line(e)
+    ck.close()
+
+
+def test_every_step_corrupt(tmp_path, capsys):
+    ck = Checkpointer(str(tmp_path), keep=3, async_save=False)
+    p, o = _save(ck, 1)
+    _save(ck, 2)
+    for s in ("1", "2"):
+        open(os.path.join(ck.directory, s, "meta", "metadata"), "w").close()
+    with pytest.raises(CheckpointError, match=r"every checkpoint is corrupt: steps 2 \(meta.*; 1 \(meta") as e:
+        ck.restore_latest(p, o)
+    _one_line(e)
+    assert sorted(os.listdir(ck.directory)) == ["1.corrupt", "2.corrupt"]
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    assert Checkpointer(str(tmp_path / "empty"), keep=1).restore_latest(p, o) is None
+    ck.close()
+
+
+# ------------------------------------------------------------------------------------------------ inference
+
+
+@pytest.fixture(scope="module")
+def tiny_step(tmp_path_factory):
+    import dsjax
+
+    cfg = dsjax.ModelConfig.preset("tiny")
+    params = randomize_params(param_shapes(cfg), seed=3, std=0.1)
+    workdir = str(tmp_path_factory.mktemp("tiny_run"))
+    ck = Checkpointer(workdir, async_save=False)
+    ck.save(4, params, {"unused": np.zeros((), np.int32)}, RNG, {}, {"model": model_config_dict(cfg)})
+    ck.close()
+    return cfg, params, workdir
+
+
+def _copy_run(tiny_step, tmp_path):
+    import shutil
+
+    dst = str(tmp_path / "run")
+    shutil.copytree(tiny_step[2], dst)
+    return dst, os.path.join(dst, "checkpoints", "4")
+
+
+def test_load_for_inference_verifies_params(tiny_step, tmp_path):
+    cfg, params, workdir = tiny_step
+    got_cfg, got = load_for_inference(workdir, param_dtype="bfloat16")  # verified on the stored float32 bits
+    assert got_cfg.num_hidden_layers == cfg.num_hidden_layers
+    assert jax.tree.leaves(got)[0].dtype == jnp.bfloat16
+
+    run, step = _copy_run(tiny_step, tmp_path)
+    _scribble(step)
+    with pytest.raises(
+        CheckpointError, match=r"^checkpoint step 4 \(.*/checkpoints/4\) is corrupt: (cannot read params|params/)"
+    ) as e:
+        load_for_inference(run)
+    _one_line(e)
+
+    run2, step2 = _copy_run(tiny_step, tmp_path / "b")
+    _set_element(os.path.join(step2, "params"), "embed_tokens.embedding", (0, 0), np.float32(3.0))
+    with pytest.raises(CheckpointError) as e:
+        load_for_inference(run2)
+    assert _one_line(e) == (
+        f"checkpoint step 4 ({step2}) is corrupt: params/embed_tokens/embedding does not match its checksum"
+    )
+
+
+@pytest.mark.parametrize("damage", ["empty", "missing"])
+def test_load_for_inference_bad_config(tiny_step, tmp_path, damage):
+    run, step = _copy_run(tiny_step, tmp_path)
+    path = os.path.join(step, "config", "metadata")
+    open(path, "w").close() if damage == "empty" else os.remove(path)
+    with pytest.raises(CheckpointError, match=r"checkpoint .*/4: cannot read config/metadata") as e:
+        load_for_inference(run)
+    _one_line(e)
+
+
+def test_hf_export_verifies_each_leaf(tiny_step, tmp_path):
+    from dsjax.convert import stream
+
+    run, step = _copy_run(tiny_step, tmp_path)
+    leaf = "moe_layers/mlp/experts_down_proj"  # stacked (layer, expert, ...): streamed one expert at a time
+    last = tuple(d - 1 for d in np.shape(tiny_step[1]["moe_layers"]["mlp"]["experts_down_proj"])[:2])
+    _set_element(os.path.join(step, "params"), leaf.replace("/", "."), last + (0, 0), np.float32(-1.0))
+    out = str(tmp_path / "hf")
+    with pytest.raises(CheckpointError) as e:
+        stream.orbax_to_hf(run, out, dtype="float32", every=60, workers=2)
+    assert _one_line(e) == f"checkpoint {step} is corrupt: params/{leaf} does not match its checksum"
+    assert not os.path.exists(out) and not [f for f in os.listdir(tmp_path) if f.startswith(".hf")]
+
+
+def test_convert_refuses_out_overlapping_its_input(tmp_path):
+    from dsjax.convert import stream
+
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    for out, how in [(src, "is"), (src / "sub", "lies inside"), (tmp_path, "contains")]:
+        with pytest.raises(ConfigError, match=rf"--out=.* {how} the input --hf_dir="):
+            stream.hf_to_orbax(str(src), str(out), overwrite=True)
+        with pytest.raises(ConfigError, match=rf"--out=.* {how} the input --checkpoint="):
+            stream.orbax_to_hf(str(src), str(out), overwrite=True)
+    link = tmp_path / "link"
+    link.symlink_to(src)
+    with pytest.raises(ConfigError, match="is the input"):
+        stream.orbax_to_hf(str(src), str(link), overwrite=True)
+    assert sorted(os.listdir(src)) == ["config.json"] and (src / "config.json").read_text() == "{}"
+
+
+# ------------------------------------------------------------------------------------------------ saving
+
+
+def test_keep_must_be_positive_and_deletes_nothing(tmp_path):
+    ck = Checkpointer(str(tmp_path), keep=3, async_save=False)
+    _save(ck, 1)
+    ck.close()
+    with pytest.raises(ConfigError, match=r"--config\.train\.keep=0"):
+        Checkpointer(str(tmp_path), keep=0)
+    assert os.listdir(os.path.join(tmp_path, "checkpoints")) == ["1"]
+
+
+def test_non_finite_state_is_not_saved(tmp_path):
+    ck = Checkpointer(str(tmp_path), keep=3, async_save=True)
+    p, o = _save(ck, 3)
+    bad = {**p, "bias": p["bias"].at[7].set(jnp.nan)}
+    with pytest.raises(CheckpointError) as e:
+        ck.save(4, bad, o, RNG, {}, {})
+    assert _one_line(e) == (
+        "step 4: parameters are not finite (params/bias holds NaN or Inf); not saved; "
+        "the newest intact checkpoint is step 3"
+    )
+    inf_opt = (
+        {**o[0], "mu": {**o[0]["mu"], "dense": {"kernel": o[0]["mu"]["dense"]["kernel"].at[0, 0].set(jnp.inf)}}},
+    )
+    with pytest.raises(CheckpointError, match=r"step 5: optimizer state is not finite \(opt_state/0/mu/dense/kernel"):
+        ck.save(5, p, inf_opt, RNG, {}, {})
+    ck.close()
+    assert os.listdir(os.path.join(tmp_path, "checkpoints")) == ["3"]
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_write_failure_names_the_newest_intact_step(tmp_path, monkeypatch, async_save):
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+    ck = Checkpointer(str(tmp_path), keep=1, async_save=async_save)
+    p, o = _save(ck, 3)
+
+    async def disk_full(self, x, directory):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+
+    monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", disk_full)
+    with pytest.raises(CheckpointError) as e:
+        ck.save(6, p, o, RNG, {}, {})
+        ck.wait()  # async: the background write's error surfaces here
+    assert _one_line(e) == ("saving step 6 failed (No space left on device); the newest intact checkpoint is step 3")
+    monkeypatch.undo()
+    assert ck.all_steps() == [3] and ck.restore(3, p, o)[2]["step"] == 3  # keep=1 did not rotate step 3 out
+    _save(ck, 6)
+    assert ck.all_steps() == [6]
+    ck.close()
+
+
+# ------------------------------------------------------------------------------------------------ workdir lock
+
+
+def test_workdir_lock(tmp_path, capsys):
+    workdir = str(tmp_path / "w")
+    with WorkdirLock(workdir) as lock:
+        owner = json.loads(open(lock.path).read())
+        assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
+        with pytest.raises(ConfigError, match=rf"is in use by pid {os.getpid()} on host .* \(started .*\); stop"):
+            WorkdirLock(workdir).acquire()
+    assert not os.path.exists(lock.path)
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with open(lock.path, "w") as f:
+        json.dump({"pid": dead.pid, "host": socket.gethostname(), "started": "then"}, f)
+    with WorkdirLock(workdir):
+        assert f"taking over the lock of pid {dead.pid}" in capsys.readouterr().out
+        assert json.loads(open(lock.path).read())["pid"] == os.getpid()
+
+    with open(lock.path, "w") as f:
+        json.dump({"pid": 1, "host": "elsewhere", "started": "then"}, f)
+    with pytest.raises(ConfigError, match=r"in use by pid 1 on host elsewhere .* delete .*LOCK"):
+        WorkdirLock(workdir).acquire()
+    assert json.loads(open(lock.path).read())["host"] == "elsewhere"  # refused: left as it was
