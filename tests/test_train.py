@@ -341,6 +341,29 @@ def test_corrupt_checkpoint_falls_back_and_generate_refuses_it(corpus, tmp_path)
     assert os.path.isdir(os.path.join(ckpts, "4.corrupt"))  # kept for inspection, never deleted
 
 
+def test_resume_with_other_data_is_refused_unless_allowed(corpus, tmp_path):
+    """The checkpoint's data position is only meaningful for its data settings: another data.spec is refused,
+    naming the field, before anything runs; allow_data_change continues with the new data from its start."""
+    from dsjax.errors import ConfigError
+    from dsjax.train.trainer import train
+
+    workdir = str(tmp_path / "w")
+
+    def config(steps, spec):
+        c = small_config(corpus, steps=steps, eval_batches=1)
+        c.model.num_hidden_layers, c.model.num_nextn_predict_layers = 1, 0
+        c.data.spec = spec
+        return c
+
+    assert train(config(2, corpus), workdir)["step"] == 2
+    other = corpus.replace("*.txt", "doc0*.txt")
+    with pytest.raises(ConfigError, match=r"--config\.data\.spec: checkpoint .* vs now"):
+        train(config(4, other), workdir)
+    c = config(4, other)
+    c.train.allow_data_change = True
+    assert train(c, workdir)["step"] == 4
+
+
 def test_second_run_on_a_locked_workdir_is_refused(corpus, tmp_path):
     from dsjax.train.lock import WorkdirLock
 
