@@ -16,12 +16,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from dsjax.config import ModelConfig
 from dsjax.layers.attention import absorbed_attention, cache_mask, paged_absorbed_attention
+from sharding.rules import logical_spec
 
 PAGE_SIZE = 64  # tokens per page; the engine's choice (a multiple of the kernel's key tile)
 
@@ -132,18 +135,35 @@ class PagedLayers(NamedTuple):
 
     def attend(self, q_lat, q_pe, positions, layer, cfg: ModelConfig) -> jax.Array:
         """Absorbed attention over this layer's pages through the MLA decode kernel (backend
-        cfg.decode_attention_impl, built for cfg.platform) -> [B, T, H, C] in the latent space."""
-        pool, table = self.pool(layer)
-        return paged_absorbed_attention(
-            q_lat,
-            q_pe,
-            pool,
-            table,
-            self.capacity,
-            positions,
-            cfg.softmax_scale,
-            cfg.decode_attention_impl,
-            cfg.platform,
+        cfg.decode_attention_impl, built for cfg.platform) -> [B, T, H, C] in the latent space.
+
+        Under a bound mesh the kernel (which has no partitioning rule) runs per device on its share of the batch:
+        rows and pages split alike over the batch axes, which holds for the engine's allocator (row b owns pages
+        b*n .. b*n+n-1, `contiguous_block_table`), and each device's table is shifted to its own pages."""
+        capacity = self.capacity
+
+        def attend_local(q_lat, q_pe, positions, pages, table, layer):
+            pool, table = PagedLayers(pages, table).pool(layer)
+            return paged_absorbed_attention(
+                q_lat, q_pe, pool, table, capacity, positions, cfg.softmax_scale, cfg.decode_attention_impl,
+                cfg.platform,
+            )  # fmt: skip
+
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return attend_local(q_lat, q_pe, positions, self.pages, self.block_table, layer)
+        batch = logical_spec(("batch",), mesh, q_lat.shape[:1], nn.get_logical_axis_rules())[0]
+        axes = () if batch is None else (batch,) if isinstance(batch, str) else tuple(batch)
+        stacked = layer is not None
+
+        def local(q_lat, q_pe, positions, pages, table, layer):
+            if axes:  # this device's rows own pages [shard * n, (shard + 1) * n) of the global pool
+                table = table - jax.lax.axis_index(axes) * pages.shape[-3]
+            return attend_local(q_lat, q_pe, positions, pages, table, layer if stacked else None)
+
+        rows, pages = P(batch), (P(None, batch) if stacked else P(batch))
+        return jax.shard_map(local, in_specs=(rows, rows, rows, pages, rows, P()), out_specs=rows, check_vma=False)(
+            q_lat, q_pe, positions, self.pages, self.block_table, jnp.int32(0) if layer is None else layer
         )
 
 

@@ -111,7 +111,7 @@ def test_trainer_logprobs_equal_sampler_logprobs_in_float32(cfg, params, rollout
 
 def test_second_inner_iteration_sees_ratio_not_one_and_clips(cfg, params, rollout):
     ocfg = OptimConfig(lr=0.05, warmup_steps=0, total_steps=2, schedule="constant", weight_decay=0.0)
-    update, _, tx = grpo_trainer._grpo_fns(cfg, ocfg, N, 0.7, "grpo", 0.2, 0.2, 0.0)
+    update, _, tx = grpo_trainer.grpo_step_fns(cfg, ocfg, N, 0.7, "grpo", 0.2, 0.2, 0.0)
     adv = np.tile([1.0, -1.0], len(rollout.lengths) // 2).astype(np.float32)
     batch = {
         "sequences": rollout.sequences,

@@ -13,8 +13,14 @@ concrete by dsjax/runtime.py):
 
 from __future__ import annotations
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from sharding.rules import logical_spec
 
 NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax instead of NaN
 # Documents per row the cuDNN packed layout describes; a row holding more attends across the boundaries of its
@@ -147,6 +153,25 @@ def paged_absorbed_attention(q_lat, q_pe, pool, table, capacity, positions, scal
     return jnp.where(valid[:, :, None, None], out, 0)
 
 
+def per_device(fn, q, k, v, segment_ids):
+    """fn(q, k, v, segment_ids) on each device's share of the batch and heads when a mesh is bound (a Pallas kernel
+    has no partitioning rule of its own); as is otherwise. The sequence must not be split: the kernel sees whole
+    sequences."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn(q, k, v, segment_ids)
+    rules = nn.get_logical_axis_rules()
+    qs, ks = (logical_spec(("batch", "seq", "heads", None), mesh, x.shape, rules) for x in (q, k))
+    vs = logical_spec(("batch", "seq", "heads", None), mesh, v.shape, rules)
+    if qs[1] is not None or qs != ks or qs[:3] != vs[:3]:
+        raise NotImplementedError(f"attention per device needs whole sequences and one layout for q, k, v: {qs}")
+    if segment_ids is None:
+        return jax.shard_map(lambda q, k, v: fn(q, k, v, None), in_specs=(qs, qs, vs), out_specs=vs, check_vma=False)(
+            q, k, v
+        )
+    return jax.shard_map(fn, in_specs=(qs, qs, vs, P(qs[0], None)), out_specs=vs, check_vma=False)(q, k, v, segment_ids)
+
+
 @jax.named_scope("attention_core")
 def attention(q, k, v, segment_ids, scale: float, impl: str):
     """Dispatch on the resolved ModelConfig.attention_impl (see the module docstring)."""
@@ -155,7 +180,8 @@ def attention(q, k, v, segment_ids, scale: float, impl: str):
     if impl == "splash":
         from dsjax.layers.splash import splash_attention  # TPU only; imports Pallas TPU
 
-        return splash_attention(q, k, v, segment_ids, scale, pad_seq=True)  # prefill buckets: any T
+        fn = functools.partial(splash_attention, scale=scale, pad_seq=True)  # prefill buckets: any T
+        return per_device(fn, q, k, v, segment_ids)
     if impl == "xla":
         return xla_attention(q, k, v, causal_mask(segment_ids, q.shape[1]), scale)
     raise ValueError(f"attention_impl {impl!r} is not resolved to xla, cudnn or splash (dsjax.runtime.resolve)")

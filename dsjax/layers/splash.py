@@ -51,13 +51,12 @@ def _pick_block(t: int, block, shape_desc: str) -> int:
 
 def _kernel(t: int, heads: int, block_sizes: splash.BlockSizes, interpret: bool):
     """The per-sequence splash MHA kernel, the causal mask on every head (splash deduplicates identical head masks
-    and lru-caches its numpy mask processing). Built under ensure_compile_time_eval so that its mask-info arrays
-    are constants, not tracers of whatever trace (jit, remat, grad) we are called in. Not cached here: a kernel
-    built inside one trace must not leak into another."""
+    and lru-caches its numpy mask processing). Built inside the caller's trace and not cached: its mask-info arrays
+    are then that trace's constants, which no other trace (jit, remat, grad) can see, and nothing is evaluated
+    eagerly (compile_time_eval would run on the mesh's devices, which an AOT compile for a TPU slice does not have)."""
     causal = splash.CausalMask(shape=(t, t))
     mask = splash.MultiHeadMask(masks=(causal,) * heads)
-    with jax.ensure_compile_time_eval():
-        return splash.make_splash_mha_single_device(mask=mask, block_sizes=block_sizes, interpret=interpret)
+    return splash.make_splash_mha_single_device(mask=mask, block_sizes=block_sizes, interpret=interpret)
 
 
 def _block_sizes(t: int, block, shape_desc: str) -> splash.BlockSizes:

@@ -87,7 +87,7 @@ def _concat(parts: list[Rollout]) -> Rollout:
 
 
 @functools.lru_cache(maxsize=8)
-def _grpo_fns(
+def grpo_step_fns(
     cfg,
     ocfg: OptimConfig,
     width: int,
@@ -194,8 +194,10 @@ def initial_policy(config, devices) -> tuple[ModelConfig, Any]:
     return resolve(cfg, devices), params
 
 
-class _Run:
-    """Everything derived from the config that the phases share."""
+class GrpoRun:
+    """Everything derived from a GRPO config that the phases (and an AOT compile of the update) share: the task,
+    tokenizer, the policy's resolved config and initial params, prompt and completion lengths, sampling configs,
+    rewards and the held-out prompts."""
 
     def __init__(self, config, devices):
         self.c = config
@@ -206,13 +208,16 @@ class _Run:
         self.tok = load_tokenizer(t.tokenizer or None)
         self.cfg, self.init_params = initial_policy(config, devices)
         if config.init_checkpoint and self.tok.vocab_size > self.cfg.vocab_size:
-            raise ValueError(
-                f"tokenizer has {self.tok.vocab_size} ids, more than the checkpoint's vocab_size {self.cfg.vocab_size}"
+            raise ConfigError(
+                f"--config.task.tokenizer has {self.tok.vocab_size} ids, more than the checkpoint's vocab_size "
+                f"{self.cfg.vocab_size}"
             )
         self.max_prompt_length = r.max_prompt_length or self.task.max_prompt_chars + 1  # + bos
         self.max_new_tokens = r.max_new_tokens or self.task.max_answer_chars + 2  # + eos + one spare
         if r.temperature <= 0:
-            raise ValueError("rollout.temperature must be > 0: GRPO needs sampled completions and their log-probs")
+            raise ConfigError(
+                "--config.rollout.temperature must be > 0: GRPO needs sampled completions and their log-probs"
+            )
         self.sampling = SamplingConfig(
             temperature=r.temperature,
             top_k=r.top_k,
@@ -272,7 +277,7 @@ class _Run:
 _NO_OPT_STATE = {"unused": np.zeros((), np.int32)}
 
 
-def _warm_start(run: _Run, workdir: str, key, run_config, mesh=None) -> tuple[Any, float]:
+def _warm_start(run: GrpoRun, workdir: str, key, run_config, mesh=None) -> tuple[Any, float]:
     """Warm-start params and their held-out pass@1: from <workdir>/sft if present, else init_checkpoint or random
     init, then `sft.steps` supervised steps, then saved there."""
     s, cfg = run.c.sft, run.cfg
@@ -332,7 +337,7 @@ def _warm_start(run: _Run, workdir: str, key, run_config, mesh=None) -> tuple[An
         ckpt.close()
 
 
-def _collect(run: _Run, params, step: int, key):
+def _collect(run: GrpoRun, params, step: int, key):
     """One step's training batch -> (rollout, rewards, keep_rows, first round's (rollout, scores), stats)."""
     g, r = run.c.grpo, run.c.rollout
     G, n = r.num_samples, r.num_prompts
@@ -457,10 +462,10 @@ class _Grpo:
     reference (beta > 0), and the checkpoint it saves to."""
 
     def __init__(
-        self, run: _Run, params, ocfg: OptimConfig, mesh, ckpt: Checkpointer, key, before: float, run_config: dict
+        self, run: GrpoRun, params, ocfg: OptimConfig, mesh, ckpt: Checkpointer, key, before: float, run_config: dict
     ):
         g, r = run.c.grpo, run.c.rollout
-        self.update, self.logprob_fn, tx = _grpo_fns(
+        self.update, self.logprob_fn, tx = grpo_step_fns(
             run.cfg,
             ocfg,
             run.max_new_tokens,
@@ -566,7 +571,7 @@ class _Grpo:
 
 
 def _summary(
-    run: _Run, grpo: _Grpo, logger: MetricsLogger, history, speeds, stopped: bool, t_start: float, workdir: str
+    run: GrpoRun, grpo: _Grpo, logger: MetricsLogger, history, speeds, stopped: bool, t_start: float, workdir: str
 ) -> dict[str, Any]:
     """Held-out pass@1 after GRPO, printed and logged with the throughput; the summary dict train() returns."""
     after = run.pass_at_1(grpo.params)
@@ -605,7 +610,7 @@ def train(config, workdir: str, mesh=None) -> dict[str, Any]:
     t_start = time.time()
     mesh = _grpo_mesh(mesh)
     _check_config(config, mesh)
-    run = _Run(config, jax.devices()[:1] if mesh is None else mesh.devices.flat)
+    run = GrpoRun(config, jax.devices()[:1] if mesh is None else mesh.devices.flat)
     lock = WorkdirLock(workdir).acquire()  # one run per workdir, before anything is written
     try:
         return _train(config, workdir, mesh, run, t_start)
@@ -613,7 +618,7 @@ def train(config, workdir: str, mesh=None) -> dict[str, Any]:
         lock.release()
 
 
-def _train(config, workdir: str, mesh, run: _Run, t_start: float) -> dict[str, Any]:
+def _train(config, workdir: str, mesh, run: GrpoRun, t_start: float) -> dict[str, Any]:
     g, t = config.grpo, config.train
     ocfg = OptimConfig(**{**to_plain(config.optim), "total_steps": max(g.steps * g.mu, 1)})
     ckpt = Checkpointer(workdir, keep=t.keep, async_save=t.async_save)

@@ -1,0 +1,239 @@
+"""Ahead-of-time compilation of the project's real steps for a TPU slice described by `jax.experimental.topologies`
+(experiments/compile.py is the command line; tests/test_tpu_aot.py uses these too). Defines no flags.
+
+    devices = topology_devices("v5p:2x2x1")
+    compiled = compile_job("pretrain", config, devices, "data:2,expert:2")   # {name: jax.stages.Compiled}
+    fits = report(compiled, devices[0].device_kind, seconds, dump_dir="")
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from dsjax.errors import UserError
+
+JOBS = ("pretrain", "grpo", "generate")
+# HBM per chip in GiB, by jax device_kind. v5p: what the chip reports (95 GB datasheet); others: datasheet.
+HBM_GIB = {
+    "TPU v5 lite": 16.0,
+    "TPU v5e": 16.0,
+    "TPU v6 lite": 32.0,
+    "TPU v5": 95.74,
+    "TPU v5p": 95.74,
+    "TPU v4": 32.0,
+    "TPU v3": 16.0,
+}
+COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute", "ragged-all-to-all")
+
+
+def default_config(job: str):
+    from experiments.configs import grpo, tiny
+
+    return (grpo if job == "grpo" else tiny).get_config()
+
+
+def topology_devices(name: str):
+    """The devices of TPU slice `name` (e.g. "v5p:8x8x8"), from libtpu's topology description."""
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise UserError(
+            f'compiling for TPU needs libtpu: pip install "jax[tpu]=={jax.__version__}" (it installs on a CPU-only '
+            "host too)"
+        ) from None
+    from jax.experimental import topologies
+
+    if not re.fullmatch(r"v\d+[a-z]*:\d+(x\d+)*", name):
+        raise UserError(f"--topology={name!r}: expected <chip>:<shape>, e.g. v5p:2x2x1, v5e:4x4, v6e:16x16")
+    try:
+        return list(topologies.get_topology_desc(name, "tpu").devices)
+    except Exception as e:  # noqa: BLE001 - libtpu's message names what it does not know
+        raise UserError(f"--topology={name!r}: {str(e).splitlines()[0][:300]}") from None
+
+
+def abstract(tree, shardings):
+    """ShapeDtypeStructs of `tree` (arrays or abstract values) carrying `shardings`."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
+
+
+def _state(cfg, tx, mesh):
+    from dsjax.train.loop import init_params
+    from sharding.state import state_shardings
+
+    params = jax.eval_shape(lambda: init_params(cfg, 0))
+    opt = jax.eval_shape(tx.init, params)
+    pshard, oshard = state_shardings(mesh, params, opt)
+    return abstract(params, pshard), abstract(opt, oshard)
+
+
+def lower_bound(step, mesh, *args):
+    """Lower and compile a (mesh-bound) jitted step as its trainer calls it: traced with the mesh and rules bound."""
+    from sharding.rules import activate
+
+    with activate(mesh):
+        jitted = step if hasattr(step, "lower") else step.__wrapped__  # sharding.state.bind wraps the jit
+        return jitted.lower(*args).compile()
+
+
+def _batch(mesh, shapes: dict, batch_dim: int):
+    from sharding.rules import batch_spec
+
+    return {
+        k: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, batch_spec(mesh, len(shape), batch_dim)))
+        for k, (shape, dtype) in shapes.items()
+    }
+
+
+def compile_pretrain(config, devices, mesh_flag: str) -> dict:
+    from dsjax.runtime import resolve
+    from dsjax.train.loop import check_counts, model_config, to_plain
+    from dsjax.train.optim import OptimConfig
+    from dsjax.train.trainer import make_step_fns
+    from sharding.mesh import make_mesh
+
+    check_counts(config, "train", positive=("grad_accum",))
+    mesh = make_mesh(mesh_flag or {"data": -1}, devices)
+    cfg = resolve(model_config(config), devices)
+    ocfg = OptimConfig(**{**to_plain(config.optim), "total_steps": config.train.steps})
+    step, _, _, tx = make_step_fns(cfg, config, ocfg, mesh)
+    params, opt = _state(cfg, tx, mesh)
+    accum, b, t = config.train.grad_accum, config.data.batch_size, config.data.seq_len
+    shape = (accum, b // accum, t)
+    batch = _batch(
+        mesh,
+        {
+            k: (shape, jnp.float32 if k == "loss_mask" else jnp.int32)
+            for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+        },
+        batch_dim=1,
+    )
+    return {"train_step": lower_bound(step, mesh, params, opt, jax.ShapeDtypeStruct((), jnp.int32), batch)}
+
+
+def compile_grpo(config, devices, mesh_flag: str) -> dict:
+    from dsjax.rl.trainer import GrpoRun, grpo_step_fns
+    from dsjax.train.loop import to_plain
+    from dsjax.train.optim import OptimConfig
+    from sharding.mesh import make_mesh
+
+    mesh = make_mesh(mesh_flag or {"data": -1}, devices)
+    run = GrpoRun(config, devices)
+    g, r = config.grpo, config.rollout
+    ocfg = OptimConfig(**{**to_plain(config.optim), "total_steps": max(g.steps * g.mu, 1)})
+    update, _, tx = grpo_step_fns(
+        run.cfg,
+        ocfg,
+        run.max_new_tokens,
+        float(r.temperature),
+        g.loss_type,
+        float(g.epsilon_low),
+        float(g.epsilon_high),
+        float(g.beta),
+        mesh,
+    )
+    params, opt = _state(run.cfg, tx, mesh)
+    rows, n = r.num_prompts * r.num_samples, run.max_new_tokens
+    shapes = {
+        "sequences": ((rows, run.max_prompt_length + n), jnp.int32),
+        "prompt_lengths": ((rows,), jnp.int32),
+        "advantages": ((rows,), jnp.float32),
+    }
+    shapes.update({k: ((rows, n), jnp.float32) for k in ("mask", "valid", "sampler_logprobs", "old_logprobs")})
+    if g.beta:
+        shapes["ref_logprobs"] = ((rows, n), jnp.float32)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    return {
+        "grpo_update": lower_bound(
+            update, mesh, params, opt, scalar, _batch(mesh, shapes, 0), jax.ShapeDtypeStruct((), jnp.bool_)
+        )
+    }
+
+
+def compile_job(job: str, config, devices, mesh_flag: str, *, batch: int = 64, context: int = 4096) -> dict:
+    """{step name: compiled} for `job` on `devices` under `mesh_flag` (see experiments/compile.py)."""
+    if job == "pretrain":
+        return compile_pretrain(config, devices, mesh_flag)
+    if job == "grpo":
+        return compile_grpo(config, devices, mesh_flag)
+    if job == "generate":
+        from experiments.aot_generate import compile_generate
+
+        return compile_generate(config, devices, mesh_flag, batch, context)
+    raise UserError(f"--job={job!r} is not one of {', '.join(JOBS)}")
+
+
+def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
+    """{collective: (count, bytes of its results)} of one compiled step's HLO (async starts counted once; a
+    while-loop body's collectives once per appearance, not per iteration)."""
+    sizes = {
+        "pred": 1,
+        "s8": 1,
+        "u8": 1,
+        "bf16": 2,
+        "f16": 2,
+        "s16": 2,
+        "u16": 2,
+        "f32": 4,
+        "s32": 4,
+        "u32": 4,
+        "f64": 8,
+        "s64": 8,
+        "u64": 8,
+        "f8e4m3fn": 1,
+        "f8e5m2": 1,
+    }
+    out = collections.defaultdict(lambda: [0, 0])
+    for line in hlo_text.splitlines():
+        m = re.search(r"=\s*(.*?)\s+([a-z\-]+?)(-start)?\(", line)
+        if not m or m.group(2) not in COLLECTIVES or "-done(" in line:
+            continue
+        nbytes = 0
+        for dtype, dims in re.findall(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]", m.group(1)):
+            if dtype in sizes:
+                nbytes += sizes[dtype] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+        out[m.group(2)][0] += 1
+        out[m.group(2)][1] += nbytes
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def memory(compiled) -> dict[str, float]:
+    """Per-chip GiB: arguments, outputs (less those aliased to donated arguments), temporaries, total."""
+    ma = compiled.memory_analysis()
+    gib = 2.0**30
+    args, temps = ma.argument_size_in_bytes / gib, ma.temp_size_in_bytes / gib
+    outs = (ma.output_size_in_bytes - ma.alias_size_in_bytes) / gib
+    return {"arguments": args, "outputs": outs, "temporaries": temps, "total": args + outs + temps}
+
+
+def report(compiled: dict, device_kind: str, seconds: float, dump_dir: str = "") -> bool:
+    """Prints the memory table, compile time and collectives; True when every step fits the chip's HBM."""
+    hbm = next((v for k, v in sorted(HBM_GIB.items(), key=lambda kv: -len(kv[0])) if device_kind.startswith(k)), None)
+    fits = True
+    print(f"{device_kind}: HBM {hbm if hbm else '?'} GiB per chip; compiled in {seconds:.1f} s")
+    for name, c in compiled.items():
+        m = memory(c)
+        ok = hbm is None or m["total"] <= hbm
+        fits &= ok
+        print(
+            f"{name}: arguments {m['arguments']:.2f} + outputs {m['outputs']:.2f} + temporaries "
+            f"{m['temporaries']:.2f} = {m['total']:.2f} GiB per chip -> {'fits' if ok else 'DOES NOT FIT'}"
+        )
+        text = c.as_text()
+        coll = collectives(text)
+        print(
+            "  collectives per step: "
+            + (", ".join(f"{k} {n} x, {b / 2**20:.1f} MiB" for k, (n, b) in sorted(coll.items())) or "none")
+        )
+        print(f"  Mosaic TPU kernels: {text.count('tpu_custom_call')} custom calls")
+        if dump_dir:
+            os.makedirs(dump_dir, exist_ok=True)
+            with open(os.path.join(dump_dir, f"{name}.hlo.txt"), "w") as f:
+                f.write(text)
+    return fits
