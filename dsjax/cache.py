@@ -212,6 +212,13 @@ class PagedKVCache(NamedTuple):
         return self._replace(lengths=jnp.minimum(self.lengths, lengths).astype(jnp.int32))
 
 
+def _rows_sharded(stack: jax.Array) -> jax.Array:
+    """A new cache stack [L, rows or pages, ..., W] laid out like the batch under a bound mesh (no-op otherwise):
+    MLA's latent has no head axis to split, so each device keeps its own rows' cache. Pages follow rows because
+    every table the engine builds gives each row its own run of pages (contiguous_block_table)."""
+    return nn.with_logical_constraint(stack, ("layers", "batch", None, None))
+
+
 def init_cache(
     cfg: ModelConfig,
     batch: int,
@@ -223,7 +230,7 @@ def init_cache(
     """Contiguous cache; mtp_layers (default: all of cfg's when with_mtp, else none) sets the MTP depth kept."""
 
     def zeros(layers):
-        return jnp.zeros((layers, batch, max_len, cfg.cache_width), dtype) if layers else None
+        return _rows_sharded(jnp.zeros((layers, batch, max_len, cfg.cache_width), dtype)) if layers else None
 
     n_mtp = (cfg.num_nextn_predict_layers if with_mtp else 0) if mtp_layers is None else mtp_layers
     return KVCache(zeros(cfg.num_dense_layers), zeros(cfg.num_moe_layers), zeros(n_mtp))
@@ -262,7 +269,7 @@ def init_paged_cache(
     num_pages = batch * n if num_pages is None else num_pages
 
     def zeros(layers):
-        return jnp.zeros((layers, num_pages, page_size, cfg.cache_width), dtype) if layers else None
+        return _rows_sharded(jnp.zeros((layers, num_pages, page_size, cfg.cache_width), dtype)) if layers else None
 
     return PagedKVCache(
         zeros(cfg.num_dense_layers),

@@ -97,6 +97,15 @@ class ModelConfig:
     moe_capacity_factor: float = _runtime(0.0)  # 0: dropless; c > 0: each device sends at most ceil(c*pairs/E)
     moe_device_limit: int = _runtime(0)  # M > 0: a token's experts lie on at most M devices (node-limited)
     moe_dispatch: str = _runtime("auto")  # all-to-all: "ragged" (ragged_all_to_all), "padded"; auto per platform
+    # Full attention within each packed document (True), or causal across a packed row's documents (False), as
+    # DeepSeek-V3 pretrained ("no cross-sample attention masking"); False also lets cuDNN skip its packed layout.
+    document_mask: bool = _runtime(True)
+    # False: each segment's layers run as one nn.scan body (compile time flat in depth). True: unrolled (the params
+    # stay stacked): no stacked scan residuals, zero-filled and copied per layer, in the backward pass.
+    unroll_layers: bool = _runtime(False)
+    # "e4m3": the linear layers and routed experts train in FP8 with DeepSeek-V3's fine-grained scaling
+    # (dsjax/layers/fp8.py); "none": every GEMM in `dtype`
+    fp8: str = _runtime("none")
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, list):
@@ -184,9 +193,13 @@ class ModelConfig:
             ("platform", _PLATFORMS),
             ("decode_attention_impl", DECODE_ATTENTION_IMPLS),
             ("moe_dispatch", ("auto", "ragged", "padded")),
+            ("fp8", ("none", "e4m3")),
         ):
             if getattr(self, f) not in allowed:
                 _bad(f, f"{getattr(self, f)!r} is not one of {allowed}")
+        for f in ("document_mask", "unroll_layers"):
+            if not isinstance(getattr(self, f), bool):
+                _bad(f, f"must be True or False, got {getattr(self, f)!r}")
         if self.moe_capacity_factor < 0 or self.moe_device_limit < 0:
             _bad(
                 "moe_capacity_factor",

@@ -37,7 +37,8 @@ class DeepSeekV3(nn.Module):
 
     Keyword options:
       positions [B, T]   absolute positions (default 0..T-1); with packing, restart at each document.
-      segment_ids [B, T] packed-document ids; attention never crosses documents.
+      segment_ids [B, T] packed-document ids; attention never crosses documents. With cfg.document_mask False a
+                         packed row is one causal sequence instead (positions 0..T-1; DeepSeek-V3's pretraining).
       cache              a `KVCache` or `PagedKVCache`: the new tokens' latents are written at `positions` and the
                          updated cache comes back in `.cache`. `absorbed` (default True with a cache) attends
                          through the absorbed path over the whole cache (decode, chunked prefill; over a paged cache
@@ -98,7 +99,9 @@ class DeepSeekV3(nn.Module):
     ) -> ModelOutput:
         cfg = self.cfg
         b, t = tokens.shape
-        if positions is None:
+        attn_segments = segment_ids if cfg.document_mask else None
+        if positions is None or (segment_ids is not None and attn_segments is None):
+            # without document masks a packed row is one sequence to attention, so rope positions run across it
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if mtp and cfg.num_nextn_predict_layers == 0:
             raise ValueError("mtp=True but ModelConfig.num_nextn_predict_layers is 0")
@@ -116,7 +119,7 @@ class DeepSeekV3(nn.Module):
             # The segment's whole stacked cache rides in the scan carry, so a decode loop updates it in place.
             layer_cache = None if cache is None else cache.layers(seg)
             (x, layer_cache), stats = scanned_blocks(cfg, moe, n, absorb, f"{seg}_layers")(
-                (x, layer_cache), cos, sin, segment_ids, positions, jnp.arange(n)
+                (x, layer_cache), cos, sin, attn_segments, positions, jnp.arange(n)
             )
             if cache is not None:
                 cache = cache.with_layers(seg, layer_cache)
@@ -133,7 +136,7 @@ class DeepSeekV3(nn.Module):
                 kv = None if cache is None or cache.mtp is None else cache.mtp_layer(k - 1)
                 # positions of the embedded tokens t + k (rope is relative, so the offset does not change scores)
                 mtp_logits, h, kv, stats = self.mtp_step(
-                    h, shift_tokens(tokens, k), positions + k, k - 1, kv, absorb, segment_ids
+                    h, shift_tokens(tokens, k), positions + k, k - 1, kv, absorb, attn_segments
                 )
                 outs["mtp_logits"].append(mtp_logits)
                 outs["mtp_hidden"].append(h)

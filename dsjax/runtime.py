@@ -8,7 +8,7 @@ devices (`resolved`), so `DeepSeekV3(ModelConfig.preset(...)).apply(...)` works 
     platform        "cpu" | "gpu" | "tpu"
     attention_impl  gpu: "cudnn" (bf16/f16 compute, else "xla"); tpu: "splash"; cpu: "xla"
     moe_backend     gpu / tpu: "gmm" (Pallas grouped matmul); cpu: "ragged_dot"
-    moe_dispatch    gpu / tpu: "ragged" (ragged_all_to_all); cpu: "padded"
+    moe_dispatch    gpu / tpu: "ragged" (ragged_all_to_all); TPU v5e / v6e ("lite" chips) and cpu: "padded"
 
 The Pallas kernels (gmm, mla_decode) are handed `cfg.platform`: their own "auto" (decode_attention_impl "auto")
 then only chooses between the platform's kernel and the XLA reference by dtype and shape, never by the host.
@@ -41,24 +41,29 @@ def target_platform(devices: Sequence | None = None) -> str:
     return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
 
 
-def choices(platform: str, dtype: str) -> dict[str, str]:
-    """What each "auto" knob becomes on `platform` for a model computing in `dtype`."""
+def choices(platform: str, dtype: str, device_kind: str = "") -> dict[str, str]:
+    """What each "auto" knob becomes on `platform` (chip `device_kind`) for a model computing in `dtype`."""
     if platform not in PLATFORMS:
         raise ValueError(f"platform {platform!r} is not one of {PLATFORMS}")
     accel = platform != "cpu"
     attention = {"gpu": "cudnn" if dtype in _HALF else "xla", "tpu": "splash", "cpu": "xla"}[platform]
+    # The "lite" TPUs (v5e, v6e) route ICI in a limited way that ragged_all_to_all does not support (their compiler
+    # refuses it): fixed-size blocks there.
+    ragged = accel and not (platform == "tpu" and "lite" in device_kind.lower())
     return {
         "attention_impl": attention,
         "moe_backend": "gmm" if accel else "ragged_dot",
-        "moe_dispatch": "ragged" if accel else "padded",
+        "moe_dispatch": "ragged" if ragged else "padded",
     }
 
 
 def resolve(cfg: ModelConfig, devices: Sequence | None = None) -> ModelConfig:
     """cfg with `platform` and every "auto" knob made concrete for `devices` (explicit values are kept; an
     explicit cfg.platform wins over the devices)."""
+    devices = list(jax.devices() if devices is None else devices)  # may be an iterator (mesh.devices.flat)
     platform = cfg.platform if cfg.platform != "auto" else target_platform(devices)
-    picks = choices(platform, cfg.dtype)
+    kind = getattr(devices[0], "device_kind", "") if devices and target_platform(devices) == platform else ""
+    picks = choices(platform, cfg.dtype, kind)
     return cfg.replace(platform=platform, **{k: v for k, v in picks.items() if getattr(cfg, k) == "auto"})
 
 

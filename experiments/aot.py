@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import os
 import re
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,8 @@ from jax.sharding import PartitionSpec as P
 from dsjax.errors import UserError
 
 JOBS = ("pretrain", "grpo", "generate")
-# HBM per chip in GiB, by jax device_kind. v5p: what the chip reports (95 GB datasheet); others: datasheet.
+# HBM per chip in GiB, by jax device_kind: what the chip reports (libtpu says 15.75G for v5e; v5p 95.74 GiB, the
+# datasheet's 95 GB of HBM2e); v6e and older chips: the datasheet.
 HBM_GIB = {
     "TPU v5 lite": 16.0,
     "TPU v5e": 16.0,
@@ -76,13 +78,26 @@ def _state(cfg, tx, mesh):
     return abstract(params, pshard), abstract(opt, oshard)
 
 
+class DoesNotFit(NamedTuple):
+    """A step the TPU compiler refused for memory (its own message says how much it needed)."""
+
+    message: str
+
+
 def lower_bound(step, mesh, *args):
-    """Lower and compile a (mesh-bound) jitted step as its trainer calls it: traced with the mesh and rules bound."""
+    """Lower and compile a (mesh-bound) jitted step as its trainer calls it: traced with the mesh and rules bound.
+    A step whose temporaries exceed the chip's HBM comes back as DoesNotFit (libtpu refuses to compile it)."""
     from sharding.rules import activate
 
     with activate(mesh):
         jitted = step if hasattr(step, "lower") else step.__wrapped__  # sharding.state.bind wraps the jit
-        return jitted.lower(*args).compile()
+        lowered = jitted.lower(*args)
+    try:
+        return lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return DoesNotFit(str(e).split("RESOURCE_EXHAUSTED:", 1)[-1].strip().splitlines()[0])
 
 
 def _batch(mesh, shapes: dict, batch_dim: int):
@@ -178,8 +193,9 @@ def _shard_state(state, mesh, batch: int, rows):
     return jax.tree.map(place, state)
 
 
-def compile_generate(config, devices, mesh_flag: str, batch: int, context: int) -> dict:
-    """{"prefill": ..., "decode": ...} compiled for `batch` rows of `context` tokens (half prompt, half new)."""
+def compile_generate(config, devices, mesh_flag: str, batch: int, context: int, prompt_len: int = 128) -> dict:
+    """{"prefill": ..., "decode": ...} compiled for `batch` rows: a paged cache of `context` positions per row, a
+    prompt bucket of `prompt_len` tokens prefilled, the rest decoded."""
     from dsjax.cache import contiguous_block_table
     from dsjax.generate import engine
     from dsjax.runtime import resolve
@@ -193,9 +209,12 @@ def compile_generate(config, devices, mesh_flag: str, batch: int, context: int) 
     cfg = resolve(model_config(config), devices)
     if cfg.decode_attention_impl == "contiguous":
         raise UserError("--job=generate compiles the paged latent cache; drop decode_attention_impl=contiguous")
-    if batch % batch_shards(mesh) or context < 2:
-        raise UserError(f"--batch={batch} must divide by the mesh's {batch_shards(mesh)} batch shards; --context >= 2")
-    prompt, new = context // 2, context - context // 2
+    if batch % batch_shards(mesh) or not 0 < prompt_len < context:
+        raise UserError(
+            f"--batch={batch} must divide by the mesh's {batch_shards(mesh)} batch shards, and "
+            f"--prompt_len={prompt_len} lie in [1, --context={context})"
+        )
+    prompt, new = prompt_len, context - prompt_len
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=new)
     eng = engine(cfg, sampling.program, new, context, jnp.dtype(cfg.dtype).name, False, 8)
     shapes = jax.eval_shape(lambda: init_params(cfg, 0))
@@ -217,14 +236,16 @@ def compile_generate(config, devices, mesh_flag: str, batch: int, context: int) 
     return {"prefill": prefill, "decode": decode}
 
 
-def compile_job(job: str, config, devices, mesh_flag: str, *, batch: int = 64, context: int = 4096) -> dict:
+def compile_job(
+    job: str, config, devices, mesh_flag: str, *, batch: int = 64, context: int = 4096, prompt_len: int = 128
+) -> dict:
     """{step name: compiled} for `job` on `devices` under `mesh_flag` (see experiments/compile.py)."""
     if job == "pretrain":
         return compile_pretrain(config, devices, mesh_flag)
     if job == "grpo":
         return compile_grpo(config, devices, mesh_flag)
     if job == "generate":
-        return compile_generate(config, devices, mesh_flag, batch, context)
+        return compile_generate(config, devices, mesh_flag, batch, context, prompt_len)
     raise UserError(f"--job={job!r} is not one of {', '.join(JOBS)}")
 
 
@@ -277,6 +298,10 @@ def report(compiled: dict, device_kind: str, seconds: float, dump_dir: str = "")
     fits = True
     print(f"{device_kind}: HBM {hbm if hbm else '?'} GiB per chip; compiled in {seconds:.1f} s")
     for name, c in compiled.items():
+        if isinstance(c, DoesNotFit):
+            fits = False
+            print(f"{name}: DOES NOT FIT (the TPU compiler: {c.message})")
+            continue
         m = memory(c)
         ok = hbm is None or m["total"] <= hbm
         fits &= ok

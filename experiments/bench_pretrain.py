@@ -42,6 +42,12 @@ flags.DEFINE_bool(
     "First time transformers' DeepseekV3ForCausalLM on the same shape and batch "
     "(bf16 weights, its fastest experts implementation, AdamW; no MTP) in this process.",
 )
+flags.DEFINE_list(
+    "variants",
+    [""],
+    "Step variants to time, each NAME or NAME:FIELD=VALUE+FIELD=VALUE over ModelConfig / OptimConfig fields, e.g. "
+    "xdoc:document_mask=false+unroll_layers=true+moment_dtype=bfloat16 (empty: the preset as it is).",
+)
 flags.DEFINE_string("out", "", "Optional JSON output path.")
 flags.DEFINE_bool("components", False, "Also time blocks, attention, experts and head+CE in isolation.")
 flags.DEFINE_list("ce_chunks", ["2048", "4096", "8192"], "Chunk sizes of the fused head + CE timed by --components.")
@@ -67,7 +73,33 @@ def timeit(fn, *args, reps=10):
     return times[len(times) // 2]
 
 
-def bench_step(cfg, batch_size, seq_len, steps, mtp_lambda, profile):
+def parse_variant(spec: str) -> tuple[str, dict, dict]:
+    """ "name:field=value+field=value" -> (name, ModelConfig overrides, OptimConfig overrides), values typed by
+    each field's default."""
+    import dataclasses
+
+    from dsjax.config import ModelConfig
+    from dsjax.train.optim import OptimConfig
+
+    name, _, sets = spec.partition(":")
+    model, optim = {}, {}
+    for item in filter(None, sets.split("+")):
+        key, _, value = item.partition("=")
+        for cls, out in ((ModelConfig, model), (OptimConfig, optim)):
+            field = {f.name: f for f in dataclasses.fields(cls)}.get(key)
+            if field is not None:
+                default = field.default
+                if isinstance(default, bool):
+                    out[key] = value.lower() in ("1", "true", "yes")
+                else:
+                    out[key] = type(default)(value) if default is not None else value
+                break
+        else:
+            raise app.UsageError(f"--variants: {key!r} is not a ModelConfig or OptimConfig field")
+    return name, model, optim
+
+
+def bench_step(cfg, batch_size, seq_len, steps, mtp_lambda, profile, optim=None):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -80,7 +112,7 @@ def bench_step(cfg, batch_size, seq_len, steps, mtp_lambda, profile):
 
     step_fn, _, use_mtp, tx = step_fns(
         cfg,
-        OptimConfig(lr=1e-4, warmup_steps=10, total_steps=1000),
+        OptimConfig(lr=1e-4, warmup_steps=10, total_steps=1000, **(optim or {})),
         mtp_lambda=mtp_lambda,
         balance_alpha=1e-4,
         bias_gamma=1e-3,
@@ -181,17 +213,17 @@ def transformers_baseline():
     return r
 
 
-def run_one(cfg, mtp_lambda, peak):
+def run_one(cfg, mtp_lambda, peak, name="", optim=None):
     """Time (and optionally profile) one config's step; returns the result row."""
     from dsjax.train.metrics import train_flops_per_token
 
     step_s, compile_s, loss, use_mtp, params, prof, mem = bench_step(
-        cfg, FLAGS.batch, FLAGS.seq_len, FLAGS.steps, mtp_lambda, FLAGS.profile
+        cfg, FLAGS.batch, FLAGS.seq_len, FLAGS.steps, mtp_lambda, FLAGS.profile, optim
     )
     tok_s = FLAGS.batch * FLAGS.seq_len / step_s
     flops = train_flops_per_token(cfg, FLAGS.seq_len, use_mtp)
     run = {
-        "impl": f"{cfg.moe_backend}+{cfg.attention_impl}",
+        "impl": f"{cfg.moe_backend}+{cfg.attention_impl}" + (f" {name}" if name else ""),
         "mtp_lambda": mtp_lambda,
         "step_ms": 1e3 * step_s,
         "tokens_per_s": tok_s,
@@ -236,19 +268,24 @@ def main(argv):
     peak = peak_flops()
     results["device"] = jax.devices()[0].device_kind
     print(f"device: {jax.devices()[0].device_kind}, peak {peak and peak / 1e12} TFLOP/s", flush=True)
+    variants = [parse_variant(v) for v in FLAGS.variants]
     for backend in FLAGS.moe_backends:
         for attn in FLAGS.attention_impls:
-            cfg = resolve(
-                ModelConfig.preset(
-                    FLAGS.preset, dtype="bfloat16", moe_backend=backend, remat=FLAGS.remat, attention_impl=attn
+            for name, model_sets, optim_sets in variants:
+                cfg = resolve(
+                    ModelConfig.preset(
+                        FLAGS.preset,
+                        **{"dtype": "bfloat16", "moe_backend": backend, "remat": FLAGS.remat, "attention_impl": attn}
+                        | model_sets,
+                    )
                 )
-            )
-            for mtp_lambda in map(float, FLAGS.mtp_lambda):
-                try:
-                    results["runs"].append(run_one(cfg, mtp_lambda, peak))
-                except Exception as e:  # noqa: BLE001 - e.g. out of memory for one variant: report and go on
-                    print(f"{backend}+{attn} mtp {mtp_lambda}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-                    results["runs"].append({"impl": f"{backend}+{attn}", "mtp_lambda": mtp_lambda, "error": str(e)})
+                for mtp_lambda in map(float, FLAGS.mtp_lambda):
+                    label = f"{backend}+{attn} {name}".strip()
+                    try:
+                        results["runs"].append(run_one(cfg, mtp_lambda, peak, name, optim_sets))
+                    except Exception as e:  # noqa: BLE001 - e.g. out of memory for one variant: report and go on
+                        print(f"{label} mtp {mtp_lambda}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                        results["runs"].append({"impl": label, "mtp_lambda": mtp_lambda, "error": str(e)})
     print(summary_table(results), flush=True)
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:

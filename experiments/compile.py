@@ -12,8 +12,8 @@ knob is resolved for them (dsjax/runtime.py: splash attention and the Mosaic TPU
 the job's own jitted step is lowered with the shardings its trainer uses and compiled:
   pretrain   the pretraining train step (dsjax/train/trainer.py) on one global batch of the config
   grpo       the GRPO update (dsjax/rl/trainer.py) on one rollout batch of the config
-  generate   the generation engine's decode loop (dsjax/generate.py) over a paged latent cache of --batch rows of
-             --context tokens (the prefill is compiled too, for its memory)
+  generate   the generation engine's prefill of --batch prompts of --prompt_len tokens and its decode loop
+             (dsjax/generate.py) over a paged latent cache of --context positions per row
 Prints per-chip arguments / temporaries / outputs / total against the chip's HBM, the compile time and the
 collectives of one step (count and bytes). Exit status 0 when it fits, 3 when it does not, 2 for a usage error
 (libtpu missing, a bad topology or mesh).
@@ -26,8 +26,15 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# libtpu, for compiling only: no TPU here to find or lock, and the host's own platform stays the CPU
-for _k, _v in (("JAX_PLATFORMS", "cpu"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"), ("TPU_SKIP_MDS_QUERY", "1")):
+# libtpu, for compiling only: the host's own platform stays the CPU, and libtpu is told there is no TPU host to find
+# (a worker name and a chip type: it only initialises with them; the slice compiled for comes from --topology)
+for _k, _v in (
+    ("JAX_PLATFORMS", "cpu"),
+    ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
+    ("TPU_SKIP_MDS_QUERY", "1"),
+    ("TPU_WORKER_HOSTNAMES", "localhost"),
+    ("TPU_ACCELERATOR_TYPE", "v5p-8"),
+):
     os.environ.setdefault(_k, _v)
 
 from absl import flags  # noqa: E402
@@ -50,7 +57,8 @@ flags.DEFINE_string("mesh", "", "Mesh over the slice's chips, as the training sc
 flags.DEFINE_enum("job", "pretrain", list(JOBS), "Which step to compile.")
 flags.DEFINE_string("dump_hlo", "", "Write the optimized HLO text of the compiled step(s) into this directory.")
 flags.DEFINE_integer("batch", 64, "--job=generate: sequences decoded together.")
-flags.DEFINE_integer("context", 4096, "--job=generate: tokens per sequence (prompt + completion) the cache holds.")
+flags.DEFINE_integer("context", 4096, "--job=generate: positions per sequence the paged cache holds (prompt + new).")
+flags.DEFINE_integer("prompt_len", 128, "--job=generate: prompt bucket prefilled in one call; the rest is decoded.")
 FLAGS = flags.FLAGS
 
 
@@ -62,7 +70,9 @@ def main(argv):
     config = FLAGS.config if FLAGS.config is not None else aot.default_config(FLAGS.job)
     devices = aot.topology_devices(FLAGS.topology)
     t0 = time.time()
-    compiled = aot.compile_job(FLAGS.job, config, devices, FLAGS.mesh, batch=FLAGS.batch, context=FLAGS.context)
+    compiled = aot.compile_job(
+        FLAGS.job, config, devices, FLAGS.mesh, batch=FLAGS.batch, context=FLAGS.context, prompt_len=FLAGS.prompt_len
+    )
     seconds = time.time() - t0
     fits = aot.report(compiled, devices[0].device_kind, seconds, FLAGS.dump_hlo)
     raise SystemExit(0 if fits else 3)

@@ -15,7 +15,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # The tests run on the CPU. With libtpu installed (for the AOT compiles of test_tpu_aot.py, which still work) JAX
 # would otherwise try to start a TPU in every process, and print why it cannot.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu (compile only) then starts without looking for a TPU host
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
 
 import jax
 import jax.numpy as jnp

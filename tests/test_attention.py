@@ -135,3 +135,13 @@ def test_auto_on_this_host_and_in_the_model():
         target_platform(fake_devices("cpu") + fake_devices("tpu"))
     model = dsjax.DeepSeekV3(dsjax.ModelConfig.preset("tiny"))
     assert model.cfg.platform == "cpu" and model.cfg.attention_impl == "xla"
+
+
+def test_resolve_takes_any_iterable_of_devices_and_the_chip_kind():
+    """Trainers pass mesh.devices.flat (a one-shot iterator); the "lite" TPUs (v5e, v6e) get padded dispatch, as
+    their compiler refuses ragged_all_to_all."""
+    cfg = dsjax.ModelConfig.preset("tiny", dtype="bfloat16")
+    assert resolve(cfg, iter(fake_devices("cuda"))).attention_impl == "cudnn"
+    lite = [types.SimpleNamespace(platform="tpu", device_kind="TPU v5 lite")] * 2
+    assert resolve(cfg, iter(lite)).moe_dispatch == "padded"
+    assert resolve(cfg, fake_devices("tpu")).moe_dispatch == "ragged"

@@ -183,6 +183,9 @@ def test_init_checkpoint_keeps_the_configs_runtime_knobs(cfg, params, tmp_path):
         "moe_capacity_factor": 1.25,
         "moe_device_limit": 1,
         "moe_dispatch": "ragged",
+        "document_mask": False,
+        "unroll_layers": True,
+        "fp8": "e4m3",
     }
     assert set(runtime) == set(RUNTIME_FIELDS), "a new runtime knob: give it a non-default value here"
     assert all(getattr(cfg, k) != v for k, v in runtime.items())  # the checkpoint holds other values throughout

@@ -1,4 +1,5 @@
-"""Model behaviour: decode = forward, MoE backends, router vs NumPy, MTP, bf16 gap, remat, scan."""
+"""Model behaviour: decode = forward, MoE backends, router vs NumPy, MTP, bf16 gap, remat, scan / unroll,
+document masks."""
 
 from __future__ import annotations
 
@@ -272,6 +273,41 @@ def test_remat_gives_same_gradients(tiny_cfg, tiny_params):
         jax.tree_util.tree_flatten_with_path(grads(tiny_cfg))[0], jax.tree.leaves(grads(tiny_cfg.replace(remat="full")))
     ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
+def test_unrolled_layers_equal_the_scan(tiny_cfg, tiny_params):
+    """unroll_layers changes the program, not the math: same logits, MTP logits and gradients (params stay
+    stacked, so checkpoints are shared)."""
+    tok = tokens(2, 8, tiny_cfg.vocab_size, seed=13)
+
+    def run(cfg):
+        model = dsjax.DeepSeekV3(cfg)
+        f = lambda p: model.apply({"params": p}, tok, mtp=True)  # noqa: E731
+        out = jax.jit(f)(tiny_params)
+        g = jax.jit(jax.grad(lambda p: f(p).logits.mean() + f(p).aux["mtp_logits"].mean()))(tiny_params)
+        return out, g
+
+    (a, ga), (b, gb) = run(tiny_cfg), run(tiny_cfg.replace(unroll_layers=True))
+    np.testing.assert_allclose(a.logits, b.logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a.aux["mtp_logits"], b.aux["mtp_logits"], rtol=1e-5, atol=1e-6)
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(ga)[0], jax.tree.leaves(gb)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
+def test_document_mask_off_makes_a_packed_row_one_sequence(tiny_cfg, tiny_params):
+    """document_mask=False: a packed row is one causal sequence (positions 0..T-1), exactly the unpacked forward;
+    with the mask on, the second document differs from that and the first does not."""
+    tok = tokens(2, 12, tiny_cfg.vocab_size, seed=14)
+    seg = jnp.asarray([[1] * 5 + [2] * 7, [1] * 12], jnp.int32)
+    pos = jnp.asarray([list(range(5)) + list(range(7)), list(range(12))], jnp.int32)
+    plain = apply_fn(tiny_cfg)(tiny_params, tok)
+    off = dsjax.DeepSeekV3(tiny_cfg.replace(document_mask=False))
+    got = jax.jit(lambda p, t: off.apply({"params": p}, t, pos, seg).logits)(tiny_params, tok)
+    np.testing.assert_allclose(got, plain, rtol=1e-5, atol=1e-6)
+    on = jax.jit(lambda p, t: dsjax.DeepSeekV3(tiny_cfg).apply({"params": p}, t, pos, seg).logits)(tiny_params, tok)
+    np.testing.assert_allclose(on[0, :5], plain[0, :5], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(on[1], plain[1], rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(on[0, 5:] - plain[0, 5:])).max() > 1e-3
 
 
 def test_scan_keeps_program_size_flat_in_depth():

@@ -221,7 +221,7 @@ def test_device_limited_routing_reaches_at_most_m_devices(e, k, groups, topk_gro
 
 
 def test_memory_plan_splits_state_by_the_rule_table():
-    from experiments.memory_plan import plan, report
+    from experiments.memory_plan import plan, plan_decode, report
 
     cfg = dsjax.ModelConfig.preset("tiny", num_nextn_predict_layers=0)
     sizes = {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1}
@@ -235,6 +235,18 @@ def test_memory_plan_splits_state_by_the_rule_table():
     assert total / 8 <= local < total / 4
     worst, balanced = rows["MoE buffers, one layer (worst)"][1], rows["MoE buffers, one layer (balanced)"][1]
     assert worst > balanced
+    # FSDP transients: a gathered layer is split over `expert` only (routed experts), whole otherwise
+    params = param_shapes(cfg)["moe_layers"]
+    layer_bytes = lambda itemsize: sum(  # noqa: E731
+        x.size // x.shape[0] // (4 if "experts_" in jax.tree_util.keystr(p) else 1) * itemsize
+        for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+    )
+    assert rows["two moe layers' weights gathered (float32)"][1] == 2 * layer_bytes(4)
+    assert rows["one moe layer's gradient before reduce-scatter (float32)"][1] == layer_bytes(4)
+    decode = plan_decode(cfg.replace(dtype="bfloat16"), sizes, batch=16, context=64)
+    cache_total, cache_local = decode["latent cache (16 x 64 positions)"]
+    assert cache_total == cfg.num_hidden_layers * 16 * 64 * cfg.cache_width * 2 and cache_local == cache_total // 8
+    assert decode["total"][1] == sum(v[1] for k, v in decode.items() if k != "total")
     text = report(
         "deepseek-v3-671b",
         dsjax.ModelConfig.preset("deepseek-v3-671b", dtype="bfloat16", remat="full"),

@@ -12,12 +12,21 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import dsjax
+from dsjax.errors import ConfigError
 from dsjax.model import head_weight
 from dsjax.train.losses import lm_loss
-from dsjax.train.optim import OptimConfig, lr_schedule, make_optimizer, param_labels, update_router_bias
+from dsjax.train.optim import (
+    OptimConfig,
+    lr_schedule,
+    make_optimizer,
+    param_labels,
+    scale_by_adam_stored_as,
+    update_router_bias,
+)
 from experiments.configs import tiny
 from tests.conftest import param_shapes, randomize_params, tokens
 
@@ -189,6 +198,36 @@ def test_optimizer_freezes_router_bias_and_skips_norm_decay(tiny_cfg):
     updates = update(jax.tree.map(jnp.zeros_like, params), params)
     assert float(jnp.abs(updates["lm_head"]).max()) > 0
     assert float(jnp.abs(updates["norm"]["weight"]).max()) == 0.0
+
+
+def test_bf16_moments_track_float32_adamw(tiny_cfg):
+    """moment_dtype=bfloat16 stores both AdamW moments in bf16 (half the state) and stays within bf16 rounding
+    of optax's float32 AdamW over 10 steps; stored as float32 it is optax's update to float32 rounding."""
+    params = randomize_params(param_shapes(tiny_cfg), seed=5)
+    grads = [jax.jit(lambda p, i=i: jax.tree.map(lambda x: jnp.sin(x * (i + 1)) * 1e-2, p))(params) for i in range(10)]
+
+    def run(tx):
+        state, ups = tx.init(params), []
+        update = jax.jit(tx.update)
+        for g in grads:
+            u, state = update(g, state, params)
+            ups.append(u)
+        return ups, state
+
+    ref, _ = run(make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, total_steps=10)))
+    low, state = run(make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, total_steps=10, moment_dtype="bfloat16")))
+    moments = [x for x in jax.tree.leaves(state) if x.ndim >= 1]
+    assert moments and all(x.dtype == jnp.bfloat16 for x in moments if x.size > 1)
+    for a, b in zip(jax.tree.leaves(ref[-1]), jax.tree.leaves(low[-1])):
+        scale = float(jnp.abs(a).max()) or 1.0
+        assert float(jnp.abs(a - b).max()) <= 2e-2 * scale
+    ours, theirs = scale_by_adam_stored_as("float32", 0.9, 0.95, 1e-8), optax.scale_by_adam(0.9, 0.95, 1e-8)
+    u, _ = jax.jit(ours.update)(grads[0], ours.init(params), params)
+    v, _ = jax.jit(theirs.update)(grads[0], theirs.init(params))
+    for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(v)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ConfigError, match="moment_dtype"):
+        OptimConfig(moment_dtype="float16")
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -15,9 +15,10 @@ import re
 import ml_dtypes
 import numpy as np
 
+from pallas_kernels.fp8_gemm.quantize import E4M3_MAX
+from pallas_kernels.fp8_gemm.quantize import TILE as BLOCK
+
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
-E4M3_MAX = 448.0  # largest finite float8_e4m3fn
-BLOCK = 128
 
 # The tensors the released checkpoint stores in FP8: every attention projection, the dense MLPs, routed and shared
 # experts (also inside the MTP block). Embeddings, lm_head, norms, the router (mlp.gate) and MTP's eh_proj stay bf16.

@@ -57,8 +57,10 @@ def block_class(cfg: ModelConfig):
 def scanned_blocks(cfg: ModelConfig, moe: bool, length: int, absorb: bool, name: str):
     """`length` blocks with stacked parameters (leading axis = layer), applied with nn.scan.
 
-    Compile time stays flat in depth: XLA sees one block body. Call it with ((x, cache), cos, sin, segment_ids,
-    positions, jnp.arange(length)); the layer index is the scanned input that picks each block's cache slice.
+    Compile time stays flat in depth: XLA sees one block body (cfg.unroll_layers: `length` copies of it, so the
+    backward pass reads each layer's residuals where the forward left them, not from zero-filled stacks). Call it
+    with ((x, cache), cos, sin, segment_ids, positions, jnp.arange(length)); the layer index is the scanned input
+    that picks each block's cache slice.
     """
     scan = nn.scan(
         block_class(cfg),
@@ -66,5 +68,6 @@ def scanned_blocks(cfg: ModelConfig, moe: bool, length: int, absorb: bool, name:
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
         length=length,
+        unroll=length if cfg.unroll_layers else 1,
     )
     return scan(cfg, moe, absorb, name=name)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
 from dsjax.layers.attention import attention
+from dsjax.layers.fp8 import fp8_dot
 from dsjax.layers.norms import RMSNorm
 from dsjax.layers.rope import apply_rope
 from dsjax.runtime import resolved
@@ -27,11 +28,13 @@ HEADS = ("batch", "seq", "heads", None)  # logical axes of per-head activations 
 
 
 class Linear(nn.Module):
-    """y = x @ kernel, kernel [in, out] (the transpose of a torch Linear weight); computes in cfg.dtype."""
+    """y = x @ kernel, kernel [in, out] (the transpose of a torch Linear weight); computes in cfg.dtype, or in
+    FP8 when cfg.fp8 says so and the layer is one DeepSeek-V3 trains in FP8 (`fp8`)."""
 
     in_features: int
     out_features: int
     cfg: ModelConfig
+    fp8: bool = True
 
     def setup(self):
         self.kernel = self.param(
@@ -43,6 +46,8 @@ class Linear(nn.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = jnp.dtype(self.cfg.dtype)
+        if self.fp8 and self.cfg.fp8 == "e4m3":
+            return fp8_dot(x.astype(dt), self.kernel)  # quantized from the master weight, its gradient float32
         return jnp.dot(x.astype(dt), self.kernel.astype(dt))
 
 

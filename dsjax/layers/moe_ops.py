@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
+from dsjax.layers.fp8 import fp8_grouped_matmul
 from dsjax.layers.mlp import swiglu
 
 
@@ -212,7 +213,9 @@ def dense_experts(x, routing: Routing, gate_up, down, dtype):
 
 
 def expert_matmul(cfg: ModelConfig):
-    """The grouped matmul of a resolved config's sorted-row expert backend."""
+    """The grouped matmul of a resolved config's sorted-row expert backend (FP8 when cfg.fp8 asks)."""
+    if cfg.fp8 == "e4m3":
+        return fp8_grouped_matmul
     if cfg.moe_backend == "gmm":
         return functools.partial(pallas_gmm, platform=cfg.platform)
     return ragged_dot

@@ -31,7 +31,7 @@ class MTPModule(nn.Module):
         d = cfg.hidden_size
         e = RMSNorm(cfg.rms_norm_eps, pdt, name="enorm")(emb)
         h = RMSNorm(cfg.rms_norm_eps, pdt, name="hnorm")(h_prev)
-        x = Linear(2 * d, d, cfg, name="eh_proj")(jnp.concatenate([e, h], axis=-1))
+        x = Linear(2 * d, d, cfg, fp8=False, name="eh_proj")(jnp.concatenate([e, h], axis=-1))
         (x, kv_cache), stats = block_class(cfg)(cfg, cfg.num_moe_layers > 0, absorb, name="block")(
             (x, kv_cache), cos, sin, segment_ids, positions
         )

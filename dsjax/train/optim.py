@@ -16,6 +16,8 @@ import optax
 from dsjax.errors import ConfigError
 from dsjax.layers.moe import ROUTER_BIAS
 
+MOMENT_DTYPES = ("float32", "bfloat16")
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -31,6 +33,9 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     clip_norm: float = 1.0
+    # Storage dtype of AdamW's two moments: "float32", or "bfloat16" as DeepSeek-V3 keeps them (half the optimizer
+    # state and its memory traffic; the update arithmetic stays float32)
+    moment_dtype: str = "float32"
 
     def __post_init__(self):
         object.__setattr__(self, "step_boundaries", tuple(self.step_boundaries))  # hashable (step-fn cache key)
@@ -41,6 +46,8 @@ class OptimConfig:
                 f"total_steps must be >= 1 and --config.optim.warmup_steps >= 0 "
                 f"(got {self.total_steps}, {self.warmup_steps})"
             )
+        if self.moment_dtype not in MOMENT_DTYPES:
+            raise ConfigError(f"--config.optim.moment_dtype={self.moment_dtype!r} is not one of {MOMENT_DTYPES}")
         if self.lr < 0 or not 0 <= self.b1 < 1 or not 0 <= self.b2 < 1 or self.clip_norm < 0:
             raise ConfigError(
                 f"--config.optim: lr must be >= 0, b1 and b2 in [0, 1), clip_norm >= 0 (got lr={self.lr}, "
@@ -83,11 +90,43 @@ def param_labels(params):
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+def scale_by_adam_stored_as(dtype, b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """Adam's moment scaling (bias-corrected, eps outside the square root, as optax.scale_by_adam) with both
+    moments stored in `dtype`: each step reads them, updates in float32 and rounds them back. The state has
+    optax's ScaleByAdamState structure, so only the dtypes differ from optax.adamw's."""
+    dtype = jnp.dtype(dtype)
+
+    def init(params):
+        zeros = lambda p: jnp.zeros(p.shape, dtype)  # noqa: E731
+        return optax.ScaleByAdamState(
+            jnp.zeros([], jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params)
+        )
+
+    def update(updates, state, params=None):
+        del params
+        count = optax.safe_int32_increment(state.count)
+        f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+        mu = jax.tree.map(lambda g, m: b1 * f32(m) + (1 - b1) * f32(g), updates, state.mu)
+        nu = jax.tree.map(lambda g, v: b2 * f32(v) + (1 - b2) * jnp.square(f32(g)), updates, state.nu)
+        c1, c2 = 1 - b1 ** f32(count), 1 - b2 ** f32(count)
+        out = jax.tree.map(lambda m, v, g: (m / c1 / (jnp.sqrt(v / c2) + eps)).astype(g.dtype), mu, nu, updates)
+        stored = lambda t: jax.tree.map(lambda x: x.astype(dtype), t)  # noqa: E731
+        return out, optax.ScaleByAdamState(count, stored(mu), stored(nu))
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
     sched = lr_schedule(c)
 
     def adamw(wd):
-        return optax.adamw(sched, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=wd)
+        if c.moment_dtype == "float32":
+            return optax.adamw(sched, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=wd)
+        return optax.chain(
+            scale_by_adam_stored_as(c.moment_dtype, c.b1, c.b2, c.eps),
+            optax.add_decayed_weights(wd),
+            optax.scale_by_learning_rate(sched),
+        )
 
     inner = optax.multi_transform(
         {"decay": adamw(c.weight_decay), "no_decay": adamw(0.0), "bias": optax.set_to_zero()}, param_labels

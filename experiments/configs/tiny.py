@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.weight_decay = 0.1
     c.optim.clip_norm = 1.0
+    c.optim.moment_dtype = "float32"  # AdamW moments' storage: float32 or bfloat16 (DeepSeek-V3)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 500

@@ -1,0 +1,76 @@
+"""FP8 training GEMMs with DeepSeek-V3's recipe (its report, section 3.3), behind ModelConfig.fp8 = "e4m3".
+
+All three GEMMs of a linear layer or an expert layer take e4m3 operands with fine-grained scales
+(pallas_kernels/fp8_gemm): forward x . W (x in 1 x 128 tiles along K, W in 128 x 128 blocks), the activation
+gradient dy . W^T (dy in tiles along N, W's blocks, which are the same blocks transposed) and the weight gradient
+x^T . dy (both in 1 x 128 tiles along the rows they contract). Products accumulate in float32; outputs and the
+activation gradient come back in the compute dtype, the weight gradient in the weight's dtype. Everything else
+(embedding, output head, router, norms, attention core, MTP's eh_proj) stays in the compute dtype or float32.
+
+The residuals are the compute-dtype input and weight; each backward quantizes afresh (the kernels will fuse
+quantize + transpose). Until the Mosaic GPU FP8 kernel lands, pallas_kernels.fp8_gemm runs its XLA reference:
+the numerics of FP8 training without its speed.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.fp8_gemm import fp8_gemm, fp8_gmm, fp8_tgmm, quantize_blocks, quantize_tiles
+
+
+@jax.custom_vjp
+def fp8_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., K] @ w [K, N] -> [..., N] in x.dtype, every GEMM in e4m3."""
+    return _fp8_dot_fwd(x, w)[0]
+
+
+def _fp8_dot_fwd(x, w):
+    k, n = w.shape
+    xq, xs = quantize_tiles(x.reshape(-1, k))
+    wq, ws = quantize_blocks(w)
+    return fp8_gemm(xq, xs, wq, ws, out_dtype=x.dtype).reshape(*x.shape[:-1], n), (x, w)
+
+
+def _fp8_dot_bwd(res, dy):
+    x, w = res
+    k, n = w.shape
+    x2, dy2 = x.reshape(-1, k), dy.reshape(-1, n)
+    dq, ds = quantize_tiles(dy2)
+    wq, ws = quantize_blocks(w.T)  # [K, N]: contracts N
+    dx = fp8_gemm(dq, ds, wq, ws, out_dtype=x.dtype).reshape(x.shape)
+    aq, a_s = quantize_tiles(x2.T)  # [K, M]: tiles along the contracted rows
+    bq, bs = quantize_tiles(dy2.T)  # [N, M]
+    dw = fp8_gemm(aq, a_s, bq, bs, out_dtype=jnp.float32, rhs_tiles=True)
+    return dx, dw.astype(w.dtype)
+
+
+fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)
+
+
+@jax.custom_vjp
+def fp8_grouped_matmul(rows: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
+    """Expert-sorted rows [M, K] x w [G, K, N] -> [M, N] in rows.dtype (rows past sum(sizes): zero), in e4m3.
+    The signature of dsjax.layers.moe_ops' grouped matmuls."""
+    return _fp8_gmm_fwd(rows, w, sizes)[0]
+
+
+def _fp8_gmm_fwd(rows, w, sizes):
+    xq, xs = quantize_tiles(rows)
+    wq, ws = quantize_blocks(w)
+    return fp8_gmm(xq, xs, wq, ws, sizes, out_dtype=rows.dtype), (rows, w, sizes)
+
+
+def _fp8_gmm_bwd(res, dy):
+    rows, w, sizes = res
+    dq, ds = quantize_tiles(dy)
+    wq, ws = quantize_blocks(jnp.swapaxes(w, 1, 2))  # [G, K, N]: contracts N
+    drows = fp8_gmm(dq, ds, wq, ws, sizes, out_dtype=rows.dtype)
+    aq, a_s = quantize_tiles(rows.T)
+    bq, bs = quantize_tiles(dy.T)
+    dw = fp8_tgmm(aq, a_s, bq, bs, sizes, out_dtype=jnp.float32)
+    return drows, dw.astype(w.dtype), None
+
+
+fp8_grouped_matmul.defvjp(_fp8_gmm_fwd, _fp8_gmm_bwd)

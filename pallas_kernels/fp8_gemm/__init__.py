@@ -1,0 +1,28 @@
+"""FP8 (e4m3) GEMMs with DeepSeek-V3's fine-grained scaling: 1 x 128 activation tiles, 128 x 128 weight blocks.
+
+quantize.py holds the scaling, reference.py the XLA reference, ops.py the public entry points (see ops.py for
+what each backend runs today).
+"""
+
+from pallas_kernels.fp8_gemm.ops import fp8_gemm, fp8_gmm, fp8_tgmm, resolve_backend
+from pallas_kernels.fp8_gemm.quantize import (
+    E4M3_MAX,
+    TILE,
+    dequantize_blocks,
+    dequantize_tiles,
+    quantize_blocks,
+    quantize_tiles,
+)
+
+__all__ = [
+    "E4M3_MAX",
+    "TILE",
+    "dequantize_blocks",
+    "dequantize_tiles",
+    "fp8_gemm",
+    "fp8_gmm",
+    "fp8_tgmm",
+    "quantize_blocks",
+    "quantize_tiles",
+    "resolve_backend",
+]

@@ -1,0 +1,78 @@
+"""DeepSeek-V3's fine-grained FP8 scaling (the V3 report, section 3.3), as jittable JAX.
+
+    x_q, x_s = quantize_tiles(x)   # activations [M, K]: one scale per 1 x 128 tile along K
+    w_q, w_s = quantize_blocks(w)  # weights [..., K, N] (Flax [in, out]): one scale per 128 x 128 block,
+                                   # stored K-major [..., N, K] (the released checkpoints' [out, in] layout)
+
+A scale is the tile's (block's) largest magnitude / 448, so that entry lands on e4m3's largest finite value; x is
+x_q * scale. An all-zero tile gets scale 1 (any positive scale stores zeros exactly). Non-finite inputs are not
+screened: they poison their tile, which the training loop's non-finite guard then catches. Ragged edges (K or N
+not a multiple of 128) are zero-padded for the reduction only; outputs keep the input's shape.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+E4M3 = jnp.float8_e4m3fn
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+TILE = 128  # tile length along K for activations, block edge for weights
+
+
+def tiles(n: int) -> int:
+    """Scales along an axis of n elements: ceil(n / 128)."""
+    return -(-n // TILE)
+
+
+def _pad_axis(x, axis: int):
+    pad = tiles(x.shape[axis]) * TILE - x.shape[axis]
+    if not pad:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths)
+
+
+def _scale(amax):
+    return jnp.where(amax == 0, 1.0, amax / E4M3_MAX).astype(jnp.float32)  # NaN / inf amax: a poisoned scale
+
+
+def _to_e4m3(x):
+    # x / scale can pass 448 by a rounding error at the tile maximum; clip so it cannot become NaN (e4m3fn has no
+    # infinity). NaN stays NaN through the clip.
+    return jnp.clip(x, -E4M3_MAX, E4M3_MAX).astype(E4M3)
+
+
+def quantize_tiles(x):
+    """x [M, K] -> (x_q float8_e4m3fn [M, K], x_s float32 [M, ceil(K / 128)])."""
+    m, k = x.shape
+    t = _pad_axis(x.astype(jnp.float32), 1).reshape(m, tiles(k), TILE)
+    s = _scale(jnp.max(jnp.abs(t), axis=-1))
+    q = _to_e4m3(t / s[..., None]).reshape(m, -1)[:, :k]
+    return q, s
+
+
+def quantize_blocks(w):
+    """w [..., K, N] -> (w_q float8_e4m3fn [..., N, K], w_s float32 [..., ceil(N / 128), ceil(K / 128)]).
+
+    Transposes while it quantizes (one pass from the float32 master weights): FP8 wgmma takes both operands
+    K-major, which is also the released checkpoints' [out, in] + weight_scale_inv layout."""
+    *lead, k, n = w.shape
+    wt = jnp.swapaxes(w.astype(jnp.float32), -1, -2)
+    b = _pad_axis(_pad_axis(wt, -1), -2).reshape(*lead, tiles(n), TILE, tiles(k), TILE)
+    s = _scale(jnp.max(jnp.abs(b), axis=(-3, -1)))
+    q = _to_e4m3(b / s[..., :, None, :, None]).reshape(*lead, tiles(n) * TILE, tiles(k) * TILE)
+    return q[..., :n, :k], s
+
+
+def dequantize_tiles(x_q, x_s):
+    """(x_q [M, K], x_s [M, ceil(K / 128)]) -> float32 [M, K]."""
+    k = x_q.shape[-1]
+    return x_q.astype(jnp.float32) * jnp.repeat(x_s, TILE, axis=-1)[..., :k]
+
+
+def dequantize_blocks(w_q, w_s):
+    """(w_q [..., N, K], w_s [..., ceil(N / 128), ceil(K / 128)]) -> float32 [..., N, K] (K-major, as stored)."""
+    n, k = w_q.shape[-2:]
+    s = jnp.repeat(jnp.repeat(w_s, TILE, axis=-2)[..., :n, :], TILE, axis=-1)[..., :k]
+    return w_q.astype(jnp.float32) * s
