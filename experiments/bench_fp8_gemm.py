@@ -1,0 +1,136 @@
+"""FP8 GEMMs (pallas_kernels/fp8_gemm) against our BF16 grouped matmul and XLA's bf16 dot, same process.
+
+For each grouped shape G,M,K,N (routed experts; group sizes a seeded Dirichlet split of M) it times the expert
+layer's three GEMMs: forward [M,K] x [G,K,N], dgrad [M,N] x [G,N,K]^T and wgrad (per-group x^T dy), in BF16
+through our gmm / tgmm and in FP8 through fp8_gmm / fp8_tgmm on operands quantized beforehand; plus the
+quantization itself, and "fp8 body": our BF16 gmm kernel fed e4m3 operands with a K-major rhs and block_k=128
+(no scales: the ceiling a scaled kernel can approach). For each dense shape M,K,N (DeepSeek-V3's projections) it
+times forward, dgrad and wgrad with jnp.dot in bf16 and fp8_gemm. Until the Mosaic GPU FP8 kernel lands, fp8_*
+run the XLA reference (dequantize + float32 product): those rows measure the reference, not a kernel.
+
+  python experiments/bench_fp8_gemm.py                  # BASELINES shapes + V3 dense projections, table + --out
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from experiments.bench_util import median_seconds, write_results  # noqa: E402
+from pallas_kernels import fp8_gemm as f8  # noqa: E402
+from pallas_kernels.grouped_matmul import GpuConfig, gmm, gpu, tgmm  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("grouped", "32,16384,7168,4096;32,16384,2048,7168;8,8192,7168,4096", "G,M,K,N shapes (;)")
+flags.DEFINE_string(
+    "dense",
+    "16384,7168,1536;16384,1536,24576;16384,7168,576;16384,512,32768;16384,16384,7168;16384,7168,18432",
+    "M,K,N shapes (;): V3's q_a, q_b, kv_a, kv_b, o_proj and dense gate/up projections at 16k tokens",
+)
+flags.DEFINE_integer("iters", 10, "Calls per timing (median).")
+flags.DEFINE_float("alpha", 4.0, "Dirichlet concentration of the group sizes.")
+flags.DEFINE_string("out", "", "Optional JSON output path.")
+
+
+def _sizes(g, m, seed=0):
+    p = np.random.default_rng(seed).dirichlet([FLAGS.alpha] * g)
+    s = np.floor(p * m).astype(np.int32)
+    s[-1] += m - s.sum()
+    return jnp.asarray(s)
+
+
+def _time(f, *args):
+    return median_seconds(jax.jit(f), *args, warmup=2, iters=FLAGS.iters)
+
+
+def bench_grouped(g, m, k, n):
+    key = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(key[0], (m, k), jnp.bfloat16)
+    w = (jax.random.normal(key[1], (g, k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
+    dy = jax.random.normal(key[2], (m, n), jnp.bfloat16)
+    gs = _sizes(g, m)
+    flops = 2 * m * k * n
+    xq, xs = f8.quantize_tiles(x)
+    wq, ws = f8.quantize_blocks(w)
+    wtq, wts = f8.quantize_blocks(jnp.swapaxes(w, 1, 2))
+    dq, ds = f8.quantize_tiles(dy)
+    aq, a_s = f8.quantize_tiles(x.T)
+    bq, bs = f8.quantize_tiles(dy.T)
+    t = {
+        "bf16 fwd": _time(lambda x, w: gmm(x, w, gs), x, w),
+        # gmm's own dlhs (its VJP; the unused forward is dead code under jit)
+        "bf16 dgrad": _time(lambda x, w, d: jax.vjp(lambda x: gmm(x, w, gs), x)[1](d)[0], x, w, dy),
+        "bf16 wgrad": _time(lambda x, d: tgmm(x, d, gs), x, dy),
+        "fp8 fwd": _time(lambda *a: f8.fp8_gmm(*a, gs), xq, xs, wq, ws),
+        "fp8 dgrad": _time(lambda *a: f8.fp8_gmm(*a, gs), dq, ds, wtq, wts),
+        "fp8 wgrad": _time(lambda *a: f8.fp8_tgmm(*a, gs), aq, a_s, bq, bs),
+    }
+    if jax.default_backend() == "gpu":  # the unscaled ceiling: our bf16 kernel body on e4m3, K-major rhs
+        cfg = GpuConfig(block_k=128, grid_tile_n=8)
+        t["fp8 body (no scales) fwd"] = _time(
+            lambda a, b: gpu.gmm(a, b, gs, transpose_rhs=True, config=cfg, out_dtype=jnp.bfloat16), xq, wq
+        )
+    quant = {
+        "quantize x (tiles)": _time(f8.quantize_tiles, x),
+        "quantize w (blocks, transposing)": _time(f8.quantize_blocks, w),
+    }
+    return {k: (v, flops / v / 1e12) for k, v in t.items()}, quant
+
+
+def bench_dense(m, k, n):
+    key = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(key[0], (m, k), jnp.bfloat16)
+    w = (jax.random.normal(key[1], (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
+    dy = jax.random.normal(key[2], (m, n), jnp.bfloat16)
+    flops = 2 * m * k * n
+    xq, xs = f8.quantize_tiles(x)
+    wq, ws = f8.quantize_blocks(w)
+    wtq, wts = f8.quantize_blocks(w.T)
+    dq, ds = f8.quantize_tiles(dy)
+    aq, a_s = f8.quantize_tiles(x.T)
+    bq, bs = f8.quantize_tiles(dy.T)
+    t = {
+        "bf16 fwd": _time(lambda x, w: jnp.dot(x, w), x, w),
+        "bf16 dgrad": _time(lambda d, w: jnp.dot(d, w.T), dy, w),
+        "bf16 wgrad": _time(lambda x, d: jnp.dot(x.T, d), x, dy),
+        "fp8 fwd": _time(f8.fp8_gemm, xq, xs, wq, ws),
+        "fp8 dgrad": _time(f8.fp8_gemm, dq, ds, wtq, wts),
+        "fp8 wgrad": _time(lambda *a: f8.fp8_gemm(*a, rhs_tiles=True), aq, a_s, bq, bs),
+    }
+    return {k: (v, flops / v / 1e12) for k, v in t.items()}
+
+
+def _row(name, t):
+    cells = " | ".join(f"{k}: {1e3 * s:.2f} ms, {tf:.0f} TFLOP/s" for k, (s, tf) in t.items())
+    ratios = [f"{op} fp8/bf16 {t[f'bf16 {op}'][0] / t[f'fp8 {op}'][0]:.2f}x" for op in ("fwd", "dgrad", "wgrad")]
+    return f"| {name} | {cells} | {', '.join(ratios)} |"
+
+
+def main(argv):
+    del argv
+    backend = f8.resolve_backend("auto")
+    print(f"device {jax.devices()[0].device_kind}; fp8 backend '{backend}' (xla = the dequantize reference)")
+    results = []
+    for spec in filter(None, FLAGS.grouped.split(";")):
+        g, m, k, n = map(int, spec.split(","))
+        t, quant = bench_grouped(g, m, k, n)
+        print(_row(f"gmm G={g} M={m} K={k} N={n}", t), flush=True)
+        print("  " + ", ".join(f"{k}: {1e3 * v:.2f} ms" for k, v in quant.items()), flush=True)
+        results.append({"shape": [g, m, k, n], "grouped": True, "times": t, "quantize": quant})
+    for spec in filter(None, FLAGS.dense.split(";")):
+        m, k, n = map(int, spec.split(","))
+        t = bench_dense(m, k, n)
+        print(_row(f"dense M={m} K={k} N={n}", t), flush=True)
+        results.append({"shape": [m, k, n], "grouped": False, "times": t})
+    write_results(FLAGS.out, " ".join(sys.argv[1:]), results)
+
+
+if __name__ == "__main__":
+    app.run(main)
