@@ -203,3 +203,25 @@ def test_fp8_model_trains_close_to_bf16():
     assert 0.0 < rel < 0.15
     with pytest.raises(ValueError, match="fp8"):
         cfg.replace(fp8="e5m2")
+
+
+# ---------------------------------------------------------------- the Mosaic GPU kernel, interpret mode
+@pytest.mark.parametrize(
+    "m, k, n, sizes",
+    [
+        (200, 256, 136, [60, 0, 90, 0]),  # empty groups, M and N off the tiles, sum(group_sizes) < M
+        (96, 200, 128, [96]),  # one group holding every row (fewer rows than a tile), K off the 128 tile
+    ],
+)
+def test_gpu_kernel_equals_the_reference_in_interpret_mode(m, k, n, sizes):
+    """The kernel (outputs poisoned with NaN by the interpreter, so every element must be written) against the
+    reference on the same quantized operands: per-128-K promotion gives the same float32 sums up to rounding."""
+    (xq, xs), (wq, ws) = _operands(m, k, n, len(sizes), seed=m * n)
+    gs = jnp.asarray(sizes, jnp.int32)
+    got = fp8_gmm(xq, xs, wq, ws, gs, out_dtype=jnp.float32, backend="gpu", interpret=True)
+    want = fp8_gmm(xq, xs, wq, ws, gs, out_dtype=jnp.float32, backend="xla")
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+    assert np.all(np.asarray(got)[sum(sizes) :] == 0)
+    dense = fp8_gemm(xq, xs, wq[0], ws[0], out_dtype=jnp.float32, backend="gpu", interpret=True)
+    np.testing.assert_allclose(dense, fp8_gemm(xq, xs, wq[0], ws[0], out_dtype=jnp.float32), rtol=1e-4, atol=1e-3)

@@ -20,6 +20,7 @@ LONG_FUNCTIONS_ALLOWED = (
     "pallas_kernels/mla_decode/gpu.py",
     "pallas_kernels/mla_decode/gpu_ws.py",
     "pallas_kernels/mla_decode/tpu.py",
+    "pallas_kernels/fp8_gemm/gpu.py",
 )
 
 

@@ -88,7 +88,7 @@ def gmm_tiles(group_sizes, m, block_m):
     return count, group, row0, lo + row - row0, jnp.maximum(rows, 0)
 
 
-def _store_rows(out_smem, out_gmem, row0, lo, rows, col0, block_m, block_n):
+def store_rows(out_smem, out_gmem, row0, lo, rows, col0, block_m, block_n):
     """TMA-store smem rows [lo, lo+rows) to out rows row0+lo..; full tiles take one store."""
 
     @pl.when(rows == block_m)
@@ -199,7 +199,7 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, config=None, interpret=Fa
                 def store_chunk(r0):
                     clo = jnp.clip(lo - r0, 0, epi_m)
                     crows = jnp.clip(lo + rows - r0, 0, epi_m) - clo
-                    _store_rows(out_smem.at[wg], out_gmem, row0 + r0, clo, crows, n0 + wg * bn, epi_m, bn)
+                    store_rows(out_smem.at[wg], out_gmem, row0 + r0, clo, crows, n0 + wg * bn, epi_m, bn)
 
                 return store_chunk
 
@@ -268,7 +268,7 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, config=None, interpret=Fa
             def _(out_smem):
                 out_smem[...] = acc.astype(out_dtype)
                 plgpu.commit_smem()
-                _store_rows(out_smem, out_gmem, row0, lo, rows, n0, bm, bn)
+                store_rows(out_smem, out_gmem, row0, lo, rows, n0, bm, bn)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
         gpu_common.persistent_loop(meta[0][0] * n_tiles, tile)
