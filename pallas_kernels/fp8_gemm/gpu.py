@@ -33,7 +33,9 @@ BLOCK_K = 128  # = the scaling tile: one promotion per K step
 
 @dataclasses.dataclass(frozen=True)
 class Fp8GpuConfig:
-    block_m: int = 128
+    # 64: the running sum and each step's fresh accumulator are both live, 2 x 64 x 128 float32 = 128 registers a
+    # thread in one warpgroup (two 128-row accumulators would need 256, past the 255-register limit)
+    block_m: int = 64
     block_n: int = 128
     max_concurrent_steps: int = 4
     grid_tile_n: int = 8  # tile order: strips of this many N tiles (as the bf16 gmm's forward)
