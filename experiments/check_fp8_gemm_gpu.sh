@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# First look at the Mosaic GPU FP8 kernel on a Hopper GPU (jax 0.11.x), before any timing: its test cases compiled
+# (FP8_TEST_REAL_GPU=1: no interpreter) against the XLA reference, under a time limit (a hang costs the limit).
+# Then time:  python3 experiments/bench_fp8_gemm.py
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+FP8_TEST_REAL_GPU=1 timeout "${LIMIT:-300}" python3 -m pytest -q tests/test_fp8_gemm.py -k gpu_kernel
+status=$?
+[ $status -eq 124 ] && echo "pytest TIMED OUT (a kernel hang?)"
+exit $status
