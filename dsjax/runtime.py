@@ -61,9 +61,9 @@ def resolve(cfg: ModelConfig, devices: Sequence | None = None) -> ModelConfig:
     """cfg with `platform` and every "auto" knob made concrete for `devices` (explicit values are kept; an
     explicit cfg.platform wins over the devices)."""
     devices = list(jax.devices() if devices is None else devices)  # may be an iterator (mesh.devices.flat)
-    platform = cfg.platform if cfg.platform != "auto" else target_platform(devices)
-    kind = getattr(devices[0], "device_kind", "") if devices and target_platform(devices) == platform else ""
-    picks = choices(platform, cfg.dtype, kind)
+    host = target_platform(devices)
+    platform = cfg.platform if cfg.platform != "auto" else host
+    picks = choices(platform, cfg.dtype, getattr(devices[0], "device_kind", "") if platform == host else "")
     return cfg.replace(platform=platform, **{k: v for k, v in picks.items() if getattr(cfg, k) == "auto"})
 
 

@@ -111,16 +111,14 @@ def _batch(mesh, shapes: dict, batch_dim: int):
 
 def compile_pretrain(config, devices, mesh_flag: str) -> dict:
     from dsjax.runtime import resolve
-    from dsjax.train.loop import check_counts, model_config, to_plain
-    from dsjax.train.optim import OptimConfig
+    from dsjax.train.loop import check_counts, model_config
     from dsjax.train.trainer import make_step_fns
     from sharding.mesh import make_mesh
 
     check_counts(config, "train", positive=("grad_accum",))
     mesh = make_mesh(mesh_flag or {"data": -1}, devices)
     cfg = resolve(model_config(config), devices)
-    ocfg = OptimConfig(**{**to_plain(config.optim), "total_steps": config.train.steps})
-    step, _, _, tx = make_step_fns(cfg, config, ocfg, mesh)
+    step, _, _, tx = make_step_fns(cfg, config, mesh)
     params, opt = _state(cfg, tx, mesh)
     accum, b, t = config.train.grad_accum, config.data.batch_size, config.data.seq_len
     shape = (accum, b // accum, t)
@@ -136,26 +134,13 @@ def compile_pretrain(config, devices, mesh_flag: str) -> dict:
 
 
 def compile_grpo(config, devices, mesh_flag: str) -> dict:
-    from dsjax.rl.trainer import GrpoRun, grpo_step_fns
-    from dsjax.train.loop import to_plain
-    from dsjax.train.optim import OptimConfig
+    from dsjax.rl.trainer import GrpoRun
     from sharding.mesh import make_mesh
 
     mesh = make_mesh(mesh_flag or {"data": -1}, devices)
     run = GrpoRun(config, devices)
-    g, r = config.grpo, config.rollout
-    ocfg = OptimConfig(**{**to_plain(config.optim), "total_steps": max(g.steps * g.mu, 1)})
-    update, _, tx = grpo_step_fns(
-        run.cfg,
-        ocfg,
-        run.max_new_tokens,
-        float(r.temperature),
-        g.loss_type,
-        float(g.epsilon_low),
-        float(g.epsilon_high),
-        float(g.beta),
-        mesh,
-    )
+    r = config.rollout
+    update, _, tx = run.update_fns(mesh)
     params, opt = _state(run.cfg, tx, mesh)
     rows, n = r.num_prompts * r.num_samples, run.max_new_tokens
     shapes = {
@@ -164,7 +149,7 @@ def compile_grpo(config, devices, mesh_flag: str) -> dict:
         "advantages": ((rows,), jnp.float32),
     }
     shapes.update({k: ((rows, n), jnp.float32) for k in ("mask", "valid", "sampler_logprobs", "old_logprobs")})
-    if g.beta:
+    if config.grpo.beta:
         shapes["ref_logprobs"] = ((rows, n), jnp.float32)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     return {

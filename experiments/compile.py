@@ -26,16 +26,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# libtpu, for compiling only: the host's own platform stays the CPU, and libtpu is told there is no TPU host to find
-# (a worker name and a chip type: it only initialises with them; the slice compiled for comes from --topology)
-for _k, _v in (
-    ("JAX_PLATFORMS", "cpu"),
-    ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
-    ("TPU_SKIP_MDS_QUERY", "1"),
-    ("TPU_WORKER_HOSTNAMES", "localhost"),
-    ("TPU_ACCELERATOR_TYPE", "v5p-8"),
-):
-    os.environ.setdefault(_k, _v)
+from experiments.libtpu_env import set_compile_only_defaults  # noqa: E402
+
+set_compile_only_defaults()  # before JAX starts: libtpu compiles, the host stays the CPU
 
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

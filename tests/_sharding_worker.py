@@ -25,7 +25,6 @@ from dsjax.model import head_weight
 from dsjax.train.checkpoint import Checkpointer, model_config_dict
 from dsjax.train.loop import model_config
 from dsjax.train.losses import lm_loss
-from dsjax.train.optim import OptimConfig
 from dsjax.train.trainer import make_step_fns
 from experiments.configs import tiny
 from sharding.mesh import make_mesh
@@ -67,7 +66,7 @@ def model_setup():
 
 def run_model(flags: list[str], ckpt: str | None) -> dict:
     c, cfg, params, batch = model_setup()
-    ocfg = OptimConfig(**{**c.optim.to_dict(), "total_steps": 10})
+    c.train.steps = 10  # the optimizer schedule's length
     model = dsjax.DeepSeekV3(cfg)
 
     def loss_fn(p, b):
@@ -79,7 +78,7 @@ def run_model(flags: list[str], ckpt: str | None) -> dict:
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss0, (logits0, counts0)), grads0 = jax.jit(grad_fn)(params, batch)
-    step0, _, _, tx = make_step_fns(cfg, c, ocfg)
+    step0, _, _, tx = make_step_fns(cfg, c)
     micro = jax.tree.map(lambda x: x[None], batch)  # one micro-batch per step
     ref1 = step0(copy(params), tx.init(params), np.int32(0), micro)
     ref2 = step0(copy(ref1[0]), copy(ref1[1]), np.int32(1), micro)
@@ -109,7 +108,7 @@ def run_model(flags: list[str], ckpt: str | None) -> dict:
         fn = bind(mesh, jax.jit(grad_fn))
         (loss, (logits, counts)), grads = fn(p, b)
         hlo = bind(mesh, lambda *a: jax.jit(grad_fn).lower(*a).as_text())(p, b)
-        step, _, _, _ = make_step_fns(cfg, c, ocfg, mesh)
+        step, _, _, _ = make_step_fns(cfg, c, mesh)
         p1, o1, m1 = step(p, o, np.int32(0), shard_batch(mesh, micro, batch_dim=1))
         experts = p1["moe_layers"]["mlp"]["experts_gate_up_proj"].sharding.spec
         out["meshes"][flag] = {
@@ -135,7 +134,7 @@ def run_model(flags: list[str], ckpt: str | None) -> dict:
         like_p, like_o = shard_train_state(first, copy(params), tx.init(params))
         rp, ro, _, _ = ck.restore(1, like_p, like_o)
         ck.close()
-        step, _, _, _ = make_step_fns(cfg, c, ocfg, first)
+        step, _, _, _ = make_step_fns(cfg, c, first)
         same_layout = all(x.sharding == y.sharding for x, y in zip(jax.tree.leaves(rp), jax.tree.leaves(like_p)))
         values = maxdiff(rp, p1) + maxdiff(ro, o1)
         _, _, m2 = step(rp, ro, np.int32(1), shard_batch(first, micro, batch_dim=1))

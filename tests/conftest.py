@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from experiments.libtpu_env import set_compile_only_defaults
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Test models are tiny: LLVM optimisation buys nothing at run time and doubles XLA's CPU compile time.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
@@ -13,19 +15,15 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # The tests run on the CPU. With libtpu installed (for the AOT compiles of test_tpu_aot.py, which still work) JAX
-# would otherwise try to start a TPU in every process, and print why it cannot.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# libtpu (compile only) then starts without looking for a TPU host
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
+# would otherwise try to start a TPU in every process, and print why it cannot; libtpu compiles only.
+set_compile_only_defaults()
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+import jax  # noqa: E402 - after the environment above
+import jax.numpy as jnp  # noqa: E402 - after the environment above
+import numpy as np  # noqa: E402 - after the environment above
+import pytest  # noqa: E402 - after the environment above
 
-import dsjax
+import dsjax  # noqa: E402 - after the environment above
 
 YARN = {
     "rope_type": "yarn",

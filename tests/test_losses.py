@@ -110,14 +110,13 @@ def test_train_step_never_holds_the_logits():
     from dsjax.config import ModelConfig
     from dsjax.train.loop import init_params
     from dsjax.train.losses import CE_CHUNK
-    from dsjax.train.optim import OptimConfig
     from dsjax.train.trainer import make_step_fns
     from experiments.bench_util import synthetic_batch
     from experiments.configs import tiny
 
     vocab, batch, seq = 1000, 4, 2048  # 8192 tokens: two chunks per head
     cfg = ModelConfig.preset("tiny", vocab_size=vocab)
-    step, _, use_mtp, tx = make_step_fns(cfg, tiny.get_config(), OptimConfig())
+    step, _, use_mtp, tx = make_step_fns(cfg, tiny.get_config())
     params = jax.eval_shape(lambda: init_params(cfg, 0))
     hlo = (
         step.lower(

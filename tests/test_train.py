@@ -260,8 +260,8 @@ def test_bias_update_uses_whole_step_counts(corpus, tmp_path):
     c = small_config(corpus, grad_accum=2, bias_gamma=0.5, mtp_lambda=0.0)
     c.model.num_nextn_predict_layers = 0  # a smaller program to compile; MTP routers are covered elsewhere
     cfg = model_config(c)
-    ocfg = OptimConfig(**{**c.optim.to_dict(), "total_steps": 10})
-    step_fn, _, _, tx = make_step_fns(cfg, c, ocfg)
+    c.train.steps = 10  # the schedule's length
+    step_fn, _, _, tx = make_step_fns(cfg, c)
     params = randomize_params(param_shapes(cfg), seed=5, std=0.1)
     b = {
         "inputs": tokens(4, 32, 259, seed=6),

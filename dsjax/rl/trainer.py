@@ -214,6 +214,10 @@ class GrpoRun:
             )
         self.max_prompt_length = r.max_prompt_length or self.task.max_prompt_chars + 1  # + bos
         self.max_new_tokens = r.max_new_tokens or self.task.max_answer_chars + 2  # + eos + one spare
+        # the GRPO optimizer, scheduled over every inner update; built (and validated) before any warm start
+        self.optim = OptimConfig(
+            **{**to_plain(config.optim), "total_steps": max(config.grpo.steps * config.grpo.mu, 1)}
+        )
         if r.temperature <= 0:
             raise ConfigError(
                 "--config.rollout.temperature must be > 0: GRPO needs sampled completions and their log-probs"
@@ -237,6 +241,22 @@ class GrpoRun:
         self.eval_problems = self.task.eval_problems()
         self.eval_prompts = self.encode([p.prompt for p in self.eval_problems])
         self.cache_dtype = jnp.dtype(r.cache_dtype or self.cfg.dtype)
+
+    def update_fns(self, mesh=None):
+        """(jitted GRPO update, jitted log-prob fn, optimizer) for this run's config: what the trainer runs and
+        an AOT compile lowers."""
+        g, r = self.c.grpo, self.c.rollout
+        return grpo_step_fns(
+            self.cfg,
+            self.optim,
+            self.max_new_tokens,
+            float(r.temperature),
+            g.loss_type,
+            float(g.epsilon_low),
+            float(g.epsilon_high),
+            float(g.beta),
+            mesh,
+        )
 
     def encode(self, prompts: list[str]) -> list[list[int]]:
         """Token ids of each prompt (bos first); a prompt longer than max_prompt_length is a ValueError."""
@@ -461,21 +481,9 @@ class _Grpo:
     """The GRPO phase: the policy's params, optimizer state and step count, the compiled update, the frozen
     reference (beta > 0), and the checkpoint it saves to."""
 
-    def __init__(
-        self, run: GrpoRun, params, ocfg: OptimConfig, mesh, ckpt: Checkpointer, key, before: float, run_config: dict
-    ):
-        g, r = run.c.grpo, run.c.rollout
-        self.update, self.logprob_fn, tx = grpo_step_fns(
-            run.cfg,
-            ocfg,
-            run.max_new_tokens,
-            float(r.temperature),
-            g.loss_type,
-            float(g.epsilon_low),
-            float(g.epsilon_high),
-            float(g.beta),
-            mesh,
-        )
+    def __init__(self, run: GrpoRun, params, mesh, ckpt: Checkpointer, key, before: float, run_config: dict):
+        g = run.c.grpo
+        self.update, self.logprob_fn, tx = run.update_fns(mesh)
         # frozen reference = the warm start; copied because the update donates (and so invalidates) `params`
         self.ref = jax.tree.map(jnp.copy, cast_for_rollout(params, run.cfg.dtype)) if g.beta else None
         self.params, self.opt_state, self.step = params, tx.init(params), 0
@@ -620,7 +628,6 @@ def train(config, workdir: str, mesh=None) -> dict[str, Any]:
 
 def _train(config, workdir: str, mesh, run: GrpoRun, t_start: float) -> dict[str, Any]:
     g, t = config.grpo, config.train
-    ocfg = OptimConfig(**{**to_plain(config.optim), "total_steps": max(g.steps * g.mu, 1)})
     ckpt = Checkpointer(workdir, keep=t.keep, async_save=t.async_save)
     check = ResumeCheck(run.cfg, workdir)
     check.early(ckpt)  # a checkpoint of another model is refused before the warm start
@@ -631,7 +638,7 @@ def _train(config, workdir: str, mesh, run: GrpoRun, t_start: float) -> dict[str
         print(f"mesh {describe(mesh)}", flush=True)
     params, before = _warm_start(run, workdir, k_init, run_config, mesh)
     print(f"held-out pass@1 after warm start: {before:.3f} ({len(run.eval_problems)} problems, greedy)", flush=True)
-    grpo = _Grpo(run, params, ocfg, mesh, ckpt, key, before, run_config)
+    grpo = _Grpo(run, params, mesh, ckpt, key, before, run_config)
     grpo.restore(check)
     logger, stop = MetricsLogger(workdir, g.steps, tensorboard=t.tensorboard), StopFlag()
     try:

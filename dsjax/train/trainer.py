@@ -120,13 +120,13 @@ def own_data_state(data: dict) -> dict:
     return states[jax.process_index()]
 
 
-def make_step_fns(cfg: ModelConfig, config, ocfg: OptimConfig, mesh=None):
+def make_step_fns(cfg: ModelConfig, config, mesh=None):
     """(jitted train_step, jitted eval_step, use_mtp, optimizer) for a run's ml_collections config: `step_fns`
-    with the loss weights and bias rate of its `train` section."""
+    with its `optim` section (scheduled over train.steps) and the loss weights and bias rate of its `train`."""
     t = config.train
     return step_fns(
         cfg,
-        ocfg,
+        OptimConfig(**{**to_plain(config.optim), "total_steps": t.steps}),
         mtp_lambda=float(t.mtp_lambda),
         balance_alpha=float(t.balance_alpha),
         bias_gamma=float(t.bias_gamma),
@@ -436,10 +436,9 @@ def _train(config, workdir: str, mesh, cfg: ModelConfig, tok) -> dict[str, Any]:
         eval_spec=d.eval_spec or None,
         add_bos=d.add_bos,
     )
-    ocfg = OptimConfig(**{**to_plain(config.optim), "total_steps": t.steps})
     # "auto" knobs resolved once, for the mesh's devices; the checkpoint keeps the config as asked (cfg)
     run_cfg = resolve(cfg, mesh.devices.flat)
-    train_step, eval_step, use_mtp, tx = make_step_fns(run_cfg, config, ocfg, mesh)
+    train_step, eval_step, use_mtp, tx = make_step_fns(run_cfg, config, mesh)
     state = _init_or_restore(run_cfg, tx, mesh, t.seed, ckpt, check, train_it)
     run_config = {"model": model_config_dict(cfg), "experiment": to_plain(config)}
     flops_tok = train_flops_per_token(cfg, d.seq_len, use_mtp)
