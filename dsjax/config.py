@@ -103,9 +103,6 @@ class ModelConfig:
     # False: each segment's layers run as one nn.scan body (compile time flat in depth). True: unrolled (the params
     # stay stacked): no stacked scan residuals, zero-filled and copied per layer, in the backward pass.
     unroll_layers: bool = _runtime(False)
-    # Pretraining: hand the layers their matmul weights already in `dtype` (dsjax.model.compute_weights), so the
-    # backward pass stacks their gradients in `dtype` and casts them once; the numerics are the same
-    cast_weights_once: bool = _runtime(False)
     # "e4m3": the linear layers and routed experts train in FP8 with DeepSeek-V3's fine-grained scaling
     # (dsjax/layers/fp8.py); "none": every GEMM in `dtype`
     fp8: str = _runtime("none")
@@ -200,7 +197,7 @@ class ModelConfig:
         ):
             if getattr(self, f) not in allowed:
                 _bad(f, f"{getattr(self, f)!r} is not one of {allowed}")
-        for f in ("document_mask", "unroll_layers", "cast_weights_once"):
+        for f in ("document_mask", "unroll_layers"):
             if not isinstance(getattr(self, f), bool):
                 _bad(f, f"must be True or False, got {getattr(self, f)!r}")
         if self.moe_capacity_factor < 0 or self.moe_device_limit < 0:

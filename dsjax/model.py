@@ -22,22 +22,6 @@ def head_weight(params, cfg: ModelConfig) -> jax.Array:
     return params["embed_tokens"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]
 
 
-def compute_weights(params, cfg: ModelConfig):
-    """params with the layer stacks' matmul weights (Linear kernels, routed experts; dense, MoE and MTP layers) in
-    cfg.dtype, the dtype every layer casts them to anyway. The router (float32 by design), norms, embedding and
-    head keep theirs. Differentiating through it gives the same gradients, formed in cfg.dtype per layer and cast
-    to the master dtype once (cfg.cast_weights_once)."""
-    dt = jnp.dtype(cfg.dtype)
-
-    def cast(path, x):
-        keys = [str(getattr(k, "key", k)) for k in path]
-        in_layers = keys[0].endswith("_layers") or keys[0].startswith("mtp_")
-        matmul = keys[-1].startswith("experts_") or (keys[-1] == "kernel" and keys[-2] != "gate")
-        return x.astype(dt) if in_layers and matmul else x
-
-    return jax.tree_util.tree_map_with_path(cast, params)
-
-
 class ModelOutput(NamedTuple):
     """What `DeepSeekV3.apply` returns, whatever the options. Unused fields cost nothing under jit (XLA drops
     them): training reads `aux["hidden"]` and never the logits."""

@@ -1,6 +1,6 @@
 """Pretraining throughput on one accelerator: tokens/s and MFU of the real train step against transformers.
 
-  python experiments/bench_pretrain.py                       # `small` preset, bf16, batch 8 x 2048, MTP off and on
+  python experiments/bench_pretrain.py                       # `small` as small.py trains it: batch 16, MTP off and on
   python experiments/bench_pretrain.py --preset=medium --transformers=false --mtp_lambda=0.3
   XLA_FLAGS=--xla_gpu_enable_command_buffer= python experiments/bench_pretrain.py --profile --mtp_lambda=0
 
@@ -18,10 +18,13 @@ import json
 import os
 import sys
 import time
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
+
+ONE_GPU = "one_gpu"  # the variant named after experiments/configs/small.py's training knobs
 
 flags.DEFINE_string("preset", "small", "ModelConfig preset to train.")
 flags.DEFINE_list(
@@ -31,7 +34,7 @@ flags.DEFINE_list(
     "attention_impls", ["auto"], "Comma-separated full-attention implementations (auto, xla, cudnn, splash)."
 )
 flags.DEFINE_string("hlo_out", "", "Write each compiled step's optimized HLO text into this directory.")
-flags.DEFINE_integer("batch", 8, "Sequences per step.")
+flags.DEFINE_integer("batch", 16, "Sequences per step (16: experiments/configs/small.py's).")
 flags.DEFINE_integer("seq_len", 2048, "Tokens per sequence.")
 flags.DEFINE_integer("steps", 20, "Timed train steps per backend (after 2 warm-up steps).")
 flags.DEFINE_string("remat", "none", "Rematerialisation policy (none, full, dots, dots_no_batch).")
@@ -44,9 +47,9 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_list(
     "variants",
-    [""],
+    [ONE_GPU],
     "Step variants to time, each NAME or NAME:FIELD=VALUE+FIELD=VALUE over ModelConfig / OptimConfig fields, e.g. "
-    "xdoc:document_mask=false+unroll_layers=true+moment_dtype=bfloat16 (empty: the preset as it is).",
+    f"xdoc:document_mask=false+unroll_layers=true (empty: the preset as it is; {ONE_GPU!r}: small.py's knobs).",
 )
 flags.DEFINE_string("out", "", "Optional JSON output path.")
 flags.DEFINE_bool("components", False, "Also time blocks, attention, experts and head+CE in isolation.")
@@ -81,7 +84,11 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
     from dsjax.config import ModelConfig
     from dsjax.train.optim import OptimConfig
 
-    name, _, sets = spec.partition(":")
+    name, sep, sets = spec.partition(":")
+    if name == ONE_GPU and not sep:
+        from experiments.configs import small
+
+        return name, dict(small.ONE_GPU), {"moment_dtype": small.get_config().optim.moment_dtype}
     model, optim = {}, {}
     for item in filter(None, sets.split("+")):
         key, _, value = item.partition("=")
@@ -155,7 +162,8 @@ def components(cfg, params, batch_size, seq_len):
     from dsjax.layers.mla import MLA
     from dsjax.layers.moe import MoE
     from dsjax.layers.rope import rope_cos_sin
-    from dsjax.train.losses import cross_entropy, fused_cross_entropy
+    from dsjax.train import losses
+    from dsjax.train.losses import CE_CHUNK, cross_entropy, fused_cross_entropy
 
     dt = jnp.dtype(cfg.dtype)
     b, t, d = batch_size, seq_len, cfg.hidden_size
@@ -189,6 +197,11 @@ def components(cfg, params, batch_size, seq_len):
     for chunk in FLAGS.ce_chunks:
         out[f"head_ce_fused_{chunk}"] = fb(
             lambda p, x, c=int(chunk): fused_cross_entropy(x, p["w"], tgt, chunk_size=c)[0], head
+        )
+    # the same-run baseline for losses.row_logsumexp (one pass over the logits): jax.nn.logsumexp (two passes)
+    with mock.patch.object(losses, "row_logsumexp", lambda z: jax.nn.logsumexp(z, axis=-1)):
+        out[f"head_ce_fused_{CE_CHUNK}_two_pass_lse"] = fb(
+            lambda p, x: fused_cross_entropy(x, p["w"], tgt, chunk_size=CE_CHUNK)[0], head
         )
     return out
 

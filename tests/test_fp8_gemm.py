@@ -220,13 +220,18 @@ def test_fp8_model_trains_close_to_bf16():
 )
 def test_gpu_kernel_equals_the_reference(m, k, n, sizes):
     """The kernel (outputs poisoned with NaN by the interpreter, so every element must be written) against the
-    reference on the same quantized operands: per-128-K promotion gives the same float32 sums up to rounding."""
+    reference on the same quantized operands: per-128-K promotion gives the same float32 sums up to rounding.
+    On the H200 Hopper's FP8 wgmma accumulates each 128-long K step with reduced precision (~14 bits, the reason
+    for the promotion): measured 3e-4 of the largest output, so the compiled kernel is held to 2e-3 of it."""
     (xq, xs), (wq, ws) = _operands(m, k, n, len(sizes), seed=m * n)
     gs = jnp.asarray(sizes, jnp.int32)
     got = fp8_gmm(xq, xs, wq, ws, gs, out_dtype=jnp.float32, backend="gpu", interpret=INTERPRET)
     want = fp8_gmm(xq, xs, wq, ws, gs, out_dtype=jnp.float32, backend="xla")
     assert np.isfinite(np.asarray(got)).all()
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+    tol = (1e-5 if INTERPRET else 2e-3) * float(jnp.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=tol)
     assert np.all(np.asarray(got)[sum(sizes) :] == 0)
     dense = fp8_gemm(xq, xs, wq[0], ws[0], out_dtype=jnp.float32, backend="gpu", interpret=INTERPRET)
-    np.testing.assert_allclose(dense, fp8_gemm(xq, xs, wq[0], ws[0], out_dtype=jnp.float32), rtol=1e-4, atol=1e-3)
+    want = fp8_gemm(xq, xs, wq[0], ws[0], out_dtype=jnp.float32)
+    tol = (1e-5 if INTERPRET else 2e-3) * float(jnp.abs(want).max())
+    np.testing.assert_allclose(dense, want, rtol=1e-4, atol=tol)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dsjax.layers.moe_ops import combine_pairs, gather_pairs, pair_order
-from dsjax.train.losses import cross_entropy, fused_cross_entropy
+from dsjax.train.losses import cross_entropy, fused_cross_entropy, row_logsumexp
 
 
 def ce_inputs(shape, d, vocab, seed=0, masked=True):
@@ -46,6 +46,18 @@ def test_fused_cross_entropy_matches_plain(shape, d, vocab, chunk, masked):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(jnp.abs(r).max()))
     # without differentiation the forward is the same number
     np.testing.assert_allclose(fused(h, w)[1], plain(h, w)[1], rtol=1e-5)
+
+
+def test_row_logsumexp_is_logsumexp_in_one_pass():
+    """The one-pass (online max + rescaled sum) reduction equals jax.nn.logsumexp, including rows that are all
+    -inf, half -inf, hold one huge value, or are wide and spread (many rescales)."""
+    x = jax.random.normal(jax.random.key(3), (6, 1003), jnp.float32) * 30.0
+    x = x.at[0].set(-jnp.inf).at[1, :700].set(-jnp.inf).at[2, 11].set(3e38).at[3].set(0.0)
+    got, want = jax.jit(row_logsumexp)(x), jax.nn.logsumexp(x, axis=-1)
+    assert got[0] == -jnp.inf and want[0] == -jnp.inf
+    np.testing.assert_allclose(got[1:], want[1:], rtol=1e-6)
+    np.testing.assert_allclose(got[3], np.log(1003.0), rtol=1e-6)
+    assert row_logsumexp(x[None]).shape == (1, 6)
 
 
 def test_fused_cross_entropy_bf16_hidden_keeps_head_dtype():

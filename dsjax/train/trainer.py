@@ -27,7 +27,7 @@ import numpy as np
 from dsjax.config import ModelConfig
 from dsjax.data import make_datasets
 from dsjax.errors import ConfigError
-from dsjax.model import DeepSeekV3, compute_weights, head_weight
+from dsjax.model import DeepSeekV3, head_weight
 from dsjax.runtime import resolve
 from dsjax.tokenizer import load_tokenizer
 from dsjax.train.checkpoint import Checkpointer, model_config_dict
@@ -166,8 +166,7 @@ def step_fns(
 
     def loss_fn(params, mb):
         # The logits the model also returns are unused, so XLA drops them: the head runs inside the fused CE.
-        layer_params = compute_weights(params, cfg) if cfg.cast_weights_once else params
-        aux = model.apply({"params": layer_params}, mb["inputs"], mb["positions"], mb["segment_ids"], mtp=use_mtp).aux
+        aux = model.apply({"params": params}, mb["inputs"], mb["positions"], mb["segment_ids"], mtp=use_mtp).aux
         with jax.named_scope("loss"):
             loss, m = lm_loss(
                 aux["hidden"],
