@@ -5,11 +5,13 @@ layer's three GEMMs: forward [M,K] x [G,K,N], dgrad [M,N] x [G,N,K]^T and wgrad 
 through our gmm / tgmm and in FP8 through fp8_gmm / fp8_tgmm on operands quantized beforehand; plus the
 quantization itself, and "fp8 body": our BF16 gmm kernel fed e4m3 operands with a K-major rhs and block_k=128
 (no scales: the ceiling a scaled kernel can approach). For each dense shape M,K,N (DeepSeek-V3's projections) it
-times forward, dgrad and wgrad with jnp.dot in bf16 and fp8_gemm. On a GPU the FP8 forward and dgrad run the
-Mosaic GPU kernel (--fp8_backend); the FP8 wgrad (fp8_tgmm, tile-scaled rhs) is still the XLA reference
-(dequantize + float32 product), so those rows measure the reference, not a kernel.
+times forward, dgrad and wgrad with jnp.dot in bf16 and fp8_gemm. On a GPU every FP8 product runs a Mosaic GPU
+kernel (--fp8_backend); the grouped FP8 wgrad (fp8_tgmm) takes rows laid out group by group on 128-row steps
+(align_groups, as FP8 training does; that re-layout is timed with the quantization).
 
   python experiments/bench_fp8_gemm.py                  # BASELINES shapes + V3 dense projections, table + --out
+  python experiments/bench_fp8_gemm.py --sweep="one_wg:;ws:warp_specialized=true,block_m=128" --dense=
+                                                        # the FP8 kernel's forward under each Fp8GpuConfig, first
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments.bench_util import median_seconds, write_results  # noqa: E402
+from experiments.bench_util import median_seconds, parse_overrides, write_results  # noqa: E402
 from pallas_kernels import fp8_gemm as f8  # noqa: E402
 from pallas_kernels.grouped_matmul import GpuConfig, gmm, gpu, tgmm  # noqa: E402
 
@@ -38,6 +40,12 @@ flags.DEFINE_string(
 flags.DEFINE_integer("iters", 10, "Calls per timing (median).")
 flags.DEFINE_float("alpha", 4.0, "Dirichlet concentration of the group sizes.")
 flags.DEFINE_string("fp8_backend", "", "fp8_gmm / fp8_gemm backend (gpu, xla); empty: gpu on a GPU, else xla.")
+flags.DEFINE_string(
+    "sweep",
+    "",
+    "NAME:FIELD=VALUE,...;... Fp8GpuConfig variants: time each one's grouped forward on every --grouped shape "
+    "(and check it against the first variant's output) before the table.",
+)
 flags.DEFINE_string("out", "", "Optional JSON output path.")
 
 
@@ -56,6 +64,10 @@ def _time(f, *args):
     return median_seconds(jax.jit(f), *args, warmup=2, iters=FLAGS.iters)
 
 
+def _take_rows(x, index):
+    return jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[index]
+
+
 def bench_grouped(g, m, k, n):
     key = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(key[0], (m, k), jnp.bfloat16)
@@ -67,8 +79,9 @@ def bench_grouped(g, m, k, n):
     wq, ws = f8.quantize_blocks(w)
     wtq, wts = f8.quantize_blocks(jnp.swapaxes(w, 1, 2))
     dq, ds = f8.quantize_tiles(dy)
-    aq, a_s = f8.quantize_tiles(x.T)
-    bq, bs = f8.quantize_tiles(dy.T)
+    index, aligned = f8.align_groups(gs, m)  # the FP8 wgrad's layout: each group on 128-row steps
+    aq, a_s = f8.quantize_tiles(_take_rows(x, index).T)
+    bq, bs = f8.quantize_tiles(_take_rows(dy, index).T)
     t = {
         "bf16 fwd": _time(lambda x, w: gmm(x, w, gs), x, w),
         # gmm's own dlhs (its VJP; the unused forward is dead code under jit)
@@ -76,7 +89,7 @@ def bench_grouped(g, m, k, n):
         "bf16 wgrad": _time(lambda x, d: tgmm(x, d, gs), x, dy),
         "fp8 fwd": _time(lambda *a: f8.fp8_gmm(*a, gs, backend=_backend()), xq, xs, wq, ws),
         "fp8 dgrad": _time(lambda *a: f8.fp8_gmm(*a, gs, backend=_backend()), dq, ds, wtq, wts),
-        "fp8 wgrad": _time(lambda *a: f8.fp8_tgmm(*a, gs), aq, a_s, bq, bs),
+        "fp8 wgrad": _time(lambda *a: f8.fp8_tgmm(*a, aligned, backend=_backend()), aq, a_s, bq, bs),
     }
     if jax.default_backend() == "gpu":  # the unscaled ceiling: our bf16 kernel body on e4m3, K-major rhs
         cfg = GpuConfig(block_k=128, grid_tile_n=8)
@@ -85,6 +98,7 @@ def bench_grouped(g, m, k, n):
         )
     quant = {
         "quantize x (tiles)": _time(f8.quantize_tiles, x),
+        "align + transpose + quantize x (wgrad operand)": _time(lambda x: f8.quantize_tiles(_take_rows(x, index).T), x),
         "quantize w (blocks, transposing)": _time(f8.quantize_blocks, w),
     }
     return {k: (v, flops / v / 1e12) for k, v in t.items()}, quant
@@ -108,9 +122,35 @@ def bench_dense(m, k, n):
         "bf16 wgrad": _time(lambda x, d: jnp.dot(x.T, d), x, dy),
         "fp8 fwd": _time(lambda *a: f8.fp8_gemm(*a, backend=_backend()), xq, xs, wq, ws),
         "fp8 dgrad": _time(lambda *a: f8.fp8_gemm(*a, backend=_backend()), dq, ds, wtq, wts),
-        "fp8 wgrad": _time(lambda *a: f8.fp8_gemm(*a, rhs_tiles=True), aq, a_s, bq, bs),
+        "fp8 wgrad": _time(lambda *a: f8.fp8_gemm(*a, rhs_tiles=True, backend=_backend()), aq, a_s, bq, bs),
     }
     return {k: (v, flops / v / 1e12) for k, v in t.items()}
+
+
+def sweep(g, m, k, n):
+    """Forward time of fp8_gmm's GPU kernel under each --sweep config; the largest difference from the first
+    config's output (the configs compute the same sums: any difference is a bug) relative to its largest entry."""
+    key = jax.random.split(jax.random.key(0), 2)
+    xq, xs = f8.quantize_tiles(jax.random.normal(key[0], (m, k), jnp.bfloat16))
+    wq, ws = f8.quantize_blocks((jax.random.normal(key[1], (g, k, n), jnp.float32) * 0.02).astype(jnp.bfloat16))
+    gs, rows, first = _sizes(g, m), [], None
+    for spec in filter(None, FLAGS.sweep.split(";")):
+        name, _, sets = spec.partition(":")
+        cfg = f8.Fp8GpuConfig(**parse_overrides(sets))
+        f = jax.jit(lambda *a, c=cfg: f8.fp8_gmm(*a, gs, backend="gpu", config=c))
+        try:
+            t = _time(f, xq, xs, wq, ws)
+        except Exception as e:  # noqa: BLE001 - one config failing to compile must not hide the others
+            print(f"  {name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        out = np.asarray(f(xq, xs, wq, ws), np.float32)
+        first = out if first is None else first
+        diff = float(np.abs(out - first).max() / max(np.abs(first).max(), 1e-30))
+        print(
+            f"  fp8 fwd {name}: {1e3 * t:.2f} ms, {2 * m * k * n / t / 1e12:.0f} TFLOP/s, diff {diff:.1e}", flush=True
+        )
+        rows.append({"config": name, "overrides": sets, "seconds": t, "rel_diff_vs_first": diff})
+    return rows
 
 
 def _row(name, t):
@@ -121,13 +161,14 @@ def _row(name, t):
 
 def main(argv):
     del argv
-    print(
-        f"device {jax.devices()[0].device_kind}; fp8 backend '{_backend()}' (xla = the dequantize reference; wgrad is"
-    )
-    print("the reference on every backend)")
+    print(f"device {jax.devices()[0].device_kind}; fp8 backend '{_backend()}' (xla = the dequantize reference; the")
+    print("grouped wgrad is the reference on every backend)")
     results = []
     for spec in filter(None, FLAGS.grouped.split(";")):
         g, m, k, n = map(int, spec.split(","))
+        if FLAGS.sweep:
+            print(f"sweep G={g} M={m} K={k} N={n}", flush=True)
+            results.append({"shape": [g, m, k, n], "sweep": sweep(g, m, k, n)})
         t, quant = bench_grouped(g, m, k, n)
         print(_row(f"gmm G={g} M={m} K={k} N={n}", t), flush=True)
         print("  " + ", ".join(f"{k}: {1e3 * v:.2f} ms" for k, v in quant.items()), flush=True)

@@ -15,10 +15,13 @@ import pytest
 from dsjax.convert import fp8 as convert_fp8
 from pallas_kernels.fp8_gemm import (
     E4M3_MAX,
+    Fp8GpuConfig,
+    align_groups,
     dequantize_blocks,
     dequantize_tiles,
     fp8_gemm,
     fp8_gmm,
+    fp8_tgmm,
     quantize_blocks,
     quantize_tiles,
 )
@@ -218,20 +221,103 @@ def test_fp8_model_trains_close_to_bf16():
         (96, 200, 128, [96]),  # one group holding every row (fewer rows than a tile), K off the 128 tile
     ],
 )
-def test_gpu_kernel_equals_the_reference(m, k, n, sizes):
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        Fp8GpuConfig(),
+        Fp8GpuConfig(overlap_promotion=True),
+        Fp8GpuConfig(block_m=128, warp_specialized=True, max_concurrent_steps=2),
+        Fp8GpuConfig(block_m=128, warp_specialized=True, overlap_promotion=True),
+    ],
+    ids=["one_wg", "one_wg_overlap", "warp_specialized", "warp_specialized_overlap"],
+)
+def test_gpu_kernel_equals_the_reference(m, k, n, sizes, cfg):
     """The kernel (outputs poisoned with NaN by the interpreter, so every element must be written) against the
     reference on the same quantized operands: per-128-K promotion gives the same float32 sums up to rounding.
     On the H200 Hopper's FP8 wgmma accumulates each 128-long K step with reduced precision (~14 bits, the reason
     for the promotion): measured 3e-4 of the largest output, so the compiled kernel is held to 2e-3 of it."""
     (xq, xs), (wq, ws) = _operands(m, k, n, len(sizes), seed=m * n)
     gs = jnp.asarray(sizes, jnp.int32)
-    got = fp8_gmm(xq, xs, wq, ws, gs, out_dtype=jnp.float32, backend="gpu", interpret=INTERPRET)
+    got = fp8_gmm(xq, xs, wq, ws, gs, out_dtype=jnp.float32, backend="gpu", interpret=INTERPRET, config=cfg)
     want = fp8_gmm(xq, xs, wq, ws, gs, out_dtype=jnp.float32, backend="xla")
     assert np.isfinite(np.asarray(got)).all()
     tol = (1e-5 if INTERPRET else 2e-3) * float(jnp.abs(want).max())
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=tol)
     assert np.all(np.asarray(got)[sum(sizes) :] == 0)
-    dense = fp8_gemm(xq, xs, wq[0], ws[0], out_dtype=jnp.float32, backend="gpu", interpret=INTERPRET)
+    dense = fp8_gemm(xq, xs, wq[0], ws[0], out_dtype=jnp.float32, backend="gpu", interpret=INTERPRET, config=cfg)
     want = fp8_gemm(xq, xs, wq[0], ws[0], out_dtype=jnp.float32)
     tol = (1e-5 if INTERPRET else 2e-3) * float(jnp.abs(want).max())
     np.testing.assert_allclose(dense, want, rtol=1e-4, atol=tol)
+
+
+@pytest.mark.parametrize(
+    "cfg", [Fp8GpuConfig(), Fp8GpuConfig(block_m=128, warp_specialized=True)], ids=["one_wg", "ws"]
+)
+def test_gpu_kernel_runs_the_dense_weight_gradient(cfg):
+    """dW = x.T @ dy with both operands quantized along the tokens they contract (1 x 128 tiles of x.T and dy.T):
+    the kernel takes dy's tile scales as per-column scales, so the same kernel runs it. Tokens (the contraction),
+    rows and columns all off the tiles; rows of very different magnitudes."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((200, 136)).astype(np.float32) * (10.0 ** rng.integers(-2, 3, (200, 1)))
+    dy = rng.standard_normal((200, 72)).astype(np.float32)
+    (aq, a_s), (bq, bs) = quantize_tiles(jnp.asarray(x.T)), quantize_tiles(jnp.asarray(dy.T))
+    got = fp8_gemm(
+        aq, a_s, bq, bs, rhs_tiles=True, out_dtype=jnp.float32, backend="gpu", interpret=INTERPRET, config=cfg
+    )
+    want = fp8_gemm(aq, a_s, bq, bs, rhs_tiles=True, out_dtype=jnp.float32, backend="xla")
+    assert got.shape == (136, 72)
+    tol = (1e-5 if INTERPRET else 2e-3) * float(jnp.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=tol)
+    assert _rel(np.asarray(want), x.T @ dy) < 0.05  # and the FP8 product is the weight gradient, within e4m3's error
+
+
+def test_align_groups_starts_every_group_on_a_128_row_step():
+    sizes = np.array([130, 0, 5, 256, 1], np.int32)
+    m = 400  # 8 rows past sum(sizes): left out
+    index, padded = (np.asarray(a) for a in align_groups(jnp.asarray(sizes), m))
+    assert padded.tolist() == [256, 0, 128, 256, 128]
+    assert len(index) == 512 + 5 * 128 and len(index) >= padded.sum()
+    src, dst = np.cumsum(sizes) - sizes, np.cumsum(padded) - padded
+    for g in range(len(sizes)):
+        assert dst[g] % 128 == 0
+        np.testing.assert_array_equal(index[dst[g] : dst[g] + sizes[g]], src[g] + np.arange(sizes[g]))
+    assert np.sum(index < m) == sizes.sum()  # every other position takes the zero row
+    assert np.all(index[padded.sum() :] == m)
+
+
+def _aligned_wgrad_operands(x, dy, sizes):
+    index, padded = align_groups(jnp.asarray(sizes, jnp.int32), x.shape[0])
+    take = lambda a: jnp.concatenate([jnp.asarray(a), jnp.zeros((1, a.shape[1]), jnp.float32)])[index]  # noqa: E731
+    return quantize_tiles(take(x).T), quantize_tiles(take(dy).T), padded
+
+
+@pytest.mark.parametrize("sizes", [[100, 0, 37, 150], [300]], ids=["empty_group_and_tail", "one_group"])
+def test_gpu_grouped_weight_gradient_equals_the_reference(sizes):
+    """fp8_tgmm's kernel on group-aligned rows: each expert's x^T dy from its own 128-token tiles; K and N off the
+    tiles, an empty group (zeros), rows past sum(sizes) ignored; and the product is the true per-group gradient
+    within e4m3's error."""
+    rng = np.random.default_rng(11)
+    m, k, n = 300, 136, 72
+    x = rng.standard_normal((m, k)).astype(np.float32) * (10.0 ** rng.integers(-2, 3, (m, 1)))
+    dy = rng.standard_normal((m, n)).astype(np.float32)
+    (aq, a_s), (bq, bs), padded = _aligned_wgrad_operands(x, dy, sizes)
+    got = fp8_tgmm(aq, a_s, bq, bs, padded, backend="gpu", interpret=INTERPRET)
+    want = fp8_tgmm(aq, a_s, bq, bs, padded, backend="xla")
+    assert got.shape == (len(sizes), k, n)
+    tol = (1e-5 if INTERPRET else 2e-3) * float(jnp.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=tol)
+    starts = np.cumsum(sizes) - sizes
+    for g, (s0, size) in enumerate(zip(starts, sizes)):
+        exact = x[s0 : s0 + size].T @ dy[s0 : s0 + size]
+        if size == 0:
+            assert np.all(np.asarray(got[g]) == 0)
+        else:
+            assert _rel(np.asarray(got[g]), exact) < 0.05
+
+
+def test_gpu_grouped_weight_gradient_refuses_misaligned_groups_with_nan():
+    """A group starting mid-tile would share a 128-token scaling tile with its neighbour: NaN, not a quietly
+    wrong gradient (the trainer's non-finite guard then skips the step and says so)."""
+    (aq, a_s), (bq, bs) = (quantize_tiles(jnp.ones((64, 256), jnp.float32)) for _ in range(2))
+    out = fp8_tgmm(aq, a_s, bq, bs, jnp.asarray([100, 156], jnp.int32), backend="gpu", interpret=INTERPRET)
+    assert out.shape == (2, 64, 64) and np.all(np.isnan(np.asarray(out)))

@@ -3,13 +3,14 @@
 All three GEMMs of a linear layer or an expert layer take e4m3 operands with fine-grained scales
 (pallas_kernels/fp8_gemm): forward x . W (x in 1 x 128 tiles along K, W in 128 x 128 blocks), the activation
 gradient dy . W^T (dy in tiles along N, W's blocks, which are the same blocks transposed) and the weight gradient
-x^T . dy (both in 1 x 128 tiles along the rows they contract). Products accumulate in float32; outputs and the
+x^T . dy (both in 1 x 128 tiles along the rows they contract; for the experts, each expert's tokens on tiles of
+their own, as ops.align_groups lays them out). Products accumulate in float32; outputs and the
 activation gradient come back in the compute dtype, the weight gradient in the weight's dtype. Everything else
 (embedding, output head, router, norms, attention core, MTP's eh_proj) stays in the compute dtype or float32.
 
 The residuals are the compute-dtype input and weight; each backward quantizes afresh (the kernels will fuse
-quantize + transpose). Until the Mosaic GPU FP8 kernel lands, pallas_kernels.fp8_gemm runs its XLA reference:
-the numerics of FP8 training without its speed.
+quantize + transpose). pallas_kernels.fp8_gemm's "auto" backend is still its XLA reference (its GPU kernels do not
+yet beat bf16): the numerics of FP8 training without its speed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.fp8_gemm import fp8_gemm, fp8_gmm, fp8_tgmm, quantize_blocks, quantize_tiles
+from pallas_kernels.fp8_gemm import align_groups, fp8_gemm, fp8_gmm, fp8_tgmm, quantize_blocks, quantize_tiles
 
 
 @jax.custom_vjp
@@ -67,10 +68,17 @@ def _fp8_gmm_bwd(res, dy):
     dq, ds = quantize_tiles(dy)
     wq, ws = quantize_blocks(jnp.swapaxes(w, 1, 2))  # [G, K, N]: contracts N
     drows = fp8_gmm(dq, ds, wq, ws, sizes, out_dtype=rows.dtype)
-    aq, a_s = quantize_tiles(rows.T)
-    bq, bs = quantize_tiles(dy.T)
-    dw = fp8_tgmm(aq, a_s, bq, bs, sizes, out_dtype=jnp.float32)
+    # weight gradient: each expert's tokens on their own 128-token scaling tiles (zero rows between experts)
+    index, aligned = align_groups(sizes, rows.shape[0])
+    aq, a_s = quantize_tiles(_take_rows(rows, index).T)
+    bq, bs = quantize_tiles(_take_rows(dy, index).T)
+    dw = fp8_tgmm(aq, a_s, bq, bs, aligned, out_dtype=jnp.float32)
     return drows, dw.astype(w.dtype), None
+
+
+def _take_rows(x, index):
+    """x's rows at index, where index == len(x) reads a zero row."""
+    return jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[index]
 
 
 fp8_grouped_matmul.defvjp(_fp8_gmm_fwd, _fp8_gmm_bwd)

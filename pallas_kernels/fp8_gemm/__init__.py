@@ -4,7 +4,8 @@ quantize.py holds the scaling, reference.py the XLA reference, ops.py the public
 what each backend runs today).
 """
 
-from pallas_kernels.fp8_gemm.ops import fp8_gemm, fp8_gmm, fp8_tgmm, resolve_backend
+from pallas_kernels.fp8_gemm.gpu import Fp8GpuConfig
+from pallas_kernels.fp8_gemm.ops import align_groups, fp8_gemm, fp8_gmm, fp8_tgmm, resolve_backend
 from pallas_kernels.fp8_gemm.quantize import (
     E4M3_MAX,
     TILE,
@@ -17,6 +18,8 @@ from pallas_kernels.fp8_gemm.quantize import (
 __all__ = [
     "E4M3_MAX",
     "TILE",
+    "Fp8GpuConfig",
+    "align_groups",
     "dequantize_blocks",
     "dequantize_tiles",
     "fp8_gemm",

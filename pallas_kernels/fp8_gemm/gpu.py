@@ -11,7 +11,11 @@ Operands (ops.py builds them from quantize_tiles / quantize_blocks):
   x_q [M, K] e4m3, xs_t [K/128, M] float32 (tile scales, transposed: a tile's rows are one contiguous load)
   w_q [G, N, K] e4m3 (K-major), ws_cols [G, K/128, N] float32 (each block scale repeated over its 128 columns)
 Requires M % 8 == 0, M >= block_m, K % 128 == 0, N % block_n == 0 (ops.py pads).
-Not yet warp-specialized (the bf16 gmm's memory/compute warpgroup split and tile chaining are the next step).
+warp_specialized=True: a memory warpgroup streams the operands and two compute warpgroups split each 128-row tile
+(64 rows each, sharing the weight tile), so one warpgroup's promotion runs under the other's wgmma; the pipelines of
+an SM's consecutive tiles are chained, as in the bf16 gmm. overlap_promotion=True instead promotes step k-1 under
+step k's wgmma within a warpgroup (one more register tile). Which is faster is measured on the H200
+(experiments/BENCHMARKS.md); the defaults are the measured best.
 """
 
 from __future__ import annotations
@@ -33,14 +37,19 @@ BLOCK_K = 128  # = the scaling tile: one promotion per K step
 
 @dataclasses.dataclass(frozen=True)
 class Fp8GpuConfig:
-    # 64: the running sum and each step's fresh accumulator are both live, 2 x 64 x 128 float32 = 128 registers a
-    # thread in one warpgroup (two 128-row accumulators would need 256, past the 255-register limit)
+    """block_m: rows per tile (warp-specialized: split between the two compute warpgroups). A warpgroup holds its
+    running sum and each step's fresh accumulator, 2 x 64 x 128 float32 = 128 registers a thread: at most 64 x 128
+    per warpgroup (two 128-row accumulators would need 256, past the 255-register limit)."""
+
     block_m: int = 64
     block_n: int = 128
     max_concurrent_steps: int = 4
     grid_tile_n: int = 8  # tile order: strips of this many N tiles (as the bf16 gmm's forward)
     num_sms: int | None = None  # None: the device's SM count (2 in interpret mode)
     warp_specialized: bool = False  # gpu_common reads it: one warpgroup
+    # Promote K step k-1's partial sums while step k's wgmma runs (one more 64 x 128 register tile), instead of
+    # leaving the tensor cores idle during every promotion
+    overlap_promotion: bool = False
 
 
 def _vector(ref, layout, interpret):
@@ -49,24 +58,95 @@ def _vector(ref, layout, interpret):
     return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
 
 
+def _promote(total, part, xs, ws):
+    """total + part scaled per row (activation tile scales) and per column (weight block scales)."""
+    shape = part.shape
+    return total + part * (lax.broadcast_in_dim(xs, shape, [0]) * lax.broadcast_in_dim(ws, shape, [1]))
+
+
+def check_config(cfg):
+    rows = cfg.block_m // gpu_common.num_wgs(cfg)
+    if rows * cfg.block_n > 64 * 128 or rows % 64 or cfg.block_n % 64:
+        raise ValueError(
+            f"Fp8GpuConfig: block_m={cfg.block_m} rows over {gpu_common.num_wgs(cfg)} warpgroup(s) x block_n="
+            f"{cfg.block_n} must be 64 x 128 per warpgroup at most (multiples of 64): the register file holds two"
+        )
+
+
+def specs_for(bm, bn, first_step=0):
+    """One warpgroup's K-step BlockSpecs: x [bm, 128] and w [bn, 128] (K-major e4m3), their scales [1, bm] and
+    [1, bn]; step kk reads K step first_step + kk (first_step may be traced)."""
+    tf = gpu_common.transforms(BLOCK_K, jnp.float8_e4m3fn)
+    return [
+        plgpu.BlockSpec((bm, BLOCK_K), lambda kk: (0, first_step + kk), transforms=tf, delay_release=1),
+        plgpu.BlockSpec((bn, BLOCK_K), lambda kk: (0, first_step + kk), transforms=tf, delay_release=1),
+        plgpu.BlockSpec((1, bm), lambda kk: (first_step + kk, 0), delay_release=1),
+        plgpu.BlockSpec((1, bn), lambda kk: (first_step + kk, 0), delay_release=1),
+    ]
+
+
+def scaled_k_loop(cfg, specs, steps, operands, interpret):
+    """One warpgroup's float32 [bm, bn] sum over `steps` (may be traced, may be 0) K steps of
+    x_step . w_step^T * (x scales per row x w scales per column), promoted every step. operands: gmem views
+    (x [bm, K], w [bn, K], xs [K/128, bm], ws [K/128, bn]) that `specs` (specs_for) tile."""
+    bm, bn = specs[0].block_shape[0], specs[1].block_shape[0]
+    row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+    mcs = max(2, cfg.max_concurrent_steps)
+
+    def with_scratch(t_smem):
+        def wgmma_then(x_smem, w_smem, meanwhile):
+            """This step's product in a fresh accumulator; `meanwhile` runs while the wgmma does."""
+
+            def product(acc_ref):
+                plgpu.wgmma(acc_ref, x_smem, gpu_common.transposed(w_smem, t_smem))
+                return meanwhile(), acc_ref[...]
+
+            return pl.run_scoped(product, plgpu.ACC((bm, bn), jnp.float32))
+
+        def scales(xs_smem, ws_smem):
+            return _vector(xs_smem.at[0], row_layout, interpret), _vector(ws_smem.at[0], col_layout, interpret)
+
+        def step(_, x_smem, w_smem, xs_smem, ws_smem, total):
+            _, part = wgmma_then(x_smem, w_smem, lambda: None)
+            return _promote(total, part, *scales(xs_smem, ws_smem))
+
+        def step_overlapped(_, x_smem, w_smem, xs_smem, ws_smem, carry):
+            # the carry holds step k-1's unscaled product and scales: promoted under step k's wgmma
+            total, part = wgmma_then(x_smem, w_smem, lambda: _promote(*carry))
+            return (total, part, *scales(xs_smem, ws_smem))
+
+        zero = [jnp.zeros(shape, jnp.float32) for shape in ((bm, bn), (bm,), (bn,))]
+        if not interpret:  # the interpreter has no layouts
+            layouts = (plgpu.Layout.WGMMA, row_layout, col_layout)
+            zero = [plgpu.layout_cast(z, lay) for z, lay in zip(zero, layouts)]
+        tile_zero, row_zero, col_zero = zero
+        init = (tile_zero, tile_zero, row_zero, col_zero) if cfg.overlap_promotion else tile_zero
+        out = plgpu.emit_pipeline(
+            step_overlapped if cfg.overlap_promotion else step,
+            grid=(steps,),
+            in_specs=specs,
+            max_concurrent_steps=mcs,
+            init_carry=init,
+        )(*operands)
+        return _promote(*out) if cfg.overlap_promotion else out
+
+    t_shape = gpu_common.scratch(interpret, (BLOCK_K, bn), jnp.float8_e4m3fn)
+    return with_scratch(None) if t_shape is None else pl.run_scoped(with_scratch, t_shape)
+
+
 def fp8_gmm(x_q, xs_t, w_q, ws_cols, group_sizes, *, config=None, interpret=False, out_dtype=jnp.bfloat16):
     """[M, K] x [G, N, K] -> [M, N] in out_dtype (rows past sum(group_sizes): zeros)."""
     cfg = config or Fp8GpuConfig()
+    check_config(cfg)
+    if cfg.warp_specialized:
+        return _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype)
     m, k = x_q.shape
     n = w_q.shape[1]
-    bm, bn, bk = cfg.block_m, cfg.block_n, BLOCK_K
-    k_steps, n_tiles = k // bk, n // bn
-    mcs = max(2, min(cfg.max_concurrent_steps, k_steps))
+    bm, bn = cfg.block_m, cfg.block_n
+    k_steps, n_tiles = k // BLOCK_K, n // bn
+    cfg = dataclasses.replace(cfg, max_concurrent_steps=min(cfg.max_concurrent_steps, k_steps))
     count, tgroup, trow0, tlo, trows = gmm_tiles(group_sizes, m, bm)
-    tf = gpu_common.transforms(bk, x_q.dtype)
-    specs = [
-        plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=tf, delay_release=1),
-        plgpu.BlockSpec((bn, bk), lambda kk: (0, kk), transforms=tf, delay_release=1),
-        plgpu.BlockSpec((1, bm), lambda kk: (kk, 0), delay_release=1),
-        plgpu.BlockSpec((1, bn), lambda kk: (kk, 0), delay_release=1),
-    ]
-    t_shape = gpu_common.scratch(interpret, (bk, bn), w_q.dtype)
-    row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+    specs = specs_for(bm, bn)
 
     def body(count_ref, group_ref, row0_ref, lo_ref, rows_ref, x_gmem, xs_gmem, w_gmem, ws_gmem, out_gmem):
         def tile(_, lin, __):
@@ -74,32 +154,13 @@ def fp8_gmm(x_q, xs_t, w_q, ws_cols, group_sizes, *, config=None, interpret=Fals
             gi = jnp.maximum(group_ref[mt], 0)
             row0, n0 = pl.multiple_of(row0_ref[mt], 8), nt * bn
             steps = jnp.where(group_ref[mt] >= 0, k_steps, 0)  # zero-tail tiles load nothing
-
-            def with_scratch(t_smem):
-                def step(_, x_smem, w_smem, xs_smem, ws_smem, total):
-                    def product(acc_ref):
-                        plgpu.wgmma(acc_ref, x_smem, gpu_common.transposed(w_smem, t_smem))
-                        return acc_ref[...]
-
-                    part = pl.run_scoped(product, plgpu.ACC((bm, bn), jnp.float32))
-                    xs = _vector(xs_smem.at[0], row_layout, interpret)
-                    ws = _vector(ws_smem.at[0], col_layout, interpret)
-                    scale = lax.broadcast_in_dim(xs, (bm, bn), [0]) * lax.broadcast_in_dim(ws, (bm, bn), [1])
-                    return total + part * scale
-
-                zero = jnp.zeros((bm, bn), jnp.float32)
-                if not interpret:  # the interpreter has no layouts
-                    zero = plgpu.layout_cast(zero, plgpu.Layout.WGMMA)
-                return plgpu.emit_pipeline(
-                    step, grid=(steps,), in_specs=specs, max_concurrent_steps=mcs, init_carry=zero
-                )(
-                    x_gmem.at[pl.ds(row0, bm), :],
-                    w_gmem.at[gi].at[pl.ds(n0, bn), :],
-                    xs_gmem.at[:, pl.ds(row0, bm)],
-                    ws_gmem.at[gi].at[:, pl.ds(n0, bn)],
-                )
-
-            total = with_scratch(None) if t_shape is None else pl.run_scoped(with_scratch, t_shape)
+            operands = (
+                x_gmem.at[pl.ds(row0, bm), :],
+                w_gmem.at[gi].at[pl.ds(n0, bn), :],
+                xs_gmem.at[:, pl.ds(row0, bm)],
+                ws_gmem.at[gi].at[:, pl.ds(n0, bn)],
+            )
+            total = scaled_k_loop(cfg, specs, steps, operands, interpret)
 
             @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((bm, bn), out_dtype))
             def _(out_smem):
@@ -109,6 +170,108 @@ def fp8_gmm(x_q, xs_t, w_q, ws_cols, group_sizes, *, config=None, interpret=Fals
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
         gpu_common.persistent_loop(count_ref[0] * n_tiles, tile)
+        plgpu.wait_smem_to_gmem(0)
+
+    out_type = jax.ShapeDtypeStruct((m, n), out_dtype)
+    return gpu_common.run(body, out_type, cfg, interpret)(count, tgroup, trow0, tlo, trows, x_q, xs_t, w_q, ws_cols)
+
+
+def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype):
+    """Warp-specialized fp8_gmm: tiles of block_m rows x block_n columns, compute warpgroup w owns rows
+    [w * block_m / 2, (w + 1) * block_m / 2) of each; the memory warpgroup (index 2) only loads."""
+    m, k = x_q.shape
+    n = w_q.shape[1]
+    bm, bn, bk = cfg.block_m, cfg.block_n, BLOCK_K
+    half = bm // 2
+    k_steps, n_tiles = k // bk, n // bn
+    mcs = max(2, min(cfg.max_concurrent_steps, k_steps))
+    chain = k_steps % mcs == 0  # chained pipelines must end every tile on the same ring slot
+    count, tgroup, trow0, tlo, trows = gmm_tiles(group_sizes, m, bm)
+    tf = gpu_common.transforms(bk, x_q.dtype)
+    specs = [
+        plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=tf),
+        plgpu.BlockSpec((bn, bk), lambda kk: (0, kk), transforms=tf),
+        plgpu.BlockSpec((1, bm), lambda kk: (kk, 0)),
+        plgpu.BlockSpec((1, bn), lambda kk: (kk, 0)),
+    ]
+    row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+
+    def views(x_gmem, xs_gmem, w_gmem, ws_gmem, gi, row0, n0):
+        return (
+            x_gmem.at[pl.ds(row0, bm), :],
+            w_gmem.at[gi].at[pl.ds(n0, bn), :],
+            xs_gmem.at[:, pl.ds(row0, bm)],
+            ws_gmem.at[gi].at[:, pl.ds(n0, bn)],
+        )
+
+    def body(count_ref, group_ref, row0_ref, lo_ref, rows_ref, x_gmem, xs_gmem, w_gmem, ws_gmem, out_gmem):
+        gmem = (x_gmem, xs_gmem, w_gmem, ws_gmem)
+        n_all, n_real = count_ref[0], count_ref[1]
+        allocs = gpu_common.pipeline(cfg, gpu_common.ignore, gpu_common.ignore, k_steps, specs, mcs).get_allocations(
+            *views(*gmem, 0, 0, 0)
+        )
+
+        def scoped(allocs, wg, t_wg, out_smem):
+            def store(mt, n0):  # this warpgroup's rows of tile mt that hold output
+                lo, rows = lo_ref[mt] - wg * half, rows_ref[mt]
+                clo = jnp.clip(lo, 0, half)
+                crows = jnp.clip(lo + rows, 0, half) - clo
+                store_rows(out_smem.at[wg], out_gmem, row0_ref[mt] + wg * half, clo, crows, n0, half, bn)
+
+            def mma(_, x_smem, w_smem, xs_smem, ws_smem, carry):
+                def product(acc_ref):
+                    a = x_smem.at[pl.ds(wg * half, half)]
+                    plgpu.wgmma(acc_ref, a, gpu_common.transposed(w_smem, t_wg))
+                    out = _promote(*carry) if cfg.overlap_promotion else None  # under this step's wgmma
+                    return out, acc_ref[...]
+
+                promoted, part = pl.run_scoped(product, plgpu.ACC((half, bn), jnp.float32))
+                xs = _vector(xs_smem.at[0, pl.ds(wg * half, half)], row_layout, interpret)
+                ws = _vector(ws_smem.at[0], col_layout, interpret)
+                if cfg.overlap_promotion:
+                    return promoted, part, xs, ws
+                return _promote(carry, part, xs, ws)
+
+            def tile(i, lin, n):
+                mt, nt = gpu_common.tile_order(lin, n_real, n_tiles, cfg.grid_tile_n)
+                gi, row0, n0 = jnp.maximum(group_ref[mt], 0), pl.multiple_of(row0_ref[mt], 8), nt * bn
+
+                def ctx(eval_pipeline):
+                    zero = [jnp.zeros(s, jnp.float32) for s in ((half, bn), (half,), (bn,))]
+                    if not interpret:  # the interpreter has no layouts
+                        layouts = (plgpu.Layout.WGMMA, row_layout, col_layout)
+                        zero = [plgpu.layout_cast(z, lay) for z, lay in zip(zero, layouts)]
+                    init = (zero[0], zero[0], zero[1], zero[2]) if cfg.overlap_promotion else zero[0]
+                    total = eval_pipeline(init)
+                    total = _promote(*total) if cfg.overlap_promotion else total
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has left out_smem
+                    out_smem.at[wg][...] = total.astype(out_dtype)
+                    plgpu.commit_smem()
+                    store(mt, n0)
+
+                def run(state):
+                    gpu_common.pipeline(cfg, mma, ctx, k_steps, specs, mcs, state)(
+                        *views(*gmem, gi, row0, n0), allocations=allocs
+                    )
+
+                gpu_common.chained(run, i, n, chain)
+
+            gpu_common.persistent_loop(n_real * n_tiles, tile)
+
+            @pl.when(wg < 2)  # rows past sum(group_sizes): the compute warpgroups store zeros, no loads
+            def _():
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                out_smem.at[wg][...] = jnp.zeros((half, bn), out_dtype)
+                plgpu.commit_smem()
+                gpu_common.persistent_loop(
+                    (n_all - n_real) * n_tiles,
+                    lambda i, lin, n: store(n_real + lax.div(lin, n_tiles), lax.rem(lin, n_tiles) * bn),
+                )
+
+        gpu_common.ws_scope(
+            allocs, gpu_common.scratch(interpret, (2, bk, bn), w_q.dtype), plgpu.SMEM((2, half, bn), out_dtype), scoped
+        )
+
         plgpu.wait_smem_to_gmem(0)
 
     out_type = jax.ShapeDtypeStruct((m, n), out_dtype)

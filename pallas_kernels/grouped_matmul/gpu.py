@@ -112,19 +112,6 @@ def store_rows(out_smem, out_gmem, row0, lo, rows, col0, block_m, block_n):
             size //= 2
 
 
-def _chained(run_tile, i, n, chain):
-    """Run tile i of n with the pipeline state that chains it to its neighbours. States are static,
-    so each branch gets its own unrolled prologue and drain; a lone tile fills and drains alone."""
-    if not chain:
-        run_tile(None)
-        return
-    pp = plgpu.PipelinePipeline
-    pl.when(n == 1)(lambda: run_tile(None))
-    pl.when((n > 1) & (i == 0))(lambda: run_tile(pp.START))
-    pl.when((i > 0) & (i < n - 1))(lambda: run_tile(pp.STEADY))
-    pl.when((n > 1) & (i == n - 1))(lambda: run_tile(pp.STOP))
-
-
 def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, config=None, interpret=False, out_dtype=None):
     """lhs [M, K] x rhs [G, K, N] (or [G, N, K] with transpose_rhs) -> [M, N].
 
@@ -184,17 +171,7 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, config=None, interpret=Fa
             mcs,
         ).get_allocations(*views(lhs_gmem, rhs_gmem, 0, 0, 0))
 
-        @functools.partial(
-            pl.run_scoped,
-            allocs=allocs,
-            t_smem=gpu_common.scratch(interpret and transpose_rhs, (2, bk, bn), rhs.dtype),
-            out_smem=plgpu.SMEM((2, epi_m, bn), out_dtype),
-            collective_axes="wg",
-        )
-        def _(allocs, t_smem, out_smem):
-            wg = lax.axis_index("wg")
-            t_wg = None if t_smem is None else t_smem.at[wg]
-
+        def scoped(allocs, wg, t_wg, out_smem):
             def store_chunk_fn(row0, lo, rows, n0):
                 def store_chunk(r0):
                     clo = jnp.clip(lo - r0, 0, epi_m)
@@ -223,7 +200,7 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, config=None, interpret=Fa
                         *views(lhs_gmem, rhs_gmem, gi, row0, n0), allocations=allocs
                     )
 
-                _chained(run, i, n, chain)
+                gpu_common.chained(run, i, n, chain)
 
             gpu_common.persistent_loop(n_real * n_tiles, tile)
 
@@ -241,6 +218,13 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, config=None, interpret=Fa
                         store(c * epi_m)
 
                 gpu_common.persistent_loop((n_all - n_real) * n_tiles, zero_tile)
+
+        gpu_common.ws_scope(
+            allocs,
+            gpu_common.scratch(interpret and transpose_rhs, (2, bk, bn), rhs.dtype),
+            plgpu.SMEM((2, epi_m, bn), out_dtype),
+            scoped,
+        )
 
         plgpu.wait_smem_to_gmem(0)
 

@@ -82,6 +82,19 @@ def persistent_loop(num_tiles, body):
     lax.fori_loop(0, steps, lambda i, c: (body(i, i * nsm + sm, steps), c)[1], None)
 
 
+def chained(run_tile, i, n, chain):
+    """Run tile i of n with the pipeline state that chains it to its neighbours. States are static,
+    so each branch gets its own unrolled prologue and drain; a lone tile fills and drains alone."""
+    if not chain:
+        run_tile(None)
+        return
+    pp = plgpu.PipelinePipeline
+    pl.when(n == 1)(lambda: run_tile(None))
+    pl.when((n > 1) & (i == 0))(lambda: run_tile(pp.START))
+    pl.when((i > 0) & (i < n - 1))(lambda: run_tile(pp.STEADY))
+    pl.when((n > 1) & (i == n - 1))(lambda: run_tile(pp.STOP))
+
+
 def run(body, out_type, cfg, interpret):
     """plgpu.kernel over one CTA per SM (grid axis "sm"); warp-specialized: 3 warpgroups (axis "wg")."""
     kw = dict(
@@ -113,6 +126,18 @@ def pipeline(cfg, mma, ctx, steps, in_specs, mcs, state=None):
         compute_context=ctx,
         pipeline_state=state,
     )
+
+
+def ws_scope(allocs, t_shape, out_smem, body):
+    """The warp-specialized kernels' shared smem, allocated collectively over the warpgroups: the pipeline's
+    `allocs`, a transpose scratch per compute warpgroup (t_shape [2, ...] or None on hardware) and the output
+    staging buffers `out_smem`. Runs body(allocs, wg, this warpgroup's scratch or None, out_smem)."""
+
+    def scoped(allocs, t_smem, out_smem):
+        wg = lax.axis_index("wg")
+        body(allocs, wg, None if t_smem is None else t_smem.at[wg], out_smem)
+
+    pl.run_scoped(scoped, allocs=allocs, t_smem=t_shape, out_smem=out_smem, collective_axes="wg")
 
 
 def ignore(*_, **__):

@@ -92,17 +92,7 @@ def tgmm(lhs, dout, group_sizes, *, config=None, interpret=False, out_dtype=None
             mcs,
         ).get_allocations(*views(lhs_gmem, dout_gmem, 0, 0))
 
-        @functools.partial(
-            pl.run_scoped,
-            allocs=allocs,
-            t_smem=gpu_common.scratch(interpret, (2, bm, bc), lhs.dtype),
-            out_smem=plgpu.SMEM((2, epi_m, bn), out_dtype),
-            collective_axes="wg",
-        )
-        def _(allocs, t_smem, out_smem):
-            wg = lax.axis_index("wg")
-            t_wg = None if t_smem is None else t_smem.at[wg]
-
+        def scoped(allocs, wg, t_wg, out_smem):
             def tile(_, lin, __):
                 gi, k0, n0, start, end, c0, steps = tile_info(start_ref, end_ref, lin)
 
@@ -130,6 +120,10 @@ def tgmm(lhs, dout, group_sizes, *, config=None, interpret=False, out_dtype=None
                 )
 
             gpu_common.persistent_loop(g * k_tiles * n_tiles, tile)
+
+        gpu_common.ws_scope(
+            allocs, gpu_common.scratch(interpret, (2, bm, bc), lhs.dtype), plgpu.SMEM((2, epi_m, bn), out_dtype), scoped
+        )
 
         plgpu.wait_smem_to_gmem(0)
 
