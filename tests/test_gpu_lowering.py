@@ -1,0 +1,95 @@
+"""Every Mosaic GPU kernel lowers for CUDA, here on the CPU (no GPU): `jit(...).trace(...).lower(
+lowering_platforms=("cuda",))` runs the Pallas -> Mosaic GPU lowering, where register layouts, wgmma operand
+rules, TMA boxes and shared-memory transforms are checked. The interpret-mode tests check what the kernels compute
+but skip all of that (the interpreter has no layouts), so a kernel change that only breaks on the GPU fails here
+first. PTX compilation and the run itself still need the GPU (FP8_TEST_REAL_GPU / GMM_TEST_REAL_GPU /
+experiments/check_*_gpu.sh)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels import fp8_gemm as f8
+from pallas_kernels.grouped_matmul import GpuConfig, gpu, gpu_tgmm
+from pallas_kernels.mla_decode import gpu as mla_gpu
+from pallas_kernels.mla_decode import mla_decode
+
+S = jax.ShapeDtypeStruct
+E4 = jnp.float8_e4m3fn
+F32, I32, BF16 = jnp.float32, jnp.int32, jnp.bfloat16
+SMS = 132  # an H100 / H200: without a GPU the SM count cannot be read from the device
+G, M, K, N = 4, 512, 384, 256
+
+
+def _lower_for_cuda(f, *avals):
+    text = jax.jit(f).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text  # the kernel itself, not a fallback
+    return text
+
+
+FP8_CONFIGS = {
+    "one_wg": f8.Fp8GpuConfig(num_sms=SMS),
+    "one_wg_overlap": f8.Fp8GpuConfig(num_sms=SMS, overlap_promotion=True),
+    "warp_specialized": f8.Fp8GpuConfig(num_sms=SMS, block_m=128, warp_specialized=True),
+    "warp_specialized_overlap": f8.Fp8GpuConfig(
+        num_sms=SMS, block_m=128, warp_specialized=True, overlap_promotion=True
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(FP8_CONFIGS))
+@pytest.mark.parametrize("out_dtype", [BF16, F32])
+def test_fp8_gmm_lowers_for_cuda(name, out_dtype):
+    cfg = FP8_CONFIGS[name]
+    _lower_for_cuda(
+        lambda *a: f8.fp8_gmm(*a, backend="gpu", config=cfg, out_dtype=out_dtype),
+        S((M, K), E4),
+        S((M, K // 128), F32),
+        S((G, N, K), E4),
+        S((G, N // 128, K // 128), F32),
+        S((G,), I32),
+    )
+
+
+def test_fp8_weight_gradients_lower_for_cuda():
+    cfg = f8.Fp8GpuConfig(num_sms=SMS)
+    tiles = (S((K, M), E4), S((K, M // 128), F32), S((N, M), E4), S((N, M // 128), F32))
+    _lower_for_cuda(lambda *a: f8.fp8_tgmm(*a, backend="gpu", config=cfg), *tiles, S((G,), I32))
+    _lower_for_cuda(lambda *a: f8.fp8_gemm(*a, rhs_tiles=True, backend="gpu", config=cfg), *tiles)
+
+
+def test_fp8_tgmm_kernel_is_one_warpgroup():
+    with pytest.raises(ValueError, match="warp_specialized=False"):
+        f8.fp8_tgmm(
+            *(jnp.zeros((128, 128), E4), jnp.ones((128, 1), F32)) * 2,
+            jnp.asarray([128], I32),
+            backend="gpu",
+            config=f8.Fp8GpuConfig(block_m=128, warp_specialized=True),
+        )
+
+
+@pytest.mark.parametrize("ws", [True, False], ids=["warp_specialized", "one_wg"])
+def test_bf16_grouped_matmuls_lower_for_cuda(ws):
+    cfg = GpuConfig(num_sms=SMS, warp_specialized=ws)
+    sizes = S((G,), I32)
+    _lower_for_cuda(lambda a, b, g: gpu.gmm(a, b, g, config=cfg), S((M, K), BF16), S((G, K, N), BF16), sizes)
+    _lower_for_cuda(
+        lambda a, b, g: gpu.gmm(a, b, g, transpose_rhs=True, config=cfg), S((M, N), BF16), S((G, K, N), BF16), sizes
+    )
+    _lower_for_cuda(lambda a, d, g: gpu_tgmm.tgmm(a, d, g, config=cfg), S((M, K), BF16), S((M, N), BF16), sizes)
+
+
+@pytest.mark.parametrize("kernel", ["ws", "simple"])
+def test_mla_decode_lowers_for_cuda(kernel):
+    cfg = mla_gpu.GpuConfig(kernel=kernel, num_sms=SMS)
+    _lower_for_cuda(
+        lambda q, kv, table, lengths: mla_decode(
+            q, kv, table, lengths, softmax_scale=0.1, backend="gpu", config=cfg, platform="gpu"
+        ),
+        S((2, 1, 16, 576), BF16),
+        S((8, 64, 576), BF16),
+        S((2, 4), I32),
+        S((2,), I32),
+    )
