@@ -106,6 +106,9 @@ class ModelConfig:
     # "e4m3": the linear layers and routed experts train in FP8 with DeepSeek-V3's fine-grained scaling
     # (dsjax/layers/fp8.py); "none": every GEMM in `dtype`
     fp8: str = _runtime("none")
+    # The FP8 GEMMs' kernels (pallas_kernels.fp8_gemm): "gpu" (Mosaic GPU, Hopper) or "xla" (the dequantize
+    # reference); "auto" per platform (dsjax.runtime)
+    fp8_backend: str = _runtime("auto")
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, list):
@@ -194,6 +197,7 @@ class ModelConfig:
             ("decode_attention_impl", DECODE_ATTENTION_IMPLS),
             ("moe_dispatch", ("auto", "ragged", "padded")),
             ("fp8", ("none", "e4m3")),
+            ("fp8_backend", ("auto", "gpu", "xla")),
         ):
             if getattr(self, f) not in allowed:
                 _bad(f, f"{getattr(self, f)!r} is not one of {allowed}")

@@ -9,6 +9,8 @@ devices (`resolved`), so `DeepSeekV3(ModelConfig.preset(...)).apply(...)` works 
     attention_impl  gpu: "cudnn" (bf16/f16 compute, else "xla"); tpu: "splash"; cpu: "xla"
     moe_backend     gpu / tpu: "gmm" (Pallas grouped matmul); cpu: "ragged_dot"
     moe_dispatch    gpu / tpu: "ragged" (ragged_all_to_all); TPU v5e / v6e ("lite" chips) and cpu: "padded"
+    fp8_backend     "xla" everywhere for now: the Mosaic GPU FP8 kernels are not yet faster than bf16 on the H200
+                    (experiments/BENCHMARKS.md); "gpu" opts in
 
 The Pallas kernels (gmm, mla_decode) are handed `cfg.platform`: their own "auto" (decode_attention_impl "auto")
 then only chooses between the platform's kernel and the XLA reference by dtype and shape, never by the host.
@@ -25,7 +27,7 @@ from dsjax.config import ModelConfig
 PLATFORMS = ("cpu", "gpu", "tpu")
 # The knobs resolve() decides: they describe where a run executes, not the model, so a checkpoint's values are
 # not carried to a run elsewhere (load_for_inference resets them to "auto").
-AUTO_FIELDS = ("platform", "attention_impl", "moe_backend", "moe_dispatch")
+AUTO_FIELDS = ("platform", "attention_impl", "moe_backend", "moe_dispatch", "fp8_backend")
 _HALF = ("bfloat16", "float16")
 
 
@@ -54,6 +56,7 @@ def choices(platform: str, dtype: str, device_kind: str = "") -> dict[str, str]:
         "attention_impl": attention,
         "moe_backend": "gmm" if accel else "ragged_dot",
         "moe_dispatch": "ragged" if ragged else "padded",
+        "fp8_backend": "xla",
     }
 
 

@@ -93,3 +93,21 @@ def test_mla_decode_lowers_for_cuda(kernel):
         S((2, 4), I32),
         S((2,), I32),
     )
+
+
+def test_fp8_training_step_runs_the_gpu_kernels_when_asked():
+    """ModelConfig.fp8_backend="gpu" reaches every FP8 GEMM: the tiny model's loss gradient, lowered for CUDA,
+    holds Mosaic GPU kernels (forward, dgrad and wgrad of the projections and experts); "xla" holds none."""
+    import dsjax
+
+    def lowered(backend):
+        cfg = dsjax.ModelConfig.preset("tiny", dtype="bfloat16", fp8="e4m3", fp8_backend=backend, platform="cpu")
+        model = dsjax.DeepSeekV3(cfg)
+        tok = jnp.zeros((2, 16), I32)
+        params = jax.eval_shape(lambda: model.init(jax.random.key(0), tok)["params"])
+        loss = lambda p: model.apply({"params": p}, tok).logits.astype(F32).mean()  # noqa: E731
+        return jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=("cuda",)).as_text()
+
+    # the MLA projections alone are 5 x 3 GEMMs per block (each layer stack's body is lowered once)
+    assert lowered("gpu").count("custom_call @mosaic_gpu") >= 20
+    assert "mosaic_gpu" not in lowered("xla")

@@ -10,10 +10,12 @@ activation gradient come back in the compute dtype, the weight gradient in the w
 
 The residuals are the compute-dtype input and weight; each backward quantizes afresh (the kernels will fuse
 quantize + transpose). pallas_kernels.fp8_gemm's "auto" backend is still its XLA reference (its GPU kernels do not
-yet beat bf16): the numerics of FP8 training without its speed.
+yet beat bf16; ModelConfig.fp8_backend="gpu" opts in): the numerics of FP8 training without its speed.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -21,58 +23,58 @@ import jax.numpy as jnp
 from pallas_kernels.fp8_gemm import align_groups, fp8_gemm, fp8_gmm, fp8_tgmm, quantize_blocks, quantize_tiles
 
 
-@jax.custom_vjp
-def fp8_dot(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., K] @ w [K, N] -> [..., N] in x.dtype, every GEMM in e4m3."""
-    return _fp8_dot_fwd(x, w)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def fp8_dot(x: jax.Array, w: jax.Array, backend: str = "auto") -> jax.Array:
+    """x [..., K] @ w [K, N] -> [..., N] in x.dtype, every GEMM in e4m3 (pallas_kernels.fp8_gemm `backend`)."""
+    return _fp8_dot_fwd(x, w, backend)[0]
 
 
-def _fp8_dot_fwd(x, w):
+def _fp8_dot_fwd(x, w, backend):
     k, n = w.shape
     xq, xs = quantize_tiles(x.reshape(-1, k))
     wq, ws = quantize_blocks(w)
-    return fp8_gemm(xq, xs, wq, ws, out_dtype=x.dtype).reshape(*x.shape[:-1], n), (x, w)
+    return fp8_gemm(xq, xs, wq, ws, out_dtype=x.dtype, backend=backend).reshape(*x.shape[:-1], n), (x, w)
 
 
-def _fp8_dot_bwd(res, dy):
+def _fp8_dot_bwd(backend, res, dy):
     x, w = res
     k, n = w.shape
     x2, dy2 = x.reshape(-1, k), dy.reshape(-1, n)
     dq, ds = quantize_tiles(dy2)
     wq, ws = quantize_blocks(w.T)  # [K, N]: contracts N
-    dx = fp8_gemm(dq, ds, wq, ws, out_dtype=x.dtype).reshape(x.shape)
+    dx = fp8_gemm(dq, ds, wq, ws, out_dtype=x.dtype, backend=backend).reshape(x.shape)
     aq, a_s = quantize_tiles(x2.T)  # [K, M]: tiles along the contracted rows
     bq, bs = quantize_tiles(dy2.T)  # [N, M]
-    dw = fp8_gemm(aq, a_s, bq, bs, out_dtype=jnp.float32, rhs_tiles=True)
+    dw = fp8_gemm(aq, a_s, bq, bs, out_dtype=jnp.float32, rhs_tiles=True, backend=backend)
     return dx, dw.astype(w.dtype)
 
 
 fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)
 
 
-@jax.custom_vjp
-def fp8_grouped_matmul(rows: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def fp8_grouped_matmul(rows: jax.Array, w: jax.Array, sizes: jax.Array, backend: str = "auto") -> jax.Array:
     """Expert-sorted rows [M, K] x w [G, K, N] -> [M, N] in rows.dtype (rows past sum(sizes): zero), in e4m3.
-    The signature of dsjax.layers.moe_ops' grouped matmuls."""
-    return _fp8_gmm_fwd(rows, w, sizes)[0]
+    With `backend` bound, the signature of dsjax.layers.moe_ops' grouped matmuls."""
+    return _fp8_gmm_fwd(rows, w, sizes, backend)[0]
 
 
-def _fp8_gmm_fwd(rows, w, sizes):
+def _fp8_gmm_fwd(rows, w, sizes, backend):
     xq, xs = quantize_tiles(rows)
     wq, ws = quantize_blocks(w)
-    return fp8_gmm(xq, xs, wq, ws, sizes, out_dtype=rows.dtype), (rows, w, sizes)
+    return fp8_gmm(xq, xs, wq, ws, sizes, out_dtype=rows.dtype, backend=backend), (rows, w, sizes)
 
 
-def _fp8_gmm_bwd(res, dy):
+def _fp8_gmm_bwd(backend, res, dy):
     rows, w, sizes = res
     dq, ds = quantize_tiles(dy)
     wq, ws = quantize_blocks(jnp.swapaxes(w, 1, 2))  # [G, K, N]: contracts N
-    drows = fp8_gmm(dq, ds, wq, ws, sizes, out_dtype=rows.dtype)
+    drows = fp8_gmm(dq, ds, wq, ws, sizes, out_dtype=rows.dtype, backend=backend)
     # weight gradient: each expert's tokens on their own 128-token scaling tiles (zero rows between experts)
     index, aligned = align_groups(sizes, rows.shape[0])
     aq, a_s = quantize_tiles(_take_rows(rows, index).T)
     bq, bs = quantize_tiles(_take_rows(dy, index).T)
-    dw = fp8_tgmm(aq, a_s, bq, bs, aligned, out_dtype=jnp.float32)
+    dw = fp8_tgmm(aq, a_s, bq, bs, aligned, out_dtype=jnp.float32, backend=backend)
     return drows, dw.astype(w.dtype), None
 
 

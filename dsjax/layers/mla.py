@@ -47,7 +47,8 @@ class Linear(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = jnp.dtype(self.cfg.dtype)
         if self.fp8 and self.cfg.fp8 == "e4m3":
-            return fp8_dot(x.astype(dt), self.kernel)  # quantized from the master weight, its gradient float32
+            # quantized from the master weight; its gradient comes back float32
+            return fp8_dot(x.astype(dt), self.kernel, self.cfg.fp8_backend)
         return jnp.dot(x.astype(dt), self.kernel.astype(dt))
 
 

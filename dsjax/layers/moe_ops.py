@@ -215,7 +215,7 @@ def dense_experts(x, routing: Routing, gate_up, down, dtype):
 def expert_matmul(cfg: ModelConfig):
     """The grouped matmul of a resolved config's sorted-row expert backend (FP8 when cfg.fp8 asks)."""
     if cfg.fp8 == "e4m3":
-        return fp8_grouped_matmul
+        return lambda rows, w, sizes: fp8_grouped_matmul(rows, w, sizes, cfg.fp8_backend)
     if cfg.moe_backend == "gmm":
         return functools.partial(pallas_gmm, platform=cfg.platform)
     return ragged_dot
