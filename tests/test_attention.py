@@ -112,10 +112,18 @@ def fake_devices(platform, n=2):
 @pytest.mark.parametrize(
     "platform, dtype, want",
     [
-        ("gpu", "bfloat16", dict(attention_impl="cudnn", moe_backend="gmm", moe_dispatch="ragged")),
-        ("gpu", "float32", dict(attention_impl="xla", moe_backend="gmm", moe_dispatch="ragged")),  # cuDNN: 16-bit only
-        ("tpu", "bfloat16", dict(attention_impl="splash", moe_backend="gmm", moe_dispatch="ragged")),
-        ("cpu", "bfloat16", dict(attention_impl="xla", moe_backend="ragged_dot", moe_dispatch="padded")),
+        ("gpu", "bfloat16", dict(attention_impl="cudnn", moe_backend="gmm", moe_dispatch="ragged", fp8_backend="xla")),
+        (
+            "gpu",
+            "float32",
+            dict(attention_impl="xla", moe_backend="gmm", moe_dispatch="ragged", fp8_backend="xla"),
+        ),  # cuDNN: 16-bit
+        ("tpu", "bfloat16", dict(attention_impl="splash", moe_backend="gmm", moe_dispatch="ragged", fp8_backend="xla")),
+        (
+            "cpu",
+            "bfloat16",
+            dict(attention_impl="xla", moe_backend="ragged_dot", moe_dispatch="padded", fp8_backend="xla"),
+        ),
     ],
 )
 def test_auto_resolves_from_the_target_devices(platform, dtype, want):
