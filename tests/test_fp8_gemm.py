@@ -24,6 +24,7 @@ from pallas_kernels.fp8_gemm import (
     fp8_tgmm,
     quantize_blocks,
     quantize_tiles,
+    transposed_blocks,
 )
 
 INTERPRET = os.environ.get("FP8_TEST_REAL_GPU") != "1"
@@ -321,3 +322,14 @@ def test_gpu_grouped_weight_gradient_refuses_misaligned_groups_with_nan():
     (aq, a_s), (bq, bs) = (quantize_tiles(jnp.ones((64, 256), jnp.float32)) for _ in range(2))
     out = fp8_tgmm(aq, a_s, bq, bs, jnp.asarray([100, 156], jnp.int32), backend="gpu", interpret=INTERPRET)
     assert out.shape == (2, 64, 64) and np.all(np.isnan(np.asarray(out)))
+
+
+@pytest.mark.parametrize("shape", [(200, 136), (3, 130, 260)])
+def test_transposed_blocks_are_the_blocks_of_the_transpose(shape):
+    """The FP8 layers' dgrad reuses the forward's quantized weight: its transposed codes and scales equal
+    quantize_blocks of the transposed weight exactly (ragged edges included)."""
+    w = jnp.asarray(np.random.default_rng(5).standard_normal(shape).astype(np.float32)) * 0.03
+    wq, ws = transposed_blocks(*quantize_blocks(w))
+    want_q, want_s = quantize_blocks(jnp.swapaxes(w, -1, -2))
+    np.testing.assert_array_equal(np.asarray(wq, np.float32), np.asarray(want_q, np.float32))
+    np.testing.assert_array_equal(ws, want_s)

@@ -8,8 +8,9 @@ their own, as ops.align_groups lays them out). Products accumulate in float32; o
 activation gradient come back in the compute dtype, the weight gradient in the weight's dtype. Everything else
 (embedding, output head, router, norms, attention core, MTP's eh_proj) stays in the compute dtype or float32.
 
-The residuals are the compute-dtype input and weight; each backward quantizes afresh (the kernels will fuse
-quantize + transpose). pallas_kernels.fp8_gemm's "auto" backend is still its XLA reference (its GPU kernels do not
+The residuals are the compute-dtype input and the forward's quantized weight, whose transposed blocks are the
+dgrad's operand; the backward quantizes the activations afresh along the token axis (fused quantize + transpose
+kernels are still to come). pallas_kernels.fp8_gemm's "auto" backend is still its XLA reference (its GPU kernels do not
 yet beat bf16; ModelConfig.fp8_backend="gpu" opts in): the numerics of FP8 training without its speed.
 """
 
@@ -20,7 +21,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.fp8_gemm import align_groups, fp8_gemm, fp8_gmm, fp8_tgmm, quantize_blocks, quantize_tiles
+from pallas_kernels.fp8_gemm import (
+    align_groups,
+    fp8_gemm,
+    fp8_gmm,
+    fp8_tgmm,
+    quantize_blocks,
+    quantize_tiles,
+    transposed_blocks,
+)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -33,20 +42,24 @@ def _fp8_dot_fwd(x, w, backend):
     k, n = w.shape
     xq, xs = quantize_tiles(x.reshape(-1, k))
     wq, ws = quantize_blocks(w)
-    return fp8_gemm(xq, xs, wq, ws, out_dtype=x.dtype, backend=backend).reshape(*x.shape[:-1], n), (x, w)
+    y = fp8_gemm(xq, xs, wq, ws, out_dtype=x.dtype, backend=backend).reshape(*x.shape[:-1], n)
+    return y, (x, wq, ws, _dtype_of(w))
 
 
 def _fp8_dot_bwd(backend, res, dy):
-    x, w = res
-    k, n = w.shape
+    x, wq, ws, like_w = res
+    n, k = wq.shape
     x2, dy2 = x.reshape(-1, k), dy.reshape(-1, n)
     dq, ds = quantize_tiles(dy2)
-    wq, ws = quantize_blocks(w.T)  # [K, N]: contracts N
-    dx = fp8_gemm(dq, ds, wq, ws, out_dtype=x.dtype, backend=backend).reshape(x.shape)
+    dx = fp8_gemm(dq, ds, *transposed_blocks(wq, ws), out_dtype=x.dtype, backend=backend).reshape(x.shape)
     aq, a_s = quantize_tiles(x2.T)  # [K, M]: tiles along the contracted rows
     bq, bs = quantize_tiles(dy2.T)  # [N, M]
     dw = fp8_gemm(aq, a_s, bq, bs, out_dtype=jnp.float32, rhs_tiles=True, backend=backend)
-    return dx, dw.astype(w.dtype)
+    return dx, dw.astype(like_w.dtype)
+
+
+def _dtype_of(x):
+    return jnp.zeros((0,), x.dtype)  # an empty array carries a dtype through the residuals
 
 
 fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)
@@ -62,20 +75,19 @@ def fp8_grouped_matmul(rows: jax.Array, w: jax.Array, sizes: jax.Array, backend:
 def _fp8_gmm_fwd(rows, w, sizes, backend):
     xq, xs = quantize_tiles(rows)
     wq, ws = quantize_blocks(w)
-    return fp8_gmm(xq, xs, wq, ws, sizes, out_dtype=rows.dtype, backend=backend), (rows, w, sizes)
+    return fp8_gmm(xq, xs, wq, ws, sizes, out_dtype=rows.dtype, backend=backend), (rows, wq, ws, _dtype_of(w), sizes)
 
 
 def _fp8_gmm_bwd(backend, res, dy):
-    rows, w, sizes = res
+    rows, wq, ws, like_w, sizes = res
     dq, ds = quantize_tiles(dy)
-    wq, ws = quantize_blocks(jnp.swapaxes(w, 1, 2))  # [G, K, N]: contracts N
-    drows = fp8_gmm(dq, ds, wq, ws, sizes, out_dtype=rows.dtype, backend=backend)
+    drows = fp8_gmm(dq, ds, *transposed_blocks(wq, ws), sizes, out_dtype=rows.dtype, backend=backend)
     # weight gradient: each expert's tokens on their own 128-token scaling tiles (zero rows between experts)
     index, aligned = align_groups(sizes, rows.shape[0])
     aq, a_s = quantize_tiles(_take_rows(rows, index).T)
     bq, bs = quantize_tiles(_take_rows(dy, index).T)
     dw = fp8_tgmm(aq, a_s, bq, bs, aligned, out_dtype=jnp.float32, backend=backend)
-    return drows, dw.astype(w.dtype), None
+    return drows, dw.astype(like_w.dtype), None
 
 
 def _take_rows(x, index):

@@ -13,6 +13,7 @@ from pallas_kernels.fp8_gemm.quantize import (
     dequantize_tiles,
     quantize_blocks,
     quantize_tiles,
+    transposed_blocks,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "quantize_blocks",
     "quantize_tiles",
     "resolve_backend",
+    "transposed_blocks",
 ]

@@ -65,6 +65,13 @@ def quantize_blocks(w):
     return q[..., :n, :k], s
 
 
+def transposed_blocks(wq, ws):
+    """The block-quantized W^T from W's (wq [..., N, K], ws [..., N/128, K/128]): a 128 x 128 block of W^T is a
+    block of W transposed, with the same amax, so these are exactly quantize_blocks(W^T) (the dgrad's rhs,
+    contracting N) without reading the float32 master weights again."""
+    return jnp.swapaxes(wq, -1, -2), jnp.swapaxes(ws, -1, -2)
+
+
 def dequantize_tiles(x_q, x_s):
     """(x_q [M, K], x_s [M, ceil(K / 128)]) -> float32 [M, K]."""
     k = x_q.shape[-1]
