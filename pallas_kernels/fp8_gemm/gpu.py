@@ -1,6 +1,6 @@
 """FP8 grouped matmul in Pallas Mosaic GPU (Hopper): e4m3 wgmma with DeepSeek-V3's per-128-K promotion.
 
-One warpgroup per CTA, persistent over the tiles of the bf16 gmm (pallas_kernels/grouped_matmul/gpu.py: same
+By default one warpgroup per CTA, persistent over the tiles of the bf16 gmm (pallas_kernels/grouped_matmul/gpu.py: same
 tile list, tile order, ragged-row stores and zero tail). K steps by 128, the scaling granularity: each step's
 wgmma (both operands K-major, as FP8 wgmma requires) accumulates into a fresh register accumulator, which is then
 scaled by the step's activation-tile scales (one per row) and weight-block scales (one per column, expanded from
@@ -14,8 +14,8 @@ Requires M % 8 == 0, M >= block_m, K % 128 == 0, N % block_n == 0 (ops.py pads).
 warp_specialized=True: a memory warpgroup streams the operands and two compute warpgroups split each 128-row tile
 (64 rows each, sharing the weight tile), so one warpgroup's promotion runs under the other's wgmma; the pipelines of
 an SM's consecutive tiles are chained, as in the bf16 gmm. overlap_promotion=True instead promotes step k-1 under
-step k's wgmma within a warpgroup (one more register tile). Which is faster is measured on the H200
-(experiments/BENCHMARKS.md); the defaults are the measured best.
+step k's wgmma within a warpgroup (one more register tile). The default stays the one-warpgroup kernel, the only
+one timed on the H200 so far (experiments/BENCHMARKS.md), until the others are.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class Fp8GpuConfig:
     max_concurrent_steps: int = 4
     grid_tile_n: int = 8  # tile order: strips of this many N tiles (as the bf16 gmm's forward)
     num_sms: int | None = None  # None: the device's SM count (2 in interpret mode)
-    warp_specialized: bool = False  # gpu_common reads it: one warpgroup
+    warp_specialized: bool = False  # True: two compute warpgroups + a memory one (gpu_common reads it too)
     # Promote K step k-1's partial sums while step k's wgmma runs (one more 64 x 128 register tile), instead of
     # leaving the tensor cores idle during every promotion
     overlap_promotion: bool = False
@@ -65,6 +65,7 @@ def _promote(total, part, xs, ws):
 
 
 def check_config(cfg):
+    """ValueError unless each compute warpgroup's share of a tile fits its registers twice (sum + fresh product)."""
     rows = cfg.block_m // gpu_common.num_wgs(cfg)
     if rows * cfg.block_n > 64 * 128 or rows % 64 or cfg.block_n % 64:
         raise ValueError(
