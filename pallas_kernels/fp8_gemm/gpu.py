@@ -64,6 +64,35 @@ def _promote(total, part, xs, ws):
     return total + part * (lax.broadcast_in_dim(xs, shape, [0]) * lax.broadcast_in_dim(ws, shape, [1]))
 
 
+ROW_LAYOUT, COL_LAYOUT = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)  # scales along rows / columns
+
+
+def _promoted_step(cfg, x_smem, w_smem, xs_ref, ws_ref, carry, t_smem, shape, interpret):
+    """One K step: x_smem [rows, 128] . w_smem [cols, 128]^T into a fresh accumulator, then promoted into the
+    float32 sum with xs_ref's row scales and ws_ref's column scales. carry: the sum, or with overlap_promotion
+    (sum, previous step's product, its row scales, its column scales), promoted while this step's wgmma runs."""
+
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, x_smem, gpu_common.transposed(w_smem, t_smem))
+        promoted = _promote(*carry) if cfg.overlap_promotion else None  # issued before the wait below
+        return promoted, acc_ref[...]
+
+    promoted, part = pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+    xs, ws = _vector(xs_ref, ROW_LAYOUT, interpret), _vector(ws_ref, COL_LAYOUT, interpret)
+    return (promoted, part, xs, ws) if cfg.overlap_promotion else _promote(carry, part, xs, ws)
+
+
+def _initial_carry(cfg, shape, interpret):
+    zero = [jnp.zeros(s, jnp.float32) for s in (shape, shape[:1], shape[1:])]
+    if not interpret:  # the interpreter has no layouts
+        zero = [plgpu.layout_cast(z, lay) for z, lay in zip(zero, (plgpu.Layout.WGMMA, ROW_LAYOUT, COL_LAYOUT))]
+    return (zero[0], zero[0], zero[1], zero[2]) if cfg.overlap_promotion else zero[0]
+
+
+def _final_sum(cfg, carry):
+    return _promote(*carry) if cfg.overlap_promotion else carry
+
+
 def check_config(cfg):
     """ValueError unless each compute warpgroup's share of a tile fits its registers twice (sum + fresh product)."""
     rows = cfg.block_m // gpu_common.num_wgs(cfg)
@@ -91,45 +120,19 @@ def scaled_k_loop(cfg, specs, steps, operands, interpret):
     x_step . w_step^T * (x scales per row x w scales per column), promoted every step. operands: gmem views
     (x [bm, K], w [bn, K], xs [K/128, bm], ws [K/128, bn]) that `specs` (specs_for) tile."""
     bm, bn = specs[0].block_shape[0], specs[1].block_shape[0]
-    row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
-    mcs = max(2, cfg.max_concurrent_steps)
 
     def with_scratch(t_smem):
-        def wgmma_then(x_smem, w_smem, meanwhile):
-            """This step's product in a fresh accumulator; `meanwhile` runs while the wgmma does."""
+        def step(_, x_smem, w_smem, xs_smem, ws_smem, carry):
+            return _promoted_step(cfg, x_smem, w_smem, xs_smem.at[0], ws_smem.at[0], carry, t_smem, (bm, bn), interpret)
 
-            def product(acc_ref):
-                plgpu.wgmma(acc_ref, x_smem, gpu_common.transposed(w_smem, t_smem))
-                return meanwhile(), acc_ref[...]
-
-            return pl.run_scoped(product, plgpu.ACC((bm, bn), jnp.float32))
-
-        def scales(xs_smem, ws_smem):
-            return _vector(xs_smem.at[0], row_layout, interpret), _vector(ws_smem.at[0], col_layout, interpret)
-
-        def step(_, x_smem, w_smem, xs_smem, ws_smem, total):
-            _, part = wgmma_then(x_smem, w_smem, lambda: None)
-            return _promote(total, part, *scales(xs_smem, ws_smem))
-
-        def step_overlapped(_, x_smem, w_smem, xs_smem, ws_smem, carry):
-            # the carry holds step k-1's unscaled product and scales: promoted under step k's wgmma
-            total, part = wgmma_then(x_smem, w_smem, lambda: _promote(*carry))
-            return (total, part, *scales(xs_smem, ws_smem))
-
-        zero = [jnp.zeros(shape, jnp.float32) for shape in ((bm, bn), (bm,), (bn,))]
-        if not interpret:  # the interpreter has no layouts
-            layouts = (plgpu.Layout.WGMMA, row_layout, col_layout)
-            zero = [plgpu.layout_cast(z, lay) for z, lay in zip(zero, layouts)]
-        tile_zero, row_zero, col_zero = zero
-        init = (tile_zero, tile_zero, row_zero, col_zero) if cfg.overlap_promotion else tile_zero
-        out = plgpu.emit_pipeline(
-            step_overlapped if cfg.overlap_promotion else step,
+        pipeline = plgpu.emit_pipeline(
+            step,
             grid=(steps,),
             in_specs=specs,
-            max_concurrent_steps=mcs,
-            init_carry=init,
-        )(*operands)
-        return _promote(*out) if cfg.overlap_promotion else out
+            max_concurrent_steps=max(2, cfg.max_concurrent_steps),
+            init_carry=_initial_carry(cfg, (bm, bn), interpret),
+        )
+        return _final_sum(cfg, pipeline(*operands))
 
     t_shape = gpu_common.scratch(interpret, (BLOCK_K, bn), jnp.float8_e4m3fn)
     return with_scratch(None) if t_shape is None else pl.run_scoped(with_scratch, t_shape)
@@ -195,7 +198,6 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype)
         plgpu.BlockSpec((1, bm), lambda kk: (kk, 0)),
         plgpu.BlockSpec((1, bn), lambda kk: (kk, 0)),
     ]
-    row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
     def views(x_gmem, xs_gmem, w_gmem, ws_gmem, gi, row0, n0):
         return (
@@ -220,31 +222,16 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype)
                 store_rows(out_smem.at[wg], out_gmem, row0_ref[mt] + wg * half, clo, crows, n0, half, bn)
 
             def mma(_, x_smem, w_smem, xs_smem, ws_smem, carry):
-                def product(acc_ref):
-                    a = x_smem.at[pl.ds(wg * half, half)]
-                    plgpu.wgmma(acc_ref, a, gpu_common.transposed(w_smem, t_wg))
-                    out = _promote(*carry) if cfg.overlap_promotion else None  # under this step's wgmma
-                    return out, acc_ref[...]
-
-                promoted, part = pl.run_scoped(product, plgpu.ACC((half, bn), jnp.float32))
-                xs = _vector(xs_smem.at[0, pl.ds(wg * half, half)], row_layout, interpret)
-                ws = _vector(ws_smem.at[0], col_layout, interpret)
-                if cfg.overlap_promotion:
-                    return promoted, part, xs, ws
-                return _promote(carry, part, xs, ws)
+                rows = pl.ds(wg * half, half)
+                x, xs = x_smem.at[rows], xs_smem.at[0, rows]
+                return _promoted_step(cfg, x, w_smem, xs, ws_smem.at[0], carry, t_wg, (half, bn), interpret)
 
             def tile(i, lin, n):
                 mt, nt = gpu_common.tile_order(lin, n_real, n_tiles, cfg.grid_tile_n)
                 gi, row0, n0 = jnp.maximum(group_ref[mt], 0), pl.multiple_of(row0_ref[mt], 8), nt * bn
 
                 def ctx(eval_pipeline):
-                    zero = [jnp.zeros(s, jnp.float32) for s in ((half, bn), (half,), (bn,))]
-                    if not interpret:  # the interpreter has no layouts
-                        layouts = (plgpu.Layout.WGMMA, row_layout, col_layout)
-                        zero = [plgpu.layout_cast(z, lay) for z, lay in zip(zero, layouts)]
-                    init = (zero[0], zero[0], zero[1], zero[2]) if cfg.overlap_promotion else zero[0]
-                    total = eval_pipeline(init)
-                    total = _promote(*total) if cfg.overlap_promotion else total
+                    total = _final_sum(cfg, eval_pipeline(_initial_carry(cfg, (half, bn), interpret)))
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has left out_smem
                     out_smem.at[wg][...] = total.astype(out_dtype)
                     plgpu.commit_smem()
