@@ -7,6 +7,7 @@ import pytest
 import dsjax
 from dsjax.cache import bytes_per_token
 from dsjax.config import PRESETS, ModelConfig
+from dsjax.errors import ConfigError
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -121,3 +122,11 @@ def test_runtime_fields_declared_once():
     assert config_mismatch(cfg, other) == []
     assert config_mismatch(cfg, cfg.replace(hidden_size=32)) != []
     assert model_config_from_dict(model_config_dict(other)) == other
+
+
+@pytest.mark.parametrize("field, value", [("fp8", "e5m2"), ("fp8_backend", "cuda"), ("moe_dispatch", "dense")])
+def test_bad_runtime_choice_names_the_flag(field, value):
+    with pytest.raises(
+        ConfigError, match=rf"ModelConfig\.{field}: '{value}' is not one of .*--config\.model\.{field}\)"
+    ):
+        dsjax.ModelConfig.preset("tiny", **{field: value})
