@@ -13,6 +13,7 @@ import pytest
 
 import dsjax
 from dsjax.rl import trainer as grpo_trainer
+from dsjax.rl import warm_start
 from dsjax.rl.rewards import Sample, WeightedReward, digit_credit, digits_then_eos, exact_answer, score
 from dsjax.rl.rollout import Rollout, completion_logprobs, encode_prompts, sample_rollouts, training_mask
 from dsjax.rl.tasks import RL_STREAM, AdditionTask
@@ -32,7 +33,7 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def params(cfg):
-    return grpo_trainer._init_fn(cfg)(jax.random.key(0))
+    return warm_start.init_fn(cfg)(jax.random.key(0))
 
 
 @pytest.fixture(scope="module")
