@@ -64,10 +64,6 @@ def _time(f, *args):
     return median_seconds(jax.jit(f), *args, warmup=2, iters=FLAGS.iters)
 
 
-def _take_rows(x, index):
-    return jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[index]
-
-
 def bench_grouped(g, m, k, n):
     key = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(key[0], (m, k), jnp.bfloat16)
@@ -80,8 +76,8 @@ def bench_grouped(g, m, k, n):
     wtq, wts = f8.quantize_blocks(jnp.swapaxes(w, 1, 2))
     dq, ds = f8.quantize_tiles(dy)
     index, aligned = f8.align_groups(gs, m)  # the FP8 wgrad's layout: each group on 128-row steps
-    aq, a_s = f8.quantize_tiles(_take_rows(x, index).T)
-    bq, bs = f8.quantize_tiles(_take_rows(dy, index).T)
+    aq, a_s = f8.quantize_tiles(f8.take_aligned(x, index).T)
+    bq, bs = f8.quantize_tiles(f8.take_aligned(dy, index).T)
     t = {
         "bf16 fwd": _time(lambda x, w: gmm(x, w, gs), x, w),
         # gmm's own dlhs (its VJP; the unused forward is dead code under jit)
@@ -98,7 +94,9 @@ def bench_grouped(g, m, k, n):
         )
     quant = {
         "quantize x (tiles)": _time(f8.quantize_tiles, x),
-        "align + transpose + quantize x (wgrad operand)": _time(lambda x: f8.quantize_tiles(_take_rows(x, index).T), x),
+        "align + transpose + quantize x (wgrad operand)": _time(
+            lambda x: f8.quantize_tiles(f8.take_aligned(x, index).T), x
+        ),
         "quantize w (blocks, transposing)": _time(f8.quantize_blocks, w),
     }
     return {k: (v, flops / v / 1e12) for k, v in t.items()}, quant

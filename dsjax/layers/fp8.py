@@ -28,6 +28,7 @@ from pallas_kernels.fp8_gemm import (
     fp8_tgmm,
     quantize_blocks,
     quantize_tiles,
+    take_aligned,
     transposed_blocks,
 )
 
@@ -84,15 +85,10 @@ def _fp8_gmm_bwd(backend, res, dy):
     drows = fp8_gmm(dq, ds, *transposed_blocks(wq, ws), sizes, out_dtype=rows.dtype, backend=backend)
     # weight gradient: each expert's tokens on their own 128-token scaling tiles (zero rows between experts)
     index, aligned = align_groups(sizes, rows.shape[0])
-    aq, a_s = quantize_tiles(_take_rows(rows, index).T)
-    bq, bs = quantize_tiles(_take_rows(dy, index).T)
+    aq, a_s = quantize_tiles(take_aligned(rows, index).T)
+    bq, bs = quantize_tiles(take_aligned(dy, index).T)
     dw = fp8_tgmm(aq, a_s, bq, bs, aligned, out_dtype=jnp.float32, backend=backend)
     return drows, dw.astype(like_w.dtype), None
-
-
-def _take_rows(x, index):
-    """x's rows at index, where index == len(x) reads a zero row."""
-    return jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[index]
 
 
 fp8_grouped_matmul.defvjp(_fp8_gmm_fwd, _fp8_gmm_bwd)

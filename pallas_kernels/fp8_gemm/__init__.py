@@ -5,7 +5,7 @@ what each backend runs today).
 """
 
 from pallas_kernels.fp8_gemm.gpu import Fp8GpuConfig
-from pallas_kernels.fp8_gemm.ops import align_groups, fp8_gemm, fp8_gmm, fp8_tgmm, resolve_backend
+from pallas_kernels.fp8_gemm.ops import align_groups, fp8_gemm, fp8_gmm, fp8_tgmm, resolve_backend, take_aligned
 from pallas_kernels.fp8_gemm.quantize import (
     E4M3_MAX,
     TILE,
@@ -29,5 +29,6 @@ __all__ = [
     "quantize_blocks",
     "quantize_tiles",
     "resolve_backend",
+    "take_aligned",
     "transposed_blocks",
 ]

@@ -98,7 +98,7 @@ def align_groups(group_sizes, m: int):
     """Row layout for the grouped weight gradient on the GPU: every group starts on a 128-row step.
 
     -> (index [M_aligned] int32, aligned sizes [G]): row p of the aligned layout is row index[p] of the original
-    [M, ...] rows, or zero where index[p] == M (append one zero row and take). M_aligned = round_up(M, 128) +
+    [M, ...] rows, or zero where index[p] == M (take_aligned applies it). M_aligned = round_up(M, 128) +
     128 * G bounds sum(round_up(size, 128)); aligned sizes are the sizes rounded up to 128 (the zero rows a
     group's last step holds). Rows past sum(group_sizes) are left out."""
     g = group_sizes.shape[0]
@@ -111,6 +111,11 @@ def align_groups(group_sizes, m: int):
     valid = (p < ends[-1]) & (offset < sizes[owner])
     index = jnp.where(valid, (jnp.cumsum(sizes) - sizes)[owner] + offset, m)
     return index.astype(jnp.int32), padded
+
+
+def take_aligned(x, index):
+    """x [M, ...] in align_groups' layout: the rows at `index`, a zero row where index == M."""
+    return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])[index]
 
 
 def fp8_tgmm(a_q, a_s, b_q, b_s, group_sizes, *, out_dtype=jnp.float32, backend="auto", interpret=False, config=None):
