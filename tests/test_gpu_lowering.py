@@ -36,6 +36,8 @@ FP8_CONFIGS = {
     "warp_specialized_overlap": f8.Fp8GpuConfig(
         num_sms=SMS, block_m=128, warp_specialized=True, overlap_promotion=True
     ),
+    "column_scales": f8.Fp8GpuConfig(num_sms=SMS, block_m=128, warp_specialized=True, scalar_block_scale=False),
+    "three_compute_wgs": f8.Fp8GpuConfig(num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3),
 }
 
 

@@ -1,21 +1,26 @@
 """FP8 grouped matmul in Pallas Mosaic GPU (Hopper): e4m3 wgmma with DeepSeek-V3's per-128-K promotion.
 
-By default one warpgroup per CTA, persistent over the tiles of the bf16 gmm (pallas_kernels/grouped_matmul/gpu.py: same
-tile list, tile order, ragged-row stores and zero tail). K steps by 128, the scaling granularity: each step's
-wgmma (both operands K-major, as FP8 wgmma requires) accumulates into a fresh register accumulator, which is then
-scaled by the step's activation-tile scales (one per row) and weight-block scales (one per column, expanded from
-the 128 x 128 blocks before the kernel) and added into the float32 running sum. That bounds every hardware
-accumulation to 128 products (Hopper's FP8 wgmma accumulates with ~14 bits), the promotion DeepSeek describes.
+Persistent over the tiles of the bf16 gmm (pallas_kernels/grouped_matmul/gpu.py: same tile list, tile order,
+ragged-row stores and zero tail). K steps by 128, the scaling granularity: each step's wgmma (both operands
+K-major, as FP8 wgmma requires) accumulates into a fresh register accumulator, which is then scaled by the step's
+activation-tile scales (one per row) and weight scales and added into the float32 running sum. That bounds every
+hardware accumulation to 128 products (Hopper's FP8 wgmma accumulates with ~14 bits), the promotion DeepSeek
+describes. With 128 x 128 weight blocks a tile's columns share one weight scale per step (scalar_block_scale):
+it is folded into the row scales, so a promotion is one multiply-add per element; per-column scales (a weight
+gradient's tile-scaled rhs) cost a second multiply.
 
 Operands (ops.py builds them from quantize_tiles / quantize_blocks):
   x_q [M, K] e4m3, xs_t [K/128, M] float32 (tile scales, transposed: a tile's rows are one contiguous load)
   w_q [G, N, K] e4m3 (K-major), ws_cols [G, K/128, N] float32 (each block scale repeated over its 128 columns)
 Requires M % 8 == 0, M >= block_m, K % 128 == 0, N % block_n == 0 (ops.py pads).
-warp_specialized=True: a memory warpgroup streams the operands and two compute warpgroups split each 128-row tile
-(64 rows each, sharing the weight tile), so one warpgroup's promotion runs under the other's wgmma; the pipelines of
-an SM's consecutive tiles are chained, as in the bf16 gmm. overlap_promotion=True instead promotes step k-1 under
-step k's wgmma within a warpgroup (one more register tile). The default stays the one-warpgroup kernel, the only
-one timed on the H200 so far (experiments/BENCHMARKS.md), until the others are.
+
+GEMM_CONFIG, the default: warp-specialized, a memory warpgroup streaming the operands and three compute
+warpgroups of 64 rows each on a 192-row tile (sharing its weight tile), so the promotions of some run under the
+others' wgmma; the pipelines of an SM's consecutive tiles are chained, as in the bf16 gmm; as many pipeline stages
+as fit beside the output staging buffers. H200, 2026-12-04 (experiments/BENCHMARKS.md): 677-711 FP8 TFLOP/s on
+the grouped gate+up shape (1.5x our bf16 gmm), 1,081-1,117 dense. Fp8GpuConfig's own defaults are the
+one-warpgroup kernel (emit_pipeline, 430 TFLOP/s): the interpreter runs it on any host. overlap_promotion=True
+promotes step k-1 under step k's wgmma within a warpgroup (one more register tile; measured slower).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pallas_kernels.grouped_matmul import gpu_common
 from pallas_kernels.grouped_matmul.gpu import gmm_tiles, store_rows
 
 BLOCK_K = 128  # = the scaling tile: one promotion per K step
+SMEM_BYTES = 226 * 1024  # a Hopper CTA's shared memory (232,448 bytes), less room for the pipeline's barriers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +52,20 @@ class Fp8GpuConfig:
     max_concurrent_steps: int = 4
     grid_tile_n: int = 8  # tile order: strips of this many N tiles (as the bf16 gmm's forward)
     num_sms: int | None = None  # None: the device's SM count (2 in interpret mode)
-    warp_specialized: bool = False  # True: two compute warpgroups + a memory one (gpu_common reads it too)
+    warp_specialized: bool = False  # True: compute warpgroups + a memory one (gpu_common reads it too)
+    compute_wgs: int = 2  # warp-specialized: compute warpgroups, each block_m / compute_wgs rows of a tile
     # Promote K step k-1's partial sums while step k's wgmma runs (one more 64 x 128 register tile), instead of
     # leaving the tensor cores idle during every promotion
     overlap_promotion: bool = False
+    # Weight scales of 128 x 128 blocks are one number per K step across a tile's columns (128 % block_n == 0):
+    # read that scalar and fold it into the row scales, so a promotion is one multiply-add per element
+    scalar_block_scale: bool = True
+
+
+# The GEMMs' default (fp8_gmm, fp8_gemm and its weight gradient): three compute warpgroups of 64 rows each under a
+# memory warpgroup, the fastest config of the H200 sweep (experiments/BENCHMARKS.md, 2026-12-04). The dataclass's
+# own defaults stay the one-warpgroup kernel, which jax 0.10's interpreter can run on two cores.
+GEMM_CONFIG = Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3)
 
 
 def _vector(ref, layout, interpret):
@@ -67,9 +83,15 @@ def _promote(total, part, xs, ws):
 ROW_LAYOUT, COL_LAYOUT = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)  # scales along rows / columns
 
 
-def _promoted_step(cfg, x_smem, w_smem, xs_ref, ws_ref, carry, t_smem, shape, interpret):
+def _promote_rows(total, part, s):
+    """total + part scaled per row by s (the row scales with a scalar column scale folded in)."""
+    return total + part * lax.broadcast_in_dim(s, part.shape, [0])
+
+
+def _promoted_step(cfg, x_smem, w_smem, xs_ref, ws_ref, carry, t_smem, shape, interpret, scalar_ws=False):
     """One K step: x_smem [rows, 128] . w_smem [cols, 128]^T into a fresh accumulator, then promoted into the
-    float32 sum with xs_ref's row scales and ws_ref's column scales. carry: the sum, or with overlap_promotion
+    float32 sum with xs_ref's row scales and ws_ref's column scales (scalar_ws: all columns share ws_ref[0], a
+    weight block's scale, which multiplies the row scales instead). carry: the sum, or with overlap_promotion
     (sum, previous step's product, its row scales, its column scales), promoted while this step's wgmma runs."""
 
     def product(acc_ref):
@@ -78,8 +100,17 @@ def _promoted_step(cfg, x_smem, w_smem, xs_ref, ws_ref, carry, t_smem, shape, in
         return promoted, acc_ref[...]
 
     promoted, part = pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
-    xs, ws = _vector(xs_ref, ROW_LAYOUT, interpret), _vector(ws_ref, COL_LAYOUT, interpret)
+    xs = _vector(xs_ref, ROW_LAYOUT, interpret)
+    if scalar_ws and not cfg.overlap_promotion:
+        return _promote_rows(carry, part, xs * ws_ref[0])
+    ws = _vector(ws_ref, COL_LAYOUT, interpret)
     return (promoted, part, xs, ws) if cfg.overlap_promotion else _promote(carry, part, xs, ws)
+
+
+def uses_scalar_scale(cfg, w_scales):
+    """Whether the kernel reads one weight scale per K step: block scales (w_scales="block"), a tile inside one
+    128-column block, and the knob on."""
+    return w_scales == "block" and cfg.scalar_block_scale and BLOCK_K % cfg.block_n == 0
 
 
 def _initial_carry(cfg, shape, interpret):
@@ -95,12 +126,15 @@ def _final_sum(cfg, carry):
 
 def check_config(cfg):
     """ValueError unless each compute warpgroup's share of a tile fits its registers twice (sum + fresh product)."""
-    rows = cfg.block_m // gpu_common.num_wgs(cfg)
-    if rows * cfg.block_n > 64 * 128 or rows % 64 or cfg.block_n % 64:
+    nw = gpu_common.num_wgs(cfg)
+    rows = cfg.block_m // nw
+    if rows * nw != cfg.block_m or rows * cfg.block_n > 64 * 128 or rows % 64 or cfg.block_n % 64:
         raise ValueError(
-            f"Fp8GpuConfig: block_m={cfg.block_m} rows over {gpu_common.num_wgs(cfg)} warpgroup(s) x block_n="
+            f"Fp8GpuConfig: block_m={cfg.block_m} rows over {nw} warpgroup(s) x block_n="
             f"{cfg.block_n} must be 64 x 128 per warpgroup at most (multiples of 64): the register file holds two"
         )
+    if cfg.warp_specialized and cfg.compute_wgs not in (2, 3):
+        raise ValueError(f"Fp8GpuConfig: compute_wgs must be 2 or 3, got {cfg.compute_wgs}")
 
 
 def specs_for(bm, bn, first_step=0):
@@ -115,15 +149,17 @@ def specs_for(bm, bn, first_step=0):
     ]
 
 
-def scaled_k_loop(cfg, specs, steps, operands, interpret):
+def scaled_k_loop(cfg, specs, steps, operands, interpret, scalar_ws=False):
     """One warpgroup's float32 [bm, bn] sum over `steps` (may be traced, may be 0) K steps of
     x_step . w_step^T * (x scales per row x w scales per column), promoted every step. operands: gmem views
-    (x [bm, K], w [bn, K], xs [K/128, bm], ws [K/128, bn]) that `specs` (specs_for) tile."""
+    (x [bm, K], w [bn, K], xs [K/128, bm], ws [K/128, bn]) that `specs` (specs_for) tile. scalar_ws: every column
+    of a step has the same w scale (uses_scalar_scale)."""
     bm, bn = specs[0].block_shape[0], specs[1].block_shape[0]
 
     def with_scratch(t_smem):
         def step(_, x_smem, w_smem, xs_smem, ws_smem, carry):
-            return _promoted_step(cfg, x_smem, w_smem, xs_smem.at[0], ws_smem.at[0], carry, t_smem, (bm, bn), interpret)
+            xs, ws = xs_smem.at[0], ws_smem.at[0]
+            return _promoted_step(cfg, x_smem, w_smem, xs, ws, carry, t_smem, (bm, bn), interpret, scalar_ws)
 
         pipeline = plgpu.emit_pipeline(
             step,
@@ -138,12 +174,17 @@ def scaled_k_loop(cfg, specs, steps, operands, interpret):
     return with_scratch(None) if t_shape is None else pl.run_scoped(with_scratch, t_shape)
 
 
-def fp8_gmm(x_q, xs_t, w_q, ws_cols, group_sizes, *, config=None, interpret=False, out_dtype=jnp.bfloat16):
-    """[M, K] x [G, N, K] -> [M, N] in out_dtype (rows past sum(group_sizes): zeros)."""
-    cfg = config or Fp8GpuConfig()
+def fp8_gmm(
+    x_q, xs_t, w_q, ws_cols, group_sizes, *, config=None, interpret=False, out_dtype=jnp.bfloat16, w_scales="block"
+):
+    """[M, K] x [G, N, K] -> [M, N] in out_dtype (rows past sum(group_sizes): zeros). w_scales: "block" (ws_cols
+    repeats 128 x 128 block scales over their columns) or "column" (any scale per column, e.g. tile scales of a
+    weight gradient's rhs)."""
+    cfg = config or GEMM_CONFIG
     check_config(cfg)
+    scalar_ws = uses_scalar_scale(cfg, w_scales)
     if cfg.warp_specialized:
-        return _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype)
+        return _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype, scalar_ws)
     m, k = x_q.shape
     n = w_q.shape[1]
     bm, bn = cfg.block_m, cfg.block_n
@@ -164,7 +205,7 @@ def fp8_gmm(x_q, xs_t, w_q, ws_cols, group_sizes, *, config=None, interpret=Fals
                 xs_gmem.at[:, pl.ds(row0, bm)],
                 ws_gmem.at[gi].at[:, pl.ds(n0, bn)],
             )
-            total = scaled_k_loop(cfg, specs, steps, operands, interpret)
+            total = scaled_k_loop(cfg, specs, steps, operands, interpret, scalar_ws)
 
             @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((bm, bn), out_dtype))
             def _(out_smem):
@@ -180,15 +221,19 @@ def fp8_gmm(x_q, xs_t, w_q, ws_cols, group_sizes, *, config=None, interpret=Fals
     return gpu_common.run(body, out_type, cfg, interpret)(count, tgroup, trow0, tlo, trows, x_q, xs_t, w_q, ws_cols)
 
 
-def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype):
-    """Warp-specialized fp8_gmm: tiles of block_m rows x block_n columns, compute warpgroup w owns rows
-    [w * block_m / 2, (w + 1) * block_m / 2) of each; the memory warpgroup (index 2) only loads."""
+def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype, scalar_ws):
+    """Warp-specialized fp8_gmm: tiles of block_m rows x block_n columns, compute warpgroup w of nw owns rows
+    [w * block_m / nw, (w + 1) * block_m / nw) of each; the memory warpgroup (index nw) only loads."""
     m, k = x_q.shape
     n = w_q.shape[1]
     bm, bn, bk = cfg.block_m, cfg.block_n, BLOCK_K
-    half = bm // 2
+    nw = gpu_common.num_wgs(cfg)
+    half = bm // nw  # one compute warpgroup's rows
     k_steps, n_tiles = k // bk, n // bn
-    mcs = max(2, min(cfg.max_concurrent_steps, k_steps))
+    # Stages that fit beside the output staging buffers (a float32 output takes twice a bf16 one's smem)
+    stage_bytes = (bm + bn) * bk * x_q.dtype.itemsize + 4 * (bm + bn)
+    fit = (SMEM_BYTES - bm * bn * jnp.dtype(out_dtype).itemsize) // stage_bytes
+    mcs = max(2, min(cfg.max_concurrent_steps, k_steps, fit))
     chain = k_steps % mcs == 0  # chained pipelines must end every tile on the same ring slot
     count, tgroup, trow0, tlo, trows = gmm_tiles(group_sizes, m, bm)
     tf = gpu_common.transforms(bk, x_q.dtype)
@@ -224,7 +269,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype)
             def mma(_, x_smem, w_smem, xs_smem, ws_smem, carry):
                 rows = pl.ds(wg * half, half)
                 x, xs = x_smem.at[rows], xs_smem.at[0, rows]
-                return _promoted_step(cfg, x, w_smem, xs, ws_smem.at[0], carry, t_wg, (half, bn), interpret)
+                return _promoted_step(cfg, x, w_smem, xs, ws_smem.at[0], carry, t_wg, (half, bn), interpret, scalar_ws)
 
             def tile(i, lin, n):
                 mt, nt = gpu_common.tile_order(lin, n_real, n_tiles, cfg.grid_tile_n)
@@ -246,7 +291,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype)
 
             gpu_common.persistent_loop(n_real * n_tiles, tile)
 
-            @pl.when(wg < 2)  # rows past sum(group_sizes): the compute warpgroups store zeros, no loads
+            @pl.when(wg < nw)  # rows past sum(group_sizes): the compute warpgroups store zeros, no loads
             def _():
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 out_smem.at[wg][...] = jnp.zeros((half, bn), out_dtype)
@@ -257,7 +302,10 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype)
                 )
 
         gpu_common.ws_scope(
-            allocs, gpu_common.scratch(interpret, (2, bk, bn), w_q.dtype), plgpu.SMEM((2, half, bn), out_dtype), scoped
+            allocs,
+            gpu_common.scratch(interpret, (nw, bk, bn), w_q.dtype),
+            plgpu.SMEM((nw, half, bn), out_dtype),
+            scoped,
         )
 
         plgpu.wait_smem_to_gmem(0)

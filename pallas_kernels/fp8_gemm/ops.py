@@ -5,9 +5,10 @@
     dw = fp8_tgmm(a_q, a_s, b_q, b_s, group_sizes)  # a [K, M], b [N, M], tile-scaled along M -> [G, K, N]
 
 Operands come from quantize_tiles / quantize_blocks (quantize.py). Backends: "gpu" (gpu.py: Mosaic GPU, Hopper
-e4m3 wgmma with per-128-K promotion; compiled and checked on the H200, still slower than our bf16 gmm), "xla" (the
-reference: dequantize, float32 product) and "tpu" (the same reference, stated: no TPU FP8 kernel yet). "auto" is
-the reference until the GPU kernel beats bf16. fp8_gemm's dense weight gradient (rhs_tiles) runs the same GPU
+e4m3 wgmma with per-128-K promotion; on the H200 1.4-1.6x our bf16 gmm / XLA's bf16 dot at DeepSeek-V3's shapes,
+no faster at K = 1024), "xla" (the reference: dequantize, float32 product) and "tpu" (the same reference, stated:
+no TPU FP8 kernel yet). These ops take no platform, so "auto" is the reference; dsjax.runtime picks the model's
+backend from the devices a run targets. fp8_gemm's dense weight gradient (rhs_tiles) runs the same GPU
 kernel; fp8_tgmm (the grouped weight gradient, whose groups split the contraction) has its own (gpu_tgmm.py), which
 needs groups laid out on 128-row steps (align_groups).
 """
@@ -24,8 +25,8 @@ BACKENDS = ("auto", "gpu", "xla", "tpu")
 
 
 def resolve_backend(backend: str) -> str:
-    """ "gpu": the Mosaic GPU kernel (gpu.py; Hopper). "auto" stays the XLA reference everywhere until that kernel
-    has been compiled and measured on the GPU; "tpu" is the reference too (no TPU FP8 kernel)."""
+    """ "gpu": the Mosaic GPU kernel (gpu.py; Hopper). "auto" (these ops know no platform) and "tpu" (no TPU FP8
+    kernel) are the XLA reference."""
     if backend not in BACKENDS:
         raise ValueError(f"fp8 backend must be one of {BACKENDS}, got {backend!r}")
     return "gpu" if backend == "gpu" else "xla"
@@ -40,7 +41,7 @@ def _gpu_gmm(x_q, x_s, w_q, w_s, group_sizes, out_dtype, interpret, config, rhs_
     multiple of 8 (and at least one row tile), K to the 128 scaling tile, N to the column tile. The kernel takes
     one scale per output column per K step, so tile-scaled rhs rows ([G, N, K/128], rhs_tiles) feed it as they are
     and 128 x 128 block scales are repeated over their block's columns."""
-    cfg = config or gpu.Fp8GpuConfig()
+    cfg = config or gpu.GEMM_CONFIG
     m, k = x_q.shape
     g, n, _ = w_q.shape
     mp, kp, np_ = max(_round_up(m, 8), cfg.block_m), _round_up(k, TILE), _round_up(n, cfg.block_n)
@@ -49,7 +50,17 @@ def _gpu_gmm(x_q, x_s, w_q, w_s, group_sizes, out_dtype, interpret, config, rhs_
     w_q = jnp.pad(w_q, ((0, 0), (0, np_ - n), (0, kp - k)))
     ws_cols = jnp.swapaxes(w_s if rhs_tiles else jnp.repeat(w_s, TILE, axis=1)[:, :n], 1, 2)  # [G, K/128, N]
     ws_cols = jnp.pad(ws_cols, ((0, 0), (0, 0), (0, np_ - n)), constant_values=1.0)
-    out = gpu.fp8_gmm(x_q, xs_t, w_q, ws_cols, group_sizes, config=cfg, interpret=interpret, out_dtype=out_dtype)
+    out = gpu.fp8_gmm(
+        x_q,
+        xs_t,
+        w_q,
+        ws_cols,
+        group_sizes,
+        config=cfg,
+        interpret=interpret,
+        out_dtype=out_dtype,
+        w_scales="column" if rhs_tiles else "block",
+    )
     return out[:m, :n]
 
 

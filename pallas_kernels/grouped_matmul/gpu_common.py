@@ -2,7 +2,8 @@
 persistent tile loop and tile order, the warp-specialized pipeline, the chunked epilogue, the kernel
 launch, and the interpret-mode stand-ins for transposed wgmma operands.
 
-Functions here take any config with GpuConfig's fields (gpu.GpuConfig).
+Functions here take any config with GpuConfig's fields (gpu.GpuConfig); a config may also set `compute_wgs`
+(the FP8 kernels' Fp8GpuConfig: 2 or 3 compute warpgroups when warp-specialized).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def interpret_params():
 
 
 def num_wgs(cfg):
-    """Compute warpgroups per CTA: 2 warp-specialized, else 1."""
-    return 2 if cfg.warp_specialized else 1
+    """Compute warpgroups per CTA: warp-specialized, the config's `compute_wgs` (2 where it has none), else 1."""
+    return getattr(cfg, "compute_wgs", 2) if cfg.warp_specialized else 1
 
 
 def _num_sms(cfg, interpret):
@@ -98,15 +99,15 @@ def chained(run_tile, i, n, chain):
 
 
 def run(body, out_type, cfg, interpret):
-    """plgpu.kernel over one CTA per SM (grid axis "sm"); warp-specialized: 3 warpgroups (axis "wg")."""
+    """plgpu.kernel over one CTA per SM (grid axis "sm"); warp-specialized: num_wgs + 1 warpgroups (axis "wg")."""
     kw = dict(
         out_type=out_type,
         grid=(_num_sms(cfg, interpret),),
         grid_names=("sm",),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )
-    if cfg.warp_specialized:
-        kw.update(num_threads=3, thread_name="wg")
+    if cfg.warp_specialized:  # the compute warpgroups, then the memory one
+        kw.update(num_threads=num_wgs(cfg) + 1, thread_name="wg")
     if interpret:
         kw["interpret"] = interpret_params()
     return plgpu.kernel(body, **kw)
@@ -123,7 +124,7 @@ def pipeline(cfg, mma, ctx, steps, in_specs, mcs, state=None):
         memory_registers=40,
         in_specs=in_specs,
         wg_axis="wg",
-        num_compute_wgs=2,
+        num_compute_wgs=num_wgs(cfg),
         max_concurrent_steps=mcs,
         compute_context=ctx,
         pipeline_state=state,
@@ -132,7 +133,7 @@ def pipeline(cfg, mma, ctx, steps, in_specs, mcs, state=None):
 
 def ws_scope(allocs, t_shape, out_smem, body):
     """The warp-specialized kernels' shared smem, allocated collectively over the warpgroups: the pipeline's
-    `allocs`, a transpose scratch per compute warpgroup (t_shape [2, ...] or None on hardware) and the output
+    `allocs`, a transpose scratch per compute warpgroup (t_shape [num_wgs, ...] or None on hardware) and the output
     staging buffers `out_smem`. Runs body(allocs, wg, this warpgroup's scratch or None, out_smem)."""
 
     def scoped(allocs, t_smem, out_smem):

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The FP8 kernel's config sweep on the H200 (experiments/BENCHMARKS.md, "FP8 kernels, second GPU session"): every
+# Fp8GpuConfig variant's grouped forward on the gate+up shape, then the full table of the three GEMMs on the
+# fastest one. Extra arguments go to bench_fp8_gemm.py (e.g. --grouped=... --dense=... --out=...).
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+W2="warp_specialized=true,block_m=128"
+W3="warp_specialized=true,block_m=192,compute_wgs=3"
+SW="ws3:$W3;one_wg:;one_wg_col:scalar_block_scale=false;ws:$W2;ws_col:$W2,scalar_block_scale=false"
+SW="$SW;ws_m3:$W2,max_concurrent_steps=3;ws_m5:$W2,max_concurrent_steps=5;ws_g16:$W2,grid_tile_n=16"
+SW="$SW;ws_g4:$W2,grid_tile_n=4;ws_ov:$W2,overlap_promotion=true;ws3_m3:$W3,max_concurrent_steps=3"
+SW="$SW;ws3_g4:$W3,grid_tile_n=4;ws3_g16:$W3,grid_tile_n=16"
+timeout "${LIMIT:-400}" python3 experiments/bench_fp8_gemm.py --sweep="$SW" "$@" 2>&1 | grep -v "^[WI][0-9]\{4\}"
