@@ -7,7 +7,8 @@ quantization itself, and "fp8 body": our BF16 gmm kernel fed e4m3 operands with 
 (no scales: the ceiling a scaled kernel can approach). For each dense shape M,K,N (DeepSeek-V3's projections) it
 times forward, dgrad and wgrad with jnp.dot in bf16 and fp8_gemm. On a GPU every FP8 product runs a Mosaic GPU
 kernel (--fp8_backend); the grouped FP8 wgrad (fp8_tgmm) takes rows laid out group by group on 128-row steps
-(align_groups, as FP8 training does; that re-layout is timed with the quantization).
+(align_groups, as FP8 training does; that re-layout is timed with the quantization); --wgrad_sweep adds its kernel's
+other configs (warp-specialized) beside the default.
 
   python experiments/bench_fp8_gemm.py                  # BASELINES shapes + V3 dense projections, table + --out
   python experiments/bench_fp8_gemm.py --sweep="one_wg:;ws:warp_specialized=true,block_m=128" --dense=
@@ -45,6 +46,12 @@ flags.DEFINE_string(
     "",
     "NAME:FIELD=VALUE,...;... Fp8GpuConfig variants: time each one's grouped forward on the first --grouped "
     "shape (and check it against the first variant's output); the fastest runs the table's FP8 GEMMs.",
+)
+flags.DEFINE_string(
+    "wgrad_sweep",
+    "ws:warp_specialized=true,block_m=128;ws3:warp_specialized=true,block_m=192,compute_wgs=3",
+    "NAME:FIELD=VALUE,...;... Fp8GpuConfig variants of the grouped FP8 wgrad (fp8_tgmm) timed beside its default "
+    "(the one-warpgroup kernel) on every --grouped shape.",
 )
 flags.DEFINE_string("out", "", "Optional JSON output path.")
 
@@ -94,6 +101,10 @@ def bench_grouped(g, m, k, n):
         "fp8 dgrad": _time(lambda *a: _fp8(f8.fp8_gmm, *a, gs), dq, ds, wtq, wts),
         "fp8 wgrad": _time(lambda *a: f8.fp8_tgmm(*a, aligned, backend=_backend()), aq, a_s, bq, bs),
     }
+    for name, cfg in _configs(FLAGS.wgrad_sweep) if _backend() == "gpu" else ():
+        t[f"fp8 wgrad {name}"] = _time(
+            lambda *a, c=cfg: f8.fp8_tgmm(*a, aligned, backend="gpu", config=c), aq, a_s, bq, bs
+        )
     if jax.default_backend() == "gpu":  # the unscaled ceiling: our bf16 kernel body on e4m3, K-major rhs
         cfg = GpuConfig(block_k=128, grid_tile_n=8)
         t["fp8 body (no scales) fwd"] = _time(
@@ -132,6 +143,15 @@ def bench_dense(m, k, n):
     return {k: (v, flops / v / 1e12) for k, v in t.items()}
 
 
+def _configs(spec):
+    """'NAME:FIELD=VALUE,...;...' -> [(name, Fp8GpuConfig)]."""
+    out = []
+    for item in filter(None, spec.split(";")):
+        name, _, sets = item.partition(":")
+        out.append((name, f8.Fp8GpuConfig(**parse_overrides(sets))))
+    return out
+
+
 def sweep(g, m, k, n):
     """Forward time of fp8_gmm's GPU kernel under each --sweep config; the largest difference from the first
     config's output (the configs compute the same sums: any difference is a bug) relative to its largest entry."""
@@ -139,9 +159,7 @@ def sweep(g, m, k, n):
     xq, xs = f8.quantize_tiles(jax.random.normal(key[0], (m, k), jnp.bfloat16))
     wq, ws = f8.quantize_blocks((jax.random.normal(key[1], (g, k, n), jnp.float32) * 0.02).astype(jnp.bfloat16))
     gs, rows, first, best = _sizes(g, m), [], None, None
-    for spec in filter(None, FLAGS.sweep.split(";")):
-        name, _, sets = spec.partition(":")
-        cfg = f8.Fp8GpuConfig(**parse_overrides(sets))
+    for name, cfg in _configs(FLAGS.sweep):
         f = jax.jit(lambda *a, c=cfg: f8.fp8_gmm(*a, gs, backend="gpu", config=c))
         try:
             t = _time(f, xq, xs, wq, ws)
@@ -154,7 +172,7 @@ def sweep(g, m, k, n):
         print(
             f"  fp8 fwd {name}: {1e3 * t:.2f} ms, {2 * m * k * n / t / 1e12:.0f} TFLOP/s, diff {diff:.1e}", flush=True
         )
-        rows.append({"config": name, "overrides": sets, "seconds": t, "rel_diff_vs_first": diff})
+        rows.append({"config": name, "fields": str(cfg), "seconds": t, "rel_diff_vs_first": diff})
         if diff < 1e-2 and (best is None or t < best[0]):
             best = (t, name, cfg)
     if best:

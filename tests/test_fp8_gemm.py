@@ -218,8 +218,17 @@ def test_fp8_model_trains_close_to_bf16():
 # ---------------------------------------------------------------- the Mosaic GPU kernel, interpret mode
 # Three compute warpgroups + the memory one are four threads per SM blocking on each other's barriers: jax 0.10's
 # GPU interpreter deadlocks on them on a 2-core host (its callbacks wait for each other on the CPU client's
-# thread pool), so that variant is checked compiled on the GPU only (and lowered for CUDA in test_gpu_lowering).
-GPU_ONLY_CONFIGS = [] if INTERPRET else [Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3)]
+# thread pool); and it has no cluster barriers (x multicast over a 2-CTA cluster). Those variants are checked
+# compiled on the GPU only (and lowered for CUDA in test_gpu_lowering).
+GPU_ONLY_WS3 = [] if INTERPRET else [Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3)]
+GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
+    []
+    if INTERPRET
+    else [
+        Fp8GpuConfig(block_m=128, warp_specialized=True, cluster_n=2),
+        Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3, cluster_n=2),
+    ]
+)
 
 
 @pytest.mark.parametrize(
@@ -302,8 +311,13 @@ def _aligned_wgrad_operands(x, dy, sizes):
     return quantize_tiles(take(x).T), quantize_tiles(take(dy).T), padded
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [None, Fp8GpuConfig(block_m=128, warp_specialized=True, max_concurrent_steps=2)] + GPU_ONLY_WS3,
+    ids=["one_wg", "warp_specialized"] + ["gpu_only_ws3"] * len(GPU_ONLY_WS3),
+)
 @pytest.mark.parametrize("sizes", [[100, 0, 37, 150], [300]], ids=["empty_group_and_tail", "one_group"])
-def test_gpu_grouped_weight_gradient_equals_the_reference(sizes):
+def test_gpu_grouped_weight_gradient_equals_the_reference(sizes, cfg):
     """fp8_tgmm's kernel on group-aligned rows: each expert's x^T dy from its own 128-token tiles; K and N off the
     tiles, an empty group (zeros), rows past sum(sizes) ignored; and the product is the true per-group gradient
     within e4m3's error."""
@@ -312,7 +326,7 @@ def test_gpu_grouped_weight_gradient_equals_the_reference(sizes):
     x = rng.standard_normal((m, k)).astype(np.float32) * (10.0 ** rng.integers(-2, 3, (m, 1)))
     dy = rng.standard_normal((m, n)).astype(np.float32)
     (aq, a_s), (bq, bs), padded = _aligned_wgrad_operands(x, dy, sizes)
-    got = fp8_tgmm(aq, a_s, bq, bs, padded, backend="gpu", interpret=INTERPRET)
+    got = fp8_tgmm(aq, a_s, bq, bs, padded, backend="gpu", interpret=INTERPRET, config=cfg)
     want = fp8_tgmm(aq, a_s, bq, bs, padded, backend="xla")
     assert got.shape == (len(sizes), k, n)
     tol = (1e-5 if INTERPRET else 2e-3) * float(jnp.abs(want).max())

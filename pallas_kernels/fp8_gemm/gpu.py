@@ -20,7 +20,9 @@ others' wgmma; the pipelines of an SM's consecutive tiles are chained, as in the
 as fit beside the output staging buffers. H200, 2026-12-04 (experiments/BENCHMARKS.md): 677-711 FP8 TFLOP/s on
 the grouped gate+up shape (1.5x our bf16 gmm), 1,081-1,117 dense. Fp8GpuConfig's own defaults are the
 one-warpgroup kernel (emit_pipeline, 430 TFLOP/s): the interpreter runs it on any host. overlap_promotion=True
-promotes step k-1 under step k's wgmma within a warpgroup (one more register tile; measured slower).
+promotes step k-1 under step k's wgmma within a warpgroup (one more register tile; measured slower). cluster_n=2
+pairs the CTAs of 2-CTA clusters on adjacent N tiles of one row tile and multicasts each x step into both (one L2
+read for two SMs): lowered for CUDA, not yet run on a GPU (the interpreter has no cluster barriers).
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ class Fp8GpuConfig:
     # Weight scales of 128 x 128 blocks are one number per K step across a tile's columns (128 % block_n == 0):
     # read that scalar and fold it into the row scales, so a promotion is one multiply-add per element
     scalar_block_scale: bool = True
+    # Warp-specialized fp8_gmm: the 2 CTAs of a cluster take adjacent N tiles of one row tile, and each x step is
+    # one TMA multicast into both (one L2 read for two SMs; N is padded to 2 * block_n)
+    cluster_n: int = 1
 
 
 # The GEMMs' default (fp8_gmm, fp8_gemm and its weight gradient): three compute warpgroups of 64 rows each under a
@@ -88,7 +93,7 @@ def _promote_rows(total, part, s):
     return total + part * lax.broadcast_in_dim(s, part.shape, [0])
 
 
-def _promoted_step(cfg, x_smem, w_smem, xs_ref, ws_ref, carry, t_smem, shape, interpret, scalar_ws=False):
+def promoted_step(cfg, x_smem, w_smem, xs_ref, ws_ref, carry, t_smem, shape, interpret, scalar_ws=False):
     """One K step: x_smem [rows, 128] . w_smem [cols, 128]^T into a fresh accumulator, then promoted into the
     float32 sum with xs_ref's row scales and ws_ref's column scales (scalar_ws: all columns share ws_ref[0], a
     weight block's scale, which multiplies the row scales instead). carry: the sum, or with overlap_promotion
@@ -113,14 +118,14 @@ def uses_scalar_scale(cfg, w_scales):
     return w_scales == "block" and cfg.scalar_block_scale and BLOCK_K % cfg.block_n == 0
 
 
-def _initial_carry(cfg, shape, interpret):
+def initial_carry(cfg, shape, interpret):
     zero = [jnp.zeros(s, jnp.float32) for s in (shape, shape[:1], shape[1:])]
     if not interpret:  # the interpreter has no layouts
         zero = [plgpu.layout_cast(z, lay) for z, lay in zip(zero, (plgpu.Layout.WGMMA, ROW_LAYOUT, COL_LAYOUT))]
     return (zero[0], zero[0], zero[1], zero[2]) if cfg.overlap_promotion else zero[0]
 
 
-def _final_sum(cfg, carry):
+def final_sum(cfg, carry):
     return _promote(*carry) if cfg.overlap_promotion else carry
 
 
@@ -135,18 +140,33 @@ def check_config(cfg):
         )
     if cfg.warp_specialized and cfg.compute_wgs not in (2, 3):
         raise ValueError(f"Fp8GpuConfig: compute_wgs must be 2 or 3, got {cfg.compute_wgs}")
+    if cfg.cluster_n not in (1, 2) or (cfg.cluster_n > 1 and not cfg.warp_specialized):
+        raise ValueError(f"Fp8GpuConfig: cluster_n must be 1, or 2 when warp-specialized, got {cfg.cluster_n}")
 
 
-def specs_for(bm, bn, first_step=0):
-    """One warpgroup's K-step BlockSpecs: x [bm, 128] and w [bn, 128] (K-major e4m3), their scales [1, bm] and
-    [1, bn]; step kk reads K step first_step + kk (first_step may be traced)."""
+def specs_for(bm, bn, first_step=0, delay_release=1, x_axes=()):
+    """A tile's K-step BlockSpecs: x [bm, 128] and w [bn, 128] (K-major e4m3), their scales [1, bm] and [1, bn];
+    step kk reads K step first_step + kk (first_step may be traced). delay_release=1 keeps a step's buffers until
+    the next step (one warpgroup's pipeline); the warp-specialized pipelines take 0. x_axes: the cluster axes x is
+    multicast over."""
     tf = gpu_common.transforms(BLOCK_K, jnp.float8_e4m3fn)
+    dr = delay_release
     return [
-        plgpu.BlockSpec((bm, BLOCK_K), lambda kk: (0, first_step + kk), transforms=tf, delay_release=1),
-        plgpu.BlockSpec((bn, BLOCK_K), lambda kk: (0, first_step + kk), transforms=tf, delay_release=1),
-        plgpu.BlockSpec((1, bm), lambda kk: (first_step + kk, 0), delay_release=1),
-        plgpu.BlockSpec((1, bn), lambda kk: (first_step + kk, 0), delay_release=1),
+        plgpu.BlockSpec(
+            (bm, BLOCK_K), lambda kk: (0, first_step + kk), transforms=tf, delay_release=dr, collective_axes=x_axes
+        ),
+        plgpu.BlockSpec((bn, BLOCK_K), lambda kk: (0, first_step + kk), transforms=tf, delay_release=dr),
+        plgpu.BlockSpec((1, bm), lambda kk: (first_step + kk, 0), delay_release=dr),
+        plgpu.BlockSpec((1, bn), lambda kk: (first_step + kk, 0), delay_release=dr),
     ]
+
+
+def ws_stages(cfg, out_dtype, k_steps=None):
+    """Pipeline stages of a warp-specialized kernel: the config's, at most k_steps (when static), and no more than
+    fit in smem beside the block_m x block_n output staging buffers (a float32 output takes twice a bf16 one's)."""
+    stage_bytes = (cfg.block_m + cfg.block_n) * (BLOCK_K + 4)  # e4m3 operand tiles + their float32 scales
+    fit = (SMEM_BYTES - cfg.block_m * cfg.block_n * jnp.dtype(out_dtype).itemsize) // stage_bytes
+    return max(2, min(cfg.max_concurrent_steps, fit, k_steps or cfg.max_concurrent_steps))
 
 
 def scaled_k_loop(cfg, specs, steps, operands, interpret, scalar_ws=False):
@@ -159,16 +179,16 @@ def scaled_k_loop(cfg, specs, steps, operands, interpret, scalar_ws=False):
     def with_scratch(t_smem):
         def step(_, x_smem, w_smem, xs_smem, ws_smem, carry):
             xs, ws = xs_smem.at[0], ws_smem.at[0]
-            return _promoted_step(cfg, x_smem, w_smem, xs, ws, carry, t_smem, (bm, bn), interpret, scalar_ws)
+            return promoted_step(cfg, x_smem, w_smem, xs, ws, carry, t_smem, (bm, bn), interpret, scalar_ws)
 
         pipeline = plgpu.emit_pipeline(
             step,
             grid=(steps,),
             in_specs=specs,
             max_concurrent_steps=max(2, cfg.max_concurrent_steps),
-            init_carry=_initial_carry(cfg, (bm, bn), interpret),
+            init_carry=initial_carry(cfg, (bm, bn), interpret),
         )
-        return _final_sum(cfg, pipeline(*operands))
+        return final_sum(cfg, pipeline(*operands))
 
     t_shape = gpu_common.scratch(interpret, (BLOCK_K, bn), jnp.float8_e4m3fn)
     return with_scratch(None) if t_shape is None else pl.run_scoped(with_scratch, t_shape)
@@ -230,19 +250,14 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
     nw = gpu_common.num_wgs(cfg)
     half = bm // nw  # one compute warpgroup's rows
     k_steps, n_tiles = k // bk, n // bn
-    # Stages that fit beside the output staging buffers (a float32 output takes twice a bf16 one's smem)
-    stage_bytes = (bm + bn) * bk * x_q.dtype.itemsize + 4 * (bm + bn)
-    fit = (SMEM_BYTES - bm * bn * jnp.dtype(out_dtype).itemsize) // stage_bytes
-    mcs = max(2, min(cfg.max_concurrent_steps, k_steps, fit))
+    mcs = ws_stages(cfg, out_dtype, k_steps)
     chain = k_steps % mcs == 0  # chained pipelines must end every tile on the same ring slot
     count, tgroup, trow0, tlo, trows = gmm_tiles(group_sizes, m, bm)
-    tf = gpu_common.transforms(bk, x_q.dtype)
-    specs = [
-        plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=tf),
-        plgpu.BlockSpec((bn, bk), lambda kk: (0, kk), transforms=tf),
-        plgpu.BlockSpec((1, bm), lambda kk: (kk, 0)),
-        plgpu.BlockSpec((1, bn), lambda kk: (kk, 0)),
-    ]
+    cl = cfg.cluster_n
+    if n_tiles % cl:
+        raise ValueError(f"fp8_gmm: N={n} must be a multiple of cluster_n * block_n = {cl * bn} (ops.py pads)")
+    n_pairs = n_tiles // cl  # a cluster's CTAs take N tiles cl * p + (its index in the cluster)
+    specs = specs_for(bm, bn, delay_release=0, x_axes=("cluster",) if cl > 1 else ())
 
     def views(x_gmem, xs_gmem, w_gmem, ws_gmem, gi, row0, n0):
         return (
@@ -260,6 +275,8 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
         )
 
         def scoped(allocs, wg, t_wg, out_smem):
+            cta = lax.axis_index("cluster") if cl > 1 else 0
+
             def store(mt, n0):  # this warpgroup's rows of tile mt that hold output
                 lo, rows = lo_ref[mt] - wg * half, rows_ref[mt]
                 clo = jnp.clip(lo, 0, half)
@@ -269,14 +286,14 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
             def mma(_, x_smem, w_smem, xs_smem, ws_smem, carry):
                 rows = pl.ds(wg * half, half)
                 x, xs = x_smem.at[rows], xs_smem.at[0, rows]
-                return _promoted_step(cfg, x, w_smem, xs, ws_smem.at[0], carry, t_wg, (half, bn), interpret, scalar_ws)
+                return promoted_step(cfg, x, w_smem, xs, ws_smem.at[0], carry, t_wg, (half, bn), interpret, scalar_ws)
 
             def tile(i, lin, n):
-                mt, nt = gpu_common.tile_order(lin, n_real, n_tiles, cfg.grid_tile_n)
-                gi, row0, n0 = jnp.maximum(group_ref[mt], 0), pl.multiple_of(row0_ref[mt], 8), nt * bn
+                mt, pair = gpu_common.tile_order(lin, n_real, n_pairs, max(cfg.grid_tile_n // cl, 1))
+                gi, row0, n0 = jnp.maximum(group_ref[mt], 0), pl.multiple_of(row0_ref[mt], 8), (pair * cl + cta) * bn
 
                 def ctx(eval_pipeline):
-                    total = _final_sum(cfg, eval_pipeline(_initial_carry(cfg, (half, bn), interpret)))
+                    total = final_sum(cfg, eval_pipeline(initial_carry(cfg, (half, bn), interpret)))
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has left out_smem
                     out_smem.at[wg][...] = total.astype(out_dtype)
                     plgpu.commit_smem()
@@ -289,7 +306,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
 
                 gpu_common.chained(run, i, n, chain)
 
-            gpu_common.persistent_loop(n_real * n_tiles, tile)
+            gpu_common.persistent_loop(n_real * n_pairs, tile)
 
             @pl.when(wg < nw)  # rows past sum(group_sizes): the compute warpgroups store zeros, no loads
             def _():
@@ -297,8 +314,8 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
                 out_smem.at[wg][...] = jnp.zeros((half, bn), out_dtype)
                 plgpu.commit_smem()
                 gpu_common.persistent_loop(
-                    (n_all - n_real) * n_tiles,
-                    lambda i, lin, n: store(n_real + lax.div(lin, n_tiles), lax.rem(lin, n_tiles) * bn),
+                    (n_all - n_real) * n_pairs,
+                    lambda i, lin, n: store(n_real + lax.div(lin, n_pairs), (lax.rem(lin, n_pairs) * cl + cta) * bn),
                 )
 
         gpu_common.ws_scope(

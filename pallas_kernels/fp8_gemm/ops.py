@@ -44,7 +44,7 @@ def _gpu_gmm(x_q, x_s, w_q, w_s, group_sizes, out_dtype, interpret, config, rhs_
     cfg = config or gpu.GEMM_CONFIG
     m, k = x_q.shape
     g, n, _ = w_q.shape
-    mp, kp, np_ = max(_round_up(m, 8), cfg.block_m), _round_up(k, TILE), _round_up(n, cfg.block_n)
+    mp, kp, np_ = max(_round_up(m, 8), cfg.block_m), _round_up(k, TILE), _round_up(n, cfg.block_n * cfg.cluster_n)
     x_q = jnp.pad(x_q, ((0, mp - m), (0, kp - k)))
     xs_t = jnp.pad(x_s, ((0, mp - m), (0, 0)), constant_values=1.0).T
     w_q = jnp.pad(w_q, ((0, 0), (0, np_ - n), (0, kp - k)))

@@ -100,12 +100,15 @@ def chained(run_tile, i, n, chain):
 
 def run(body, out_type, cfg, interpret):
     """plgpu.kernel over one CTA per SM (grid axis "sm"); warp-specialized: num_wgs + 1 warpgroups (axis "wg")."""
+    cluster = getattr(cfg, "cluster_n", 1)  # CTAs per cluster (axis "cluster"); "sm" then counts clusters
     kw = dict(
         out_type=out_type,
-        grid=(_num_sms(cfg, interpret),),
+        grid=(_num_sms(cfg, interpret) // cluster,),
         grid_names=("sm",),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )
+    if cluster > 1:
+        kw.update(cluster=(cluster,), cluster_names=("cluster",))
     if cfg.warp_specialized:  # the compute warpgroups, then the memory one
         kw.update(num_threads=num_wgs(cfg) + 1, thread_name="wg")
     if interpret:
