@@ -242,13 +242,12 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
     "cfg",
     [
         Fp8GpuConfig(),
-        Fp8GpuConfig(scalar_block_scale=False),
         Fp8GpuConfig(overlap_promotion=True),
         Fp8GpuConfig(block_m=128, warp_specialized=True, max_concurrent_steps=2),
         Fp8GpuConfig(block_m=128, warp_specialized=True, overlap_promotion=True),
     ]
     + GPU_ONLY_CONFIGS,
-    ids=["one_wg", "one_wg_column_scales", "one_wg_overlap", "warp_specialized", "warp_specialized_overlap"]
+    ids=["one_wg", "one_wg_overlap", "warp_specialized", "warp_specialized_overlap"]
     + [f"gpu_only_{i}" for i in range(len(GPU_ONLY_CONFIGS))],
 )
 def test_gpu_kernel_equals_the_reference(m, k, n, sizes, cfg):
