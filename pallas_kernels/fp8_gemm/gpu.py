@@ -45,7 +45,7 @@ SMEM_BYTES = 226 * 1024  # a Hopper CTA's shared memory (232,448 bytes), less ro
 
 @dataclasses.dataclass(frozen=True)
 class Fp8GpuConfig:
-    """block_m: rows per tile (warp-specialized: split between the two compute warpgroups). A warpgroup holds its
+    """block_m: rows per tile (warp-specialized: split among the compute_wgs warpgroups). A warpgroup holds its
     running sum and each step's fresh accumulator, 2 x 64 x 128 float32 = 128 registers a thread: at most 64 x 128
     per warpgroup (two 128-row accumulators would need 256, past the 255-register limit)."""
 
@@ -106,7 +106,7 @@ def promoted_step(cfg, x_smem, w_smem, xs_ref, ws_ref, carry, t_smem, shape, int
 
     promoted, part = pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
     xs = _vector(xs_ref, ROW_LAYOUT, interpret)
-    if scalar_ws and not cfg.overlap_promotion:
+    if scalar_ws:
         return _promote_rows(carry, part, xs * ws_ref[0])
     ws = _vector(ws_ref, COL_LAYOUT, interpret)
     return (promoted, part, xs, ws) if cfg.overlap_promotion else _promote(carry, part, xs, ws)
@@ -114,8 +114,9 @@ def promoted_step(cfg, x_smem, w_smem, xs_ref, ws_ref, carry, t_smem, shape, int
 
 def uses_scalar_scale(cfg, w_scales):
     """Whether the kernel reads one weight scale per K step: block scales (w_scales="block"), a tile inside one
-    128-column block, and the knob on."""
-    return w_scales == "block" and cfg.scalar_block_scale and BLOCK_K % cfg.block_n == 0
+    128-column block, the knob on (overlap_promotion carries column scales to the next step, so it keeps them)."""
+    block_cols = w_scales == "block" and BLOCK_K % cfg.block_n == 0
+    return block_cols and cfg.scalar_block_scale and not cfg.overlap_promotion
 
 
 def initial_carry(cfg, shape, interpret):
@@ -289,7 +290,8 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
                 return promoted_step(cfg, x, w_smem, xs, ws_smem.at[0], carry, t_wg, (half, bn), interpret, scalar_ws)
 
             def tile(i, lin, n):
-                mt, pair = gpu_common.tile_order(lin, n_real, n_pairs, max(cfg.grid_tile_n // cl, 1))
+                # strips of grid_tile_n N tiles are grid_tile_n / cl cluster columns (0, row-major, stays 0)
+                mt, pair = gpu_common.tile_order(lin, n_real, n_pairs, -(-cfg.grid_tile_n // cl))
                 gi, row0, n0 = jnp.maximum(group_ref[mt], 0), pl.multiple_of(row0_ref[mt], 8), (pair * cl + cta) * bn
 
                 def ctx(eval_pipeline):
