@@ -9,9 +9,9 @@ devices (`resolved`), so `DeepSeekV3(ModelConfig.preset(...)).apply(...)` works 
     attention_impl  gpu: "cudnn" (bf16/f16 compute, else "xla"); tpu: "splash"; cpu: "xla"
     moe_backend     gpu / tpu: "gmm" (Pallas grouped matmul); cpu: "ragged_dot"
     moe_dispatch    gpu / tpu: "ragged" (ragged_all_to_all); TPU v5e / v6e ("lite" chips) and cpu: "padded"
-    fp8_backend     "xla" everywhere for now: the Mosaic GPU FP8 kernels beat bf16 at V3's shapes on the H200
-                    (experiments/BENCHMARKS.md) but an FP8 train step built on them has not yet been run on a GPU
-                    (its 38 kernels did not finish compiling in the 4 minutes tried); "gpu" opts in
+    fp8_backend     "xla" everywhere for now; "gpu" opts in to the Mosaic GPU FP8 kernels and their Triton
+                    quantizers: small's FP8 step on them compiles in ~100 s and runs 1.10x slower than BF16 on
+                    the H200 (experiments/BENCHMARKS.md), and the quantizers' last fix is not yet compiled on a GPU
 
 The Pallas kernels (gmm, mla_decode) are handed `cfg.platform`: their own "auto" (decode_attention_impl "auto")
 then only chooses between the platform's kernel and the XLA reference by dtype and shape, never by the host.

@@ -112,11 +112,14 @@ def bench_grouped(g, m, k, n):
             lambda a, b: gpu.gmm(a, b, gs, transpose_rhs=True, config=cfg, out_dtype=jnp.bfloat16), xq, wq
         )
     quant = {
-        "quantize x (tiles)": _time(f8.quantize_tiles, x),
-        "align + transpose + quantize x (wgrad operand)": _time(
+        "quantize x (tiles), XLA": _time(f8.quantize_tiles, x),
+        "fused": _time(lambda x: f8.quantize_tiles(x, backend=_backend()), x),
+        "align + transpose + quantize x (wgrad operand), XLA": _time(
             lambda x: f8.quantize_tiles(f8.take_aligned(x, index).T), x
         ),
-        "quantize w (blocks, transposing)": _time(f8.quantize_blocks, w),
+        "the same, fused (quantize_tiles_t)": _time(lambda x: f8.quantize_tiles_t(x, index, backend=_backend()), x),
+        "quantize w (blocks, transposing), XLA": _time(f8.quantize_blocks, w),
+        "fused ": _time(lambda w: f8.quantize_blocks(w, backend=_backend()), w),
     }
     return {k: (v, flops / v / 1e12) for k, v in t.items()}, quant
 
@@ -140,8 +143,16 @@ def bench_dense(m, k, n):
         "fp8 fwd": _time(lambda *a: _fp8(f8.fp8_gemm, *a), xq, xs, wq, ws),
         "fp8 dgrad": _time(lambda *a: _fp8(f8.fp8_gemm, *a), dq, ds, wtq, wts),
         "fp8 wgrad": _time(lambda *a: _fp8(f8.fp8_gemm, *a, rhs_tiles=True), aq, a_s, bq, bs),
+        # what FP8 training runs: fp8_tgmm's kernel on the contraction cut into chunks (split-K), summed
+        "fp8 wgrad split": _time(lambda *a: f8.fp8_wgrad(*a, backend=_backend()), aq, a_s, bq, bs),
     }
-    return {k: (v, flops / v / 1e12) for k, v in t.items()}
+    quant = {
+        "quantize x (tiles), XLA": _time(f8.quantize_tiles, x),
+        "fused": _time(lambda x: f8.quantize_tiles(x, backend=_backend()), x),
+        "transpose + quantize x (wgrad operand), XLA": _time(lambda x: f8.quantize_tiles(x.T), x),
+        "the same, fused (quantize_tiles_t)": _time(lambda x: f8.quantize_tiles_t(x, backend=_backend()), x),
+    }
+    return {k: (v, flops / v / 1e12) for k, v in t.items()}, quant
 
 
 def _configs(spec):
@@ -210,9 +221,10 @@ def main(argv):
         results.append({"shape": [g, m, k, n], "grouped": True, "times": t, "quantize": quant})
     for spec in filter(None, FLAGS.dense.split(";")):
         m, k, n = map(int, spec.split(","))
-        t = bench_dense(m, k, n)
+        t, quant = bench_dense(m, k, n)
         print(_row(f"dense M={m} K={k} N={n}", t), flush=True)
-        results.append({"shape": [m, k, n], "grouped": False, "times": t})
+        print("  " + ", ".join(f"{k}: {1e3 * v:.2f} ms" for k, v in quant.items()), flush=True)
+        results.append({"shape": [m, k, n], "grouped": False, "times": t, "quantize": quant})
     write_results(FLAGS.out, " ".join(sys.argv[1:]), results)
 
 

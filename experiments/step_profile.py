@@ -137,8 +137,8 @@ def _device_events(trace_dir: str):
     return out
 
 
-def profile_components(compiled, call, calls: int = 3, trace_dir: str | None = None):
-    """Run `call()` `calls` times under the profiler; returns (per-component ms per call, top kernels of each
+def profile_components(compiled, call, calls: int = 3, trace_dir: str | None = None, top: int = 5):
+    """Run `call()` `calls` times under the profiler; returns (per-component ms per call, the `top` kernels of each
     component as [(kernel name, ms per call)], total device ms per call)."""
     import jax
 
@@ -160,8 +160,8 @@ def profile_components(compiled, call, calls: int = 3, trace_dir: str | None = N
         comp = classify(op, index)
         per[comp] += ms / calls
         kernels[comp][f"{op} ({kname[:40]})"] += ms / calls
-    top = {c: sorted(k.items(), key=lambda kv: -kv[1])[:5] for c, k in kernels.items()}
-    return dict(per), top, sum(per.values())
+    tops = {c: sorted(k.items(), key=lambda kv: -kv[1])[:top] for c, k in kernels.items()}
+    return dict(per), tops, sum(per.values())
 
 
 def format_table(per: dict, total_ms: float, step_ms: float) -> str:

@@ -22,11 +22,13 @@ from pallas_kernels.fp8_gemm import (
     fp8_gemm,
     fp8_gmm,
     fp8_tgmm,
+    fp8_wgrad,
     quantize_blocks,
     quantize_tiles,
     take_aligned,
     transposed_blocks,
 )
+from pallas_kernels.fp8_gemm.ops import wgrad_splits
 
 INTERPRET = os.environ.get("FP8_TEST_REAL_GPU") != "1"
 
@@ -288,6 +290,30 @@ def test_gpu_kernel_runs_the_dense_weight_gradient(cfg):
     tol = (1e-5 if INTERPRET else 2e-3) * float(jnp.abs(want).max())
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=tol)
     assert _rel(np.asarray(want), x.T @ dy) < 0.05  # and the FP8 product is the weight gradient, within e4m3's error
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_split_contraction_weight_gradient_equals_the_reference(splits):
+    """fp8_wgrad: fp8_tgmm's kernel (its default, warp-specialized) on the contraction cut into chunks of whole
+    128-token steps, summed: the dense weight gradient of the reference. 420 tokens (4 chunks: 128, 128, 128 and a
+    ragged 36), rows and columns off the tiles."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((420, 136)).astype(np.float32) * (10.0 ** rng.integers(-2, 3, (420, 1)))
+    dy = rng.standard_normal((420, 72)).astype(np.float32)
+    (aq, a_s), (bq, bs) = quantize_tiles(jnp.asarray(x.T)), quantize_tiles(jnp.asarray(dy.T))
+    got = fp8_wgrad(aq, a_s, bq, bs, splits=splits, backend="gpu", interpret=INTERPRET)
+    want = fp8_gemm(aq, a_s, bq, bs, rhs_tiles=True, out_dtype=jnp.float32, backend="xla")
+    assert got.shape == (136, 72) and got.dtype == jnp.float32
+    tol = (1e-5 if INTERPRET else 2e-3) * float(jnp.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=tol)
+
+
+def test_wgrad_splits_fill_the_waves():
+    cfg = Fp8GpuConfig(block_m=128)
+    assert wgrad_splits(1024, 32768, 3072, 132, cfg) == 2  # 192 tiles: 73% of 2 waves -> 384: 97% of 3
+    assert wgrad_splits(2048, 32768, 1024, 132, cfg) == 1  # 128 tiles already fill 97%
+    assert wgrad_splits(1024, 300, 200, 132, cfg) == 1  # too short to cut: chunks keep >= 8 steps of 128
+    assert wgrad_splits(1024, 32768, 576, 132, cfg) == 3  # 40 tiles -> 120 of 132
 
 
 def test_align_groups_starts_every_group_on_a_128_row_step():

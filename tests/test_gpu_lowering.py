@@ -23,9 +23,9 @@ SMS = 132  # an H100 / H200: without a GPU the SM count cannot be read from the 
 G, M, K, N = 4, 512, 384, 256
 
 
-def _lower_for_cuda(f, *avals):
+def _lower_for_cuda(f, *avals, kernel="mosaic_gpu"):
     text = jax.jit(f).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text  # the kernel itself, not a fallback
+    assert kernel in text  # the kernel itself, not a fallback
     return text
 
 
@@ -64,6 +64,21 @@ def test_fp8_weight_gradients_lower_for_cuda(name):
     tiles = (S((K, M), E4), S((K, M // 128), F32), S((N, M), E4), S((N, M // 128), F32))
     _lower_for_cuda(lambda *a: f8.fp8_tgmm(*a, backend="gpu", config=cfg), *tiles, S((G,), I32))
     _lower_for_cuda(lambda *a: f8.fp8_gemm(*a, rhs_tiles=True, backend="gpu", config=cfg, out_dtype=F32), *tiles)
+    if cfg.cluster_n == 1:  # the split-contraction dense weight gradient runs fp8_tgmm's kernel
+        _lower_for_cuda(lambda *a: f8.fp8_wgrad(*a, splits=3, backend="gpu", config=cfg), *tiles)
+
+
+def test_fp8_quantize_kernels_lower_for_cuda():
+    """The Pallas Triton quantizers (quantize_gpu.py), at shapes off their tiles."""
+    triton = "xla.gpu.triton"
+    x, w = S((M + 3, K + 5), BF16), S((G, K + 5, N + 7), F32)
+    _lower_for_cuda(lambda a: f8.quantize_tiles(a, backend="gpu"), x, kernel=triton)
+    _lower_for_cuda(lambda a: f8.quantize_blocks(a, backend="gpu"), w, kernel=triton)
+    _lower_for_cuda(lambda a: f8.quantize_tiles_t(a, backend="gpu"), x, kernel=triton)
+    index = S((M + 128 * G,), I32)
+    _lower_for_cuda(lambda a, i: f8.quantize_tiles_t(a, i, backend="gpu"), x, index, kernel=triton)
+    _lower_for_cuda(lambda a: f8.quantize_both(a, backend="gpu"), x, kernel=triton)
+    _lower_for_cuda(lambda a, i: f8.quantize_both(a, i, backend="gpu"), x, index, kernel=triton)
 
 
 @pytest.mark.parametrize("ws", [True, False], ids=["warp_specialized", "one_wg"])

@@ -8,11 +8,14 @@ their own, as ops.align_groups lays them out). Products accumulate in float32; o
 activation gradient come back in the compute dtype, the weight gradient in the weight's dtype. Everything else
 (embedding, output head, router, norms, attention core, MTP's eh_proj) stays in the compute dtype or float32.
 
-The residuals are the compute-dtype input and the forward's quantized weight, whose transposed blocks are the
-dgrad's operand; the backward quantizes the activations afresh along the token axis (fused quantize + transpose
-kernels are still to come). ModelConfig.fp8_backend "auto" still resolves to the XLA reference (dsjax.runtime): the
-numerics of FP8 training without its speed; "gpu" runs the Mosaic GPU kernels (1.4-1.6x bf16 at DeepSeek-V3's
-shapes on the H200, no faster at small's K = 1024; an FP8 train step on them is yet to be run on a GPU).
+The residuals are the input's weight-gradient operand (x^T quantized along the tokens, for the experts on
+align_groups' layout), quantized in the forward from the same read of x as the forward's own operand, and the
+forward's quantized weight, whose transposed blocks are the dgrad's operand; the backward reads the output gradient
+once for both of its operands. With fp8_backend "gpu" every quantization is one Pallas Triton pass
+(quantize_gpu.py) and every GEMM a Mosaic GPU kernel; on the H200 small's FP8 step runs 1.10x slower than BF16
+(298 vs 272 ms, experiments/BENCHMARKS.md): at K = 512-2048 FP8 wgmma gains too little over bf16 to pay for the
+quantization passes. ModelConfig.fp8_backend "auto" still resolves to the XLA reference (dsjax.runtime): the
+numerics of FP8 training without its speed.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ from pallas_kernels.fp8_gemm import (
     fp8_gemm,
     fp8_gmm,
     fp8_tgmm,
+    fp8_wgrad,
     quantize_blocks,
-    quantize_tiles,
-    take_aligned,
+    quantize_both,
     transposed_blocks,
 )
 
@@ -42,22 +45,21 @@ def fp8_dot(x: jax.Array, w: jax.Array, backend: str = "auto") -> jax.Array:
 
 def _fp8_dot_fwd(x, w, backend):
     k, n = w.shape
-    xq, xs = quantize_tiles(x.reshape(-1, k))
-    wq, ws = quantize_blocks(w)
+    # x's weight-gradient operand (x^T, tiles along the tokens) is quantized here, from the same read of x, and kept
+    # instead of x: an e4m3 residual half x's size, and no second pass over x in the backward
+    (xq, xs), x_t = quantize_both(x.reshape(-1, k), backend=backend)
+    wq, ws = quantize_blocks(w, backend=backend)
     y = fp8_gemm(xq, xs, wq, ws, out_dtype=x.dtype, backend=backend).reshape(*x.shape[:-1], n)
-    return y, (x, wq, ws, _dtype_of(w))
+    return y, (x_t, wq, ws, _dtype_of(x), _dtype_of(w))
 
 
 def _fp8_dot_bwd(backend, res, dy):
-    x, wq, ws, like_w = res
+    (aq, a_s), wq, ws, like_x, like_w = res  # aq [K, M]: x^T in tiles along the contracted rows
     n, k = wq.shape
-    x2, dy2 = x.reshape(-1, k), dy.reshape(-1, n)
-    dq, ds = quantize_tiles(dy2)
-    dx = fp8_gemm(dq, ds, *transposed_blocks(wq, ws), out_dtype=x.dtype, backend=backend).reshape(x.shape)
-    aq, a_s = quantize_tiles(x2.T)  # [K, M]: tiles along the contracted rows
-    bq, bs = quantize_tiles(dy2.T)  # [N, M]
-    dw = fp8_gemm(aq, a_s, bq, bs, out_dtype=jnp.float32, rhs_tiles=True, backend=backend)
-    return dx, dw.astype(like_w.dtype)
+    (dq, ds), (bq, bs) = quantize_both(dy.reshape(-1, n), backend=backend)  # dgrad's dy, wgrad's dy^T [N, M]
+    dx = fp8_gemm(dq, ds, *transposed_blocks(wq, ws), out_dtype=like_x.dtype, backend=backend)
+    dw = fp8_wgrad(aq, a_s, bq, bs, backend=backend)
+    return dx.reshape(*dy.shape[:-1], k), dw.astype(like_w.dtype)
 
 
 def _dtype_of(x):
@@ -75,19 +77,19 @@ def fp8_grouped_matmul(rows: jax.Array, w: jax.Array, sizes: jax.Array, backend:
 
 
 def _fp8_gmm_fwd(rows, w, sizes, backend):
-    xq, xs = quantize_tiles(rows)
-    wq, ws = quantize_blocks(w)
-    return fp8_gmm(xq, xs, wq, ws, sizes, out_dtype=rows.dtype, backend=backend), (rows, wq, ws, _dtype_of(w), sizes)
+    # the weight gradient takes each expert's tokens on their own 128-token scaling tiles (zero rows between
+    # experts, align_groups' layout); that operand comes from the forward's read of the rows, as in _fp8_dot_fwd
+    index, aligned = align_groups(sizes, rows.shape[0])
+    (xq, xs), rows_t = quantize_both(rows, index, backend=backend)
+    wq, ws = quantize_blocks(w, backend=backend)
+    out = fp8_gmm(xq, xs, wq, ws, sizes, out_dtype=rows.dtype, backend=backend)
+    return out, (rows_t, wq, ws, _dtype_of(rows), _dtype_of(w), sizes, index, aligned)
 
 
 def _fp8_gmm_bwd(backend, res, dy):
-    rows, wq, ws, like_w, sizes = res
-    dq, ds = quantize_tiles(dy)
-    drows = fp8_gmm(dq, ds, *transposed_blocks(wq, ws), sizes, out_dtype=rows.dtype, backend=backend)
-    # weight gradient: each expert's tokens on their own 128-token scaling tiles (zero rows between experts)
-    index, aligned = align_groups(sizes, rows.shape[0])
-    aq, a_s = quantize_tiles(take_aligned(rows, index).T)
-    bq, bs = quantize_tiles(take_aligned(dy, index).T)
+    (aq, a_s), wq, ws, like_rows, like_w, sizes, index, aligned = res
+    (dq, ds), (bq, bs) = quantize_both(dy, index, backend=backend)
+    drows = fp8_gmm(dq, ds, *transposed_blocks(wq, ws), sizes, out_dtype=like_rows.dtype, backend=backend)
     dw = fp8_tgmm(aq, a_s, bq, bs, aligned, out_dtype=jnp.float32, backend=backend)
     return drows, dw.astype(like_w.dtype), None
 

@@ -1,18 +1,28 @@
 """FP8 (e4m3) GEMMs with DeepSeek-V3's fine-grained scaling: 1 x 128 activation tiles, 128 x 128 weight blocks.
 
-quantize.py holds the scaling, reference.py the XLA reference, ops.py the public entry points (see ops.py for
-what each backend runs today).
+quantize.py holds the scaling (quantize_gpu.py: its fused transpose + quantize kernel for the GPU), reference.py
+the XLA reference, ops.py the public entry points (see ops.py for what each backend runs today).
 """
 
 from pallas_kernels.fp8_gemm.gpu import Fp8GpuConfig
-from pallas_kernels.fp8_gemm.ops import align_groups, fp8_gemm, fp8_gmm, fp8_tgmm, resolve_backend, take_aligned
+from pallas_kernels.fp8_gemm.ops import (
+    align_groups,
+    fp8_gemm,
+    fp8_gmm,
+    fp8_tgmm,
+    fp8_wgrad,
+    quantize_blocks,
+    quantize_both,
+    quantize_tiles,
+    quantize_tiles_t,
+    resolve_backend,
+    take_aligned,
+)
 from pallas_kernels.fp8_gemm.quantize import (
     E4M3_MAX,
     TILE,
     dequantize_blocks,
     dequantize_tiles,
-    quantize_blocks,
-    quantize_tiles,
     transposed_blocks,
 )
 
@@ -26,8 +36,11 @@ __all__ = [
     "fp8_gemm",
     "fp8_gmm",
     "fp8_tgmm",
+    "fp8_wgrad",
     "quantize_blocks",
+    "quantize_both",
     "quantize_tiles",
+    "quantize_tiles_t",
     "resolve_backend",
     "take_aligned",
     "transposed_blocks",

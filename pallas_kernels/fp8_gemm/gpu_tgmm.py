@@ -40,6 +40,11 @@ from pallas_kernels.fp8_gemm.gpu import (
 )
 from pallas_kernels.grouped_matmul import gpu_common
 
+# The grouped weight gradient's default: warp-specialized, two compute warpgroups on 128-row tiles; at small's expert
+# shapes on the H200 1.4-1.75x the one-warpgroup kernel and 1.26x our bf16 tgmm (BENCHMARKS.md, 2026-12-04 third
+# session; three warpgroups on 192 rows were slower there). The dataclass's defaults stay one-warpgroup.
+TGMM_CONFIG = Fp8GpuConfig(block_m=128, warp_specialized=True)
+
 
 def group_steps(group_sizes):
     """(first K step, number of K steps) of each group: its rows [start, start + size) in 128-row steps."""
@@ -51,7 +56,7 @@ def group_steps(group_sizes):
 
 def fp8_tgmm(a_q, as_t, b_q, bs_t, group_sizes, *, config=None, interpret=False, out_dtype=jnp.float32):
     """a_q [K, M], b_q [N, M] (groups' rows start on 128-row steps) -> [G, K, N] in out_dtype."""
-    cfg = config or Fp8GpuConfig()
+    cfg = config or TGMM_CONFIG
     check_config(cfg)
     if cfg.cluster_n != 1:
         raise ValueError(f"fp8_tgmm's GPU kernel runs one CTA per cluster: cluster_n=1, got {cfg.cluster_n}")

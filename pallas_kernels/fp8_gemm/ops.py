@@ -1,10 +1,12 @@
-"""Public FP8 GEMMs: shape checks and backend dispatch.
+"""Public FP8 GEMMs and quantizers: shape checks and backend dispatch.
 
+    x_q, x_s = quantize_tiles(x, backend="auto")       # also quantize_blocks(w), quantize_tiles_t(x[, index])
     out = fp8_gmm(x_q, x_s, w_q, w_s, group_sizes, out_dtype=jnp.bfloat16, backend="auto")  # w_q [G, N, K]
     out = fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=jnp.bfloat16, backend="auto")              # w_q [N, K]
     dw = fp8_tgmm(a_q, a_s, b_q, b_s, group_sizes)  # a [K, M], b [N, M], tile-scaled along M -> [G, K, N]
 
-Operands come from quantize_tiles / quantize_blocks (quantize.py). Backends: "gpu" (gpu.py: Mosaic GPU, Hopper
+Operands come from quantize_tiles / quantize_blocks / quantize_tiles_t: quantize.py's XLA ops, or with backend
+"gpu" their single-pass Pallas Triton kernels (quantize_gpu.py). GEMM backends: "gpu" (gpu.py: Mosaic GPU, Hopper
 e4m3 wgmma with per-128-K promotion; on the H200 1.4-1.6x our bf16 gmm / XLA's bf16 dot at DeepSeek-V3's shapes,
 no faster at K = 1024), "xla" (the reference: dequantize, float32 product) and "tpu" (the same reference, stated:
 no TPU FP8 kernel yet). These ops take no platform, so "auto" is the reference; dsjax.runtime picks the model's
@@ -15,11 +17,15 @@ needs groups laid out on 128-row steps (align_groups).
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.fp8_gemm import gpu, gpu_tgmm, reference
+from pallas_kernels.fp8_gemm import gpu, gpu_tgmm, quantize, quantize_gpu, reference
 from pallas_kernels.fp8_gemm.quantize import E4M3, TILE, tiles
+from pallas_kernels.grouped_matmul import gpu_common
 
 BACKENDS = ("auto", "gpu", "xla", "tpu")
 
@@ -36,6 +42,11 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+# The kernels run under jit so that a model's many call sites of one kernel shape are traced and lowered to Mosaic GPU
+# once, not once per site (jit caches a function's trace by shapes and static arguments, and a module lowers a
+# cached trace to one function): an unrolled FP8 train step has ~250 kernel sites of ~40 distinct kernels, and
+# lowering each site on its own took 80+ s of Python per compile.
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))
 def _gpu_gmm(x_q, x_s, w_q, w_s, group_sizes, out_dtype, interpret, config, rhs_tiles=False):
     """The kernel's operand layouts and tile multiples: scales transposed / expanded to columns, M padded to a
     multiple of 8 (and at least one row tile), K to the 128 scaling tile, N to the column tile. The kernel takes
@@ -129,6 +140,44 @@ def take_aligned(x, index):
     return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])[index]
 
 
+def quantize_tiles(x, *, backend="auto", interpret=False):
+    """x [M, K] -> (e4m3 [M, K], float32 scales [M, ceil(K / 128)]) per 1 x 128 tile (quantize.py); backend "gpu":
+    one pass in a Pallas Triton kernel (quantize_gpu.py), bit-equal."""
+    if resolve_backend(backend) == "gpu":
+        return quantize_gpu.quantize_tiles(x, interpret=interpret)
+    return quantize.quantize_tiles(x)
+
+
+def quantize_blocks(w, *, backend="auto", interpret=False):
+    """w [..., K, N] -> (K-major e4m3 [..., N, K], float32 scales [..., ceil(N / 128), ceil(K / 128)]) per 128 x 128
+    block (quantize.py); backend "gpu": transposed and quantized in one Pallas Triton pass, bit-equal."""
+    if resolve_backend(backend) == "gpu":
+        return quantize_gpu.quantize_blocks(w, interpret=interpret)
+    return quantize.quantize_blocks(w)
+
+
+def quantize_tiles_t(x, index=None, *, backend="auto", interpret=False):
+    """A weight gradient's operand: quantize_tiles(x.T) ([R, C] -> e4m3 [C, R], scales [C, ceil(R / 128)]), or with
+    align_groups' index quantize_tiles(take_aligned(x, index).T). backend "gpu": one fused gather + transpose +
+    quantize pass (quantize_gpu.py, Pallas Triton), bit-equal; otherwise XLA's ops."""
+    if resolve_backend(backend) == "gpu":
+        return quantize_gpu.quantize_tiles_t(x, index, interpret=interpret)
+    return quantize.quantize_tiles((x if index is None else take_aligned(x, index)).T)
+
+
+def quantize_both(x, index=None, *, backend="auto", interpret=False):
+    """(quantize_tiles(x), quantize_tiles_t(x, index)): a layer's forward operand and its weight-gradient operand
+    (or the output gradient's dgrad and wgrad operands) together; backend "gpu": from one read of x (quantize_gpu.py).
+    With index, rows of x that index leaves out come out of the first as zero rows (scale 1)."""
+    if resolve_backend(backend) == "gpu":
+        return quantize_gpu.quantize_both(x, index, interpret=interpret)
+    if index is not None:  # the rows past sum(group_sizes): no group's product reads them
+        used = jnp.zeros((x.shape[0] + 1,), bool).at[index].set(True)[:-1]
+        x_used = jnp.where(used[:, None], x, jnp.zeros((), x.dtype))
+        return quantize.quantize_tiles(x_used), quantize_tiles_t(x, index)
+    return quantize.quantize_tiles(x), quantize_tiles_t(x)
+
+
 def fp8_tgmm(a_q, a_s, b_q, b_s, group_sizes, *, out_dtype=jnp.float32, backend="auto", interpret=False, config=None):
     """Grouped weight gradient: a [K, M], b [N, M], both tile-scaled along M (quantize_tiles of the transposed
     activations and output gradients) -> [G, K, N]. backend "gpu" (gpu_tgmm.py) needs every group to start on a
@@ -137,7 +186,7 @@ def fp8_tgmm(a_q, a_s, b_q, b_s, group_sizes, *, out_dtype=jnp.float32, backend=
     _check(a_q, a_s, b_q, b_s, grouped=False, rhs_tiles=True)
     if resolve_backend(backend) != "gpu":
         return reference.fp8_tgmm(a_q, a_s, b_q, b_s, group_sizes, out_dtype=out_dtype)
-    cfg = config or gpu.Fp8GpuConfig()
+    cfg = config or gpu_tgmm.TGMM_CONFIG
     k, m = a_q.shape
     n = b_q.shape[0]
     kp, mp, np_ = _round_up(k, cfg.block_m), _round_up(m, TILE), _round_up(n, cfg.block_n)
@@ -149,7 +198,41 @@ def fp8_tgmm(a_q, a_s, b_q, b_s, group_sizes, *, out_dtype=jnp.float32, backend=
     aligned = jnp.all((jnp.cumsum(sizes) - sizes) % TILE == 0)
 
     def kernel():
-        out = gpu_tgmm.fp8_tgmm(a_q, as_t, b_q, bs_t, sizes, config=cfg, interpret=interpret, out_dtype=out_dtype)
-        return out[:, :k, :n]
+        return _gpu_tgmm(a_q, as_t, b_q, bs_t, sizes, cfg, interpret, out_dtype)[:, :k, :n]
 
     return lax.cond(aligned, kernel, lambda: jnp.full((sizes.shape[0], k, n), jnp.nan, out_dtype))
+
+
+def fp8_wgrad(a_q, a_s, b_q, b_s, *, splits=None, backend="auto", interpret=False, config=None):
+    """Dense weight gradient: a [K, M], b [N, M], tile-scaled along M -> float32 [K, N] (= fp8_gemm(..., rhs_tiles=
+    True)). On the GPU it runs fp8_tgmm's kernel with the contraction cut into `splits` chunks of whole 128-row
+    steps, as groups, summed after: a weight gradient has few output tiles over a long contraction (small's
+    1024 x 3072 is 192 tiles of 128 x 128 for 132 SMs), and the chunks fill the waves, as split-K does. splits
+    None: wgrad_splits' choice."""
+    _check(a_q, a_s, b_q, b_s, grouped=False, rhs_tiles=True)
+    if resolve_backend(backend) != "gpu":
+        return reference.fp8_gemm(a_q, a_s, b_q, b_s, out_dtype=jnp.float32, rhs_tiles=True)
+    cfg = config or gpu_tgmm.TGMM_CONFIG
+    (k, m), n = a_q.shape, b_q.shape[0]
+    if m == 0:
+        return jnp.zeros((k, n), jnp.float32)
+    splits = splits or wgrad_splits(k, m, n, gpu_common.num_sms(cfg, interpret), cfg)
+    chunk = _round_up(-(-m // splits), TILE)
+    sizes = [min(chunk, m - i * chunk) for i in range(-(-m // chunk))]
+    parts = fp8_tgmm(a_q, a_s, b_q, b_s, jnp.asarray(sizes, jnp.int32), backend="gpu", interpret=interpret, config=cfg)
+    return jnp.sum(parts, axis=0)
+
+
+def wgrad_splits(k: int, m: int, n: int, num_sms: int, cfg, max_splits: int = 8) -> int:
+    """Contraction chunks for fp8_wgrad: the fewest whose (chunk, output tile) work items keep >= 85% of the SMs'
+    slots busy over the waves they take (else the best), each chunk keeping at least 8 steps of 128 rows."""
+    tiles_kn = -(-k // cfg.block_m) * -(-n // cfg.block_n)
+    fill = lambda s: tiles_kn * s / (-(-tiles_kn * s // num_sms) * num_sms)  # noqa: E731
+    options = [s for s in range(1, max_splits + 1) if s == 1 or -(-m // TILE) // s >= 8]
+    good = [s for s in options if fill(s) >= 0.85]
+    return good[0] if good else max(options, key=fill)
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6, 7))  # under jit: one trace per kernel shape (see _gpu_gmm)
+def _gpu_tgmm(a_q, as_t, b_q, bs_t, sizes, cfg, interpret, out_dtype):
+    return gpu_tgmm.fp8_tgmm(a_q, as_t, b_q, bs_t, sizes, config=cfg, interpret=interpret, out_dtype=out_dtype)

@@ -33,6 +33,12 @@ def _pad_axis(x, axis: int):
     return jnp.pad(x, widths)
 
 
+def _amax(t, axis):
+    """max |t| over axis, NaN where a NaN is among them: XLA's CPU max may drop a NaN (fast min/max, by operand
+    order) where its GPU max keeps it, so the poisoning is made explicit, the same on every platform."""
+    return jnp.where(jnp.any(jnp.isnan(t), axis=axis), jnp.nan, jnp.max(jnp.abs(t), axis=axis))
+
+
 def _scale(amax):
     return jnp.where(amax == 0, 1.0, amax / E4M3_MAX).astype(jnp.float32)  # NaN / inf amax: a poisoned scale
 
@@ -47,7 +53,7 @@ def quantize_tiles(x):
     """x [M, K] -> (x_q float8_e4m3fn [M, K], x_s float32 [M, ceil(K / 128)])."""
     m, k = x.shape
     t = _pad_axis(x.astype(jnp.float32), 1).reshape(m, tiles(k), TILE)
-    s = _scale(jnp.max(jnp.abs(t), axis=-1))
+    s = _scale(_amax(t, -1))
     q = _to_e4m3(t / s[..., None]).reshape(m, -1)[:, :k]
     return q, s
 
@@ -60,7 +66,7 @@ def quantize_blocks(w):
     *lead, k, n = w.shape
     wt = jnp.swapaxes(w.astype(jnp.float32), -1, -2)
     b = _pad_axis(_pad_axis(wt, -1), -2).reshape(*lead, tiles(n), TILE, tiles(k), TILE)
-    s = _scale(jnp.max(jnp.abs(b), axis=(-3, -1)))
+    s = _scale(_amax(b, (-3, -1)))
     q = _to_e4m3(b / s[..., :, None, :, None]).reshape(*lead, tiles(n) * TILE, tiles(k) * TILE)
     return q[..., :n, :k], s
 

@@ -37,7 +37,8 @@ def num_wgs(cfg):
     return getattr(cfg, "compute_wgs", 2) if cfg.warp_specialized else 1
 
 
-def _num_sms(cfg, interpret):
+def num_sms(cfg, interpret):
+    """SMs the persistent grid spans: the config's, else the device's (2 when interpreting)."""
     if cfg.num_sms is not None:
         return cfg.num_sms
     if interpret:
@@ -103,7 +104,7 @@ def run(body, out_type, cfg, interpret):
     cluster = getattr(cfg, "cluster_n", 1)  # CTAs per cluster (axis "cluster"); "sm" then counts clusters
     kw = dict(
         out_type=out_type,
-        grid=(_num_sms(cfg, interpret) // cluster,),
+        grid=(num_sms(cfg, interpret) // cluster,),
         grid_names=("sm",),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )

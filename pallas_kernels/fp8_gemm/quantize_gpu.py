@@ -1,0 +1,245 @@
+"""DeepSeek-V3's FP8 quantization as single-pass GPU kernels (Pallas Triton), bit-equal to quantize.py's XLA ops.
+
+    q, s = quantize_tiles(x)             # x [M, K] -> q [M, K], s [M, ceil(K / 128)]: 1 x 128 tiles along K
+    q, s = quantize_blocks(w)            # w [..., K, N] -> q [..., N, K], s [..., N / 128, K / 128]: transposing
+    q, s = quantize_tiles_t(x)           # == quantize_tiles(x.T): x [R, C] -> q [C, R], s [C, ceil(R / 128)]
+    q, s = quantize_tiles_t(x, index)    # == quantize_tiles(take_aligned(x, index).T): rows gathered first
+    (q, s), (qt, st) = quantize_both(x[, index])   # both of the above from one read of x
+
+XLA runs each of these as a reduce fusion plus a cast (and a transpose or gather), 3-6x short of the bandwidth
+bound on the H200 at small's shapes (BENCHMARKS.md, 2026-12-04 third session); here a program reads its tiles once,
+reduces, scales and casts in registers, and writes e4m3 (transposed where asked).
+
+A weight gradient x^T . dy contracts the tokens, and FP8 wgmma takes both operands K-major, so its operands are
+the activations and output gradients transposed, tile-scaled along the tokens. Done by XLA as gather, transpose,
+amax and cast, each of those is a pass over the [tokens, features] array, and the gather + transpose fusion it
+builds reads rows of a gathered layout column-wise: on the H200 it took 7 ms per expert operand of `small` (four
+per MoE layer) against 0.2-1 ms for the FP8 GEMM that consumes it (experiments/BENCHMARKS.md, 2026-12-04 third
+session). Here each program reads a 128-row x `block_c`-column tile once (rows gathered through `index`, which
+also marks zero rows), takes each column's amax over its 128 rows, scales and casts in registers and writes the
+tile transposed: one read and one (half-size) write.
+
+The rows are padded to whole 128-row tiles with zeros (zero rows do not change a tile's amax), as quantize_tiles
+pads its last axis; an all-zero column tile gets scale 1, and a NaN poisons its tile, as in quantize.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.fp8_gemm.quantize import E4M3, E4M3_MAX, TILE, tiles
+
+
+def _amax(t, axis=None):
+    """max |t| along axis, NaN if the tile holds one: Triton's max ignores NaN (maxnumf), XLA's propagates it."""
+    has_nan = jnp.max(jnp.where(t != t, 1.0, 0.0), axis=axis) > 0
+    return jnp.where(has_nan, jnp.nan, jnp.max(jnp.abs(t), axis=axis))
+
+
+def _div(a, b, exact: bool):
+    """a / b in float32 as XLA divides: IEEE division (div.rn). Triton's own f32 division is approximate (div.full,
+    2 ulp), enough to move a value across an e4m3 rounding boundary or a scale off by an ulp."""
+    b = jnp.broadcast_to(b, a.shape)
+    if not exact:  # the interpreter (XLA on the CPU) divides exactly; it cannot run PTX
+        return a / b
+    return pltriton.elementwise_inline_asm(
+        "div.rn.f32 $0, $1, $2;",
+        args=[a, b],
+        constraints="=f,f,f",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
+    )[0]
+
+
+def _to_e4m3(t, amax, exact: bool):
+    """(t / scale as e4m3, scale) as quantize.py computes them. The clip (NaN-ignoring in Triton) sees finite values
+    only: NaN stays NaN, as quantize.py's clip keeps it."""
+    scale = jnp.where(amax == 0, 1.0, _div(amax, jnp.full(amax.shape, E4M3_MAX, jnp.float32), exact))
+    y = _div(t, scale, exact)
+    return jnp.where(y != y, jnp.nan, jnp.clip(y, -E4M3_MAX, E4M3_MAX)).astype(E4M3), scale
+
+
+BLOCK_C = 64  # columns per program: a 128 x 64 bf16 tile is 16 KiB of registers across 4 warps
+
+
+def _kernel(index_ref, x_ref, q_ref, s_ref, *, rows: int, cols: int, block_c: int, gather: bool, exact: bool):
+    r, c = pl.program_id(0), pl.program_id(1)
+    src = index_ref[...] if gather else r * TILE + jnp.arange(TILE, dtype=jnp.int32)
+    col = c * block_c + jnp.arange(block_c, dtype=jnp.int32)
+    ok = (src < rows)[:, None] & (col < cols)[None, :]
+    # out-of-range rows / columns are masked loads (zeros, no memory access); unclamped column offsets stay
+    # contiguous, so Triton vectorizes the loads
+    tile = pltriton.load(x_ref.at[src[:, None], col[None, :]], mask=ok, other=0)
+    t = tile.astype(jnp.float32)
+    q, scale = _to_e4m3(t, _amax(t, axis=0)[None, :], exact)  # one scale per column over the tile's 128 rows
+    q_ref[...] = q.T
+    s_ref[...] = scale
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block_c"))
+def quantize_tiles_t(x, index=None, *, interpret: bool = False, block_c: int = BLOCK_C):
+    """x [R, C] (index None) -> (q float8_e4m3fn [C, R], s float32 [C, ceil(R / 128)]) = quantize_tiles(x.T).
+    With index [R'] int32 (ops.align_groups' layout: row p is x[index[p]], a zero row where index[p] >= R; R' a
+    multiple of 128): q [C, R'], s [C, R' / 128] = quantize_tiles(take_aligned(x, index).T)."""
+    rows, cols = x.shape
+    gather = index is not None
+    if gather and (index.ndim != 1 or index.shape[0] % TILE):
+        raise ValueError(f"index must be [R'] with R' a multiple of {TILE}, got {index.shape}")
+    out_rows = index.shape[0] if gather else rows
+    row_tiles, col_blocks = tiles(out_rows), -(-cols // block_c)
+    if not gather:  # an unused operand keeps one kernel signature
+        index = jnp.zeros((TILE,), jnp.int32)
+    idx_spec = pl.BlockSpec((TILE,), (lambda r, c: (r,)) if gather else (lambda r, c: (0,)))
+    q, s = pl.pallas_call(
+        functools.partial(_kernel, rows=rows, cols=cols, block_c=block_c, gather=gather, exact=not interpret),
+        grid=(row_tiles, col_blocks),
+        in_specs=[idx_spec, pl.BlockSpec((rows, cols), lambda r, c: (0, 0))],
+        out_specs=[
+            pl.BlockSpec((block_c, TILE), lambda r, c: (c, r)),
+            pl.BlockSpec((1, block_c), lambda r, c: (r, c)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((col_blocks * block_c, row_tiles * TILE), E4M3),
+            jax.ShapeDtypeStruct((row_tiles, col_blocks * block_c), jnp.float32),
+        ],
+        compiler_params=_params(),
+        interpret=interpret,
+        name="fp8_quantize_tiles_t",
+    )(index, x)
+    return q[:cols, :out_rows], s[:, :cols].T
+
+
+def _params(num_warps=4):
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
+
+
+def _tiles_kernel(x_ref, q_ref, s_ref, *, rows: int, cols: int, block_r: int, exact: bool):
+    r, c = pl.program_id(0), pl.program_id(1)
+    row = r * block_r + jnp.arange(block_r, dtype=jnp.int32)
+    col = c * TILE + jnp.arange(TILE, dtype=jnp.int32)
+    ok = (row < rows)[:, None] & (col < cols)[None, :]
+    t = pltriton.load(x_ref.at[row[:, None], col[None, :]], mask=ok, other=0).astype(jnp.float32)
+    q, scale = _to_e4m3(t, _amax(t, axis=1)[:, None], exact)  # one scale per row over the tile's 128 columns
+    pltriton.store(q_ref.at[row[:, None], col[None, :]], q, mask=ok)
+    s_ref[...] = scale.T
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block_r"))
+def quantize_tiles(x, *, interpret: bool = False, block_r: int = 64):
+    """x [M, K] -> (q float8_e4m3fn [M, K], s float32 [M, ceil(K / 128)]) = quantize.quantize_tiles(x)."""
+    rows, cols = x.shape
+    row_blocks, col_tiles = -(-rows // block_r), tiles(cols)
+    q, s = pl.pallas_call(
+        functools.partial(_tiles_kernel, rows=rows, cols=cols, block_r=block_r, exact=not interpret),
+        grid=(row_blocks, col_tiles),
+        in_specs=[pl.BlockSpec((rows, cols), lambda r, c: (0, 0))],
+        out_specs=[
+            pl.BlockSpec((rows, cols), lambda r, c: (0, 0)),
+            pl.BlockSpec((1, block_r), lambda r, c: (c, r)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((rows, cols), E4M3),
+            jax.ShapeDtypeStruct((col_tiles, row_blocks * block_r), jnp.float32),
+        ],
+        compiler_params=_params(),
+        interpret=interpret,
+        name="fp8_quantize_tiles",
+    )(x)
+    return q, s[:, :rows].T
+
+
+def _blocks_kernel(w_ref, q_ref, s_ref, *, k: int, n: int, exact: bool):
+    g, kb, nb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    kk = kb * TILE + jnp.arange(TILE, dtype=jnp.int32)
+    nn = nb * TILE + jnp.arange(TILE, dtype=jnp.int32)
+    ok = (kk < k)[:, None] & (nn < n)[None, :]
+    b = pltriton.load(w_ref.at[g, kk[:, None], nn[None, :]], mask=ok, other=0).astype(jnp.float32)
+    amax = jnp.full((1, TILE), _amax(b), jnp.float32)  # one scale per 128 x 128 block, as a row: PTX takes tensors
+    q, scale = _to_e4m3(b, amax, exact)
+    pltriton.store(q_ref.at[g, nn[:, None], kk[None, :]], q.T, mask=ok.T)  # K-major: [N, K]
+    s_ref[...] = jnp.full((1, 1, 1), jnp.max(scale), jnp.float32)  # the row's entries are equal
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def quantize_blocks(w, *, interpret: bool = False):
+    """w [..., K, N] -> (q float8_e4m3fn [..., N, K], s float32 [..., ceil(N / 128), ceil(K / 128)]) =
+    quantize.quantize_blocks(w): transposed while quantized, in one pass over the master weights."""
+    *lead, k, n = w.shape
+    w3 = w.reshape(-1, k, n)
+    g, kt, nt = w3.shape[0], tiles(k), tiles(n)
+    q, s = pl.pallas_call(
+        functools.partial(_blocks_kernel, k=k, n=n, exact=not interpret),
+        grid=(g, kt, nt),
+        in_specs=[pl.BlockSpec((g, k, n), lambda g, i, j: (0, 0, 0))],
+        out_specs=[
+            pl.BlockSpec((g, n, k), lambda g, i, j: (0, 0, 0)),
+            pl.BlockSpec((1, 1, 1), lambda g, i, j: (g, j, i)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((g, n, k), E4M3), jax.ShapeDtypeStruct((g, nt, kt), jnp.float32)],
+        compiler_params=_params(8),
+        interpret=interpret,
+        name="fp8_quantize_blocks",
+    )(w3)
+    return q.reshape(*lead, n, k), s.reshape(*lead, nt, kt)
+
+
+def _both_kernel(index_ref, x_ref, q0_ref, s0_ref, q_ref, s_ref, qt_ref, st_ref, *, rows, cols, gather, exact):
+    del q0_ref, s0_ref  # aliased to q_ref / s_ref: their initial values (zero rows, scale 1) are the outputs' own
+    r, c = pl.program_id(0), pl.program_id(1)
+    src = index_ref[...] if gather else r * TILE + jnp.arange(TILE, dtype=jnp.int32)
+    col = c * TILE + jnp.arange(TILE, dtype=jnp.int32)
+    row_ok = (src < rows)[:, None]
+    ok = row_ok & (col < cols)[None, :]
+    t = pltriton.load(x_ref.at[src[:, None], col[None, :]], mask=ok, other=0).astype(jnp.float32)
+    q, scale = _to_e4m3(t, _amax(t, axis=1)[:, None], exact)  # tiles along the columns, at the rows' own places
+    pltriton.store(q_ref.at[src[:, None], col[None, :]], q, mask=ok)
+    pltriton.store(s_ref.at[src[:, None], jnp.full((1, 1), c, jnp.int32)], scale, mask=row_ok)
+    qt, scale_t = _to_e4m3(t, _amax(t, axis=0)[None, :], exact)  # tiles along the rows, transposed
+    qt_ref[...] = qt.T
+    st_ref[...] = scale_t
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def quantize_both(x, index=None, *, interpret: bool = False):
+    """Both quantizations of x [R, C] a linear layer's training uses, from one read of it (128 x 128 tiles):
+    ((q [R, C], s [R, ceil(C / 128)]) = quantize_tiles(x), (qt, st) = quantize_tiles_t(x, index)). With index,
+    rows of x that index leaves out (past sum(group_sizes)) come out as zero rows with scale 1 (as
+    quantize_tiles gives an all-zero row): no program reads them."""
+    rows, cols = x.shape
+    gather = index is not None
+    if gather and (index.ndim != 1 or index.shape[0] % TILE):
+        raise ValueError(f"index must be [R'] with R' a multiple of {TILE}, got {index.shape}")
+    out_rows = index.shape[0] if gather else rows
+    row_tiles, col_tiles = tiles(out_rows), tiles(cols)
+    if not gather:
+        index = jnp.zeros((TILE,), jnp.int32)
+    idx_spec = pl.BlockSpec((TILE,), (lambda r, c: (r,)) if gather else (lambda r, c: (0,)))
+    whole = lambda shape: pl.BlockSpec(shape, lambda r, c: (0, 0))  # noqa: E731 - addressed by the kernel
+    init = (jnp.zeros((rows, cols), E4M3), jnp.ones((rows, col_tiles), jnp.float32))
+    q, s, qt, st = pl.pallas_call(
+        functools.partial(_both_kernel, rows=rows, cols=cols, gather=gather, exact=not interpret),
+        grid=(row_tiles, col_tiles),
+        in_specs=[idx_spec, whole((rows, cols)), whole((rows, cols)), whole((rows, col_tiles))],
+        out_specs=[
+            whole((rows, cols)),
+            whole((rows, col_tiles)),
+            pl.BlockSpec((TILE, TILE), lambda r, c: (c, r)),
+            pl.BlockSpec((1, TILE), lambda r, c: (r, c)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((rows, cols), E4M3),
+            jax.ShapeDtypeStruct((rows, col_tiles), jnp.float32),
+            jax.ShapeDtypeStruct((col_tiles * TILE, row_tiles * TILE), E4M3),
+            jax.ShapeDtypeStruct((row_tiles, col_tiles * TILE), jnp.float32),
+        ],
+        input_output_aliases={2: 0, 3: 1},
+        compiler_params=_params(8),
+        interpret=interpret,
+        name="fp8_quantize_both",
+    )(index, x, *init)
+    return (q, s), (qt[:cols, :out_rows], st[:, :cols].T)

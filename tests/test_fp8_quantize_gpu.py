@@ -1,0 +1,88 @@
+"""The fused FP8 quantization kernels (pallas_kernels/fp8_gemm/quantize_gpu.py, Pallas Triton) are bit-equal to
+quantize.py's XLA ops: e4m3 values and float32 scales, on ragged shapes, all-zero tiles (scale 1), a NaN (which
+poisons its tile, scale and all) and rows of wildly different magnitudes; the gathering transpose on align_groups'
+layout with empty groups, one group holding every row and sum(group_sizes) < M. Interpret mode on the CPU;
+FP8_TEST_REAL_GPU=1 on a GPU runs them compiled (experiments/check_fp8_gemm_gpu.sh)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.fp8_gemm import align_groups, quantize, quantize_both, quantize_gpu, quantize_tiles_t, take_aligned
+
+INTERPRET = os.environ.get("FP8_TEST_REAL_GPU") != "1"
+
+
+def _assert_bits_equal(got, want):
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, (g.shape, g.dtype, w.shape, w.dtype)
+        g, w = np.asarray(g.astype(jnp.float32)), np.asarray(w.astype(jnp.float32))
+        np.testing.assert_array_equal(g, w)  # NaN == NaN for assert_array_equal
+
+
+def _activations(m, k, seed=0, dtype=jnp.bfloat16):
+    """Rows spread over ~e^+-9 of magnitude, the first 128 x 128 tile zero, one NaN."""
+    kx, ks = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (m, k)) * jnp.exp(3.0 * jax.random.normal(ks, (m, 1)))
+    return x.at[:128, :128].set(0.0).at[m // 2, k // 3].set(jnp.nan).astype(dtype)
+
+
+@pytest.mark.parametrize("m, k", [(300, 200), (129, 128), (1, 1)])
+def test_quantize_tiles_kernel_is_bit_equal(m, k):
+    x = _activations(m, k)
+    _assert_bits_equal(quantize_gpu.quantize_tiles(x, interpret=INTERPRET), quantize.quantize_tiles(x))
+
+
+@pytest.mark.parametrize("m, k", [(300, 200), (128, 1)])
+def test_transposing_quantize_kernel_is_bit_equal(m, k):
+    x = _activations(m, k, seed=1)
+    _assert_bits_equal(quantize_gpu.quantize_tiles_t(x, interpret=INTERPRET), quantize.quantize_tiles(x.T))
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [[0, 100, 3, 190, 0], [300]],  # empty groups and sum < M; one group holding every row
+    ids=["empty_groups_short", "one_group"],
+)
+def test_gathering_quantize_kernel_is_bit_equal_on_aligned_groups(sizes):
+    x = _activations(300, 200, seed=2)
+    index, _ = align_groups(jnp.asarray(sizes, jnp.int32), x.shape[0])
+    want = quantize.quantize_tiles(take_aligned(x, index).T)
+    _assert_bits_equal(quantize_gpu.quantize_tiles_t(x, index, interpret=INTERPRET), want)
+    # the op the FP8 layers call dispatches to the kernel for "gpu" and to XLA otherwise
+    _assert_bits_equal(quantize_tiles_t(x, index, backend="gpu", interpret=INTERPRET), want)
+    _assert_bits_equal(quantize_tiles_t(x, index, backend="xla"), want)
+
+
+@pytest.mark.parametrize("shape", [(200, 300), (2, 256, 130)])
+def test_quantize_blocks_kernel_is_bit_equal(shape):
+    w = jax.random.normal(jax.random.key(3), shape) * 0.02
+    w = w.at[..., :128, :128].set(0.0).at[..., 130, 7].set(jnp.nan)
+    _assert_bits_equal(quantize_gpu.quantize_blocks(w, interpret=INTERPRET), quantize.quantize_blocks(w))
+
+
+@pytest.mark.parametrize("sizes", [None, [0, 100, 3, 150, 0]], ids=["dense", "groups_short_of_m"])
+def test_both_quantizations_from_one_read_are_bit_equal(sizes):
+    """quantize_both: a layer's forward (or dgrad) operand and its weight-gradient operand from one pass over x.
+    With groups, rows past sum(group_sizes) (here 253-299) come out of the first as zero rows with scale 1."""
+    x = _activations(300, 200, seed=4)
+    index = None if sizes is None else align_groups(jnp.asarray(sizes, jnp.int32), x.shape[0])[0]
+    x_used = x if sizes is None else x.at[sum(sizes) :].set(0)
+    want = (
+        *quantize.quantize_tiles(x_used),
+        *quantize.quantize_tiles((x if index is None else take_aligned(x, index)).T),
+    )
+    (q, s), (qt, st) = quantize_gpu.quantize_both(x, index, interpret=INTERPRET)
+    _assert_bits_equal((q, s, qt, st), want)
+    (q, s), (qt, st) = quantize_both(x, index, backend="xla")  # the reference path the layers take off the GPU
+    _assert_bits_equal((q, s, qt, st), want)
+
+
+def test_gathering_quantize_kernel_rejects_a_ragged_index():
+    with pytest.raises(ValueError, match="multiple of 128"):
+        quantize_gpu.quantize_tiles_t(jnp.zeros((8, 8)), jnp.zeros((100,), jnp.int32), interpret=True)
