@@ -6,18 +6,18 @@
     q, s = quantize_tiles_t(x, index)    # == quantize_tiles(take_aligned(x, index).T): rows gathered first
     (q, s), (qt, st) = quantize_both(x[, index])   # both of the above from one read of x
 
-XLA runs each of these as a reduce fusion plus a cast (and a transpose or gather), 3-6x short of the bandwidth
-bound on the H200 at small's shapes (BENCHMARKS.md, 2026-12-04 third session); here a program reads its tiles once,
-reduces, scales and casts in registers, and writes e4m3 (transposed where asked).
+XLA runs each of these as a reduce fusion plus a cast (and a transpose or gather); here a program reads its tile
+once, reduces, scales and casts in registers, and writes e4m3 (transposed where asked). On the H200 at small's
+shapes XLA takes 1.2-1.5x their time, 5-8x on the gathered operand below (BENCHMARKS.md, 2026-12-04 third session).
 
 A weight gradient x^T . dy contracts the tokens, and FP8 wgmma takes both operands K-major, so its operands are
 the activations and output gradients transposed, tile-scaled along the tokens. Done by XLA as gather, transpose,
 amax and cast, each of those is a pass over the [tokens, features] array, and the gather + transpose fusion it
 builds reads rows of a gathered layout column-wise: on the H200 it took 7 ms per expert operand of `small` (four
 per MoE layer) against 0.2-1 ms for the FP8 GEMM that consumes it (experiments/BENCHMARKS.md, 2026-12-04 third
-session). Here each program reads a 128-row x `block_c`-column tile once (rows gathered through `index`, which
-also marks zero rows), takes each column's amax over its 128 rows, scales and casts in registers and writes the
-tile transposed: one read and one (half-size) write.
+session). A quantize_tiles_t program reads a 128-row x `block_c`-column tile once (rows gathered through `index`,
+which also marks zero rows), takes each column's amax over its 128 rows, scales and casts in registers and writes
+the tile transposed: one read and one (half-size) write.
 
 The rows are padded to whole 128-row tiles with zeros (zero rows do not change a tile's amax), as quantize_tiles
 pads its last axis; an all-zero column tile gets scale 1, and a NaN poisons its tile, as in quantize.py.
