@@ -7,8 +7,9 @@
     (q, s), (qt, st) = quantize_both(x[, index])   # both of the above from one read of x
 
 XLA runs each of these as a reduce fusion plus a cast (and a transpose or gather); here a program reads its tile
-once, reduces, scales and casts in registers, and writes e4m3 (transposed where asked). On the H200 at small's
-shapes XLA takes 1.2-1.5x their time, 5-8x on the gathered operand below (BENCHMARKS.md, 2026-12-04 third session).
+once, reduces, scales and casts in registers, and writes e4m3 (transposed where asked). On the H200 XLA takes up to 1.5x
+their time on small's activations (on par for arrays under ~1M elements, where launch costs rule; a 1024 x 576
+weight 0.75x), 5-8x on the gathered operand below (BENCHMARKS.md, 2026-12-04 third session).
 
 A weight gradient x^T . dy contracts the tokens, and FP8 wgmma takes both operands K-major, so its operands are
 the activations and output gradients transposed, tile-scaled along the tokens. Done by XLA as gather, transpose,
