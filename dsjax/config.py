@@ -106,8 +106,8 @@ class ModelConfig:
     # "e4m3": the linear layers and routed experts train in FP8 with DeepSeek-V3's fine-grained scaling
     # (dsjax/layers/fp8.py); "none": every GEMM in `dtype`
     fp8: str = _runtime("none")
-    # The FP8 GEMMs' kernels (pallas_kernels.fp8_gemm): "gpu" (Mosaic GPU, Hopper) or "xla" (the dequantize
-    # reference); "auto" per platform (dsjax.runtime)
+    # The FP8 GEMMs' and quantizers' kernels (pallas_kernels.fp8_gemm): "gpu" (Mosaic GPU GEMMs on Hopper, Pallas
+    # Triton quantizers) or "xla" (the dequantize reference); "auto" per platform (dsjax.runtime)
     fp8_backend: str = _runtime("auto")
 
     def __post_init__(self):
