@@ -65,18 +65,38 @@ def _to_e4m3(t, amax, exact: bool):
     return jnp.where(y != y, jnp.nan, jnp.clip(y, -E4M3_MAX, E4M3_MAX)).astype(E4M3), scale
 
 
+def _params(num_warps=4):
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
+
+
+def _rows_source(x, index):
+    """The row layout a transposing kernel reads: (gather, output rows, index operand, its BlockSpec). Without an
+    index the rows are x's own (a dummy index keeps one kernel signature)."""
+    gather = index is not None
+    if gather and (index.ndim != 1 or index.shape[0] % TILE):
+        raise ValueError(f"index must be [R'] with R' a multiple of {TILE}, got {index.shape}")
+    if not gather:
+        return False, x.shape[0], jnp.zeros((TILE,), jnp.int32), pl.BlockSpec((TILE,), lambda r, c: (0,))
+    return True, index.shape[0], index, pl.BlockSpec((TILE,), lambda r, c: (r,))
+
+
+def _load_rows(index_ref, x_ref, col, rows: int, cols: int, gather: bool):
+    """(this program's 128 source rows, row validity [128, 1], element validity, the float32 tile [128, len(col)]).
+    Out-of-range rows / columns are masked loads (zeros, no memory access); unclamped column offsets stay
+    contiguous, so Triton vectorizes the loads."""
+    src = index_ref[...] if gather else pl.program_id(0) * TILE + jnp.arange(TILE, dtype=jnp.int32)
+    row_ok = (src < rows)[:, None]
+    ok = row_ok & (col < cols)[None, :]
+    tile = pltriton.load(x_ref.at[src[:, None], col[None, :]], mask=ok, other=0).astype(jnp.float32)
+    return src, row_ok, ok, tile
+
+
 BLOCK_C = 64  # columns per program: a 128 x 64 bf16 tile is 16 KiB of registers across 4 warps
 
 
 def _kernel(index_ref, x_ref, q_ref, s_ref, *, rows: int, cols: int, block_c: int, gather: bool, exact: bool):
-    r, c = pl.program_id(0), pl.program_id(1)
-    src = index_ref[...] if gather else r * TILE + jnp.arange(TILE, dtype=jnp.int32)
-    col = c * block_c + jnp.arange(block_c, dtype=jnp.int32)
-    ok = (src < rows)[:, None] & (col < cols)[None, :]
-    # out-of-range rows / columns are masked loads (zeros, no memory access); unclamped column offsets stay
-    # contiguous, so Triton vectorizes the loads
-    tile = pltriton.load(x_ref.at[src[:, None], col[None, :]], mask=ok, other=0)
-    t = tile.astype(jnp.float32)
+    col = pl.program_id(1) * block_c + jnp.arange(block_c, dtype=jnp.int32)
+    _, _, _, t = _load_rows(index_ref, x_ref, col, rows, cols, gather)
     q, scale = _to_e4m3(t, _amax(t, axis=0)[None, :], exact)  # one scale per column over the tile's 128 rows
     q_ref[...] = q.T
     s_ref[...] = scale
@@ -88,14 +108,8 @@ def quantize_tiles_t(x, index=None, *, interpret: bool = False, block_c: int = B
     With index [R'] int32 (ops.align_groups' layout: row p is x[index[p]], a zero row where index[p] >= R; R' a
     multiple of 128): q [C, R'], s [C, R' / 128] = quantize_tiles(take_aligned(x, index).T)."""
     rows, cols = x.shape
-    gather = index is not None
-    if gather and (index.ndim != 1 or index.shape[0] % TILE):
-        raise ValueError(f"index must be [R'] with R' a multiple of {TILE}, got {index.shape}")
-    out_rows = index.shape[0] if gather else rows
+    gather, out_rows, index, idx_spec = _rows_source(x, index)
     row_tiles, col_blocks = tiles(out_rows), -(-cols // block_c)
-    if not gather:  # an unused operand keeps one kernel signature
-        index = jnp.zeros((TILE,), jnp.int32)
-    idx_spec = pl.BlockSpec((TILE,), (lambda r, c: (r,)) if gather else (lambda r, c: (0,)))
     q, s = pl.pallas_call(
         functools.partial(_kernel, rows=rows, cols=cols, block_c=block_c, gather=gather, exact=not interpret),
         grid=(row_tiles, col_blocks),
@@ -113,10 +127,6 @@ def quantize_tiles_t(x, index=None, *, interpret: bool = False, block_c: int = B
         name="fp8_quantize_tiles_t",
     )(index, x)
     return q[:cols, :out_rows], s[:, :cols].T
-
-
-def _params(num_warps=4):
-    return pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
 def _tiles_kernel(x_ref, q_ref, s_ref, *, rows: int, cols: int, block_r: int, exact: bool):
@@ -191,12 +201,9 @@ def quantize_blocks(w, *, interpret: bool = False):
 
 def _both_kernel(index_ref, x_ref, q0_ref, s0_ref, q_ref, s_ref, qt_ref, st_ref, *, rows, cols, gather, exact):
     del q0_ref, s0_ref  # aliased to q_ref / s_ref: their initial values (zero rows, scale 1) are the outputs' own
-    r, c = pl.program_id(0), pl.program_id(1)
-    src = index_ref[...] if gather else r * TILE + jnp.arange(TILE, dtype=jnp.int32)
+    c = pl.program_id(1)
     col = c * TILE + jnp.arange(TILE, dtype=jnp.int32)
-    row_ok = (src < rows)[:, None]
-    ok = row_ok & (col < cols)[None, :]
-    t = pltriton.load(x_ref.at[src[:, None], col[None, :]], mask=ok, other=0).astype(jnp.float32)
+    src, row_ok, ok, t = _load_rows(index_ref, x_ref, col, rows, cols, gather)
     q, scale = _to_e4m3(t, _amax(t, axis=1)[:, None], exact)  # tiles along the columns, at the rows' own places
     pltriton.store(q_ref.at[src[:, None], col[None, :]], q, mask=ok)
     pltriton.store(s_ref.at[src[:, None], jnp.full((1, 1), c, jnp.int32)], scale, mask=row_ok)
@@ -212,14 +219,8 @@ def quantize_both(x, index=None, *, interpret: bool = False):
     rows of x that index leaves out (past sum(group_sizes)) come out as zero rows with scale 1 (as
     quantize_tiles gives an all-zero row): no program reads them."""
     rows, cols = x.shape
-    gather = index is not None
-    if gather and (index.ndim != 1 or index.shape[0] % TILE):
-        raise ValueError(f"index must be [R'] with R' a multiple of {TILE}, got {index.shape}")
-    out_rows = index.shape[0] if gather else rows
+    gather, out_rows, index, idx_spec = _rows_source(x, index)
     row_tiles, col_tiles = tiles(out_rows), tiles(cols)
-    if not gather:
-        index = jnp.zeros((TILE,), jnp.int32)
-    idx_spec = pl.BlockSpec((TILE,), (lambda r, c: (r,)) if gather else (lambda r, c: (0,)))
     whole = lambda shape: pl.BlockSpec(shape, lambda r, c: (0, 0))  # noqa: E731 - addressed by the kernel
     init = (jnp.zeros((rows, cols), E4M3), jnp.ones((rows, col_tiles), jnp.float32))
     q, s, qt, st = pl.pallas_call(
