@@ -113,13 +113,13 @@ def bench_grouped(g, m, k, n):
         )
     quant = {
         "quantize x (tiles), XLA": _time(f8.quantize_tiles, x),
-        "fused": _time(lambda x: f8.quantize_tiles(x, backend=_backend()), x),
+        "quantize x, fused": _time(lambda x: f8.quantize_tiles(x, backend=_backend()), x),
         "align + transpose + quantize x (wgrad operand), XLA": _time(
             lambda x: f8.quantize_tiles(f8.take_aligned(x, index).T), x
         ),
         "the same, fused (quantize_tiles_t)": _time(lambda x: f8.quantize_tiles_t(x, index, backend=_backend()), x),
         "quantize w (blocks, transposing), XLA": _time(f8.quantize_blocks, w),
-        "fused ": _time(lambda w: f8.quantize_blocks(w, backend=_backend()), w),
+        "quantize w, fused": _time(lambda w: f8.quantize_blocks(w, backend=_backend()), w),
     }
     return {k: (v, flops / v / 1e12) for k, v in t.items()}, quant
 
@@ -148,7 +148,7 @@ def bench_dense(m, k, n):
     }
     quant = {
         "quantize x (tiles), XLA": _time(f8.quantize_tiles, x),
-        "fused": _time(lambda x: f8.quantize_tiles(x, backend=_backend()), x),
+        "quantize x, fused": _time(lambda x: f8.quantize_tiles(x, backend=_backend()), x),
         "transpose + quantize x (wgrad operand), XLA": _time(lambda x: f8.quantize_tiles(x.T), x),
         "the same, fused (quantize_tiles_t)": _time(lambda x: f8.quantize_tiles_t(x, backend=_backend()), x),
     }
