@@ -264,11 +264,12 @@ def run_one(cfg, mtp_lambda, peak, name="", optim=None):
         flush=True,
     )
     if prof is not None:
-        from experiments.step_profile import format_table
+        from experiments.step_profile import format_families, format_table
 
-        per, top, total = prof
-        run["profile_ms"], run["profile_top"] = per, top
+        per, top, total, fams = prof
+        run["profile_ms"], run["profile_top"], run["profile_kinds"] = per, top, fams
         print(format_table(per, total, 1e3 * step_s), flush=True)
+        print(format_families(fams, per), flush=True)
     if FLAGS.components:
         comp = components(cfg, params, FLAGS.batch, FLAGS.seq_len)
         run["components_ms"] = {k: 1e3 * v for k, v in comp.items()}
@@ -308,7 +309,11 @@ def main(argv):
                     except Exception as e:  # noqa: BLE001 - e.g. out of memory for one variant: report and go on
                         print(f"{label} mtp {mtp_lambda}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
                         results["runs"].append({"impl": label, "mtp_lambda": mtp_lambda, "error": str(e)})
+                    _write(results)  # after every run: a later one cut short by a timeout loses only itself
     print(summary_table(results), flush=True)
+
+
+def _write(results):
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
             json.dump(results, f, indent=2)

@@ -139,7 +139,8 @@ def _device_events(trace_dir: str):
 
 def profile_components(compiled, call, calls: int = 3, trace_dir: str | None = None, top: int = 5):
     """Run `call()` `calls` times under the profiler; returns (per-component ms per call, the `top` kernels of each
-    component as [(kernel name, ms per call)], total device ms per call)."""
+    component as [(kernel name, ms per call)], total device ms per call, each component's kernel kinds (`family`)
+    as [(kind, ms per call)], largest first)."""
     import jax
 
     trace_dir = trace_dir or tempfile.mkdtemp(prefix="dsjax_trace_")
@@ -154,14 +155,35 @@ def profile_components(compiled, call, calls: int = 3, trace_dir: str | None = N
     index = _hlo_index(compiled.as_text())
     per = collections.defaultdict(float)
     kernels = collections.defaultdict(lambda: collections.defaultdict(float))
+    families = collections.defaultdict(lambda: collections.defaultdict(float))
     for op, ms, kname in _device_events(trace_dir):
         if index[0].get(op, ("",))[0] in _CONTROL:
             continue
         comp = classify(op, index)
         per[comp] += ms / calls
         kernels[comp][f"{op} ({kname[:40]})"] += ms / calls
+        families[comp][family(op, kname, index)] += ms / calls
     tops = {c: sorted(k.items(), key=lambda kv: -kv[1])[:top] for c, k in kernels.items()}
-    return dict(per), tops, sum(per.values())
+    fams = {c: sorted(k.items(), key=lambda kv: -kv[1]) for c, k in families.items()}
+    return dict(per), tops, sum(per.values()), fams
+
+
+def family(op: str, kname: str, index) -> str:
+    """A kernel's kind, to sum its calls across layers: its name without numbers, and the innermost jitted
+    function it runs in (the Pallas kernels run under jit in pallas_kernels: _gpu_gmm, _gpu_tgmm, quantize_tiles_t,
+    ...), which tells apart the GEMMs that share one Mosaic kernel name."""
+    name = re.sub(r"[._]*\d+", "", kname)[:48]
+    jits = re.findall(r"jit\((\w+)\)", index[0].get(op, ("", "", None))[1])
+    return f"{name} [{jits[-1]}]" if jits else name
+
+
+def format_families(fams: dict, per: dict, comps: int = 6, rows: int = 8) -> str:
+    """The largest components' kernel kinds, ms per step each."""
+    out = []
+    for comp, _ in sorted(per.items(), key=lambda kv: -kv[1])[:comps]:
+        kinds = ", ".join(f"{name} {ms:.2f}" for name, ms in fams.get(comp, [])[:rows])
+        out.append(f"  {comp}: {kinds}")
+    return "\n".join(out)
 
 
 def format_table(per: dict, total_ms: float, step_ms: float) -> str:

@@ -188,6 +188,71 @@ def test_fp8_grouped_matmul_matches_ragged_dot_with_empty_groups_and_padding():
     np.testing.assert_array_equal(dw[1], 0.0)  # an empty expert gets no gradient
 
 
+def _expert_ffn_per_projection(x, order, inverse, sizes, gate_up, down, k, backend):
+    """The routed experts' FFN as two fp8_grouped_matmul on the compute-dtype rows gathered by the sort."""
+    from dsjax.layers.fp8 import fp8_grouped_matmul
+    from dsjax.layers.mlp import swiglu
+    from dsjax.layers.moe_ops import gather_pairs
+
+    rows = gather_pairs(x, order, inverse, k)
+    gate, up = jnp.split(fp8_grouped_matmul(rows, gate_up, sizes, backend), 2, axis=-1)
+    return fp8_grouped_matmul(swiglu(gate, up, x.dtype), down, sizes, backend)
+
+
+# the layers call the kernels compiled: on a GPU (FP8_TEST_REAL_GPU=1) the "gpu" backend too
+LAYER_BACKENDS = ["xla"] + ([] if INTERPRET else ["gpu"])
+
+
+@pytest.mark.parametrize("backend", LAYER_BACKENDS)
+def test_fp8_expert_ffn_quantizes_before_the_sort_and_equals_the_per_projection_path(backend):
+    """fp8_expert_ffn (tokens quantized before the expert sort, e4m3 rows moved) gives the outputs and gradients of
+    quantizing the sorted rows per projection, on groups with an empty expert and one expert holding most rows."""
+    from dsjax.layers.fp8 import fp8_expert_ffn
+    from dsjax.layers.moe_ops import pair_order
+
+    rng = np.random.default_rng(7)
+    n, d, i, e, k = 96, 256, 128, 4, 2
+    x = jnp.asarray(rng.standard_normal((n, d)) * 10.0 ** rng.integers(-2, 3, (n, 1)), jnp.bfloat16)
+    choice = rng.choice([0, 2, 3], size=(n, k), p=[0.1, 0.8, 0.1])  # expert 1 empty, expert 2 most rows
+    nxt = np.array([2, 0, 3, 0])  # a pair's second choice, where it repeats the first: the next of 0, 2, 3
+    choice[:, 1] = np.where(choice[:, 1] == choice[:, 0], nxt[choice[:, 0]], choice[:, 1])
+    po = pair_order(jnp.asarray(choice, jnp.int32), e)
+    assert int(po.sizes[1]) == 0 and int(po.sizes[2]) > n // 2
+    gate_up = jnp.asarray(rng.standard_normal((e, d, 2 * i)) * 0.05, jnp.float32)
+    down = jnp.asarray(rng.standard_normal((e, i, d)) * 0.05, jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((n * k, d)), jnp.bfloat16)
+
+    def run(f):
+        y, vjp = jax.vjp(lambda x, a, b: f(x, po.order, po.inverse, po.sizes, a, b, k, backend), x, gate_up, down)
+        return (y, *vjp(dy))
+
+    got, want = run(fp8_expert_ffn), run(_expert_ffn_per_projection)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert _rel(g, w) < 1e-3, _rel(g, w)  # the same codes and scales; float32 sums in another order
+    assert np.all(np.asarray(got[2])[1] == 0)  # the empty expert's weights get no gradient
+
+
+def test_fp8_dots_share_one_quantization_and_equal_fp8_dot_per_kernel():
+    """fp8_dots (one quantization of x and of the joined output gradient for several kernels on the same input,
+    as q_a_proj + kv_a_proj or gate_proj + up_proj) equals fp8_dot per kernel where the widths are multiples of
+    128: outputs and all gradients."""
+    from dsjax.layers.fp8 import fp8_dot, fp8_dots
+
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.standard_normal((3, 70, 256)), jnp.bfloat16)
+    ws = [jnp.asarray(rng.standard_normal((256, n)) * 0.05, jnp.float32) for n in (384, 200)]
+    dys = [jnp.asarray(rng.standard_normal((3, 70, w.shape[1])), jnp.bfloat16) for w in ws]
+    y, vjp = jax.vjp(lambda x, a, b: fp8_dots(x, [a, b]), x, *ws)
+    got = (*y, *vjp(dys))
+    (y0, v0), (y1, v1) = jax.vjp(fp8_dot, x, ws[0]), jax.vjp(fp8_dot, x, ws[1])
+    (dx0, dw0), (dx1, dw1) = v0(dys[0]), v1(dys[1])
+    want = (y0, y1, dx0.astype(jnp.float32) + dx1.astype(jnp.float32), dw0, dw1)
+    for g, w, bound in zip(got, want, (1e-3, 1e-3, 5e-3, 1e-5, 1e-5)):
+        # the same codes and scales; y in bf16 summed in another order; dx one bf16 rounding against two
+        assert g.shape == w.shape and _rel(g, w) < bound, _rel(g, w)
+
+
 def test_fp8_model_trains_close_to_bf16():
     """ModelConfig.fp8="e4m3" (linear layers and routed experts in FP8; head, router, norms, attention core and
     eh_proj not): the loss matches bf16 to 0.1% and the whole gradient is within 15% (relative norm; bf16 itself

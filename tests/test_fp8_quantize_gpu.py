@@ -59,6 +59,16 @@ def test_gathering_quantize_kernel_is_bit_equal_on_aligned_groups(sizes):
     _assert_bits_equal(quantize_tiles_t(x, index, backend="xla"), want)
 
 
+@pytest.mark.parametrize("block", [32, 64])
+def test_blocked_quantizers_are_bit_equal(block):
+    """The BlockSpec-tiled variants (blocked=True, on shapes their tiles divide) compute the same codes and scales."""
+    x = _activations(256, 384, seed=5)
+    want = quantize.quantize_tiles(x)
+    _assert_bits_equal(quantize_gpu.quantize_tiles(x, blocked=True, block_r=block, interpret=INTERPRET), want)
+    want_t = quantize.quantize_tiles(x.T)
+    _assert_bits_equal(quantize_gpu.quantize_tiles_t(x, blocked=True, block_c=block, interpret=INTERPRET), want_t)
+
+
 @pytest.mark.parametrize("shape", [(200, 300), (2, 256, 130)])
 def test_quantize_blocks_kernel_is_bit_equal(shape):
     w = jax.random.normal(jax.random.key(3), shape) * 0.02
@@ -67,20 +77,17 @@ def test_quantize_blocks_kernel_is_bit_equal(shape):
 
 
 @pytest.mark.parametrize("sizes", [None, [0, 100, 3, 150, 0]], ids=["dense", "groups_short_of_m"])
-def test_both_quantizations_from_one_read_are_bit_equal(sizes):
-    """quantize_both: a layer's forward (or dgrad) operand and its weight-gradient operand from one pass over x.
-    With groups, rows past sum(group_sizes) (here 253-299) come out of the first as zero rows with scale 1."""
+def test_both_quantizations_are_the_two_kernels(sizes):
+    """quantize_both: a layer's forward (or dgrad) operand and its weight-gradient operand. On the GPU backend the
+    two kernels; the XLA path also zeroes the rows past sum(group_sizes) (here 253-299), which no group reads."""
     x = _activations(300, 200, seed=4)
     index = None if sizes is None else align_groups(jnp.asarray(sizes, jnp.int32), x.shape[0])[0]
-    x_used = x if sizes is None else x.at[sum(sizes) :].set(0)
-    want = (
-        *quantize.quantize_tiles(x_used),
-        *quantize.quantize_tiles((x if index is None else take_aligned(x, index)).T),
-    )
-    (q, s), (qt, st) = quantize_gpu.quantize_both(x, index, interpret=INTERPRET)
-    _assert_bits_equal((q, s, qt, st), want)
-    (q, s), (qt, st) = quantize_both(x, index, backend="xla")  # the reference path the layers take off the GPU
-    _assert_bits_equal((q, s, qt, st), want)
+    used = x.shape[0] if sizes is None else sum(sizes)
+    want_t = quantize.quantize_tiles((x if index is None else take_aligned(x, index)).T)
+    (q, s), (qt, st) = quantize_both(x, index, backend="gpu", interpret=INTERPRET)
+    _assert_bits_equal((q, s, qt, st), (*quantize.quantize_tiles(x), *want_t))
+    (q, s), (qt, st) = quantize_both(x, index, backend="xla")
+    _assert_bits_equal((q, s, qt, st), (*quantize.quantize_tiles(x.at[used:].set(0)), *want_t))
 
 
 def test_gathering_quantize_kernel_rejects_a_ragged_index():

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels import fp8_gemm as f8
+from pallas_kernels.fp8_gemm import quantize_gpu
 from pallas_kernels.grouped_matmul import GpuConfig, gpu, gpu_tgmm
 from pallas_kernels.mla_decode import gpu as mla_gpu
 from pallas_kernels.mla_decode import mla_decode
@@ -79,6 +80,9 @@ def test_fp8_quantize_kernels_lower_for_cuda():
     _lower_for_cuda(lambda a, i: f8.quantize_tiles_t(a, i, backend="gpu"), x, index, kernel=triton)
     _lower_for_cuda(lambda a: f8.quantize_both(a, backend="gpu"), x, kernel=triton)
     _lower_for_cuda(lambda a, i: f8.quantize_both(a, i, backend="gpu"), x, index, kernel=triton)
+    xb = S((M, K), BF16)  # the BlockSpec-tiled variants, on shapes their tiles divide
+    _lower_for_cuda(lambda a: quantize_gpu.quantize_tiles(a, blocked=True), xb, kernel=triton)
+    _lower_for_cuda(lambda a: quantize_gpu.quantize_tiles_t(a, blocked=True), xb, kernel=triton)
 
 
 @pytest.mark.parametrize("ws", [True, False], ids=["warp_specialized", "one_wg"])

@@ -15,7 +15,7 @@ import re
 import ml_dtypes
 import numpy as np
 
-from pallas_kernels.fp8_gemm.quantize import E4M3_MAX
+from pallas_kernels.fp8_gemm.quantize import AMAX_FLOOR, E4M3_MAX, INV_E4M3_MAX
 from pallas_kernels.fp8_gemm.quantize import TILE as BLOCK
 
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -149,9 +149,12 @@ def quantize(w: np.ndarray, block: int = BLOCK, name: str = "weight") -> tuple[n
             raise ValueError(
                 f"{name}: non-finite values in rows {rows.start}:{min(rows.stop, rows_n)}; cannot quantize to FP8"
             )
-        s[b] = np.maximum(amax, np.finfo(np.float32).tiny) / np.float32(E4M3_MAX)
-        # x / S can exceed 448 by a rounding error at the block maximum; clip so it cannot overflow to NaN.
-        x /= _per_column(s[b], cols, block)
+        # quantize.py's formula (one source of the codes): x * (448 / amax), scale amax / 448, zero block scale 1
+        zero = amax == 0
+        amax = np.maximum(amax, np.float32(AMAX_FLOOR))
+        s[b] = np.where(zero, np.float32(1), amax * INV_E4M3_MAX)
+        # x * (448 / amax) can exceed 448 by a rounding error at the block maximum; clip so it cannot become NaN.
+        x *= _per_column(np.where(zero, np.float32(1), np.float32(E4M3_MAX) / amax), cols, block)
         np.clip(x, -E4M3_MAX, E4M3_MAX, out=x)
         q.view(np.uint8)[rows] = e4m3_codes(x.reshape(-1)).reshape(x.shape)
     return q, s

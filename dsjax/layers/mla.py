@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
 from dsjax.layers.attention import attention
-from dsjax.layers.fp8 import fp8_dot
+from dsjax.layers.fp8 import fp8_dot, fp8_dots
 from dsjax.layers.norms import RMSNorm
 from dsjax.layers.rope import apply_rope
 from dsjax.runtime import resolved
@@ -52,6 +52,15 @@ class Linear(nn.Module):
         return jnp.dot(x.astype(dt), self.kernel.astype(dt))
 
 
+def linears(x: jax.Array, layers) -> list[jax.Array]:
+    """Each Linear of `layers` applied to the same x. In FP8 one quantization of x (and of the joined output
+    gradient) serves them all: their kernels run as one GEMM (dsjax.layers.fp8.fp8_dots)."""
+    cfg = layers[0].cfg
+    if cfg.fp8 == "e4m3" and all(layer.fp8 for layer in layers):
+        return fp8_dots(x.astype(jnp.dtype(cfg.dtype)), [layer.kernel for layer in layers], cfg.fp8_backend)
+    return [layer(x) for layer in layers]
+
+
 class MLA(nn.Module):
     cfg: ModelConfig
     absorb: bool = False  # with a cache: attend through the absorbed path over the cache (decode)
@@ -71,16 +80,16 @@ class MLA(nn.Module):
         )
         b, t, d = x.shape
         pdt = jnp.dtype(cfg.param_dtype)
-        if cfg.q_lora_rank:
-            q = Linear(d, cfg.q_lora_rank, cfg, name="q_a_proj")(x)
+        kv_a = Linear(d, c + rdim, cfg, name="kv_a_proj_with_mqa")
+        if cfg.q_lora_rank:  # the query's and the latent's down-projections read the same x
+            q, kv = linears(x, [Linear(d, cfg.q_lora_rank, cfg, name="q_a_proj"), kv_a])
             q = RMSNorm(cfg.rms_norm_eps, pdt, name="q_a_layernorm")(q)
             q = Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, cfg, name="q_b_proj")(q)
         else:
-            q = Linear(d, h * cfg.qk_head_dim, cfg, name="q_proj")(x)
+            q, kv = linears(x, [Linear(d, h * cfg.qk_head_dim, cfg, name="q_proj"), kv_a])
         q = nn.with_logical_constraint(q.reshape(b, t, h, cfg.qk_head_dim), HEADS)
         q_nope, q_pe = q[..., :nope], apply_rope(q[..., nope:], cos, sin)
 
-        kv = Linear(d, c + rdim, cfg, name="kv_a_proj_with_mqa")(x)
         c_kv = RMSNorm(cfg.rms_norm_eps, pdt, name="kv_a_layernorm")(kv[..., :c])
         k_pe = apply_rope(kv[..., c:], cos, sin)
 

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
-from dsjax.layers.mla import Linear
+from dsjax.layers.mla import Linear, linears
 
 
 @functools.partial(jax.checkpoint, static_argnums=(2,))
@@ -25,7 +25,6 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d, i = x.shape[-1], self.intermediate_size
-        gate = Linear(d, i, self.cfg, name="gate_proj")(x)
-        up = Linear(d, i, self.cfg, name="up_proj")(x)
+        gate, up = linears(x, [Linear(d, i, self.cfg, name="gate_proj"), Linear(d, i, self.cfg, name="up_proj")])
         hidden = nn.with_logical_constraint(swiglu(gate, up, gate.dtype), ("batch", "seq", "mlp")[-x.ndim :])
         return Linear(i, d, self.cfg, name="down_proj")(hidden)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
-from dsjax.layers.fp8 import fp8_grouped_matmul
+from dsjax.layers.fp8 import fp8_expert_ffn, fp8_grouped_matmul
 from dsjax.layers.mlp import swiglu
 
 
@@ -188,14 +188,21 @@ def _combine_pairs_bwd(res, g):
 combine_pairs.defvjp(_combine_pairs_fwd, _combine_pairs_bwd)
 
 
-def sorted_experts(x, routing: Routing, gate_up, down, dtype, matmul=ragged_dot):
-    """Routed experts on expert-sorted rows with grouped matmuls. x [N, D]; gate_up [E, D, 2I]; down [E, I, D]."""
+def sorted_experts(x, routing: Routing, gate_up, down, dtype, matmul=ragged_dot, fp8_backend=None):
+    """Routed experts on expert-sorted rows with grouped matmuls. x [N, D]; gate_up [E, D, 2I]; down [E, I, D].
+    fp8_backend set: the FP8 expert FFN (dsjax.layers.fp8.fp8_expert_ffn: tokens quantized before the sort, which
+    then moves e4m3 rows; `matmul` unused)."""
     k = routing.indices.shape[1]
     with jax.named_scope("dispatch"):
         po = pair_order(routing.indices, gate_up.shape[0])
-        rows = gather_pairs(x.astype(dtype), po.order, po.inverse, k)
-    with jax.named_scope("experts"):
-        y = grouped_ffn(rows, po.sizes, gate_up, down, dtype, matmul).astype(dtype)
+    if fp8_backend is not None:
+        with jax.named_scope("experts"):
+            y = fp8_expert_ffn(x.astype(dtype), po.order, po.inverse, po.sizes, gate_up, down, k, fp8_backend)
+    else:
+        with jax.named_scope("dispatch"):
+            rows = gather_pairs(x.astype(dtype), po.order, po.inverse, k)
+        with jax.named_scope("experts"):
+            y = grouped_ffn(rows, po.sizes, gate_up, down, dtype, matmul).astype(dtype)
     with jax.named_scope("combine"):
         return combine_pairs(y, po.order, po.inverse, routing.weights)
 
@@ -225,4 +232,5 @@ def routed_experts_local(x, routing: Routing, gate_up, down, cfg: ModelConfig):
     """Routed experts of a resolved config on this device's tokens: sorted rows, or the dense reference."""
     if cfg.moe_backend == "dense":
         return dense_experts(x, routing, gate_up, down, jnp.dtype(cfg.dtype))
-    return sorted_experts(x, routing, gate_up, down, jnp.dtype(cfg.dtype), expert_matmul(cfg))
+    fp8_backend = cfg.fp8_backend if cfg.fp8 == "e4m3" else None
+    return sorted_experts(x, routing, gate_up, down, jnp.dtype(cfg.dtype), expert_matmul(cfg), fp8_backend)

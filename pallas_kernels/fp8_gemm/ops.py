@@ -1,16 +1,17 @@
 """Public FP8 GEMMs and quantizers: shape checks and backend dispatch.
 
-    x_q, x_s = quantize_tiles(x, backend="auto")       # also quantize_blocks(w), quantize_tiles_t(x[, index])
+    x_q, x_s = quantize_tiles(x, backend="auto")       # also quantize_blocks(w), quantize_tiles_t(x[, index]),
+                                                       # quantize_both(x[, index]) = tiles + tiles_t
     out = fp8_gmm(x_q, x_s, w_q, w_s, group_sizes, out_dtype=jnp.bfloat16, backend="auto")  # w_q [G, N, K]
     out = fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=jnp.bfloat16, backend="auto")              # w_q [N, K]
     dw = fp8_tgmm(a_q, a_s, b_q, b_s, group_sizes)  # a [K, M], b [N, M], tile-scaled along M -> [G, K, N]
 
-Operands come from quantize_tiles / quantize_blocks / quantize_tiles_t: quantize.py's XLA ops, or with backend
-"gpu" their single-pass Pallas Triton kernels (quantize_gpu.py). GEMM backends: "gpu" (gpu.py: Mosaic GPU, Hopper
-e4m3 wgmma with per-128-K promotion; on the H200 1.4-1.6x our bf16 gmm / XLA's bf16 dot at DeepSeek-V3's shapes,
-no faster at K = 1024), "xla" (the reference: dequantize, float32 product) and "tpu" (the same reference, stated:
-no TPU FP8 kernel yet). These ops take no platform, so "auto" is the reference; dsjax.runtime picks the model's
-backend from the devices a run targets. fp8_gemm's dense weight gradient (rhs_tiles) runs the same GPU
+Operands come from quantize_tiles / quantize_blocks / quantize_tiles_t: quantize.py's XLA ops, or with backend "gpu"
+their single-pass Pallas Triton kernels (quantize_gpu.py, bit-equal). GEMM backends: "gpu" (gpu.py: Mosaic GPU,
+Hopper e4m3 wgmma with per-128-K promotion; on the H200 1.4-1.6x our bf16 gmm / XLA's bf16 dot at DeepSeek-V3's
+shapes, 1.0-1.3x at K = 512-1024), "xla" (the reference: dequantize, float32 product) and "tpu" (the same reference,
+stated: no TPU FP8 kernel yet). These ops take no platform, so "auto" is the reference; dsjax.runtime picks the
+model's backend from the devices a run targets. fp8_gemm's dense weight gradient (rhs_tiles) runs the same GPU
 kernel; fp8_tgmm (the grouped weight gradient, whose groups split the contraction) has its own (gpu_tgmm.py), which
 needs groups laid out on 128-row steps (align_groups).
 """
@@ -167,15 +168,16 @@ def quantize_tiles_t(x, index=None, *, backend="auto", interpret=False):
 
 def quantize_both(x, index=None, *, backend="auto", interpret=False):
     """(quantize_tiles(x), quantize_tiles_t(x, index)): a layer's forward operand and its weight-gradient operand
-    (or the output gradient's dgrad and wgrad operands) together; backend "gpu": from one read of x (quantize_gpu.py).
-    With index, rows of x that index leaves out come out of the first as zero rows (scale 1)."""
-    if resolve_backend(backend) == "gpu":
-        return quantize_gpu.quantize_both(x, index, interpret=interpret)
-    if index is not None:  # the rows past sum(group_sizes): no group's product reads them
+    (or the output gradient's dgrad and wgrad operands). Two passes over x: a Pallas Triton kernel reading x once
+    for both (128 x 128 tiles, 8 warps) ran 1.8x slower than the two kernels on the H200 (BENCHMARKS.md,
+    2026-12-04, fourth session). The XLA path zeroes the rows index leaves out (past sum(group_sizes)), which only
+    its reference product reads; the GPU kernels read no row outside a group."""
+    if index is not None and resolve_backend(backend) != "gpu":
         used = jnp.zeros((x.shape[0] + 1,), bool).at[index].set(True)[:-1]
-        x_used = jnp.where(used[:, None], x, jnp.zeros((), x.dtype))
-        return quantize.quantize_tiles(x_used), quantize_tiles_t(x, index)
-    return quantize.quantize_tiles(x), quantize_tiles_t(x)
+        x = jnp.where(used[:, None], x, jnp.zeros((), x.dtype))
+    return quantize_tiles(x, backend=backend, interpret=interpret), quantize_tiles_t(
+        x, index, backend=backend, interpret=interpret
+    )
 
 
 def fp8_tgmm(a_q, a_s, b_q, b_s, group_sizes, *, out_dtype=jnp.float32, backend="auto", interpret=False, config=None):

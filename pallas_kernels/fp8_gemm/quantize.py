@@ -5,7 +5,8 @@
                                    # stored K-major [..., N, K] (the released checkpoints' [out, in] layout)
 
 A scale is the tile's (block's) largest magnitude / 448, so that entry lands on e4m3's largest finite value; x is
-x_q * scale. An all-zero tile gets scale 1 (any positive scale stores zeros exactly). Non-finite inputs are not
+x_q * scale, with x_q = x * (448 / amax) (DeepGEMM's formula: one division per tile, not per element). An all-zero
+tile gets scale 1 (any positive scale stores zeros exactly). Non-finite inputs are not
 screened: they poison their tile, which the training loop's non-finite guard then catches. Ragged edges (K or N
 not a multiple of 128) are zero-padded for the reduction only; outputs keep the input's shape.
 """
@@ -13,10 +14,15 @@ not a multiple of 128) are zero-padded for the reduction only; outputs keep the 
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+INV_E4M3_MAX = np.float32(1.0 / E4M3_MAX)  # a scale is amax * this (see _scale)
 TILE = 128  # tile length along K for activations, block edge for weights
+# Smallest amax a scale is taken from: 448 / amax stays finite (a tile of values under it is stored as if its
+# largest were 1e-30, i.e. as zeros and subnormals; such values are noise in any product).
+AMAX_FLOOR = 1e-30
 
 
 def tiles(n: int) -> int:
@@ -40,12 +46,19 @@ def _amax(t, axis):
 
 
 def _scale(amax):
-    return jnp.where(amax == 0, 1.0, amax / E4M3_MAX).astype(jnp.float32)  # NaN / inf amax: a poisoned scale
+    """(scale, its reciprocal's multiplier 448 / amax). The values are multiplied by 448 / amax, as DeepGEMM's
+    reference quantizers do: one division per tile, not per element. An all-zero tile gets scale 1 (multiplier 1,
+    which keeps its zeros); a NaN / inf amax poisons both."""
+    zero = amax == 0
+    amax = jnp.maximum(amax.astype(jnp.float32), AMAX_FLOOR)  # NaN stays NaN through the max
+    # amax * (1 / 448), not amax / 448: XLA rewrites a division by a constant that way, so spelling it out keeps
+    # every implementation (XLA's, quantize_gpu.py's kernels, the converter's) on the same rounding
+    return jnp.where(zero, 1.0, amax * INV_E4M3_MAX), jnp.where(zero, 1.0, E4M3_MAX / amax)
 
 
 def _to_e4m3(x):
-    # x / scale can pass 448 by a rounding error at the tile maximum; clip so it cannot become NaN (e4m3fn has no
-    # infinity). NaN stays NaN through the clip.
+    # x * (448 / amax) can pass 448 by a rounding error at the tile maximum; clip so it cannot become NaN (e4m3fn
+    # has no infinity). NaN stays NaN through the clip.
     return jnp.clip(x, -E4M3_MAX, E4M3_MAX).astype(E4M3)
 
 
@@ -53,8 +66,8 @@ def quantize_tiles(x):
     """x [M, K] -> (x_q float8_e4m3fn [M, K], x_s float32 [M, ceil(K / 128)])."""
     m, k = x.shape
     t = _pad_axis(x.astype(jnp.float32), 1).reshape(m, tiles(k), TILE)
-    s = _scale(_amax(t, -1))
-    q = _to_e4m3(t / s[..., None]).reshape(m, -1)[:, :k]
+    s, inv = _scale(_amax(t, -1))
+    q = _to_e4m3(t * inv[..., None]).reshape(m, -1)[:, :k]
     return q, s
 
 
@@ -66,8 +79,8 @@ def quantize_blocks(w):
     *lead, k, n = w.shape
     wt = jnp.swapaxes(w.astype(jnp.float32), -1, -2)
     b = _pad_axis(_pad_axis(wt, -1), -2).reshape(*lead, tiles(n), TILE, tiles(k), TILE)
-    s = _scale(_amax(b, (-3, -1)))
-    q = _to_e4m3(b / s[..., :, None, :, None]).reshape(*lead, tiles(n) * TILE, tiles(k) * TILE)
+    s, inv = _scale(_amax(b, (-3, -1)))
+    q = _to_e4m3(b * inv[..., :, None, :, None]).reshape(*lead, tiles(n) * TILE, tiles(k) * TILE)
     return q[..., :n, :k], s
 
 

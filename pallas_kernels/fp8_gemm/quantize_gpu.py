@@ -1,15 +1,17 @@
-"""DeepSeek-V3's FP8 quantization as single-pass GPU kernels (Pallas Triton), bit-equal to quantize.py's XLA ops.
+"""DeepSeek-V3's FP8 quantization as single-pass GPU kernels (Pallas Triton), bit-equal to quantize.py's XLA ops
+(on the H200 as in interpret mode: see _to_e4m3 for the rounding both sides share).
 
     q, s = quantize_tiles(x)             # x [M, K] -> q [M, K], s [M, ceil(K / 128)]: 1 x 128 tiles along K
     q, s = quantize_blocks(w)            # w [..., K, N] -> q [..., N, K], s [..., N / 128, K / 128]: transposing
     q, s = quantize_tiles_t(x)           # == quantize_tiles(x.T): x [R, C] -> q [C, R], s [C, ceil(R / 128)]
     q, s = quantize_tiles_t(x, index)    # == quantize_tiles(take_aligned(x, index).T): rows gathered first
-    (q, s), (qt, st) = quantize_both(x[, index])   # both of the above from one read of x
 
 XLA runs each of these as a reduce fusion plus a cast (and a transpose or gather); here a program reads its tile
-once, reduces, scales and casts in registers, and writes e4m3 (transposed where asked). On the H200 XLA takes up to 1.5x
-their time on small's activations (on par for arrays under ~1M elements, where launch costs rule; a 1024 x 576
-weight 0.75x), 5-8x on the gathered operand below (BENCHMARKS.md, 2026-12-04 third session).
+once, reduces, scales and casts in registers, and writes e4m3 (transposed where asked). On the H200 XLA takes up to
+1.6x their time on small's activations (on par for arrays under ~1M elements, where launch costs rule), 3-7x on the
+gathered operand below; they move 1.2-1.8 TB/s, near a cast-only Triton pass's 1.9 (BENCHMARKS.md, 2026-12-04
+fourth FP8 session). Reading x once for both of a layer's quantizations (128 x 128 tiles, 8 warps) ran 1.8x slower
+than the two passes and was dropped.
 
 A weight gradient x^T . dy contracts the tokens, and FP8 wgmma takes both operands K-major, so its operands are
 the activations and output gradients transposed, tile-scaled along the tokens. Done by XLA as gather, transpose,
@@ -33,7 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.fp8_gemm.quantize import E4M3, E4M3_MAX, TILE, tiles
+from pallas_kernels.fp8_gemm.quantize import AMAX_FLOOR, E4M3, E4M3_MAX, INV_E4M3_MAX, TILE, tiles
 
 
 def _amax(t, axis=None):
@@ -42,26 +44,17 @@ def _amax(t, axis=None):
     return jnp.where(has_nan, jnp.nan, jnp.max(jnp.abs(t), axis=axis))
 
 
-def _div(a, b, exact: bool):
-    """a / b in float32 as XLA divides: IEEE division (div.rn). Triton's own f32 division is approximate (div.full,
-    2 ulp), enough to move a value across an e4m3 rounding boundary or a scale off by an ulp."""
-    b = jnp.broadcast_to(b, a.shape)
-    if not exact:  # the interpreter (XLA on the CPU) divides exactly; it cannot run PTX
-        return a / b
-    return pltriton.elementwise_inline_asm(
-        "div.rn.f32 $0, $1, $2;",
-        args=[a, b],
-        constraints="=f,f,f",
-        pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
-    )[0]
-
-
-def _to_e4m3(t, amax, exact: bool):
-    """(t / scale as e4m3, scale) as quantize.py computes them. The clip (NaN-ignoring in Triton) sees finite values
-    only: NaN stays NaN, as quantize.py's clip keeps it."""
-    scale = jnp.where(amax == 0, 1.0, _div(amax, jnp.full(amax.shape, E4M3_MAX, jnp.float32), exact))
-    y = _div(t, scale, exact)
+def _to_e4m3(t, amax):
+    """(t * (448 / amax) as e4m3, scale amax * (1 / 448)) as quantize.py computes them, the division once per tile
+    (amax is the tile's, broadcastable to t). Triton's float32 division is the approximate div.full, and so is
+    XLA's on the GPU (experiments/bench_fp8_quantize.py --probe: 448 / amax equal on 2^20 values, 29% of them an
+    ulp off IEEE), so the multipliers agree; the interpreter divides as XLA does on the CPU. The clip
+    (NaN-ignoring in Triton) sees finite values only: NaN stays NaN, as quantize.py's clip keeps it."""
+    zero = amax == 0
+    # Triton's max ignores NaN (maxnumf): a NaN amax is put back after the floor
+    amax = jnp.where(zero, 1.0, jnp.where(amax != amax, jnp.nan, jnp.maximum(amax, AMAX_FLOOR)))
+    scale = jnp.where(zero, 1.0, amax * INV_E4M3_MAX)
+    y = t * jnp.where(zero, 1.0, E4M3_MAX / amax)
     return jnp.where(y != y, jnp.nan, jnp.clip(y, -E4M3_MAX, E4M3_MAX)).astype(E4M3), scale
 
 
@@ -94,26 +87,34 @@ def _load_rows(index_ref, x_ref, col, rows: int, cols: int, gather: bool):
 BLOCK_C = 64  # columns per program: a 128 x 64 bf16 tile is 16 KiB of registers across 4 warps
 
 
-def _kernel(index_ref, x_ref, q_ref, s_ref, *, rows: int, cols: int, block_c: int, gather: bool, exact: bool):
-    col = pl.program_id(1) * block_c + jnp.arange(block_c, dtype=jnp.int32)
-    _, _, _, t = _load_rows(index_ref, x_ref, col, rows, cols, gather)
-    q, scale = _to_e4m3(t, _amax(t, axis=0)[None, :], exact)  # one scale per column over the tile's 128 rows
+def _kernel(index_ref, x_ref, q_ref, s_ref, *, rows: int, cols: int, block_c: int, gather: bool, blocked: bool):
+    if blocked:  # x_ref is this program's [128, block_c] tile
+        t = x_ref[...].astype(jnp.float32)
+    else:
+        col = pl.program_id(1) * block_c + jnp.arange(block_c, dtype=jnp.int32)
+        _, _, _, t = _load_rows(index_ref, x_ref, col, rows, cols, gather)
+    q, scale = _to_e4m3(t, _amax(t, axis=0)[None, :])  # one scale per column over the tile's 128 rows
     q_ref[...] = q.T
     s_ref[...] = scale
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block_c"))
-def quantize_tiles_t(x, index=None, *, interpret: bool = False, block_c: int = BLOCK_C):
+@functools.partial(jax.jit, static_argnames=("interpret", "block_c", "num_warps", "blocked"))
+def quantize_tiles_t(
+    x, index=None, *, interpret: bool = False, block_c: int = BLOCK_C, num_warps: int = 4, blocked: bool = False
+):
     """x [R, C] (index None) -> (q float8_e4m3fn [C, R], s float32 [C, ceil(R / 128)]) = quantize_tiles(x.T).
     With index [R'] int32 (ops.align_groups' layout: row p is x[index[p]], a zero row where index[p] >= R; R' a
-    multiple of 128): q [C, R'], s [C, R' / 128] = quantize_tiles(take_aligned(x, index).T)."""
+    multiple of 128): q [C, R'], s [C, R' / 128] = quantize_tiles(take_aligned(x, index).T). blocked (no index, 128
+    dividing R and block_c dividing C): the input tiles as BlockSpec blocks, no masked pointer loads (untimed)."""
     rows, cols = x.shape
     gather, out_rows, index, idx_spec = _rows_source(x, index)
     row_tiles, col_blocks = tiles(out_rows), -(-cols // block_c)
+    blocked = blocked and not gather and rows % TILE == 0 and cols % block_c == 0
+    x_spec = pl.BlockSpec((TILE, block_c) if blocked else (rows, cols), lambda r, c: (r, c) if blocked else (0, 0))
     q, s = pl.pallas_call(
-        functools.partial(_kernel, rows=rows, cols=cols, block_c=block_c, gather=gather, exact=not interpret),
+        functools.partial(_kernel, rows=rows, cols=cols, block_c=block_c, gather=gather, blocked=blocked),
         grid=(row_tiles, col_blocks),
-        in_specs=[idx_spec, pl.BlockSpec((rows, cols), lambda r, c: (0, 0))],
+        in_specs=[idx_spec, x_spec],
         out_specs=[
             pl.BlockSpec((block_c, TILE), lambda r, c: (c, r)),
             pl.BlockSpec((1, block_c), lambda r, c: (r, c)),
@@ -122,56 +123,68 @@ def quantize_tiles_t(x, index=None, *, interpret: bool = False, block_c: int = B
             jax.ShapeDtypeStruct((col_blocks * block_c, row_tiles * TILE), E4M3),
             jax.ShapeDtypeStruct((row_tiles, col_blocks * block_c), jnp.float32),
         ],
-        compiler_params=_params(),
+        compiler_params=_params(num_warps),
         interpret=interpret,
         name="fp8_quantize_tiles_t",
     )(index, x)
     return q[:cols, :out_rows], s[:, :cols].T
 
 
-def _tiles_kernel(x_ref, q_ref, s_ref, *, rows: int, cols: int, block_r: int, exact: bool):
+def _tiles_kernel(x_ref, q_ref, s_ref, *, rows: int, cols: int, block_r: int):
     r, c = pl.program_id(0), pl.program_id(1)
     row = r * block_r + jnp.arange(block_r, dtype=jnp.int32)
     col = c * TILE + jnp.arange(TILE, dtype=jnp.int32)
     ok = (row < rows)[:, None] & (col < cols)[None, :]
     t = pltriton.load(x_ref.at[row[:, None], col[None, :]], mask=ok, other=0).astype(jnp.float32)
-    q, scale = _to_e4m3(t, _amax(t, axis=1)[:, None], exact)  # one scale per row over the tile's 128 columns
+    q, scale = _to_e4m3(t, _amax(t, axis=1)[:, None])  # one scale per row over the tile's 128 columns
     pltriton.store(q_ref.at[row[:, None], col[None, :]], q, mask=ok)
     s_ref[...] = scale.T
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block_r"))
-def quantize_tiles(x, *, interpret: bool = False, block_r: int = 64):
-    """x [M, K] -> (q float8_e4m3fn [M, K], s float32 [M, ceil(K / 128)]) = quantize.quantize_tiles(x)."""
+def _tiles_kernel_blocked(x_ref, q_ref, s_ref):
+    t = x_ref[...].astype(jnp.float32)
+    q, scale = _to_e4m3(t, _amax(t, axis=1)[:, None])
+    q_ref[...] = q
+    s_ref[...] = scale.T
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block_r", "num_warps", "blocked"))
+def quantize_tiles(x, *, interpret: bool = False, block_r: int = 64, num_warps: int = 4, blocked: bool = False):
+    """x [M, K] -> (q float8_e4m3fn [M, K], s float32 [M, ceil(K / 128)]) = quantize.quantize_tiles(x).
+    blocked (where block_r divides M and 128 divides K): the tiles as BlockSpec blocks, no masked pointer loads
+    (untimed; bench_fp8_quantize.py --sweep compares)."""
     rows, cols = x.shape
     row_blocks, col_tiles = -(-rows // block_r), tiles(cols)
+    blocked = blocked and rows % block_r == 0 and cols % TILE == 0
+    tile = pl.BlockSpec((block_r, TILE), lambda r, c: (r, c))
+    whole = pl.BlockSpec((rows, cols), lambda r, c: (0, 0))
     q, s = pl.pallas_call(
-        functools.partial(_tiles_kernel, rows=rows, cols=cols, block_r=block_r, exact=not interpret),
+        _tiles_kernel_blocked if blocked else functools.partial(_tiles_kernel, rows=rows, cols=cols, block_r=block_r),
         grid=(row_blocks, col_tiles),
-        in_specs=[pl.BlockSpec((rows, cols), lambda r, c: (0, 0))],
+        in_specs=[tile if blocked else whole],
         out_specs=[
-            pl.BlockSpec((rows, cols), lambda r, c: (0, 0)),
+            tile if blocked else whole,
             pl.BlockSpec((1, block_r), lambda r, c: (c, r)),
         ],
         out_shape=[
             jax.ShapeDtypeStruct((rows, cols), E4M3),
             jax.ShapeDtypeStruct((col_tiles, row_blocks * block_r), jnp.float32),
         ],
-        compiler_params=_params(),
+        compiler_params=_params(num_warps),
         interpret=interpret,
         name="fp8_quantize_tiles",
     )(x)
     return q, s[:, :rows].T
 
 
-def _blocks_kernel(w_ref, q_ref, s_ref, *, k: int, n: int, exact: bool):
+def _blocks_kernel(w_ref, q_ref, s_ref, *, k: int, n: int):
     g, kb, nb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     kk = kb * TILE + jnp.arange(TILE, dtype=jnp.int32)
     nn = nb * TILE + jnp.arange(TILE, dtype=jnp.int32)
     ok = (kk < k)[:, None] & (nn < n)[None, :]
     b = pltriton.load(w_ref.at[g, kk[:, None], nn[None, :]], mask=ok, other=0).astype(jnp.float32)
     amax = jnp.full((1, TILE), _amax(b), jnp.float32)  # one scale per 128 x 128 block, as a row: PTX takes tensors
-    q, scale = _to_e4m3(b, amax, exact)
+    q, scale = _to_e4m3(b, amax)
     pltriton.store(q_ref.at[g, nn[:, None], kk[None, :]], q.T, mask=ok.T)  # K-major: [N, K]
     s_ref[...] = jnp.full((1, 1, 1), jnp.max(scale), jnp.float32)  # the row's entries are equal
 
@@ -184,7 +197,7 @@ def quantize_blocks(w, *, interpret: bool = False):
     w3 = w.reshape(-1, k, n)
     g, kt, nt = w3.shape[0], tiles(k), tiles(n)
     q, s = pl.pallas_call(
-        functools.partial(_blocks_kernel, k=k, n=n, exact=not interpret),
+        functools.partial(_blocks_kernel, k=k, n=n),
         grid=(g, kt, nt),
         in_specs=[pl.BlockSpec((g, k, n), lambda g, i, j: (0, 0, 0))],
         out_specs=[
@@ -197,51 +210,3 @@ def quantize_blocks(w, *, interpret: bool = False):
         name="fp8_quantize_blocks",
     )(w3)
     return q.reshape(*lead, n, k), s.reshape(*lead, nt, kt)
-
-
-def _both_kernel(index_ref, x_ref, q0_ref, s0_ref, q_ref, s_ref, qt_ref, st_ref, *, rows, cols, gather, exact):
-    del q0_ref, s0_ref  # aliased to q_ref / s_ref: their initial values (zero rows, scale 1) are the outputs' own
-    c = pl.program_id(1)
-    col = c * TILE + jnp.arange(TILE, dtype=jnp.int32)
-    src, row_ok, ok, t = _load_rows(index_ref, x_ref, col, rows, cols, gather)
-    q, scale = _to_e4m3(t, _amax(t, axis=1)[:, None], exact)  # tiles along the columns, at the rows' own places
-    pltriton.store(q_ref.at[src[:, None], col[None, :]], q, mask=ok)
-    pltriton.store(s_ref.at[src[:, None], jnp.full((1, 1), c, jnp.int32)], scale, mask=row_ok)
-    qt, scale_t = _to_e4m3(t, _amax(t, axis=0)[None, :], exact)  # tiles along the rows, transposed
-    qt_ref[...] = qt.T
-    st_ref[...] = scale_t
-
-
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def quantize_both(x, index=None, *, interpret: bool = False):
-    """Both quantizations of x [R, C] a linear layer's training uses, from one read of it (128 x 128 tiles):
-    ((q [R, C], s [R, ceil(C / 128)]) = quantize_tiles(x), (qt, st) = quantize_tiles_t(x, index)). With index,
-    rows of x that index leaves out (past sum(group_sizes)) come out as zero rows with scale 1 (as
-    quantize_tiles gives an all-zero row): no program reads them."""
-    rows, cols = x.shape
-    gather, out_rows, index, idx_spec = _rows_source(x, index)
-    row_tiles, col_tiles = tiles(out_rows), tiles(cols)
-    whole = lambda shape: pl.BlockSpec(shape, lambda r, c: (0, 0))  # noqa: E731 - addressed by the kernel
-    init = (jnp.zeros((rows, cols), E4M3), jnp.ones((rows, col_tiles), jnp.float32))
-    q, s, qt, st = pl.pallas_call(
-        functools.partial(_both_kernel, rows=rows, cols=cols, gather=gather, exact=not interpret),
-        grid=(row_tiles, col_tiles),
-        in_specs=[idx_spec, whole((rows, cols)), whole((rows, cols)), whole((rows, col_tiles))],
-        out_specs=[
-            whole((rows, cols)),
-            whole((rows, col_tiles)),
-            pl.BlockSpec((TILE, TILE), lambda r, c: (c, r)),
-            pl.BlockSpec((1, TILE), lambda r, c: (r, c)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((rows, cols), E4M3),
-            jax.ShapeDtypeStruct((rows, col_tiles), jnp.float32),
-            jax.ShapeDtypeStruct((col_tiles * TILE, row_tiles * TILE), E4M3),
-            jax.ShapeDtypeStruct((row_tiles, col_tiles * TILE), jnp.float32),
-        ],
-        input_output_aliases={2: 0, 3: 1},
-        compiler_params=_params(8),
-        interpret=interpret,
-        name="fp8_quantize_both",
-    )(index, x, *init)
-    return (q, s), (qt[:cols, :out_rows], st[:, :cols].T)
