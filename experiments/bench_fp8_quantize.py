@@ -2,6 +2,9 @@
 bit-equality of values and scales (every input holds an all-zero 128 x 128 tile and a NaN) and time per call.
 
   python experiments/bench_fp8_quantize.py      # small's shapes: experts' rows, tokens, weights; a table
+  python experiments/bench_fp8_quantize.py --sweep=196608,1024   # tilings, blocked variants, a cast's speed
+  python experiments/bench_fp8_quantize.py --fused=204800,512    # one-read / SwiGLU-fused (quantize_fused.py)
+  python experiments/bench_fp8_quantize.py --probe               # where XLA's and Triton's rounding part
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as pltriton  # noqa: E402
 
 from experiments.bench_util import median_seconds  # noqa: E402
-from pallas_kernels.fp8_gemm import align_groups, quantize, quantize_gpu, take_aligned  # noqa: E402
+from pallas_kernels.fp8_gemm import (  # noqa: E402
+    align_groups,
+    quantize,
+    quantize_both,
+    quantize_gpu,
+    quantize_swiglu,
+    quantize_swiglu_bwd,
+    take_aligned,
+)
 
 flags.DEFINE_string(
     "activations",
@@ -31,6 +42,12 @@ flags.DEFINE_string(
 flags.DEFINE_string("weights", "64,1024,1024;64,512,1024;1024,3072;1024,576;3,200,300", "weight shapes (;), f32")
 flags.DEFINE_integer("groups", 64, "Groups (experts) of the gathered layout.")
 flags.DEFINE_integer("iters", 20, "Calls per timing (median).")
+flags.DEFINE_string(
+    "fused",
+    "",
+    "R,I: time the one-read quantize_both and the SwiGLU-fused quantizers (quantize_fused.py) against the separate "
+    "passes the layer runs otherwise, on [R, 2I] = [gate | up] rows, their h [R, I] and its gradient.",
+)
 flags.DEFINE_bool("probe", False, "Print where XLA's and Triton's float32 -> e4m3 casts and divisions round apart.")
 flags.DEFINE_string(
     "sweep",
@@ -107,6 +124,12 @@ def sweep(r: int, c: int):
         for warps in (2, 4, 8):
             f = functools.partial(quantize_gpu.quantize_tiles, block_r=block_r, num_warps=warps)
             row(f"quantize_tiles block_r={block_r} warps={warps}", f, x)
+            f = functools.partial(quantize_gpu.quantize_tiles, block_r=block_r, num_warps=warps, blocked=True)
+            row(f"quantize_tiles blocked block_r={block_r} warps={warps}", f, x)
+    for block_c in (32, 64, 128):
+        for warps in (4, 8):
+            f = functools.partial(quantize_gpu.quantize_tiles_t, block_c=block_c, num_warps=warps, blocked=True)
+            row(f"quantize_tiles_t blocked block_c={block_c} warps={warps}", f, x)
     for block_c in (32, 64, 128):
         for warps in (2, 4, 8):
             f = functools.partial(quantize_gpu.quantize_tiles_t, block_c=block_c, num_warps=warps)
@@ -167,8 +190,32 @@ def probe():
         )
 
 
+def fused(r: int, i: int):
+    """The fused quantizers against the separate passes, each pair checked for equal codes (fraction equal)."""
+    kg, kd = jax.random.split(jax.random.key(0))
+    gu = (jax.random.normal(kg, (r, 2 * i)) * 2.0).astype(jnp.bfloat16)
+    dh = jax.random.normal(kd, (r, i)).astype(jnp.bfloat16)
+    print(f"| [{r}, 2 x {i}] | fused ms | separate ms | codes equal |\n|---|---|---|---|")
+    cases = (
+        ("quantize_both of [R, 2I]", quantize_both, (gu,)),
+        ("SwiGLU + quantize_both", quantize_swiglu, (gu,)),
+        ("SwiGLU backward + quantize_both", quantize_swiglu_bwd, (gu, dh)),
+    )
+    for name, op, args in cases:
+        one = functools.partial(op, backend="gpu", fused=True)
+        two = functools.partial(op, backend="gpu", fused=False)
+        a, b = jax.tree.leaves(jax.jit(one)(*args)), jax.tree.leaves(jax.jit(two)(*args))
+        same = np.mean(
+            [np.mean(np.asarray(x.astype(jnp.float32)) == np.asarray(y.astype(jnp.float32))) for x, y in zip(a, b)]
+        )
+        print(f"| {name} | {_ms(one, *args):.3f} | {_ms(two, *args):.3f} | {same:.6f} |", flush=True)
+
+
 def main(argv):
     del argv
+    if FLAGS.fused:
+        fused(*map(int, FLAGS.fused.split(",")))
+        return
     if FLAGS.probe:
         probe()
         return

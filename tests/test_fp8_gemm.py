@@ -4,7 +4,9 @@ on the CPU; FP8_TEST_REAL_GPU=1 on a Hopper GPU runs those cases compiled), and 
 
 from __future__ import annotations
 
+import functools
 import os
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -188,27 +190,19 @@ def test_fp8_grouped_matmul_matches_ragged_dot_with_empty_groups_and_padding():
     np.testing.assert_array_equal(dw[1], 0.0)  # an empty expert gets no gradient
 
 
-def _expert_ffn_per_projection(x, order, inverse, sizes, gate_up, down, k, backend):
-    """The routed experts' FFN as two fp8_grouped_matmul on the compute-dtype rows gathered by the sort."""
-    from dsjax.layers.fp8 import fp8_grouped_matmul
-    from dsjax.layers.mlp import swiglu
-    from dsjax.layers.moe_ops import gather_pairs
-
-    rows = gather_pairs(x, order, inverse, k)
-    gate, up = jnp.split(fp8_grouped_matmul(rows, gate_up, sizes, backend), 2, axis=-1)
-    return fp8_grouped_matmul(swiglu(gate, up, x.dtype), down, sizes, backend)
-
-
 # the layers call the kernels compiled: on a GPU (FP8_TEST_REAL_GPU=1) the "gpu" backend too
 LAYER_BACKENDS = ["xla"] + ([] if INTERPRET else ["gpu"])
 
 
 @pytest.mark.parametrize("backend", LAYER_BACKENDS)
-def test_fp8_expert_ffn_quantizes_before_the_sort_and_equals_the_per_projection_path(backend):
-    """fp8_expert_ffn (tokens quantized before the expert sort, e4m3 rows moved) gives the outputs and gradients of
-    quantizing the sorted rows per projection, on groups with an empty expert and one expert holding most rows."""
-    from dsjax.layers.fp8 import fp8_expert_ffn
-    from dsjax.layers.moe_ops import pair_order
+def test_fp8_expert_ffn_on_aligned_rows_equals_the_per_projection_path(backend):
+    """The FP8 routed experts (fp8_expert_ffn: tokens quantized before they are laid out, rows in align_groups'
+    layout, no gathering quantizer) give the outputs and gradients (tokens, both weights, routing weights) of
+    fp8_grouped_matmul per projection on the sorted compute-dtype rows, with an empty expert and one expert holding
+    most rows."""
+    from dsjax.layers import moe_ops
+    from dsjax.layers.fp8 import fp8_grouped_matmul
+    from dsjax.layers.moe_ops import Routing, aligned_pair_order, pair_order, sorted_experts
 
     rng = np.random.default_rng(7)
     n, d, i, e, k = 96, 256, 128, 4, 2
@@ -216,21 +210,29 @@ def test_fp8_expert_ffn_quantizes_before_the_sort_and_equals_the_per_projection_
     choice = rng.choice([0, 2, 3], size=(n, k), p=[0.1, 0.8, 0.1])  # expert 1 empty, expert 2 most rows
     nxt = np.array([2, 0, 3, 0])  # a pair's second choice, where it repeats the first: the next of 0, 2, 3
     choice[:, 1] = np.where(choice[:, 1] == choice[:, 0], nxt[choice[:, 0]], choice[:, 1])
-    po = pair_order(jnp.asarray(choice, jnp.int32), e)
-    assert int(po.sizes[1]) == 0 and int(po.sizes[2]) > n // 2
+    indices = jnp.asarray(choice, jnp.int32)
+    al = aligned_pair_order(pair_order(indices, e))
+    assert int(al.sizes[1]) == 0 and int(al.sizes[2]) > n // 2 and np.all(np.asarray(al.sizes) % 128 == 0)
+    weights = jnp.asarray(rng.random((n, k)), jnp.float32)
     gate_up = jnp.asarray(rng.standard_normal((e, d, 2 * i)) * 0.05, jnp.float32)
     down = jnp.asarray(rng.standard_normal((e, i, d)) * 0.05, jnp.float32)
-    dy = jnp.asarray(rng.standard_normal((n * k, d)), jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal((n, d)), jnp.bfloat16)
 
-    def run(f):
-        y, vjp = jax.vjp(lambda x, a, b: f(x, po.order, po.inverse, po.sizes, a, b, k, backend), x, gate_up, down)
-        return (y, *vjp(dy))
+    def run(**how):
+        def f(x, w, a, b):
+            return sorted_experts(x, Routing(w, indices, None), a, b, jnp.bfloat16, **how)
 
-    got, want = run(fp8_expert_ffn), run(_expert_ffn_per_projection)
-    for g, w in zip(got, want):
-        assert g.dtype == w.dtype and g.shape == w.shape
-        assert _rel(g, w) < 1e-3, _rel(g, w)  # the same codes and scales; float32 sums in another order
-    assert np.all(np.asarray(got[2])[1] == 0)  # the empty expert's weights get no gradient
+        y, vjp = jax.vjp(f, x, weights, gate_up, down)
+        return (y, *vjp(g))
+
+    got = run(fp8_backend=backend)
+    # the per-projection path with the weights quantized from float32, as fp8_expert_ffn quantizes them
+    with mock.patch.object(moe_ops, "grouped_ffn", functools.partial(moe_ops.grouped_ffn, fp8=True)):
+        want = run(matmul=lambda r, w, s: fp8_grouped_matmul(r, w, s, backend))
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert _rel(a, b) < 1e-3, _rel(a, b)  # the same codes and scales; float32 sums in another order
+    assert np.all(np.asarray(got[3])[1] == 0)  # the empty expert's weights get no gradient
 
 
 def test_fp8_dots_share_one_quantization_and_equal_fp8_dot_per_kernel():

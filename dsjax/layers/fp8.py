@@ -9,16 +9,17 @@ activation gradient come back in the compute dtype, the weight gradient in the w
 (embedding, output head, router, norms, attention core, MTP's eh_proj) stays in the compute dtype or float32.
 
 Entry points: fp8_dot (a Linear), fp8_dots (Linears on one input, e.g. q_a_proj + kv_a_proj: one quantization of x
-and one GEMM), fp8_expert_ffn (the routed experts' SwiGLU on expert-sorted rows, the tokens quantized before the
-sort) and fp8_grouped_matmul (one expert projection, for expert parallelism's received rows).
+and one GEMM), fp8_expert_ffn (the routed experts' SwiGLU on rows in align_groups' layout, the tokens quantized
+before they are laid out) and fp8_grouped_matmul (one expert projection, for expert parallelism's received rows).
 
 The residuals are the input's weight-gradient operand (x^T quantized along the tokens, for the experts on
 align_groups' layout) instead of x, and the forward's quantized weight, whose transposed blocks are the dgrad's
 operand. With fp8_backend "gpu" every quantization is a Pallas Triton pass (quantize_gpu.py, bit-equal to XLA's)
 and every GEMM a Mosaic GPU kernel; on the H200 small's FP8 step runs 1.05x slower than BF16 (296 vs 283 ms,
 experiments/BENCHMARKS.md, fourth FP8 session): its FP8 GEMMs beat bf16's (the experts' 28 ms against 43), but
-the separate quantization passes cost ~35 ms a step. ModelConfig.fp8_backend "auto" still resolves to the XLA
-reference (dsjax.runtime): the numerics of FP8 training without its speed.
+the separate quantization passes cost ~35 ms a step (measured before the aligned expert layout and
+ModelConfig.fp8_fused, which fuses them into the producers: untimed). ModelConfig.fp8_backend "auto" still resolves
+to the XLA reference (dsjax.runtime): the numerics of FP8 training without its speed.
 """
 
 from __future__ import annotations
@@ -37,32 +38,35 @@ from pallas_kernels.fp8_gemm import (
     fp8_wgrad,
     quantize_blocks,
     quantize_both,
+    quantize_swiglu,
+    quantize_swiglu_bwd,
     quantize_tiles,
     quantize_tiles_t,
     transposed_blocks,
 )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def fp8_dot(x: jax.Array, w: jax.Array, backend: str = "auto") -> jax.Array:
-    """x [..., K] @ w [K, N] -> [..., N] in x.dtype, every GEMM in e4m3 (pallas_kernels.fp8_gemm `backend`)."""
-    return _fp8_dot_fwd(x, w, backend)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def fp8_dot(x: jax.Array, w: jax.Array, backend: str = "auto", fused: bool = False) -> jax.Array:
+    """x [..., K] @ w [K, N] -> [..., N] in x.dtype, every GEMM in e4m3 (pallas_kernels.fp8_gemm `backend`; fused:
+    one-read quantizers where the shapes allow, ModelConfig.fp8_fused)."""
+    return _fp8_dot_fwd(x, w, backend, fused)[0]
 
 
-def _fp8_dot_fwd(x, w, backend):
+def _fp8_dot_fwd(x, w, backend, fused):
     k, n = w.shape
-    # x's weight-gradient operand (x^T, tiles along the tokens) is quantized here, from the same read of x, and kept
-    # instead of x: an e4m3 residual half x's size, and no second pass over x in the backward
-    (xq, xs), x_t = quantize_both(x.reshape(-1, k), backend=backend)
+    # x's weight-gradient operand (x^T, tiles along the tokens) is quantized here and kept instead of x: an e4m3
+    # residual half x's size, and no pass over x in the backward
+    (xq, xs), x_t = quantize_both(x.reshape(-1, k), backend=backend, fused=fused)
     wq, ws = quantize_blocks(w, backend=backend)
     y = fp8_gemm(xq, xs, wq, ws, out_dtype=x.dtype, backend=backend).reshape(*x.shape[:-1], n)
     return y, (x_t, wq, ws, _dtype_of(x), _dtype_of(w))
 
 
-def _fp8_dot_bwd(backend, res, dy):
+def _fp8_dot_bwd(backend, fused, res, dy):
     (aq, a_s), wq, ws, like_x, like_w = res  # aq [K, M]: x^T in tiles along the contracted rows
     n, k = wq.shape
-    (dq, ds), (bq, bs) = quantize_both(dy.reshape(-1, n), backend=backend)  # dgrad's dy, wgrad's dy^T [N, M]
+    (dq, ds), (bq, bs) = quantize_both(dy.reshape(-1, n), backend=backend, fused=fused)  # dy, and dy^T [N, M]
     dx = fp8_gemm(dq, ds, *transposed_blocks(wq, ws), out_dtype=like_x.dtype, backend=backend)
     dw = fp8_wgrad(aq, a_s, bq, bs, backend=backend)
     return dx.reshape(*dy.shape[:-1], k), dw.astype(like_w.dtype)
@@ -103,59 +107,44 @@ def _fp8_gmm_bwd(backend, res, dy):
 fp8_grouped_matmul.defvjp(_fp8_gmm_fwd, _fp8_gmm_bwd)
 
 
-def _swiglu(gu, dtype):
-    """silu(gate) * up over gu = [gate | up], in float32, returned in dtype (dsjax.layers.mlp.swiglu's math)."""
-    g, u = jnp.split(gu.astype(jnp.float32), 2, axis=-1)
-    return (jax.nn.silu(g) * u).astype(dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def fp8_expert_ffn(x, order, inverse, sizes, gate_up, down, k: int, backend: str = "auto", fused: bool = False):
+    """The routed experts' SwiGLU, every GEMM in e4m3, on rows in align_groups' layout (each expert's rows start on
+    a 128-row step, zero rows between): no 128-row scaling tile of a weight gradient spans two experts, so every
+    quantization is of plain tiles, with no gather. x [N, D] tokens; order [R]: the (token * k + choice) pair on
+    each layout row, N * k on a zero row; inverse [N * k]: each pair's layout row; sizes [E]: each expert's rows,
+    its zero rows included (multiples of 128); gate_up [E, D, 2I] (gate | up), down [E, I, D] -> [R, D] in x.dtype,
+    zero on the zero rows. The tokens are quantized before they are laid out, as DeepSeek-V3 quantizes before
+    dispatch: a 1 x 128 tile lies within one token's row, so the rows' tiles are the tokens' tiles gathered (half
+    the bytes of gathering compute-dtype rows, and no pass over the k-times-larger rows to quantize them).
+    Numerically fp8_grouped_matmul per projection on the gathered rows. fused: the SwiGLU forward and backward
+    inside the quantizers of their outputs (pallas_kernels.fp8_gemm.quantize_swiglu / quantize_swiglu_bwd)."""
+    return _expert_ffn_fwd(x, order, inverse, sizes, gate_up, down, k, backend, fused)[0]
 
 
-def _swiglu_bwd(gu, dh):
-    """d[gate | up] of silu(gate) * up for the output gradient dh, in float32, returned in dh's dtype."""
-    g, u = jnp.split(gu.astype(jnp.float32), 2, axis=-1)
-    sig, dh32 = jax.nn.sigmoid(g), dh.astype(jnp.float32)
-    dg = dh32 * u * sig * (1.0 + g * (1.0 - sig))
-    return jnp.concatenate([dg, dh32 * g * sig], axis=-1).astype(dh.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def fp8_expert_ffn(x, order, inverse, sizes, gate_up, down, k: int, backend: str = "auto"):
-    """The routed experts' SwiGLU on expert-sorted rows, every GEMM in e4m3, with the tokens quantized once before
-    the sort, as DeepSeek-V3 quantizes before dispatch: a 1 x 128 tile lies within one token's row, so the sorted
-    rows' tiles are the tokens' tiles gathered (half the bytes of gathering the compute-dtype rows, and no pass
-    over the k-times-larger sorted rows to quantize them). x [N, D] tokens; order / inverse / sizes: the pair sort
-    (dsjax.layers.moe_ops.pair_order, pair = token * k + choice); gate_up [E, D, 2I] (gate | up), down [E, I, D]
-    -> [N * k, D] expert-sorted outputs in x.dtype. Numerically the same as fp8_grouped_matmul per projection on
-    the gathered rows."""
-    return _expert_ffn_fwd(x, order, inverse, sizes, gate_up, down, k, backend)[0]
-
-
-def _expert_ffn_fwd(x, order, inverse, sizes, gate_up, down, k, backend):
-    p, dt = order.shape[0], x.dtype
-    token = order // k  # sorted row -> its token
+def _expert_ffn_fwd(x, order, inverse, sizes, gate_up, down, k, backend, fused):
+    dt = x.dtype
+    token = order // k  # N on a zero row: out of range, read as a zero row below
     xq, xs = quantize_tiles(x, backend=backend)
-    # gate_up's weight gradient takes each expert's tokens on 128-row steps of their own (align_groups); its operand
-    # is gathered straight from the tokens: aligned row -> sorted row (index) -> token, a zero row past the groups
-    index, aligned = align_groups(sizes, p)
-    x_t = quantize_tiles_t(x, jnp.where(index < p, token[jnp.minimum(index, p - 1)], x.shape[0]), backend=backend)
+    rows = xq.at[token].get(mode="fill", fill_value=0), xs.at[token].get(mode="fill", fill_value=1)
+    x_t = quantize_tiles_t(x, token, backend=backend)  # gate_up's weight-gradient operand, from the tokens
     w1 = quantize_blocks(gate_up, backend=backend)
-    gu = fp8_gmm(xq[token], xs[token], *w1, sizes, out_dtype=dt, backend=backend)
-    h = _swiglu(gu, dt)
-    (hq, hs), h_t = quantize_both(h, index, backend=backend)
+    gu = fp8_gmm(*rows, *w1, sizes, out_dtype=dt, backend=backend)
+    (hq, hs), h_t = quantize_swiglu(gu, backend=backend, fused=fused)  # h = silu(gate) * up, quantized twice
     w2 = quantize_blocks(down, backend=backend)
     y = fp8_gmm(hq, hs, *w2, sizes, out_dtype=dt, backend=backend)
-    return y, (x_t, w1, gu, h_t, w2, inverse, sizes, index, aligned, _dtype_of(gate_up), _dtype_of(down))
+    return y, (x_t, w1, gu, h_t, w2, inverse, sizes, _dtype_of(gate_up), _dtype_of(down))
 
 
-def _expert_ffn_bwd(k, backend, res, dy):
-    (x_t, w1, gu, h_t, w2, inverse, sizes, index, aligned, like_w1, like_w2) = res
-    (dq, ds), dy_t = quantize_both(dy, index, backend=backend)
+def _expert_ffn_bwd(k, backend, fused, res, dy):
+    (x_t, w1, gu, h_t, w2, inverse, sizes, like_w1, like_w2) = res
+    (dq, ds), dy_t = quantize_both(dy, backend=backend, fused=fused)
     dh = fp8_gmm(dq, ds, *transposed_blocks(*w2), sizes, out_dtype=dy.dtype, backend=backend)
-    dw2 = fp8_tgmm(*h_t, *dy_t, aligned, out_dtype=jnp.float32, backend=backend)
-    dgu = _swiglu_bwd(gu, dh)
-    (gq, gs), dgu_t = quantize_both(dgu, index, backend=backend)
+    dw2 = fp8_tgmm(*h_t, *dy_t, sizes, out_dtype=jnp.float32, backend=backend)
+    (gq, gs), dgu_t = quantize_swiglu_bwd(gu, dh, backend=backend, fused=fused)  # d[gate | up], quantized twice
     drows = fp8_gmm(gq, gs, *transposed_blocks(*w1), sizes, out_dtype=dy.dtype, backend=backend)
-    dw1 = fp8_tgmm(*x_t, *dgu_t, aligned, out_dtype=jnp.float32, backend=backend)
-    # each token's k sorted rows sit at inverse[token * k + j]: gathered back and summed (no scatter-add)
+    dw1 = fp8_tgmm(*x_t, *dgu_t, sizes, out_dtype=jnp.float32, backend=backend)
+    # each token's k rows sit at inverse[token * k + j]: gathered back and summed (no scatter-add)
     dx = drows[inverse].reshape(-1, k, drows.shape[-1]).sum(1, dtype=jnp.float32).astype(dy.dtype)
     return dx, None, None, None, dw1.astype(like_w1.dtype), dw2.astype(like_w2.dtype)
 
@@ -163,10 +152,10 @@ def _expert_ffn_bwd(k, backend, res, dy):
 fp8_expert_ffn.defvjp(_expert_ffn_fwd, _expert_ffn_bwd)
 
 
-def fp8_dots(x: jax.Array, kernels, backend: str = "auto") -> list[jax.Array]:
+def fp8_dots(x: jax.Array, kernels, backend: str = "auto", fused: bool = False) -> list[jax.Array]:
     """x @ w for each w [K, N_i] of `kernels` with one quantization of x (and one of the joined output gradient):
     the kernels joined along N into one FP8 GEMM, its output split. Where each N_i but the last is a multiple of
     128 every weight block and every output-gradient tile stays within one kernel, so this is exactly fp8_dot of
     each; otherwise a block or tile spanning two kernels shares its scale."""
-    y = fp8_dot(x, jnp.concatenate(kernels, axis=1), backend)
+    y = fp8_dot(x, jnp.concatenate(kernels, axis=1), backend, fused)
     return jnp.split(y, list(itertools.accumulate(w.shape[1] for w in kernels[:-1])), axis=-1)

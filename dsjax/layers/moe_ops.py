@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from dsjax.config import ModelConfig
 from dsjax.layers.fp8 import fp8_expert_ffn, fp8_grouped_matmul
 from dsjax.layers.mlp import swiglu
+from pallas_kernels.fp8_gemm import align_groups, aligned_positions
 
 
 class Routing(NamedTuple):
@@ -116,11 +117,13 @@ def pallas_gmm(lhs, rhs, sizes, platform=None):
     return gmm(lhs, rhs, sizes, platform=platform)
 
 
-def grouped_ffn(rows, sizes, gate_up, down, dtype, matmul=ragged_dot):
+def grouped_ffn(rows, sizes, gate_up, down, dtype, matmul=ragged_dot, fp8=False):
     """Each expert's SwiGLU on its contiguous group of rows: rows [M, D] sorted by expert, sizes [E] (rows past
-    their sum are padding), gate_up [E, D, 2I] (gate | up), down [E, I, D]. Returns [M, D] (float32 or dtype)."""
-    gate, up = jnp.split(matmul(rows.astype(dtype), gate_up.astype(dtype), sizes), 2, axis=-1)
-    return matmul(swiglu(gate, up, jnp.dtype(dtype)), down.astype(dtype), sizes)
+    their sum are padding), gate_up [E, D, 2I] (gate | up), down [E, I, D]. Returns [M, D] (float32 or dtype).
+    fp8: `matmul` quantizes the weights itself, from the master weights as they come (not cast first)."""
+    weights = (lambda w: w) if fp8 else (lambda w: w.astype(dtype))  # noqa: E731
+    gate, up = jnp.split(matmul(rows.astype(dtype), weights(gate_up), sizes), 2, axis=-1)
+    return matmul(swiglu(gate, up, jnp.dtype(dtype)), weights(down), sizes)
 
 
 class PairOrder(NamedTuple):
@@ -160,8 +163,8 @@ gather_pairs.defvjp(_gather_pairs_fwd, _gather_pairs_bwd)
 
 @jax.custom_vjp
 def combine_pairs(y: jax.Array, order: jax.Array, inverse: jax.Array, weights: jax.Array) -> jax.Array:
-    """Un-sort and combine: y [N * k, D] expert-sorted -> out [N, D] = sum_j weights[n, j] * y[inverse[n * k + j]],
-    accumulated in float32, returned in y's dtype."""
+    """Un-sort and combine: y [R, D] expert-sorted rows (R = N * k, or aligned_pair_order's layout) -> out [N, D] =
+    sum_j weights[n, j] * y[inverse[n * k + j]], accumulated in float32, returned in y's dtype."""
     return _combine(y, inverse, weights)
 
 
@@ -179,8 +182,10 @@ def _combine_pairs_bwd(res, g):
     y, order, inverse, weights = res
     n, k = weights.shape
     g32 = g.astype(jnp.float32)
-    # d y[s] = weight of pair order[s] * g[token of that pair]; d weights[n, j] = <g[n], y[inverse[n * k + j]]>
-    dy = (weights.reshape(-1)[order][:, None].astype(jnp.float32) * g32[order // k]).astype(y.dtype)
+    # d y[s] = weight of pair order[s] * g[token of that pair]; d weights[n, j] = <g[n], y[inverse[n * k + j]]>.
+    # A row holding no pair (order[s] == N * k: aligned_pair_order's zero rows) gets zero.
+    w_row = weights.reshape(-1).at[order].get(mode="fill", fill_value=0)[:, None].astype(jnp.float32)
+    dy = (w_row * g32.at[order // k].get(mode="fill", fill_value=0)).astype(y.dtype)
     dw = jnp.einsum("nkd,nd->nk", y[inverse].reshape(n, k, -1).astype(jnp.float32), g32)
     return dy, None, None, dw.astype(weights.dtype)
 
@@ -188,7 +193,7 @@ def _combine_pairs_bwd(res, g):
 combine_pairs.defvjp(_combine_pairs_fwd, _combine_pairs_bwd)
 
 
-def sorted_experts(x, routing: Routing, gate_up, down, dtype, matmul=ragged_dot, fp8_backend=None):
+def sorted_experts(x, routing: Routing, gate_up, down, dtype, matmul=ragged_dot, fp8_backend=None, fp8_fused=False):
     """Routed experts on expert-sorted rows with grouped matmuls. x [N, D]; gate_up [E, D, 2I]; down [E, I, D].
     fp8_backend set: the FP8 expert FFN (dsjax.layers.fp8.fp8_expert_ffn: tokens quantized before the sort, which
     then moves e4m3 rows; `matmul` unused)."""
@@ -196,15 +201,28 @@ def sorted_experts(x, routing: Routing, gate_up, down, dtype, matmul=ragged_dot,
     with jax.named_scope("dispatch"):
         po = pair_order(routing.indices, gate_up.shape[0])
     if fp8_backend is not None:
-        with jax.named_scope("experts"):
-            y = fp8_expert_ffn(x.astype(dtype), po.order, po.inverse, po.sizes, gate_up, down, k, fp8_backend)
-    else:
         with jax.named_scope("dispatch"):
-            rows = gather_pairs(x.astype(dtype), po.order, po.inverse, k)
+            order, inverse, sizes = aligned_pair_order(po)
         with jax.named_scope("experts"):
-            y = grouped_ffn(rows, po.sizes, gate_up, down, dtype, matmul).astype(dtype)
+            y = fp8_expert_ffn(x.astype(dtype), order, inverse, sizes, gate_up, down, k, fp8_backend, fp8_fused)
+        with jax.named_scope("combine"):
+            return combine_pairs(y, order, inverse, routing.weights)
+    with jax.named_scope("dispatch"):
+        rows = gather_pairs(x.astype(dtype), po.order, po.inverse, k)
+    with jax.named_scope("experts"):
+        y = grouped_ffn(rows, po.sizes, gate_up, down, dtype, matmul).astype(dtype)
     with jax.named_scope("combine"):
         return combine_pairs(y, po.order, po.inverse, routing.weights)
+
+
+def aligned_pair_order(po: PairOrder) -> PairOrder:
+    """The pair sort laid out with every expert's rows starting on a 128-row step (align_groups' layout, the FP8
+    experts' rows): order [R] (the pair on each row; P = N * k, out of range, on the zero rows between experts),
+    inverse [P] (each pair's row), sizes [E] rounded up to 128 (each expert's zero rows included)."""
+    p = po.order.shape[0]
+    index, sizes = align_groups(po.sizes, p)
+    order = jnp.where(index < p, po.order[jnp.minimum(index, p - 1)], p)
+    return PairOrder(order.astype(jnp.int32), aligned_positions(po.sizes, p)[po.inverse], sizes)
 
 
 def dense_experts(x, routing: Routing, gate_up, down, dtype):
@@ -233,4 +251,5 @@ def routed_experts_local(x, routing: Routing, gate_up, down, cfg: ModelConfig):
     if cfg.moe_backend == "dense":
         return dense_experts(x, routing, gate_up, down, jnp.dtype(cfg.dtype))
     fp8_backend = cfg.fp8_backend if cfg.fp8 == "e4m3" else None
-    return sorted_experts(x, routing, gate_up, down, jnp.dtype(cfg.dtype), expert_matmul(cfg), fp8_backend)
+    dt = jnp.dtype(cfg.dtype)
+    return sorted_experts(x, routing, gate_up, down, dt, expert_matmul(cfg), fp8_backend, cfg.fp8_fused)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.fp8_gemm import gpu, gpu_tgmm, quantize, quantize_gpu, reference
+from pallas_kernels.fp8_gemm import gpu, gpu_tgmm, quantize, quantize_fused, quantize_gpu, reference
 from pallas_kernels.fp8_gemm.quantize import E4M3, TILE, tiles
 from pallas_kernels.grouped_matmul import gpu_common
 
@@ -136,6 +136,19 @@ def align_groups(group_sizes, m: int):
     return index.astype(jnp.int32), padded
 
 
+def aligned_positions(group_sizes, m: int):
+    """The inverse of align_groups' index: pos [M] int32, row r of the group-sorted rows -> its row in the aligned
+    layout (index[pos[r]] == r); rows past sum(group_sizes) -> M_aligned (outside the layout)."""
+    g = group_sizes.shape[0]
+    sizes = group_sizes.astype(jnp.int32)
+    padded = (sizes + TILE - 1) // TILE * TILE
+    shift = (jnp.cumsum(padded) - padded) - (jnp.cumsum(sizes) - sizes)  # zero rows before each group
+    r = jnp.arange(m, dtype=jnp.int32)
+    owner = jnp.searchsorted(jnp.cumsum(sizes), r, side="right")  # G past the last group
+    out = r + shift[jnp.minimum(owner, g - 1)]
+    return jnp.where(owner < g, out, _round_up(m, TILE) + TILE * g).astype(jnp.int32)
+
+
 def take_aligned(x, index):
     """x [M, ...] in align_groups' layout: the rows at `index`, a zero row where index == M."""
     return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])[index]
@@ -166,18 +179,50 @@ def quantize_tiles_t(x, index=None, *, backend="auto", interpret=False):
     return quantize.quantize_tiles((x if index is None else take_aligned(x, index)).T)
 
 
-def quantize_both(x, index=None, *, backend="auto", interpret=False):
+def quantize_both(x, index=None, *, backend="auto", fused=False, interpret=False):
     """(quantize_tiles(x), quantize_tiles_t(x, index)): a layer's forward operand and its weight-gradient operand
-    (or the output gradient's dgrad and wgrad operands). Two passes over x: a Pallas Triton kernel reading x once
-    for both (128 x 128 tiles, 8 warps) ran 1.8x slower than the two kernels on the H200 (BENCHMARKS.md,
-    2026-12-04, fourth session). The XLA path zeroes the rows index leaves out (past sum(group_sizes)), which only
-    its reference product reads; the GPU kernels read no row outside a group."""
-    if index is not None and resolve_backend(backend) != "gpu":
+    (or the output gradient's dgrad and wgrad operands). Two passes over x, or with `fused` (backend "gpu", no index,
+    both dimensions multiples of 128) one (quantize_fused.py; untimed). An earlier one-read kernel with masked
+    scattered stores ran 1.8x slower than the two passes on the H200 (BENCHMARKS.md, 2026-12-04, fourth FP8
+    session). The XLA path zeroes the rows index leaves out (past sum(group_sizes)), which only its reference
+    product reads; the GPU kernels read no row outside a group."""
+    gpu = resolve_backend(backend) == "gpu"
+    if fused and gpu and index is None and x.shape[0] % TILE == 0 and x.shape[1] % TILE == 0:
+        return quantize_fused.quantize_both(x, interpret=interpret)
+    if index is not None and not gpu:
         used = jnp.zeros((x.shape[0] + 1,), bool).at[index].set(True)[:-1]
         x = jnp.where(used[:, None], x, jnp.zeros((), x.dtype))
     return quantize_tiles(x, backend=backend, interpret=interpret), quantize_tiles_t(
         x, index, backend=backend, interpret=interpret
     )
+
+
+def _fusable(rows: int, cols: int, backend: str, fused: bool) -> bool:
+    return fused and resolve_backend(backend) == "gpu" and rows % TILE == 0 and cols % TILE == 0
+
+
+def quantize_swiglu(gu, *, backend="auto", fused=False, interpret=False):
+    """quantize_both of h = silu(gate) * up for gu = [gate | up] [R, 2I], h rounded to gu's dtype: the forward
+    operand of the experts' down projection and its weight-gradient operand. fused (backend "gpu", R and I
+    multiples of 128): one pass over gu (quantize_fused.py); otherwise the SwiGLU, then quantize_both."""
+    rows, width = gu.shape
+    if _fusable(rows, width // 2, backend, fused):
+        return quantize_fused.quantize_swiglu(gu, interpret=interpret)
+    g, u = jnp.split(gu.astype(jnp.float32), 2, axis=-1)
+    h = quantize_fused.swiglu(g, u, gu.dtype).astype(gu.dtype)
+    return quantize_both(h, backend=backend, fused=fused, interpret=interpret)
+
+
+def quantize_swiglu_bwd(gu, dh, *, backend="auto", fused=False, interpret=False):
+    """quantize_both of d[gate | up] (rounded to dh's dtype) for the gradient dh [R, I] of silu(gate) * up: the
+    experts' gate_up dgrad and wgrad operands. fused: one pass over gu and dh (quantize_fused.py)."""
+    rows, width = gu.shape
+    if _fusable(rows, width // 2, backend, fused):
+        return quantize_fused.quantize_swiglu_bwd(gu, dh, interpret=interpret)
+    g, u = jnp.split(gu.astype(jnp.float32), 2, axis=-1)
+    dg, du = quantize_fused.swiglu_bwd(g, u, dh.astype(jnp.float32), dh.dtype)
+    dgu = jnp.concatenate([dg, du], axis=-1).astype(dh.dtype)
+    return quantize_both(dgu, backend=backend, fused=fused, interpret=interpret)
 
 
 def fp8_tgmm(a_q, a_s, b_q, b_s, group_sizes, *, out_dtype=jnp.float32, backend="auto", interpret=False, config=None):

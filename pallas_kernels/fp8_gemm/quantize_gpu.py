@@ -1,5 +1,5 @@
 """DeepSeek-V3's FP8 quantization as single-pass GPU kernels (Pallas Triton), bit-equal to quantize.py's XLA ops
-(on the H200 as in interpret mode: see _to_e4m3 for the rounding both sides share).
+(on the H200 as in interpret mode: see to_e4m3 for the rounding both sides share).
 
     q, s = quantize_tiles(x)             # x [M, K] -> q [M, K], s [M, ceil(K / 128)]: 1 x 128 tiles along K
     q, s = quantize_blocks(w)            # w [..., K, N] -> q [..., N, K], s [..., N / 128, K / 128]: transposing
@@ -38,13 +38,13 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.fp8_gemm.quantize import AMAX_FLOOR, E4M3, E4M3_MAX, INV_E4M3_MAX, TILE, tiles
 
 
-def _amax(t, axis=None):
+def nan_amax(t, axis=None):
     """max |t| along axis, NaN if the tile holds one: Triton's max ignores NaN (maxnumf), XLA's propagates it."""
     has_nan = jnp.max(jnp.where(t != t, 1.0, 0.0), axis=axis) > 0
     return jnp.where(has_nan, jnp.nan, jnp.max(jnp.abs(t), axis=axis))
 
 
-def _to_e4m3(t, amax):
+def to_e4m3(t, amax):
     """(t * (448 / amax) as e4m3, scale amax * (1 / 448)) as quantize.py computes them, the division once per tile
     (amax is the tile's, broadcastable to t). Triton's float32 division is the approximate div.full, and so is
     XLA's on the GPU (experiments/bench_fp8_quantize.py --probe: 448 / amax equal on 2^20 values, 29% of them an
@@ -93,7 +93,7 @@ def _kernel(index_ref, x_ref, q_ref, s_ref, *, rows: int, cols: int, block_c: in
     else:
         col = pl.program_id(1) * block_c + jnp.arange(block_c, dtype=jnp.int32)
         _, _, _, t = _load_rows(index_ref, x_ref, col, rows, cols, gather)
-    q, scale = _to_e4m3(t, _amax(t, axis=0)[None, :])  # one scale per column over the tile's 128 rows
+    q, scale = to_e4m3(t, nan_amax(t, axis=0)[None, :])  # one scale per column over the tile's 128 rows
     q_ref[...] = q.T
     s_ref[...] = scale
 
@@ -136,14 +136,14 @@ def _tiles_kernel(x_ref, q_ref, s_ref, *, rows: int, cols: int, block_r: int):
     col = c * TILE + jnp.arange(TILE, dtype=jnp.int32)
     ok = (row < rows)[:, None] & (col < cols)[None, :]
     t = pltriton.load(x_ref.at[row[:, None], col[None, :]], mask=ok, other=0).astype(jnp.float32)
-    q, scale = _to_e4m3(t, _amax(t, axis=1)[:, None])  # one scale per row over the tile's 128 columns
+    q, scale = to_e4m3(t, nan_amax(t, axis=1)[:, None])  # one scale per row over the tile's 128 columns
     pltriton.store(q_ref.at[row[:, None], col[None, :]], q, mask=ok)
     s_ref[...] = scale.T
 
 
 def _tiles_kernel_blocked(x_ref, q_ref, s_ref):
     t = x_ref[...].astype(jnp.float32)
-    q, scale = _to_e4m3(t, _amax(t, axis=1)[:, None])
+    q, scale = to_e4m3(t, nan_amax(t, axis=1)[:, None])
     q_ref[...] = q
     s_ref[...] = scale.T
 
@@ -183,8 +183,8 @@ def _blocks_kernel(w_ref, q_ref, s_ref, *, k: int, n: int):
     nn = nb * TILE + jnp.arange(TILE, dtype=jnp.int32)
     ok = (kk < k)[:, None] & (nn < n)[None, :]
     b = pltriton.load(w_ref.at[g, kk[:, None], nn[None, :]], mask=ok, other=0).astype(jnp.float32)
-    amax = jnp.full((1, TILE), _amax(b), jnp.float32)  # one scale per 128 x 128 block, as a row: PTX takes tensors
-    q, scale = _to_e4m3(b, amax)
+    amax = jnp.full((1, TILE), nan_amax(b), jnp.float32)  # one scale per 128 x 128 block, as a row
+    q, scale = to_e4m3(b, amax)
     pltriton.store(q_ref.at[g, nn[:, None], kk[None, :]], q.T, mask=ok.T)  # K-major: [N, K]
     s_ref[...] = jnp.full((1, 1, 1), jnp.max(scale), jnp.float32)  # the row's entries are equal
 
