@@ -195,8 +195,8 @@ combine_pairs.defvjp(_combine_pairs_fwd, _combine_pairs_bwd)
 
 def sorted_experts(x, routing: Routing, gate_up, down, dtype, matmul=ragged_dot, fp8_backend=None, fp8_fused=False):
     """Routed experts on expert-sorted rows with grouped matmuls. x [N, D]; gate_up [E, D, 2I]; down [E, I, D].
-    fp8_backend set: the FP8 expert FFN (dsjax.layers.fp8.fp8_expert_ffn: tokens quantized before the sort, which
-    then moves e4m3 rows; `matmul` unused)."""
+    fp8_backend set: the FP8 expert FFN (dsjax.layers.fp8.fp8_expert_ffn) on aligned_pair_order's rows (each
+    expert on 128-row steps), the tokens quantized before they are laid out; `matmul` unused."""
     k = routing.indices.shape[1]
     with jax.named_scope("dispatch"):
         po = pair_order(routing.indices, gate_up.shape[0])

@@ -186,10 +186,9 @@ def quantize_both(x, index=None, *, backend="auto", fused=False, interpret=False
     scattered stores ran 1.8x slower than the two passes on the H200 (BENCHMARKS.md, 2026-12-04, fourth FP8
     session). The XLA path zeroes the rows index leaves out (past sum(group_sizes)), which only its reference
     product reads; the GPU kernels read no row outside a group."""
-    gpu = resolve_backend(backend) == "gpu"
-    if fused and gpu and index is None and x.shape[0] % TILE == 0 and x.shape[1] % TILE == 0:
+    if index is None and _fusable(*x.shape, backend, fused):
         return quantize_fused.quantize_both(x, interpret=interpret)
-    if index is not None and not gpu:
+    if index is not None and resolve_backend(backend) != "gpu":
         used = jnp.zeros((x.shape[0] + 1,), bool).at[index].set(True)[:-1]
         x = jnp.where(used[:, None], x, jnp.zeros((), x.dtype))
     return quantize_tiles(x, backend=backend, interpret=interpret), quantize_tiles_t(

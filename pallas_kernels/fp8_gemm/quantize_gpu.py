@@ -130,21 +130,19 @@ def quantize_tiles_t(
     return q[:cols, :out_rows], s[:, :cols].T
 
 
-def _tiles_kernel(x_ref, q_ref, s_ref, *, rows: int, cols: int, block_r: int):
-    r, c = pl.program_id(0), pl.program_id(1)
-    row = r * block_r + jnp.arange(block_r, dtype=jnp.int32)
-    col = c * TILE + jnp.arange(TILE, dtype=jnp.int32)
-    ok = (row < rows)[:, None] & (col < cols)[None, :]
-    t = pltriton.load(x_ref.at[row[:, None], col[None, :]], mask=ok, other=0).astype(jnp.float32)
+def _tiles_kernel(x_ref, q_ref, s_ref, *, rows: int, cols: int, block_r: int, blocked: bool):
+    if blocked:  # x_ref / q_ref are this program's [block_r, 128] tiles
+        t = x_ref[...].astype(jnp.float32)
+    else:
+        row = pl.program_id(0) * block_r + jnp.arange(block_r, dtype=jnp.int32)
+        col = pl.program_id(1) * TILE + jnp.arange(TILE, dtype=jnp.int32)
+        ok = (row < rows)[:, None] & (col < cols)[None, :]
+        t = pltriton.load(x_ref.at[row[:, None], col[None, :]], mask=ok, other=0).astype(jnp.float32)
     q, scale = to_e4m3(t, nan_amax(t, axis=1)[:, None])  # one scale per row over the tile's 128 columns
-    pltriton.store(q_ref.at[row[:, None], col[None, :]], q, mask=ok)
-    s_ref[...] = scale.T
-
-
-def _tiles_kernel_blocked(x_ref, q_ref, s_ref):
-    t = x_ref[...].astype(jnp.float32)
-    q, scale = to_e4m3(t, nan_amax(t, axis=1)[:, None])
-    q_ref[...] = q
+    if blocked:
+        q_ref[...] = q
+    else:
+        pltriton.store(q_ref.at[row[:, None], col[None, :]], q, mask=ok)
     s_ref[...] = scale.T
 
 
@@ -159,7 +157,7 @@ def quantize_tiles(x, *, interpret: bool = False, block_r: int = 64, num_warps: 
     tile = pl.BlockSpec((block_r, TILE), lambda r, c: (r, c))
     whole = pl.BlockSpec((rows, cols), lambda r, c: (0, 0))
     q, s = pl.pallas_call(
-        _tiles_kernel_blocked if blocked else functools.partial(_tiles_kernel, rows=rows, cols=cols, block_r=block_r),
+        functools.partial(_tiles_kernel, rows=rows, cols=cols, block_r=block_r, blocked=blocked),
         grid=(row_blocks, col_tiles),
         in_specs=[tile if blocked else whole],
         out_specs=[
