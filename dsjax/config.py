@@ -109,9 +109,6 @@ class ModelConfig:
     # The FP8 GEMMs' and quantizers' kernels (pallas_kernels.fp8_gemm): "gpu" (Mosaic GPU GEMMs on Hopper, Pallas
     # Triton quantizers) or "xla" (the dequantize reference); "auto" per platform (dsjax.runtime)
     fp8_backend: str = _runtime("auto")
-    # With fp8_backend "gpu": quantizers that read an activation once for both of its FP8 operands, the experts'
-    # SwiGLU (forward and backward) fused into them (pallas_kernels/fp8_gemm/quantize_fused.py). Off until timed.
-    fp8_fused: bool = _runtime(False)
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, list):

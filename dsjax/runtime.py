@@ -9,9 +9,11 @@ devices (`resolved`), so `DeepSeekV3(ModelConfig.preset(...)).apply(...)` works 
     attention_impl  gpu: "cudnn" (bf16/f16 compute, else "xla"); tpu: "splash"; cpu: "xla"
     moe_backend     gpu / tpu: "gmm" (Pallas grouped matmul); cpu: "ragged_dot"
     moe_dispatch    gpu / tpu: "ragged" (ragged_all_to_all); TPU v5e / v6e ("lite" chips) and cpu: "padded"
-    fp8_backend     "xla" everywhere for now; "gpu" opts in to the Mosaic GPU FP8 kernels and their Triton
-                    quantizers: small's FP8 step on them compiles in ~100 s and runs 1.10x slower than BF16 on
-                    the H200 (experiments/BENCHMARKS.md), and the quantizers' last fix is not yet compiled on a GPU
+    fp8_backend     Hopper GPUs (H100 / H200 / H800 / H20 / GH200): "gpu", the Mosaic GPU FP8 kernels (e4m3 wgmma,
+                    Hopper only) and their Triton quantizers; elsewhere "xla", the dequantize reference (FP8's
+                    numerics, not its speed). Only read when ModelConfig.fp8 asks for FP8. On the H200 small's
+                    1,000-step FP8 run on them tracked BF16's loss at 1.05x BF16's step time
+                    (experiments/BENCHMARKS.md, fifth FP8 session)
 
 The Pallas kernels (gmm, mla_decode) are handed `cfg.platform`: their own "auto" (decode_attention_impl "auto")
 then only chooses between the platform's kernel and the XLA reference by dtype and shape, never by the host.
@@ -30,6 +32,8 @@ PLATFORMS = ("cpu", "gpu", "tpu")
 # not carried to a run elsewhere (load_for_inference resets them to "auto").
 AUTO_FIELDS = ("platform", "attention_impl", "moe_backend", "moe_dispatch", "fp8_backend")
 _HALF = ("bfloat16", "float16")
+# Chips whose tensor cores run the FP8 kernels' wgmma (sm_90): named in device_kind, e.g. "NVIDIA H100 80GB HBM3"
+_HOPPER = ("H100", "H200", "H800", "H20", "GH200")
 
 
 def target_platform(devices: Sequence | None = None) -> str:
@@ -57,8 +61,13 @@ def choices(platform: str, dtype: str, device_kind: str = "") -> dict[str, str]:
         "attention_impl": attention,
         "moe_backend": "gmm" if accel else "ragged_dot",
         "moe_dispatch": "ragged" if ragged else "padded",
-        "fp8_backend": "xla",
+        "fp8_backend": "gpu" if platform == "gpu" and is_hopper(device_kind) else "xla",
     }
+
+
+def is_hopper(device_kind: str) -> bool:
+    """Whether a GPU's device_kind names a Hopper chip (the FP8 GEMM kernels' wgmma)."""
+    return any(word in _HOPPER for word in device_kind.replace("-", " ").split())
 
 
 def resolve(cfg: ModelConfig, devices: Sequence | None = None) -> ModelConfig:

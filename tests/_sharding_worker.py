@@ -264,7 +264,37 @@ def run_moe() -> dict:
             "max_devices": int(max(len(set(row)) for row in devices.tolist())),
             "changed_routing": bool((np.asarray(unlimited.indices) != np.asarray(r.indices)).any()),
         }
+    out["fp8"] = check_fp8_expert_parallel(x)
     return out
+
+
+def check_fp8_expert_parallel(x) -> dict:
+    """FP8 (the kernels' XLA reference) with the experts split over devices: each projection quantizes the rows it
+    receives (fp8_grouped_matmul), where one device quantizes the tokens before dispatch and their gradient before
+    the combine's backward (fp8_expert_ffn). A 1 x 128 tile lies within one token's row either way, so the loss,
+    the router's and the shared experts' gradients agree; the routed experts' weight gradients contract 128-row
+    tiles that hold other rows on a device than on one (its received rows come in another order), so they differ
+    by FP8 rounding, each as close to float32's as the other. Per parameter: (mesh vs one device, one device vs
+    float32, mesh vs float32), relative norms."""
+    rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))  # noqa: E731
+    _, f32_layer, params, _ = moe_setup()
+    _, layer, _, _ = moe_setup(fp8="e4m3", fp8_backend="xla")
+    probe = jnp.cos(x)
+
+    def value_and_grad(layer):
+        return jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(layer.apply({"params": p}, x)[0] * probe)))
+
+    (l1, g1), (_, g0) = value_and_grad(layer)(params, x), value_and_grad(f32_layer)(params, x)
+    with activate(make_mesh("data:2,expert:4")):
+        lm, gm = value_and_grad(layer)(params, x)
+    grads = {
+        jax.tree_util.keystr(path): (rel(a, b), rel(b, c), rel(a, c))
+        for (path, a), b, c in zip(
+            jax.tree_util.tree_flatten_with_path(gm)[0], jax.tree.leaves(g1), jax.tree.leaves(g0)
+        )
+        if "e_score_correction_bias" not in jax.tree_util.keystr(path)  # moved by expert counts, not gradients
+    }
+    return {"loss": abs(float(lm - l1)) / abs(float(l1)), "grads": grads}
 
 
 def run_grpo(workdir: str) -> dict:

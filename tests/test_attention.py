@@ -137,6 +137,18 @@ def test_auto_resolves_from_the_target_devices(platform, dtype, want):
     assert resolve(cfg.replace(platform="tpu"), fake_devices("cpu")).attention_impl == "splash"
 
 
+@pytest.mark.parametrize(
+    "kind, want",
+    [("NVIDIA H200", "gpu"), ("NVIDIA H100 80GB HBM3", "gpu"), ("NVIDIA GH200 480GB", "gpu"), ("NVIDIA H20", "gpu")]
+    + [("NVIDIA A100-SXM4-80GB", "xla"), ("NVIDIA B200", "xla"), ("NVIDIA H100X", "xla"), ("", "xla")],
+)
+def test_fp8_backend_auto_is_the_kernels_on_hopper_only(kind, want):
+    """The FP8 GEMM kernels run Hopper's wgmma: "auto" picks them on Hopper GPUs, the XLA reference elsewhere."""
+    devices = [types.SimpleNamespace(platform="cuda", device_kind=kind)]
+    assert resolve(dsjax.ModelConfig.preset("tiny", dtype="bfloat16", fp8="e4m3"), devices).fp8_backend == want
+    assert choices("tpu", "bfloat16", kind)["fp8_backend"] == "xla"
+
+
 def test_auto_on_this_host_and_in_the_model():
     assert target_platform() == jax.default_backend() == "cpu"
     with pytest.raises(ValueError, match="one platform"):

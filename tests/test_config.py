@@ -122,6 +122,10 @@ def test_runtime_fields_declared_once():
     assert config_mismatch(cfg, other) == []
     assert config_mismatch(cfg, cfg.replace(hidden_size=32)) != []
     assert model_config_from_dict(model_config_dict(other)) == other
+    # a checkpoint saved with a runtime knob removed since (fp8_fused, 2026-12-04) still loads: the knob is dropped
+    saved = model_config_dict(other)
+    saved["dsjax_runtime"]["fp8_fused"] = True
+    assert model_config_from_dict(saved) == other
 
 
 @pytest.mark.parametrize("field, value", [("fp8", "e5m2"), ("fp8_backend", "cuda"), ("moe_dispatch", "dense")])

@@ -196,10 +196,10 @@ LAYER_BACKENDS = ["xla"] + ([] if INTERPRET else ["gpu"])
 
 @pytest.mark.parametrize("backend", LAYER_BACKENDS)
 def test_fp8_expert_ffn_on_aligned_rows_equals_the_per_projection_path(backend):
-    """The FP8 routed experts (fp8_expert_ffn: tokens quantized before they are laid out, rows in align_groups'
-    layout, no gathering quantizer) give the outputs and gradients (tokens, both weights, routing weights) of
-    fp8_grouped_matmul per projection on the sorted compute-dtype rows, with an empty expert and one expert holding
-    most rows."""
+    """The FP8 routed experts (fp8_expert_ffn: tokens and their gradient quantized in token space, rows in
+    align_groups' layout) give the output and routing weights' gradient of fp8_grouped_matmul per projection on the
+    sorted compute-dtype rows, and gradients of the tokens and both expert weights as close to the float32 product
+    as that path's, with an empty expert and one expert holding most rows."""
     from dsjax.layers import moe_ops
     from dsjax.layers.fp8 import fp8_grouped_matmul
     from dsjax.layers.moe_ops import Routing, aligned_pair_order, pair_order, sorted_experts
@@ -218,20 +218,28 @@ def test_fp8_expert_ffn_on_aligned_rows_equals_the_per_projection_path(backend):
     down = jnp.asarray(rng.standard_normal((e, i, d)) * 0.05, jnp.float32)
     g = jnp.asarray(rng.standard_normal((n, d)), jnp.bfloat16)
 
-    def run(**how):
+    def run(dtype=jnp.bfloat16, **how):
         def f(x, w, a, b):
-            return sorted_experts(x, Routing(w, indices, None), a, b, jnp.bfloat16, **how)
+            return sorted_experts(x.astype(dtype), Routing(w, indices, None), a, b, dtype, **how)
 
         y, vjp = jax.vjp(f, x, weights, gate_up, down)
-        return (y, *vjp(g))
+        return (y, *vjp(g.astype(dtype)))
 
     got = run(fp8_backend=backend)
     # the per-projection path with the weights quantized from float32, as fp8_expert_ffn quantizes them
     with mock.patch.object(moe_ops, "grouped_ffn", functools.partial(moe_ops.grouped_ffn, fp8=True)):
         want = run(matmul=lambda r, w, s: fp8_grouped_matmul(r, w, s, backend))
-    for a, b in zip(got, want):
+    exact = run(jnp.float32)
+    for name, a, b, c in zip(("y", "dx", "dweights", "dgate_up", "ddown"), got, want, exact):
         assert a.dtype == b.dtype and a.shape == b.shape
-        assert _rel(a, b) < 1e-3, _rel(a, b)  # the same codes and scales; float32 sums in another order
+        if name in ("y", "dweights"):  # the same codes and scales; float32 sums in another order
+            assert _rel(a, b) < 1e-3, (name, _rel(a, b))
+            continue
+        # The output gradient's codes differ where (weight x gradient) rounded to bf16 first lands on the other
+        # side of an e4m3 rounding boundary: one e4m3 step on a few percent of the entries (measured: 1-2% apart).
+        # Neither rounding is the more exact one: both paths' distance to the float32 product agree within 2%.
+        assert _rel(a, b) < 0.05, (name, _rel(a, b))
+        assert _rel(a, c) < 1.02 * _rel(b, c) and _rel(a, c) < 0.15, (name, _rel(a, c), _rel(b, c))
     assert np.all(np.asarray(got[3])[1] == 0)  # the empty expert's weights get no gradient
 
 

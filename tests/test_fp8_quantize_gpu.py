@@ -17,10 +17,7 @@ from pallas_kernels.fp8_gemm import (
     align_groups,
     quantize,
     quantize_both,
-    quantize_fused,
     quantize_gpu,
-    quantize_swiglu,
-    quantize_swiglu_bwd,
     quantize_tiles_t,
     take_aligned,
 )
@@ -69,6 +66,21 @@ def test_gathering_quantize_kernel_is_bit_equal_on_aligned_groups(sizes):
     _assert_bits_equal(quantize_tiles_t(x, index, backend="xla"), want)
 
 
+@pytest.mark.parametrize("gather", [True, False], ids=["gathered", "plain"])
+def test_row_scaled_transposing_quantize_is_bit_equal(gather):
+    """quantize_tiles_t with row_scale (the experts' output gradient: each row's routing weight times its token's
+    gradient, gathered): rows scaled in float32 before the amax, zero and tiny weights among them."""
+    x = _activations(300, 200, seed=4)
+    index = align_groups(jnp.asarray([0, 100, 3, 190, 0], jnp.int32), x.shape[0])[0] if gather else None
+    rows = take_aligned(x, index) if gather else x
+    scale = jax.random.uniform(jax.random.key(5), (rows.shape[0],)).at[3].set(0.0).at[7].set(1e-20)
+    want = quantize.quantize_tiles((rows.astype(jnp.float32) * scale[:, None]).T)
+    _assert_bits_equal(quantize_gpu.quantize_tiles_t(x, index, scale, interpret=INTERPRET), want)
+    _assert_bits_equal(quantize_tiles_t(x, index, scale, backend="xla"), want)
+    with pytest.raises(ValueError, match="row_scale must be"):
+        quantize_gpu.quantize_tiles_t(x, index, scale[:-1], interpret=True)
+
+
 @pytest.mark.parametrize("block", [32, 64])
 def test_blocked_quantizers_are_bit_equal(block):
     """The BlockSpec-tiled variants (blocked=True, on shapes their tiles divide) compute the same codes and scales."""
@@ -103,43 +115,3 @@ def test_both_quantizations_are_the_two_kernels(sizes):
 def test_gathering_quantize_kernel_rejects_a_ragged_index():
     with pytest.raises(ValueError, match="multiple of 128"):
         quantize_gpu.quantize_tiles_t(jnp.zeros((8, 8)), jnp.zeros((100,), jnp.int32), interpret=True)
-
-
-# ---------------------------------------------------------------- one-read and SwiGLU-fused quantizers
-def _assert_codes_close(got, want):
-    """Compiled on a GPU the fused SwiGLU's sigmoid may round apart from XLA's in the last bit: scales within 2
-    ulp, codes within one e4m3 step, and all but 0.1% of them equal. In interpret mode: bitwise."""
-    if INTERPRET:
-        return _assert_bits_equal(got, want)
-    for g, w in zip(got, want):
-        g, w = np.asarray(g.astype(jnp.float32)), np.asarray(w.astype(jnp.float32))
-        assert g.shape == w.shape
-        np.testing.assert_allclose(g, w, rtol=0.125, atol=2.0**-9)
-        assert np.mean(g != w) < 1e-3
-
-
-def test_one_read_quantize_both_is_bit_equal():
-    x = _activations(256, 384, seed=6)
-    got = quantize_fused.quantize_both(x, interpret=INTERPRET)
-    _assert_bits_equal((*got[0], *got[1]), (*quantize.quantize_tiles(x), *quantize.quantize_tiles(x.T)))
-    with pytest.raises(ValueError, match="multiples of 128"):
-        quantize_fused.quantize_both(x[:200], interpret=True)
-
-
-def test_swiglu_fused_quantizers_equal_the_swiglu_then_the_quantizers():
-    """quantize_swiglu / quantize_swiglu_bwd (one pass over [gate | up] and dh) against the XLA path the layer takes
-    unfused: SwiGLU in float32, rounded to bf16, then quantize_tiles and the transposed quantize_tiles."""
-    rows, i = 256, 256
-    gu = _activations(rows, 2 * i, seed=7)
-    dh = _activations(rows, i, seed=8)
-    want = quantize_swiglu(gu, backend="xla")
-    got = quantize_fused.quantize_swiglu(gu, interpret=INTERPRET)
-    _assert_codes_close((*got[0], *got[1]), (*want[0], *want[1]))
-    # the op dispatches to the kernel with fused=True on the gpu backend, and to the composition otherwise
-    assert quantize_swiglu(gu, backend="gpu", fused=False, interpret=INTERPRET)[0][0].shape == (rows, i)
-    want = quantize_swiglu_bwd(gu, dh, backend="xla")
-    got = quantize_fused.quantize_swiglu_bwd(gu, dh, interpret=INTERPRET)
-    assert got[0][0].shape == (rows, 2 * i) and got[1][0].shape == (2 * i, rows)
-    _assert_codes_close((*got[0], *got[1]), (*want[0], *want[1]))
-    with pytest.raises(ValueError, match="dh must be"):
-        quantize_fused.quantize_swiglu_bwd(gu, dh[:, :128], interpret=True)

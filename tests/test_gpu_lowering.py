@@ -78,17 +78,13 @@ def test_fp8_quantize_kernels_lower_for_cuda():
     _lower_for_cuda(lambda a: f8.quantize_tiles_t(a, backend="gpu"), x, kernel=triton)
     index = S((M + 128 * G,), I32)
     _lower_for_cuda(lambda a, i: f8.quantize_tiles_t(a, i, backend="gpu"), x, index, kernel=triton)
+    scaled = lambda a, i, r: f8.quantize_tiles_t(a, i, r, backend="gpu")  # noqa: E731 - rows times their weight
+    _lower_for_cuda(scaled, x, index, S((M + 128 * G,), F32), kernel=triton)
     _lower_for_cuda(lambda a: f8.quantize_both(a, backend="gpu"), x, kernel=triton)
     _lower_for_cuda(lambda a, i: f8.quantize_both(a, i, backend="gpu"), x, index, kernel=triton)
     xb = S((M, K), BF16)  # the BlockSpec-tiled variants, on shapes their tiles divide
     _lower_for_cuda(lambda a: quantize_gpu.quantize_tiles(a, blocked=True), xb, kernel=triton)
     _lower_for_cuda(lambda a: quantize_gpu.quantize_tiles_t(a, blocked=True), xb, kernel=triton)
-    # the one-read and SwiGLU-fused quantizers (quantize_fused.py: [R, 2, I] blocks of [gate | up])
-    gu, dh = S((M, 2 * K), BF16), S((M, K), BF16)
-    _lower_for_cuda(lambda a: f8.quantize_both(a, backend="gpu", fused=True), xb, kernel="fp8_quantize_both")
-    _lower_for_cuda(lambda a: f8.quantize_swiglu(a, backend="gpu", fused=True), gu, kernel="fp8_quantize_swiglu")
-    bwd = lambda a, b: f8.quantize_swiglu_bwd(a, b, backend="gpu", fused=True)  # noqa: E731
-    _lower_for_cuda(bwd, gu, dh, kernel="fp8_quantize_swiglu_bwd")
 
 
 @pytest.mark.parametrize("ws", [True, False], ids=["warp_specialized", "one_wg"])
@@ -132,8 +128,3 @@ def test_fp8_training_step_runs_the_gpu_kernels_when_asked():
     # the MLA projections alone are 5 x 3 GEMMs per block (each layer stack's body is lowered once)
     assert lowered("gpu").count("custom_call @mosaic_gpu") >= 20
     assert "mosaic_gpu" not in lowered("xla")
-    # fp8_fused, on widths and token counts of whole 128 tiles: the SwiGLU-fused and one-read quantizers
-    wide = dict(hidden_size=128, moe_intermediate_size=128, intermediate_size=256, fp8_fused=True)
-    text = lowered("gpu", tokens=64, **wide)
-    assert all(k in text for k in ("fp8_quantize_swiglu", "fp8_quantize_swiglu_bwd", "fp8_quantize_both"))
-    assert "fp8_quantize_swiglu" not in lowered("gpu", tokens=64, **(wide | {"fp8_fused": False}))

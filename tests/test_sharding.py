@@ -38,6 +38,7 @@ NEEDS = {
     "test_capacity_factor_drops_only_the_overflow": ["moe"],
     "test_device_limited_routing_on_a_mesh": ["moe"],
     "test_padded_all_to_all_has_ragged_semantics": ["moe"],
+    "test_fp8_experts_on_a_mesh_match_one_device": ["moe"],
     "test_two_processes_train_on_one_global_mesh": ["multihost"],
     "test_grpo_trains_on_a_mesh_like_on_one_device": ["grpo"],
 }
@@ -322,6 +323,21 @@ def test_device_limited_routing_on_a_mesh(jobs):
 
 def test_padded_all_to_all_has_ragged_semantics(jobs):
     assert jobs["moe"].result()["padded_a2a"] == 0.0
+
+
+def test_fp8_experts_on_a_mesh_match_one_device(jobs):
+    """ModelConfig.fp8 with expert parallelism (data:2,expert:4): the MoE layer's loss and gradients match one
+    device's FP8 path far closer than FP8 differs from float32 (so FP8 really ran, and ran the same on both)."""
+    r = jobs["moe"].result()["fp8"]
+    print(r)
+    assert r["loss"] < 1e-4
+    assert len(r["grads"]) == 6  # the router's kernel, both routed expert weights, the shared expert's three
+    for name, (mesh_vs_one, one_vs_f32, mesh_vs_f32) in r["grads"].items():
+        assert one_vs_f32 > 1e-2, name  # e4m3 operands: percent-level from float32, so FP8 really ran
+        if "experts_" in name and "shared" not in name:  # the same products over other 128-row scaling tiles
+            assert mesh_vs_one < 0.6 * one_vs_f32 and mesh_vs_f32 < 1.1 * one_vs_f32, name
+        else:
+            assert mesh_vs_one < 1e-4, name
 
 
 @pytest.mark.slow

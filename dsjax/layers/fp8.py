@@ -9,17 +9,19 @@ activation gradient come back in the compute dtype, the weight gradient in the w
 (embedding, output head, router, norms, attention core, MTP's eh_proj) stays in the compute dtype or float32.
 
 Entry points: fp8_dot (a Linear), fp8_dots (Linears on one input, e.g. q_a_proj + kv_a_proj: one quantization of x
-and one GEMM), fp8_expert_ffn (the routed experts' SwiGLU on rows in align_groups' layout, the tokens quantized
-before they are laid out) and fp8_grouped_matmul (one expert projection, for expert parallelism's received rows).
+and one GEMM), fp8_expert_ffn (the routed experts' SwiGLU and combine on rows in align_groups' layout, the tokens
+and their gradient quantized in token space) and fp8_grouped_matmul (one expert projection, for expert
+parallelism's received rows).
 
 The residuals are the input's weight-gradient operand (x^T quantized along the tokens, for the experts on
 align_groups' layout) instead of x, and the forward's quantized weight, whose transposed blocks are the dgrad's
-operand. With fp8_backend "gpu" every quantization is a Pallas Triton pass (quantize_gpu.py, bit-equal to XLA's)
-and every GEMM a Mosaic GPU kernel; on the H200 small's FP8 step runs 1.05x slower than BF16 (296 vs 283 ms,
-experiments/BENCHMARKS.md, fourth FP8 session): its FP8 GEMMs beat bf16's (the experts' 28 ms against 43), but
-the separate quantization passes cost ~35 ms a step (measured before the aligned expert layout and
-ModelConfig.fp8_fused, which fuses them into the producers: untimed). ModelConfig.fp8_backend "auto" still resolves
-to the XLA reference (dsjax.runtime): the numerics of FP8 training without its speed.
+operand. With fp8_backend "gpu" (dsjax.runtime's "auto" on Hopper) every quantization is a Pallas Triton pass
+(quantize_gpu.py, bit-equal to XLA's, at 80-90% of a cast-only pass's bandwidth) and every GEMM a Mosaic GPU
+kernel. On the H200 (experiments/BENCHMARKS.md, fourth and fifth FP8 sessions) small's 1,000-step FP8 run tracks
+BF16's loss curve (44.6 vs 49.8 GiB) but runs 1.05x slower (112.3k vs 117.7k tokens/s): its FP8 GEMMs beat
+bf16's (the experts' 28 ms a step against 43), but at small's widths (1024 / 512) the quantization passes, ~35 ms
+a step, eat the gain. Fusing them into one-read kernels measured slower; what remains is to fuse them into the
+passes that produce the operands (the norms, attention's output, the SwiGLU) or into the GEMMs' epilogues.
 """
 
 from __future__ import annotations
@@ -46,27 +48,26 @@ from pallas_kernels.fp8_gemm import (
 )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def fp8_dot(x: jax.Array, w: jax.Array, backend: str = "auto", fused: bool = False) -> jax.Array:
-    """x [..., K] @ w [K, N] -> [..., N] in x.dtype, every GEMM in e4m3 (pallas_kernels.fp8_gemm `backend`; fused:
-    one-read quantizers where the shapes allow, ModelConfig.fp8_fused)."""
-    return _fp8_dot_fwd(x, w, backend, fused)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def fp8_dot(x: jax.Array, w: jax.Array, backend: str = "auto") -> jax.Array:
+    """x [..., K] @ w [K, N] -> [..., N] in x.dtype, every GEMM in e4m3 (pallas_kernels.fp8_gemm `backend`)."""
+    return _fp8_dot_fwd(x, w, backend)[0]
 
 
-def _fp8_dot_fwd(x, w, backend, fused):
+def _fp8_dot_fwd(x, w, backend):
     k, n = w.shape
     # x's weight-gradient operand (x^T, tiles along the tokens) is quantized here and kept instead of x: an e4m3
     # residual half x's size, and no pass over x in the backward
-    (xq, xs), x_t = quantize_both(x.reshape(-1, k), backend=backend, fused=fused)
+    (xq, xs), x_t = quantize_both(x.reshape(-1, k), backend=backend)
     wq, ws = quantize_blocks(w, backend=backend)
     y = fp8_gemm(xq, xs, wq, ws, out_dtype=x.dtype, backend=backend).reshape(*x.shape[:-1], n)
     return y, (x_t, wq, ws, _dtype_of(x), _dtype_of(w))
 
 
-def _fp8_dot_bwd(backend, fused, res, dy):
+def _fp8_dot_bwd(backend, res, dy):
     (aq, a_s), wq, ws, like_x, like_w = res  # aq [K, M]: x^T in tiles along the contracted rows
     n, k = wq.shape
-    (dq, ds), (bq, bs) = quantize_both(dy.reshape(-1, n), backend=backend, fused=fused)  # dy, and dy^T [N, M]
+    (dq, ds), (bq, bs) = quantize_both(dy.reshape(-1, n), backend=backend)  # dy, and dy^T [N, M]
     dx = fp8_gemm(dq, ds, *transposed_blocks(wq, ws), out_dtype=like_x.dtype, backend=backend)
     dw = fp8_wgrad(aq, a_s, bq, bs, backend=backend)
     return dx.reshape(*dy.shape[:-1], k), dw.astype(like_w.dtype)
@@ -107,55 +108,71 @@ def _fp8_gmm_bwd(backend, res, dy):
 fp8_grouped_matmul.defvjp(_fp8_gmm_fwd, _fp8_gmm_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def fp8_expert_ffn(x, order, inverse, sizes, gate_up, down, k: int, backend: str = "auto", fused: bool = False):
-    """The routed experts' SwiGLU, every GEMM in e4m3, on rows in align_groups' layout (each expert's rows start on
-    a 128-row step, zero rows between): no 128-row scaling tile of a weight gradient spans two experts, so every
-    quantization is of plain tiles, with no gather. x [N, D] tokens; order [R]: the (token * k + choice) pair on
-    each layout row, N * k on a zero row; inverse [N * k]: each pair's layout row; sizes [E]: each expert's rows,
-    its zero rows included (multiples of 128); gate_up [E, D, 2I] (gate | up), down [E, I, D] -> [R, D] in x.dtype,
-    zero on the zero rows. The tokens are quantized before they are laid out, as DeepSeek-V3 quantizes before
-    dispatch: a 1 x 128 tile lies within one token's row, so the rows' tiles are the tokens' tiles gathered (half
-    the bytes of gathering compute-dtype rows, and no pass over the k-times-larger rows to quantize them).
-    Numerically fp8_grouped_matmul per projection on the gathered rows. fused: the SwiGLU forward and backward
-    inside the quantizers of their outputs (pallas_kernels.fp8_gemm.quantize_swiglu / quantize_swiglu_bwd)."""
-    return _expert_ffn_fwd(x, order, inverse, sizes, gate_up, down, k, backend, fused)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def fp8_expert_ffn(x, order, inverse, sizes, weights, gate_up, down, combine, backend="auto"):
+    """The routed experts' SwiGLU and their combine, every GEMM in e4m3, on rows in align_groups' layout (each
+    expert's rows start on a 128-row step, zero rows between): no 128-row scaling tile of a weight gradient spans
+    two experts, so every quantization is of plain tiles. x [N, D] tokens; order [R]: the (token * k + choice) pair
+    on each layout row, N * k on a zero row; inverse [N * k]: each pair's layout row; sizes [E]: each expert's
+    rows, its zero rows included (multiples of 128); weights [N, k] the combine weights; gate_up [E, D, 2I] (gate |
+    up), down [E, I, D]; combine(y [R, D], inverse, weights) -> [N, D] (dsjax.layers.moe_ops' combine). Returns
+    [N, D] in x.dtype.
+
+    Both ends quantize in token space, as DeepSeek-V3 quantizes before dispatch: a 1 x 128 tile lies within one
+    token's row, so the forward's rows are the tokens' e4m3 tiles gathered, and the backward's output gradient of
+    a row (its routing weight times its token's gradient) is the token gradient's tiles gathered with the weight
+    folded into their scales. Neither the rows nor their gradient is ever written in the compute dtype, and the
+    k-times-larger rows are not read to quantize them; the weight gradients' operands (tiles along the rows) are
+    gathered from the tokens by the transposing quantizer. Numerically fp8_grouped_matmul per projection on the
+    gathered rows, but for the output gradient's rounding (weight times gradient is not rounded to the compute
+    dtype first)."""
+    return _expert_ffn_fwd(x, order, inverse, sizes, weights, gate_up, down, combine, backend)[0]
 
 
-def _expert_ffn_fwd(x, order, inverse, sizes, gate_up, down, k, backend, fused):
+def _expert_ffn_fwd(x, order, inverse, sizes, weights, gate_up, down, combine, backend):
     dt = x.dtype
-    token = order // k  # N on a zero row: out of range, read as a zero row below
+    token = order // weights.shape[1]  # N on a zero row: out of range, read as a zero row below
     xq, xs = quantize_tiles(x, backend=backend)
     rows = xq.at[token].get(mode="fill", fill_value=0), xs.at[token].get(mode="fill", fill_value=1)
     x_t = quantize_tiles_t(x, token, backend=backend)  # gate_up's weight-gradient operand, from the tokens
     w1 = quantize_blocks(gate_up, backend=backend)
     gu = fp8_gmm(*rows, *w1, sizes, out_dtype=dt, backend=backend)
-    (hq, hs), h_t = quantize_swiglu(gu, backend=backend, fused=fused)  # h = silu(gate) * up, quantized twice
+    (hq, hs), h_t = quantize_swiglu(gu, backend=backend)  # h = silu(gate) * up, quantized twice
     w2 = quantize_blocks(down, backend=backend)
     y = fp8_gmm(hq, hs, *w2, sizes, out_dtype=dt, backend=backend)
-    return y, (x_t, w1, gu, h_t, w2, inverse, sizes, _dtype_of(gate_up), _dtype_of(down))
+    res = (x_t, w1, gu, h_t, w2, y, order, inverse, sizes, weights, _dtype_of(gate_up), _dtype_of(down))
+    return combine(y, inverse, weights), res
 
 
-def _expert_ffn_bwd(k, backend, fused, res, dy):
-    (x_t, w1, gu, h_t, w2, inverse, sizes, like_w1, like_w2) = res
-    (dq, ds), dy_t = quantize_both(dy, backend=backend, fused=fused)
-    dh = fp8_gmm(dq, ds, *transposed_blocks(*w2), sizes, out_dtype=dy.dtype, backend=backend)
+def _expert_ffn_bwd(combine, backend, res, g):
+    (x_t, w1, gu, h_t, w2, y, order, inverse, sizes, weights, like_w1, like_w2) = res
+    k = weights.shape[1]
+    token = order // k
+    dweights = jax.vjp(lambda w: combine(y, inverse, w), weights)[1](g)[0]
+    # a row's output gradient is weight * g[token]: g's tiles gathered, the weight folded into their scales (zero
+    # rows: weight 0)
+    w_row = weights.reshape(-1).astype(jnp.float32).at[order].get(mode="fill", fill_value=0)
+    gq, gs = quantize_tiles(g, backend=backend)
+    dq = gq.at[token].get(mode="fill", fill_value=0)
+    ds = gs.at[token].get(mode="fill", fill_value=1) * w_row[:, None]
+    dy_t = quantize_tiles_t(g, token, w_row, backend=backend)
+    dh = fp8_gmm(dq, ds, *transposed_blocks(*w2), sizes, out_dtype=g.dtype, backend=backend)
     dw2 = fp8_tgmm(*h_t, *dy_t, sizes, out_dtype=jnp.float32, backend=backend)
-    (gq, gs), dgu_t = quantize_swiglu_bwd(gu, dh, backend=backend, fused=fused)  # d[gate | up], quantized twice
-    drows = fp8_gmm(gq, gs, *transposed_blocks(*w1), sizes, out_dtype=dy.dtype, backend=backend)
+    (gq, gs), dgu_t = quantize_swiglu_bwd(gu, dh, backend=backend)  # d[gate | up], quantized twice
+    drows = fp8_gmm(gq, gs, *transposed_blocks(*w1), sizes, out_dtype=g.dtype, backend=backend)
     dw1 = fp8_tgmm(*x_t, *dgu_t, sizes, out_dtype=jnp.float32, backend=backend)
     # each token's k rows sit at inverse[token * k + j]: gathered back and summed (no scatter-add)
-    dx = drows[inverse].reshape(-1, k, drows.shape[-1]).sum(1, dtype=jnp.float32).astype(dy.dtype)
-    return dx, None, None, None, dw1.astype(like_w1.dtype), dw2.astype(like_w2.dtype)
+    dx = drows[inverse].reshape(-1, k, drows.shape[-1]).sum(1, dtype=jnp.float32).astype(g.dtype)
+    return dx, None, None, None, dweights, dw1.astype(like_w1.dtype), dw2.astype(like_w2.dtype)
 
 
 fp8_expert_ffn.defvjp(_expert_ffn_fwd, _expert_ffn_bwd)
 
 
-def fp8_dots(x: jax.Array, kernels, backend: str = "auto", fused: bool = False) -> list[jax.Array]:
+def fp8_dots(x: jax.Array, kernels, backend: str = "auto") -> list[jax.Array]:
     """x @ w for each w [K, N_i] of `kernels` with one quantization of x (and one of the joined output gradient):
     the kernels joined along N into one FP8 GEMM, its output split. Where each N_i but the last is a multiple of
     128 every weight block and every output-gradient tile stays within one kernel, so this is exactly fp8_dot of
     each; otherwise a block or tile spanning two kernels shares its scale."""
-    y = fp8_dot(x, jnp.concatenate(kernels, axis=1), backend, fused)
+    y = fp8_dot(x, jnp.concatenate(kernels, axis=1), backend)
     return jnp.split(y, list(itertools.accumulate(w.shape[1] for w in kernels[:-1])), axis=-1)

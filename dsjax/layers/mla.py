@@ -48,7 +48,7 @@ class Linear(nn.Module):
         dt = jnp.dtype(self.cfg.dtype)
         if self.fp8 and self.cfg.fp8 == "e4m3":
             # quantized from the master weight; its gradient comes back float32
-            return fp8_dot(x.astype(dt), self.kernel, self.cfg.fp8_backend, self.cfg.fp8_fused)
+            return fp8_dot(x.astype(dt), self.kernel, self.cfg.fp8_backend)
         return jnp.dot(x.astype(dt), self.kernel.astype(dt))
 
 
@@ -58,7 +58,7 @@ def linears(x: jax.Array, layers) -> list[jax.Array]:
     cfg = layers[0].cfg
     if cfg.fp8 == "e4m3" and all(layer.fp8 for layer in layers):
         kernels = [layer.kernel for layer in layers]
-        return fp8_dots(x.astype(jnp.dtype(cfg.dtype)), kernels, cfg.fp8_backend, cfg.fp8_fused)
+        return fp8_dots(x.astype(jnp.dtype(cfg.dtype)), kernels, cfg.fp8_backend)
     return [layer(x) for layer in layers]
 
 

@@ -164,18 +164,19 @@ gather_pairs.defvjp(_gather_pairs_fwd, _gather_pairs_bwd)
 @jax.custom_vjp
 def combine_pairs(y: jax.Array, order: jax.Array, inverse: jax.Array, weights: jax.Array) -> jax.Array:
     """Un-sort and combine: y [R, D] expert-sorted rows (R = N * k, or aligned_pair_order's layout) -> out [N, D] =
-    sum_j weights[n, j] * y[inverse[n * k + j]], accumulated in float32, returned in y's dtype."""
-    return _combine(y, inverse, weights)
+    combine(y, inverse, weights), its backward gathers (no scatter-add)."""
+    return combine(y, inverse, weights)
 
 
-def _combine(y, inverse, weights):
+def combine(y, inverse, weights):
+    """out [N, D] = sum_j weights[n, j] * y[inverse[n * k + j]], accumulated in float32, returned in y's dtype."""
     n, k = weights.shape
     picked = y[inverse].reshape(n, k, y.shape[-1]).astype(jnp.float32)
     return jnp.einsum("nkd,nk->nd", picked, weights.astype(jnp.float32)).astype(y.dtype)
 
 
 def _combine_pairs_fwd(y, order, inverse, weights):
-    return _combine(y, inverse, weights), (y, order, inverse, weights)
+    return combine(y, inverse, weights), (y, order, inverse, weights)
 
 
 def _combine_pairs_bwd(res, g):
@@ -193,20 +194,20 @@ def _combine_pairs_bwd(res, g):
 combine_pairs.defvjp(_combine_pairs_fwd, _combine_pairs_bwd)
 
 
-def sorted_experts(x, routing: Routing, gate_up, down, dtype, matmul=ragged_dot, fp8_backend=None, fp8_fused=False):
+def sorted_experts(x, routing: Routing, gate_up, down, dtype, matmul=ragged_dot, fp8_backend=None):
     """Routed experts on expert-sorted rows with grouped matmuls. x [N, D]; gate_up [E, D, 2I]; down [E, I, D].
     fp8_backend set: the FP8 expert FFN (dsjax.layers.fp8.fp8_expert_ffn) on aligned_pair_order's rows (each
-    expert on 128-row steps), the tokens quantized before they are laid out; `matmul` unused."""
+    expert on 128-row steps) and their combine, the tokens and their gradient quantized in token space; `matmul`
+    unused."""
     k = routing.indices.shape[1]
     with jax.named_scope("dispatch"):
         po = pair_order(routing.indices, gate_up.shape[0])
     if fp8_backend is not None:
         with jax.named_scope("dispatch"):
             order, inverse, sizes = aligned_pair_order(po)
-        with jax.named_scope("experts"):
-            y = fp8_expert_ffn(x.astype(dtype), order, inverse, sizes, gate_up, down, k, fp8_backend, fp8_fused)
-        with jax.named_scope("combine"):
-            return combine_pairs(y, order, inverse, routing.weights)
+        with jax.named_scope("experts"):  # the combine included: its backward quantizes the gradient per token
+            args = (x.astype(dtype), order, inverse, sizes, routing.weights, gate_up, down)
+            return fp8_expert_ffn(*args, combine, fp8_backend)
     with jax.named_scope("dispatch"):
         rows = gather_pairs(x.astype(dtype), po.order, po.inverse, k)
     with jax.named_scope("experts"):
@@ -252,4 +253,4 @@ def routed_experts_local(x, routing: Routing, gate_up, down, cfg: ModelConfig):
         return dense_experts(x, routing, gate_up, down, jnp.dtype(cfg.dtype))
     fp8_backend = cfg.fp8_backend if cfg.fp8 == "e4m3" else None
     dt = jnp.dtype(cfg.dtype)
-    return sorted_experts(x, routing, gate_up, down, dt, expert_matmul(cfg), fp8_backend, cfg.fp8_fused)
+    return sorted_experts(x, routing, gate_up, down, dt, expert_matmul(cfg), fp8_backend)

@@ -51,8 +51,11 @@ def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def model_config_from_dict(d: dict[str, Any], **runtime) -> ModelConfig:
+    """The config a checkpoint saved. Runtime knobs it holds that this version no longer has (a knob removed since)
+    are dropped: they never shaped the weights."""
     d = dict(d)
-    rt = {**d.pop("dsjax_runtime", {}), **runtime}
+    saved = d.pop("dsjax_runtime", {})
+    rt = {**{k: v for k, v in saved.items() if k in RUNTIME_FIELDS}, **runtime}
     return ModelConfig.from_hf(d, **rt)
 
 

@@ -17,8 +17,9 @@ Requires M % 8 == 0, M >= block_m, K % 128 == 0, N % block_n == 0 (ops.py pads).
 GEMM_CONFIG, the default: warp-specialized, a memory warpgroup streaming the operands and three compute
 warpgroups of 64 rows each on a 192-row tile (sharing its weight tile), so the promotions of some run under the
 others' wgmma; the pipelines of an SM's consecutive tiles are chained, as in the bf16 gmm; as many pipeline stages
-as fit beside the output staging buffers. H200, 2026-12-04 (experiments/BENCHMARKS.md): 677-711 FP8 TFLOP/s on
-the grouped gate+up shape (1.5x our bf16 gmm), 1,081-1,117 dense. Fp8GpuConfig's own defaults are the
+as fit beside the output staging buffers. H200, 2026-12-04 (experiments/BENCHMARKS.md): 889 FP8 TFLOP/s on the
+grouped gate+up shape, 1.54x our bf16 gmm (calls timed back to back; 677-711 with a host sync per call), dense
+1,081-1,117 (per call). Fp8GpuConfig's own defaults are the
 one-warpgroup kernel (emit_pipeline, 430 TFLOP/s): the interpreter runs it on any host. overlap_promotion=True
 promotes step k-1 under step k's wgmma within a warpgroup (one more register tile; measured slower). cluster_n=2
 pairs the CTAs of 2-CTA clusters on adjacent N tiles of one row tile and multicasts each x step into both (one L2

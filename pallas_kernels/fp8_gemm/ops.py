@@ -1,7 +1,7 @@
 """Public FP8 GEMMs and quantizers: shape checks and backend dispatch.
 
-    x_q, x_s = quantize_tiles(x, backend="auto")       # also quantize_blocks(w), quantize_tiles_t(x[, index]),
-                                                       # quantize_both(x[, index]) = tiles + tiles_t
+    x_q, x_s = quantize_tiles(x, backend="auto")       # also quantize_blocks(w), quantize_tiles_t(x[, index[,
+                                                       # row_scale]]), quantize_both(x[, index]) = tiles + tiles_t
     out = fp8_gmm(x_q, x_s, w_q, w_s, group_sizes, out_dtype=jnp.bfloat16, backend="auto")  # w_q [G, N, K]
     out = fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=jnp.bfloat16, backend="auto")              # w_q [N, K]
     dw = fp8_tgmm(a_q, a_s, b_q, b_s, group_sizes)  # a [K, M], b [N, M], tile-scaled along M -> [G, K, N]
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.fp8_gemm import gpu, gpu_tgmm, quantize, quantize_fused, quantize_gpu, reference
+from pallas_kernels.fp8_gemm import gpu, gpu_tgmm, quantize, quantize_gpu, reference
 from pallas_kernels.fp8_gemm.quantize import E4M3, TILE, tiles
 from pallas_kernels.grouped_matmul import gpu_common
 
@@ -170,24 +170,26 @@ def quantize_blocks(w, *, backend="auto", interpret=False):
     return quantize.quantize_blocks(w)
 
 
-def quantize_tiles_t(x, index=None, *, backend="auto", interpret=False):
+def quantize_tiles_t(x, index=None, row_scale=None, *, backend="auto", interpret=False):
     """A weight gradient's operand: quantize_tiles(x.T) ([R, C] -> e4m3 [C, R], scales [C, ceil(R / 128)]), or with
-    align_groups' index quantize_tiles(take_aligned(x, index).T). backend "gpu": one fused gather + transpose +
-    quantize pass (quantize_gpu.py, Pallas Triton), bit-equal; otherwise XLA's ops."""
+    align_groups' index quantize_tiles(take_aligned(x, index).T); row_scale (float32, one per output row): those
+    rows multiplied by it first, in float32. backend "gpu": one fused gather + scale + transpose + quantize pass
+    (quantize_gpu.py, Pallas Triton), bit-equal; otherwise XLA's ops."""
     if resolve_backend(backend) == "gpu":
-        return quantize_gpu.quantize_tiles_t(x, index, interpret=interpret)
-    return quantize.quantize_tiles((x if index is None else take_aligned(x, index)).T)
+        return quantize_gpu.quantize_tiles_t(x, index, row_scale, interpret=interpret)
+    rows = x if index is None else take_aligned(x, index)
+    if row_scale is not None:
+        rows = rows.astype(jnp.float32) * row_scale.astype(jnp.float32)[:, None]
+    return quantize.quantize_tiles(rows.T)
 
 
-def quantize_both(x, index=None, *, backend="auto", fused=False, interpret=False):
+def quantize_both(x, index=None, *, backend="auto", interpret=False):
     """(quantize_tiles(x), quantize_tiles_t(x, index)): a layer's forward operand and its weight-gradient operand
-    (or the output gradient's dgrad and wgrad operands). Two passes over x, or with `fused` (backend "gpu", no index,
-    both dimensions multiples of 128) one (quantize_fused.py; untimed). An earlier one-read kernel with masked
-    scattered stores ran 1.8x slower than the two passes on the H200 (BENCHMARKS.md, 2026-12-04, fourth FP8
-    session). The XLA path zeroes the rows index leaves out (past sum(group_sizes)), which only its reference
-    product reads; the GPU kernels read no row outside a group."""
-    if index is None and _fusable(*x.shape, backend, fused):
-        return quantize_fused.quantize_both(x, interpret=interpret)
+    (or the output gradient's dgrad and wgrad operands), two passes over x. Reading x once for both ran slower on
+    the H200 each time it was tried: a masked-store kernel 1.8x, BlockSpec 128 x 128 tiles 1.4x, and the same fused
+    with the experts' SwiGLU forward / backward 1.1x / 1.2x (BENCHMARKS.md, 2026-12-04, fourth and fifth FP8
+    sessions); the two passes run near a copy's bandwidth. The XLA path zeroes the rows index leaves out (past
+    sum(group_sizes)), which only its reference product reads; the GPU kernels read no row outside a group."""
     if index is not None and resolve_backend(backend) != "gpu":
         used = jnp.zeros((x.shape[0] + 1,), bool).at[index].set(True)[:-1]
         x = jnp.where(used[:, None], x, jnp.zeros((), x.dtype))
@@ -196,32 +198,22 @@ def quantize_both(x, index=None, *, backend="auto", fused=False, interpret=False
     )
 
 
-def _fusable(rows: int, cols: int, backend: str, fused: bool) -> bool:
-    return fused and resolve_backend(backend) == "gpu" and rows % TILE == 0 and cols % TILE == 0
-
-
-def quantize_swiglu(gu, *, backend="auto", fused=False, interpret=False):
-    """quantize_both of h = silu(gate) * up for gu = [gate | up] [R, 2I], h rounded to gu's dtype: the forward
-    operand of the experts' down projection and its weight-gradient operand. fused (backend "gpu", R and I
-    multiples of 128): one pass over gu (quantize_fused.py); otherwise the SwiGLU, then quantize_both."""
-    rows, width = gu.shape
-    if _fusable(rows, width // 2, backend, fused):
-        return quantize_fused.quantize_swiglu(gu, interpret=interpret)
+def quantize_swiglu(gu, *, backend="auto", interpret=False):
+    """quantize_both of h = silu(gate) * up for gu = [gate | up] [R, 2I] (float32 math, h rounded to gu's dtype):
+    the experts' down-projection operand and its weight-gradient operand."""
     g, u = jnp.split(gu.astype(jnp.float32), 2, axis=-1)
-    h = quantize_fused.swiglu(g, u, gu.dtype).astype(gu.dtype)
-    return quantize_both(h, backend=backend, fused=fused, interpret=interpret)
+    h = (g * jax.nn.sigmoid(g) * u).astype(gu.dtype)
+    return quantize_both(h, backend=backend, interpret=interpret)
 
 
-def quantize_swiglu_bwd(gu, dh, *, backend="auto", fused=False, interpret=False):
-    """quantize_both of d[gate | up] (rounded to dh's dtype) for the gradient dh [R, I] of silu(gate) * up: the
-    experts' gate_up dgrad and wgrad operands. fused: one pass over gu and dh (quantize_fused.py)."""
-    rows, width = gu.shape
-    if _fusable(rows, width // 2, backend, fused):
-        return quantize_fused.quantize_swiglu_bwd(gu, dh, interpret=interpret)
+def quantize_swiglu_bwd(gu, dh, *, backend="auto", interpret=False):
+    """quantize_both of d[gate | up] (float32 math, rounded to dh's dtype) for the gradient dh [R, I] of
+    silu(gate) * up: the experts' gate_up dgrad and wgrad operands."""
     g, u = jnp.split(gu.astype(jnp.float32), 2, axis=-1)
-    dg, du = quantize_fused.swiglu_bwd(g, u, dh.astype(jnp.float32), dh.dtype)
-    dgu = jnp.concatenate([dg, du], axis=-1).astype(dh.dtype)
-    return quantize_both(dgu, backend=backend, fused=fused, interpret=interpret)
+    dh32, sig = dh.astype(jnp.float32), jax.nn.sigmoid(g)
+    dg = dh32 * u * sig * (1.0 + g * (1.0 - sig))
+    dgu = jnp.concatenate([dg, dh32 * g * sig], axis=-1).astype(dh.dtype)
+    return quantize_both(dgu, backend=backend, interpret=interpret)
 
 
 def fp8_tgmm(a_q, a_s, b_q, b_s, group_sizes, *, out_dtype=jnp.float32, backend="auto", interpret=False, config=None):

@@ -5,13 +5,14 @@
     q, s = quantize_blocks(w)            # w [..., K, N] -> q [..., N, K], s [..., N / 128, K / 128]: transposing
     q, s = quantize_tiles_t(x)           # == quantize_tiles(x.T): x [R, C] -> q [C, R], s [C, ceil(R / 128)]
     q, s = quantize_tiles_t(x, index)    # == quantize_tiles(take_aligned(x, index).T): rows gathered first
+    q, s = quantize_tiles_t(x, index, w) # the gathered rows scaled by w [R'] first (float32)
 
 XLA runs each of these as a reduce fusion plus a cast (and a transpose or gather); here a program reads its tile
 once, reduces, scales and casts in registers, and writes e4m3 (transposed where asked). On the H200 XLA takes up to
-1.6x their time on small's activations (on par for arrays under ~1M elements, where launch costs rule), 3-7x on the
-gathered operand below; they move 1.2-1.8 TB/s, near a cast-only Triton pass's 1.9 (BENCHMARKS.md, 2026-12-04
-fourth FP8 session). Reading x once for both of a layer's quantizations (128 x 128 tiles, 8 warps) ran 1.8x slower
-than the two passes and was dropped.
+2x their time on small's activations (on par for arrays under ~1M elements, where launch costs rule), 3-9x on the
+gathered operand below; quantize_tiles moves 3.2 TB/s, 80-90% of a cast-only pass (BENCHMARKS.md, 2026-12-04
+fifth FP8 session). Reading x once for both of a layer's quantizations ran slower than the two passes each time it
+was tried (ops.quantize_both) and was dropped.
 
 A weight gradient x^T . dy contracts the tokens, and FP8 wgmma takes both operands K-major, so its operands are
 the activations and output gradients transposed, tile-scaled along the tokens. Done by XLA as gather, transpose,
@@ -87,12 +88,14 @@ def _load_rows(index_ref, x_ref, col, rows: int, cols: int, gather: bool):
 BLOCK_C = 64  # columns per program: a 128 x 64 bf16 tile is 16 KiB of registers across 4 warps
 
 
-def _kernel(index_ref, x_ref, q_ref, s_ref, *, rows: int, cols: int, block_c: int, gather: bool, blocked: bool):
+def _kernel(index_ref, rs_ref, x_ref, q_ref, s_ref, *, rows, cols, block_c, gather, blocked, row_scale):
     if blocked:  # x_ref is this program's [128, block_c] tile
         t = x_ref[...].astype(jnp.float32)
     else:
         col = pl.program_id(1) * block_c + jnp.arange(block_c, dtype=jnp.int32)
         _, _, _, t = _load_rows(index_ref, x_ref, col, rows, cols, gather)
+    if row_scale:
+        t = t * rs_ref[...][:, None]
     q, scale = to_e4m3(t, nan_amax(t, axis=0)[None, :])  # one scale per column over the tile's 128 rows
     q_ref[...] = q.T
     s_ref[...] = scale
@@ -100,21 +103,38 @@ def _kernel(index_ref, x_ref, q_ref, s_ref, *, rows: int, cols: int, block_c: in
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_c", "num_warps", "blocked"))
 def quantize_tiles_t(
-    x, index=None, *, interpret: bool = False, block_c: int = BLOCK_C, num_warps: int = 4, blocked: bool = False
+    x,
+    index=None,
+    row_scale=None,
+    *,
+    interpret: bool = False,
+    block_c: int = BLOCK_C,
+    num_warps: int = 4,
+    blocked: bool = False,
 ):
     """x [R, C] (index None) -> (q float8_e4m3fn [C, R], s float32 [C, ceil(R / 128)]) = quantize_tiles(x.T).
     With index [R'] int32 (ops.align_groups' layout: row p is x[index[p]], a zero row where index[p] >= R; R' a
-    multiple of 128): q [C, R'], s [C, R' / 128] = quantize_tiles(take_aligned(x, index).T). blocked (no index, 128
-    dividing R and block_c dividing C): the input tiles as BlockSpec blocks, no masked pointer loads (untimed)."""
+    multiple of 128): q [C, R'], s [C, R' / 128] = quantize_tiles(take_aligned(x, index).T). row_scale [R'] (or [R]
+    without index) float32: each output row multiplied by its entry (in float32, before the amax), e.g. the routing
+    weights of the experts' rows gathered from the tokens' gradient. blocked (no index or row_scale, 128 dividing R
+    and block_c dividing C): the input tiles as BlockSpec blocks, no masked pointer loads."""
     rows, cols = x.shape
     gather, out_rows, index, idx_spec = _rows_source(x, index)
     row_tiles, col_blocks = tiles(out_rows), -(-cols // block_c)
-    blocked = blocked and not gather and rows % TILE == 0 and cols % block_c == 0
+    scaled = row_scale is not None
+    if scaled and row_scale.shape != (out_rows,):
+        raise ValueError(f"row_scale must be [{out_rows}] (one per output row), got {row_scale.shape}")
+    rs = jnp.pad(row_scale.astype(jnp.float32), (0, row_tiles * TILE - out_rows)) if scaled else jnp.zeros((TILE,))
+    rs_spec = pl.BlockSpec((TILE,), (lambda r, c: (r,)) if scaled else (lambda r, c: (0,)))
+    blocked = blocked and not gather and not scaled and rows % TILE == 0 and cols % block_c == 0
     x_spec = pl.BlockSpec((TILE, block_c) if blocked else (rows, cols), lambda r, c: (r, c) if blocked else (0, 0))
+    kernel = functools.partial(
+        _kernel, rows=rows, cols=cols, block_c=block_c, gather=gather, blocked=blocked, row_scale=scaled
+    )
     q, s = pl.pallas_call(
-        functools.partial(_kernel, rows=rows, cols=cols, block_c=block_c, gather=gather, blocked=blocked),
+        kernel,
         grid=(row_tiles, col_blocks),
-        in_specs=[idx_spec, x_spec],
+        in_specs=[idx_spec, rs_spec, x_spec],
         out_specs=[
             pl.BlockSpec((block_c, TILE), lambda r, c: (c, r)),
             pl.BlockSpec((1, block_c), lambda r, c: (r, c)),
@@ -126,7 +146,7 @@ def quantize_tiles_t(
         compiler_params=_params(num_warps),
         interpret=interpret,
         name="fp8_quantize_tiles_t",
-    )(index, x)
+    )(index, rs, x)
     return q[:cols, :out_rows], s[:, :cols].T
 
 
