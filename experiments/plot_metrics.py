@@ -2,6 +2,9 @@
 
 python experiments/plot_metrics.py --workdir=runs/pretrain             # -> runs/pretrain/metrics.png
 python experiments/plot_metrics.py --workdir=runs/a,runs/b --out=cmp.png --keys=loss,eval/bits_per_byte
+
+With several runs it also prints, per metric, each run's last value and its mean over the last --window records,
+relative to the first run's (e.g. an FP8 run against its BF16 twin of the same seed and data).
 """
 
 import json
@@ -22,6 +25,7 @@ flags.DEFINE_list(
     "Metrics to draw, one panel each; 'eval/NAME' reads the evaluation records, others the training "
     "records. Keys a run does not have are skipped.",
 )
+flags.DEFINE_integer("window", 10, "Records averaged at the end of each run for the comparison table.")
 FLAGS = flags.FLAGS
 
 
@@ -38,6 +42,27 @@ def read(workdir):
                 if k not in ("step", "split", "time") and isinstance(v, (int, float)):
                     series.setdefault(prefix + k, {})[rec["step"]] = v  # a resumed run overwrites repeated steps
     return series
+
+
+def compare(runs: dict, keys, window: int) -> str:
+    """A markdown table: per key and run, the last value and the mean of the last `window` records, with their
+    relative difference to the first run (which must have the key)."""
+    names = list(runs)
+    lines = [f"| metric | run | last (step) | vs first | mean of last {window} | vs first |", "|---" * 6 + "|"]
+    for key in keys:
+        if key not in runs[names[0]]:
+            continue
+        base = None
+        for name in names:
+            s = runs[name].get(key)
+            if not s:
+                continue
+            steps = sorted(s)
+            last, mean = s[steps[-1]], sum(s[i] for i in steps[-window:]) / len(steps[-window:])
+            base = base or (last, mean)
+            rel = [f"{v / b - 1:+.2%}" if b else "n/a" for v, b in zip((last, mean), base)]
+            lines.append(f"| {key} | {name} | {last:.4g} ({steps[-1]}) | {rel[0]} | {mean:.4g} | {rel[1]} |")
+    return "\n".join(lines)
 
 
 def main(argv):
@@ -71,6 +96,8 @@ def main(argv):
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     print(f"wrote {out}")
+    if len(runs) > 1:
+        print(compare(runs, keys, FLAGS.window))
 
 
 if __name__ == "__main__":

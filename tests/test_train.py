@@ -430,3 +430,27 @@ def test_plot_metrics_draws_png(tmp_path):
         capture_output=True,
     )
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_metrics_compares_runs(tmp_path):
+    """Two runs: the table gives each one's last value and end-of-run mean, relative to the first run's."""
+    for name, scale in (("a", 1.0), ("b", 1.1)):
+        (tmp_path / name).mkdir()
+        rows = [{"step": s, "split": "train", "time": 0, "loss": scale * 10.0 / s} for s in range(1, 11)]
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "experiments", "plot_metrics.py"),
+            f"--workdir={tmp_path / 'a'},{tmp_path / 'b'}",
+            f"--out={tmp_path / 'c.png'}",
+            "--window=2",
+        ],
+        check=True,
+        timeout=120,
+        capture_output=True,
+        text=True,
+    )
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| loss |")]
+    assert len(rows) == 2 and "| 1 (10) | +0.00% | 1.056 | +0.00% |" in rows[0]  # (10/9 + 10/10) / 2
+    assert "| 1.1 (10) | +10.00% | 1.161 | +10.00% |" in rows[1]
