@@ -40,8 +40,6 @@ from pallas_kernels.fp8_gemm import (
     fp8_wgrad,
     quantize_blocks,
     quantize_both,
-    quantize_swiglu,
-    quantize_swiglu_bwd,
     quantize_tiles,
     quantize_tiles_t,
     transposed_blocks,
@@ -108,15 +106,15 @@ def _fp8_gmm_bwd(backend, res, dy):
 fp8_grouped_matmul.defvjp(_fp8_gmm_fwd, _fp8_gmm_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def fp8_expert_ffn(x, order, inverse, sizes, weights, gate_up, down, combine, backend="auto"):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def fp8_expert_ffn(x, order, inverse, sizes, weights, gate_up, down, combine, act, backend="auto"):
     """The routed experts' SwiGLU and their combine, every GEMM in e4m3, on rows in align_groups' layout (each
     expert's rows start on a 128-row step, zero rows between): no 128-row scaling tile of a weight gradient spans
     two experts, so every quantization is of plain tiles. x [N, D] tokens; order [R]: the (token * k + choice) pair
     on each layout row, N * k on a zero row; inverse [N * k]: each pair's layout row; sizes [E]: each expert's
     rows, its zero rows included (multiples of 128); weights [N, k] the combine weights; gate_up [E, D, 2I] (gate |
-    up), down [E, I, D]; combine(y [R, D], inverse, weights) -> [N, D] (dsjax.layers.moe_ops' combine). Returns
-    [N, D] in x.dtype.
+    up), down [E, I, D]; combine(y [R, D], inverse, weights) -> [N, D] (dsjax.layers.moe_ops' combine); act(gate,
+    up, dtype) -> h (dsjax.layers.mlp's swiglu, differentiated for the backward). Returns [N, D] in x.dtype.
 
     Both ends quantize in token space, as DeepSeek-V3 quantizes before dispatch: a 1 x 128 tile lies within one
     token's row, so the forward's rows are the tokens' e4m3 tiles gathered, and the backward's output gradient of
@@ -126,10 +124,10 @@ def fp8_expert_ffn(x, order, inverse, sizes, weights, gate_up, down, combine, ba
     gathered from the tokens by the transposing quantizer. Numerically fp8_grouped_matmul per projection on the
     gathered rows, but for the output gradient's rounding (weight times gradient is not rounded to the compute
     dtype first)."""
-    return _expert_ffn_fwd(x, order, inverse, sizes, weights, gate_up, down, combine, backend)[0]
+    return _expert_ffn_fwd(x, order, inverse, sizes, weights, gate_up, down, combine, act, backend)[0]
 
 
-def _expert_ffn_fwd(x, order, inverse, sizes, weights, gate_up, down, combine, backend):
+def _expert_ffn_fwd(x, order, inverse, sizes, weights, gate_up, down, combine, act, backend):
     dt = x.dtype
     token = order // weights.shape[1]  # N on a zero row: out of range, read as a zero row below
     xq, xs = quantize_tiles(x, backend=backend)
@@ -137,14 +135,14 @@ def _expert_ffn_fwd(x, order, inverse, sizes, weights, gate_up, down, combine, b
     x_t = quantize_tiles_t(x, token, backend=backend)  # gate_up's weight-gradient operand, from the tokens
     w1 = quantize_blocks(gate_up, backend=backend)
     gu = fp8_gmm(*rows, *w1, sizes, out_dtype=dt, backend=backend)
-    (hq, hs), h_t = quantize_swiglu(gu, backend=backend)  # h = silu(gate) * up, quantized twice
+    (hq, hs), h_t = quantize_both(act(*jnp.split(gu, 2, axis=-1), dt), backend=backend)  # h, quantized twice
     w2 = quantize_blocks(down, backend=backend)
     y = fp8_gmm(hq, hs, *w2, sizes, out_dtype=dt, backend=backend)
     res = (x_t, w1, gu, h_t, w2, y, order, inverse, sizes, weights, _dtype_of(gate_up), _dtype_of(down))
     return combine(y, inverse, weights), res
 
 
-def _expert_ffn_bwd(combine, backend, res, g):
+def _expert_ffn_bwd(combine, act, backend, res, g):
     (x_t, w1, gu, h_t, w2, y, order, inverse, sizes, weights, like_w1, like_w2) = res
     k = weights.shape[1]
     token = order // k
@@ -158,7 +156,8 @@ def _expert_ffn_bwd(combine, backend, res, g):
     dy_t = quantize_tiles_t(g, token, w_row, backend=backend)
     dh = fp8_gmm(dq, ds, *transposed_blocks(*w2), sizes, out_dtype=g.dtype, backend=backend)
     dw2 = fp8_tgmm(*h_t, *dy_t, sizes, out_dtype=jnp.float32, backend=backend)
-    (gq, gs), dgu_t = quantize_swiglu_bwd(gu, dh, backend=backend)  # d[gate | up], quantized twice
+    dgu = jnp.concatenate(jax.vjp(lambda a, b: act(a, b, g.dtype), *jnp.split(gu, 2, axis=-1))[1](dh), axis=-1)
+    (gq, gs), dgu_t = quantize_both(dgu, backend=backend)  # d[gate | up], quantized twice
     drows = fp8_gmm(gq, gs, *transposed_blocks(*w1), sizes, out_dtype=g.dtype, backend=backend)
     dw1 = fp8_tgmm(*x_t, *dgu_t, sizes, out_dtype=jnp.float32, backend=backend)
     # each token's k rows sit at inverse[token * k + j]: gathered back and summed (no scatter-add)

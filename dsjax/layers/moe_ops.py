@@ -163,8 +163,8 @@ gather_pairs.defvjp(_gather_pairs_fwd, _gather_pairs_bwd)
 
 @jax.custom_vjp
 def combine_pairs(y: jax.Array, order: jax.Array, inverse: jax.Array, weights: jax.Array) -> jax.Array:
-    """Un-sort and combine: y [R, D] expert-sorted rows (R = N * k, or aligned_pair_order's layout) -> out [N, D] =
-    combine(y, inverse, weights), its backward gathers (no scatter-add)."""
+    """Un-sort and combine: y [N * k, D] expert-sorted rows -> out [N, D] = combine(y, inverse, weights), its
+    backward gathers (no scatter-add)."""
     return combine(y, inverse, weights)
 
 
@@ -183,10 +183,8 @@ def _combine_pairs_bwd(res, g):
     y, order, inverse, weights = res
     n, k = weights.shape
     g32 = g.astype(jnp.float32)
-    # d y[s] = weight of pair order[s] * g[token of that pair]; d weights[n, j] = <g[n], y[inverse[n * k + j]]>.
-    # A row holding no pair (order[s] == N * k: aligned_pair_order's zero rows) gets zero.
-    w_row = weights.reshape(-1).at[order].get(mode="fill", fill_value=0)[:, None].astype(jnp.float32)
-    dy = (w_row * g32.at[order // k].get(mode="fill", fill_value=0)).astype(y.dtype)
+    # d y[s] = weight of pair order[s] * g[token of that pair]; d weights[n, j] = <g[n], y[inverse[n * k + j]]>
+    dy = (weights.reshape(-1)[order][:, None].astype(jnp.float32) * g32[order // k]).astype(y.dtype)
     dw = jnp.einsum("nkd,nd->nk", y[inverse].reshape(n, k, -1).astype(jnp.float32), g32)
     return dy, None, None, dw.astype(weights.dtype)
 
@@ -207,7 +205,7 @@ def sorted_experts(x, routing: Routing, gate_up, down, dtype, matmul=ragged_dot,
             order, inverse, sizes = aligned_pair_order(po)
         with jax.named_scope("experts"):  # the combine included: its backward quantizes the gradient per token
             args = (x.astype(dtype), order, inverse, sizes, routing.weights, gate_up, down)
-            return fp8_expert_ffn(*args, combine, fp8_backend)
+            return fp8_expert_ffn(*args, combine, swiglu, fp8_backend)
     with jax.named_scope("dispatch"):
         rows = gather_pairs(x.astype(dtype), po.order, po.inverse, k)
     with jax.named_scope("experts"):

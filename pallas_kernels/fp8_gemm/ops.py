@@ -198,24 +198,6 @@ def quantize_both(x, index=None, *, backend="auto", interpret=False):
     )
 
 
-def quantize_swiglu(gu, *, backend="auto", interpret=False):
-    """quantize_both of h = silu(gate) * up for gu = [gate | up] [R, 2I] (float32 math, h rounded to gu's dtype):
-    the experts' down-projection operand and its weight-gradient operand."""
-    g, u = jnp.split(gu.astype(jnp.float32), 2, axis=-1)
-    h = (g * jax.nn.sigmoid(g) * u).astype(gu.dtype)
-    return quantize_both(h, backend=backend, interpret=interpret)
-
-
-def quantize_swiglu_bwd(gu, dh, *, backend="auto", interpret=False):
-    """quantize_both of d[gate | up] (float32 math, rounded to dh's dtype) for the gradient dh [R, I] of
-    silu(gate) * up: the experts' gate_up dgrad and wgrad operands."""
-    g, u = jnp.split(gu.astype(jnp.float32), 2, axis=-1)
-    dh32, sig = dh.astype(jnp.float32), jax.nn.sigmoid(g)
-    dg = dh32 * u * sig * (1.0 + g * (1.0 - sig))
-    dgu = jnp.concatenate([dg, dh32 * g * sig], axis=-1).astype(dh.dtype)
-    return quantize_both(dgu, backend=backend, interpret=interpret)
-
-
 def fp8_tgmm(a_q, a_s, b_q, b_s, group_sizes, *, out_dtype=jnp.float32, backend="auto", interpret=False, config=None):
     """Grouped weight gradient: a [K, M], b [N, M], both tile-scaled along M (quantize_tiles of the transposed
     activations and output gradients) -> [G, K, N]. backend "gpu" (gpu_tgmm.py) needs every group to start on a
