@@ -5,6 +5,7 @@ bit-equality of values and scales (every input holds an all-zero 128 x 128 tile 
   python experiments/bench_fp8_quantize.py --sweep=196608,1024   # tilings, blocked variants, a cast's speed
   python experiments/bench_fp8_quantize.py --probe               # where XLA's and Triton's rounding part
   python experiments/bench_fp8_quantize.py --floor=196608,1024    # one pass's memory floor: copies, casts, timers
+  python experiments/bench_fp8_quantize.py --act=204800,512       # SwiGLU fused with its quantization vs unfused
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ from absl import app, flags  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as pltriton  # noqa: E402
 
+from dsjax.layers.mlp import swiglu  # noqa: E402
 from experiments.bench_util import median_seconds  # noqa: E402
 from pallas_kernels.fp8_gemm import (  # noqa: E402
+    act_bwd_quantize,
+    act_quantize,
     align_groups,
     quantize,
     quantize_gpu,
@@ -45,6 +49,12 @@ flags.DEFINE_string(
     "R,C: what one pass over a bf16 [R, C] array costs: XLA copy / scale / casts and Triton casts and copies at "
     "several tilings, each timed per call (synchronised) and back to back (no launch gaps).",
 )
+flags.DEFINE_string(
+    "act",
+    "",
+    "R,I: the experts' SwiGLU forward / backward fused with the quantization of its result (quantize_act.py) "
+    "against the unfused path the layer took before (XLA's SwiGLU, then the Triton quantize_tiles), back to back.",
+)
 flags.DEFINE_bool("probe", False, "Print where XLA's and Triton's float32 -> e4m3 casts and divisions round apart.")
 flags.DEFINE_string(
     "sweep",
@@ -59,7 +69,8 @@ def _compare(got, want) -> str:
     """ "equal", or per output: how many entries differ and by how much (values: the largest difference over the
     wanted entry's magnitude, 0.0625 being one e4m3 step at the top of a binade; scales: the largest relative)."""
     out = []
-    for name, g, w in zip(("q", "s"), jax.tree.leaves(got), jax.tree.leaves(want)):
+    got, want = jax.tree.leaves(got), jax.tree.leaves(want)
+    for name, g, w in zip(("q", "s") if len(got) == 2 else ("value", "q", "s"), got, want):
         if g.shape != w.shape:
             return f"{name} shape {g.shape} != {w.shape}"
         g, w = np.asarray(g.astype(jnp.float32)), np.asarray(w.astype(jnp.float32))
@@ -230,8 +241,35 @@ def probe():
         )
 
 
+def act(r: int, i: int):
+    """The fused activation quantizers against the two passes they replace (codes compared: rare one-step
+    differences where Triton's sigmoid rounds apart from XLA's)."""
+    kg, kd = jax.random.split(jax.random.key(5))
+    gu = jax.random.normal(kg, (r, 2 * i), jnp.bfloat16)
+    dh = jax.random.normal(kd, (r, i), jnp.bfloat16)
+    bf16 = jnp.bfloat16
+
+    def unfused_fwd(gu):
+        h = swiglu(gu[:, :i], gu[:, i:], bf16)
+        return h, quantize_gpu.quantize_tiles(h)
+
+    def unfused_bwd(gu, dh):
+        dgu = jnp.concatenate(jax.vjp(lambda a, b: swiglu(a, b, bf16), gu[:, :i], gu[:, i:])[1](dh), axis=-1)
+        return dgu, quantize_gpu.quantize_tiles(dgu)
+
+    fused_fwd = functools.partial(act_quantize, act=swiglu, dtype=bf16, backend="gpu")
+    fused_bwd = functools.partial(act_bwd_quantize, act=swiglu, backend="gpu")
+    print(f"device {jax.devices()[0].device_kind}")
+    print("| op | shape | fused vs unfused | fused ms | unfused ms |\n|---|---|---|---|---|")
+    _row("SwiGLU + quantize_tiles(h)", [r, 2 * i], fused_fwd, unfused_fwd, gu)
+    _row("SwiGLU backward + quantize_tiles(dgu)", [r, 2 * i], fused_bwd, unfused_bwd, gu, dh)
+
+
 def main(argv):
     del argv
+    if FLAGS.act:
+        act(*map(int, FLAGS.act.split(",")))
+        return
     if FLAGS.probe:
         probe()
         return

@@ -87,6 +87,17 @@ def test_fp8_quantize_kernels_lower_for_cuda():
     _lower_for_cuda(lambda a: quantize_gpu.quantize_tiles_t(a, blocked=True), xb, kernel=triton)
 
 
+def test_fp8_activation_quantizers_lower_for_cuda():
+    """The experts' SwiGLU fused with its quantization (quantize_act.py): the model's swiglu and its vjp traced
+    into Triton, at a row count off the row block."""
+    from dsjax.layers.mlp import swiglu
+
+    gu, dh = S((M + 3, 2 * N), BF16), S((M + 3, N), BF16)
+    text = _lower_for_cuda(lambda a: f8.act_quantize(a, swiglu, BF16, backend="gpu"), gu, kernel="xla.gpu.triton")
+    assert "stablehlo.exponential" not in text  # no unfused XLA SwiGLU (its sigmoid) beside the kernel
+    _lower_for_cuda(lambda a, d: f8.act_bwd_quantize(a, d, swiglu, backend="gpu"), gu, dh, kernel="xla.gpu.triton")
+
+
 @pytest.mark.parametrize("ws", [True, False], ids=["warp_specialized", "one_wg"])
 def test_bf16_grouped_matmuls_lower_for_cuda(ws):
     cfg = GpuConfig(num_sms=SMS, warp_specialized=ws)

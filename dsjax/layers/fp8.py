@@ -21,7 +21,8 @@ kernel. On the H200 (experiments/BENCHMARKS.md, fourth and fifth FP8 sessions) s
 BF16's loss curve (44.6 vs 49.8 GiB) but runs 1.05x slower (112.3k vs 117.7k tokens/s): its FP8 GEMMs beat
 bf16's (the experts' 28 ms a step against 43), but at small's widths (1024 / 512) the quantization passes, ~35 ms
 a step, eat the gain. Fusing them into one-read kernels measured slower; what remains is to fuse them into the
-passes that produce the operands (the norms, attention's output, the SwiGLU) or into the GEMMs' epilogues.
+passes that produce the operands or into the GEMMs' epilogues. The experts' SwiGLU, forward and backward, now
+quantizes its result along I in the same pass (act_quantize / act_bwd_quantize; untimed on a GPU as of 2026-12-04).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.fp8_gemm import (
+    act_bwd_quantize,
+    act_quantize,
     align_groups,
     fp8_gemm,
     fp8_gmm,
@@ -135,7 +138,8 @@ def _expert_ffn_fwd(x, order, inverse, sizes, weights, gate_up, down, combine, a
     x_t = quantize_tiles_t(x, token, backend=backend)  # gate_up's weight-gradient operand, from the tokens
     w1 = quantize_blocks(gate_up, backend=backend)
     gu = fp8_gmm(*rows, *w1, sizes, out_dtype=dt, backend=backend)
-    (hq, hs), h_t = quantize_both(act(*jnp.split(gu, 2, axis=-1), dt), backend=backend)  # h, quantized twice
+    h, (hq, hs) = act_quantize(gu, act, dt, backend=backend)  # SwiGLU fused with h's quantization along I
+    h_t = quantize_tiles_t(h, backend=backend)  # the down projection's weight-gradient operand
     w2 = quantize_blocks(down, backend=backend)
     y = fp8_gmm(hq, hs, *w2, sizes, out_dtype=dt, backend=backend)
     res = (x_t, w1, gu, h_t, w2, y, order, inverse, sizes, weights, _dtype_of(gate_up), _dtype_of(down))
@@ -156,8 +160,8 @@ def _expert_ffn_bwd(combine, act, backend, res, g):
     dy_t = quantize_tiles_t(g, token, w_row, backend=backend)
     dh = fp8_gmm(dq, ds, *transposed_blocks(*w2), sizes, out_dtype=g.dtype, backend=backend)
     dw2 = fp8_tgmm(*h_t, *dy_t, sizes, out_dtype=jnp.float32, backend=backend)
-    dgu = jnp.concatenate(jax.vjp(lambda a, b: act(a, b, g.dtype), *jnp.split(gu, 2, axis=-1))[1](dh), axis=-1)
-    (gq, gs), dgu_t = quantize_both(dgu, backend=backend)  # d[gate | up], quantized twice
+    dgu, (gq, gs) = act_bwd_quantize(gu, dh, act, backend=backend)  # d[gate | up], fused with its dgrad operand
+    dgu_t = quantize_tiles_t(dgu, backend=backend)
     drows = fp8_gmm(gq, gs, *transposed_blocks(*w1), sizes, out_dtype=g.dtype, backend=backend)
     dw1 = fp8_tgmm(*x_t, *dgu_t, sizes, out_dtype=jnp.float32, backend=backend)
     # each token's k rows sit at inverse[token * k + j]: gathered back and summed (no scatter-add)

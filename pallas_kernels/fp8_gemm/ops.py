@@ -2,6 +2,8 @@
 
     x_q, x_s = quantize_tiles(x, backend="auto")       # also quantize_blocks(w), quantize_tiles_t(x[, index[,
                                                        # row_scale]]), quantize_both(x[, index]) = tiles + tiles_t
+    h, (h_q, h_s) = act_quantize(gu, act, dtype)       # an activation fused with its quantization (and its
+                                                       # backward: act_bwd_quantize(gu, dh, act))
     out = fp8_gmm(x_q, x_s, w_q, w_s, group_sizes, out_dtype=jnp.bfloat16, backend="auto")  # w_q [G, N, K]
     out = fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=jnp.bfloat16, backend="auto")              # w_q [N, K]
     dw = fp8_tgmm(a_q, a_s, b_q, b_s, group_sizes)  # a [K, M], b [N, M], tile-scaled along M -> [G, K, N]
@@ -24,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.fp8_gemm import gpu, gpu_tgmm, quantize, quantize_gpu, reference
+from pallas_kernels.fp8_gemm import gpu, gpu_tgmm, quantize, quantize_act, quantize_gpu, reference
 from pallas_kernels.fp8_gemm.quantize import E4M3, TILE, tiles
 from pallas_kernels.grouped_matmul import gpu_common
 
@@ -196,6 +198,27 @@ def quantize_both(x, index=None, *, backend="auto", interpret=False):
     return quantize_tiles(x, backend=backend, interpret=interpret), quantize_tiles_t(
         x, index, backend=backend, interpret=interpret
     )
+
+
+def act_quantize(gu, act, dtype, *, backend="auto", interpret=False):
+    """gu [R, 2I] = [gate | up] -> (h = act(gate, up, dtype) [R, I], quantize_tiles(h)): an activation and its
+    forward operand. backend "gpu" with I % 128 == 0: one Pallas Triton pass (quantize_act.py); otherwise act
+    (XLA), then quantize_tiles."""
+    if resolve_backend(backend) == "gpu" and gu.shape[-1] % (2 * TILE) == 0:
+        return quantize_act.act_quantize(gu, act, jnp.dtype(dtype), interpret=interpret)
+    h = act(*jnp.split(gu, 2, axis=-1), dtype)
+    return h, quantize_tiles(h, backend=backend, interpret=interpret)
+
+
+def act_bwd_quantize(gu, dh, act, *, backend="auto", interpret=False):
+    """gu [R, 2I] = [gate | up], dh [R, I] -> (dgu = [d gate | d up] [R, 2I], the vjp of act(gate, up, dh.dtype) at
+    (gate, up) applied to dh; quantize_tiles(dgu)): the activation's backward and the activation gradient's dgrad
+    operand. backend "gpu" with I % 128 == 0: one Pallas Triton pass (quantize_act.py)."""
+    if resolve_backend(backend) == "gpu" and gu.shape[-1] % (2 * TILE) == 0:
+        return quantize_act.act_bwd_quantize(gu, dh, act, interpret=interpret)
+    grads = jax.vjp(lambda a, b: act(a, b, dh.dtype), *jnp.split(gu, 2, axis=-1))[1](dh)
+    dgu = jnp.concatenate(grads, axis=-1)
+    return dgu, quantize_tiles(dgu, backend=backend, interpret=interpret)
 
 
 def fp8_tgmm(a_q, a_s, b_q, b_s, group_sizes, *, out_dtype=jnp.float32, backend="auto", interpret=False, config=None):
