@@ -26,10 +26,9 @@ from jax.experimental.pallas import triton as pltriton  # noqa: E402
 from dsjax.layers.mlp import swiglu  # noqa: E402
 from experiments.bench_util import median_seconds  # noqa: E402
 from pallas_kernels.fp8_gemm import (  # noqa: E402
-    act_bwd_quantize,
-    act_quantize,
     align_groups,
     quantize,
+    quantize_act,
     quantize_gpu,
     take_aligned,
 )
@@ -257,12 +256,14 @@ def act(r: int, i: int):
         dgu = jnp.concatenate(jax.vjp(lambda a, b: swiglu(a, b, bf16), gu[:, :i], gu[:, i:])[1](dh), axis=-1)
         return dgu, quantize_gpu.quantize_tiles(dgu)
 
-    fused_fwd = functools.partial(act_quantize, act=swiglu, dtype=bf16, backend="gpu")
-    fused_bwd = functools.partial(act_bwd_quantize, act=swiglu, backend="gpu")
     print(f"device {jax.devices()[0].device_kind}")
     print("| op | shape | fused vs unfused | fused ms | unfused ms |\n|---|---|---|---|---|")
-    _row("SwiGLU + quantize_tiles(h)", [r, 2 * i], fused_fwd, unfused_fwd, gu)
-    _row("SwiGLU backward + quantize_tiles(dgu)", [r, 2 * i], fused_bwd, unfused_bwd, gu, dh)
+    for block_r, warps in ((32, 4), (64, 4), (64, 8), (16, 4)):  # the first: quantize_act.BLOCK_R's default
+        how = dict(block_r=block_r, num_warps=warps)
+        fwd = functools.partial(quantize_act.act_quantize, act=swiglu, dtype=bf16, **how)
+        bwd = functools.partial(quantize_act.act_bwd_quantize, act=swiglu, **how)
+        _row(f"SwiGLU + quantize_tiles(h), {block_r} rows x {warps} warps", [r, 2 * i], fwd, unfused_fwd, gu)
+        _row(f"SwiGLU bwd + quantize_tiles(dgu), {block_r} x {warps}", [r, 2 * i], bwd, unfused_bwd, gu, dh)
 
 
 def main(argv):

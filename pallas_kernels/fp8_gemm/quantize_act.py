@@ -33,6 +33,11 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.fp8_gemm.quantize import E4M3, TILE
 from pallas_kernels.fp8_gemm.quantize_gpu import nan_amax, to_e4m3
 
+# Rows per program: 32 x 128 float32 values are 32 registers a thread over 4 warps, and the backward keeps ~6 such
+# arrays live (gate, up, dh, sigmoid, d gate, d up); quantize_gpu's 64-row tiles hold one. Untimed:
+# experiments/bench_fp8_quantize.py --act times the variants.
+BLOCK_R = 32
+
 
 def _check(name, gu, dh=None):
     rows, width = gu.shape
@@ -69,7 +74,7 @@ def _fwd_kernel(gu_ref, h_ref, q_ref, s_ref, *, act, half: int, rows: int, block
 
 
 @functools.partial(jax.jit, static_argnames=("act", "dtype", "interpret", "block_r", "num_warps"))
-def act_quantize(gu, act, dtype, *, interpret: bool = False, block_r: int = 64, num_warps: int = 4):
+def act_quantize(gu, act, dtype, *, interpret: bool = False, block_r: int = BLOCK_R, num_warps: int = 4):
     """gu [R, 2I] = [gate | up] (I % 128 == 0) -> (h [R, I] = act(gate, up, dtype), (q e4m3 [R, I], s float32
     [R, I / 128]) = quantize_tiles(h)) in one pass."""
     _check("act_quantize", gu)
@@ -105,7 +110,7 @@ def _bwd_kernel(gu_ref, dh_ref, d_ref, q_ref, s_ref, *, act, half: int, rows: in
 
 
 @functools.partial(jax.jit, static_argnames=("act", "interpret", "block_r", "num_warps"))
-def act_bwd_quantize(gu, dh, act, *, interpret: bool = False, block_r: int = 64, num_warps: int = 4):
+def act_bwd_quantize(gu, dh, act, *, interpret: bool = False, block_r: int = BLOCK_R, num_warps: int = 4):
     """gu [R, 2I] = [gate | up] (I % 128 == 0), dh [R, I] -> (dgu [R, 2I] in gu's dtype = the vjp of act(gate, up,
     dh.dtype) at (gate, up) applied to dh, [d gate | d up]; (q e4m3 [R, 2I], s float32 [R, 2I / 128]) =
     quantize_tiles(dgu)) in one pass."""
