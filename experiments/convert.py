@@ -9,7 +9,7 @@ Memory stays at about one unit (a layer of one parameter, or one routed expert o
 buffer, never the whole model; progress lines give GB/s and the ETA. Output goes to a temporary directory next to
 --out and is renamed into place only when complete. The Orbax output is read by
 `experiments/generate.py --checkpoint=OUT`, `experiments/grpo.py --config.init_checkpoint=OUT` and
-`dsjax.train.checkpoint.load_for_inference(OUT, mesh=...)`.
+`dsjax.train.checkpoint_io.load_for_inference(OUT, mesh=...)`.
 """
 
 from __future__ import annotations

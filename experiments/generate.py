@@ -146,7 +146,7 @@ def random_params(cfg, seed: int = 0, std: float | None = None):
 def run_metadata(checkpoint: str) -> dict:
     """The pretraining run's saved config (model + experiment), or {} when it cannot be read."""
     try:
-        from dsjax.train.checkpoint import step_dir
+        from dsjax.train.checkpoint_io import step_dir
 
         with open(os.path.join(step_dir(checkpoint), "config", "metadata")) as f:
             return json.load(f)
@@ -175,7 +175,7 @@ def load_model(checkpoint=None, hf_dir=None, preset=None, dtype="bfloat16", seed
         cfg = dsjax.ModelConfig.preset(preset, **runtime)
         return cfg, random_params(cfg, seed), None
     if checkpoint is not None:
-        from dsjax.train.checkpoint import load_for_inference
+        from dsjax.train.checkpoint_io import load_for_inference
 
         cfg, params = load_for_inference(checkpoint)
         source = checkpoint

@@ -22,7 +22,8 @@ from dsjax.layers.moe import MoE
 from dsjax.layers.moe_ops import route, sorted_experts
 from dsjax.layers.moe_parallel import capacity, padded_all_to_all
 from dsjax.model import head_weight
-from dsjax.train.checkpoint import Checkpointer, model_config_dict
+from dsjax.train.checkpoint import Checkpointer
+from dsjax.train.checkpoint_io import model_config_dict
 from dsjax.train.loop import model_config
 from dsjax.train.losses import lm_loss
 from dsjax.train.trainer import make_step_fns

@@ -18,7 +18,8 @@ import pytest
 import tensorstore as ts
 
 from dsjax.errors import CheckpointError, ConfigError
-from dsjax.train.checkpoint import Checkpointer, load_for_inference, model_config_dict
+from dsjax.train.checkpoint import Checkpointer
+from dsjax.train.checkpoint_io import load_for_inference, model_config_dict
 from dsjax.train.fingerprint import StreamingFingerprint, fingerprint_tree, fingerprints
 from dsjax.train.lock import WorkdirLock
 from tests.conftest import param_shapes, randomize_params

@@ -105,7 +105,7 @@ def test_runtime_fields_declared_once():
     """Runtime knobs are declared on ModelConfig itself: never in config.json, free to change across a resume
     (decode_attention_impl was once treated as architecture and blocked resuming with a different decode path)."""
     from dsjax.config import RUNTIME_FIELDS
-    from dsjax.train.checkpoint import config_mismatch, model_config_dict, model_config_from_dict
+    from dsjax.train.checkpoint_io import config_mismatch, model_config_dict, model_config_from_dict
 
     cfg = dsjax.ModelConfig.preset("tiny")
     assert {"dtype", "platform", "attention_impl", "decode_attention_impl", "moe_dispatch"} <= set(RUNTIME_FIELDS)

@@ -32,7 +32,7 @@ from dsjax.convert import fp8, stream
 from dsjax.convert import safetensors_io as st
 from dsjax.convert.orbax_io import ParamsReader
 from dsjax.convert.source import CheckpointError, HFSource
-from dsjax.train.checkpoint import load_for_inference
+from dsjax.train.checkpoint_io import load_for_inference
 from tests.conftest import param_shapes, randomize_params, tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,7 +201,7 @@ try:
 except SystemExit as e:
     assert not e.code, e.code
 from dsjax.convert.orbax_io import ParamsReader
-from dsjax.train.checkpoint import load_for_inference
+from dsjax.train.checkpoint_io import load_for_inference
 from sharding.mesh import make_mesh
 r = ParamsReader("{out}/params")
 chunks = {{p: list(r.array(p).chunk_layout.read_chunk.shape) for p in r.paths}}
@@ -227,7 +227,8 @@ print("RESULT " + json.dumps({{"chunks": chunks, "spec": list(leaf.sharding.spec
 
 
 def test_trainer_checkpoint_to_hf(tmp_path):
-    from dsjax.train.checkpoint import Checkpointer, model_config_dict
+    from dsjax.train.checkpoint import Checkpointer
+    from dsjax.train.checkpoint_io import model_config_dict
 
     cfg = dsjax.ModelConfig.preset("tiny")
     params = randomize_params(param_shapes(cfg), seed=2, std=0.1)

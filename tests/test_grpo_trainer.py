@@ -160,7 +160,8 @@ def test_init_checkpoint_keeps_the_configs_runtime_knobs(cfg, params, tmp_path):
     """GRPO from a pretraining checkpoint: the checkpoint's architecture and params, but the GRPO config's runtime
     knobs (dtype, remat, kernels, MoE dispatch, ...), not the values the checkpoint was trained with."""
     from dsjax.config import RUNTIME_FIELDS
-    from dsjax.train.checkpoint import Checkpointer, model_config_dict
+    from dsjax.train.checkpoint import Checkpointer
+    from dsjax.train.checkpoint_io import model_config_dict
 
     ck = Checkpointer(str(tmp_path / "pre"), keep=1, async_save=False)
     ck.save(

@@ -294,7 +294,7 @@ def test_checkpoint_restores_under_another_mesh(jobs):
     r = jobs["model"].result()
     assert r["restore"]["values"] == 0.0 and r["restore"]["layout_is_new_mesh"]
     assert r["restore"]["next_step_loss"] <= 1e-5
-    from dsjax.train.checkpoint import load_for_inference
+    from dsjax.train.checkpoint_io import load_for_inference
 
     cfg, params = load_for_inference(r["ckpt"])  # and on this process's single device
     assert cfg.num_hidden_layers == 2

@@ -147,7 +147,7 @@ def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path):
     assert "received SIGTERM" in out
     steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
     assert steps and max(steps) == max(read_losses(workdir))
-    from dsjax.train.checkpoint import load_for_inference
+    from dsjax.train.checkpoint_io import load_for_inference
 
     cfg, params = load_for_inference(workdir)
     assert cfg.num_hidden_layers == 2 and "moe_layers" in params

@@ -87,7 +87,7 @@ def test_divergence_stops_the_run_and_keeps_finite_checkpoints(tmp_path):
     """Resuming with a learning rate that blows the model up (the issue's --config.optim.lr=1e30): the non-finite
     steps are not applied, the run stops with exit 2 after max_skipped_steps of them, and every kept checkpoint
     holds finite parameters."""
-    from dsjax.train.checkpoint import load_for_inference
+    from dsjax.train.checkpoint_io import load_for_inference
 
     workdir = str(tmp_path / "run")
     common = [

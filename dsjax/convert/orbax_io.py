@@ -27,7 +27,7 @@ import numpy as np
 import tensorstore as ts
 
 from dsjax.errors import CheckpointError
-from dsjax.train.checkpoint import short_cause
+from dsjax.train.checkpoint_io import short_cause
 from sharding.mesh import AXES
 from sharding.rules import logical_spec, param_axes
 

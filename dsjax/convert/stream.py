@@ -166,7 +166,7 @@ def hf_to_orbax(
 
 
 def _write_config(step_dir, cfg, conversion):
-    from dsjax.train.checkpoint import model_config_dict
+    from dsjax.train.checkpoint_io import model_config_dict
 
     with open(os.path.join(step_dir, "config", "metadata"), "w") as f:
         json.dump({"model": model_config_dict(cfg), "conversion": conversion}, f, indent=2)
@@ -174,7 +174,7 @@ def _write_config(step_dir, cfg, conversion):
 
 def open_orbax(checkpoint: str) -> tuple[str, ModelConfig, ParamsReader]:
     """(step dir, config, reader) for a converted checkpoint, a pretraining workdir or one of its step dirs."""
-    from dsjax.train.checkpoint import model_config_from_dict, read_step_config, step_dir
+    from dsjax.train.checkpoint_io import model_config_from_dict, read_step_config, step_dir
 
     step = step_dir(checkpoint)
     cfg = model_config_from_dict(read_step_config(step)["model"])
@@ -241,7 +241,7 @@ class LeafVerifier:
     export's worker threads in any order."""
 
     def __init__(self, step: str, reader: ParamsReader):
-        from dsjax.train.checkpoint import params_fingerprints
+        from dsjax.train.checkpoint_io import params_fingerprints
 
         self.step, self.reader = step, reader
         self.expected = params_fingerprints(step) or {}

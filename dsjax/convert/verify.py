@@ -140,7 +140,7 @@ def verify(
     """Logit gap between the HF directory (transformers) and the Orbax checkpoint (dsjax); None if too big."""
     import jax.numpy as jnp
 
-    from dsjax.train.checkpoint import load_for_inference
+    from dsjax.train.checkpoint_io import load_for_inference
 
     cfg, params = load_for_inference(checkpoint, dtype=jnp.float32)
     ok, need = fits(cfg)

@@ -44,7 +44,8 @@ from dsjax.rl.warm_start import warm_start
 from dsjax.runtime import resolve
 from dsjax.sampling import SamplingConfig
 from dsjax.tokenizer import load_tokenizer
-from dsjax.train.checkpoint import Checkpointer, load_for_inference, model_config_dict
+from dsjax.train.checkpoint import Checkpointer
+from dsjax.train.checkpoint_io import load_for_inference, model_config_dict
 from dsjax.train.lock import WorkdirLock
 from dsjax.train.loop import (
     NonFiniteGuard,

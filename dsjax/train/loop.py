@@ -21,7 +21,8 @@ import optax
 from dsjax.config import ModelConfig
 from dsjax.errors import CheckpointError, ConfigError
 from dsjax.model import DeepSeekV3
-from dsjax.train.checkpoint import Checkpointer, config_mismatch, model_config_from_dict
+from dsjax.train.checkpoint import Checkpointer
+from dsjax.train.checkpoint_io import config_mismatch, model_config_from_dict
 from sharding.state import bind, replicated, state_shardings
 
 # rope_scaling is a dict and the token ids are the tokenizer's business: neither is a command-line override

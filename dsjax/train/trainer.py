@@ -30,7 +30,8 @@ from dsjax.errors import ConfigError
 from dsjax.model import DeepSeekV3, head_weight
 from dsjax.runtime import resolve
 from dsjax.tokenizer import load_tokenizer
-from dsjax.train.checkpoint import Checkpointer, model_config_dict
+from dsjax.train.checkpoint import Checkpointer
+from dsjax.train.checkpoint_io import model_config_dict
 from dsjax.train.lock import WorkdirLock
 from dsjax.train.loop import (
     NonFiniteGuard,
