@@ -134,7 +134,7 @@ def compile_pretrain(config, devices, mesh_flag: str) -> dict:
 
 
 def compile_grpo(config, devices, mesh_flag: str) -> dict:
-    from dsjax.rl.trainer import GrpoRun
+    from dsjax.rl.run import GrpoRun
     from sharding.mesh import make_mesh
 
     mesh = make_mesh(mesh_flag or {"data": -1}, devices)

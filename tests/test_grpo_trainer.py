@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import dsjax
+from dsjax.rl import run as grpo_run
 from dsjax.rl import trainer as grpo_trainer
 from dsjax.rl import warm_start
 from dsjax.rl.rewards import Sample, WeightedReward, digit_credit, digits_then_eos, exact_answer, score
@@ -112,7 +113,7 @@ def test_trainer_logprobs_equal_sampler_logprobs_in_float32(cfg, params, rollout
 
 def test_second_inner_iteration_sees_ratio_not_one_and_clips(cfg, params, rollout):
     ocfg = OptimConfig(lr=0.05, warmup_steps=0, total_steps=2, schedule="constant", weight_decay=0.0)
-    update, _, tx = grpo_trainer.grpo_step_fns(cfg, ocfg, N, 0.7, "grpo", 0.2, 0.2, 0.0)
+    update, _, tx = grpo_run.grpo_step_fns(cfg, ocfg, N, 0.7, "grpo", 0.2, 0.2, 0.0)
     adv = np.tile([1.0, -1.0], len(rollout.lengths) // 2).astype(np.float32)
     batch = {
         "sequences": rollout.sequences,
@@ -196,7 +197,7 @@ def test_init_checkpoint_keeps_the_configs_runtime_knobs(cfg, params, tmp_path):
     c.init_checkpoint = str(tmp_path / "pre")
     c.model.update(runtime)
     c.model.num_hidden_layers = 3  # architecture: the checkpoint's wins
-    got, init = grpo_trainer.initial_policy(c, jax.devices()[:1])
+    got, init = grpo_run.initial_policy(c, jax.devices()[:1])
     assert {k: getattr(got, k) for k in RUNTIME_FIELDS} == runtime
     assert got.num_hidden_layers == cfg.num_hidden_layers == 2
     np.testing.assert_array_equal(init["lm_head"], params["lm_head"])

@@ -70,7 +70,7 @@ NO_OPT_STATE = {"unused": np.zeros((), np.int32)}
 
 
 def warm_start(run, workdir: str, key, run_config, mesh=None) -> tuple[Any, float]:
-    """Warm-start params and their held-out pass@1 for `run` (the trainer's GrpoRun): from <workdir>/sft if
+    """Warm-start params and their held-out pass@1 for `run` (dsjax.rl.run.GrpoRun): from <workdir>/sft if
     present, else init_checkpoint or random init, then `sft.steps` supervised steps, then saved there."""
     s, cfg = run.c.sft, run.cfg
     ocfg = OptimConfig(
