@@ -6,6 +6,7 @@ bit-equality of values and scales (every input holds an all-zero 128 x 128 tile 
   python experiments/bench_fp8_quantize.py --probe               # where XLA's and Triton's rounding part
   python experiments/bench_fp8_quantize.py --floor=196608,1024    # one pass's memory floor: copies, casts, timers
   python experiments/bench_fp8_quantize.py --act=204800,512       # SwiGLU fused with its quantization vs unfused
+  python experiments/bench_fp8_quantize.py --both="32768,4096;32768,1024"   # one-read quantize_both vs 2 passes
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ flags.DEFINE_string(
     "R,I: the experts' SwiGLU forward / backward fused with the quantization of its result (quantize_act.py) "
     "against the unfused path the layer took before (XLA's SwiGLU, then the Triton quantize_tiles), back to back.",
 )
+flags.DEFINE_string(
+    "both",
+    "",
+    "R,C shapes (;): quantize_gpu.quantize_both (one read of x, at several slice widths and warps) against "
+    "quantize_tiles + quantize_tiles_t (two reads), back to back.",
+)
 flags.DEFINE_bool("probe", False, "Print where XLA's and Triton's float32 -> e4m3 casts and divisions round apart.")
 flags.DEFINE_string(
     "sweep",
@@ -69,7 +76,8 @@ def _compare(got, want) -> str:
     wanted entry's magnitude, 0.0625 being one e4m3 step at the top of a binade; scales: the largest relative)."""
     out = []
     got, want = jax.tree.leaves(got), jax.tree.leaves(want)
-    for name, g, w in zip(("q", "s") if len(got) == 2 else ("value", "q", "s"), got, want):
+    names = {2: ("q", "s"), 3: ("value", "q", "s"), 4: ("q", "s", "qt", "st")}[len(got)]
+    for name, g, w in zip(names, got, want):
         if g.shape != w.shape:
             return f"{name} shape {g.shape} != {w.shape}"
         g, w = np.asarray(g.astype(jnp.float32)), np.asarray(w.astype(jnp.float32))
@@ -266,8 +274,24 @@ def act(r: int, i: int):
         _row(f"SwiGLU bwd + quantize_tiles(dgu), {block_r} x {warps}", [r, 2 * i], bwd, unfused_bwd, gu, dh)
 
 
+def both(shapes: str):
+    """The one-read quantize_both against the two passes ops.quantize_both runs now (codes compared)."""
+    print(f"device {jax.devices()[0].device_kind}")
+    print("| op | shape | one read vs two passes | one read ms | two passes ms |\n|---|---|---|---|---|")
+    two = lambda x: (quantize_gpu.quantize_tiles(x), quantize_gpu.quantize_tiles_t(x))  # noqa: E731
+    for spec in filter(None, shapes.split(";")):
+        r, c = map(int, spec.split(","))
+        x = jax.random.normal(jax.random.key(6), (r, c), jnp.bfloat16)
+        for half, warps in ((64, 4), (32, 4), (128, 8), (64, 8)):  # the first: quantize_both's defaults
+            one = functools.partial(quantize_gpu.quantize_both, half=half, num_warps=warps)
+            _row(f"quantize_both, 128 x {half} slices, {warps} warps", [r, c], one, two, x)
+
+
 def main(argv):
     del argv
+    if FLAGS.both:
+        both(FLAGS.both)
+        return
     if FLAGS.act:
         act(*map(int, FLAGS.act.split(",")))
         return

@@ -85,6 +85,7 @@ def test_fp8_quantize_kernels_lower_for_cuda():
     xb = S((M, K), BF16)  # the BlockSpec-tiled variants, on shapes their tiles divide
     _lower_for_cuda(lambda a: quantize_gpu.quantize_tiles(a, blocked=True), xb, kernel=triton)
     _lower_for_cuda(lambda a: quantize_gpu.quantize_tiles_t(a, blocked=True), xb, kernel=triton)
+    _lower_for_cuda(quantize_gpu.quantize_both, x, kernel=triton)  # one read for both (untimed)
 
 
 def test_fp8_activation_quantizers_lower_for_cuda():

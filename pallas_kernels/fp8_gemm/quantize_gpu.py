@@ -6,13 +6,15 @@
     q, s = quantize_tiles_t(x)           # == quantize_tiles(x.T): x [R, C] -> q [C, R], s [C, ceil(R / 128)]
     q, s = quantize_tiles_t(x, index)    # == quantize_tiles(take_aligned(x, index).T): rows gathered first
     q, s = quantize_tiles_t(x, index, w) # the gathered rows scaled by w [R'] first (float32)
+    (q, s), (qt, st) = quantize_both(x)  # quantize_tiles(x) and quantize_tiles_t(x), x read from memory once
 
 XLA runs each of these as a reduce fusion plus a cast (and a transpose or gather); here a program reads its tile
 once, reduces, scales and casts in registers, and writes e4m3 (transposed where asked). On the H200 XLA takes up to
 2x their time on small's activations (on par for arrays under ~1M elements, where launch costs rule), 3-9x on the
 gathered operand below; quantize_tiles moves 3.2 TB/s, 80-90% of a cast-only pass (BENCHMARKS.md, 2026-12-04
-fifth FP8 session). Reading x once for both of a layer's quantizations ran slower than the two passes each time it
-was tried (ops.quantize_both) and was dropped.
+fifth FP8 session). Reading x once for both of a layer's quantizations ran slower than the two passes the two times
+it was tried (a masked-store kernel, then 128 x 128 BlockSpec tiles); quantize_both here is a third design, untimed
+(see its doc), which ops.quantize_both does not call yet.
 
 A weight gradient x^T . dy contracts the tokens, and FP8 wgmma takes both operands K-major, so its operands are
 the activations and output gradients transposed, tile-scaled along the tokens. Done by XLA as gather, transpose,
@@ -228,3 +230,68 @@ def quantize_blocks(w, *, interpret: bool = False):
         name="fp8_quantize_blocks",
     )(w3)
     return q.reshape(*lead, n, k), s.reshape(*lead, nt, kt)
+
+
+def _nan_max(a, b):
+    """max(a, b) that keeps a NaN (Triton's maximum drops it)."""
+    return jnp.where((a != a) | (b != b), jnp.nan, jnp.maximum(a, b))
+
+
+def _both_kernel(x_ref, q_ref, s_ref, qt_ref, st_ref, *, rows: int, cols: int, half: int):
+    row = pl.program_id(0) * TILE + jnp.arange(TILE, dtype=jnp.int32)
+    row_ok = (row < rows)[:, None]
+
+    def part(h):  # this program's h-th [128, half] column slice: columns, validity, float32 values
+        col = pl.program_id(1) * TILE + h * half + jnp.arange(half, dtype=jnp.int32)
+        ok = row_ok & (col < cols)[None, :]
+        return col, ok, pltriton.load(x_ref.at[row[:, None], col[None, :]], mask=ok, other=0).astype(jnp.float32)
+
+    amax = None
+    for h in range(TILE // half):  # column tiles along the rows: complete in each slice; row maxima accumulate
+        col, ok, t = part(h)
+        qt, st = to_e4m3(t, nan_amax(t, axis=0)[None, :])
+        pltriton.store(qt_ref.at[col[:, None], row[None, :]], qt.T, mask=ok.T)
+        st_ref[:, h * half : (h + 1) * half] = st
+        amax = nan_amax(t, axis=1) if amax is None else _nan_max(amax, nan_amax(t, axis=1))
+    for h in range(TILE // half):  # the row tiles, from a second read of the slices (L2: this program just read them)
+        col, ok, t = part(h)
+        q, scale = to_e4m3(t, amax[:, None])
+        pltriton.store(q_ref.at[row[:, None], col[None, :]], q, mask=ok)
+    s_ref[...] = scale.T
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "half", "num_warps"))
+def quantize_both(x, *, interpret: bool = False, half: int = 64, num_warps: int = 4):
+    """x [R, C] -> ((q [R, C], s [R, ceil(C / 128)]) = quantize_tiles(x), (qt [C, R], st [C, ceil(R / 128)]) =
+    quantize_tiles_t(x)), x read from memory once. A program takes a 128 x 128 tile as two 128 x `half` slices
+    (the 128 x 64 tiles quantize_tiles_t runs fastest on, 64 float32 values a thread over 4 warps): each slice's
+    column codes are complete and written at once while the rows' maxima accumulate; the row codes then come from
+    reading the slices again, which this program has just brought into L2. Memory traffic: one bf16 read and two
+    e4m3 writes per element (4 bytes) against the two passes' two reads (6 bytes). Untimed on a GPU
+    (experiments/bench_fp8_quantize.py --both); the two earlier one-read designs measured slower than the passes."""
+    if TILE % half:
+        raise ValueError(f"quantize_both: half must divide {TILE}, got {half}")
+    rows, cols = x.shape
+    row_tiles, col_tiles = tiles(rows), tiles(cols)
+    whole = lambda shape: pl.BlockSpec(shape, lambda r, c: (0, 0))  # noqa: E731 - masked pointer access
+    q, s, qt, st = pl.pallas_call(
+        functools.partial(_both_kernel, rows=rows, cols=cols, half=half),
+        grid=(row_tiles, col_tiles),
+        in_specs=[whole((rows, cols))],
+        out_specs=[
+            whole((rows, cols)),
+            pl.BlockSpec((1, TILE), lambda r, c: (c, r)),
+            whole((cols, rows)),
+            pl.BlockSpec((1, TILE), lambda r, c: (r, c)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((rows, cols), E4M3),
+            jax.ShapeDtypeStruct((col_tiles, row_tiles * TILE), jnp.float32),
+            jax.ShapeDtypeStruct((cols, rows), E4M3),
+            jax.ShapeDtypeStruct((row_tiles, col_tiles * TILE), jnp.float32),
+        ],
+        compiler_params=_params(num_warps),
+        interpret=interpret,
+        name="fp8_quantize_both",
+    )(x)
+    return (q, s[:, :rows].T), (qt, st[:, :cols].T)
