@@ -249,29 +249,44 @@ def probe():
 
 
 def act(r: int, i: int):
-    """The fused activation quantizers against the two passes they replace (codes compared: rare one-step
-    differences where Triton's sigmoid rounds apart from XLA's)."""
+    """The experts' SwiGLU and both quantizations of its result, forward and backward, three ways: unfused (XLA's
+    SwiGLU, then the Triton quantize_tiles and quantize_tiles_t passes), single-axis fused (act_quantize, what the
+    layer runs, + the transposing pass) and two-way fused (act_quantize_both: the result never written). Codes
+    compared with the unfused path's (rare one-step differences where Triton's sigmoid rounds apart from XLA's)."""
     kg, kd = jax.random.split(jax.random.key(5))
     gu = jax.random.normal(kg, (r, 2 * i), jnp.bfloat16)
     dh = jax.random.normal(kd, (r, i), jnp.bfloat16)
     bf16 = jnp.bfloat16
+    both_ways = lambda x: (quantize_gpu.quantize_tiles(x), quantize_gpu.quantize_tiles_t(x))  # noqa: E731
 
     def unfused_fwd(gu):
-        h = swiglu(gu[:, :i], gu[:, i:], bf16)
-        return h, quantize_gpu.quantize_tiles(h)
+        return both_ways(swiglu(gu[:, :i], gu[:, i:], bf16))
 
     def unfused_bwd(gu, dh):
-        dgu = jnp.concatenate(jax.vjp(lambda a, b: swiglu(a, b, bf16), gu[:, :i], gu[:, i:])[1](dh), axis=-1)
-        return dgu, quantize_gpu.quantize_tiles(dgu)
+        return both_ways(jnp.concatenate(jax.vjp(lambda a, b: swiglu(a, b, bf16), gu[:, :i], gu[:, i:])[1](dh), -1))
 
     print(f"device {jax.devices()[0].device_kind}")
     print("| op | shape | fused vs unfused | fused ms | unfused ms |\n|---|---|---|---|---|")
+    shape = [r, 2 * i]
     for block_r, warps in ((32, 4), (64, 4), (64, 8), (16, 4)):  # the first: quantize_act.BLOCK_R's default
         how = dict(block_r=block_r, num_warps=warps)
-        fwd = functools.partial(quantize_act.act_quantize, act=swiglu, dtype=bf16, **how)
-        bwd = functools.partial(quantize_act.act_bwd_quantize, act=swiglu, **how)
-        _row(f"SwiGLU + quantize_tiles(h), {block_r} rows x {warps} warps", [r, 2 * i], fwd, unfused_fwd, gu)
-        _row(f"SwiGLU bwd + quantize_tiles(dgu), {block_r} x {warps}", [r, 2 * i], bwd, unfused_bwd, gu, dh)
+
+        def fwd(gu, how=how):
+            h, q = quantize_act.act_quantize(gu, swiglu, bf16, **how)
+            return q, quantize_gpu.quantize_tiles_t(h)
+
+        def bwd(gu, dh, how=how):
+            dgu, q = quantize_act.act_bwd_quantize(gu, dh, swiglu, **how)
+            return q, quantize_gpu.quantize_tiles_t(dgu)
+
+        _row(f"fwd: act_quantize ({block_r} rows x {warps} warps) + quantize_tiles_t", shape, fwd, unfused_fwd, gu)
+        _row(f"bwd: act_bwd_quantize ({block_r} x {warps}) + quantize_tiles_t", shape, bwd, unfused_bwd, gu, dh)
+    for slice_, warps in ((32, 4), (64, 4), (32, 8), (64, 8), (16, 4)):  # the first: the two-way defaults
+        how = dict(slice_=slice_, num_warps=warps)
+        fwd = functools.partial(quantize_act.act_quantize_both, act=swiglu, dtype=bf16, **how)
+        bwd = functools.partial(quantize_act.act_bwd_quantize_both, act=swiglu, **how)
+        _row(f"fwd: act_quantize_both (128 x {slice_} slices, {warps} warps)", shape, fwd, unfused_fwd, gu)
+        _row(f"bwd: act_bwd_quantize_both (128 x {slice_}, {warps} warps)", shape, bwd, unfused_bwd, gu, dh)
 
 
 def both(shapes: str):

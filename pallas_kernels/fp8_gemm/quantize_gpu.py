@@ -237,27 +237,44 @@ def _nan_max(a, b):
     return jnp.where((a != a) | (b != b), jnp.nan, jnp.maximum(a, b))
 
 
+def quantize_two_ways(values, outs, row, row_ok, col0, cols: int, half: int):
+    """Inside a Triton program: both quantizations of [128, 128] tiles (rows `row`, columns col0 ..) of one or more
+    results, produced as 128 x `half` float32 slices by values(col, ok) -> a tuple of [128, half] arrays (one per
+    result; out-of-range entries 0). Each slice's column codes (128 x 1 tiles along the rows) are complete and
+    written at once while the rows' maxima accumulate; the row codes (1 x 128 tiles) then come from producing the
+    slices again, whose inputs this program has just brought into L2. outs: per result (q_ref [., C'] and qt_ref
+    [C', .] e4m3, written by masked pointer stores at columns col + offset; s_ref and st_ref: this program's
+    blocks of its row and column scales, [1, 128] after `index`, a static leading index or () (Triton lowers
+    one indexer per access, so no .at views); index; offset). One read of the inputs from memory and two e4m3
+    writes per element, instead of a stored result read back by two passes."""
+    amax = [None] * len(outs)
+    for h in range(TILE // half):
+        col = col0 + h * half + jnp.arange(half, dtype=jnp.int32)
+        ok = row_ok & (col < cols)[None, :]
+        for i, ((_, _, qt_ref, st_ref, index, offset), t) in enumerate(zip(outs, values(col, ok))):
+            qt, st = to_e4m3(t, nan_amax(t, axis=0)[None, :])
+            pltriton.store(qt_ref.at[col[:, None] + offset, row[None, :]], qt.T, mask=ok.T)
+            st_ref[(slice(None), *index, slice(h * half, (h + 1) * half))] = st
+            amax[i] = nan_amax(t, axis=1) if amax[i] is None else _nan_max(amax[i], nan_amax(t, axis=1))
+    for h in range(TILE // half):
+        col = col0 + h * half + jnp.arange(half, dtype=jnp.int32)
+        ok = row_ok & (col < cols)[None, :]
+        for (q_ref, s_ref, _, _, index, offset), t, m in zip(outs, values(col, ok), amax):
+            q, scale = to_e4m3(t, m[:, None])
+            pltriton.store(q_ref.at[row[:, None], col[None, :] + offset], q, mask=ok)
+            s_ref[(*index, slice(None), slice(None))] = scale.T
+
+
 def _both_kernel(x_ref, q_ref, s_ref, qt_ref, st_ref, *, rows: int, cols: int, half: int):
     row = pl.program_id(0) * TILE + jnp.arange(TILE, dtype=jnp.int32)
     row_ok = (row < rows)[:, None]
 
-    def part(h):  # this program's h-th [128, half] column slice: columns, validity, float32 values
-        col = pl.program_id(1) * TILE + h * half + jnp.arange(half, dtype=jnp.int32)
-        ok = row_ok & (col < cols)[None, :]
-        return col, ok, pltriton.load(x_ref.at[row[:, None], col[None, :]], mask=ok, other=0).astype(jnp.float32)
+    def values(col, ok):
+        return (pltriton.load(x_ref.at[row[:, None], col[None, :]], mask=ok, other=0).astype(jnp.float32),)
 
-    amax = None
-    for h in range(TILE // half):  # column tiles along the rows: complete in each slice; row maxima accumulate
-        col, ok, t = part(h)
-        qt, st = to_e4m3(t, nan_amax(t, axis=0)[None, :])
-        pltriton.store(qt_ref.at[col[:, None], row[None, :]], qt.T, mask=ok.T)
-        st_ref[:, h * half : (h + 1) * half] = st
-        amax = nan_amax(t, axis=1) if amax is None else _nan_max(amax, nan_amax(t, axis=1))
-    for h in range(TILE // half):  # the row tiles, from a second read of the slices (L2: this program just read them)
-        col, ok, t = part(h)
-        q, scale = to_e4m3(t, amax[:, None])
-        pltriton.store(q_ref.at[row[:, None], col[None, :]], q, mask=ok)
-    s_ref[...] = scale.T
+    quantize_two_ways(
+        values, ((q_ref, s_ref, qt_ref, st_ref, (), 0),), row, row_ok, pl.program_id(1) * TILE, cols, half
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "half", "num_warps"))
