@@ -101,6 +101,9 @@ def run_model(flags: list[str], ckpt: str | None) -> dict:
         "bias_moved": maxdiff(bias(ref1[0]), bias(params)),
         "meshes": {},
     }
+    fp8_model = dsjax.DeepSeekV3(cfg.replace(fp8="e4m3", fp8_backend="xla"))
+    fp8_grad = jax.value_and_grad(lambda p, b: lm_loss_of(fp8_model, cfg, p, b))
+    fp8_loss0, fp8_grads0 = jax.jit(fp8_grad)(params, batch)
     state = None
     for flag in flags:
         mesh = make_mesh(flag)
@@ -109,6 +112,7 @@ def run_model(flags: list[str], ckpt: str | None) -> dict:
         fn = bind(mesh, jax.jit(grad_fn))
         (loss, (logits, counts)), grads = fn(p, b)
         hlo = bind(mesh, lambda *a: jax.jit(grad_fn).lower(*a).as_text())(p, b)
+        fp8 = fp8_on_mesh(bind(mesh, jax.jit(fp8_grad))(p, b), (fp8_loss0, fp8_grads0), grads0)  # before p is donated
         step, _, _, _ = make_step_fns(cfg, c, mesh)
         p1, o1, m1 = step(p, o, np.int32(0), shard_batch(mesh, micro, batch_dim=1))
         experts = p1["moe_layers"]["mlp"]["experts_gate_up_proj"].sharding.spec
@@ -124,6 +128,7 @@ def run_model(flags: list[str], ckpt: str | None) -> dict:
             "all_to_all": "all_to_all" in hlo,
             "expert_spec": str(experts),
             "lm_head_moment_spec": str(o1[1].inner_states["decay"].inner_state[0].mu["lm_head"].sharding.spec),
+            "fp8": fp8,
         }
         state = (mesh, step, p1, o1)
     if ckpt:  # written under the last mesh, restored under the first, trained one more step there
@@ -146,6 +151,25 @@ def run_model(flags: list[str], ckpt: str | None) -> dict:
         }
         np.save(f"{ckpt}/lm_head.npy", np.asarray(p1["lm_head"]))
     return out
+
+
+def lm_loss_of(model, cfg, p, b):
+    _, _, aux = model.apply({"params": p}, b["inputs"], b["positions"], b["segment_ids"])
+    return lm_loss(aux["hidden"], head_weight(p, cfg), b["targets"], b["loss_mask"])[0]
+
+
+def fp8_on_mesh(mesh_run, one, f32_grads) -> dict:
+    """(loss, grads) of the FP8 model on a mesh against one device's and float32's: relative loss difference and
+    relative norms of the whole gradient's differences."""
+    flat = lambda g: jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(g)])  # noqa: E731
+    rel = lambda a, b: float(jnp.linalg.norm(flat(a) - flat(b)) / jnp.linalg.norm(flat(b)))  # noqa: E731
+    (loss, grads), (loss1, grads1) = mesh_run, one
+    return {
+        "loss": abs(float(loss - loss1)) / abs(float(loss1)),
+        "mesh_vs_one": rel(grads, grads1),
+        "one_vs_f32": rel(grads1, f32_grads),
+        "mesh_vs_f32": rel(grads, f32_grads),
+    }
 
 
 def moe_setup(**overrides):

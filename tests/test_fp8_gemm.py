@@ -263,6 +263,31 @@ def test_fp8_dots_share_one_quantization_and_equal_fp8_dot_per_kernel():
         assert g.shape == w.shape and _rel(g, w) < bound, _rel(g, w)
 
 
+@pytest.mark.parametrize("backend", LAYER_BACKENDS)
+def test_fp8_mlp_equals_its_composition(backend):
+    """fp8_mlp (the dense MLPs and shared experts in FP8, SwiGLU fused with h's quantization on the GPU) gives
+    exactly what fp8_dots([gate, up]) -> swiglu -> fp8_dot(down) gives: output and all four gradients, on a row
+    count off the tiles and widths that are not multiples of 128 (the unfused SwiGLU then)."""
+    from dsjax.layers.fp8 import fp8_dot, fp8_dots, fp8_mlp
+    from dsjax.layers.mlp import swiglu
+
+    rng = np.random.default_rng(13)
+    for d, i in ((256, 384), (200, 96)):
+        x = jnp.asarray(rng.standard_normal((2, 70, d)) * 10.0 ** rng.integers(-2, 3, (2, 70, 1)), jnp.bfloat16)
+        ws = [jnp.asarray(rng.standard_normal(s) * 0.05, jnp.float32) for s in ((d, i), (d, i), (i, d))]
+        g = jnp.asarray(rng.standard_normal((2, 70, d)), jnp.bfloat16)
+
+        def composed(x, gate, up, down):
+            a, b = fp8_dots(x, [gate, up], backend)
+            return fp8_dot(swiglu(a, b, a.dtype), down, backend)
+
+        got = jax.vjp(lambda *a: fp8_mlp(*a, swiglu, backend), x, *ws)
+        want = jax.vjp(composed, x, *ws)
+        for a, b in zip((got[0], *got[1](g)), (want[0], *want[1](g))):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
 def test_fp8_model_trains_close_to_bf16():
     """ModelConfig.fp8="e4m3" (linear layers and routed experts in FP8; head, router, norms, attention core and
     eh_proj not): the loss matches bf16 to 0.1% and the whole gradient is within 15% (relative norm; bf16 itself

@@ -9,9 +9,9 @@ activation gradient come back in the compute dtype, the weight gradient in the w
 (embedding, output head, router, norms, attention core, MTP's eh_proj) stays in the compute dtype or float32.
 
 Entry points: fp8_dot (a Linear), fp8_dots (Linears on one input, e.g. q_a_proj + kv_a_proj: one quantization of x
-and one GEMM), fp8_expert_ffn (the routed experts' SwiGLU and combine on rows in align_groups' layout, the tokens
-and their gradient quantized in token space) and fp8_grouped_matmul (one expert projection, for expert
-parallelism's received rows).
+and one GEMM), fp8_mlp (a SwiGLU MLP: the dense layers' and the shared experts'), fp8_expert_ffn (the routed
+experts' SwiGLU and combine on rows in align_groups' layout, the tokens and their gradient quantized in token
+space) and fp8_grouped_matmul (one expert projection, for expert parallelism's received rows).
 
 The residuals are the input's weight-gradient operand (x^T quantized along the tokens, for the experts on
 align_groups' layout) instead of x, and the forward's quantized weight, whose transposed blocks are the dgrad's
@@ -30,8 +30,10 @@ from __future__ import annotations
 import functools
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.fp8_gemm import (
     act_bwd_quantize,
@@ -47,6 +49,22 @@ from pallas_kernels.fp8_gemm import (
     quantize_tiles_t,
     transposed_blocks,
 )
+from sharding.rules import logical_spec
+
+
+def on_local_tokens(fn, x, *weights):
+    """fn(x, *weights) on each device's tokens when a mesh is bound (sharding.rules.activate): the FP8 kernels are
+    Pallas calls, which have no partitioning rule, so under a sharded jit XLA would gather every operand onto every
+    device and run the whole layer on each. x [B, T, K] (or [N, K]) is split as its logical ("batch", "seq")
+    layout says; the weights enter whole (XLA gathers FSDP shards before the call, as it does for a sharded dot;
+    a tensor-parallel split of them is gathered too) and shard_map's transpose sums their gradients over the
+    devices. Without a mesh, or inside a shard_map already, fn runs as it is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.manual_axes:
+        return fn(x, *weights)
+    names = ("batch", "seq", None) if x.ndim == 3 else ("batch",) + (None,) * (x.ndim - 1)
+    spec = logical_spec(names, mesh, x.shape, nn.get_logical_axis_rules())
+    return jax.shard_map(fn, in_specs=(spec, *[P()] * len(weights)), out_specs=spec, check_vma=False)(x, *weights)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -170,6 +188,46 @@ def _expert_ffn_bwd(combine, act, backend, res, g):
 
 
 fp8_expert_ffn.defvjp(_expert_ffn_fwd, _expert_ffn_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def fp8_mlp(x, gate, up, down, act, backend="auto"):
+    """A SwiGLU MLP in e4m3 (dense layers, shared experts): act(x @ gate, x @ up) @ down for x [..., D], gate and
+    up [D, I], down [I, D]; act(gate, up, dtype) is dsjax.layers.mlp's swiglu. Numerically fp8_dots([gate, up]),
+    act, then fp8_dot(down); the activation and its backward quantize their results in the same pass
+    (act_quantize / act_bwd_quantize), as in fp8_expert_ffn."""
+    return _mlp_fwd(x, gate, up, down, act, backend)[0]
+
+
+def _mlp_fwd(x, gate, up, down, act, backend):
+    dt, lead = x.dtype, x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    (xq, xs), x_t = quantize_both(x2, backend=backend)
+    w1 = quantize_blocks(jnp.concatenate([gate, up], axis=1), backend=backend)
+    gu = fp8_gemm(xq, xs, *w1, out_dtype=dt, backend=backend)
+    h, (hq, hs) = act_quantize(gu, act, dt, backend=backend)
+    h_t = quantize_tiles_t(h, backend=backend)  # down's weight-gradient operand
+    w2 = quantize_blocks(down, backend=backend)
+    y = fp8_gemm(hq, hs, *w2, out_dtype=dt, backend=backend)
+    like = tuple(_dtype_of(w) for w in (gate, up, down))
+    return y.reshape(*lead, -1), (x_t, w1, gu, h_t, w2, like)
+
+
+def _mlp_bwd(act, backend, res, g):
+    x_t, w1, gu, h_t, w2, (like_gate, like_up, like_down) = res
+    lead = g.shape[:-1]
+    (gq, gs), g_t = quantize_both(g.reshape(-1, g.shape[-1]), backend=backend)
+    dh = fp8_gemm(gq, gs, *transposed_blocks(*w2), out_dtype=g.dtype, backend=backend)
+    ddown = fp8_wgrad(*h_t, *g_t, backend=backend)
+    dgu, (dq, ds) = act_bwd_quantize(gu, dh, act, backend=backend)
+    dgu_t = quantize_tiles_t(dgu, backend=backend)
+    dx = fp8_gemm(dq, ds, *transposed_blocks(*w1), out_dtype=g.dtype, backend=backend)
+    dgate, dup = jnp.split(fp8_wgrad(*x_t, *dgu_t, backend=backend), 2, axis=1)
+    dw = (dgate.astype(like_gate.dtype), dup.astype(like_up.dtype), ddown.astype(like_down.dtype))
+    return (dx.reshape(*lead, -1), *dw)
+
+
+fp8_mlp.defvjp(_mlp_fwd, _mlp_bwd)
 
 
 def fp8_dots(x: jax.Array, kernels, backend: str = "auto") -> list[jax.Array]:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
 from dsjax.layers.attention import attention
-from dsjax.layers.fp8 import fp8_dot, fp8_dots
+from dsjax.layers.fp8 import fp8_dot, fp8_dots, on_local_tokens
 from dsjax.layers.norms import RMSNorm
 from dsjax.layers.rope import apply_rope
 from dsjax.runtime import resolved
@@ -48,7 +48,8 @@ class Linear(nn.Module):
         dt = jnp.dtype(self.cfg.dtype)
         if self.fp8 and self.cfg.fp8 == "e4m3":
             # quantized from the master weight; its gradient comes back float32
-            return fp8_dot(x.astype(dt), self.kernel, self.cfg.fp8_backend)
+            backend = self.cfg.fp8_backend
+            return on_local_tokens(lambda x, w: fp8_dot(x, w, backend), x.astype(dt), self.kernel)
         return jnp.dot(x.astype(dt), self.kernel.astype(dt))
 
 
@@ -58,7 +59,8 @@ def linears(x: jax.Array, layers) -> list[jax.Array]:
     cfg = layers[0].cfg
     if cfg.fp8 == "e4m3" and all(layer.fp8 for layer in layers):
         kernels = [layer.kernel for layer in layers]
-        return fp8_dots(x.astype(jnp.dtype(cfg.dtype)), kernels, cfg.fp8_backend)
+        dots = lambda x, *ws: fp8_dots(x, list(ws), cfg.fp8_backend)  # noqa: E731
+        return on_local_tokens(dots, x.astype(jnp.dtype(cfg.dtype)), *kernels)
     return [layer(x) for layer in layers]
 
 

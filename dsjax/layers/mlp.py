@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
+from dsjax.layers.fp8 import fp8_mlp, on_local_tokens
 from dsjax.layers.mla import Linear, linears
 
 
@@ -24,7 +25,13 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        d, i = x.shape[-1], self.intermediate_size
-        gate, up = linears(x, [Linear(d, i, self.cfg, name="gate_proj"), Linear(d, i, self.cfg, name="up_proj")])
+        d, i, cfg = x.shape[-1], self.intermediate_size, self.cfg
+        gate_proj, up_proj = Linear(d, i, cfg, name="gate_proj"), Linear(d, i, cfg, name="up_proj")
+        down_proj = Linear(i, d, cfg, name="down_proj")
+        if cfg.fp8 == "e4m3":  # the whole MLP in one FP8 function: its SwiGLU quantizes h in the same pass
+            kernels = (gate_proj.kernel, up_proj.kernel, down_proj.kernel)
+            mlp = lambda x, *ws: fp8_mlp(x, *ws, swiglu, cfg.fp8_backend)  # noqa: E731
+            return on_local_tokens(mlp, x.astype(jnp.dtype(cfg.dtype)), *kernels)
+        gate, up = linears(x, [gate_proj, up_proj])
         hidden = nn.with_logical_constraint(swiglu(gate, up, gate.dtype), ("batch", "seq", "mlp")[-x.ndim :])
-        return Linear(i, d, self.cfg, name="down_proj")(hidden)
+        return down_proj(hidden)
