@@ -1,5 +1,5 @@
-"""An activation and the 1 x 128 tile quantization of its result in one pass (Pallas Triton): the routed experts'
-SwiGLU forward and backward in the FP8 expert layer.
+"""An activation and the 1 x 128 tile quantization of its result in one pass (Pallas Triton): the SwiGLU forward
+and backward of the FP8 layers (dsjax.layers.fp8: routed experts, shared experts, dense MLPs).
 
     h, (hq, hs) = act_quantize(gu, act, dtype)        # gu [R, 2I] = [gate | up]: h = act(gate, up, dtype) [R, I],
                                                       # (hq, hs) = quantize_tiles(h)
