@@ -20,9 +20,14 @@ operand. With fp8_backend "gpu" (dsjax.runtime's "auto" on Hopper) every quantiz
 kernel. On the H200 (experiments/BENCHMARKS.md, fourth and fifth FP8 sessions) small's 1,000-step FP8 run tracks
 BF16's loss curve (44.6 vs 49.8 GiB) but runs 1.05x slower (112.3k vs 117.7k tokens/s): its FP8 GEMMs beat
 bf16's (the experts' 28 ms a step against 43), but at small's widths (1024 / 512) the quantization passes, ~35 ms
-a step, eat the gain. Fusing them into one-read kernels measured slower; what remains is to fuse them into the
-passes that produce the operands or into the GEMMs' epilogues. The experts' SwiGLU, forward and backward, now
+a step, eat the gain: at these widths the passes' ~6 bytes per operand element cost about what FP8 saves in the
+GEMMs (break-even where K N / (K + N) ~ 560; DeepSeek-V3's layers are 3-9x past it: BENCHMARKS.md, "FP8 at
+small's widths"). Fusing them into one-read kernels measured slower; what remains is to fuse them into the passes
+that produce the operands or into the GEMMs' epilogues. Every SwiGLU (experts, shared experts, dense MLPs) now
 quantizes its result along I in the same pass (act_quantize / act_bwd_quantize; untimed on a GPU as of 2026-12-04).
+
+Under a bound mesh each FP8 layer runs per device (on_local_tokens): the kernels are Pallas calls, which XLA's
+partitioner cannot split.
 """
 
 from __future__ import annotations
