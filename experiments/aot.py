@@ -112,7 +112,7 @@ def _batch(mesh, shapes: dict, batch_dim: int):
 def compile_pretrain(config, devices, mesh_flag: str) -> dict:
     from dsjax.runtime import resolve
     from dsjax.train.loop import check_counts, model_config
-    from dsjax.train.trainer import make_step_fns
+    from dsjax.train.step import make_step_fns
     from sharding.mesh import make_mesh
 
     check_counts(config, "train", positive=("grad_accum",))

@@ -114,7 +114,7 @@ def bench_step(cfg, batch_size, seq_len, steps, mtp_lambda, profile, optim=None)
 
     from dsjax.train.loop import init_params
     from dsjax.train.optim import OptimConfig
-    from dsjax.train.trainer import step_fns
+    from dsjax.train.step import step_fns
     from experiments.bench_util import synthetic_batch, time_steps
     from experiments.step_profile import profile_components
 

@@ -60,7 +60,7 @@ def bench(cfg, mesh, batch_per_device: int, seq_len: int, steps: int, mtp_lambda
 
     from dsjax.train.loop import init_params
     from dsjax.train.optim import OptimConfig
-    from dsjax.train.trainer import step_fns
+    from dsjax.train.step import step_fns
     from experiments.bench_util import synthetic_batch, time_steps
     from sharding.state import shard_batch, state_shardings
 

@@ -26,7 +26,7 @@ from dsjax.train.checkpoint import Checkpointer
 from dsjax.train.checkpoint_io import model_config_dict
 from dsjax.train.loop import model_config
 from dsjax.train.losses import lm_loss
-from dsjax.train.trainer import make_step_fns
+from dsjax.train.step import make_step_fns
 from experiments.configs import tiny
 from sharding.mesh import make_mesh
 from sharding.rules import activate

@@ -122,7 +122,7 @@ def test_train_step_never_holds_the_logits():
     from dsjax.config import ModelConfig
     from dsjax.train.loop import init_params
     from dsjax.train.losses import CE_CHUNK
-    from dsjax.train.trainer import make_step_fns
+    from dsjax.train.step import make_step_fns
     from experiments.bench_util import synthetic_batch
     from experiments.configs import tiny
 

@@ -255,7 +255,7 @@ def test_loss_weights(tiny_cfg, tiny_params):
 def test_bias_update_uses_whole_step_counts(corpus, tmp_path):
     """With grad accumulation the bias moves once per optimizer step, by the counts of all micro-batches."""
     from dsjax.train.loop import model_config
-    from dsjax.train.trainer import make_step_fns
+    from dsjax.train.step import make_step_fns
 
     c = small_config(corpus, grad_accum=2, bias_gamma=0.5, mtp_lambda=0.0)
     c.model.num_nextn_predict_layers = 0  # a smaller program to compile; MTP routers are covered elsewhere

@@ -4,16 +4,14 @@ periodic eval (loss, bits per byte), async Orbax checkpoints, resume, clean exit
 `train(config, workdir, mesh)` takes the ml_collections config of experiments/configs/*.py (sections model, data,
 optim, train) and a device mesh (sharding/mesh.py; default: every device on the data axis) and returns a summary
 dict. Parameters and optimizer state are laid out by sharding/rules.py, batches are split over its batch axes.
-The plumbing it shares with the GRPO trainer (stop flag, resume check, optimizer step, jitting with or without a
-mesh) is in dsjax/train/loop.py.
+The jitted step itself is dsjax/train/step.py; the plumbing shared with the GRPO trainer (stop flag, resume check,
+optimizer step, jitting with or without a mesh) is in dsjax/train/loop.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import math
 import os
 import queue
 import threading
@@ -27,7 +25,6 @@ import numpy as np
 from dsjax.config import ModelConfig
 from dsjax.data import make_datasets
 from dsjax.errors import ConfigError
-from dsjax.model import DeepSeekV3, head_weight
 from dsjax.runtime import resolve
 from dsjax.tokenizer import load_tokenizer
 from dsjax.train.checkpoint import Checkpointer
@@ -38,17 +35,13 @@ from dsjax.train.loop import (
     ResumeCheck,
     StopFlag,
     check_counts,
-    guarded_update,
     init_params,
-    jit_forward,
-    jit_train_step,
     model_config,
     save_due,
     to_plain,
 )
-from dsjax.train.losses import fused_cross_entropy, lm_loss
 from dsjax.train.metrics import MetricsLogger, peak_flops, peak_memory_gib, train_flops_per_token
-from dsjax.train.optim import OptimConfig, lr_schedule, make_optimizer, update_router_bias
+from dsjax.train.step import evaluate, make_step_fns
 from sharding.mesh import describe, make_mesh
 from sharding.rules import batch_shards
 from sharding.state import shard_batch, state_shardings
@@ -119,121 +112,6 @@ def own_data_state(data: dict) -> dict:
             f"{jax.process_count()}; resume with the same process count"
         )
     return states[jax.process_index()]
-
-
-def make_step_fns(cfg: ModelConfig, config, mesh=None):
-    """(jitted train_step, jitted eval_step, use_mtp, optimizer) for a run's ml_collections config: `step_fns`
-    with its `optim` section (scheduled over train.steps) and the loss weights and bias rate of its `train`."""
-    t = config.train
-    return step_fns(
-        cfg,
-        OptimConfig(**{**to_plain(config.optim), "total_steps": t.steps}),
-        mtp_lambda=float(t.mtp_lambda),
-        balance_alpha=float(t.balance_alpha),
-        bias_gamma=float(t.bias_gamma),
-        mesh=mesh,
-    )
-
-
-def _step_metrics(m: dict, counts: dict, gnorm, skipped, lr) -> dict:
-    """The logged metrics of one step: losses, grad norm, whether it was skipped (not finite), LR, expert load
-    spread of the MoE layers."""
-    out = {k: v for k, v in m.items() if k.startswith("loss/")}
-    out["loss"] = out.pop("loss/total")
-    out["grad_norm"] = gnorm
-    out["skipped"] = skipped
-    out["lr"] = lr
-    if "moe_layers" in counts:
-        c = counts["moe_layers"].astype(jnp.float32)
-        out["expert_load/max_over_mean"] = jnp.max(c.max(-1) / jnp.maximum(c.mean(-1), 1.0))
-        out["expert_load/min_over_mean"] = jnp.min(c.min(-1) / jnp.maximum(c.mean(-1), 1.0))
-    return out
-
-
-@functools.lru_cache(maxsize=8)
-def step_fns(
-    cfg: ModelConfig, ocfg: OptimConfig, *, mtp_lambda: float, balance_alpha: float, bias_gamma: float, mesh=None
-):
-    """(jitted train_step, jitted eval_step, use_mtp, optimizer). Cached on the things that shape the step,
-    so repeated train() calls in one process (tests, notebooks, benchmarks) reuse compiled code. With a mesh, the
-    steps keep params and optimizer state in their rule-table layout and trace with the mesh bound
-    (sharding/state.py).
-
-    train_step(params, opt_state, step, batch) -> (params, opt_state, metrics): batch leaves are
-    [grad_accum, rows, ...]; eval_step(params, batch) -> (summed nats, token count)."""
-    model = DeepSeekV3(cfg)
-    tx, sched = make_optimizer(ocfg), lr_schedule(ocfg)
-    use_mtp = bool(mtp_lambda) and cfg.num_nextn_predict_layers > 0
-
-    def loss_fn(params, mb):
-        # The logits the model also returns are unused, so XLA drops them: the head runs inside the fused CE.
-        aux = model.apply({"params": params}, mb["inputs"], mb["positions"], mb["segment_ids"], mtp=use_mtp).aux
-        with jax.named_scope("loss"):
-            loss, m = lm_loss(
-                aux["hidden"],
-                head_weight(params, cfg),
-                mb["targets"],
-                mb["loss_mask"],
-                aux,
-                mb["segment_ids"],
-                mtp_lambda=mtp_lambda if use_mtp else 0.0,
-                balance_alpha=balance_alpha,
-            )
-        counts = {}
-        if cfg.num_moe_layers:
-            counts["moe_layers"] = aux["expert_counts"]
-        for k in range(aux["mtp_expert_counts"].shape[0] if "mtp_expert_counts" in aux else 0):
-            counts[f"mtp_{k}"] = aux["mtp_expert_counts"][k]
-        return loss, (m, counts)
-
-    def train_step(params, opt_state, step, batch):
-        accum = batch["inputs"].shape[0]
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        if accum == 1:  # no accumulation buffers: zeroing and adding them is a pass over every gradient
-            (_, (m, counts)), g = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
-        else:
-
-            def micro(carry, mb):
-                (_, (m, c)), g = grad_fn(params, mb)
-                with jax.named_scope("accumulate"):
-                    return jax.tree.map(jnp.add, carry, (g, m, c)), None
-
-            first = jax.tree.map(lambda x: x[0], batch)
-            zeros = jax.tree.map(
-                lambda s: jnp.zeros(s.shape, s.dtype),
-                jax.eval_shape(lambda: (jax.grad(lambda p: loss_fn(p, first)[0])(params), *loss_fn(params, first)[1])),
-            )
-            (g, m, counts), _ = jax.lax.scan(micro, zeros, batch)
-            g = jax.tree.map(lambda x: x / accum, g)
-            m = {k: v / accum if k.startswith("loss/") else v for k, v in m.items()}
-        with jax.named_scope("optimizer"):
-            params, opt_state, gnorm, skipped = guarded_update(
-                tx, g, opt_state, params, m["loss/total"], after=lambda p: update_router_bias(p, counts, bias_gamma)
-            )
-        return params, opt_state, _step_metrics(m, counts, gnorm, skipped, sched(step))
-
-    def eval_step(params, batch):
-        aux = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]).aux
-        _, nats, count = fused_cross_entropy(
-            aux["hidden"], head_weight(params, cfg), batch["targets"], batch["loss_mask"]
-        )
-        return nats, count
-
-    return (
-        jit_train_step(train_step, cfg, tx, mesh, extra_outputs=1),
-        jit_forward(eval_step, mesh, replicate_outputs=True),
-        use_mtp,
-        tx,
-    )
-
-
-def evaluate(eval_step, params, batches, mesh=None) -> dict[str, float]:
-    """Mean loss per token, bits per byte and token count of `params` over the fixed eval batches."""
-    nats = tokens = nbytes = 0.0
-    for b in batches:
-        n, c = eval_step(params, shard_batch(mesh, {k: v for k, v in b.items() if k != "num_bytes"}))
-        nats, tokens, nbytes = nats + float(n), tokens + float(c), nbytes + float(np.sum(b["num_bytes"]))
-    return {"loss": nats / max(tokens, 1.0), "bits_per_byte": nats / math.log(2) / max(nbytes, 1.0), "tokens": tokens}
 
 
 def _check_inputs(config, cfg: ModelConfig, vocab_size: int, mesh) -> None:
