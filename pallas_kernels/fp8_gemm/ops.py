@@ -200,11 +200,17 @@ def quantize_both(x, index=None, *, backend="auto", interpret=False):
     )
 
 
+def _fused_act(gu, backend) -> bool:
+    """Whether quantize_act's kernels run: the GPU backend, and I a multiple of 128 (a scaling tile of [d gate | d up]
+    would otherwise span both halves)."""
+    return resolve_backend(backend) == "gpu" and gu.shape[-1] % (2 * TILE) == 0
+
+
 def act_quantize(gu, act, dtype, *, backend="auto", interpret=False):
     """gu [R, 2I] = [gate | up] -> (h = act(gate, up, dtype) [R, I], quantize_tiles(h)): an activation and its
     forward operand. backend "gpu" with I % 128 == 0: one Pallas Triton pass (quantize_act.py); otherwise act
     (XLA), then quantize_tiles."""
-    if resolve_backend(backend) == "gpu" and gu.shape[-1] % (2 * TILE) == 0:
+    if _fused_act(gu, backend):
         return quantize_act.act_quantize(gu, act, jnp.dtype(dtype), interpret=interpret)
     h = act(*jnp.split(gu, 2, axis=-1), dtype)
     return h, quantize_tiles(h, backend=backend, interpret=interpret)
@@ -214,7 +220,7 @@ def act_bwd_quantize(gu, dh, act, *, backend="auto", interpret=False):
     """gu [R, 2I] = [gate | up], dh [R, I] -> (dgu = [d gate | d up] [R, 2I], the vjp of act(gate, up, dh.dtype) at
     (gate, up) applied to dh; quantize_tiles(dgu)): the activation's backward and the activation gradient's dgrad
     operand. backend "gpu" with I % 128 == 0: one Pallas Triton pass (quantize_act.py)."""
-    if resolve_backend(backend) == "gpu" and gu.shape[-1] % (2 * TILE) == 0:
+    if _fused_act(gu, backend):
         return quantize_act.act_bwd_quantize(gu, dh, act, interpret=interpret)
     grads = jax.vjp(lambda a, b: act(a, b, dh.dtype), *jnp.split(gu, 2, axis=-1))[1](dh)
     dgu = jnp.concatenate(grads, axis=-1)

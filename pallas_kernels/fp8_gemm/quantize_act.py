@@ -35,8 +35,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.fp8_gemm.quantize import E4M3, TILE, tiles
-from pallas_kernels.fp8_gemm.quantize_gpu import nan_amax, quantize_two_ways, to_e4m3
+from pallas_kernels.fp8_gemm.quantize import E4M3, TILE
+from pallas_kernels.fp8_gemm.quantize_gpu import nan_amax, quantize_two_ways, to_e4m3, two_way_call
 
 # Rows per program: 32 x 128 float32 values are 32 registers a thread over 4 warps, and the backward keeps ~6 such
 # arrays live (gate, up, dh, sigmoid, d gate, d up); quantize_gpu's 64-row tiles hold one. Untimed:
@@ -140,36 +140,6 @@ def act_bwd_quantize(gu, dh, act, *, interpret: bool = False, block_r: int = BLO
     return d, (q, s.reshape(2 * col_tiles, -1)[:, :rows].T)
 
 
-def _two_way_call(kernel, inputs, rows: int, width: int, results: int, num_warps: int, interpret: bool, name: str):
-    """pallas_call of a two-way fused quantizer over (128-row tiles, I / 128 column tiles), writing `results`
-    arrays of I columns side by side (width = results * I): codes [R, width] and [width, R], row scales and
-    column scales."""
-    row_tiles, col_tiles = tiles(rows), width // results // TILE
-    whole = lambda shape: pl.BlockSpec(shape, lambda r, c: (0, 0))  # noqa: E731 - masked pointer access
-    q, s, qt, st = pl.pallas_call(
-        kernel,
-        grid=(row_tiles, col_tiles),
-        in_specs=[whole(x.shape) for x in inputs],
-        out_specs=[
-            whole((rows, width)),
-            pl.BlockSpec((results, 1, TILE), lambda r, c: (0, c, r)),
-            whole((width, rows)),
-            pl.BlockSpec((1, results, TILE), lambda r, c: (r, 0, c)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((rows, width), E4M3),
-            jax.ShapeDtypeStruct((results, col_tiles, row_tiles * TILE), jnp.float32),
-            jax.ShapeDtypeStruct((width, rows), E4M3),
-            jax.ShapeDtypeStruct((row_tiles, results, col_tiles * TILE), jnp.float32),
-        ],
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret,
-        name=name,
-    )(*inputs)
-    s = s.reshape(results * col_tiles, -1)[:, :rows].T
-    return (q, s), (qt, st.reshape(row_tiles, width).T)
-
-
 def _outs(q_ref, s_ref, qt_ref, st_ref, half: int, results: int):
     return tuple((q_ref, s_ref, qt_ref, st_ref, (i,), i * half) for i in range(results))
 
@@ -193,7 +163,7 @@ def act_quantize_both(gu, act, dtype, *, interpret: bool = False, slice_: int = 
     _check("act_quantize_both", gu)
     rows, half = gu.shape[0], gu.shape[1] // 2
     kernel = functools.partial(_fwd_both_kernel, act=act, dtype=dtype, half=half, rows=rows, slice_=slice_)
-    return _two_way_call(kernel, (gu,), rows, half, 1, num_warps, interpret, "fp8_act_quantize_both")
+    return two_way_call(kernel, (gu,), rows, half, 1, num_warps, interpret, "fp8_act_quantize_both")
 
 
 def _bwd_both_kernel(gu_ref, dh_ref, q_ref, s_ref, qt_ref, st_ref, *, act, half: int, rows: int, slice_: int):
@@ -219,4 +189,4 @@ def act_bwd_quantize_both(gu, dh, act, *, interpret: bool = False, slice_: int =
     _check("act_bwd_quantize_both", gu, dh)
     rows, half = gu.shape[0], gu.shape[1] // 2
     kernel = functools.partial(_bwd_both_kernel, act=act, half=half, rows=rows, slice_=slice_)
-    return _two_way_call(kernel, (gu, dh), rows, 2 * half, 2, num_warps, interpret, "fp8_act_bwd_quantize_both")
+    return two_way_call(kernel, (gu, dh), rows, half, 2, num_warps, interpret, "fp8_act_bwd_quantize_both")

@@ -265,6 +265,38 @@ def quantize_two_ways(values, outs, row, row_ok, col0, cols: int, half: int):
             s_ref[(*index, slice(None), slice(None))] = scale.T
 
 
+def two_way_call(kernel, inputs, rows: int, cols: int, results: int, num_warps: int, interpret: bool, name: str):
+    """The pallas_call of a quantize_two_ways kernel: a (128-row tiles, cols / 128 column tiles) grid writing
+    `results` arrays of `cols` columns side by side (result i at columns i * cols; cols ragged only with one
+    result): codes [R, results * cols] and their transpose (masked pointer stores), row scales through [results,
+    1, 128] blocks and column scales through [1, results, 128] blocks (the kernel indexes result i as (i,)).
+    Returns ((q, s), (qt, st)) as quantize_tiles and quantize_tiles_t lay them out."""
+    row_tiles, col_tiles, width = tiles(rows), tiles(cols), results * cols
+    whole = lambda shape: pl.BlockSpec(shape, lambda r, c: (0, 0))  # noqa: E731 - masked pointer access
+    q, s, qt, st = pl.pallas_call(
+        kernel,
+        grid=(row_tiles, col_tiles),
+        in_specs=[whole(x.shape) for x in inputs],
+        out_specs=[
+            whole((rows, width)),
+            pl.BlockSpec((results, 1, TILE), lambda r, c: (0, c, r)),
+            whole((width, rows)),
+            pl.BlockSpec((1, results, TILE), lambda r, c: (r, 0, c)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((rows, width), E4M3),
+            jax.ShapeDtypeStruct((results, col_tiles, row_tiles * TILE), jnp.float32),
+            jax.ShapeDtypeStruct((width, rows), E4M3),
+            jax.ShapeDtypeStruct((row_tiles, results, col_tiles * TILE), jnp.float32),
+        ],
+        compiler_params=_params(num_warps),
+        interpret=interpret,
+        name=name,
+    )(*inputs)
+    s = s.reshape(results * col_tiles, -1)[:, :rows].T
+    return (q, s), (qt, st[:, :, :cols].reshape(row_tiles, width).T)
+
+
 def _both_kernel(x_ref, q_ref, s_ref, qt_ref, st_ref, *, rows: int, cols: int, half: int):
     row = pl.program_id(0) * TILE + jnp.arange(TILE, dtype=jnp.int32)
     row_ok = (row < rows)[:, None]
@@ -273,7 +305,7 @@ def _both_kernel(x_ref, q_ref, s_ref, qt_ref, st_ref, *, rows: int, cols: int, h
         return (pltriton.load(x_ref.at[row[:, None], col[None, :]], mask=ok, other=0).astype(jnp.float32),)
 
     quantize_two_ways(
-        values, ((q_ref, s_ref, qt_ref, st_ref, (), 0),), row, row_ok, pl.program_id(1) * TILE, cols, half
+        values, ((q_ref, s_ref, qt_ref, st_ref, (0,), 0),), row, row_ok, pl.program_id(1) * TILE, cols, half
     )
 
 
@@ -289,26 +321,5 @@ def quantize_both(x, *, interpret: bool = False, half: int = 64, num_warps: int 
     if TILE % half:
         raise ValueError(f"quantize_both: half must divide {TILE}, got {half}")
     rows, cols = x.shape
-    row_tiles, col_tiles = tiles(rows), tiles(cols)
-    whole = lambda shape: pl.BlockSpec(shape, lambda r, c: (0, 0))  # noqa: E731 - masked pointer access
-    q, s, qt, st = pl.pallas_call(
-        functools.partial(_both_kernel, rows=rows, cols=cols, half=half),
-        grid=(row_tiles, col_tiles),
-        in_specs=[whole((rows, cols))],
-        out_specs=[
-            whole((rows, cols)),
-            pl.BlockSpec((1, TILE), lambda r, c: (c, r)),
-            whole((cols, rows)),
-            pl.BlockSpec((1, TILE), lambda r, c: (r, c)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((rows, cols), E4M3),
-            jax.ShapeDtypeStruct((col_tiles, row_tiles * TILE), jnp.float32),
-            jax.ShapeDtypeStruct((cols, rows), E4M3),
-            jax.ShapeDtypeStruct((row_tiles, col_tiles * TILE), jnp.float32),
-        ],
-        compiler_params=_params(num_warps),
-        interpret=interpret,
-        name="fp8_quantize_both",
-    )(x)
-    return (q, s[:, :rows].T), (qt, st[:, :cols].T)
+    kernel = functools.partial(_both_kernel, rows=rows, cols=cols, half=half)
+    return two_way_call(kernel, (x,), rows, cols, 1, num_warps, interpret, "fp8_quantize_both")
