@@ -1,31 +1,19 @@
 """ModelConfig: every field DeepSeek-V2, V2-Lite, V3 and R1 need, named as in HF config.json.
 
 Runtime knobs that HF does not have (dtype, MoE backend, remat) live in the same dataclass so one object
-describes a run, but they never reach `to_hf()`.
+describes a run, but they never reach `to_hf()`. Each field's checks are in config_checks.py (run when a config is
+built), the config.json mapping in config_hf.py; presets are data at the end of this file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any
 
+from dsjax import config_checks, config_hf
 from dsjax.errors import ConfigError
-
-_SCORING = ("sigmoid", "softmax")
-_TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
-_DTYPES = ("float32", "bfloat16", "float16")
-_MOE_BACKENDS = ("auto", "gmm", "ragged_dot", "dense")
-DECODE_ATTENTION_IMPLS = ("auto", "xla", "gpu", "tpu", "contiguous")  # all but "contiguous": mla_decode backends
-_REMAT = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
-_PLATFORMS = ("auto", "cpu", "gpu", "tpu")
-
-
-def _bad(field: str, msg: str):
-    raise ConfigError(f"ModelConfig.{field}: {msg} (--config.model.{field})")
 
 
 def _runtime(default):
@@ -115,101 +103,9 @@ class ModelConfig:
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         self.validate()
 
-    # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Raises ValueError naming the field (`ModelConfig.<field>: ...`) for any inconsistent value."""
-        self._validate_dims()
-        if self.num_moe_layers > 0 or self.num_nextn_predict_layers > 0:
-            self._validate_moe()
-        self._validate_runtime()
-
-    def _validate_dims(self) -> None:
-        for f in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "kv_lora_rank",
-            "qk_nope_head_dim",
-            "qk_rope_head_dim",
-            "v_head_dim",
-            "max_position_embeddings",
-        ):
-            if int(getattr(self, f)) <= 0:
-                _bad(f, f"must be positive, got {getattr(self, f)}")
-        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
-            _bad("q_lora_rank", f"must be positive or None (plain q_proj), got {self.q_lora_rank}")
-        if self.qk_rope_head_dim % 2:
-            _bad("qk_rope_head_dim", f"rope rotates pairs, so it must be even, got {self.qk_rope_head_dim}")
-        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
-            _bad(
-                "first_k_dense_replace",
-                f"{self.first_k_dense_replace} is outside [0, num_hidden_layers={self.num_hidden_layers}]",
-            )
-        if self.first_k_dense_replace > 0 and self.intermediate_size <= 0:
-            _bad("intermediate_size", "must be positive when there are dense layers")
-        if self.scoring_func not in _SCORING:
-            _bad("scoring_func", f"{self.scoring_func!r} is not one of {_SCORING}")
-        if self.topk_method not in _TOPK_METHODS:
-            _bad("topk_method", f"{self.topk_method!r} is not one of {_TOPK_METHODS}")
-        if self.num_nextn_predict_layers < 0:
-            _bad("num_nextn_predict_layers", f"must be >= 0, got {self.num_nextn_predict_layers}")
-        if self.rope_scaling is not None:
-            rs = self.rope_scaling
-            if rs.factor <= 0 or rs.original_max_position_embeddings <= 0:
-                _bad("rope_scaling", f"factor and original_max_position_embeddings must be positive: {rs}")
-
-    def _validate_moe(self) -> None:
-        if self.n_routed_experts <= 0 or self.moe_intermediate_size <= 0:
-            _bad("n_routed_experts", "MoE layers need n_routed_experts > 0 and moe_intermediate_size > 0")
-        if self.n_shared_experts < 0:
-            _bad("n_shared_experts", f"must be >= 0, got {self.n_shared_experts}")
-        if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
-            _bad(
-                "num_experts_per_tok",
-                f"{self.num_experts_per_tok} is outside [1, n_routed_experts={self.n_routed_experts}]",
-            )
-        if self.n_group < 1:
-            _bad("n_group", f"must be >= 1, got {self.n_group}")
-        if self.n_routed_experts % self.n_group:
-            _bad("n_group", f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}")
-        if not 1 <= self.topk_group <= self.n_group:
-            _bad("topk_group", f"{self.topk_group} is outside [1, n_group={self.n_group}]")
-        if self.uses_group_limit:
-            kept = self.topk_group * (self.n_routed_experts // self.n_group)
-            if self.num_experts_per_tok > kept:
-                _bad(
-                    "num_experts_per_tok",
-                    f"{self.num_experts_per_tok} experts per token but the "
-                    f"topk_group={self.topk_group} kept groups hold only {kept} experts",
-                )
-            if self.topk_method == "noaux_tc" and self.n_routed_experts // self.n_group < 2:
-                _bad("n_group", "noaux_tc scores a group by its top-2 experts, so each group needs >= 2 experts")
-
-    def _validate_runtime(self) -> None:
-        for f, allowed in (
-            ("dtype", _DTYPES),
-            ("param_dtype", _DTYPES),
-            ("moe_backend", _MOE_BACKENDS),
-            ("remat", _REMAT),
-            ("attention_impl", ATTENTION_IMPLS),
-            ("platform", _PLATFORMS),
-            ("decode_attention_impl", DECODE_ATTENTION_IMPLS),
-            ("moe_dispatch", ("auto", "ragged", "padded")),
-            ("fp8", ("none", "e4m3")),
-            ("fp8_backend", ("auto", "gpu", "xla")),
-        ):
-            if getattr(self, f) not in allowed:
-                _bad(f, f"{getattr(self, f)!r} is not one of {allowed}")
-        for f in ("document_mask", "unroll_layers"):
-            if not isinstance(getattr(self, f), bool):
-                _bad(f, f"must be True or False, got {getattr(self, f)!r}")
-        if self.moe_capacity_factor < 0 or self.moe_device_limit < 0:
-            _bad(
-                "moe_capacity_factor",
-                f"moe_capacity_factor ({self.moe_capacity_factor}) and moe_device_limit "
-                f"({self.moe_device_limit}) must be >= 0 (0 = off)",
-            )
+        """Raises ConfigError naming the field for any inconsistent value (dsjax.config_checks)."""
+        config_checks.validate(self)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -300,121 +196,27 @@ class ModelConfig:
     # ------------------------------------------------------------------ HF config.json
     @classmethod
     def from_hf(cls, source: Any, **runtime) -> ModelConfig:
-        """From an HF model dir, a config.json path, a dict, or a transformers config object."""
-        d = _read_hf_dict(source)
-        missing = [f for f in _HF_REQUIRED if d.get(f) is None]
-        if d.get("n_routed_experts"):
-            missing += [f for f in _HF_REQUIRED_MOE if d.get(f) is None]
-        if missing:  # DeepSeek-V3-671B's values would stand in for them silently
-            where = source if isinstance(source, (str, os.PathLike)) else "the HF config"
-            raise ConfigError(f"{where}: config.json lacks {', '.join(missing)}, which the model needs")
-        model_type = d.get("model_type", "deepseek_v3")
-        is_v3 = model_type == "deepseek_v3"
-        kw: dict[str, Any] = {}
+        """From an HF model dir, a config.json path, a dict, or a transformers config object (dsjax.config_hf)."""
+        where = source if isinstance(source, (str, os.PathLike)) else "the HF config"
         names = [f.name for f in dataclasses.fields(cls) if f.name not in RUNTIME_FIELDS]
-        for name in names:
-            if name in ("rope_scaling", "rope_theta"):
-                continue
-            if name in d and (d[name] is not None or name == "q_lora_rank"):  # q_lora_rank null = plain q_proj
-                kw[name] = d[name]
-        if "num_nextn_predict_layers" not in d:
-            kw["num_nextn_predict_layers"] = d.get("num_mtp_layers", 0)
-        kw.setdefault("scoring_func", "sigmoid" if is_v3 else "softmax")
-        kw.setdefault("topk_method", "noaux_tc" if is_v3 else "greedy")
-        kw.setdefault("norm_topk_prob", bool(is_v3))
-        kw.setdefault("routed_scaling_factor", 2.5 if is_v3 else 1.0)
-        kw.setdefault("first_k_dense_replace", 3 if is_v3 else 0)
-        for f in ("n_group", "topk_group"):
-            kw.setdefault(f, 1)
-            if kw[f] is None:
-                kw[f] = 1
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        kw["rope_theta"] = float(d.get("rope_theta") or rope.get("rope_theta") or 10000.0)
-        rtype = rope.get("rope_type", rope.get("type", "default"))
-        if rtype == "yarn":
-            kw["rope_scaling"] = YarnScaling(
-                factor=float(rope["factor"]),
-                original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-                beta_fast=float(rope.get("beta_fast") or 32.0),
-                beta_slow=float(rope.get("beta_slow") or 1.0),
-                mscale=float(rope.get("mscale") or 0.0),
-                mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0),
-                attention_factor=rope.get("attention_factor"),
-                truncate=bool(rope.get("truncate", True)),
-            )
-        elif rtype in ("default", None):
-            kw["rope_scaling"] = None
-        else:
-            raise ValueError(f"config.json rope_scaling: rope type {rtype!r} is not supported (only yarn/default)")
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"config.json hidden_act: {d['hidden_act']!r} is not supported (DeepSeek uses silu)")
-        if d.get("attention_bias"):
-            raise ValueError("config.json attention_bias: true is not supported (DeepSeek has no attention bias)")
-        kw.update(runtime)
-        return cls(**kw)
+        kw = config_hf.fields_from_hf(config_hf.read_hf_dict(source), names, where)
+        if kw["rope_scaling"] is not None:
+            kw["rope_scaling"] = YarnScaling(**kw["rope_scaling"])
+        return cls(**{**kw, **runtime})
 
     def to_hf(self) -> dict[str, Any]:
         """An HF config.json dict; V3-style routing -> deepseek_v3, V2-style (softmax) -> deepseek_v2."""
-        is_v3 = self.scoring_func == "sigmoid" and self.topk_method == "noaux_tc"
-        d: dict[str, Any] = {
-            "architectures": ["DeepseekV3ForCausalLM" if is_v3 else "DeepseekV2ForCausalLM"],
-            "model_type": "deepseek_v3" if is_v3 else "deepseek_v2",
-        }
-        for f in dataclasses.fields(self):
-            if f.name in RUNTIME_FIELDS or f.name == "rope_scaling":
-                continue
-            v = getattr(self, f.name)
-            d[f.name] = list(v) if isinstance(v, tuple) else v
-        d["num_key_value_heads"] = self.num_attention_heads
-        d["hidden_act"] = "silu"
-        d["attention_bias"] = False
-        d["rope_interleave"] = True
-        d["moe_layer_freq"] = 1
-        d["torch_dtype"] = "bfloat16" if self.param_dtype == "bfloat16" else "float32"
-        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_scaling is not None:
-            rope = {
-                "rope_type": "yarn",
-                "type": "yarn",
-                "rope_theta": self.rope_theta,
-                **{k: v for k, v in dataclasses.asdict(self.rope_scaling).items() if v is not None},
-            }
-        d["rope_scaling"] = rope
-        d["rope_parameters"] = rope
-        return d
+        skip = (*RUNTIME_FIELDS, "rope_scaling")
+        arch = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        yarn = None if self.rope_scaling is None else dataclasses.asdict(self.rope_scaling)
+        return config_hf.hf_from_fields(arch, yarn, self.param_dtype)
 
 
-# config.json fields with no sensible default: without them a checkpoint's shapes would be guessed
-_HF_REQUIRED = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "kv_lora_rank",
-    "qk_nope_head_dim",
-    "qk_rope_head_dim",
-    "v_head_dim",
-)
-_HF_REQUIRED_MOE = ("num_experts_per_tok", "moe_intermediate_size")
 RUNTIME_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.metadata.get("runtime"))
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
-
-
-def _read_hf_dict(source: Any) -> dict[str, Any]:
-    if isinstance(source, dict):
-        return dict(source)
-    if hasattr(source, "to_dict"):
-        return source.to_dict()
-    path = os.fspath(source)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no HF config at {path}")
-    with open(path) as f:
-        return json.load(f)
 
 
 _V3 = ModelConfig()

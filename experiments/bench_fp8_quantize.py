@@ -6,7 +6,6 @@ bit-equality of values and scales (every input holds an all-zero 128 x 128 tile 
   python experiments/bench_fp8_quantize.py --probe               # where XLA's and Triton's rounding part
   python experiments/bench_fp8_quantize.py --floor=196608,1024    # one pass's memory floor: copies, casts, timers
   python experiments/bench_fp8_quantize.py --act=204800,512       # SwiGLU fused with its quantization vs unfused
-  python experiments/bench_fp8_quantize.py --both="32768,4096;32768,1024"   # one-read quantize_both vs 2 passes
 """
 
 from __future__ import annotations
@@ -54,12 +53,6 @@ flags.DEFINE_string(
     "",
     "R,I: the experts' SwiGLU forward / backward fused with the quantization of its result (quantize_act.py) "
     "against the unfused path the layer took before (XLA's SwiGLU, then the Triton quantize_tiles), back to back.",
-)
-flags.DEFINE_string(
-    "both",
-    "",
-    "R,C shapes (;): quantize_gpu.quantize_both (one read of x, at several slice widths and warps) against "
-    "quantize_tiles + quantize_tiles_t (two reads), back to back.",
 )
 flags.DEFINE_bool("probe", False, "Print where XLA's and Triton's float32 -> e4m3 casts and divisions round apart.")
 flags.DEFINE_string(
@@ -249,10 +242,10 @@ def probe():
 
 
 def act(r: int, i: int):
-    """The experts' SwiGLU and both quantizations of its result, forward and backward, three ways: unfused (XLA's
-    SwiGLU, then the Triton quantize_tiles and quantize_tiles_t passes), single-axis fused (act_quantize, what the
-    layer runs, + the transposing pass) and two-way fused (act_quantize_both: the result never written). Codes
-    compared with the unfused path's (rare one-step differences where Triton's sigmoid rounds apart from XLA's)."""
+    """The experts' SwiGLU and both quantizations of its result, forward and backward, two ways: unfused (XLA's
+    SwiGLU, then the Triton quantize_tiles and quantize_tiles_t passes) and fused (act_quantize, what the layer
+    runs, + the transposing pass), at several tile heights. Codes compared with the unfused path's (rare one-step
+    differences where Triton's sigmoid rounds apart from XLA's)."""
     kg, kd = jax.random.split(jax.random.key(5))
     gu = jax.random.normal(kg, (r, 2 * i), jnp.bfloat16)
     dh = jax.random.normal(kd, (r, i), jnp.bfloat16)
@@ -268,7 +261,7 @@ def act(r: int, i: int):
     print(f"device {jax.devices()[0].device_kind}")
     print("| op | shape | fused vs unfused | fused ms | unfused ms |\n|---|---|---|---|---|")
     shape = [r, 2 * i]
-    for block_r, warps in ((32, 4), (64, 4), (64, 8), (16, 4)):  # the first: quantize_act.BLOCK_R's default
+    for block_r, warps in ((16, 4), (32, 4), (64, 4), (64, 8)):  # the first: quantize_act.BLOCK_R's default
         how = dict(block_r=block_r, num_warps=warps)
 
         def fwd(gu, how=how):
@@ -281,32 +274,10 @@ def act(r: int, i: int):
 
         _row(f"fwd: act_quantize ({block_r} rows x {warps} warps) + quantize_tiles_t", shape, fwd, unfused_fwd, gu)
         _row(f"bwd: act_bwd_quantize ({block_r} x {warps}) + quantize_tiles_t", shape, bwd, unfused_bwd, gu, dh)
-    for slice_, warps in ((32, 4), (64, 4), (32, 8), (64, 8), (16, 4)):  # the first: the two-way defaults
-        how = dict(slice_=slice_, num_warps=warps)
-        fwd = functools.partial(quantize_act.act_quantize_both, act=swiglu, dtype=bf16, **how)
-        bwd = functools.partial(quantize_act.act_bwd_quantize_both, act=swiglu, **how)
-        _row(f"fwd: act_quantize_both (128 x {slice_} slices, {warps} warps)", shape, fwd, unfused_fwd, gu)
-        _row(f"bwd: act_bwd_quantize_both (128 x {slice_}, {warps} warps)", shape, bwd, unfused_bwd, gu, dh)
-
-
-def both(shapes: str):
-    """The one-read quantize_both against the two passes ops.quantize_both runs now (codes compared)."""
-    print(f"device {jax.devices()[0].device_kind}")
-    print("| op | shape | one read vs two passes | one read ms | two passes ms |\n|---|---|---|---|---|")
-    two = lambda x: (quantize_gpu.quantize_tiles(x), quantize_gpu.quantize_tiles_t(x))  # noqa: E731
-    for spec in filter(None, shapes.split(";")):
-        r, c = map(int, spec.split(","))
-        x = jax.random.normal(jax.random.key(6), (r, c), jnp.bfloat16)
-        for half, warps in ((64, 4), (32, 4), (128, 8), (64, 8)):  # the first: quantize_both's defaults
-            one = functools.partial(quantize_gpu.quantize_both, half=half, num_warps=warps)
-            _row(f"quantize_both, 128 x {half} slices, {warps} warps", [r, c], one, two, x)
 
 
 def main(argv):
     del argv
-    if FLAGS.both:
-        both(FLAGS.both)
-        return
     if FLAGS.act:
         act(*map(int, FLAGS.act.split(",")))
         return

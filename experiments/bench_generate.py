@@ -16,26 +16,25 @@ self-speculative decoding (greedy) against plain decoding on text prompts: accep
       --decode_attention=contiguous,auto --out=decode_kernel.json   # decode before (einsums) / after (kernel)
 
 Timings are one run after a warm-up (compilation excluded), best of --repeats. The transformers run is a
-subprocess so the two frameworks never share a CUDA context; it runs while this process holds only the
-weights (JAX does not preallocate here), before dsjax's own runs grow its memory pool. Results are written to
---out after every measurement, so a run cut short still leaves what it measured.
+subprocess (experiments/torch_generate_baseline.py) so the two frameworks never share a CUDA context; it runs
+while this process holds only the weights (JAX does not preallocate here), before dsjax's own runs grow its
+memory pool. Results are written to --out after every measurement, so a run cut short still leaves what it
+measured.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+
+from experiments.torch_generate_baseline import add_transformers, fmt, prompt_ids, run_transformers  # noqa: E402
 
 flags.DEFINE_list(
     "preset",
@@ -110,7 +109,6 @@ flags.DEFINE_bool(
     "whole pipeline (both frameworks) in under a minute.",
 )
 flags.DEFINE_integer("seed", 0, "Seed for weights and prompts.")
-flags.DEFINE_string("torch_worker", None, "Internal: run the transformers side from this JSON spec file.")
 FLAGS = flags.FLAGS
 
 SPEC_PROMPTS = [
@@ -125,125 +123,19 @@ SPEC_PROMPTS = [
 ]
 
 
-def prompt_ids(seed: int, batch: int, length: int, vocab: int) -> np.ndarray:
-    return np.random.RandomState(seed + batch).randint(0, vocab, (batch, length)).astype(np.int32)
-
-
-def torch_worker(spec_path: str) -> None:
-    """The transformers side, in its own process: load once, then warm-up, 1-token and full runs per batch."""
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM
-
-    transformers.logging.set_verbosity_error()  # the MTP layer's tensors are "unexpected" to the causal LM
-
-    with open(spec_path) as f:
-        spec = json.load(f)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    t0 = time.perf_counter()
-    impl = spec["experts_implementation"]
-
-    def load(**kw):
-        try:  # straight onto the device; device_map needs `accelerate`, so fall back to a host load + copy
-            return AutoModelForCausalLM.from_pretrained(spec["hf_dir"], dtype=torch.bfloat16, device_map=dev, **kw)
-        except ValueError as e:
-            if "accelerate" not in str(e):
-                raise
-            return AutoModelForCausalLM.from_pretrained(spec["hf_dir"], dtype=torch.bfloat16, **kw).to(dev)
-
-    try:
-        model = load(experts_implementation=impl)
-    except (TypeError, ValueError) as e:  # older transformers: no such kwarg / implementation
-        print(f"experts_implementation={impl!r} not accepted ({e}); using the default", flush=True)
-        impl = "default"
-        model = load()
-    model.eval()
-    out = {"load_s": time.perf_counter() - t0, "experts_implementation": impl, "device": dev, "runs": []}
-
-    def timed(ids, n):
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        seq = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            top_p=None,
-            top_k=None,
-            temperature=None,
-            pad_token_id=0,
-        )
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        assert seq.shape[1] == ids.shape[1] + n, seq.shape
-        return time.perf_counter() - t
-
-    with torch.inference_mode():
-        for batch, n in spec["runs"]:
-            ids = torch.tensor(
-                prompt_ids(spec["seed"], batch, spec["prompt_len"], spec["vocab"]), device=dev, dtype=torch.long
-            )
-            timed(ids, 4)  # warm-up
-            t1 = min(timed(ids, 1) for _ in range(spec["repeats"]))
-            tn = min(timed(ids, n) for _ in range(spec["repeats"]))
-            out["runs"].append(
-                {
-                    "batch": batch,
-                    "new_tokens": n,
-                    "one_token_s": t1,
-                    "total_s": tn,
-                    "e2e_tok_s": batch * n / tn,
-                    "decode_tok_s": batch * (n - 1) / max(tn - t1, 1e-9),
-                }
-            )
-            print(f"transformers batch {batch}: {batch * n / tn:.1f} tok/s end to end", flush=True)
-            with open(spec["result_path"], "w") as f:
-                json.dump(out, f)
-
-
-def run_transformers(cfg, params, runs, deadline):
-    """Save the weights, time transformers in a subprocess; returns its result dict (possibly partial)."""
-    import jax.numpy as jnp
-
-    import dsjax
-
-    tmp = tempfile.mkdtemp(prefix="bench_generate_", dir=FLAGS.tmp_dir)
-    try:
-        t0 = time.perf_counter()
-        dsjax.save_hf(os.path.join(tmp, "hf"), cfg, params, dtype=jnp.bfloat16)
-        save_s = time.perf_counter() - t0
-        spec = {
-            "hf_dir": os.path.join(tmp, "hf"),
-            "runs": runs,
-            "prompt_len": FLAGS.prompt_len,
-            "vocab": cfg.vocab_size,
-            "seed": FLAGS.seed,
-            "repeats": FLAGS.repeats,
-            "experts_implementation": FLAGS.experts_implementation,
-            "result_path": os.path.join(tmp, "out.json"),
-        }
-        with open(os.path.join(tmp, "spec.json"), "w") as f:
-            json.dump(spec, f)
-        env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the worker never needs jax; keep it off the GPU
-        timeout = max(deadline - time.perf_counter(), 30.0)
-        try:
-            subprocess.run(
-                [sys.executable, os.path.abspath(__file__), f"--torch_worker={tmp}/spec.json"],
-                env=env,
-                timeout=timeout,
-                check=True,
-            )
-        except (subprocess.TimeoutExpired, subprocess.CalledProcessError) as e:
-            print(f"transformers worker did not finish: {e}", flush=True)
-        result = {"save_hf_s": save_s, "runs": []}
-        if os.path.exists(spec["result_path"]):
-            with open(spec["result_path"]) as f:
-                result.update(json.load(f))
-        return result
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def time_transformers(cfg, params, runs, deadline):
+    """transformers' result dict for `runs` ([batch, new_tokens] pairs), under this benchmark's flags."""
+    return run_transformers(
+        cfg,
+        params,
+        runs,
+        deadline,
+        prompt_len=FLAGS.prompt_len,
+        seed=FLAGS.seed,
+        repeats=FLAGS.repeats,
+        experts_implementation=FLAGS.experts_implementation,
+        tmp_dir=FLAGS.tmp_dir,
+    )
 
 
 def time_ours(cfg, params, prompts, new_tokens, speculative=False, temperature=0.0):
@@ -317,16 +209,10 @@ def parse_entry(entry: str):
     return parts[0], batches, int(parts[2]) if len(parts) > 2 and parts[2] else FLAGS.max_new_tokens
 
 
-def fmt(x, spec="{:,.1f}"):
-    return "-" if x is None else spec.format(x)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.torch_worker:
-        return torch_worker(FLAGS.torch_worker)
-    from dsjax.config import DECODE_ATTENTION_IMPLS
+    from dsjax.config_checks import DECODE_ATTENTION_IMPLS
 
     bad = [x for x in FLAGS.decode_attention if x not in DECODE_ATTENTION_IMPLS]
     if bad or not FLAGS.decode_attention:
@@ -338,7 +224,7 @@ def main(argv):
     import jax
 
     import dsjax
-    from dsjax.generate import engine
+    from dsjax.engine import engine
     from experiments.generate import random_params, resolve_dtype
 
     start = time.perf_counter()
@@ -369,7 +255,7 @@ def main(argv):
         params = random_params(cfg, FLAGS.seed)
         hf = {"runs": []}
         if FLAGS.transformers and not FLAGS.ours_first:
-            hf = run_transformers(cfg, params, [[b, new_tokens] for b in batches], deadline)
+            hf = time_transformers(cfg, params, [[b, new_tokens] for b in batches], deadline)
             report.setdefault("transformers", {})[name] = {k: v for k, v in hf.items() if k != "runs"}
         rows = []
         for b, impl in [(b, impl) for b in batches for impl in FLAGS.decode_attention]:
@@ -383,7 +269,7 @@ def main(argv):
             add_transformers(row, hf)
             save()
         if FLAGS.transformers and FLAGS.ours_first and time.perf_counter() < deadline:
-            hf = run_transformers(cfg, params, [[b, new_tokens] for b in batches], deadline)
+            hf = time_transformers(cfg, params, [[b, new_tokens] for b in batches], deadline)
             report.setdefault("transformers", {})[name] = {k: v for k, v in hf.items() if k != "runs"}
             for row in rows:
                 add_transformers(row, hf, echo=False)
@@ -397,23 +283,6 @@ def main(argv):
         save()
     print_tables(report)
     save()
-
-
-def add_transformers(row, hf, echo=True):
-    """Fill a dsjax row's transformers columns (None where transformers has no run at that batch)."""
-    h = {r["batch"]: r for r in hf.get("runs", [])}.get(row["batch"], {})
-    row.update(
-        hf_e2e_tok_s=h.get("e2e_tok_s"), hf_decode_tok_s=h.get("decode_tok_s"), hf_one_token_s=h.get("one_token_s")
-    )
-    row["ratio_e2e"] = row["ours_e2e_tok_s"] / h["e2e_tok_s"] if h else None
-    row["ratio_decode"] = row["ours_decode_tok_s"] / h["decode_tok_s"] if h else None
-    if echo:
-        print(
-            f"{row['model']} batch {row['batch']} decode_attention={row['decode_attention']} "
-            f"({row['decode_backend']}): ours {row['ours_e2e_tok_s']:,.1f} tok/s e2e, "
-            f"{row['ours_decode_tok_s']:,.1f} decode; transformers {fmt(row['hf_e2e_tok_s'])} e2e",
-            flush=True,
-        )
 
 
 def bench_speculative(report, deadline, dtype):

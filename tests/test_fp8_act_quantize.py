@@ -81,18 +81,3 @@ def test_widths_off_the_tile_take_the_unfused_path():
         quantize_act.act_quantize(gu, swiglu, BF16, interpret=True)
     with pytest.raises(ValueError, match=r"act_bwd_quantize: dh must be \[R, I\]"):
         quantize_act.act_bwd_quantize(jnp.zeros((8, 256), BF16), jnp.zeros((8, 100), BF16), swiglu, interpret=True)
-
-
-@pytest.mark.parametrize("rows, half, slice_", [(300, 256, 32), (129, 128, 64), (1, 256, 128)])
-def test_two_way_fused_swiglu_quantizers_equal_the_unfused_path(rows, half, slice_):
-    """act_quantize_both / act_bwd_quantize_both: both quantizations of h (of d[gate | up]) from one read of the
-    inputs, neither h nor d[gate | up] written, equal to quantize_tiles of the unfused result and of its
-    transpose."""
-    gu = _gate_up(rows, half, seed=3)
-    dh = jax.random.normal(jax.random.key(4), (rows, half), BF16)
-    h = swiglu(gu[:, :half], gu[:, half:], BF16)
-    got = quantize_act.act_quantize_both(gu, swiglu, BF16, slice_=slice_, interpret=INTERPRET)
-    _assert_matches(got, (quantize.quantize_tiles(h), quantize.quantize_tiles(h.T)))
-    dgu = jnp.concatenate(jax.vjp(lambda a, b: swiglu(a, b, BF16), gu[:, :half], gu[:, half:])[1](dh), axis=-1)
-    got = quantize_act.act_bwd_quantize_both(gu, dh, swiglu, slice_=slice_, interpret=INTERPRET)
-    _assert_matches(got, (quantize.quantize_tiles(dgu), quantize.quantize_tiles(dgu.T)))

@@ -112,16 +112,6 @@ def test_both_quantizations_are_the_two_kernels(sizes):
     _assert_bits_equal((q, s, qt, st), (*quantize.quantize_tiles(x.at[used:].set(0)), *want_t))
 
 
-@pytest.mark.parametrize("m, k, half", [(300, 200, 64), (129, 128, 64), (1, 1, 64), (256, 384, 32), (130, 70, 128)])
-def test_one_read_quantize_both_is_bit_equal(m, k, half):
-    """quantize_gpu.quantize_both: both quantizations from one read of x, in 128 x `half` slices."""
-    x = _activations(m, k, seed=5)
-    (q, s), (qt, st) = quantize_gpu.quantize_both(x, half=half, interpret=INTERPRET)
-    _assert_bits_equal((q, s, qt, st), (*quantize.quantize_tiles(x), *quantize.quantize_tiles(x.T)))
-    with pytest.raises(ValueError, match="half must divide 128"):
-        quantize_gpu.quantize_both(x, half=48, interpret=True)
-
-
 def test_gathering_quantize_kernel_rejects_a_ragged_index():
     with pytest.raises(ValueError, match="multiple of 128"):
         quantize_gpu.quantize_tiles_t(jnp.zeros((8, 8)), jnp.zeros((100,), jnp.int32), interpret=True)

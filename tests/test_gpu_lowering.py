@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels import fp8_gemm as f8
-from pallas_kernels.fp8_gemm import quantize_act, quantize_gpu
+from pallas_kernels.fp8_gemm import quantize_gpu
 from pallas_kernels.grouped_matmul import GpuConfig, gpu, gpu_tgmm
 from pallas_kernels.mla_decode import gpu as mla_gpu
 from pallas_kernels.mla_decode import mla_decode
@@ -85,7 +85,6 @@ def test_fp8_quantize_kernels_lower_for_cuda():
     xb = S((M, K), BF16)  # the BlockSpec-tiled variants, on shapes their tiles divide
     _lower_for_cuda(lambda a: quantize_gpu.quantize_tiles(a, blocked=True), xb, kernel=triton)
     _lower_for_cuda(lambda a: quantize_gpu.quantize_tiles_t(a, blocked=True), xb, kernel=triton)
-    _lower_for_cuda(quantize_gpu.quantize_both, x, kernel=triton)  # one read for both (untimed)
 
 
 def test_fp8_activation_quantizers_lower_for_cuda():
@@ -97,9 +96,6 @@ def test_fp8_activation_quantizers_lower_for_cuda():
     text = _lower_for_cuda(lambda a: f8.act_quantize(a, swiglu, BF16, backend="gpu"), gu, kernel="xla.gpu.triton")
     assert "stablehlo.exponential" not in text  # no unfused XLA SwiGLU (its sigmoid) beside the kernel
     _lower_for_cuda(lambda a, d: f8.act_bwd_quantize(a, d, swiglu, backend="gpu"), gu, dh, kernel="xla.gpu.triton")
-    # the two-way variants (both quantizations, the result never written; untimed)
-    _lower_for_cuda(lambda a: quantize_act.act_quantize_both(a, swiglu, BF16), gu, kernel="xla.gpu.triton")
-    _lower_for_cuda(lambda a, d: quantize_act.act_bwd_quantize_both(a, d, swiglu), gu, dh, kernel="xla.gpu.triton")
 
 
 @pytest.mark.parametrize("ws", [True, False], ids=["warp_specialized", "one_wg"])

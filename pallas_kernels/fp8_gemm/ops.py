@@ -190,7 +190,8 @@ def quantize_both(x, index=None, *, backend="auto", interpret=False):
     (or the output gradient's dgrad and wgrad operands), two passes over x. Reading x once for both ran slower on
     the H200 each time it was tried: a masked-store kernel 1.8x, BlockSpec 128 x 128 tiles 1.4x, and the same fused
     with the experts' SwiGLU forward / backward 1.1x / 1.2x (BENCHMARKS.md, 2026-12-04, fourth and fifth FP8
-    sessions); the two passes run near a copy's bandwidth. The XLA path zeroes the rows index leaves out (past
+    sessions), 128 x 128 tiles in slices with the row codes re-read from L2 1.3x, fused 5x (2026-12-05); the two
+    passes run near a copy's bandwidth. The XLA path zeroes the rows index leaves out (past
     sum(group_sizes)), which only its reference product reads; the GPU kernels read no row outside a group."""
     if index is not None and resolve_backend(backend) != "gpu":
         used = jnp.zeros((x.shape[0] + 1,), bool).at[index].set(True)[:-1]

@@ -5,8 +5,6 @@ and backward of the FP8 layers (dsjax.layers.fp8: routed experts, shared experts
                                                       # (hq, hs) = quantize_tiles(h)
     dgu, (dq, ds) = act_bwd_quantize(gu, dh, act)     # dgu = [d gate | d up] [R, 2I], the vjp of act at (gate, up)
                                                       # applied to dh [R, I]; (dq, ds) = quantize_tiles(dgu)
-    (hq, hs), (htq, hts) = act_quantize_both(gu, act, dtype)   # quantize_tiles(h) and quantize_tiles_t(h); h itself
-    (dq, ds), (dtq, dts) = act_bwd_quantize_both(gu, dh, act)  # is never written (nor dgu): the two-way variants
 
 `act(gate, up, dtype)` is the model's own function (dsjax.layers.mlp.swiglu), traced into the kernel, and its
 backward is JAX's vjp of it, so the kernels hold no activation math of their own. I must be a multiple of 128: a
@@ -19,11 +17,10 @@ one step and its code by one e4m3 step).
 Why: unfused, the experts' SwiGLU writes h (or d[gate | up]) in the compute dtype and quantize_tiles reads it back.
 Here the quantizer's read and its launch disappear: per MoE layer of `small` 200 MB less read in the forward and
 400 MB in the backward. The quantizations along the rows (the weight gradients' operands, tiles of 128 rows) stay
-a separate pass over the written result: reading a tile once for both axes measured slower on the H200 the two
-times it was tried. The `_both` variants are the third try (quantize_gpu.quantize_two_ways: 128 x 128 tiles in
-slices, the row codes from recomputing the slices out of L2), untimed: they write neither h nor d[gate | up], only
-the four e4m3 operands, 600 MB (forward) and 800 MB (backward) less traffic per MoE layer of `small` than the
-single-axis kernels plus the transposing pass. experiments/bench_fp8_quantize.py --act times all three paths.
+a separate pass over the written result: reading a tile once for both axes measured slower on the H200 each of
+the three times it was tried, the last (128 x 128 tiles in slices, row codes recomputed from L2, neither h nor
+d[gate | up] written) 5x slower than this kernel plus the transposing pass (BENCHMARKS.md, 2026-12-05).
+experiments/bench_fp8_quantize.py --act times the fused and unfused paths.
 """
 
 from __future__ import annotations
@@ -36,12 +33,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.fp8_gemm.quantize import E4M3, TILE
-from pallas_kernels.fp8_gemm.quantize_gpu import nan_amax, quantize_two_ways, to_e4m3, two_way_call
+from pallas_kernels.fp8_gemm.quantize_gpu import nan_amax, to_e4m3
 
-# Rows per program: 32 x 128 float32 values are 32 registers a thread over 4 warps, and the backward keeps ~6 such
-# arrays live (gate, up, dh, sigmoid, d gate, d up); quantize_gpu's 64-row tiles hold one. Untimed:
-# experiments/bench_fp8_quantize.py --act times the variants.
-BLOCK_R = 32
+# Rows per program: the backward keeps ~6 row x 128 float32 arrays live (gate, up, dh, sigmoid, d gate, d up), so
+# its tiles are smaller than quantize_gpu's 64 rows. Measured on the H200 ([204800, 1024], BENCHMARKS.md,
+# 2026-12-05): 16 rows x 4 warps 0.337 / 0.629 ms (fwd / bwd), 32 x 4 0.358 / 0.675, 64 x 4 0.404 / 0.818.
+BLOCK_R = 16
 
 
 def _check(name, gu, dh=None):
@@ -138,55 +135,3 @@ def act_bwd_quantize(gu, dh, act, *, interpret: bool = False, block_r: int = BLO
         name="fp8_act_bwd_quantize",
     )(gu, dh)
     return d, (q, s.reshape(2 * col_tiles, -1)[:, :rows].T)
-
-
-def _outs(q_ref, s_ref, qt_ref, st_ref, half: int, results: int):
-    return tuple((q_ref, s_ref, qt_ref, st_ref, (i,), i * half) for i in range(results))
-
-
-def _fwd_both_kernel(gu_ref, q_ref, s_ref, qt_ref, st_ref, *, act, dtype, half: int, rows: int, slice_: int):
-    row = pl.program_id(0) * TILE + jnp.arange(TILE, dtype=jnp.int32)
-    row_ok = (row < rows)[:, None]
-
-    def values(col, ok):
-        return (act(_tile(gu_ref, row, col, ok), _tile(gu_ref, row, col + half, ok), dtype).astype(jnp.float32),)
-
-    outs = _outs(q_ref, s_ref, qt_ref, st_ref, half, 1)
-    quantize_two_ways(values, outs, row, row_ok, pl.program_id(1) * TILE, half, slice_)
-
-
-@functools.partial(jax.jit, static_argnames=("act", "dtype", "interpret", "slice_", "num_warps"))
-def act_quantize_both(gu, act, dtype, *, interpret: bool = False, slice_: int = 32, num_warps: int = 4):
-    """gu [R, 2I] = [gate | up] (I % 128 == 0) -> (quantize_tiles(h), quantize_tiles_t(h)) for h = act(gate, up,
-    dtype) [R, I], rounded to dtype first, from one read of gu; h is not written. Programs of 128 rows x 128
-    columns in 128 x `slice_` slices (quantize_gpu.quantize_two_ways)."""
-    _check("act_quantize_both", gu)
-    rows, half = gu.shape[0], gu.shape[1] // 2
-    kernel = functools.partial(_fwd_both_kernel, act=act, dtype=dtype, half=half, rows=rows, slice_=slice_)
-    return two_way_call(kernel, (gu,), rows, half, 1, num_warps, interpret, "fp8_act_quantize_both")
-
-
-def _bwd_both_kernel(gu_ref, dh_ref, q_ref, s_ref, qt_ref, st_ref, *, act, half: int, rows: int, slice_: int):
-    row = pl.program_id(0) * TILE + jnp.arange(TILE, dtype=jnp.int32)
-    row_ok = (row < rows)[:, None]
-
-    def values(col, ok):  # (d gate, d up) at I-columns col, rounded to the compute dtype as dgu is stored
-        dh = _tile(dh_ref, row, col, ok)
-        grads = jax.vjp(
-            lambda a, b: act(a, b, dh.dtype), _tile(gu_ref, row, col, ok), _tile(gu_ref, row, col + half, ok)
-        )
-        return tuple(g.astype(jnp.float32) for g in grads[1](dh))
-
-    outs = _outs(q_ref, s_ref, qt_ref, st_ref, half, 2)
-    quantize_two_ways(values, outs, row, row_ok, pl.program_id(1) * TILE, half, slice_)
-
-
-@functools.partial(jax.jit, static_argnames=("act", "interpret", "slice_", "num_warps"))
-def act_bwd_quantize_both(gu, dh, act, *, interpret: bool = False, slice_: int = 32, num_warps: int = 4):
-    """gu [R, 2I] = [gate | up] (I % 128 == 0), dh [R, I] -> (quantize_tiles(dgu), quantize_tiles_t(dgu)) for
-    dgu = [d gate | d up] (act_bwd_quantize's, rounded to gu's dtype first) from one read of gu and dh; dgu is not
-    written."""
-    _check("act_bwd_quantize_both", gu, dh)
-    rows, half = gu.shape[0], gu.shape[1] // 2
-    kernel = functools.partial(_bwd_both_kernel, act=act, half=half, rows=rows, slice_=slice_)
-    return two_way_call(kernel, (gu, dh), rows, half, 2, num_warps, interpret, "fp8_act_bwd_quantize_both")

@@ -6,15 +6,14 @@
     q, s = quantize_tiles_t(x)           # == quantize_tiles(x.T): x [R, C] -> q [C, R], s [C, ceil(R / 128)]
     q, s = quantize_tiles_t(x, index)    # == quantize_tiles(take_aligned(x, index).T): rows gathered first
     q, s = quantize_tiles_t(x, index, w) # the gathered rows scaled by w [R'] first (float32)
-    (q, s), (qt, st) = quantize_both(x)  # quantize_tiles(x) and quantize_tiles_t(x), x read from memory once
 
 XLA runs each of these as a reduce fusion plus a cast (and a transpose or gather); here a program reads its tile
 once, reduces, scales and casts in registers, and writes e4m3 (transposed where asked). On the H200 XLA takes up to
 2x their time on small's activations (on par for arrays under ~1M elements, where launch costs rule), 3-9x on the
 gathered operand below; quantize_tiles moves 3.2 TB/s, 80-90% of a cast-only pass (BENCHMARKS.md, 2026-12-04
-fifth FP8 session). Reading x once for both of a layer's quantizations ran slower than the two passes the two times
-it was tried (a masked-store kernel, then 128 x 128 BlockSpec tiles); quantize_both here is a third design, untimed
-(see its doc), which ops.quantize_both does not call yet.
+fifth FP8 session). Reading x once for both of a layer's quantizations ran slower than the two passes each of the
+three times it was tried (a masked-store kernel, 128 x 128 BlockSpec tiles, then 128 x 128 tiles in slices with the
+row codes re-read from L2: 1.3x the passes' time, BENCHMARKS.md 2026-12-05), so ops.quantize_both runs two passes.
 
 A weight gradient x^T . dy contracts the tokens, and FP8 wgmma takes both operands K-major, so its operands are
 the activations and output gradients transposed, tile-scaled along the tokens. Done by XLA as gather, transpose,
@@ -230,96 +229,3 @@ def quantize_blocks(w, *, interpret: bool = False):
         name="fp8_quantize_blocks",
     )(w3)
     return q.reshape(*lead, n, k), s.reshape(*lead, nt, kt)
-
-
-def _nan_max(a, b):
-    """max(a, b) that keeps a NaN (Triton's maximum drops it)."""
-    return jnp.where((a != a) | (b != b), jnp.nan, jnp.maximum(a, b))
-
-
-def quantize_two_ways(values, outs, row, row_ok, col0, cols: int, half: int):
-    """Inside a Triton program: both quantizations of [128, 128] tiles (rows `row`, columns col0 ..) of one or more
-    results, produced as 128 x `half` float32 slices by values(col, ok) -> a tuple of [128, half] arrays (one per
-    result; out-of-range entries 0). Each slice's column codes (128 x 1 tiles along the rows) are complete and
-    written at once while the rows' maxima accumulate; the row codes (1 x 128 tiles) then come from producing the
-    slices again, whose inputs this program has just brought into L2. outs: per result (q_ref [., C'] and qt_ref
-    [C', .] e4m3, written by masked pointer stores at columns col + offset; s_ref and st_ref: this program's
-    blocks of its row and column scales, [1, 128] after `index`, a static leading index or () (Triton lowers
-    one indexer per access, so no .at views); index; offset). One read of the inputs from memory and two e4m3
-    writes per element, instead of a stored result read back by two passes."""
-    amax = [None] * len(outs)
-    for h in range(TILE // half):
-        col = col0 + h * half + jnp.arange(half, dtype=jnp.int32)
-        ok = row_ok & (col < cols)[None, :]
-        for i, ((_, _, qt_ref, st_ref, index, offset), t) in enumerate(zip(outs, values(col, ok))):
-            qt, st = to_e4m3(t, nan_amax(t, axis=0)[None, :])
-            pltriton.store(qt_ref.at[col[:, None] + offset, row[None, :]], qt.T, mask=ok.T)
-            st_ref[(slice(None), *index, slice(h * half, (h + 1) * half))] = st
-            amax[i] = nan_amax(t, axis=1) if amax[i] is None else _nan_max(amax[i], nan_amax(t, axis=1))
-    for h in range(TILE // half):
-        col = col0 + h * half + jnp.arange(half, dtype=jnp.int32)
-        ok = row_ok & (col < cols)[None, :]
-        for (q_ref, s_ref, _, _, index, offset), t, m in zip(outs, values(col, ok), amax):
-            q, scale = to_e4m3(t, m[:, None])
-            pltriton.store(q_ref.at[row[:, None], col[None, :] + offset], q, mask=ok)
-            s_ref[(*index, slice(None), slice(None))] = scale.T
-
-
-def two_way_call(kernel, inputs, rows: int, cols: int, results: int, num_warps: int, interpret: bool, name: str):
-    """The pallas_call of a quantize_two_ways kernel: a (128-row tiles, cols / 128 column tiles) grid writing
-    `results` arrays of `cols` columns side by side (result i at columns i * cols; cols ragged only with one
-    result): codes [R, results * cols] and their transpose (masked pointer stores), row scales through [results,
-    1, 128] blocks and column scales through [1, results, 128] blocks (the kernel indexes result i as (i,)).
-    Returns ((q, s), (qt, st)) as quantize_tiles and quantize_tiles_t lay them out."""
-    row_tiles, col_tiles, width = tiles(rows), tiles(cols), results * cols
-    whole = lambda shape: pl.BlockSpec(shape, lambda r, c: (0, 0))  # noqa: E731 - masked pointer access
-    q, s, qt, st = pl.pallas_call(
-        kernel,
-        grid=(row_tiles, col_tiles),
-        in_specs=[whole(x.shape) for x in inputs],
-        out_specs=[
-            whole((rows, width)),
-            pl.BlockSpec((results, 1, TILE), lambda r, c: (0, c, r)),
-            whole((width, rows)),
-            pl.BlockSpec((1, results, TILE), lambda r, c: (r, 0, c)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((rows, width), E4M3),
-            jax.ShapeDtypeStruct((results, col_tiles, row_tiles * TILE), jnp.float32),
-            jax.ShapeDtypeStruct((width, rows), E4M3),
-            jax.ShapeDtypeStruct((row_tiles, results, col_tiles * TILE), jnp.float32),
-        ],
-        compiler_params=_params(num_warps),
-        interpret=interpret,
-        name=name,
-    )(*inputs)
-    s = s.reshape(results * col_tiles, -1)[:, :rows].T
-    return (q, s), (qt, st[:, :, :cols].reshape(row_tiles, width).T)
-
-
-def _both_kernel(x_ref, q_ref, s_ref, qt_ref, st_ref, *, rows: int, cols: int, half: int):
-    row = pl.program_id(0) * TILE + jnp.arange(TILE, dtype=jnp.int32)
-    row_ok = (row < rows)[:, None]
-
-    def values(col, ok):
-        return (pltriton.load(x_ref.at[row[:, None], col[None, :]], mask=ok, other=0).astype(jnp.float32),)
-
-    quantize_two_ways(
-        values, ((q_ref, s_ref, qt_ref, st_ref, (0,), 0),), row, row_ok, pl.program_id(1) * TILE, cols, half
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("interpret", "half", "num_warps"))
-def quantize_both(x, *, interpret: bool = False, half: int = 64, num_warps: int = 4):
-    """x [R, C] -> ((q [R, C], s [R, ceil(C / 128)]) = quantize_tiles(x), (qt [C, R], st [C, ceil(R / 128)]) =
-    quantize_tiles_t(x)), x read from memory once. A program takes a 128 x 128 tile as two 128 x `half` slices
-    (the 128 x 64 tiles quantize_tiles_t runs fastest on, 64 float32 values a thread over 4 warps): each slice's
-    column codes are complete and written at once while the rows' maxima accumulate; the row codes then come from
-    reading the slices again, which this program has just brought into L2. Memory traffic: one bf16 read and two
-    e4m3 writes per element (4 bytes) against the two passes' two reads (6 bytes). Untimed on a GPU
-    (experiments/bench_fp8_quantize.py --both); the two earlier one-read designs measured slower than the passes."""
-    if TILE % half:
-        raise ValueError(f"quantize_both: half must divide {TILE}, got {half}")
-    rows, cols = x.shape
-    kernel = functools.partial(_both_kernel, rows=rows, cols=cols, half=half)
-    return two_way_call(kernel, (x,), rows, cols, 1, num_warps, interpret, "fp8_quantize_both")
