@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random HF checkpoints (transformers) and randomised dsjax params."""
+"""Shared fixtures: tiny random HF checkpoints (transformers), randomised dsjax params, a small pretraining corpus
+and config."""
 
 from __future__ import annotations
 
@@ -166,3 +167,28 @@ def tiny_params(tiny_cfg):
 
 def tokens(batch, length, vocab, seed=0):
     return jnp.asarray(np.random.RandomState(seed).randint(0, vocab, (batch, length)), jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A glob of 40 small random-word text files: a pretraining corpus that loads in no time."""
+    d = tmp_path_factory.mktemp("corpus")
+    rng = np.random.RandomState(0)
+    words = ["def", "return", "class", "import", "self", "for", "in", "if", "else", "x", "y", "(", ")", ":"]
+    for i in range(40):
+        (d / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, rng.randint(20, 200))))
+    return str(d / "*.txt")
+
+
+def small_config(corpus, **train):
+    """The default pretraining config shrunk to a few seconds' run on `corpus`; `train` overrides config.train."""
+    from experiments.configs import tiny
+
+    c = tiny.get_config()
+    c.model.num_hidden_layers = 2
+    c.data.spec = corpus
+    c.data.seq_len, c.data.batch_size = 32, 4
+    c.optim.schedule, c.optim.warmup_steps = "constant", 0  # per-step math independent of total steps
+    c.train.update(dict(steps=6, log_every=1, eval_every=1000, eval_batches=2, save_every=3, tensorboard=False))
+    c.train.update(train)
+    return c
