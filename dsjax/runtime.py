@@ -11,9 +11,9 @@ devices (`resolved`), so `DeepSeekV3(ModelConfig.preset(...)).apply(...)` works 
     moe_dispatch    gpu / tpu: "ragged" (ragged_all_to_all); TPU v5e / v6e ("lite" chips) and cpu: "padded"
     fp8_backend     Hopper GPUs (H100 / H200 / H800 / H20 / GH200): "gpu", the Mosaic GPU FP8 kernels (e4m3 wgmma,
                     Hopper only) and their Triton quantizers; elsewhere "xla", the dequantize reference (FP8's
-                    numerics, not its speed). Only read when ModelConfig.fp8 asks for FP8. On the H200 small's
-                    1,000-step FP8 run on them tracked BF16's loss at 1.05x BF16's step time
-                    (experiments/BENCHMARKS.md, fifth FP8 session)
+                    numerics, not its speed). Only read when ModelConfig.fp8 asks for FP8. On the H200 a slice at
+                    DeepSeek-V3's widths steps 1.09x faster on them than in BF16; small's narrower layers 1.05x
+                    slower (experiments/BENCHMARKS.md, eighth FP8 session)
 
 The Pallas kernels (gmm, mla_decode) are handed `cfg.platform`: their own "auto" (decode_attention_impl "auto")
 then only chooses between the platform's kernel and the XLA reference by dtype and shape, never by the host.

@@ -17,14 +17,14 @@ The residuals are the input's weight-gradient operand (x^T quantized along the t
 align_groups' layout) instead of x, and the forward's quantized weight, whose transposed blocks are the dgrad's
 operand. With fp8_backend "gpu" (dsjax.runtime's "auto" on Hopper) every quantization is a Pallas Triton pass
 (quantize_gpu.py, bit-equal to XLA's, at 80-90% of a cast-only pass's bandwidth) and every GEMM a Mosaic GPU
-kernel. On the H200 (experiments/BENCHMARKS.md, fourth and fifth FP8 sessions) small's 1,000-step FP8 run tracks
-BF16's loss curve (44.6 vs 49.8 GiB) but runs 1.05x slower (112.3k vs 117.7k tokens/s): its FP8 GEMMs beat
-bf16's (the experts' 28 ms a step against 43), but at small's widths (1024 / 512) the quantization passes, ~35 ms
-a step, eat the gain: at these widths the passes' ~6 bytes per operand element cost about what FP8 saves in the
-GEMMs (break-even where K N / (K + N) ~ 560; DeepSeek-V3's layers are 3-9x past it: BENCHMARKS.md, "FP8 at
-small's widths"). Fusing them into one-read kernels measured slower; what remains is to fuse them into the passes
-that produce the operands or into the GEMMs' epilogues. Every SwiGLU (experts, shared experts, dense MLPs) now
-quantizes its result along I in the same pass (act_quantize / act_bwd_quantize; untimed on a GPU as of 2026-12-04).
+kernel; every SwiGLU (experts, shared experts, dense MLPs) quantizes its result along I in the same pass
+(act_quantize / act_bwd_quantize). On the H200 (experiments/BENCHMARKS.md, the fifth to eighth FP8 sessions) the
+recipe pays where DeepSeek-V3's widths put it: a 3-layer slice at V3's widths steps 1.09x faster in FP8 than in
+BF16. At small's widths (1024 / 512) it runs 1.05x slower (114.2k vs 119.7k tokens/s over 1,000 steps; the
+loss within ~1% of BF16's for 700 steps, then 2-5% lower): its FP8 GEMMs beat bf16's, but each operand's two
+quantization passes (~6 bytes per element) cost about what FP8 saves in the GEMMs (break-even where
+K N / (K + N) ~ 560; V3's layers are 3-9x past it: BENCHMARKS.md, "FP8 at small's widths"). Fusing both quantizations into one read measured slower in
+three designs; what remains is to fuse them into the passes that produce the operands or into the GEMMs.
 
 Under a bound mesh each FP8 layer runs per device (on_local_tokens): the kernels are Pallas calls, which XLA's
 partitioner cannot split.
