@@ -23,8 +23,9 @@ recipe pays where DeepSeek-V3's widths put it: a 3-layer slice at V3's widths st
 BF16. At small's widths (1024 / 512) it runs 1.05x slower (114.2k vs 119.7k tokens/s over 1,000 steps; the
 loss within ~1% of BF16's for 700 steps, then 2-5% lower): its FP8 GEMMs beat bf16's, but each operand's two
 quantization passes (~6 bytes per element) cost about what FP8 saves in the GEMMs (break-even where
-K N / (K + N) ~ 560; V3's layers are 3-9x past it: BENCHMARKS.md, "FP8 at small's widths"). Fusing both quantizations into one read measured slower in
-three designs; what remains is to fuse them into the passes that produce the operands or into the GEMMs.
+K N / (K + N) ~ 560; V3's layers are 3-9x past it: BENCHMARKS.md, "FP8 at small's widths"). Fusing both
+quantizations into one read measured slower in three designs; what remains is to fuse them into the passes that
+produce the operands or into the GEMMs.
 
 Under a bound mesh each FP8 layer runs per device (on_local_tokens): the kernels are Pallas calls, which XLA's
 partitioner cannot split.
