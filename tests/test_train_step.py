@@ -13,6 +13,7 @@ import dsjax
 from dsjax.errors import ConfigError
 from dsjax.model import head_weight
 from dsjax.train.losses import lm_loss
+from dsjax.train.metrics import MetricsLogger
 from dsjax.train.optim import (
     OptimConfig,
     lr_schedule,
@@ -151,3 +152,16 @@ def test_bias_update_uses_whole_step_counts(corpus, tmp_path):
     new, _, _ = step_fn(params, tx.init(params), jnp.int32(0), accumulated)
     after = np.asarray(new["moe_layers"]["mlp"]["gate"]["e_score_correction_bias"])
     np.testing.assert_allclose(after - before, want, atol=1e-6)
+
+
+def test_console_line_shows_expert_load(tmp_path, capsys):
+    """The progress line names the worst layer's expert load, so a collapsed router is visible while training."""
+    logger = MetricsLogger(str(tmp_path), 100, tensorboard=False)
+    logger.log(
+        10, {"loss": 2.5, "grad_norm": 0.5, "lr": 1e-3, "tokens_per_sec": 5e3, "expert_load/max_over_mean": 10.66}
+    )
+    logger.log(20, {"loss": 2.4, "grad_norm": 0.5, "lr": 1e-3, "tokens_per_sec": 5e3})
+    logger.close()
+    first, second = capsys.readouterr().out.strip().splitlines()
+    assert "| expert max/mean 10.7 | 5.0k tok/s" in first
+    assert "expert max/mean" not in second and "| 5.0k tok/s" in second

@@ -110,8 +110,12 @@ class MetricsLogger:
         parts += [
             f"gnorm {s.get('grad_norm', 0):.3f}",
             f"lr {s.get('lr', 0):.2e}",
-            f"{s.get('tokens_per_sec', 0) / 1e3:.1f}k tok/s",
         ]
+        if "expert_load/max_over_mean" in s:
+            # the busiest expert's tokens over the mean, worst layer: num_experts / top_k means every token of some
+            # layer goes to the same experts (routers start that way; the bias update has to spread them)
+            parts.append(f"expert max/mean {s['expert_load/max_over_mean']:.1f}")
+        parts.append(f"{s.get('tokens_per_sec', 0) / 1e3:.1f}k tok/s")
         if "mfu" in s:
             parts.append(f"MFU {100 * s['mfu']:.1f}%")
         done = step - self._start_step
