@@ -155,7 +155,9 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
 @pytest.mark.parametrize(
     "m, k, n, sizes",
     [
-        (200, 256, 136, [60, 0, 90, 0]),  # empty groups, M and N off the tiles, sum(group_sizes) < M
+        # empty groups, M and N off the tiles, sum(group_sizes) < M; group 0 fills one 64-row warpgroup of its
+        # 128-row tile, so the other one is idle (skip_idle_wgs)
+        (200, 256, 136, [60, 0, 90, 0]),
         (96, 200, 128, [96]),  # one group holding every row (fewer rows than a tile), K off the 128 tile
     ],
 )
@@ -166,9 +168,10 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
         Fp8GpuConfig(overlap_promotion=True),
         Fp8GpuConfig(block_m=128, warp_specialized=True, max_concurrent_steps=2),
         Fp8GpuConfig(block_m=128, warp_specialized=True, overlap_promotion=True),
+        Fp8GpuConfig(block_m=128, warp_specialized=True, skip_idle_wgs=False),
     ]
     + GPU_ONLY_CONFIGS,
-    ids=["one_wg", "one_wg_overlap", "warp_specialized", "warp_specialized_overlap"]
+    ids=["one_wg", "one_wg_overlap", "warp_specialized", "warp_specialized_overlap", "ws_no_idle_skip"]
     + [f"gpu_only_{i}" for i in range(len(GPU_ONLY_CONFIGS))],
 )
 def test_gpu_kernel_equals_the_reference(m, k, n, sizes, cfg):

@@ -14,16 +14,18 @@ Operands (ops.py builds them from quantize_tiles / quantize_blocks):
   w_q [G, N, K] e4m3 (K-major), ws_cols [G, K/128, N] float32 (each block scale repeated over its 128 columns)
 Requires M % 8 == 0, M >= block_m, K % 128 == 0, N % block_n == 0 (ops.py pads).
 
-GEMM_CONFIG, the default: warp-specialized, a memory warpgroup streaming the operands and three compute
-warpgroups of 64 rows each on a 192-row tile (sharing its weight tile), so the promotions of some run under the
-others' wgmma; the pipelines of an SM's consecutive tiles are chained, as in the bf16 gmm; as many pipeline stages
-as fit beside the output staging buffers. H200, 2026-12-04 (experiments/BENCHMARKS.md): 889 FP8 TFLOP/s on the
-grouped gate+up shape, 1.54x our bf16 gmm (calls timed back to back; 677-711 with a host sync per call), dense
-1,081-1,117 (per call). Fp8GpuConfig's own defaults are the
-one-warpgroup kernel (emit_pipeline, 430 TFLOP/s): the interpreter runs it on any host. overlap_promotion=True
-promotes step k-1 under step k's wgmma within a warpgroup (one more register tile; measured slower). cluster_n=2
-pairs the CTAs of 2-CTA clusters on adjacent N tiles of one row tile and multicasts each x step into both (one L2
-read for two SMs): lowered for CUDA, not yet run on a GPU (the interpreter has no cluster barriers).
+GEMM_CONFIG, the default: warp-specialized, a memory warpgroup streaming the operands and three compute warpgroups
+of 64 rows each on a 192-row tile (sharing its weight tile), so the promotions of some run under the others' wgmma;
+the pipelines of an SM's consecutive tiles are chained, as in the bf16 gmm; as many pipeline stages as fit beside
+the output staging buffers; a warpgroup with no row of the tile's group (in a group's last, partly filled tile)
+skips its wgmma and promotions (skip_idle_wgs: on the gate+up bench's 32 groups the 192-row tiles hold 17% more rows
+than M, the busy warpgroups' 64-row shares 7%; untimed as of 2026-12-05). H200 (experiments/BENCHMARKS.md, calls
+back to back): 880-916 FP8 TFLOP/s on the grouped gate+up shape, 1.48-1.54x our bf16 gmm; dense 1,081-1,117 (per
+call). Fp8GpuConfig's own defaults are the one-warpgroup kernel (emit_pipeline, 430 TFLOP/s): the interpreter runs
+it on any host. overlap_promotion=True promotes step k-1 under step k's wgmma within a warpgroup (one more register
+tile; measured slower). cluster_n=2 pairs the CTAs of 2-CTA clusters on adjacent N tiles of one row tile and
+multicasts each x step into both (one L2 read for two SMs): measured no faster (869 vs 916; the interpreter has no
+cluster barriers).
 """
 
 from __future__ import annotations
@@ -66,6 +68,10 @@ class Fp8GpuConfig:
     # Warp-specialized fp8_gmm: the 2 CTAs of a cluster take adjacent N tiles of one row tile, and each x step is
     # one TMA multicast into both (one L2 read for two SMs; N is padded to 2 * block_n)
     cluster_n: int = 1
+    # Warp-specialized: a compute warpgroup none of whose rows belong to the tile's group (a group's last tile,
+    # partly filled) skips its wgmma and promotion. Tiles never span groups, so with 192-row tiles and 32 experts
+    # ~15% of the tiles' rows are another group's: skipping their warpgroups gives back most of that tensor time
+    skip_idle_wgs: bool = True
 
 
 # The GEMMs' default (fp8_gmm, fp8_gemm and its weight gradient): three compute warpgroups of 64 rows each under a
@@ -279,16 +285,27 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
         def scoped(allocs, wg, t_wg, out_smem):
             cta = lax.axis_index("cluster") if cl > 1 else 0
 
-            def store(mt, n0):  # this warpgroup's rows of tile mt that hold output
-                lo, rows = lo_ref[mt] - wg * half, rows_ref[mt]
+            def own_rows(mt):  # this warpgroup's rows of tile mt that hold output: (first, count) within its half
+                lo = lo_ref[mt] - wg * half
                 clo = jnp.clip(lo, 0, half)
-                crows = jnp.clip(lo + rows, 0, half) - clo
-                store_rows(out_smem.at[wg], out_gmem, row0_ref[mt] + wg * half, clo, crows, n0, half, bn)
+                return clo, jnp.clip(lo + rows_ref[mt], 0, half) - clo
 
-            def mma(_, x_smem, w_smem, xs_smem, ws_smem, carry):
-                rows = pl.ds(wg * half, half)
-                x, xs = x_smem.at[rows], xs_smem.at[0, rows]
-                return promoted_step(cfg, x, w_smem, xs, ws_smem.at[0], carry, t_wg, (half, bn), interpret, scalar_ws)
+            def store(mt, n0):
+                store_rows(out_smem.at[wg], out_gmem, row0_ref[mt] + wg * half, *own_rows(mt), n0, half, bn)
+
+            def mma_of(mt):
+                def mma(_, x_smem, w_smem, xs_smem, ws_smem, carry):
+                    rows = pl.ds(wg * half, half)
+                    x, xs, ws = x_smem.at[rows], xs_smem.at[0, rows], ws_smem.at[0]
+
+                    def step(c):
+                        return promoted_step(cfg, x, w_smem, xs, ws, c, t_wg, (half, bn), interpret, scalar_ws)
+
+                    if not cfg.skip_idle_wgs:
+                        return step(carry)
+                    return lax.cond(own_rows(mt)[1] > 0, step, lambda c: c, carry)  # idle: its rows are not stored
+
+                return mma
 
             def tile(i, lin, n):
                 # strips of grid_tile_n N tiles are grid_tile_n / cl cluster columns (0, row-major, stays 0)
@@ -303,7 +320,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
                     store(mt, n0)
 
                 def run(state):
-                    gpu_common.pipeline(cfg, mma, ctx, k_steps, specs, mcs, state)(
+                    gpu_common.pipeline(cfg, mma_of(mt), ctx, k_steps, specs, mcs, state)(
                         *views(*gmem, gi, row0, n0), allocations=allocs
                     )
 
