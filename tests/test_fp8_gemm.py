@@ -141,7 +141,14 @@ def test_fp8_gemm_tracks_the_float32_product_within_fp8_error():
 # GPU interpreter deadlocks on them on a 2-core host (its callbacks wait for each other on the CPU client's
 # thread pool); and it has no cluster barriers (x multicast over a 2-CTA cluster). Those variants are checked
 # compiled on the GPU only (and lowered for CUDA in test_gpu_lowering).
-GPU_ONLY_WS3 = [] if INTERPRET else [Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3)]
+GPU_ONLY_WS3 = (
+    []
+    if INTERPRET
+    else [
+        Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3),
+        Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3, skip_idle_wgs=True),
+    ]
+)
 GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
     []
     if INTERPRET
@@ -168,10 +175,18 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
         Fp8GpuConfig(overlap_promotion=True),
         Fp8GpuConfig(block_m=128, warp_specialized=True, max_concurrent_steps=2),
         Fp8GpuConfig(block_m=128, warp_specialized=True, overlap_promotion=True),
-        Fp8GpuConfig(block_m=128, warp_specialized=True, skip_idle_wgs=False),
+        Fp8GpuConfig(block_m=128, warp_specialized=True, skip_idle_wgs=True),
+        Fp8GpuConfig(block_m=128, warp_specialized=True, overlap_promotion=True, skip_idle_wgs=True),
     ]
     + GPU_ONLY_CONFIGS,
-    ids=["one_wg", "one_wg_overlap", "warp_specialized", "warp_specialized_overlap", "ws_no_idle_skip"]
+    ids=[
+        "one_wg",
+        "one_wg_overlap",
+        "warp_specialized",
+        "warp_specialized_overlap",
+        "ws_idle_skip",
+        "ws_overlap_idle_skip",
+    ]
     + [f"gpu_only_{i}" for i in range(len(GPU_ONLY_CONFIGS))],
 )
 def test_gpu_kernel_equals_the_reference(m, k, n, sizes, cfg):

@@ -17,15 +17,15 @@ Requires M % 8 == 0, M >= block_m, K % 128 == 0, N % block_n == 0 (ops.py pads).
 GEMM_CONFIG, the default: warp-specialized, a memory warpgroup streaming the operands and three compute warpgroups
 of 64 rows each on a 192-row tile (sharing its weight tile), so the promotions of some run under the others' wgmma;
 the pipelines of an SM's consecutive tiles are chained, as in the bf16 gmm; as many pipeline stages as fit beside
-the output staging buffers; a warpgroup with no row of the tile's group (in a group's last, partly filled tile)
-skips its wgmma and promotions (skip_idle_wgs: on the gate+up bench's 32 groups the 192-row tiles hold 17% more rows
-than M, the busy warpgroups' 64-row shares 7%; untimed as of 2026-12-05). H200 (experiments/BENCHMARKS.md, calls
-back to back): 880-916 FP8 TFLOP/s on the grouped gate+up shape, 1.48-1.54x our bf16 gmm; dense 1,081-1,117 (per
-call). Fp8GpuConfig's own defaults are the one-warpgroup kernel (emit_pipeline, 430 TFLOP/s): the interpreter runs
-it on any host. overlap_promotion=True promotes step k-1 under step k's wgmma within a warpgroup (one more register
-tile; measured slower). cluster_n=2 pairs the CTAs of 2-CTA clusters on adjacent N tiles of one row tile and
-multicasts each x step into both (one L2 read for two SMs): measured no faster (869 vs 916; the interpreter has no
-cluster barriers).
+the output staging buffers; a warpgroup with no row of the tile's group (in a group's last, partly filled tile) can
+skip its wgmma and promotions (skip_idle_wgs, off until run on a GPU: on the gate+up bench's 32 groups the 192-row
+tiles hold 17% more rows than M, the busy warpgroups' 64-row shares 7%). H200 (experiments/BENCHMARKS.md, calls back
+to back): 880-916 FP8 TFLOP/s on the grouped gate+up shape, 1.48-1.54x our bf16 gmm; dense 1,081-1,117 (per call).
+Fp8GpuConfig's own defaults are the one-warpgroup kernel (emit_pipeline, 430 TFLOP/s): the interpreter runs it on
+any host. overlap_promotion=True promotes step k-1 under step k's wgmma within a warpgroup (one more register tile;
+measured slower). cluster_n=2 pairs the CTAs of 2-CTA clusters on adjacent N tiles of one row tile and multicasts
+each x step into both (one L2 read for two SMs): measured no faster (869 vs 916; the interpreter has no cluster
+barriers).
 """
 
 from __future__ import annotations
@@ -70,8 +70,9 @@ class Fp8GpuConfig:
     cluster_n: int = 1
     # Warp-specialized: a compute warpgroup none of whose rows belong to the tile's group (a group's last tile,
     # partly filled) skips its wgmma and promotion. Tiles never span groups, so with 192-row tiles and 32 experts
-    # ~15% of the tiles' rows are another group's: skipping their warpgroups gives back most of that tensor time
-    skip_idle_wgs: bool = True
+    # ~15% of the tiles' rows are another group's: skipping their warpgroups gives back most of that tensor time.
+    # Off until it has run compiled on a GPU (interpret-tested and lowered for CUDA only, 2026-12-05)
+    skip_idle_wgs: bool = False
 
 
 # The GEMMs' default (fp8_gmm, fp8_gemm and its weight gradient): three compute warpgroups of 64 rows each under a
