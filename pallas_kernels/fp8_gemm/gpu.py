@@ -294,7 +294,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
             def store(mt, n0):
                 store_rows(out_smem.at[wg], out_gmem, row0_ref[mt] + wg * half, *own_rows(mt), n0, half, bn)
 
-            def mma_of(mt):
+            def mma_of(busy):  # busy: this warpgroup holds rows of the tile's group (decided once per tile)
                 def mma(_, x_smem, w_smem, xs_smem, ws_smem, carry):
                     rows = pl.ds(wg * half, half)
                     x, xs, ws = x_smem.at[rows], xs_smem.at[0, rows], ws_smem.at[0]
@@ -304,7 +304,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
 
                     if not cfg.skip_idle_wgs:
                         return step(carry)
-                    return lax.cond(own_rows(mt)[1] > 0, step, lambda c: c, carry)  # idle: its rows are not stored
+                    return lax.cond(busy, step, lambda c: c, carry)  # idle: its rows are not stored
 
                 return mma
 
@@ -312,6 +312,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
                 # strips of grid_tile_n N tiles are grid_tile_n / cl cluster columns (0, row-major, stays 0)
                 mt, pair = gpu_common.tile_order(lin, n_real, n_pairs, -(-cfg.grid_tile_n // cl))
                 gi, row0, n0 = jnp.maximum(group_ref[mt], 0), pl.multiple_of(row0_ref[mt], 8), (pair * cl + cta) * bn
+                busy = own_rows(mt)[1] > 0 if cfg.skip_idle_wgs else None
 
                 def ctx(eval_pipeline):
                     total = final_sum(cfg, eval_pipeline(initial_carry(cfg, (half, bn), interpret)))
@@ -321,7 +322,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
                     store(mt, n0)
 
                 def run(state):
-                    gpu_common.pipeline(cfg, mma_of(mt), ctx, k_steps, specs, mcs, state)(
+                    gpu_common.pipeline(cfg, mma_of(busy), ctx, k_steps, specs, mcs, state)(
                         *views(*gmem, gi, row0, n0), allocations=allocs
                     )
 
