@@ -88,6 +88,20 @@ def test_pretrain_step_compiles_for_v5p(mesh, capsys):
 
 
 @pytest.mark.slow
+def test_fp8_pretrain_step_compiles_for_v5p():
+    """FP8 training (ModelConfig.fp8="e4m3") planned for a TPU pod: "auto" gives the XLA reference FP8 kernels
+    there (dequantize, float32 dot: issue 17 accepts them on TPU), each FP8 layer per device in shard_map under
+    expert parallelism. The e4m3 operands survive into the compiled step (no fold of quantize into dequantize)."""
+    config = aot.default_config("pretrain")
+    config.model.fp8 = "e4m3"
+    compiled = aot.compile_job("pretrain", config, devices("v5p:2x2x1"), "data:2,expert:2")
+    assert aot.report(compiled, "TPU v5", 0.0)
+    text = compiled["train_step"].as_text()
+    assert "f8e4m3fn" in text
+    assert "ragged-all-to-all" in aot.collectives(text)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("job", ["grpo", "generate"])
 def test_grpo_and_decode_steps_compile_for_v5p(job):
     compiled = aot.compile_job(
