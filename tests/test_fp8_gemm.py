@@ -5,6 +5,8 @@ test_fp8_layers.py."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -27,6 +29,7 @@ from pallas_kernels.fp8_gemm import (
     take_aligned,
     transposed_blocks,
 )
+from pallas_kernels.fp8_gemm.gpu import check_config
 from pallas_kernels.fp8_gemm.ops import wgrad_splits
 from tests.fp8_helpers import INTERPRET, rel
 
@@ -136,6 +139,14 @@ def test_fp8_gemm_tracks_the_float32_product_within_fp8_error():
     assert ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max == E4M3_MAX
 
 
+@pytest.mark.parametrize("regs", [16, 36, 264])
+def test_gpu_config_refuses_register_splits_setmaxnreg_cannot_make(regs):
+    cfg = Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3, memory_registers=regs)
+    with pytest.raises(ValueError, match="memory_registers"):
+        check_config(cfg)
+    check_config(dataclasses.replace(cfg, memory_registers=24))
+
+
 # ---------------------------------------------------------------- the Mosaic GPU kernel, interpret mode
 # Three compute warpgroups + the memory one are four threads per SM blocking on each other's barriers: jax 0.10's
 # GPU interpreter deadlocks on them on a 2-core host (its callbacks wait for each other on the CPU client's
@@ -147,6 +158,7 @@ GPU_ONLY_WS3 = (
     else [
         Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3),
         Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3, skip_idle_wgs=True),
+        Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3, skip_idle_wgs=True, memory_registers=24),
     ]
 )
 GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (

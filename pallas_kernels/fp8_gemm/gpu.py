@@ -73,6 +73,11 @@ class Fp8GpuConfig:
     # ~15% of the tiles' rows are another group's: skipping their warpgroups gives back most of that tensor time.
     # Off until it has run compiled on a GPU (interpret-tested and lowered for CUDA only, 2026-12-05)
     skip_idle_wgs: bool = False
+    # Warp-specialized: registers per thread left to the memory warpgroup (setmaxnreg); the compute warpgroups share
+    # the rest, floor8((512 - this) / compute_wgs): 152 each with 3 warpgroups at 40, 160 at 24. A warpgroup holds
+    # two 64 x 128 float32 tiles (128 registers) plus scales and addresses, so 152 may spill. 40 = the pipeline's
+    # default; 24 untimed (2026-12-05)
+    memory_registers: int = 40
 
 
 # The GEMMs' default (fp8_gmm, fp8_gemm and its weight gradient): three compute warpgroups of 64 rows each under a
@@ -149,6 +154,11 @@ def check_config(cfg):
         )
     if cfg.warp_specialized and cfg.compute_wgs not in (2, 3):
         raise ValueError(f"Fp8GpuConfig: compute_wgs must be 2 or 3, got {cfg.compute_wgs}")
+    if cfg.memory_registers % 8 or not 24 <= cfg.memory_registers <= 256:
+        raise ValueError(
+            f"Fp8GpuConfig: memory_registers must be a multiple of 8 in [24, 256] (setmaxnreg), got "
+            f"{cfg.memory_registers}"
+        )
     if cfg.cluster_n not in (1, 2) or (cfg.cluster_n > 1 and not cfg.warp_specialized):
         raise ValueError(f"Fp8GpuConfig: cluster_n must be 1, or 2 when warp-specialized, got {cfg.cluster_n}")
 

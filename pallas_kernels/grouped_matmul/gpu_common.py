@@ -125,7 +125,7 @@ def pipeline(cfg, mma, ctx, steps, in_specs, mcs, state=None):
     return plgpu.emit_pipeline_warp_specialized(
         mma,
         grid=(steps,),
-        memory_registers=40,
+        memory_registers=getattr(cfg, "memory_registers", 40),  # the FP8 kernels' knob; the bf16 ones keep 40
         in_specs=in_specs,
         wg_axis="wg",
         num_compute_wgs=num_wgs(cfg),
