@@ -23,6 +23,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.lr = 3e-4
     c.optim.warmup_steps = 100
     c.train.steps = 2000
+    # Router bias speed 10x DeepSeek-V3's 1e-3: at initialisation every token of a layer goes to the same 6 experts
+    # (the hidden states share one direction), and the sign rule moves the biases gamma a step. V3 ran ~230k steps;
+    # small's runs are 1-2k, where 1e-3 left the routers collapsed for 500-850 steps on the H200. At small's routing
+    # on the CPU, 1e-2 leaves the collapse 5-7x sooner, balances better (max/mean load 2.0-2.2 vs 2.8-3.5 at the end)
+    # at the same loss (eval bits per byte -1.5% / +0.4% over two seeds); BENCHMARKS.md, ninth FP8 session
+    c.train.bias_gamma = 1e-2
     c.train.log_every = 10
     c.train.eval_every = 500
     c.train.eval_batches = 4
