@@ -70,14 +70,14 @@ class Fp8GpuConfig:
     cluster_n: int = 1
     # Warp-specialized: a compute warpgroup none of whose rows belong to the tile's group (a group's last tile,
     # partly filled) skips its wgmma and promotion. Tiles never span groups, so with 192-row tiles and 32 experts
-    # ~15% of the tiles' rows are another group's: skipping their warpgroups gives back most of that tensor time.
+    # 17% of the bench's tile rows are another group's (7% at 64-row granularity): skipping gives back most of that.
     # Off until it has run compiled on a GPU (interpret-tested and lowered for CUDA only, 2026-12-05)
     skip_idle_wgs: bool = False
     # Warp-specialized: registers per thread left to the memory warpgroup (setmaxnreg); the compute warpgroups share
     # the rest, floor8((512 - this) / compute_wgs): 152 each with 3 warpgroups at 40, 160 at 24. A warpgroup holds
     # two 64 x 128 float32 tiles (128 registers) plus scales and addresses, so 152 may spill. 40 = the pipeline's
     # default; 24 untimed (2026-12-05)
-    memory_registers: int = 40
+    memory_registers: int = gpu_common.MEMORY_REGISTERS
 
 
 # The GEMMs' default (fp8_gmm, fp8_gemm and its weight gradient): three compute warpgroups of 64 rows each under a

@@ -14,6 +14,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+# Registers per thread the warp-specialized kernels leave to their memory warpgroup (setmaxnreg; the compute
+# warpgroups share the rest of the 512): the pipeline's default, and the FP8 kernels' Fp8GpuConfig default
+MEMORY_REGISTERS = 40
+
 
 def check_config(cfg, dtype):
     """Raise ValueError unless block_n rows of `dtype` are a multiple of 128 bytes."""
@@ -125,7 +129,7 @@ def pipeline(cfg, mma, ctx, steps, in_specs, mcs, state=None):
     return plgpu.emit_pipeline_warp_specialized(
         mma,
         grid=(steps,),
-        memory_registers=getattr(cfg, "memory_registers", 40),  # the FP8 kernels' knob; the bf16 ones keep 40
+        memory_registers=getattr(cfg, "memory_registers", MEMORY_REGISTERS),  # an FP8 knob; the bf16 kernels keep it
         in_specs=in_specs,
         wg_axis="wg",
         num_compute_wgs=num_wgs(cfg),
