@@ -97,6 +97,10 @@ class ModelConfig:
     # The FP8 GEMMs' and quantizers' kernels (pallas_kernels.fp8_gemm): "gpu" (Mosaic GPU GEMMs on Hopper, Pallas
     # Triton quantizers) or "xla" (the dequantize reference); "auto" per platform (dsjax.runtime)
     fp8_backend: str = _runtime("auto")
+    # With fp8 "e4m3": True runs the weight gradients in e4m3 too (DeepSeek-V3's recipe); False runs them in `dtype`
+    # from the unquantized activations and output gradients, which skips the two transposing quantization passes
+    # per layer: on the H200 FP8 GEMMs need layers wider than small's (K N / (K + N) > ~560) to repay them
+    fp8_wgrad: bool = _runtime(True)
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, list):

@@ -58,6 +58,33 @@ def test_fp8_grouped_matmul_matches_ragged_dot_with_empty_groups_and_padding():
     np.testing.assert_array_equal(dw[1], 0.0)  # an empty expert gets no gradient
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_fp8_wgrad_off_keeps_forward_and_dgrad_and_gives_the_compute_dtype_weight_gradient(grouped):
+    """wgrad=False (ModelConfig.fp8_wgrad): the output and the activation gradient are bit-equal to the full
+    recipe's, and the weight gradient is the unquantized product (float32 operands here: to float32 rounding),
+    with empty groups and rows past sum(sizes)."""
+    from dsjax.layers.fp8 import fp8_dot, fp8_grouped_matmul
+
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((160, 200)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((160, 136)), jnp.float32)
+    if grouped:
+        sizes = jnp.asarray([50, 0, 70, 0, 30], jnp.int32)
+        w = jnp.asarray(rng.standard_normal((5, 200, 136)) * 0.05, jnp.float32)
+        ref = lambda r, w: jax.lax.ragged_dot(r, w, sizes, precision="highest")  # noqa: E731
+        f = lambda wgrad: lambda r, w: fp8_grouped_matmul(r, w, sizes, "xla", wgrad)  # noqa: E731
+    else:
+        w = jnp.asarray(rng.standard_normal((200, 136)) * 0.05, jnp.float32)
+        ref = lambda x, w: jnp.dot(x, w, precision="highest")  # noqa: E731
+        f = lambda wgrad: lambda x, w: fp8_dot(x, w, "xla", wgrad)  # noqa: E731
+    (y1, v1), (y0, v0) = jax.vjp(f(True), x, w), jax.vjp(f(False), x, w)
+    (dx1, dw1), (dx0, dw0) = v1(dy), v0(dy)
+    dw_ref = jax.vjp(ref, x, w)[1](dy)[1]
+    np.testing.assert_array_equal(y0, y1)
+    np.testing.assert_array_equal(dx0, dx1)
+    assert dw0.dtype == w.dtype and rel(dw0, dw_ref) < 1e-6 < FP8_GEMM_REL / 10 < rel(dw1, dw_ref) < FP8_GEMM_REL
+
+
 # the layers call the kernels compiled: on a GPU (FP8_TEST_REAL_GPU=1) the "gpu" backend too
 LAYER_BACKENDS = ["xla"] + ([] if INTERPRET else ["gpu"])
 
@@ -94,6 +121,7 @@ def test_fp8_expert_ffn_on_aligned_rows_equals_the_per_projection_path(backend):
         return (y, *vjp(g.astype(dtype)))
 
     got = run(fp8_backend=backend)
+    bf16_wgrad = run(fp8_backend=backend, fp8_wgrad=False)
     # the per-projection path with the weights quantized from float32, as fp8_expert_ffn quantizes them
     with mock.patch.object(moe_ops, "grouped_ffn", functools.partial(moe_ops.grouped_ffn, fp8=True)):
         want = run(matmul=lambda r, w, s: fp8_grouped_matmul(r, w, s, backend))
@@ -109,6 +137,14 @@ def test_fp8_expert_ffn_on_aligned_rows_equals_the_per_projection_path(backend):
         assert rel(a, b) < 0.05, (name, rel(a, b))
         assert rel(a, c) < 1.02 * rel(b, c) and rel(a, c) < 0.15, (name, rel(a, c), rel(b, c))
     assert np.all(np.asarray(got[3])[1] == 0)  # the empty expert's weights get no gradient
+    # fp8_wgrad False: the forward and the activation gradients are the recipe's, bit for bit; the weight gradients
+    # (in bf16 from the rows and the output gradient as they are) lose the wgrad operands' e4m3 rounding
+    for name, a, b, c in zip(("y", "dx", "dweights", "dgate_up", "ddown"), bf16_wgrad, got, exact):
+        if name in ("y", "dx", "dweights"):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+        else:
+            assert a.dtype == b.dtype and rel(a, c) < rel(b, c), (name, rel(a, c), rel(b, c))
+    assert np.all(np.asarray(bf16_wgrad[3])[1] == 0)
 
 
 def test_fp8_dots_share_one_quantization_and_equal_fp8_dot_per_kernel():
@@ -131,8 +167,9 @@ def test_fp8_dots_share_one_quantization_and_equal_fp8_dot_per_kernel():
         assert g.shape == w.shape and rel(g, w) < bound, rel(g, w)
 
 
+@pytest.mark.parametrize("wgrad", [True, False])
 @pytest.mark.parametrize("backend", LAYER_BACKENDS)
-def test_fp8_mlp_equals_its_composition(backend):
+def test_fp8_mlp_equals_its_composition(backend, wgrad):
     """fp8_mlp (the dense MLPs and shared experts in FP8, SwiGLU fused with h's quantization on the GPU) gives
     exactly what fp8_dots([gate, up]) -> swiglu -> fp8_dot(down) gives: output and all four gradients, on a row
     count off the tiles and widths that are not multiples of 128 (the unfused SwiGLU then)."""
@@ -146,10 +183,10 @@ def test_fp8_mlp_equals_its_composition(backend):
         g = jnp.asarray(rng.standard_normal((2, 70, d)), jnp.bfloat16)
 
         def composed(x, gate, up, down):
-            a, b = fp8_dots(x, [gate, up], backend)
-            return fp8_dot(swiglu(a, b, a.dtype), down, backend)
+            a, b = fp8_dots(x, [gate, up], backend, wgrad)
+            return fp8_dot(swiglu(a, b, a.dtype), down, backend, wgrad)
 
-        got = jax.vjp(lambda *a: fp8_mlp(*a, swiglu, backend), x, *ws)
+        got = jax.vjp(lambda *a: fp8_mlp(*a, swiglu, backend, wgrad), x, *ws)
         want = jax.vjp(composed, x, *ws)
         for a, b in zip((got[0], *got[1](g)), (want[0], *want[1](g))):
             assert a.dtype == b.dtype and a.shape == b.shape
@@ -181,5 +218,9 @@ def test_fp8_model_trains_close_to_bf16():
     flat = lambda g: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(g)])  # noqa: E731
     err = rel(flat(g_fp8), flat(g_bf16))
     assert 0.0 < err < 0.15
+    # fp8_wgrad=False: the same forward; the weight gradients lose their operands' e4m3 rounding
+    l_w, g_w = loss_and_grad(cfg.replace(fp8="e4m3", fp8_wgrad=False))
+    assert float(l_w) == float(l_fp8)
+    assert 0.0 < rel(flat(g_w), flat(g_bf16)) < err
     with pytest.raises(ValueError, match="fp8"):
         cfg.replace(fp8="e5m2")

@@ -141,5 +141,10 @@ def test_fp8_training_step_runs_the_gpu_kernels_when_asked():
         return jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=("cuda",)).as_text()
 
     # the MLA projections alone are 5 x 3 GEMMs per block (each layer stack's body is lowered once)
-    assert lowered("gpu").count("custom_call @mosaic_gpu") >= 20
+    full = lowered("gpu")
+    assert full.count("custom_call @mosaic_gpu") >= 20 and "fp8_quantize_tiles_t" in full
     assert "mosaic_gpu" not in lowered("xla")
+    # fp8_wgrad=False: forward and dgrad still in the FP8 kernels, the routed experts' weight gradients in the bf16
+    # tgmm kernel, and no transposing quantization pass left
+    bf16_wgrad = lowered("gpu", fp8_wgrad=False)
+    assert bf16_wgrad.count("custom_call @mosaic_gpu") >= 20 and "fp8_quantize_tiles_t" not in bf16_wgrad

@@ -39,6 +39,7 @@ import itertools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.fp8_gemm import (
@@ -53,8 +54,10 @@ from pallas_kernels.fp8_gemm import (
     quantize_both,
     quantize_tiles,
     quantize_tiles_t,
+    resolve_backend,
     transposed_blocks,
 )
+from pallas_kernels.grouped_matmul import tgmm
 from sharding.rules import logical_spec
 
 
@@ -73,28 +76,57 @@ def on_local_tokens(fn, x, *weights):
     return jax.shard_map(fn, in_specs=(spec, *[P()] * len(weights)), out_specs=spec, check_vma=False)(x, *weights)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def fp8_dot(x: jax.Array, w: jax.Array, backend: str = "auto") -> jax.Array:
-    """x [..., K] @ w [K, N] -> [..., N] in x.dtype, every GEMM in e4m3 (pallas_kernels.fp8_gemm `backend`)."""
-    return _fp8_dot_fwd(x, w, backend)[0]
+def _operands(x, wgrad, backend, index=None):
+    """x [M, K] in 1 x 128 tiles along K (a forward's or dgrad's operand) and what the weight gradient reads of x:
+    x^T quantized along the tokens (wgrad in e4m3; for grouped rows on align_groups' layout, `index`), or x itself
+    (wgrad False: the weight gradient in the compute dtype)."""
+    if wgrad:
+        return quantize_both(x, index, backend=backend)
+    return quantize_tiles(x, backend=backend), x
 
 
-def _fp8_dot_fwd(x, w, backend):
+def _transposed_operand(x, wgrad, backend):
+    """The weight gradient's operand of x [M, K]: x^T in tiles along the tokens (wgrad in e4m3), or x."""
+    return quantize_tiles_t(x, backend=backend) if wgrad else x
+
+
+def _weight_grad(a, b, wgrad, backend, sizes=None):
+    """The weight gradient a^T . b over the tokens, float32 [K, N] (or [G, K, N] per group of rows of `sizes`): from
+    _operands' / _transposed_operand's residuals, in e4m3 (wgrad) or in their compute dtype, which at small widths
+    runs faster than the two transposing quantizations plus the FP8 GEMM (ModelConfig.fp8_wgrad)."""
+    if wgrad and sizes is None:
+        return fp8_wgrad(*a, *b, backend=backend)
+    if wgrad:
+        return fp8_tgmm(*a, *b, sizes, out_dtype=jnp.float32, backend=backend)
+    if sizes is None:
+        return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    on_gpu = resolve_backend(backend) == "gpu" and a.dtype in (jnp.bfloat16, jnp.float16)
+    return tgmm(a, b, sizes, backend="gpu" if on_gpu else "xla", preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def fp8_dot(x: jax.Array, w: jax.Array, backend: str = "auto", wgrad: bool = True) -> jax.Array:
+    """x [..., K] @ w [K, N] -> [..., N] in x.dtype, forward and dgrad in e4m3 (pallas_kernels.fp8_gemm `backend`),
+    the weight gradient too unless wgrad is False."""
+    return _fp8_dot_fwd(x, w, backend, wgrad)[0]
+
+
+def _fp8_dot_fwd(x, w, backend, wgrad):
     k, n = w.shape
     # x's weight-gradient operand (x^T, tiles along the tokens) is quantized here and kept instead of x: an e4m3
     # residual half x's size, and no pass over x in the backward
-    (xq, xs), x_t = quantize_both(x.reshape(-1, k), backend=backend)
+    (xq, xs), x_t = _operands(x.reshape(-1, k), wgrad, backend)
     wq, ws = quantize_blocks(w, backend=backend)
     y = fp8_gemm(xq, xs, wq, ws, out_dtype=x.dtype, backend=backend).reshape(*x.shape[:-1], n)
     return y, (x_t, wq, ws, _dtype_of(x), _dtype_of(w))
 
 
-def _fp8_dot_bwd(backend, res, dy):
-    (aq, a_s), wq, ws, like_x, like_w = res  # aq [K, M]: x^T in tiles along the contracted rows
+def _fp8_dot_bwd(backend, wgrad, res, dy):
+    x_t, wq, ws, like_x, like_w = res
     n, k = wq.shape
-    (dq, ds), (bq, bs) = quantize_both(dy.reshape(-1, n), backend=backend)  # dy, and dy^T [N, M]
+    (dq, ds), dy_t = _operands(dy.reshape(-1, n), wgrad, backend)
     dx = fp8_gemm(dq, ds, *transposed_blocks(wq, ws), out_dtype=like_x.dtype, backend=backend)
-    dw = fp8_wgrad(aq, a_s, bq, bs, backend=backend)
+    dw = _weight_grad(x_t, dy_t, wgrad, backend)
     return dx.reshape(*dy.shape[:-1], k), dw.astype(like_w.dtype)
 
 
@@ -105,36 +137,37 @@ def _dtype_of(x):
 fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def fp8_grouped_matmul(rows: jax.Array, w: jax.Array, sizes: jax.Array, backend: str = "auto") -> jax.Array:
-    """Expert-sorted rows [M, K] x w [G, K, N] -> [M, N] in rows.dtype (rows past sum(sizes): zero), in e4m3.
-    With `backend` bound, the signature of dsjax.layers.moe_ops' grouped matmuls."""
-    return _fp8_gmm_fwd(rows, w, sizes, backend)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def fp8_grouped_matmul(rows, w, sizes, backend: str = "auto", wgrad: bool = True) -> jax.Array:
+    """Expert-sorted rows [M, K] x w [G, K, N] -> [M, N] in rows.dtype (rows past sum(sizes): zero), in e4m3 (the
+    weight gradient too unless wgrad is False). With `backend` bound, the signature of dsjax.layers.moe_ops'
+    grouped matmuls."""
+    return _fp8_gmm_fwd(rows, w, sizes, backend, wgrad)[0]
 
 
-def _fp8_gmm_fwd(rows, w, sizes, backend):
+def _fp8_gmm_fwd(rows, w, sizes, backend, wgrad):
     # the weight gradient takes each expert's tokens on their own 128-token scaling tiles (zero rows between
     # experts, align_groups' layout); that operand comes from the forward's read of the rows, as in _fp8_dot_fwd
-    index, aligned = align_groups(sizes, rows.shape[0])
-    (xq, xs), rows_t = quantize_both(rows, index, backend=backend)
+    index, aligned = align_groups(sizes, rows.shape[0]) if wgrad else (None, None)
+    (xq, xs), rows_t = _operands(rows, wgrad, backend, index)
     wq, ws = quantize_blocks(w, backend=backend)
     out = fp8_gmm(xq, xs, wq, ws, sizes, out_dtype=rows.dtype, backend=backend)
     return out, (rows_t, wq, ws, _dtype_of(rows), _dtype_of(w), sizes, index, aligned)
 
 
-def _fp8_gmm_bwd(backend, res, dy):
-    (aq, a_s), wq, ws, like_rows, like_w, sizes, index, aligned = res
-    (dq, ds), (bq, bs) = quantize_both(dy, index, backend=backend)
+def _fp8_gmm_bwd(backend, wgrad, res, dy):
+    rows_t, wq, ws, like_rows, like_w, sizes, index, aligned = res
+    (dq, ds), dy_t = _operands(dy, wgrad, backend, index)
     drows = fp8_gmm(dq, ds, *transposed_blocks(wq, ws), sizes, out_dtype=like_rows.dtype, backend=backend)
-    dw = fp8_tgmm(aq, a_s, bq, bs, aligned, out_dtype=jnp.float32, backend=backend)
+    dw = _weight_grad(rows_t, dy_t, wgrad, backend, aligned if wgrad else sizes)  # bf16: on the rows as sorted
     return drows, dw.astype(like_w.dtype), None
 
 
 fp8_grouped_matmul.defvjp(_fp8_gmm_fwd, _fp8_gmm_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def fp8_expert_ffn(x, order, inverse, sizes, weights, gate_up, down, combine, act, backend="auto"):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def fp8_expert_ffn(x, order, inverse, sizes, weights, gate_up, down, combine, act, backend="auto", wgrad=True):
     """The routed experts' SwiGLU and their combine, every GEMM in e4m3, on rows in align_groups' layout (each
     expert's rows start on a 128-row step, zero rows between): no 128-row scaling tile of a weight gradient spans
     two experts, so every quantization is of plain tiles. x [N, D] tokens; order [R]: the (token * k + choice) pair
@@ -150,27 +183,28 @@ def fp8_expert_ffn(x, order, inverse, sizes, weights, gate_up, down, combine, ac
     k-times-larger rows are not read to quantize them; the weight gradients' operands (tiles along the rows) are
     gathered from the tokens by the transposing quantizer. Numerically fp8_grouped_matmul per projection on the
     gathered rows, but for the output gradient's rounding (weight times gradient is not rounded to the compute
-    dtype first)."""
-    return _expert_ffn_fwd(x, order, inverse, sizes, weights, gate_up, down, combine, act, backend)[0]
+    dtype first). wgrad False: the weight gradients in the compute dtype, from the tokens and h as they are."""
+    return _expert_ffn_fwd(x, order, inverse, sizes, weights, gate_up, down, combine, act, backend, wgrad)[0]
 
 
-def _expert_ffn_fwd(x, order, inverse, sizes, weights, gate_up, down, combine, act, backend):
+def _expert_ffn_fwd(x, order, inverse, sizes, weights, gate_up, down, combine, act, backend, wgrad):
     dt = x.dtype
     token = order // weights.shape[1]  # N on a zero row: out of range, read as a zero row below
     xq, xs = quantize_tiles(x, backend=backend)
     rows = xq.at[token].get(mode="fill", fill_value=0), xs.at[token].get(mode="fill", fill_value=1)
-    x_t = quantize_tiles_t(x, token, backend=backend)  # gate_up's weight-gradient operand, from the tokens
+    # gate_up's weight-gradient operand, from the tokens (in the compute dtype: the tokens, gathered in the backward)
+    x_t = quantize_tiles_t(x, token, backend=backend) if wgrad else x
     w1 = quantize_blocks(gate_up, backend=backend)
     gu = fp8_gmm(*rows, *w1, sizes, out_dtype=dt, backend=backend)
     h, (hq, hs) = act_quantize(gu, act, dt, backend=backend)  # SwiGLU fused with h's quantization along I
-    h_t = quantize_tiles_t(h, backend=backend)  # the down projection's weight-gradient operand
+    h_t = _transposed_operand(h, wgrad, backend)  # the down projection's weight-gradient operand
     w2 = quantize_blocks(down, backend=backend)
     y = fp8_gmm(hq, hs, *w2, sizes, out_dtype=dt, backend=backend)
     res = (x_t, w1, gu, h_t, w2, y, order, inverse, sizes, weights, _dtype_of(gate_up), _dtype_of(down))
     return combine(y, inverse, weights), res
 
 
-def _expert_ffn_bwd(combine, act, backend, res, g):
+def _expert_ffn_bwd(combine, act, backend, wgrad, res, g):
     (x_t, w1, gu, h_t, w2, y, order, inverse, sizes, weights, like_w1, like_w2) = res
     k = weights.shape[1]
     token = order // k
@@ -181,13 +215,16 @@ def _expert_ffn_bwd(combine, act, backend, res, g):
     gq, gs = quantize_tiles(g, backend=backend)
     dq = gq.at[token].get(mode="fill", fill_value=0)
     ds = gs.at[token].get(mode="fill", fill_value=1) * w_row[:, None]
-    dy_t = quantize_tiles_t(g, token, w_row, backend=backend)
+    if wgrad:
+        dy_t = quantize_tiles_t(g, token, w_row, backend=backend)
+    else:  # the rows' output gradient in the compute dtype, as the BF16 combine's backward gives it
+        dy_t = (g.at[token].get(mode="fill", fill_value=0).astype(jnp.float32) * w_row[:, None]).astype(g.dtype)
+        x_t = x_t.at[token].get(mode="fill", fill_value=0)
     dh = fp8_gmm(dq, ds, *transposed_blocks(*w2), sizes, out_dtype=g.dtype, backend=backend)
-    dw2 = fp8_tgmm(*h_t, *dy_t, sizes, out_dtype=jnp.float32, backend=backend)
+    dw2 = _weight_grad(h_t, dy_t, wgrad, backend, sizes)
     dgu, (gq, gs) = act_bwd_quantize(gu, dh, act, backend=backend)  # d[gate | up], fused with its dgrad operand
-    dgu_t = quantize_tiles_t(dgu, backend=backend)
     drows = fp8_gmm(gq, gs, *transposed_blocks(*w1), sizes, out_dtype=g.dtype, backend=backend)
-    dw1 = fp8_tgmm(*x_t, *dgu_t, sizes, out_dtype=jnp.float32, backend=backend)
+    dw1 = _weight_grad(x_t, _transposed_operand(dgu, wgrad, backend), wgrad, backend, sizes)
     # each token's k rows sit at inverse[token * k + j]: gathered back and summed (no scatter-add)
     dx = drows[inverse].reshape(-1, k, drows.shape[-1]).sum(1, dtype=jnp.float32).astype(g.dtype)
     return dx, None, None, None, dweights, dw1.astype(like_w1.dtype), dw2.astype(like_w2.dtype)
@@ -196,39 +233,37 @@ def _expert_ffn_bwd(combine, act, backend, res, g):
 fp8_expert_ffn.defvjp(_expert_ffn_fwd, _expert_ffn_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def fp8_mlp(x, gate, up, down, act, backend="auto"):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def fp8_mlp(x, gate, up, down, act, backend="auto", wgrad=True):
     """A SwiGLU MLP in e4m3 (dense layers, shared experts): act(x @ gate, x @ up) @ down for x [..., D], gate and
     up [D, I], down [I, D]; act(gate, up, dtype) is dsjax.layers.mlp's swiglu. Numerically fp8_dots([gate, up]),
     act, then fp8_dot(down); the activation and its backward quantize their results in the same pass
-    (act_quantize / act_bwd_quantize), as in fp8_expert_ffn."""
-    return _mlp_fwd(x, gate, up, down, act, backend)[0]
+    (act_quantize / act_bwd_quantize), as in fp8_expert_ffn; wgrad False: weight gradients in the compute dtype."""
+    return _mlp_fwd(x, gate, up, down, act, backend, wgrad)[0]
 
 
-def _mlp_fwd(x, gate, up, down, act, backend):
+def _mlp_fwd(x, gate, up, down, act, backend, wgrad):
     dt, lead = x.dtype, x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    (xq, xs), x_t = quantize_both(x2, backend=backend)
+    (xq, xs), x_t = _operands(x.reshape(-1, x.shape[-1]), wgrad, backend)
     w1 = quantize_blocks(jnp.concatenate([gate, up], axis=1), backend=backend)
     gu = fp8_gemm(xq, xs, *w1, out_dtype=dt, backend=backend)
     h, (hq, hs) = act_quantize(gu, act, dt, backend=backend)
-    h_t = quantize_tiles_t(h, backend=backend)  # down's weight-gradient operand
+    h_t = _transposed_operand(h, wgrad, backend)  # down's weight-gradient operand
     w2 = quantize_blocks(down, backend=backend)
     y = fp8_gemm(hq, hs, *w2, out_dtype=dt, backend=backend)
     like = tuple(_dtype_of(w) for w in (gate, up, down))
     return y.reshape(*lead, -1), (x_t, w1, gu, h_t, w2, like)
 
 
-def _mlp_bwd(act, backend, res, g):
+def _mlp_bwd(act, backend, wgrad, res, g):
     x_t, w1, gu, h_t, w2, (like_gate, like_up, like_down) = res
     lead = g.shape[:-1]
-    (gq, gs), g_t = quantize_both(g.reshape(-1, g.shape[-1]), backend=backend)
+    (gq, gs), g_t = _operands(g.reshape(-1, g.shape[-1]), wgrad, backend)
     dh = fp8_gemm(gq, gs, *transposed_blocks(*w2), out_dtype=g.dtype, backend=backend)
-    ddown = fp8_wgrad(*h_t, *g_t, backend=backend)
+    ddown = _weight_grad(h_t, g_t, wgrad, backend)
     dgu, (dq, ds) = act_bwd_quantize(gu, dh, act, backend=backend)
-    dgu_t = quantize_tiles_t(dgu, backend=backend)
     dx = fp8_gemm(dq, ds, *transposed_blocks(*w1), out_dtype=g.dtype, backend=backend)
-    dgate, dup = jnp.split(fp8_wgrad(*x_t, *dgu_t, backend=backend), 2, axis=1)
+    dgate, dup = jnp.split(_weight_grad(x_t, _transposed_operand(dgu, wgrad, backend), wgrad, backend), 2, axis=1)
     dw = (dgate.astype(like_gate.dtype), dup.astype(like_up.dtype), ddown.astype(like_down.dtype))
     return (dx.reshape(*lead, -1), *dw)
 
@@ -236,10 +271,10 @@ def _mlp_bwd(act, backend, res, g):
 fp8_mlp.defvjp(_mlp_fwd, _mlp_bwd)
 
 
-def fp8_dots(x: jax.Array, kernels, backend: str = "auto") -> list[jax.Array]:
+def fp8_dots(x: jax.Array, kernels, backend: str = "auto", wgrad: bool = True) -> list[jax.Array]:
     """x @ w for each w [K, N_i] of `kernels` with one quantization of x (and one of the joined output gradient):
     the kernels joined along N into one FP8 GEMM, its output split. Where each N_i but the last is a multiple of
     128 every weight block and every output-gradient tile stays within one kernel, so this is exactly fp8_dot of
     each; otherwise a block or tile spanning two kernels shares its scale."""
-    y = fp8_dot(x, jnp.concatenate(kernels, axis=1), backend)
+    y = fp8_dot(x, jnp.concatenate(kernels, axis=1), backend, wgrad)
     return jnp.split(y, list(itertools.accumulate(w.shape[1] for w in kernels[:-1])), axis=-1)

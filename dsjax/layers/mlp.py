@@ -30,7 +30,7 @@ class MLP(nn.Module):
         down_proj = Linear(i, d, cfg, name="down_proj")
         if cfg.fp8 == "e4m3":  # the whole MLP in one FP8 function: its SwiGLU quantizes h in the same pass
             kernels = (gate_proj.kernel, up_proj.kernel, down_proj.kernel)
-            mlp = lambda x, *ws: fp8_mlp(x, *ws, swiglu, cfg.fp8_backend)  # noqa: E731
+            mlp = lambda x, *ws: fp8_mlp(x, *ws, swiglu, cfg.fp8_backend, cfg.fp8_wgrad)  # noqa: E731
             return on_local_tokens(mlp, x.astype(jnp.dtype(cfg.dtype)), *kernels)
         gate, up = linears(x, [gate_proj, up_proj])
         hidden = nn.with_logical_constraint(swiglu(gate, up, gate.dtype), ("batch", "seq", "mlp")[-x.ndim :])

@@ -192,11 +192,11 @@ def _combine_pairs_bwd(res, g):
 combine_pairs.defvjp(_combine_pairs_fwd, _combine_pairs_bwd)
 
 
-def sorted_experts(x, routing: Routing, gate_up, down, dtype, matmul=ragged_dot, fp8_backend=None):
+def sorted_experts(x, routing: Routing, gate_up, down, dtype, matmul=ragged_dot, fp8_backend=None, fp8_wgrad=True):
     """Routed experts on expert-sorted rows with grouped matmuls. x [N, D]; gate_up [E, D, 2I]; down [E, I, D].
     fp8_backend set: the FP8 expert FFN (dsjax.layers.fp8.fp8_expert_ffn) on aligned_pair_order's rows (each
     expert on 128-row steps) and their combine, the tokens and their gradient quantized in token space; `matmul`
-    unused."""
+    unused; fp8_wgrad False: its weight gradients in `dtype` (ModelConfig.fp8_wgrad)."""
     k = routing.indices.shape[1]
     with jax.named_scope("dispatch"):
         po = pair_order(routing.indices, gate_up.shape[0])
@@ -205,7 +205,7 @@ def sorted_experts(x, routing: Routing, gate_up, down, dtype, matmul=ragged_dot,
             order, inverse, sizes = aligned_pair_order(po)
         with jax.named_scope("experts"):  # the combine included: its backward quantizes the gradient per token
             args = (x.astype(dtype), order, inverse, sizes, routing.weights, gate_up, down)
-            return fp8_expert_ffn(*args, combine, swiglu, fp8_backend)
+            return fp8_expert_ffn(*args, combine, swiglu, fp8_backend, fp8_wgrad)
     with jax.named_scope("dispatch"):
         rows = gather_pairs(x.astype(dtype), po.order, po.inverse, k)
     with jax.named_scope("experts"):
@@ -239,7 +239,7 @@ def dense_experts(x, routing: Routing, gate_up, down, dtype):
 def expert_matmul(cfg: ModelConfig):
     """The grouped matmul of a resolved config's sorted-row expert backend (FP8 when cfg.fp8 asks)."""
     if cfg.fp8 == "e4m3":
-        return lambda rows, w, sizes: fp8_grouped_matmul(rows, w, sizes, cfg.fp8_backend)
+        return lambda rows, w, sizes: fp8_grouped_matmul(rows, w, sizes, cfg.fp8_backend, cfg.fp8_wgrad)
     if cfg.moe_backend == "gmm":
         return functools.partial(pallas_gmm, platform=cfg.platform)
     return ragged_dot
@@ -251,4 +251,4 @@ def routed_experts_local(x, routing: Routing, gate_up, down, cfg: ModelConfig):
         return dense_experts(x, routing, gate_up, down, jnp.dtype(cfg.dtype))
     fp8_backend = cfg.fp8_backend if cfg.fp8 == "e4m3" else None
     dt = jnp.dtype(cfg.dtype)
-    return sorted_experts(x, routing, gate_up, down, dt, expert_matmul(cfg), fp8_backend)
+    return sorted_experts(x, routing, gate_up, down, dt, expert_matmul(cfg), fp8_backend, cfg.fp8_wgrad)
