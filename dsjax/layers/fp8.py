@@ -95,8 +95,8 @@ def _transposed_operand(x, wgrad, backend):
 
 def _weight_grad(a, b, wgrad, backend, sizes=None):
     """The weight gradient a^T . b over the tokens, float32 [K, N] (or [G, K, N] per group of rows of `sizes`): from
-    _operands' / _transposed_operand's residuals, in e4m3 (wgrad) or in their compute dtype, which at small widths
-    runs faster than the two transposing quantizations plus the FP8 GEMM (ModelConfig.fp8_wgrad)."""
+    _operands' / _transposed_operand's residuals, in e4m3 (wgrad) or in their compute dtype (ModelConfig.fp8_wgrad
+    False: no transposing quantization; at small's widths those passes cost more than the FP8 GEMM saves)."""
     if wgrad and sizes is None:
         return fp8_wgrad(*a, *b, backend=backend)
     if wgrad:
@@ -116,8 +116,8 @@ def fp8_dot(x: jax.Array, w: jax.Array, backend: str = "auto", wgrad: bool = Tru
 
 def _fp8_dot_fwd(x, w, backend, wgrad):
     k, n = w.shape
-    # x's weight-gradient operand (x^T, tiles along the tokens) is quantized here and kept instead of x: an e4m3
-    # residual half x's size, and no pass over x in the backward
+    # with wgrad, x's weight-gradient operand (x^T, tiles along the tokens) is quantized here and kept instead of
+    # x: an e4m3 residual half x's size, and no pass over x in the backward
     (xq, xs), x_t = _operands(x.reshape(-1, k), wgrad, backend)
     wq, ws = quantize_blocks(w, backend=backend)
     y = fp8_gemm(xq, xs, wq, ws, out_dtype=x.dtype, backend=backend).reshape(*x.shape[:-1], n)
