@@ -189,6 +189,7 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
         Fp8GpuConfig(block_m=128, warp_specialized=True, overlap_promotion=True),
         Fp8GpuConfig(block_m=128, warp_specialized=True, skip_idle_wgs=True),
         Fp8GpuConfig(block_m=128, warp_specialized=True, overlap_promotion=True, skip_idle_wgs=True),
+        Fp8GpuConfig(block_m=128, warp_specialized=True, early_scales=False),
     ]
     + GPU_ONLY_CONFIGS,
     ids=[
@@ -198,6 +199,7 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
         "warp_specialized_overlap",
         "ws_idle_skip",
         "ws_overlap_idle_skip",
+        "ws_late_scales",
     ]
     + [f"gpu_only_{i}" for i in range(len(GPU_ONLY_CONFIGS))],
 )

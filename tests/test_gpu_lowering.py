@@ -39,6 +39,9 @@ FP8_CONFIGS = {
     ),
     "column_scales": f8.Fp8GpuConfig(num_sms=SMS, block_m=128, warp_specialized=True, scalar_block_scale=False),
     "three_compute_wgs": f8.Fp8GpuConfig(num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3),
+    "three_compute_wgs_late_scales": f8.Fp8GpuConfig(
+        num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3, early_scales=False
+    ),
     "idle_wg_skip": f8.Fp8GpuConfig(num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3, skip_idle_wgs=True),
     "idle_wg_skip_160_regs": f8.Fp8GpuConfig(
         num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3, skip_idle_wgs=True, memory_registers=24

@@ -78,6 +78,11 @@ class Fp8GpuConfig:
     # two 64 x 128 float32 tiles (128 registers) plus scales and addresses, so 152 may spill. 40 = the pipeline's
     # default; 24 untimed (2026-12-05)
     memory_registers: int = gpu_common.MEMORY_REGISTERS
+    # Read a K step's scales from smem before issuing its wgmma (as DeepGEMM does), not after its wait: there
+    # their latency sits between the tensor cores finishing and the promotion starting, on every step's critical
+    # path, and the step's smem slot is released only after them. ptxas (offline, sm_90a, 2026-12-05): the slot's
+    # release then directly follows the wait, no spill in the K loop. Untimed on a GPU
+    early_scales: bool = True
 
 
 # The GEMMs' default (fp8_gmm, fp8_gemm and its weight gradient): three compute warpgroups of 64 rows each under a
@@ -92,55 +97,60 @@ def _vector(ref, layout, interpret):
     return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
 
 
-def _promote(total, part, xs, ws):
-    """total + part scaled per row (activation tile scales) and per column (weight block scales)."""
+def _promote(total, part, scales):
+    """total + part scaled per row and per column: scales = (row scales, column scales), or (row scales,) with
+    a scalar column scale already folded in (one multiply-add per element)."""
     shape = part.shape
-    return total + part * (lax.broadcast_in_dim(xs, shape, [0]) * lax.broadcast_in_dim(ws, shape, [1]))
+    s = lax.broadcast_in_dim(scales[0], shape, [0])
+    if len(scales) == 2:
+        s = s * lax.broadcast_in_dim(scales[1], shape, [1])
+    return total + part * s
 
 
 ROW_LAYOUT, COL_LAYOUT = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)  # scales along rows / columns
-
-
-def _promote_rows(total, part, s):
-    """total + part scaled per row by s (the row scales with a scalar column scale folded in)."""
-    return total + part * lax.broadcast_in_dim(s, part.shape, [0])
 
 
 def promoted_step(cfg, x_smem, w_smem, xs_ref, ws_ref, carry, t_smem, shape, interpret, scalar_ws=False):
     """One K step: x_smem [rows, 128] . w_smem [cols, 128]^T into a fresh accumulator, then promoted into the
     float32 sum with xs_ref's row scales and ws_ref's column scales (scalar_ws: all columns share ws_ref[0], a
     weight block's scale, which multiplies the row scales instead). carry: the sum, or with overlap_promotion
-    (sum, previous step's product, its row scales, its column scales), promoted while this step's wgmma runs."""
+    (sum, previous step's product, its scales), promoted while this step's wgmma runs."""
+
+    def read_scales():
+        xs = _vector(xs_ref, ROW_LAYOUT, interpret)
+        return (xs * ws_ref[0],) if scalar_ws else (xs, _vector(ws_ref, COL_LAYOUT, interpret))
+
+    scales = read_scales() if cfg.early_scales else None
 
     def product(acc_ref):
         plgpu.wgmma(acc_ref, x_smem, gpu_common.transposed(w_smem, t_smem))
-        promoted = _promote(*carry) if cfg.overlap_promotion else None  # issued before the wait below
+        promoted = _promote(*carry[:2], carry[2:]) if cfg.overlap_promotion else None  # issued before the wait below
         return promoted, acc_ref[...]
 
     promoted, part = pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
-    xs = _vector(xs_ref, ROW_LAYOUT, interpret)
-    if scalar_ws:
-        return _promote_rows(carry, part, xs * ws_ref[0])
-    ws = _vector(ws_ref, COL_LAYOUT, interpret)
-    return (promoted, part, xs, ws) if cfg.overlap_promotion else _promote(carry, part, xs, ws)
+    if scales is None:
+        scales = read_scales()
+    return (promoted, part, *scales) if cfg.overlap_promotion else _promote(carry, part, scales)
 
 
 def uses_scalar_scale(cfg, w_scales):
     """Whether the kernel reads one weight scale per K step: block scales (w_scales="block"), a tile inside one
-    128-column block, the knob on (overlap_promotion carries column scales to the next step, so it keeps them)."""
-    block_cols = w_scales == "block" and BLOCK_K % cfg.block_n == 0
-    return block_cols and cfg.scalar_block_scale and not cfg.overlap_promotion
+    128-column block, and the knob on."""
+    return w_scales == "block" and BLOCK_K % cfg.block_n == 0 and cfg.scalar_block_scale
 
 
-def initial_carry(cfg, shape, interpret):
+def initial_carry(cfg, shape, interpret, scalar_ws=False):
+    """The K loop's starting carry: a zero sum, and with overlap_promotion a zero previous product and scales."""
     zero = [jnp.zeros(s, jnp.float32) for s in (shape, shape[:1], shape[1:])]
     if not interpret:  # the interpreter has no layouts
         zero = [plgpu.layout_cast(z, lay) for z, lay in zip(zero, (plgpu.Layout.WGMMA, ROW_LAYOUT, COL_LAYOUT))]
-    return (zero[0], zero[0], zero[1], zero[2]) if cfg.overlap_promotion else zero[0]
+    if not cfg.overlap_promotion:
+        return zero[0]
+    return (zero[0], zero[0], zero[1]) if scalar_ws else (zero[0], zero[0], zero[1], zero[2])
 
 
 def final_sum(cfg, carry):
-    return _promote(*carry) if cfg.overlap_promotion else carry
+    return _promote(*carry[:2], carry[2:]) if cfg.overlap_promotion else carry
 
 
 def check_config(cfg):
@@ -205,7 +215,7 @@ def scaled_k_loop(cfg, specs, steps, operands, interpret, scalar_ws=False):
             grid=(steps,),
             in_specs=specs,
             max_concurrent_steps=max(2, cfg.max_concurrent_steps),
-            init_carry=initial_carry(cfg, (bm, bn), interpret),
+            init_carry=initial_carry(cfg, (bm, bn), interpret, scalar_ws),
         )
         return final_sum(cfg, pipeline(*operands))
 
@@ -325,7 +335,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
                 busy = own_rows(mt)[1] > 0 if cfg.skip_idle_wgs else None
 
                 def ctx(eval_pipeline):
-                    total = final_sum(cfg, eval_pipeline(initial_carry(cfg, (half, bn), interpret)))
+                    total = final_sum(cfg, eval_pipeline(initial_carry(cfg, (half, bn), interpret, scalar_ws)))
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has left out_smem
                     out_smem.at[wg][...] = total.astype(out_dtype)
                     plgpu.commit_smem()
