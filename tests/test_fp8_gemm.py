@@ -157,8 +157,7 @@ GPU_ONLY_WS3 = (
     if INTERPRET
     else [
         Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3),
-        Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3, skip_idle_wgs=True),
-        Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3, skip_idle_wgs=True, memory_registers=24),
+        Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3, memory_registers=24),
     ]
 )
 GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
@@ -175,7 +174,7 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
     "m, k, n, sizes",
     [
         # empty groups, M and N off the tiles, sum(group_sizes) < M; group 0 fills one 64-row warpgroup of its
-        # 128-row tile, so the other one is idle (skip_idle_wgs)
+        # 128-row tile, so the other one computes rows that are not stored
         (200, 256, 136, [60, 0, 90, 0]),
         (96, 200, 128, [96]),  # one group holding every row (fewer rows than a tile), K off the 128 tile
     ],
@@ -187,8 +186,6 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
         Fp8GpuConfig(overlap_promotion=True),
         Fp8GpuConfig(block_m=128, warp_specialized=True, max_concurrent_steps=2),
         Fp8GpuConfig(block_m=128, warp_specialized=True, overlap_promotion=True),
-        Fp8GpuConfig(block_m=128, warp_specialized=True, skip_idle_wgs=True),
-        Fp8GpuConfig(block_m=128, warp_specialized=True, overlap_promotion=True, skip_idle_wgs=True),
         Fp8GpuConfig(block_m=128, warp_specialized=True, early_scales=False),
     ]
     + GPU_ONLY_CONFIGS,
@@ -197,8 +194,6 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
         "one_wg_overlap",
         "warp_specialized",
         "warp_specialized_overlap",
-        "ws_idle_skip",
-        "ws_overlap_idle_skip",
         "ws_late_scales",
     ]
     + [f"gpu_only_{i}" for i in range(len(GPU_ONLY_CONFIGS))],

@@ -42,9 +42,8 @@ FP8_CONFIGS = {
     "three_compute_wgs_late_scales": f8.Fp8GpuConfig(
         num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3, early_scales=False
     ),
-    "idle_wg_skip": f8.Fp8GpuConfig(num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3, skip_idle_wgs=True),
-    "idle_wg_skip_160_regs": f8.Fp8GpuConfig(
-        num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3, skip_idle_wgs=True, memory_registers=24
+    "three_compute_wgs_160_regs": f8.Fp8GpuConfig(
+        num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3, memory_registers=24
     ),
     "x_multicast": f8.Fp8GpuConfig(num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3, cluster_n=2),
 }

@@ -17,10 +17,10 @@ Requires M % 8 == 0, M >= block_m, K % 128 == 0, N % block_n == 0 (ops.py pads).
 GEMM_CONFIG, the default: warp-specialized, a memory warpgroup streaming the operands and three compute warpgroups
 of 64 rows each on a 192-row tile (sharing its weight tile), so the promotions of some run under the others' wgmma;
 the pipelines of an SM's consecutive tiles are chained, as in the bf16 gmm; as many pipeline stages as fit beside
-the output staging buffers; a warpgroup with no row of the tile's group (in a group's last, partly filled tile) can
-skip its wgmma and promotions (skip_idle_wgs, off until run on a GPU: on the gate+up bench's 32 groups the 192-row
-tiles hold 17% more rows than M, the busy warpgroups' 64-row shares 7%). H200 (experiments/BENCHMARKS.md, calls back
-to back): 880-916 FP8 TFLOP/s on the grouped gate+up shape, 1.48-1.54x our bf16 gmm; dense 1,081-1,117 (per call).
+the output staging buffers; each K step's scales are read before its wgmma is issued (early_scales). H100
+(experiments/BENCHMARKS.md, 2026-12-05, calls back to back): 928-953 FP8 TFLOP/s on the grouped gate+up shape,
+1.56x our bf16 gmm (H200, before early_scales: 880-916, 1.48-1.54x); dense 1,081-1,117 (H200, per call). Skipping
+the wgmma of a warpgroup with no row of its tile's group was measured slower twice (630 vs 677, 853 vs 953): removed.
 Fp8GpuConfig's own defaults are the one-warpgroup kernel (emit_pipeline, 430 TFLOP/s): the interpreter runs it on
 any host. overlap_promotion=True promotes step k-1 under step k's wgmma within a warpgroup (one more register tile;
 measured slower). cluster_n=2 pairs the CTAs of 2-CTA clusters on adjacent N tiles of one row tile and multicasts
@@ -68,20 +68,15 @@ class Fp8GpuConfig:
     # Warp-specialized fp8_gmm: the 2 CTAs of a cluster take adjacent N tiles of one row tile, and each x step is
     # one TMA multicast into both (one L2 read for two SMs; N is padded to 2 * block_n)
     cluster_n: int = 1
-    # Warp-specialized: a compute warpgroup none of whose rows belong to the tile's group (a group's last tile,
-    # partly filled) skips its wgmma and promotion. Tiles never span groups, so with 192-row tiles and 32 experts
-    # 17% of the bench's tile rows are another group's (7% at 64-row granularity): skipping gives back most of that.
-    # Off until it has run compiled on a GPU (interpret-tested and lowered for CUDA only, 2026-12-05)
-    skip_idle_wgs: bool = False
     # Warp-specialized: registers per thread left to the memory warpgroup (setmaxnreg); the compute warpgroups share
     # the rest, floor8((512 - this) / compute_wgs): 152 each with 3 warpgroups at 40, 160 at 24. A warpgroup holds
-    # two 64 x 128 float32 tiles (128 registers) plus scales and addresses, so 152 may spill. 40 = the pipeline's
-    # default; 24 untimed (2026-12-05)
+    # two 64 x 128 float32 tiles (128 registers) plus scales and addresses. 40 = the pipeline's default; ptxas
+    # (experiments/ptxas_offline.py, 2026-12-05): 152 registers spill 44 bytes, 160 spill 52, both outside the K loop
     memory_registers: int = gpu_common.MEMORY_REGISTERS
     # Read a K step's scales from smem before issuing its wgmma (as DeepGEMM does), not after its wait: there
     # their latency sits between the tensor cores finishing and the promotion starting, on every step's critical
-    # path, and the step's smem slot is released only after them. ptxas (offline, sm_90a, 2026-12-05): the slot's
-    # release then directly follows the wait, no spill in the K loop. Untimed on a GPU
+    # path, and the step's smem slot is released only after them (ptxas: the release then directly follows the
+    # wait). H100, gate+up: 953 / 928 TFLOP/s against 925 / 920 late, same process (BENCHMARKS.md, 2026-12-05)
     early_scales: bool = True
 
 
@@ -314,25 +309,15 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
             def store(mt, n0):
                 store_rows(out_smem.at[wg], out_gmem, row0_ref[mt] + wg * half, *own_rows(mt), n0, half, bn)
 
-            def mma_of(busy):  # busy: this warpgroup holds rows of the tile's group (decided once per tile)
-                def mma(_, x_smem, w_smem, xs_smem, ws_smem, carry):
-                    rows = pl.ds(wg * half, half)
-                    x, xs, ws = x_smem.at[rows], xs_smem.at[0, rows], ws_smem.at[0]
-
-                    def step(c):
-                        return promoted_step(cfg, x, w_smem, xs, ws, c, t_wg, (half, bn), interpret, scalar_ws)
-
-                    if not cfg.skip_idle_wgs:
-                        return step(carry)
-                    return lax.cond(busy, step, lambda c: c, carry)  # idle: its rows are not stored
-
-                return mma
+            def mma(_, x_smem, w_smem, xs_smem, ws_smem, carry):
+                rows = pl.ds(wg * half, half)
+                x, xs, ws = x_smem.at[rows], xs_smem.at[0, rows], ws_smem.at[0]
+                return promoted_step(cfg, x, w_smem, xs, ws, carry, t_wg, (half, bn), interpret, scalar_ws)
 
             def tile(i, lin, n):
                 # strips of grid_tile_n N tiles are grid_tile_n / cl cluster columns (0, row-major, stays 0)
                 mt, pair = gpu_common.tile_order(lin, n_real, n_pairs, -(-cfg.grid_tile_n // cl))
                 gi, row0, n0 = jnp.maximum(group_ref[mt], 0), pl.multiple_of(row0_ref[mt], 8), (pair * cl + cta) * bn
-                busy = own_rows(mt)[1] > 0 if cfg.skip_idle_wgs else None
 
                 def ctx(eval_pipeline):
                     total = final_sum(cfg, eval_pipeline(initial_carry(cfg, (half, bn), interpret, scalar_ws)))
@@ -342,7 +327,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
                     store(mt, n0)
 
                 def run(state):
-                    gpu_common.pipeline(cfg, mma_of(busy), ctx, k_steps, specs, mcs, state)(
+                    gpu_common.pipeline(cfg, mma, ctx, k_steps, specs, mcs, state)(
                         *views(*gmem, gi, row0, n0), allocations=allocs
                     )
 
