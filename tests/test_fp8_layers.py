@@ -196,10 +196,13 @@ def test_fp8_mlp_equals_its_composition(backend, wgrad):
 
 def test_fp8_model_trains_close_to_bf16():
     """ModelConfig.fp8="e4m3" (linear layers and routed experts in FP8; head, router, norms, attention core and
-    eh_proj not): the loss matches bf16 to 0.1% and the whole gradient is within 15% (relative norm; bf16 itself
-    is ~2% from float32 at init, FP8 7.6%: several FP8 GEMMs compose on the way back)."""
+    eh_proj not) on the training loss, main + 0.3 x MTP: the loss matches bf16 to 0.1% and the whole gradient is
+    within 15% (relative norm; bf16 itself is ~2% from float32 at init, FP8 7.6%: several FP8 GEMMs compose on the
+    way back); the MTP module's gradient too (the loss reaches it only through the MTP term)."""
     import dsjax
+    from dsjax.model import head_weight
     from dsjax.train.loop import init_params
+    from dsjax.train.losses import lm_loss
 
     cfg = dsjax.ModelConfig.preset("tiny", vocab_size=259, dtype="bfloat16")
     params = init_params(cfg, 0)  # at init: no routing decision sits on a knife edge that FP8 error would flip
@@ -209,19 +212,22 @@ def test_fp8_model_trains_close_to_bf16():
         model = dsjax.DeepSeekV3(c)
 
         def loss(p):
-            logp = jax.nn.log_softmax(model.apply({"params": p}, tok[:, :-1], mtp=True).logits)
-            return -jnp.mean(jnp.take_along_axis(logp, tok[:, 1:, None], -1))
+            aux = model.apply({"params": p}, tok[:, :-1], mtp=True).aux
+            return lm_loss(aux["hidden"], head_weight(p, c), tok[:, 1:], jnp.ones((4, 64)), aux, mtp_lambda=0.3)[0]
 
         return jax.jit(jax.value_and_grad(loss))(params)
 
     (l_bf16, g_bf16), (l_fp8, g_fp8) = loss_and_grad(cfg), loss_and_grad(cfg.replace(fp8="e4m3"))
     assert abs(float(l_fp8) - float(l_bf16)) < 1e-3 * float(l_bf16)
     flat = lambda g: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(g)])  # noqa: E731
-    err = rel(flat(g_fp8), flat(g_bf16))
-    assert 0.0 < err < 0.15
+    mtp = lambda g: {k: v for k, v in g.items() if k.startswith("mtp")}  # noqa: E731
+    assert np.linalg.norm(flat(mtp(g_bf16))) > 0  # the MTP term reaches the MTP module
+    err, err_mtp = rel(flat(g_fp8), flat(g_bf16)), rel(flat(mtp(g_fp8)), flat(mtp(g_bf16)))
+    assert 0.0 < err < 0.15 and 0.0 < err_mtp < 0.15
     # fp8_wgrad=False: the same forward; the weight gradients lose their operands' e4m3 rounding
     l_w, g_w = loss_and_grad(cfg.replace(fp8="e4m3", fp8_wgrad=False))
     assert float(l_w) == float(l_fp8)
     assert 0.0 < rel(flat(g_w), flat(g_bf16)) < err
+    assert 0.0 < rel(flat(mtp(g_w)), flat(mtp(g_bf16))) < err_mtp
     with pytest.raises(ValueError, match="fp8"):
         cfg.replace(fp8="e5m2")
