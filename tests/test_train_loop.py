@@ -50,6 +50,10 @@ def test_resume_after_kill_is_exact(corpus, tmp_path):
     train(small_config(corpus), straight)
     want = read_losses(straight)
     assert sorted(want) == list(range(1, 7))
+    with open(os.path.join(straight, "metrics.jsonl")) as f:
+        row = [r for r in map(json.loads, f) if r["split"] == "train"][-1]
+    # the MoE layers' and the MTP module's routers each get their load spread logged (max / mean >= 1)
+    assert row["expert_load/max_over_mean"] >= 1.0 and row["expert_load/mtp_0_max_over_mean"] >= 1.0
 
     # Same run in a subprocess, slowed by an eval every step, SIGKILLed once checkpoint 3 has committed.
     killed = str(tmp_path / "killed")

@@ -37,7 +37,7 @@ def make_step_fns(cfg: ModelConfig, config, mesh=None):
 
 def _step_metrics(m: dict, counts: dict, gnorm, skipped, lr) -> dict:
     """The logged metrics of one step: losses, grad norm, whether it was skipped (not finite), LR, expert load
-    spread of the MoE layers."""
+    spread of the MoE layers (the busiest layer's) and of each MTP module's."""
     out = {k: v for k, v in m.items() if k.startswith("loss/")}
     out["loss"] = out.pop("loss/total")
     out["grad_norm"] = gnorm
@@ -47,6 +47,9 @@ def _step_metrics(m: dict, counts: dict, gnorm, skipped, lr) -> dict:
         c = counts["moe_layers"].astype(jnp.float32)
         out["expert_load/max_over_mean"] = jnp.max(c.max(-1) / jnp.maximum(c.mean(-1), 1.0))
         out["expert_load/min_over_mean"] = jnp.min(c.min(-1) / jnp.maximum(c.mean(-1), 1.0))
+    for k in (k for k in counts if k.startswith("mtp_")):  # each MTP module's own router (its own bias)
+        c = counts[k].astype(jnp.float32)
+        out[f"expert_load/{k}_max_over_mean"] = c.max() / jnp.maximum(c.mean(), 1.0)
     return out
 
 
