@@ -187,6 +187,7 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
         Fp8GpuConfig(block_m=128, warp_specialized=True, max_concurrent_steps=2),
         Fp8GpuConfig(block_m=128, warp_specialized=True, overlap_promotion=True),
         Fp8GpuConfig(block_m=128, warp_specialized=True, early_scales=False),
+        Fp8GpuConfig(block_m=128, warp_specialized=True, pair_steps=True),
     ]
     + GPU_ONLY_CONFIGS,
     ids=[
@@ -195,6 +196,7 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
         "warp_specialized",
         "warp_specialized_overlap",
         "ws_late_scales",
+        "ws_pair_steps",
     ]
     + [f"gpu_only_{i}" for i in range(len(GPU_ONLY_CONFIGS))],
 )
