@@ -16,19 +16,15 @@ Requires M % 8 == 0, M >= block_m, K % 128 == 0, N % block_n == 0 (ops.py pads).
 
 GEMM_CONFIG, the default: warp-specialized, a memory warpgroup streaming the operands and three compute warpgroups
 of 64 rows each on a 192-row tile (sharing its weight tile), so the promotions of some run under the others' wgmma;
-the pipelines of an SM's consecutive tiles are chained, as in the bf16 gmm; as many pipeline stages as fit beside
-the output staging buffers; each K step's scales are read before its wgmma is issued (early_scales). H100
-(experiments/BENCHMARKS.md, 2026-12-05, calls back to back): 928-953 FP8 TFLOP/s on the grouped gate+up shape,
-1.56x our bf16 gmm (H200, before early_scales: 880-916, 1.48-1.54x); dense 1,081-1,117 (H200, per call). Skipping
-the wgmma of a warpgroup with no row of its tile's group was measured slower twice (630 vs 677, 853 vs 953): removed.
-pair_steps=True (2 compute warpgroups): stages of two K steps, the second's wgmma issued before the first's
-promotion, which ptxas then schedules under it (SASS: 8 wgmma, wait with one group left, 64 FFMA, wait, 64 FFMA);
-untimed.
-Fp8GpuConfig's own defaults are the one-warpgroup kernel (emit_pipeline, 430 TFLOP/s): the interpreter runs it on
-any host. overlap_promotion=True promotes step k-1 under step k's wgmma within a warpgroup (one more register tile;
-measured slower). cluster_n=2 pairs the CTAs of 2-CTA clusters on adjacent N tiles of one row tile and multicasts
-each x step into both (one L2 read for two SMs): measured no faster (869 vs 916; the interpreter has no cluster
-barriers).
+chained tile pipelines, as in the bf16 gmm; as many stages as fit beside the output staging buffers; each K step's
+scales read before its wgmma is issued (early_scales). H100 (experiments/BENCHMARKS.md, 2026-12-05): 928-953 FP8
+TFLOP/s on the grouped gate+up shape, 1.56x our bf16 gmm; dense 1,081-1,117 (H200). Measured slower and removed:
+idle warpgroups skipping their wgmma (853 vs 953). pair_steps (2 compute warpgroups, untimed): stages of two K
+steps, the first promoted under the second's wgmma (SASS: 8 wgmma, a wait leaving one group, 64 FFMA, a wait, 64
+FFMA). overlap_promotion (step k-1 promoted in code after step k's issue): ptxas hoists the promotion above the
+issue, measured slower. cluster_n=2 (x multicast into the 2 CTAs of a cluster): no faster (869 vs 916; the
+interpreter has no cluster barriers). Fp8GpuConfig's own defaults: the one-warpgroup kernel, which the interpreter
+runs on any host.
 """
 
 from __future__ import annotations
@@ -300,6 +296,30 @@ def fp8_gmm(
     return gpu_common.run(body, out_type, cfg, interpret)(count, tgroup, trow0, tlo, trows, x_q, xs_t, w_q, ws_cols)
 
 
+def _tile_views(gmem, bm, bn, gi, row0, n0):
+    """A tile's gmem operands: x rows [row0, row0 + bm), group gi's w rows [n0, n0 + bn), their scales."""
+    x_gmem, xs_gmem, w_gmem, ws_gmem = gmem
+    return (
+        x_gmem.at[pl.ds(row0, bm), :],
+        w_gmem.at[gi].at[pl.ds(n0, bn), :],
+        xs_gmem.at[:, pl.ds(row0, bm)],
+        ws_gmem.at[gi].at[:, pl.ds(n0, bn)],
+    )
+
+
+def _stage_body(cfg, wg, half, bn, sub, t_wg, interpret, scalar_ws):
+    """Compute warpgroup wg's pipeline body: its `half` rows of a stage of `sub` K steps, promoted into the carry."""
+
+    def mma(_, x_smem, w_smem, xs_smem, ws_smem, carry):
+        rows = pl.ds(wg * half, half)
+        x, xs, ws = x_smem.at[rows], [xs_smem.at[j, rows] for j in range(sub)], [ws_smem.at[j] for j in range(sub)]
+        if sub == 2:
+            return paired_step(x, w_smem, xs, ws, carry, t_wg, (half, bn), interpret, scalar_ws)
+        return promoted_step(cfg, x, w_smem, xs[0], ws[0], carry, t_wg, (half, bn), interpret, scalar_ws)
+
+    return mma
+
+
 def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype, scalar_ws):
     """Warp-specialized fp8_gmm: tiles of block_m rows x block_n columns, compute warpgroup w of nw owns rows
     [w * block_m / nw, (w + 1) * block_m / nw) of each; the memory warpgroup (index nw) only loads."""
@@ -321,19 +341,11 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
     n_pairs = n_tiles // cl  # a cluster's CTAs take N tiles cl * p + (its index in the cluster)
     specs = specs_for(bm, bn, delay_release=0, x_axes=("cluster",) if cl > 1 else (), sub=sub)
 
-    def views(x_gmem, xs_gmem, w_gmem, ws_gmem, gi, row0, n0):
-        return (
-            x_gmem.at[pl.ds(row0, bm), :],
-            w_gmem.at[gi].at[pl.ds(n0, bn), :],
-            xs_gmem.at[:, pl.ds(row0, bm)],
-            ws_gmem.at[gi].at[:, pl.ds(n0, bn)],
-        )
-
     def body(count_ref, group_ref, row0_ref, lo_ref, rows_ref, x_gmem, xs_gmem, w_gmem, ws_gmem, out_gmem):
         gmem = (x_gmem, xs_gmem, w_gmem, ws_gmem)
         n_all, n_real = count_ref[0], count_ref[1]
         allocs = gpu_common.pipeline(cfg, gpu_common.ignore, gpu_common.ignore, k_steps, specs, mcs).get_allocations(
-            *views(*gmem, 0, 0, 0)
+            *_tile_views(gmem, bm, bn, 0, 0, 0)
         )
 
         def scoped(allocs, wg, t_wg, out_smem):
@@ -347,16 +359,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
             def store(mt, n0):
                 store_rows(out_smem.at[wg], out_gmem, row0_ref[mt] + wg * half, *own_rows(mt), n0, half, bn)
 
-            def mma(_, x_smem, w_smem, xs_smem, ws_smem, carry):
-                rows = pl.ds(wg * half, half)
-                x, xs, ws = (
-                    x_smem.at[rows],
-                    [xs_smem.at[j, rows] for j in range(sub)],
-                    [ws_smem.at[j] for j in range(sub)],
-                )
-                if sub == 2:
-                    return paired_step(x, w_smem, xs, ws, carry, t_wg, (half, bn), interpret, scalar_ws)
-                return promoted_step(cfg, x, w_smem, xs[0], ws[0], carry, t_wg, (half, bn), interpret, scalar_ws)
+            mma = _stage_body(cfg, wg, half, bn, sub, t_wg, interpret, scalar_ws)
 
             def tile(i, lin, n):
                 # strips of grid_tile_n N tiles are grid_tile_n / cl cluster columns (0, row-major, stays 0)
@@ -372,7 +375,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
 
                 def run(state):
                     gpu_common.pipeline(cfg, mma, ctx, k_steps, specs, mcs, state)(
-                        *views(*gmem, gi, row0, n0), allocations=allocs
+                        *_tile_views(gmem, bm, bn, gi, row0, n0), allocations=allocs
                     )
 
                 gpu_common.chained(run, i, n, chain)
