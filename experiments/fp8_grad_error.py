@@ -57,21 +57,13 @@ def main(argv):
     runs = {"bf16": bf16, "fp8": bf16.replace(fp8="e4m3"), "fp8_bwg": bf16.replace(fp8="e4m3", fp8_wgrad=False)}
     got = {name: grads(cfg, params, tok) for name, cfg in runs.items()}
     print(f"{'parameter':78s} {'|g|':>9s} " + " ".join(f"{k:>8s}" for k in runs))
-    for path, g_ref in jax.tree_util.tree_flatten_with_path(ref)[0]:
+    leaves = {name: jax.tree.leaves(g) for name, g in got.items()}  # same tree structure as ref's
+    for i, (path, g_ref) in enumerate(jax.tree_util.tree_flatten_with_path(ref)[0]):
         want = np.asarray(g_ref, np.float64)
-        errs = []
-        for name in runs:
-            g = np.asarray(_at(got[name], path), np.float64)
-            errs.append(np.linalg.norm(g - want) / max(np.linalg.norm(want), 1e-30))
-        print(
-            f"{jax.tree_util.keystr(path)[:78]:78s} {np.linalg.norm(want):9.2e} " + " ".join(f"{e:8.3f}" for e in errs)
-        )
-
-
-def _at(tree, path):
-    for key in path:
-        tree = tree[key.key]
-    return tree
+        errs = [np.linalg.norm(np.asarray(leaves[name][i], np.float64) - want) for name in runs]
+        errs = [e / max(np.linalg.norm(want), 1e-30) for e in errs]
+        name = jax.tree_util.keystr(path)[:78]
+        print(f"{name:78s} {np.linalg.norm(want):9.2e} " + " ".join(f"{e:8.3f}" for e in errs))
 
 
 if __name__ == "__main__":

@@ -114,11 +114,7 @@ def promoted_step(cfg, x_smem, w_smem, xs_ref, ws_ref, carry, t_smem, shape, int
     float32 sum with xs_ref's row scales and ws_ref's column scales (scalar_ws: all columns share ws_ref[0], a
     weight block's scale, which multiplies the row scales instead). carry: the sum, or with overlap_promotion
     (sum, previous step's product, its scales), promoted while this step's wgmma runs."""
-
-    def read_scales():
-        return step_scales(xs_ref, ws_ref, scalar_ws, interpret)
-
-    scales = read_scales() if cfg.early_scales else None
+    scales = step_scales(xs_ref, ws_ref, scalar_ws, interpret) if cfg.early_scales else None
 
     def product(acc_ref):
         plgpu.wgmma(acc_ref, x_smem, gpu_common.transposed(w_smem, t_smem))
@@ -127,7 +123,7 @@ def promoted_step(cfg, x_smem, w_smem, xs_ref, ws_ref, carry, t_smem, shape, int
 
     promoted, part = pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
     if scales is None:
-        scales = read_scales()
+        scales = step_scales(xs_ref, ws_ref, scalar_ws, interpret)
     return (promoted, part, *scales) if cfg.overlap_promotion else _promote(carry, part, scales)
 
 

@@ -53,9 +53,8 @@ def _round_up(x: int, m: int) -> int:
 def _gpu_gmm(x_q, x_s, w_q, w_s, group_sizes, out_dtype, interpret, config, rhs_tiles=False):
     """The kernel's operand layouts and tile multiples: scales transposed / expanded to columns, M padded to a
     multiple of 8 (and at least one row tile), K to the 128 scaling tile (256 with pair_steps), N to the column
-    tile. The kernel takes
-    one scale per output column per K step, so tile-scaled rhs rows ([G, N, K/128], rhs_tiles) feed it as they are
-    and 128 x 128 block scales are repeated over their block's columns."""
+    tile. The kernel takes one scale per output column per K step, so tile-scaled rhs rows ([G, N, K/128],
+    rhs_tiles) feed it as they are and 128 x 128 block scales are repeated over their block's columns."""
     cfg = config or gpu.GEMM_CONFIG
     m, k = x_q.shape
     g, n, _ = w_q.shape
