@@ -3,8 +3,13 @@
 python experiments/plot_metrics.py --workdir=runs/pretrain             # -> runs/pretrain/metrics.png
 python experiments/plot_metrics.py --workdir=runs/a,runs/b --out=cmp.png --keys=loss,eval/bits_per_byte
 
+python experiments/plot_metrics.py --workdir=a.jsonl,b.jsonl,c.jsonl,d.jsonl --group=bf16,bf16,fp8,fp8 --until=980
+
 With several runs it also prints, per metric, each run's last value and its mean over the last --window records,
-relative to the first run's (e.g. an FP8 run against its BF16 twin of the same seed and data).
+relative to the first run's (e.g. an FP8 run against its BF16 twin of the same seed and data). With --group, runs of
+one group (repeats of one command: GPU runs are not bitwise deterministic, and an MoE run's routers amplify that)
+share a colour, and a second table gives each group's mean of those end-of-run means, the spread between its runs
+and the gap to the first group: a difference between groups means something only next to the spread within them.
 """
 
 import json
@@ -16,8 +21,11 @@ from absl import app, flags
 flags.DEFINE_list(
     "workdir",
     ["runs/pretrain"],
-    "One or more run directories (their metrics.jsonl is read); several are drawn on the same axes for comparison.",
+    "One or more run directories (their metrics.jsonl is read) or metrics .jsonl files; several are drawn on the "
+    "same axes for comparison.",
 )
+flags.DEFINE_list("group", [], "A group name per --workdir entry (e.g. bf16,bf16,fp8,fp8): repeats of one command.")
+flags.DEFINE_integer("until", -1, "Ignore records past this step (e.g. where the shortest run stopped); -1: none.")
 flags.DEFINE_string("out", "", "PNG path (default: <first workdir>/metrics.png).")
 flags.DEFINE_list(
     "keys",
@@ -29,14 +37,16 @@ flags.DEFINE_integer("window", 10, "Records averaged at the end of each run for 
 FLAGS = flags.FLAGS
 
 
-def read(workdir):
-    path = os.path.join(workdir, "metrics.jsonl")
+def read(workdir, until=-1):
+    path = workdir if workdir.endswith(".jsonl") else os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--workdir {workdir}: no metrics.jsonl")
+        raise FileNotFoundError(f"--workdir {workdir}: no {path}")
     series = {}
     with open(path) as f:
         for line in f:
             rec = json.loads(line)
+            if 0 <= until < rec["step"]:
+                continue
             prefix = "" if rec.get("split") == "train" else f"{rec.get('split')}/"
             for k, v in rec.items():
                 if k not in ("step", "split", "time") and isinstance(v, (int, float)):
@@ -44,11 +54,42 @@ def read(workdir):
     return series
 
 
+def end_mean(series: dict, window: int, key: str = "") -> float:
+    """The mean of the last `window` records; of an eval/ key's last one (evaluations are sparse: a window of them
+    would reach back to step 0)."""
+    steps = sorted(series)[-(1 if key.startswith("eval/") else window) :]
+    return sum(series[i] for i in steps) / len(steps)
+
+
+def compare_groups(runs: dict, groups: list, keys, window: int) -> str:
+    """A markdown table: per key and group, the mean over the group's runs of their end-of-run means, the spread
+    of those means (max - min, relative to the group's mean) and the gap to the first group's mean."""
+    order = list(dict.fromkeys(groups))
+    lines = [
+        f"| metric | group | runs | mean of last {window} (eval: last), over runs | spread in group | vs {order[0]} |"
+    ]
+    lines.append("|---" * 6 + "|")
+    for key in keys:
+        base = None
+        for g in order:
+            means = [end_mean(s[key], window, key) for s, gg in zip(runs.values(), groups) if gg == g and s.get(key)]
+            if not means:
+                continue
+            mean = sum(means) / len(means)
+            base = base or mean
+            spread = f"{(max(means) - min(means)) / mean:.2%}" if len(means) > 1 and mean else "n/a"
+            lines.append(f"| {key} | {g} | {len(means)} | {mean:.4g} | {spread} | {mean / base - 1:+.2%} |")
+    return "\n".join(lines)
+
+
 def compare(runs: dict, keys, window: int) -> str:
     """A markdown table: per key and run, the last value and the mean of the last `window` records, with their
     relative difference to the first run (which must have the key)."""
     names = list(runs)
-    lines = [f"| metric | run | last (step) | vs first | mean of last {window} | vs first |", "|---" * 6 + "|"]
+    lines = [
+        f"| metric | run | last (step) | vs first | mean of last {window} (eval: last) | vs first |",
+        "|---" * 6 + "|",
+    ]
     for key in keys:
         if key not in runs[names[0]]:
             continue
@@ -58,7 +99,7 @@ def compare(runs: dict, keys, window: int) -> str:
             if not s:
                 continue
             steps = sorted(s)
-            last, mean = s[steps[-1]], sum(s[i] for i in steps[-window:]) / len(steps[-window:])
+            last, mean = s[steps[-1]], end_mean(s, window, key)
             base = base or (last, mean)
             rel = [f"{v / b - 1:+.2%}" if b else "n/a" for v, b in zip((last, mean), base)]
             lines.append(f"| {key} | {name} | {last:.4g} ({steps[-1]}) | {rel[0]} | {mean:.4g} | {rel[1]} |")
@@ -72,13 +113,17 @@ def main(argv):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {w: read(w) for w in FLAGS.workdir}
+    if FLAGS.group and len(FLAGS.group) != len(FLAGS.workdir):
+        sys.exit(f"--group names {len(FLAGS.group)} groups for {len(FLAGS.workdir)} --workdir entries: give one each")
+    runs = {w: read(w, FLAGS.until) for w in FLAGS.workdir}
+    groups = FLAGS.group or list(FLAGS.workdir)
+    colours = {g: f"C{i}" for i, g in enumerate(dict.fromkeys(groups))}
     keys = [k for k in FLAGS.keys if any(k in s for s in runs.values())]
     if not keys:
         sys.exit(f"none of --keys {FLAGS.keys} is in the runs' metrics")
     fig, axes = plt.subplots(len(keys), 1, figsize=(8, 2.6 * len(keys)), sharex=True, squeeze=False)
     for ax, key in zip(axes[:, 0], keys):
-        for w, s in runs.items():
+        for (w, s), g in zip(runs.items(), groups):
             if key in s:
                 steps = sorted(s[key])
                 ax.plot(
@@ -86,18 +131,24 @@ def main(argv):
                     [s[key][i] for i in steps],
                     marker="o" if key.startswith("eval/") else None,
                     markersize=3,
-                    label=os.path.basename(os.path.normpath(w)),
+                    color=colours[g],
+                    linestyle="-" if groups.index(g) == list(runs).index(w) else "--",
+                    linewidth=1,
+                    label=os.path.basename(os.path.normpath(w)).removesuffix(".jsonl"),
                 )
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     axes[0, 0].legend()
     axes[-1, 0].set_xlabel("step")
-    out = FLAGS.out or os.path.join(FLAGS.workdir[0], "metrics.png")
+    first = FLAGS.workdir[0]
+    out = FLAGS.out or os.path.join(os.path.dirname(first) if first.endswith(".jsonl") else first, "metrics.png")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     print(f"wrote {out}")
     if len(runs) > 1:
         print(compare(runs, keys, FLAGS.window))
+    if FLAGS.group:
+        print(compare_groups(runs, groups, keys, FLAGS.window))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,4 @@ SW="$SW;ws3_c2:$W3,cluster_n=2;ws_c2:$W2,cluster_n=2;ws3_c2_g16:$W3,cluster_n=2,
 SW="$SW;ws3_r24:$W3,memory_registers=24"
 # the scales read after the wgmma's wait (the default before 2026-12-05)
 SW="$SW;ws3_late:$W3,early_scales=false;ws_late:$W2,early_scales=false"
-# stages of two K steps, the first promoted under the second's wgmma (pair_steps; written 2026-12-05, untimed)
-SW="$SW;ws_pair:$W2,pair_steps=true;ws_pair_g16:$W2,pair_steps=true,grid_tile_n=16;ws_pair_m2:$W2,pair_steps=true,max_concurrent_steps=2"
 timeout "${LIMIT:-400}" python3 experiments/bench_fp8_gemm.py --sweep="$SW" "$@" 2>&1 | grep -v "^[WI][0-9]\{4\}"

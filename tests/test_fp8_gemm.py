@@ -147,21 +147,6 @@ def test_gpu_config_refuses_register_splits_setmaxnreg_cannot_make(regs):
     check_config(dataclasses.replace(cfg, memory_registers=24))
 
 
-def test_pair_steps_refused_where_it_cannot_run():
-    """pair_steps holds two fresh accumulators + the sum: 2 compute warpgroups only; fp8_tgmm steps K by 128."""
-    for bad in (
-        Fp8GpuConfig(pair_steps=True),
-        Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3, pair_steps=True),
-    ):
-        with pytest.raises(ValueError, match="pair_steps"):
-            check_config(bad)
-    ok = Fp8GpuConfig(block_m=128, warp_specialized=True, pair_steps=True)
-    check_config(ok)
-    z = jnp.zeros((128, 128), jnp.float8_e4m3fn), jnp.ones((128, 1), jnp.float32)
-    with pytest.raises(ValueError, match="pair_steps"):
-        fp8_tgmm(*z, *z, jnp.asarray([128], jnp.int32), backend="gpu", interpret=True, config=ok)
-
-
 # ---------------------------------------------------------------- the Mosaic GPU kernel, interpret mode
 # Three compute warpgroups + the memory one are four threads per SM blocking on each other's barriers: jax 0.10's
 # GPU interpreter deadlocks on them on a 2-core host (its callbacks wait for each other on the CPU client's
@@ -202,7 +187,6 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
         Fp8GpuConfig(block_m=128, warp_specialized=True, max_concurrent_steps=2),
         Fp8GpuConfig(block_m=128, warp_specialized=True, overlap_promotion=True),
         Fp8GpuConfig(block_m=128, warp_specialized=True, early_scales=False),
-        Fp8GpuConfig(block_m=128, warp_specialized=True, pair_steps=True),
     ]
     + GPU_ONLY_CONFIGS,
     ids=[
@@ -211,7 +195,6 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
         "warp_specialized",
         "warp_specialized_overlap",
         "ws_late_scales",
-        "ws_pair_steps",
     ]
     + [f"gpu_only_{i}" for i in range(len(GPU_ONLY_CONFIGS))],
 )

@@ -37,7 +37,6 @@ FP8_CONFIGS = {
     "warp_specialized_overlap": f8.Fp8GpuConfig(
         num_sms=SMS, block_m=128, warp_specialized=True, overlap_promotion=True
     ),
-    "pair_steps": f8.Fp8GpuConfig(num_sms=SMS, block_m=128, warp_specialized=True, pair_steps=True),
     "column_scales": f8.Fp8GpuConfig(num_sms=SMS, block_m=128, warp_specialized=True, scalar_block_scale=False),
     "three_compute_wgs": f8.Fp8GpuConfig(num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3),
     "three_compute_wgs_late_scales": f8.Fp8GpuConfig(

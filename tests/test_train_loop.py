@@ -294,3 +294,23 @@ def test_plot_metrics_compares_runs(tmp_path):
     rows = [line for line in r.stdout.splitlines() if line.startswith("| loss |")]
     assert len(rows) == 2 and "| 1 (10) | +0.00% | 1.056 | +0.00% |" in rows[0]  # (10/9 + 10/10) / 2
     assert "| 1.1 (10) | +10.00% | 1.161 | +10.00% |" in rows[1]
+
+
+def test_plot_metrics_compares_groups(tmp_path):
+    """--group: each group's mean of its runs' end-of-run means, the spread within it and the gap to the first
+    group; metrics files passed directly; --until drops the records past a step."""
+    paths = []
+    for name, scale in (("a1", 1.0), ("a2", 1.2), ("b1", 1.1), ("b2", 1.3)):
+        rows = [{"step": s, "split": "train", "time": 0, "loss": scale * 10.0 / s} for s in range(1, 13)]
+        rows.append({"step": 12, "split": "eval", "time": 0, "bits_per_byte": scale})
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        paths.append(str(tmp_path / f"{name}.jsonl"))
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "plot_metrics.py"), f"--workdir={','.join(paths)}"]
+    cmd += [f"--out={tmp_path / 'g.png'}", "--window=2", "--until=10", "--keys=loss,eval/bits_per_byte"]
+    r = subprocess.run(cmd + ["--group=a,a,b,b"], check=True, timeout=120, capture_output=True, text=True)
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| loss | ") and " | 2 | " in line]
+    # a: (1.0 + 1.2) / 2 x (10/9 + 10/10) / 2 = 1.161, runs 18.18% apart; b: 1.2 x 1.056 = 1.267, 16.67%, +9.09%
+    assert rows == ["| loss | a | 2 | 1.161 | 18.18% | +0.00% |", "| loss | b | 2 | 1.267 | 16.67% | +9.09% |"]
+    assert not any(line.startswith("| eval/bits_per_byte |") for line in r.stdout.splitlines())  # past --until
+    bad = subprocess.run(cmd + ["--group=a,b"], timeout=120, capture_output=True, text=True)
+    assert bad.returncode != 0 and "--group names 2 groups for 4 --workdir entries" in bad.stderr

@@ -19,12 +19,12 @@ of 64 rows each on a 192-row tile (sharing its weight tile), so the promotions o
 chained tile pipelines, as in the bf16 gmm; as many stages as fit beside the output staging buffers; each K step's
 scales read before its wgmma is issued (early_scales). H100 (experiments/BENCHMARKS.md, 2026-12-05): 928-953 FP8
 TFLOP/s on the grouped gate+up shape, 1.56x our bf16 gmm; dense 1,081-1,117 (H200). Measured slower and removed:
-idle warpgroups skipping their wgmma (853 vs 953). pair_steps (2 compute warpgroups, untimed): stages of two K
-steps, the first promoted under the second's wgmma (SASS: 8 wgmma, a wait leaving one group, 64 FFMA, a wait, 64
-FFMA). overlap_promotion (step k-1 promoted in code after step k's issue): ptxas hoists the promotion above the
-issue, measured slower. cluster_n=2 (x multicast into the 2 CTAs of a cluster): no faster (869 vs 916; the
-interpreter has no cluster barriers). Fp8GpuConfig's own defaults: the one-warpgroup kernel, which the interpreter
-runs on any host.
+idle warpgroups skipping their wgmma (853 vs 953); stages of two K steps in 2 compute warpgroups, the first promoted
+under the second's wgmma (SASS as intended, yet 840-845 vs 932-937: a third warpgroup hides promotions better than
+pairing steps within one). overlap_promotion (step k-1 promoted in code after step k's issue): ptxas hoists the
+promotion above the issue, measured slower. cluster_n=2 (x multicast into the 2 CTAs of a cluster): no faster
+(869 vs 916; the interpreter has no cluster barriers). Fp8GpuConfig's own defaults: the one-warpgroup kernel, which
+the interpreter runs on any host.
 """
 
 from __future__ import annotations
@@ -77,11 +77,6 @@ class Fp8GpuConfig:
     # path, and the step's smem slot is released only after them (ptxas: the release then directly follows the
     # wait). H100, gate+up: 953 / 928 TFLOP/s against 925 / 920 late, same process (BENCHMARKS.md, 2026-12-05)
     early_scales: bool = True
-    # Warp-specialized fp8_gmm: each pipeline stage holds two K steps (256 of K); the second step's wgmma is issued
-    # before the first step's promotion, which then runs under it in the same warpgroup (ptxas keeps it there: its
-    # operands come from a wait that allows one group in flight). Two fresh accumulators + the sum are 192
-    # registers a thread: 2 compute warpgroups only. Untimed (written 2026-12-05)
-    pair_steps: bool = False
 
 
 # The GEMMs' default (fp8_gmm, fp8_gemm and its weight gradient): three compute warpgroups of 64 rows each under a
@@ -133,22 +128,6 @@ def step_scales(xs_ref, ws_ref, scalar_ws, interpret):
     return (xs * ws_ref[0],) if scalar_ws else (xs, _vector(ws_ref, COL_LAYOUT, interpret))
 
 
-def paired_step(x_smem, w_smem, xs_refs, ws_refs, total, t_smem, shape, interpret, scalar_ws):
-    """A stage of two K steps (pair_steps): x_smem [rows, 256] . w_smem [cols, 256]^T as two wgmmas into fresh
-    accumulators, both issued first; the first step is promoted while the second one's wgmma runs (its load waits
-    with one group in flight), then the second. xs_refs / ws_refs: each step's row and column scale refs."""
-    halves = [pl.ds(j * BLOCK_K, BLOCK_K) for j in range(2)]
-    scales = [step_scales(xr, wr, scalar_ws, interpret) for xr, wr in zip(xs_refs, ws_refs)]
-
-    def body(acc0, acc1):
-        for acc, h in zip((acc0, acc1), halves):
-            plgpu.wgmma(acc, x_smem.at[:, h], gpu_common.transposed(w_smem.at[:, h], t_smem))
-        first = acc0[...] if interpret else plgpu.wgmma_accumulator_load(acc0, wait_n=1)
-        return _promote(_promote(total, first, scales[0]), acc1[...], scales[1])
-
-    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
-
-
 def uses_scalar_scale(cfg, w_scales):
     """Whether the kernel reads one weight scale per K step: block scales (w_scales="block"), a tile inside one
     128-column block, and the knob on."""
@@ -185,37 +164,31 @@ def check_config(cfg):
             f"Fp8GpuConfig: memory_registers must be a multiple of 8 in [24, 256] (setmaxnreg), got "
             f"{cfg.memory_registers}"
         )
-    if cfg.pair_steps and not (cfg.warp_specialized and nw == 2 and not cfg.overlap_promotion):
-        raise ValueError(
-            "Fp8GpuConfig: pair_steps needs warp_specialized with compute_wgs=2 (three 64 x 128 float32 tiles a "
-            f"thread) and no overlap_promotion, got {cfg}"
-        )
     if cfg.cluster_n not in (1, 2) or (cfg.cluster_n > 1 and not cfg.warp_specialized):
         raise ValueError(f"Fp8GpuConfig: cluster_n must be 1, or 2 when warp-specialized, got {cfg.cluster_n}")
 
 
-def specs_for(bm, bn, first_step=0, delay_release=1, x_axes=(), sub=1):
-    """A tile's stage BlockSpecs: x [bm, sub * 128] and w [bn, sub * 128] (K-major e4m3), their scales [sub, bm]
-    and [sub, bn] (sub K steps a stage); stage kk reads stage first_step + kk (first_step may be traced).
-    delay_release=1 keeps a stage's buffers until the next one (one warpgroup's pipeline); the warp-specialized
-    pipelines take 0. x_axes: the cluster axes x is multicast over."""
+def specs_for(bm, bn, first_step=0, delay_release=1, x_axes=()):
+    """A tile's K-step BlockSpecs: x [bm, 128] and w [bn, 128] (K-major e4m3), their scales [1, bm] and [1, bn];
+    step kk reads K step first_step + kk (first_step may be traced). delay_release=1 keeps a step's buffers until
+    the next step (one warpgroup's pipeline); the warp-specialized pipelines take 0. x_axes: the cluster axes x is
+    multicast over."""
     tf = gpu_common.transforms(BLOCK_K, jnp.float8_e4m3fn)
-    dr, kb = delay_release, sub * BLOCK_K
+    dr = delay_release
     return [
         plgpu.BlockSpec(
-            (bm, kb), lambda kk: (0, first_step + kk), transforms=tf, delay_release=dr, collective_axes=x_axes
+            (bm, BLOCK_K), lambda kk: (0, first_step + kk), transforms=tf, delay_release=dr, collective_axes=x_axes
         ),
-        plgpu.BlockSpec((bn, kb), lambda kk: (0, first_step + kk), transforms=tf, delay_release=dr),
-        plgpu.BlockSpec((sub, bm), lambda kk: (first_step + kk, 0), delay_release=dr),
-        plgpu.BlockSpec((sub, bn), lambda kk: (first_step + kk, 0), delay_release=dr),
+        plgpu.BlockSpec((bn, BLOCK_K), lambda kk: (0, first_step + kk), transforms=tf, delay_release=dr),
+        plgpu.BlockSpec((1, bm), lambda kk: (first_step + kk, 0), delay_release=dr),
+        plgpu.BlockSpec((1, bn), lambda kk: (first_step + kk, 0), delay_release=dr),
     ]
 
 
-def ws_stages(cfg, out_dtype, k_steps=None, sub=1):
+def ws_stages(cfg, out_dtype, k_steps=None):
     """Pipeline stages of a warp-specialized kernel: the config's, at most k_steps (when static), and no more than
-    fit in smem beside the block_m x block_n output staging buffers (a float32 output takes twice a bf16 one's).
-    sub: K steps a stage."""
-    stage_bytes = sub * (cfg.block_m + cfg.block_n) * (BLOCK_K + 4)  # e4m3 operand tiles + their float32 scales
+    fit in smem beside the block_m x block_n output staging buffers (a float32 output takes twice a bf16 one's)."""
+    stage_bytes = (cfg.block_m + cfg.block_n) * (BLOCK_K + 4)  # e4m3 operand tiles + their float32 scales
     fit = (SMEM_BYTES - cfg.block_m * cfg.block_n * jnp.dtype(out_dtype).itemsize) // stage_bytes
     return max(2, min(cfg.max_concurrent_steps, fit, k_steps or cfg.max_concurrent_steps))
 
@@ -303,15 +276,13 @@ def _tile_views(gmem, bm, bn, gi, row0, n0):
     )
 
 
-def _stage_body(cfg, wg, half, bn, sub, t_wg, interpret, scalar_ws):
-    """Compute warpgroup wg's pipeline body: its `half` rows of a stage of `sub` K steps, promoted into the carry."""
+def _stage_body(cfg, wg, half, bn, t_wg, interpret, scalar_ws):
+    """Compute warpgroup wg's pipeline body: its `half` rows of a K step, promoted into the carry."""
 
     def mma(_, x_smem, w_smem, xs_smem, ws_smem, carry):
         rows = pl.ds(wg * half, half)
-        x, xs, ws = x_smem.at[rows], [xs_smem.at[j, rows] for j in range(sub)], [ws_smem.at[j] for j in range(sub)]
-        if sub == 2:
-            return paired_step(x, w_smem, xs, ws, carry, t_wg, (half, bn), interpret, scalar_ws)
-        return promoted_step(cfg, x, w_smem, xs[0], ws[0], carry, t_wg, (half, bn), interpret, scalar_ws)
+        x, xs, ws = x_smem.at[rows], xs_smem.at[0, rows], ws_smem.at[0]
+        return promoted_step(cfg, x, w_smem, xs, ws, carry, t_wg, (half, bn), interpret, scalar_ws)
 
     return mma
 
@@ -324,18 +295,15 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
     bm, bn, bk = cfg.block_m, cfg.block_n, BLOCK_K
     nw = gpu_common.num_wgs(cfg)
     half = bm // nw  # one compute warpgroup's rows
-    sub = 2 if cfg.pair_steps else 1  # K steps a pipeline stage
-    if k % (sub * bk):
-        raise ValueError(f"fp8_gmm: K={k} must be a multiple of {sub * bk} with pair_steps")
-    k_steps, n_tiles = k // (sub * bk), n // bn  # pipeline stages per tile
-    mcs = ws_stages(cfg, out_dtype, k_steps, sub)
+    k_steps, n_tiles = k // bk, n // bn
+    mcs = ws_stages(cfg, out_dtype, k_steps)
     chain = k_steps % mcs == 0  # chained pipelines must end every tile on the same ring slot
     count, tgroup, trow0, tlo, trows = gmm_tiles(group_sizes, m, bm)
     cl = cfg.cluster_n
     if n_tiles % cl:
         raise ValueError(f"fp8_gmm: N={n} must be a multiple of cluster_n * block_n = {cl * bn} (ops.py pads)")
     n_pairs = n_tiles // cl  # a cluster's CTAs take N tiles cl * p + (its index in the cluster)
-    specs = specs_for(bm, bn, delay_release=0, x_axes=("cluster",) if cl > 1 else (), sub=sub)
+    specs = specs_for(bm, bn, delay_release=0, x_axes=("cluster",) if cl > 1 else ())
 
     def body(count_ref, group_ref, row0_ref, lo_ref, rows_ref, x_gmem, xs_gmem, w_gmem, ws_gmem, out_gmem):
         gmem = (x_gmem, xs_gmem, w_gmem, ws_gmem)
@@ -355,7 +323,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
             def store(mt, n0):
                 store_rows(out_smem.at[wg], out_gmem, row0_ref[mt] + wg * half, *own_rows(mt), n0, half, bn)
 
-            mma = _stage_body(cfg, wg, half, bn, sub, t_wg, interpret, scalar_ws)
+            mma = _stage_body(cfg, wg, half, bn, t_wg, interpret, scalar_ws)
 
             def tile(i, lin, n):
                 # strips of grid_tile_n N tiles are grid_tile_n / cl cluster columns (0, row-major, stays 0)

@@ -59,8 +59,6 @@ def fp8_tgmm(a_q, as_t, b_q, bs_t, group_sizes, *, config=None, interpret=False,
     check_config(cfg)
     if cfg.cluster_n != 1:
         raise ValueError(f"fp8_tgmm's GPU kernel runs one CTA per cluster: cluster_n=1, got {cfg.cluster_n}")
-    if cfg.pair_steps:  # a group's step count is any multiple of 128 rows, not of 256
-        raise ValueError("fp8_tgmm's GPU kernel steps K by 128: pair_steps is fp8_gmm's only")
     if cfg.warp_specialized:
         return _fp8_tgmm_ws(a_q, as_t, b_q, bs_t, group_sizes, cfg, interpret, out_dtype)
     k, _ = a_q.shape

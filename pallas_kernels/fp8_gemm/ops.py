@@ -52,20 +52,18 @@ def _round_up(x: int, m: int) -> int:
 @functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))
 def _gpu_gmm(x_q, x_s, w_q, w_s, group_sizes, out_dtype, interpret, config, rhs_tiles=False):
     """The kernel's operand layouts and tile multiples: scales transposed / expanded to columns, M padded to a
-    multiple of 8 (and at least one row tile), K to the 128 scaling tile (256 with pair_steps), N to the column
-    tile. The kernel takes one scale per output column per K step, so tile-scaled rhs rows ([G, N, K/128],
-    rhs_tiles) feed it as they are and 128 x 128 block scales are repeated over their block's columns."""
+    multiple of 8 (and at least one row tile), K to the 128 scaling tile, N to the column tile. The kernel takes
+    one scale per output column per K step, so tile-scaled rhs rows ([G, N, K/128], rhs_tiles) feed it as they are
+    and 128 x 128 block scales are repeated over their block's columns."""
     cfg = config or gpu.GEMM_CONFIG
     m, k = x_q.shape
     g, n, _ = w_q.shape
-    k_tile = TILE * (2 if cfg.pair_steps else 1)  # pair_steps: two 128-K steps a pipeline stage
-    mp, kp, np_ = max(_round_up(m, 8), cfg.block_m), _round_up(k, k_tile), _round_up(n, cfg.block_n * cfg.cluster_n)
-    kt = kp // TILE - x_s.shape[1]  # scale columns past K's own tiles (zero operands, scale 1)
+    mp, kp, np_ = max(_round_up(m, 8), cfg.block_m), _round_up(k, TILE), _round_up(n, cfg.block_n * cfg.cluster_n)
     x_q = jnp.pad(x_q, ((0, mp - m), (0, kp - k)))
-    xs_t = jnp.pad(x_s, ((0, mp - m), (0, kt)), constant_values=1.0).T
+    xs_t = jnp.pad(x_s, ((0, mp - m), (0, 0)), constant_values=1.0).T
     w_q = jnp.pad(w_q, ((0, 0), (0, np_ - n), (0, kp - k)))
     ws_cols = jnp.swapaxes(w_s if rhs_tiles else jnp.repeat(w_s, TILE, axis=1)[:, :n], 1, 2)  # [G, K/128, N]
-    ws_cols = jnp.pad(ws_cols, ((0, 0), (0, kt), (0, np_ - n)), constant_values=1.0)
+    ws_cols = jnp.pad(ws_cols, ((0, 0), (0, 0), (0, np_ - n)), constant_values=1.0)
     out = gpu.fp8_gmm(
         x_q,
         xs_t,
