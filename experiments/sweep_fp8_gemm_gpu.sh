@@ -9,7 +9,7 @@ W2="warp_specialized=true,block_m=128"
 W3="warp_specialized=true,block_m=192,compute_wgs=3"
 SW="ws3:$W3;one_wg:;one_wg_col:scalar_block_scale=false;ws:$W2;ws_col:$W2,scalar_block_scale=false"
 SW="$SW;ws_m3:$W2,max_concurrent_steps=3;ws_m5:$W2,max_concurrent_steps=5;ws_g16:$W2,grid_tile_n=16"
-SW="$SW;ws_g4:$W2,grid_tile_n=4;ws_ov:$W2,overlap_promotion=true;ws3_m3:$W3,max_concurrent_steps=3"
+SW="$SW;ws_g4:$W2,grid_tile_n=4;ws3_m3:$W3,max_concurrent_steps=3"
 SW="$SW;ws3_g4:$W3,grid_tile_n=4;ws3_g16:$W3,grid_tile_n=16"
 # x multicast over 2-CTA clusters (written 2026-12-04 after the GPU runs; not yet timed)
 SW="$SW;ws3_c2:$W3,cluster_n=2;ws_c2:$W2,cluster_n=2;ws3_c2_g16:$W3,cluster_n=2,grid_tile_n=16"

@@ -183,17 +183,13 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
     "cfg",
     [
         Fp8GpuConfig(),
-        Fp8GpuConfig(overlap_promotion=True),
         Fp8GpuConfig(block_m=128, warp_specialized=True, max_concurrent_steps=2),
-        Fp8GpuConfig(block_m=128, warp_specialized=True, overlap_promotion=True),
         Fp8GpuConfig(block_m=128, warp_specialized=True, early_scales=False),
     ]
     + GPU_ONLY_CONFIGS,
     ids=[
         "one_wg",
-        "one_wg_overlap",
         "warp_specialized",
-        "warp_specialized_overlap",
         "ws_late_scales",
     ]
     + [f"gpu_only_{i}" for i in range(len(GPU_ONLY_CONFIGS))],

@@ -32,11 +32,7 @@ def _lower_for_cuda(f, *avals, kernel="mosaic_gpu"):
 
 FP8_CONFIGS = {
     "one_wg": f8.Fp8GpuConfig(num_sms=SMS),
-    "one_wg_overlap": f8.Fp8GpuConfig(num_sms=SMS, overlap_promotion=True),
     "warp_specialized": f8.Fp8GpuConfig(num_sms=SMS, block_m=128, warp_specialized=True),
-    "warp_specialized_overlap": f8.Fp8GpuConfig(
-        num_sms=SMS, block_m=128, warp_specialized=True, overlap_promotion=True
-    ),
     "column_scales": f8.Fp8GpuConfig(num_sms=SMS, block_m=128, warp_specialized=True, scalar_block_scale=False),
     "three_compute_wgs": f8.Fp8GpuConfig(num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3),
     "three_compute_wgs_late_scales": f8.Fp8GpuConfig(

@@ -21,8 +21,8 @@ scales read before its wgmma is issued (early_scales). H100 (experiments/BENCHMA
 TFLOP/s on the grouped gate+up shape, 1.56x our bf16 gmm; dense 1,081-1,117 (H200). Measured slower and removed:
 idle warpgroups skipping their wgmma (853 vs 953); stages of two K steps in 2 compute warpgroups, the first promoted
 under the second's wgmma (SASS as intended, yet 840-845 vs 932-937: a third warpgroup hides promotions better than
-pairing steps within one). overlap_promotion (step k-1 promoted in code after step k's issue): ptxas hoists the
-promotion above the issue, measured slower. cluster_n=2 (x multicast into the 2 CTAs of a cluster): no faster
+pairing steps within one); step k-1 promoted in code after step k's issue: ptxas hoists the
+promotion above the issue (532 vs 658). cluster_n=2 (x multicast into the 2 CTAs of a cluster): no faster
 (869 vs 916; the interpreter has no cluster barriers). Fp8GpuConfig's own defaults: the one-warpgroup kernel, which
 the interpreter runs on any host.
 """
@@ -58,9 +58,6 @@ class Fp8GpuConfig:
     num_sms: int | None = None  # None: the device's SM count (2 in interpret mode)
     warp_specialized: bool = False  # True: compute warpgroups + a memory one (gpu_common reads it too)
     compute_wgs: int = 2  # warp-specialized: compute warpgroups, each block_m / compute_wgs rows of a tile
-    # Promote K step k-1's partial sums while step k's wgmma runs (one more 64 x 128 register tile), instead of
-    # leaving the tensor cores idle during every promotion
-    overlap_promotion: bool = False
     # Weight scales of 128 x 128 blocks are one number per K step across a tile's columns (128 % block_n == 0):
     # read that scalar and fold it into the row scales, so a promotion is one multiply-add per element
     scalar_block_scale: bool = True
@@ -104,22 +101,20 @@ def _promote(total, part, scales):
 ROW_LAYOUT, COL_LAYOUT = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)  # scales along rows / columns
 
 
-def promoted_step(cfg, x_smem, w_smem, xs_ref, ws_ref, carry, t_smem, shape, interpret, scalar_ws=False):
+def promoted_step(cfg, x_smem, w_smem, xs_ref, ws_ref, total, t_smem, shape, interpret, scalar_ws=False):
     """One K step: x_smem [rows, 128] . w_smem [cols, 128]^T into a fresh accumulator, then promoted into the
     float32 sum with xs_ref's row scales and ws_ref's column scales (scalar_ws: all columns share ws_ref[0], a
-    weight block's scale, which multiplies the row scales instead). carry: the sum, or with overlap_promotion
-    (sum, previous step's product, its scales), promoted while this step's wgmma runs."""
+    weight block's scale, which multiplies the row scales instead). total: the float32 sum so far."""
     scales = step_scales(xs_ref, ws_ref, scalar_ws, interpret) if cfg.early_scales else None
 
     def product(acc_ref):
         plgpu.wgmma(acc_ref, x_smem, gpu_common.transposed(w_smem, t_smem))
-        promoted = _promote(*carry[:2], carry[2:]) if cfg.overlap_promotion else None  # issued before the wait below
-        return promoted, acc_ref[...]
+        return acc_ref[...]
 
-    promoted, part = pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+    part = pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
     if scales is None:
         scales = step_scales(xs_ref, ws_ref, scalar_ws, interpret)
-    return (promoted, part, *scales) if cfg.overlap_promotion else _promote(carry, part, scales)
+    return _promote(total, part, scales)
 
 
 def step_scales(xs_ref, ws_ref, scalar_ws, interpret):
@@ -134,18 +129,10 @@ def uses_scalar_scale(cfg, w_scales):
     return w_scales == "block" and BLOCK_K % cfg.block_n == 0 and cfg.scalar_block_scale
 
 
-def initial_carry(cfg, shape, interpret, scalar_ws=False):
-    """The K loop's starting carry: a zero sum, and with overlap_promotion a zero previous product and scales."""
-    zero = [jnp.zeros(s, jnp.float32) for s in (shape, shape[:1], shape[1:])]
-    if not interpret:  # the interpreter has no layouts
-        zero = [plgpu.layout_cast(z, lay) for z, lay in zip(zero, (plgpu.Layout.WGMMA, ROW_LAYOUT, COL_LAYOUT))]
-    if not cfg.overlap_promotion:
-        return zero[0]
-    return (zero[0], zero[0], zero[1]) if scalar_ws else (zero[0], zero[0], zero[1], zero[2])
-
-
-def final_sum(cfg, carry):
-    return _promote(*carry[:2], carry[2:]) if cfg.overlap_promotion else carry
+def zero_sum(shape, interpret):
+    """The K loop's starting float32 sum, in the wgmma accumulator's register layout (the interpreter has none)."""
+    zero = jnp.zeros(shape, jnp.float32)
+    return zero if interpret else plgpu.layout_cast(zero, plgpu.Layout.WGMMA)
 
 
 def check_config(cfg):
@@ -210,9 +197,9 @@ def scaled_k_loop(cfg, specs, steps, operands, interpret, scalar_ws=False):
             grid=(steps,),
             in_specs=specs,
             max_concurrent_steps=max(2, cfg.max_concurrent_steps),
-            init_carry=initial_carry(cfg, (bm, bn), interpret, scalar_ws),
+            init_carry=zero_sum((bm, bn), interpret),
         )
-        return final_sum(cfg, pipeline(*operands))
+        return pipeline(*operands)
 
     t_shape = gpu_common.scratch(interpret, (BLOCK_K, bn), jnp.float8_e4m3fn)
     return with_scratch(None) if t_shape is None else pl.run_scoped(with_scratch, t_shape)
@@ -331,7 +318,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
                 gi, row0, n0 = jnp.maximum(group_ref[mt], 0), pl.multiple_of(row0_ref[mt], 8), (pair * cl + cta) * bn
 
                 def ctx(eval_pipeline):
-                    total = final_sum(cfg, eval_pipeline(initial_carry(cfg, (half, bn), interpret, scalar_ws)))
+                    total = eval_pipeline(zero_sum((half, bn), interpret))
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has left out_smem
                     out_smem.at[wg][...] = total.astype(out_dtype)
                     plgpu.commit_smem()

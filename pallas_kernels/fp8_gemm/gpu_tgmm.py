@@ -30,12 +30,11 @@ from pallas_kernels.fp8_gemm.gpu import (
     BLOCK_K,
     Fp8GpuConfig,
     check_config,
-    final_sum,
-    initial_carry,
     promoted_step,
     scaled_k_loop,
     specs_for,
     ws_stages,
+    zero_sum,
 )
 from pallas_kernels.grouped_matmul import gpu_common
 
@@ -135,7 +134,7 @@ def _fp8_tgmm_ws(a_q, as_t, b_q, bs_t, group_sizes, cfg, interpret, out_dtype):
                 k0, n0 = kt * bm, nt * bn
 
                 def ctx(eval_pipeline):
-                    total = final_sum(cfg, eval_pipeline(initial_carry(cfg, (rows, bn), interpret)))
+                    total = eval_pipeline(zero_sum((rows, bn), interpret))
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has left out_smem
                     out_smem.at[wg][...] = total.astype(out_dtype)
                     plgpu.commit_smem()
