@@ -147,6 +147,14 @@ def test_gpu_config_refuses_register_splits_setmaxnreg_cannot_make(regs):
     check_config(dataclasses.replace(cfg, memory_registers=24))
 
 
+def test_fp8_tgmm_refuses_skip_idle_wgs():
+    """fp8_tgmm's tiles are a group's whole K x N, so no warpgroup is idle: the knob is refused, not ignored."""
+    z = jnp.zeros((128, 128), jnp.float8_e4m3fn), jnp.ones((128, 1), jnp.float32)
+    cfg = Fp8GpuConfig(block_m=128, warp_specialized=True, skip_idle_wgs=True)
+    with pytest.raises(ValueError, match="skip_idle_wgs is fp8_gmm's only"):
+        fp8_tgmm(*z, *z, jnp.asarray([128], jnp.int32), backend="gpu", interpret=True, config=cfg)
+
+
 # ---------------------------------------------------------------- the Mosaic GPU kernel, interpret mode
 # Three compute warpgroups + the memory one are four threads per SM blocking on each other's barriers: jax 0.10's
 # GPU interpreter deadlocks on them on a 2-core host (its callbacks wait for each other on the CPU client's
@@ -158,6 +166,7 @@ GPU_ONLY_WS3 = (
     else [
         Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3),
         Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3, memory_registers=24),
+        Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3, skip_idle_wgs=True),
     ]
 )
 GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
@@ -185,12 +194,14 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
         Fp8GpuConfig(),
         Fp8GpuConfig(block_m=128, warp_specialized=True, max_concurrent_steps=2),
         Fp8GpuConfig(block_m=128, warp_specialized=True, early_scales=False),
+        Fp8GpuConfig(block_m=128, warp_specialized=True, skip_idle_wgs=True),
     ]
     + GPU_ONLY_CONFIGS,
     ids=[
         "one_wg",
         "warp_specialized",
         "ws_late_scales",
+        "ws_skip_idle",
     ]
     + [f"gpu_only_{i}" for i in range(len(GPU_ONLY_CONFIGS))],
 )

@@ -35,6 +35,9 @@ FP8_CONFIGS = {
     "warp_specialized": f8.Fp8GpuConfig(num_sms=SMS, block_m=128, warp_specialized=True),
     "column_scales": f8.Fp8GpuConfig(num_sms=SMS, block_m=128, warp_specialized=True, scalar_block_scale=False),
     "three_compute_wgs": f8.Fp8GpuConfig(num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3),
+    "three_compute_wgs_skip_idle": f8.Fp8GpuConfig(
+        num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3, skip_idle_wgs=True
+    ),
     "three_compute_wgs_late_scales": f8.Fp8GpuConfig(
         num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3, early_scales=False
     ),

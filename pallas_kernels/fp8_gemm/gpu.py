@@ -74,6 +74,13 @@ class Fp8GpuConfig:
     # path, and the step's smem slot is released only after them (ptxas: the release then directly follows the
     # wait). H100, gate+up: 953 / 928 TFLOP/s against 925 / 920 late, same process (BENCHMARKS.md, 2026-12-05)
     early_scales: bool = True
+    # Warp-specialized fp8_gmm: a compute warpgroup none of whose rows belong to its tile's group (in a group's
+    # last, partly filled tile) skips its wgmma and promotion. The pipeline's stage releases become the body's
+    # (manual consumed barriers), so a busy warpgroup still releases right after its wgmma's wait and an idle one
+    # at once: the first skip_idle_wgs (lax.cond around the whole step) left every release after the promotion
+    # (ptxas_offline) and ran slower (853 vs 953 on the H100). On the gate+up bench's groups the 192-row tiles hold
+    # 17% more rows than M, the busy warpgroups' 64-row shares 7%. Untimed (written 2026-12-05)
+    skip_idle_wgs: bool = False
 
 
 # The GEMMs' default (fp8_gmm, fp8_gemm and its weight gradient): three compute warpgroups of 64 rows each under a
@@ -106,15 +113,43 @@ def promoted_step(cfg, x_smem, w_smem, xs_ref, ws_ref, total, t_smem, shape, int
     float32 sum with xs_ref's row scales and ws_ref's column scales (scalar_ws: all columns share ws_ref[0], a
     weight block's scale, which multiplies the row scales instead). total: the float32 sum so far."""
     scales = step_scales(xs_ref, ws_ref, scalar_ws, interpret) if cfg.early_scales else None
+    part = _product(x_smem, w_smem, t_smem, shape)
+    if scales is None:
+        scales = step_scales(xs_ref, ws_ref, scalar_ws, interpret)
+    return _promote(total, part, scales)
+
+
+def _product(x_smem, w_smem, t_smem, shape):
+    """x_smem . w_smem^T by wgmma into a fresh float32 accumulator, waited for and loaded into registers."""
 
     def product(acc_ref):
         plgpu.wgmma(acc_ref, x_smem, gpu_common.transposed(w_smem, t_smem))
         return acc_ref[...]
 
-    part = pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
-    if scales is None:
-        scales = step_scales(xs_ref, ws_ref, scalar_ws, interpret)
-    return _promote(total, part, scales)
+    return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+
+
+def skipping_step(x_smem, w_smem, xs_ref, ws_ref, total, consumed, busy, t_smem, shape, interpret, scalar_ws):
+    """skip_idle_wgs' K step, on a pipeline whose stage releases are the body's (`consumed`: the stage's consumed
+    barriers): busy (traced, uniform over the warpgroup), the step's scales are read, the wgmma run, the stage
+    released once the wgmma's wait has returned, then the product promoted; idle, the stage is released at once
+    and the sum passes through."""
+
+    def release():
+        for barrier in consumed:
+            plgpu.barrier_arrive(barrier)
+
+    def run():
+        scales = step_scales(xs_ref, ws_ref, scalar_ws, interpret)  # read before the release lets TMA refill it
+        part = _product(x_smem, w_smem, t_smem, shape)
+        release()
+        return _promote(total, part, scales)
+
+    def skip():
+        release()
+        return total
+
+    return lax.cond(busy, run, skip)
 
 
 def step_scales(xs_ref, ws_ref, scalar_ws, interpret):
@@ -263,13 +298,18 @@ def _tile_views(gmem, bm, bn, gi, row0, n0):
     )
 
 
-def _stage_body(cfg, wg, half, bn, t_wg, interpret, scalar_ws):
-    """Compute warpgroup wg's pipeline body: its `half` rows of a K step, promoted into the carry."""
+def _stage_body(cfg, wg, half, bn, t_wg, interpret, scalar_ws, busy):
+    """Compute warpgroup wg's pipeline body: its `half` rows of a K step, promoted into the carry. With
+    skip_idle_wgs the pipeline passes the stage's consumed barriers before the carry, and busy says whether this
+    warpgroup holds rows of the tile's group."""
 
-    def mma(_, x_smem, w_smem, xs_smem, ws_smem, carry):
+    def mma(_, x_smem, w_smem, xs_smem, ws_smem, *rest):
+        *consumed, carry = rest
         rows = pl.ds(wg * half, half)
-        x, xs, ws = x_smem.at[rows], xs_smem.at[0, rows], ws_smem.at[0]
-        return promoted_step(cfg, x, w_smem, xs, ws, carry, t_wg, (half, bn), interpret, scalar_ws)
+        x, xs, ws, shape = x_smem.at[rows], xs_smem.at[0, rows], ws_smem.at[0], (half, bn)
+        if cfg.skip_idle_wgs:
+            return skipping_step(x, w_smem, xs, ws, carry, consumed, busy, t_wg, shape, interpret, scalar_ws)
+        return promoted_step(cfg, x, w_smem, xs, ws, carry, t_wg, shape, interpret, scalar_ws)
 
     return mma
 
@@ -295,9 +335,9 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
     def body(count_ref, group_ref, row0_ref, lo_ref, rows_ref, x_gmem, xs_gmem, w_gmem, ws_gmem, out_gmem):
         gmem = (x_gmem, xs_gmem, w_gmem, ws_gmem)
         n_all, n_real = count_ref[0], count_ref[1]
-        allocs = gpu_common.pipeline(cfg, gpu_common.ignore, gpu_common.ignore, k_steps, specs, mcs).get_allocations(
-            *_tile_views(gmem, bm, bn, 0, 0, 0)
-        )
+        allocs = gpu_common.pipeline(
+            cfg, gpu_common.ignore, gpu_common.ignore, k_steps, specs, mcs, manual_release=cfg.skip_idle_wgs
+        ).get_allocations(*_tile_views(gmem, bm, bn, 0, 0, 0))
 
         def scoped(allocs, wg, t_wg, out_smem):
             cta = lax.axis_index("cluster") if cl > 1 else 0
@@ -310,12 +350,12 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
             def store(mt, n0):
                 store_rows(out_smem.at[wg], out_gmem, row0_ref[mt] + wg * half, *own_rows(mt), n0, half, bn)
 
-            mma = _stage_body(cfg, wg, half, bn, t_wg, interpret, scalar_ws)
-
             def tile(i, lin, n):
                 # strips of grid_tile_n N tiles are grid_tile_n / cl cluster columns (0, row-major, stays 0)
                 mt, pair = gpu_common.tile_order(lin, n_real, n_pairs, -(-cfg.grid_tile_n // cl))
                 gi, row0, n0 = jnp.maximum(group_ref[mt], 0), pl.multiple_of(row0_ref[mt], 8), (pair * cl + cta) * bn
+                busy = own_rows(mt)[1] > 0 if cfg.skip_idle_wgs else None  # decided once per tile
+                mma = _stage_body(cfg, wg, half, bn, t_wg, interpret, scalar_ws, busy)
 
                 def ctx(eval_pipeline):
                     total = eval_pipeline(zero_sum((half, bn), interpret))
@@ -325,7 +365,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
                     store(mt, n0)
 
                 def run(state):
-                    gpu_common.pipeline(cfg, mma, ctx, k_steps, specs, mcs, state)(
+                    gpu_common.pipeline(cfg, mma, ctx, k_steps, specs, mcs, state, cfg.skip_idle_wgs)(
                         *_tile_views(gmem, bm, bn, gi, row0, n0), allocations=allocs
                     )
 

@@ -121,11 +121,13 @@ def run(body, out_type, cfg, interpret):
     return plgpu.kernel(body, **kw)
 
 
-def pipeline(cfg, mma, ctx, steps, in_specs, mcs, state=None):
+def pipeline(cfg, mma, ctx, steps, in_specs, mcs, state=None, manual_release=False):
     """Warp-specialized pipeline over `steps` contraction steps (may be traced, may be 0).
 
     `state` (static steps only) chains the pipelines of an SM's consecutive tiles: the memory
-    warpgroup streams the next tile's loads while the compute warpgroups finish the current tile."""
+    warpgroup streams the next tile's loads while the compute warpgroups finish the current tile.
+    manual_release: mma releases each stage itself (it is passed one consumed barrier per input, before the
+    carry) instead of the pipeline releasing it when mma returns."""
     return plgpu.emit_pipeline_warp_specialized(
         mma,
         grid=(steps,),
@@ -136,6 +138,7 @@ def pipeline(cfg, mma, ctx, steps, in_specs, mcs, state=None):
         max_concurrent_steps=mcs,
         compute_context=ctx,
         pipeline_state=state,
+        manual_consumed_barriers=manual_release,
     )
 
 
