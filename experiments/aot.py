@@ -78,6 +78,18 @@ def _state(cfg, tx, mesh):
     return abstract(params, pshard), abstract(opt, oshard)
 
 
+def compile_uncached(lowered):
+    """lowered.compile() with JAX's persistent compilation cache off: an executable compiled for a topology has no
+    client to be loaded into, so a cached one can never be read back (JAX warns "PjRtCompiler must be constructed
+    with a Client" and compiles again); writing it would only fill the cache directory."""
+    was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        return lowered.compile()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", was)
+
+
 class DoesNotFit(NamedTuple):
     """A step the TPU compiler refused for memory (its own message says how much it needed)."""
 
@@ -93,7 +105,7 @@ def lower_bound(step, mesh, *args):
         jitted = step if hasattr(step, "lower") else step.__wrapped__  # sharding.state.bind wraps the jit
         lowered = jitted.lower(*args)
     try:
-        return lowered.compile()
+        return compile_uncached(lowered)
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
