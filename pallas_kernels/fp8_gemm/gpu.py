@@ -81,6 +81,12 @@ class Fp8GpuConfig:
     # (ptxas_offline) and ran slower (853 vs 953 on the H100). On the gate+up bench's groups the 192-row tiles hold
     # 17% more rows than M, the busy warpgroups' 64-row shares 7%. Untimed (written 2026-12-05)
     skip_idle_wgs: bool = False
+    # Warp-specialized fp8_gmm: a compute warpgroup reads where its tile's rows go (row0, and its own first row and
+    # count: three global loads) at the tile's start, so their latency passes under the K loop. Otherwise they are
+    # read after the loop, right before the output's TMA store (ptxas_offline: three LDG whose results the next
+    # instructions wait for, in every warpgroup at once): a few hundred cycles a tile with the tensor cores idle,
+    # which matters where a tile is only a few K steps (small's experts: K = 512 / 1024). Untimed (2026-12-05)
+    early_store_rows: bool = False
 
 
 # The GEMMs' default (fp8_gmm, fp8_gemm and its weight gradient): three compute warpgroups of 64 rows each under a
@@ -347,14 +353,16 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
                 clo = jnp.clip(lo, 0, half)
                 return clo, jnp.clip(lo + rows_ref[mt], 0, half) - clo
 
-            def store(mt, n0):
-                store_rows(out_smem.at[wg], out_gmem, row0_ref[mt] + wg * half, *own_rows(mt), n0, half, bn)
+            def store(mt, n0, where=None):  # where: (row0, first, count) read earlier, or None: read here
+                row0, first, count = where if where is not None else (row0_ref[mt], *own_rows(mt))
+                store_rows(out_smem.at[wg], out_gmem, row0 + wg * half, first, count, n0, half, bn)
 
             def tile(i, lin, n):
                 # strips of grid_tile_n N tiles are grid_tile_n / cl cluster columns (0, row-major, stays 0)
                 mt, pair = gpu_common.tile_order(lin, n_real, n_pairs, -(-cfg.grid_tile_n // cl))
                 gi, row0, n0 = jnp.maximum(group_ref[mt], 0), pl.multiple_of(row0_ref[mt], 8), (pair * cl + cta) * bn
-                busy = own_rows(mt)[1] > 0 if cfg.skip_idle_wgs else None  # decided once per tile
+                where = (row0, *own_rows(mt)) if cfg.early_store_rows else None
+                busy = (where or (row0, *own_rows(mt)))[2] > 0 if cfg.skip_idle_wgs else None  # once per tile
                 mma = _stage_body(cfg, wg, half, bn, t_wg, interpret, scalar_ws, busy)
 
                 def ctx(eval_pipeline):
@@ -362,7 +370,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has left out_smem
                     out_smem.at[wg][...] = total.astype(out_dtype)
                     plgpu.commit_smem()
-                    store(mt, n0)
+                    store(mt, n0, where)
 
                 def run(state):
                     gpu_common.pipeline(cfg, mma, ctx, k_steps, specs, mcs, state, cfg.skip_idle_wgs)(
