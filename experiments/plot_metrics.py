@@ -113,6 +113,8 @@ def main(argv):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if len(set(FLAGS.workdir)) != len(FLAGS.workdir):
+        sys.exit(f"--workdir names a run twice: {FLAGS.workdir}")
     if FLAGS.group and len(FLAGS.group) != len(FLAGS.workdir):
         sys.exit(f"--group names {len(FLAGS.group)} groups for {len(FLAGS.workdir)} --workdir entries: give one each")
     runs = {w: read(w, FLAGS.until) for w in FLAGS.workdir}

@@ -16,8 +16,8 @@ SW="$SW;ws3_c2:$W3,cluster_n=2;ws_c2:$W2,cluster_n=2;ws3_c2_g16:$W3,cluster_n=2,
 # 160 registers a compute thread instead of 152 (memory_registers 24 instead of 40; written 2026-12-05, untimed)
 SW="$SW;ws3_r24:$W3,memory_registers=24"
 # where a tile's rows go read at its start (early_store_rows); a warpgroup with no row of its tile's group skips
-# its wgmma, releasing its stages itself (skip_idle_wgs); both written 2026-12-05, untimed
-SW="$SW;ws3_early:$W3,early_store_rows=true;ws3_early_skip:$W3,early_store_rows=true,skip_idle_wgs=true"
+# its wgmma, releasing its stages itself (skip_idle_wgs, which reads them early too); both written 2026-12-05, untimed
+SW="$SW;ws3_early:$W3,early_store_rows=true"
 SW="$SW;ws3_skip:$W3,skip_idle_wgs=true;ws3_skip_r24:$W3,skip_idle_wgs=true,memory_registers=24;ws_skip:$W2,skip_idle_wgs=true"
 # the scales read after the wgmma's wait (the default before 2026-12-05)
 SW="$SW;ws3_late:$W3,early_scales=false;ws_late:$W2,early_scales=false"

@@ -196,7 +196,7 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
         Fp8GpuConfig(block_m=128, warp_specialized=True, max_concurrent_steps=2),
         Fp8GpuConfig(block_m=128, warp_specialized=True, early_scales=False),
         Fp8GpuConfig(block_m=128, warp_specialized=True, skip_idle_wgs=True),
-        Fp8GpuConfig(block_m=128, warp_specialized=True, skip_idle_wgs=True, early_store_rows=True),
+        Fp8GpuConfig(block_m=128, warp_specialized=True, early_store_rows=True),
     ]
     + GPU_ONLY_CONFIGS,
     ids=[
@@ -204,7 +204,7 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
         "warp_specialized",
         "ws_late_scales",
         "ws_skip_idle",
-        "ws_skip_idle_early_store_rows",
+        "ws_early_store_rows",
     ]
     + [f"gpu_only_{i}" for i in range(len(GPU_ONLY_CONFIGS))],
 )

@@ -314,3 +314,6 @@ def test_plot_metrics_compares_groups(tmp_path):
     assert not any(line.startswith("| eval/bits_per_byte |") for line in r.stdout.splitlines())  # past --until
     bad = subprocess.run(cmd + ["--group=a,b"], timeout=120, capture_output=True, text=True)
     assert bad.returncode != 0 and "--group names 2 groups for 4 --workdir entries" in bad.stderr
+    twice = [sys.executable, os.path.join(ROOT, "experiments", "plot_metrics.py"), f"--workdir={paths[0]},{paths[0]}"]
+    bad = subprocess.run(twice, timeout=120, capture_output=True, text=True)
+    assert bad.returncode != 0 and "--workdir names a run twice" in bad.stderr

@@ -85,7 +85,8 @@ class Fp8GpuConfig:
     # count: three global loads) at the tile's start, so their latency passes under the K loop. Otherwise they are
     # read after the loop, right before the output's TMA store (ptxas_offline: three LDG whose results the next
     # instructions wait for, in every warpgroup at once): a few hundred cycles a tile with the tensor cores idle,
-    # which matters where a tile is only a few K steps (small's experts: K = 512 / 1024). Untimed (2026-12-05)
+    # which matters where a tile is only a few K steps (small's experts: K = 512 / 1024). skip_idle_wgs implies it
+    # (it needs the count at the start). Untimed (2026-12-05)
     early_store_rows: bool = False
 
 
@@ -361,8 +362,9 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
                 # strips of grid_tile_n N tiles are grid_tile_n / cl cluster columns (0, row-major, stays 0)
                 mt, pair = gpu_common.tile_order(lin, n_real, n_pairs, -(-cfg.grid_tile_n // cl))
                 gi, row0, n0 = jnp.maximum(group_ref[mt], 0), pl.multiple_of(row0_ref[mt], 8), (pair * cl + cta) * bn
-                where = (row0, *own_rows(mt)) if cfg.early_store_rows else None
-                busy = (where or (row0, *own_rows(mt)))[2] > 0 if cfg.skip_idle_wgs else None  # once per tile
+                early = cfg.early_store_rows or cfg.skip_idle_wgs  # skipping reads them at the start anyway
+                where = (row0, *own_rows(mt)) if early else None
+                busy = where[2] > 0 if cfg.skip_idle_wgs else None  # decided once per tile
                 mma = _stage_body(cfg, wg, half, bn, t_wg, interpret, scalar_ws, busy)
 
                 def ctx(eval_pipeline):
@@ -373,7 +375,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
                     store(mt, n0, where)
 
                 def run(state):
-                    gpu_common.pipeline(cfg, mma, ctx, k_steps, specs, mcs, state, cfg.skip_idle_wgs)(
+                    gpu_common.pipeline(cfg, mma, ctx, k_steps, specs, mcs, state, manual_release=cfg.skip_idle_wgs)(
                         *_tile_views(gmem, bm, bn, gi, row0, n0), allocations=allocs
                     )
 
