@@ -148,6 +148,58 @@ def test_fp8_expert_ffn_on_aligned_rows_equals_the_per_projection_path(backend):
     assert np.all(np.asarray(bf16_wgrad[3])[1] == 0)
 
 
+@pytest.mark.parametrize("shared, wgrad", [(1, True), (2, False)])
+@pytest.mark.parametrize("backend", LAYER_BACKENDS)
+def test_fp8_shared_experts_in_the_routed_grouped_gemms_equal_a_separate_mlp(backend, shared, wgrad):
+    """In FP8 the MoE layer runs its shared experts as extra groups of the routed experts' grouped GEMMs (one
+    quantization of the tokens and of their gradient for both, moe_ops.with_shared_experts): its output and every
+    gradient (tokens, router, routed and shared weights) match the layer with a separate fp8_mlp. The same e4m3
+    codes and scales: what differs is where the shared output is added (float32 in the combine, not bf16 after)
+    and the order of float32 sums."""
+    import dsjax
+    from dsjax.layers import moe as moe_module
+    from dsjax.layers.moe import MoE
+    from dsjax.layers.moe_ops import pair_order, with_shared_experts
+
+    cfg = dsjax.ModelConfig.preset("tiny", dtype="bfloat16", fp8="e4m3", fp8_backend=backend, fp8_wgrad=wgrad)
+    # experts 128 wide: the shared MLP's weight blocks and h's tiles are each shared expert's (a width off 128
+    # would put other channels in one scaling block than the split into experts does)
+    cfg = cfg.replace(n_shared_experts=shared, moe_intermediate_size=128, hidden_size=256, moe_backend="ragged_dot")
+    rng = np.random.default_rng(17)
+    x = jnp.asarray(rng.standard_normal((2, 70, cfg.hidden_size)), jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal(x.shape), jnp.bfloat16)
+    params = MoE(cfg).init(jax.random.key(1), x)["params"]
+
+    def run():
+        y, vjp = jax.vjp(lambda p, x: MoE(cfg).apply({"params": p}, x)[0], params, x)
+        return y, *vjp(g)
+
+    folded = run()
+    with mock.patch.object(moe_module, "shared_in_routed", lambda c: False):
+        separate = run()
+    pairs = jax.tree_util.tree_leaves_with_path(folded)
+    for (path, a), b in zip(pairs, jax.tree.leaves(separate)):
+        assert a.shape == b.shape and a.dtype == b.dtype, path
+        if not np.any(np.asarray(b)):  # the router bias: no gradient (the balancing rule moves it)
+            assert not np.any(np.asarray(a)), path
+            continue
+        # y and dx: one bf16 rounding of the sum against two (measured <= 3.7e-3); the float32 weight gradients
+        # from the same codes, summed in another order (<= 2e-5)
+        bound = 5e-3 if a.dtype == jnp.bfloat16 else 1e-4
+        assert rel(a, b) < bound, (jax.tree_util.keystr(path), rel(a, b))
+    assert np.linalg.norm(np.asarray(folded[1]["shared_experts"]["down_proj"]["kernel"])) > 0
+
+    # the layout: the routed rows keep their places, each shared expert's rows follow in token order
+    idx = jnp.asarray(rng.integers(0, 4, (5, 2)), jnp.int32)
+    po, ext = pair_order(idx, 4), with_shared_experts(pair_order(idx, 4), 2, shared)
+    kk = 2 + shared
+    assert np.array_equal(np.asarray(ext.order[:10]), np.asarray(po.order // 2 * kk + po.order % 2))
+    assert np.array_equal(np.asarray(ext.sizes), np.r_[np.asarray(po.sizes), [5] * shared])
+    assert np.array_equal(np.asarray(ext.order)[np.asarray(ext.inverse)], np.arange(5 * kk))
+    flat = np.concatenate([np.asarray(idx), 4 + np.tile(np.arange(shared), (5, 1))], axis=1).ravel()
+    assert np.array_equal(flat[np.asarray(ext.order)], np.sort(flat))  # sorted by expert, as pair_order sorts
+
+
 def test_fp8_dots_share_one_quantization_and_equal_fp8_dot_per_kernel():
     """fp8_dots (one quantization of x and of the joined output gradient for several kernels on the same input,
     as q_a_proj + kv_a_proj or gate_proj + up_proj) equals fp8_dot per kernel where the widths are multiples of

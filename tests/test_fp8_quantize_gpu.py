@@ -98,6 +98,19 @@ def test_quantize_blocks_kernel_is_bit_equal(shape):
     _assert_bits_equal(quantize_gpu.quantize_blocks(w, interpret=INTERPRET), quantize.quantize_blocks(w))
 
 
+@pytest.mark.parametrize("shape, shared", [((3, 256, 130), 1), ((2, 200, 300), 2)])
+def test_stacked_quantize_blocks_is_the_concatenation(shape, shared):
+    """quantize_blocks(w, extra): the routed experts' and shared experts' weights as one stack of groups, bit-equal
+    to quantizing their concatenation (a zero block and a NaN in the extra part, ragged edges)."""
+    w = jax.random.normal(jax.random.key(4), shape) * 0.02
+    extra = jax.random.normal(jax.random.key(5), (shared, *shape[1:])) * 3.0
+    extra = extra.at[-1, :128, :128].set(0.0).at[0, 130, 7].set(jnp.nan)
+    got = quantize_gpu.quantize_blocks(w, extra, interpret=INTERPRET)
+    _assert_bits_equal(got, quantize.quantize_blocks(jnp.concatenate([w, extra])))
+    with pytest.raises(ValueError, match="extra must be"):
+        quantize_gpu.quantize_blocks(w, extra[:, :-1], interpret=INTERPRET)
+
+
 @pytest.mark.parametrize("sizes", [None, [0, 100, 3, 150, 0]], ids=["dense", "groups_short_of_m"])
 def test_both_quantizations_are_the_two_kernels(sizes):
     """quantize_both: a layer's forward (or dgrad) operand and its weight-gradient operand. On the GPU backend the

@@ -83,6 +83,8 @@ def test_fp8_quantize_kernels_lower_for_cuda():
     x, w = S((M + 3, K + 5), BF16), S((G, K + 5, N + 7), F32)
     _lower_for_cuda(lambda a: f8.quantize_tiles(a, backend="gpu"), x, kernel=triton)
     _lower_for_cuda(lambda a: f8.quantize_blocks(a, backend="gpu"), w, kernel=triton)
+    stacked = lambda a, e: f8.quantize_blocks(a, e, backend="gpu")  # noqa: E731 - routed + shared experts
+    _lower_for_cuda(stacked, w, S((2, K + 5, N + 7), F32), kernel=triton)
     _lower_for_cuda(lambda a: f8.quantize_tiles_t(a, backend="gpu"), x, kernel=triton)
     index = S((M + 128 * G,), I32)
     _lower_for_cuda(lambda a, i: f8.quantize_tiles_t(a, i, backend="gpu"), x, index, kernel=triton)
@@ -144,11 +146,12 @@ def test_fp8_training_step_runs_the_gpu_kernels_when_asked():
         loss = lambda p: model.apply({"params": p}, tok).logits.astype(F32).mean()  # noqa: E731
         return jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=("cuda",)).as_text()
 
-    # the MLA projections alone are 5 x 3 GEMMs per block (each layer stack's body is lowered once)
+    # the MLA projections alone are 4 x 3 GEMMs per block (each layer stack's body is lowered once); 19 kernels in
+    # all since the shared experts run inside the routed experts' grouped GEMMs (21 before)
     full = lowered("gpu")
-    assert full.count("custom_call @mosaic_gpu") >= 20 and "fp8_quantize_tiles_t" in full
+    assert full.count("custom_call @mosaic_gpu") >= 18 and "fp8_quantize_tiles_t" in full
     assert "mosaic_gpu" not in lowered("xla")
     # fp8_wgrad=False: forward and dgrad still in the FP8 kernels, the routed experts' weight gradients in the bf16
     # tgmm kernel, and no transposing quantization pass left
     bf16_wgrad = lowered("gpu", fp8_wgrad=False)
-    assert bf16_wgrad.count("custom_call @mosaic_gpu") >= 20 and "fp8_quantize_tiles_t" not in bf16_wgrad
+    assert bf16_wgrad.count("custom_call @mosaic_gpu") >= 17 and "fp8_quantize_tiles_t" not in bf16_wgrad

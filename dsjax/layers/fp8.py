@@ -11,7 +11,9 @@ activation gradient come back in the compute dtype, the weight gradient in the w
 Entry points: fp8_dot (a Linear), fp8_dots (Linears on one input, e.g. q_a_proj + kv_a_proj: one quantization of x
 and one GEMM), fp8_mlp (a SwiGLU MLP: the dense layers' and the shared experts'), fp8_expert_ffn (the routed
 experts' SwiGLU and combine on rows in align_groups' layout, the tokens and their gradient quantized in token
-space) and fp8_grouped_matmul (one expert projection, for expert parallelism's received rows).
+space; on local tokens the MoE layer puts its shared experts in the same grouped GEMMs, as extra groups holding
+every token with weight 1, so the tokens and their gradient are quantized once for both) and fp8_grouped_matmul
+(one expert projection, for expert parallelism's received rows).
 
 The residuals are the input's weight-gradient operand (x^T quantized along the tokens, for the experts on
 align_groups' layout) instead of x, and the forward's quantized weight, whose transposed blocks are the dgrad's
@@ -179,6 +181,9 @@ def fp8_expert_ffn(x, order, inverse, sizes, weights, gate_up, down, combine, ac
     rows, its zero rows included (multiples of 128); weights [N, k] the combine weights; gate_up [E, D, 2I] (gate |
     up), down [E, I, D]; combine(y [R, D], inverse, weights) -> [N, D] (dsjax.layers.moe_ops' combine); act(gate,
     up, dtype) -> h (dsjax.layers.mlp's swiglu, differentiated for the backward). Returns [N, D] in x.dtype.
+    gate_up and down may each be a tuple (routed [E, ...], shared [S, ...]): the shared experts as groups E..E+S-1
+    of the same grouped GEMMs (moe_ops.with_shared_experts lays out their rows); their gradients come back as a
+    tuple of the same parts.
 
     Both ends quantize in token space, as DeepSeek-V3 quantizes before dispatch: a 1 x 128 tile lies within one
     token's row, so the forward's rows are the tokens' e4m3 tiles gathered, and the backward's output gradient of
@@ -198,13 +203,13 @@ def _expert_ffn_fwd(x, order, inverse, sizes, weights, gate_up, down, combine, a
     rows = xq.at[token].get(mode="fill", fill_value=0), xs.at[token].get(mode="fill", fill_value=1)
     # gate_up's weight-gradient operand, from the tokens (in the compute dtype: the tokens, gathered in the backward)
     x_t = quantize_tiles_t(x, token, backend=backend) if wgrad else x
-    w1 = quantize_blocks(gate_up, backend=backend)
+    w1 = _expert_blocks(gate_up, backend)
     gu = fp8_gmm(*rows, *w1, sizes, out_dtype=dt, backend=backend)
     h, (hq, hs) = act_quantize(gu, act, dt, backend=backend)  # SwiGLU fused with h's quantization along I
     h_t = _transposed_operand(h, wgrad, backend)  # the down projection's weight-gradient operand
-    w2 = quantize_blocks(down, backend=backend)
+    w2 = _expert_blocks(down, backend)
     y = fp8_gmm(hq, hs, *w2, sizes, out_dtype=dt, backend=backend)
-    res = (x_t, w1, gu, h_t, w2, y, order, inverse, sizes, weights, _dtype_of(gate_up), _dtype_of(down))
+    res = (x_t, w1, gu, h_t, w2, y, order, inverse, sizes, weights, _stack_like(gate_up), _stack_like(down))
     return combine(y, inverse, weights), res
 
 
@@ -231,10 +236,31 @@ def _expert_ffn_bwd(combine, act, backend, wgrad, res, g):
     dw1 = _weight_grad(x_t, _transposed_operand(dgu, wgrad, backend), wgrad, backend, sizes)
     # each token's k rows sit at inverse[token * k + j]: gathered back and summed (no scatter-add)
     dx = drows[inverse].reshape(-1, k, drows.shape[-1]).sum(1, dtype=jnp.float32).astype(g.dtype)
-    return dx, None, None, None, dweights, dw1.astype(like_w1.dtype), dw2.astype(like_w2.dtype)
+    return dx, None, None, None, dweights, _unstack(dw1, like_w1), _unstack(dw2, like_w2)
 
 
 fp8_expert_ffn.defvjp(_expert_ffn_fwd, _expert_ffn_bwd)
+
+
+def _expert_blocks(w, backend):
+    """The e4m3 blocks of an expert weight stack: [E, K, N], or (routed [E, K, N], shared [S, K, N]) as one stack of
+    E + S groups (quantize_blocks' `extra`: no concatenated copy of the master weights)."""
+    return quantize_blocks(*w, backend=backend) if isinstance(w, tuple) else quantize_blocks(w, backend=backend)
+
+
+def _stack_like(w):
+    """What the backward needs of an expert weight stack (or tuple of stacks): each part's group count and dtype,
+    carried by empty arrays [G, 0]."""
+    like = lambda a: jnp.zeros((a.shape[0], 0), a.dtype)  # noqa: E731
+    return tuple(map(like, w)) if isinstance(w, tuple) else like(w)
+
+
+def _unstack(dw, like):
+    """A stacked weight gradient [sum G, K, N] split back into the parts `like` describes, in their dtypes."""
+    if not isinstance(like, tuple):
+        return dw.astype(like.dtype)
+    cuts = list(itertools.accumulate(part.shape[0] for part in like[:-1]))
+    return tuple(d.astype(part.dtype) for d, part in zip(jnp.split(dw, cuts), like))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))

@@ -23,15 +23,25 @@ class MLP(nn.Module):
     cfg: ModelConfig
     intermediate_size: int
 
-    @nn.compact
+    def setup(self):
+        d, i, cfg = self.cfg.hidden_size, self.intermediate_size, self.cfg
+        self.gate_proj, self.up_proj = Linear(d, i, cfg, name="gate_proj"), Linear(d, i, cfg, name="up_proj")
+        self.down_proj = Linear(i, d, cfg, name="down_proj")
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        d, i, cfg = x.shape[-1], self.intermediate_size, self.cfg
-        gate_proj, up_proj = Linear(d, i, cfg, name="gate_proj"), Linear(d, i, cfg, name="up_proj")
-        down_proj = Linear(i, d, cfg, name="down_proj")
+        cfg = self.cfg
         if cfg.fp8 == "e4m3":  # the whole MLP in one FP8 function: its SwiGLU quantizes h in the same pass
-            kernels = (gate_proj.kernel, up_proj.kernel, down_proj.kernel)
+            kernels = (self.gate_proj.kernel, self.up_proj.kernel, self.down_proj.kernel)
             mlp = lambda x, *ws: fp8_mlp(x, *ws, swiglu, cfg.fp8_backend, cfg.fp8_wgrad)  # noqa: E731
             return on_local_tokens(mlp, x.astype(jnp.dtype(cfg.dtype)), *kernels)
-        gate, up = linears(x, [gate_proj, up_proj])
+        gate, up = linears(x, [self.gate_proj, self.up_proj])
         hidden = nn.with_logical_constraint(swiglu(gate, up, gate.dtype), ("batch", "seq", "mlp")[-x.ndim :])
-        return down_proj(hidden)
+        return self.down_proj(hidden)
+
+    def as_experts(self, width: int) -> tuple[jax.Array, jax.Array]:
+        """This MLP as intermediate_size / width experts of `width` channels that every token goes to, in the routed
+        experts' layout: (gate_up [S, D, 2 width] (gate | up), down [S, width, D]). SwiGLU acts per channel and
+        down_proj sums over them, so the sum of the S experts' outputs is the MLP's output."""
+        d, s = self.cfg.hidden_size, self.intermediate_size // width
+        gate, up = (k.reshape(d, s, width).transpose(1, 0, 2) for k in (self.gate_proj.kernel, self.up_proj.kernel))
+        return jnp.concatenate([gate, up], axis=2), self.down_proj.kernel.reshape(s, width, d)

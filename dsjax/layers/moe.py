@@ -21,6 +21,7 @@ from dsjax.layers.moe_ops import (
     routed_experts_local,
     router_logits,
     sequence_balance_loss,
+    shared_in_routed,
 )
 from dsjax.layers.moe_parallel import routed_experts
 from dsjax.runtime import resolved
@@ -68,14 +69,19 @@ class MoE(nn.Module):
         init = nn.initializers.normal(cfg.initializer_range)
         gate_up = self.param("experts_gate_up_proj", init, (e, d, 2 * i), pdt)
         down = self.param("experts_down_proj", init, (e, i, d), pdt)
+        shared = MLP(cfg, cfg.n_shared_experts * i, name="shared_experts") if cfg.n_shared_experts else None
+        # in FP8 the shared experts join the routed experts' grouped GEMMs (one quantization of the tokens and of
+        # their gradient for both); under a mesh the routed experts go through shard_map, the shared ones stay apart
+        fold = shared is not None and shared_in_routed(cfg) and not mesh_bound()
         if mesh_bound():
             y, counts, balance = routed_experts(x, gate.kernel, gate.bias, gate_up, down, cfg)
         else:
             flat = x.reshape(b * t, d)
             routing = gate(flat)
-            y = routed_experts_local(flat, routing, gate_up, down, cfg).reshape(b, t, d)
+            stacked = shared.as_experts(i) if fold else None
+            y = routed_experts_local(flat, routing, gate_up, down, cfg, stacked).reshape(b, t, d)
             counts = expert_counts(routing.indices, e)
             balance = sequence_balance_loss(routing.scores, routing.indices, b, cfg)
-        if cfg.n_shared_experts:
-            y = y + MLP(cfg, cfg.n_shared_experts * i, name="shared_experts")(x)
+        if shared is not None and not fold:
+            y = y + shared(x)
         return y, {"expert_counts": counts, "balance_loss": balance}

@@ -192,26 +192,57 @@ def _combine_pairs_bwd(res, g):
 combine_pairs.defvjp(_combine_pairs_fwd, _combine_pairs_bwd)
 
 
-def sorted_experts(x, routing: Routing, gate_up, down, dtype, matmul=ragged_dot, fp8_backend=None, fp8_wgrad=True):
+def sorted_experts(
+    x, routing: Routing, gate_up, down, dtype, matmul=ragged_dot, fp8_backend=None, fp8_wgrad=True, shared=None
+):
     """Routed experts on expert-sorted rows with grouped matmuls. x [N, D]; gate_up [E, D, 2I]; down [E, I, D].
     fp8_backend set: the FP8 expert FFN (dsjax.layers.fp8.fp8_expert_ffn) on aligned_pair_order's rows (each
     expert on 128-row steps) and their combine, the tokens and their gradient quantized in token space; `matmul`
-    unused; fp8_wgrad False: its weight gradients in `dtype` (ModelConfig.fp8_wgrad)."""
+    unused; fp8_wgrad False: its weight gradients in `dtype` (ModelConfig.fp8_wgrad). shared (FP8 only): the
+    shared experts (gate_up [S, D, 2I], down [S, I, D], every token's, weight 1) run as groups of the same grouped
+    GEMMs and are included in the result."""
     k = routing.indices.shape[1]
     with jax.named_scope("dispatch"):
         po = pair_order(routing.indices, gate_up.shape[0])
     if fp8_backend is not None:
+        weights = routing.weights
+        if shared is not None:
+            po = with_shared_experts(po, k, shared[0].shape[0])
+            weights = jnp.concatenate([weights, jnp.ones((weights.shape[0], shared[0].shape[0]), weights.dtype)], 1)
+            gate_up, down = (gate_up, shared[0]), (down, shared[1])
         with jax.named_scope("dispatch"):
             order, inverse, sizes = aligned_pair_order(po)
         with jax.named_scope("experts"):  # the combine included: its backward quantizes the gradient per token
-            args = (x.astype(dtype), order, inverse, sizes, routing.weights, gate_up, down)
+            args = (x.astype(dtype), order, inverse, sizes, weights, gate_up, down)
             return fp8_expert_ffn(*args, combine, swiglu, fp8_backend, fp8_wgrad)
+    if shared is not None:
+        raise ValueError("shared experts run inside the routed experts' grouped GEMMs only in FP8 (fp8_backend)")
     with jax.named_scope("dispatch"):
         rows = gather_pairs(x.astype(dtype), po.order, po.inverse, k)
     with jax.named_scope("experts"):
         y = grouped_ffn(rows, po.sizes, gate_up, down, dtype, matmul).astype(dtype)
     with jax.named_scope("combine"):
         return combine_pairs(y, po.order, po.inverse, routing.weights)
+
+
+def with_shared_experts(po: PairOrder, k: int, shared: int) -> PairOrder:
+    """pair_order's sort of N tokens' k routed choices extended with `shared` experts every token goes to (expert
+    ids E..E+S-1, after the routed ones, each holding all N tokens in token order): pairs become token * (k + S) +
+    choice, the shared choices k..k+S-1. No second sort: the routed rows keep their places, the shared rows follow."""
+    n = po.order.shape[0] // k
+    kk, token, extra = k + shared, jnp.arange(n, dtype=jnp.int32), jnp.arange(shared, dtype=jnp.int32)
+    order = jnp.concatenate([po.order // k * kk + po.order % k, (token[None, :] * kk + k + extra[:, None]).ravel()])
+    inverse = jnp.concatenate([po.inverse.reshape(n, k), n * k + extra[None, :] * n + token[:, None]], axis=1)
+    sizes = jnp.concatenate([po.sizes, jnp.full((shared,), n, jnp.int32)])
+    return PairOrder(order.astype(jnp.int32), inverse.reshape(-1).astype(jnp.int32), sizes)
+
+
+def shared_in_routed(cfg: ModelConfig) -> bool:
+    """Whether a resolved config runs its shared experts as groups of the routed experts' grouped GEMMs (routed
+    experts on this device's tokens): in FP8 that shares the tokens' quantization, their gradient's and the
+    SwiGLU pass with the routed experts instead of repeating them for a separate MLP."""
+    shared_width = cfg.n_shared_experts * cfg.moe_intermediate_size
+    return cfg.fp8 == "e4m3" and cfg.moe_backend != "dense" and shared_width > 0
 
 
 def aligned_pair_order(po: PairOrder) -> PairOrder:
@@ -245,10 +276,11 @@ def expert_matmul(cfg: ModelConfig):
     return ragged_dot
 
 
-def routed_experts_local(x, routing: Routing, gate_up, down, cfg: ModelConfig):
-    """Routed experts of a resolved config on this device's tokens: sorted rows, or the dense reference."""
+def routed_experts_local(x, routing: Routing, gate_up, down, cfg: ModelConfig, shared=None):
+    """Routed experts of a resolved config on this device's tokens: sorted rows, or the dense reference. shared
+    (where shared_in_routed(cfg)): the shared experts as extra groups (sorted_experts), included in the result."""
     if cfg.moe_backend == "dense":
         return dense_experts(x, routing, gate_up, down, jnp.dtype(cfg.dtype))
     fp8_backend = cfg.fp8_backend if cfg.fp8 == "e4m3" else None
     dt = jnp.dtype(cfg.dtype)
-    return sorted_experts(x, routing, gate_up, down, dt, expert_matmul(cfg), fp8_backend, cfg.fp8_wgrad)
+    return sorted_experts(x, routing, gate_up, down, dt, expert_matmul(cfg), fp8_backend, cfg.fp8_wgrad, shared)

@@ -119,6 +119,13 @@ def fp8_gemm(
     return reference.fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=out_dtype, rhs_tiles=rhs_tiles)
 
 
+def _group_of(ends, rows):
+    """searchsorted(ends, rows, side="right"): how many groups end at or before each row. As one fused [rows, G]
+    comparison: G is tens to hundreds of experts, and jnp's default binary search is a while loop of log2(G)
+    dependent passes over the rows (a loop XLA cannot fuse, on a layer's critical path)."""
+    return jnp.searchsorted(ends, rows, side="right", method="compare_all")
+
+
 def align_groups(group_sizes, m: int):
     """Row layout for the grouped weight gradient on the GPU: every group starts on a 128-row step.
 
@@ -131,7 +138,7 @@ def align_groups(group_sizes, m: int):
     padded = (sizes + TILE - 1) // TILE * TILE
     ends = jnp.cumsum(padded)
     p = jnp.arange(_round_up(m, TILE) + TILE * g, dtype=jnp.int32)
-    owner = jnp.minimum(jnp.searchsorted(ends, p, side="right"), g - 1).astype(jnp.int32)
+    owner = jnp.minimum(_group_of(ends, p), g - 1).astype(jnp.int32)
     offset = p - (ends - padded)[owner]
     valid = (p < ends[-1]) & (offset < sizes[owner])
     index = jnp.where(valid, (jnp.cumsum(sizes) - sizes)[owner] + offset, m)
@@ -146,7 +153,7 @@ def aligned_positions(group_sizes, m: int):
     padded = (sizes + TILE - 1) // TILE * TILE
     shift = (jnp.cumsum(padded) - padded) - (jnp.cumsum(sizes) - sizes)  # zero rows before each group
     r = jnp.arange(m, dtype=jnp.int32)
-    owner = jnp.searchsorted(jnp.cumsum(sizes), r, side="right")  # G past the last group
+    owner = _group_of(jnp.cumsum(sizes), r)  # G past the last group
     out = r + shift[jnp.minimum(owner, g - 1)]
     return jnp.where(owner < g, out, _round_up(m, TILE) + TILE * g).astype(jnp.int32)
 
@@ -164,12 +171,14 @@ def quantize_tiles(x, *, backend="auto", interpret=False):
     return quantize.quantize_tiles(x)
 
 
-def quantize_blocks(w, *, backend="auto", interpret=False):
+def quantize_blocks(w, extra=None, *, backend="auto", interpret=False):
     """w [..., K, N] -> (K-major e4m3 [..., N, K], float32 scales [..., ceil(N / 128), ceil(K / 128)]) per 128 x 128
-    block (quantize.py); backend "gpu": transposed and quantized in one Pallas Triton pass, bit-equal."""
+    block (quantize.py); backend "gpu": transposed and quantized in one Pallas Triton pass, bit-equal. extra [S, K,
+    N] beside w [G, K, N]: the blocks of both stacked along G ([G + S, ...]), on the GPU without a concatenated copy
+    of the weights."""
     if resolve_backend(backend) == "gpu":
-        return quantize_gpu.quantize_blocks(w, interpret=interpret)
-    return quantize.quantize_blocks(w)
+        return quantize_gpu.quantize_blocks(w, extra, interpret=interpret)
+    return quantize.quantize_blocks(w if extra is None else jnp.concatenate([w, extra.astype(w.dtype)]))
 
 
 def quantize_tiles_t(x, index=None, row_scale=None, *, backend="auto", interpret=False):

@@ -31,6 +31,7 @@ pads its last axis; an all-zero column tile gets scale 1, and a NaN poisons its 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -196,12 +197,20 @@ def quantize_tiles(x, *, interpret: bool = False, block_r: int = 64, num_warps: 
     return q, s[:, :rows].T
 
 
-def _blocks_kernel(w_ref, q_ref, s_ref, *, k: int, n: int):
+def _blocks_kernel(w_ref, e_ref, q_ref, s_ref, *, k: int, n: int, groups: int):
     g, kb, nb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     kk = kb * TILE + jnp.arange(TILE, dtype=jnp.int32)
     nn = nb * TILE + jnp.arange(TILE, dtype=jnp.int32)
     ok = (kk < k)[:, None] & (nn < n)[None, :]
-    b = pltriton.load(w_ref.at[g, kk[:, None], nn[None, :]], mask=ok, other=0).astype(jnp.float32)
+    # groups past w's come from `extra` (masked loads: only one of the two is read)
+    own, other = ok & (g < groups), ok & (g >= groups)
+    b = pltriton.load(w_ref.at[jnp.minimum(g, groups - 1), kk[:, None], nn[None, :]], mask=own, other=0)
+    b = jnp.where(
+        g < groups,
+        b,
+        pltriton.load(e_ref.at[jnp.maximum(g - groups, 0), kk[:, None], nn[None, :]], mask=other, other=0),
+    )
+    b = b.astype(jnp.float32)
     amax = jnp.full((1, TILE), nan_amax(b), jnp.float32)  # one scale per 128 x 128 block, as a row
     q, scale = to_e4m3(b, amax)
     pltriton.store(q_ref.at[g, nn[:, None], kk[None, :]], q.T, mask=ok.T)  # K-major: [N, K]
@@ -209,16 +218,26 @@ def _blocks_kernel(w_ref, q_ref, s_ref, *, k: int, n: int):
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
-def quantize_blocks(w, *, interpret: bool = False):
+def quantize_blocks(w, extra=None, *, interpret: bool = False):
     """w [..., K, N] -> (q float8_e4m3fn [..., N, K], s float32 [..., ceil(N / 128), ceil(K / 128)]) =
-    quantize.quantize_blocks(w): transposed while quantized, in one pass over the master weights."""
+    quantize.quantize_blocks(w): transposed while quantized, in one pass over the master weights. extra [S, K, N]
+    (w [G, K, N]): quantize_blocks of the two stacked along G (-> [G + S, N, K]) with no concatenated copy of the
+    master weights (the routed experts' and the shared experts' weights in one grouped GEMM)."""
     *lead, k, n = w.shape
     w3 = w.reshape(-1, k, n)
-    g, kt, nt = w3.shape[0], tiles(k), tiles(n)
+    if extra is not None:
+        if len(lead) != 1 or extra.ndim != 3 or extra.shape[1:] != (k, n) or extra.dtype != w.dtype:
+            raise ValueError(
+                f"extra must be [S, {k}, {n}] {w.dtype} beside w [G, {k}, {n}], got {extra.shape} {extra.dtype}"
+            )
+        lead = [lead[0] + extra.shape[0]]
+    e3 = w3 if extra is None else extra
+    groups, g, kt, nt = w3.shape[0], math.prod(lead), tiles(k), tiles(n)
+    whole = lambda a: pl.BlockSpec(a.shape, lambda g, i, j: (0, 0, 0))  # noqa: E731
     q, s = pl.pallas_call(
-        functools.partial(_blocks_kernel, k=k, n=n),
+        functools.partial(_blocks_kernel, k=k, n=n, groups=groups),
         grid=(g, kt, nt),
-        in_specs=[pl.BlockSpec((g, k, n), lambda g, i, j: (0, 0, 0))],
+        in_specs=[whole(w3), whole(e3)],
         out_specs=[
             pl.BlockSpec((g, n, k), lambda g, i, j: (0, 0, 0)),
             pl.BlockSpec((1, 1, 1), lambda g, i, j: (g, j, i)),
@@ -227,5 +246,5 @@ def quantize_blocks(w, *, interpret: bool = False):
         compiler_params=_params(8),
         interpret=interpret,
         name="fp8_quantize_blocks",
-    )(w3)
+    )(w3, e3)
     return q.reshape(*lead, n, k), s.reshape(*lead, nt, kt)
