@@ -71,17 +71,17 @@ class MoE(nn.Module):
         down = self.param("experts_down_proj", init, (e, i, d), pdt)
         shared = MLP(cfg, cfg.n_shared_experts * i, name="shared_experts") if cfg.n_shared_experts else None
         # in FP8 the shared experts join the routed experts' grouped GEMMs (one quantization of the tokens and of
-        # their gradient for both); under a mesh the routed experts go through shard_map, the shared ones stay apart
-        fold = shared is not None and shared_in_routed(cfg) and not mesh_bound()
+        # their gradient for both) where the routed experts run whole on each device's tokens
+        stacked = shared.as_experts(i) if shared is not None and shared_in_routed(cfg) else None
         if mesh_bound():
-            y, counts, balance = routed_experts(x, gate.kernel, gate.bias, gate_up, down, cfg)
+            y, counts, balance, folded = routed_experts(x, gate.kernel, gate.bias, gate_up, down, cfg, stacked)
         else:
             flat = x.reshape(b * t, d)
             routing = gate(flat)
-            stacked = shared.as_experts(i) if fold else None
             y = routed_experts_local(flat, routing, gate_up, down, cfg, stacked).reshape(b, t, d)
             counts = expert_counts(routing.indices, e)
             balance = sequence_balance_loss(routing.scores, routing.indices, b, cfg)
-        if shared is not None and not fold:
+            folded = stacked is not None
+        if shared is not None and not folded:
             y = y + shared(x)
         return y, {"expert_counts": counts, "balance_loss": balance}

@@ -49,9 +49,12 @@ def _axes(entry) -> tuple[str, ...]:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def routed_experts(x, kernel, bias, gate_up, down, cfg: ModelConfig):
+def routed_experts(x, kernel, bias, gate_up, down, cfg: ModelConfig, shared=None):
     """x [B, T, D] (global) -> (routed-expert output [B, T, D], expert counts [E] summed over all tokens,
-    balance loss averaged over all sequences). Needs a bound mesh and rule table (`sharding.rules.activate`)."""
+    balance loss averaged over all sequences, whether the output includes `shared`). Needs a bound mesh and rule
+    table (`sharding.rules.activate`). shared (moe_ops.shared_in_routed: FP8): the shared experts' stacked weights
+    (gate_up [S, D, 2I], down [S, I, D]), run inside the routed experts' grouped GEMMs where every device holds
+    all experts whole (no expert or tensor split: e.g. one GPU's trainer mesh); otherwise left to the caller."""
     mesh = jax.sharding.get_abstract_mesh()
     rules = nn.get_logical_axis_rules()
     e, d = gate_up.shape[:2]
@@ -66,13 +69,15 @@ def routed_experts(x, kernel, bias, gate_up, down, cfg: ModelConfig):
     token_axes, ep_axes, tp_axes = _axes(x_spec[0]), _axes(w_spec[0]), _axes(w_spec[3])
     ep = math.prod(mesh.shape[a] for a in ep_axes)
 
-    def body(x, kernel, bias, gate_up, down):
+    fold = shared is not None and ep == 1 and not tp_axes
+
+    def body(x, kernel, bias, gate_up, down, *shared_weights):
         b, t, _ = x.shape
         flat = x.reshape(b * t, d)
         routing = route(router_logits(flat, kernel), bias, cfg, ep)
         gate_up = gate_up.reshape(gate_up.shape[0], d, -1)
         if ep == 1:
-            y = routed_experts_local(flat, routing, gate_up, down, cfg)
+            y = routed_experts_local(flat, routing, gate_up, down, cfg, tuple(shared_weights) or None)
         else:
             y = dispatch_and_combine(flat, routing, gate_up, down, cfg, ep_axes, ep)
         if tp_axes:
@@ -83,12 +88,12 @@ def routed_experts(x, kernel, bias, gate_up, down, cfg: ModelConfig):
             counts, balance = jax.lax.psum(counts, token_axes), jax.lax.pmean(balance, token_axes)
         return y.reshape(b, t, d), counts, balance
 
-    in_specs = (x_spec, P(), P(), w_spec, P(w_spec[0], w_spec[3], None))
+    in_specs = (x_spec, P(), P(), w_spec, P(w_spec[0], w_spec[3], None)) + ((P(), P()) if fold else ())
     # check_vma=False: the Pallas grouped-matmul kernels declare outputs without manual-axis types, which the
     # check rejects; gradients through the psums are the same either way (tests/test_sharding.py compares them).
-    return jax.shard_map(body, in_specs=in_specs, out_specs=(x_spec, P(), P()), check_vma=False)(
-        x, kernel, bias, gu, down
-    )
+    args = (x, kernel, bias, gu, down) + (tuple(shared) if fold else ())
+    y, counts, balance = jax.shard_map(body, in_specs=in_specs, out_specs=(x_spec, P(), P()), check_vma=False)(*args)
+    return y, counts, balance, fold
 
 
 class Plan(NamedTuple):
