@@ -7,7 +7,8 @@ devices (`resolved`), so `DeepSeekV3(ModelConfig.preset(...)).apply(...)` works 
 
     platform        "cpu" | "gpu" | "tpu"
     attention_impl  gpu: "cudnn" (bf16/f16 compute, else "xla"); tpu: "splash"; cpu: "xla"
-    moe_backend     gpu / tpu: "gmm" (Pallas grouped matmul); cpu: "ragged_dot"
+    moe_backend     Hopper GPUs / tpu: "gmm" (Pallas grouped matmul: Mosaic GPU's wgmma, Mosaic TPU); other GPUs and
+                    cpu: "ragged_dot" (an explicit "gmm" on another GPU is refused)
     moe_dispatch    gpu / tpu: "ragged" (ragged_all_to_all); TPU v5e / v6e ("lite" chips) and cpu: "padded"
     fp8_backend     Hopper GPUs (H100 / H200 / H800 / H20 / GH200): "gpu", the Mosaic GPU FP8 kernels (e4m3 wgmma,
                     Hopper only) and their Triton quantizers; elsewhere "xla", the dequantize reference (FP8's
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 import jax
 
 from dsjax.config import ModelConfig
+from dsjax.errors import ConfigError
 
 PLATFORMS = ("cpu", "gpu", "tpu")
 # The knobs resolve() decides: they describe where a run executes, not the model, so a checkpoint's values are
@@ -59,7 +61,7 @@ def choices(platform: str, dtype: str, device_kind: str = "") -> dict[str, str]:
     ragged = accel and not (platform == "tpu" and "lite" in device_kind.lower())
     return {
         "attention_impl": attention,
-        "moe_backend": "gmm" if accel else "ragged_dot",
+        "moe_backend": "gmm" if platform == "tpu" or (platform == "gpu" and is_hopper(device_kind)) else "ragged_dot",
         "moe_dispatch": "ragged" if ragged else "padded",
         "fp8_backend": "gpu" if platform == "gpu" and is_hopper(device_kind) else "xla",
     }
@@ -76,7 +78,13 @@ def resolve(cfg: ModelConfig, devices: Sequence | None = None) -> ModelConfig:
     devices = list(jax.devices() if devices is None else devices)  # may be an iterator (mesh.devices.flat)
     host = target_platform(devices)
     platform = cfg.platform if cfg.platform != "auto" else host
-    picks = choices(platform, cfg.dtype, getattr(devices[0], "device_kind", "") if platform == host else "")
+    kind = getattr(devices[0], "device_kind", "") if platform == host else ""
+    picks = choices(platform, cfg.dtype, kind)
+    if platform == "gpu" and cfg.moe_backend == "gmm" and kind and not is_hopper(kind):
+        raise ConfigError(
+            f"--config.model.moe_backend=gmm: the Pallas grouped matmul's GPU kernel needs a Hopper GPU (H100 / H200 "
+            f"class); this run targets {kind!r}: use ragged_dot (or auto)"
+        )
     return cfg.replace(platform=platform, **{k: v for k, v in picks.items() if getattr(cfg, k) == "auto"})
 
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from experiments.bench_util import parse_overrides  # noqa: E402
+from experiments.cuda_stub import load_stub_driver  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("plugin", None, "path of the CUDA PJRT plugin's xla_cuda_plugin.so (same version as jaxlib)")
@@ -47,27 +48,6 @@ flags.DEFINE_string("nvdisasm", None, "nvdisasm binary, for the SASS (optional)"
 
 SMS = 132  # an H100 / H200 (no device to read it from)
 SASS_LINE = re.compile(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)")  # address, predicate, opcode
-
-# Just enough of the driver API for MosaicGpuCompile: the current device and its compute capability (attributes
-# 75 / 76). Loaded first under the driver's soname, so the plugin's dlopen("libcuda.so.1") returns it.
-STUB_DRIVER = r"""
-static const char *msg = "no CUDA driver (ptxas_offline's stub)";
-int cuGetErrorString(int e, const char **s) { *s = msg; return 0; }
-int cuGetErrorName(int e, const char **s) { *s = "CUDA_ERROR_STUB"; return 0; }
-int cuInit(unsigned f) { return 0; }
-int cuCtxGetDevice(int *d) { *d = 0; return 0; }
-int cuDeviceGet(int *d, int o) { *d = 0; return 0; }
-int cuDeviceGetAttribute(int *v, int attr, int d) { *v = attr == 75 ? 9 : attr == 16 ? 132 : 0; return 0; }
-int cuModuleLoadData(void **m, const void *image) { return 100; }
-"""
-
-
-def load_stub_driver(tmp):
-    src, lib = os.path.join(tmp, "stub.c"), os.path.join(tmp, "libcuda.so.1")
-    with open(src, "w") as f:
-        f.write(STUB_DRIVER)
-    subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", lib, src], check=True)
-    ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
 
 
 def symbol_offset(path, name):

@@ -67,7 +67,7 @@ _DATA_MOVES = {
 _CONTROL = {"while", "call", "conditional"}  # their trace events contain their bodies' kernels
 
 
-def _hlo_index(hlo_text: str):
+def hlo_index(hlo_text: str):
     """{op: (opcode, op_name or "", called computation or None)} and {computation: [(opcode, op_name)]}."""
     ops, comps = {}, collections.defaultdict(list)
     comp = None
@@ -152,7 +152,7 @@ def profile_components(compiled, call, calls: int = 3, trace_dir: str | None = N
         jax.block_until_ready(out)
     finally:
         jax.profiler.stop_trace()
-    index = _hlo_index(compiled.as_text())
+    index = hlo_index(compiled.as_text())
     per = collections.defaultdict(float)
     kernels = collections.defaultdict(lambda: collections.defaultdict(float))
     families = collections.defaultdict(lambda: collections.defaultdict(float))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import dsjax
+from dsjax.errors import ConfigError
 from dsjax.layers.attention import attention, causal_mask, segment_layout, xla_attention
 from dsjax.layers.splash import splash_attention
 from dsjax.runtime import choices, is_resolved, resolve, resolved, target_platform
@@ -109,32 +110,59 @@ def fake_devices(platform, n=2):
     return [types.SimpleNamespace(platform=platform, device_kind=f"fake {platform}") for _ in range(n)]
 
 
+H100 = "NVIDIA H100 80GB HBM3"
+
+
 @pytest.mark.parametrize(
-    "platform, dtype, want",
+    "platform, kind, dtype, want",
     [
-        ("gpu", "bfloat16", dict(attention_impl="cudnn", moe_backend="gmm", moe_dispatch="ragged", fp8_backend="xla")),
         (
             "gpu",
+            H100,
+            "bfloat16",
+            dict(attention_impl="cudnn", moe_backend="gmm", moe_dispatch="ragged", fp8_backend="gpu"),
+        ),
+        (
+            "gpu",
+            H100,
             "float32",
-            dict(attention_impl="xla", moe_backend="gmm", moe_dispatch="ragged", fp8_backend="xla"),
-        ),  # cuDNN: 16-bit
-        ("tpu", "bfloat16", dict(attention_impl="splash", moe_backend="gmm", moe_dispatch="ragged", fp8_backend="xla")),
+            dict(attention_impl="xla", moe_backend="gmm", moe_dispatch="ragged", fp8_backend="gpu"),
+        ),
+        # not a Hopper: neither Mosaic GPU kernel (wgmma); XLA's ragged_dot for the experts
+        (
+            "gpu",
+            "NVIDIA A100-SXM4-80GB",
+            "bfloat16",
+            dict(attention_impl="cudnn", moe_backend="ragged_dot", moe_dispatch="ragged", fp8_backend="xla"),
+        ),
+        (
+            "tpu",
+            "",
+            "bfloat16",
+            dict(attention_impl="splash", moe_backend="gmm", moe_dispatch="ragged", fp8_backend="xla"),
+        ),
         (
             "cpu",
+            "",
             "bfloat16",
             dict(attention_impl="xla", moe_backend="ragged_dot", moe_dispatch="padded", fp8_backend="xla"),
         ),
     ],
 )
-def test_auto_resolves_from_the_target_devices(platform, dtype, want):
+def test_auto_resolves_from_the_target_devices(platform, kind, dtype, want):
     cfg = dsjax.ModelConfig.preset("small", dtype=dtype)
     assert cfg.attention_impl == cfg.moe_backend == cfg.platform == "auto"  # every preset's default
-    got = resolve(cfg, fake_devices("cuda" if platform == "gpu" else platform))
+    devices = [types.SimpleNamespace(platform="cuda" if platform == "gpu" else platform, device_kind=kind)]
+    got = resolve(cfg, devices)
     assert got.platform == platform and {k: getattr(got, k) for k in want} == want
-    assert is_resolved(got) and resolved(got) is got and choices(platform, dtype) == want
+    assert is_resolved(got) and resolved(got) is got and choices(platform, dtype, kind) == want
     # explicit choices are kept; an explicit platform wins over the devices
     assert resolve(cfg.replace(attention_impl="xla"), fake_devices("tpu")).attention_impl == "xla"
     assert resolve(cfg.replace(platform="tpu"), fake_devices("cpu")).attention_impl == "splash"
+    # the grouped matmul's GPU kernel asked for on a GPU that cannot run it: refused, naming the flag
+    if platform == "gpu" and want["moe_backend"] != "gmm":
+        with pytest.raises(ConfigError, match="moe_backend=gmm.*Hopper"):
+            resolve(cfg.replace(moe_backend="gmm"), devices)
 
 
 @pytest.mark.parametrize(

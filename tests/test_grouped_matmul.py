@@ -149,6 +149,14 @@ def test_backend_dispatch_and_dtypes():
     out = gmm(lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), gs, backend="xla", preferred_element_type=jnp.float32)
     assert out.dtype == jnp.float32
     assert gmm(lhs, rhs, gs).dtype == jnp.float32
+    # "auto" for a target platform the caller resolved takes that platform's kernel, whatever this host is (a CPU
+    # host compiling for a GPU or TPU); for this host's own platform (None), the CPU has none
+    from pallas_kernels.grouped_matmul.ops import resolve_backend
+
+    assert (
+        resolve_backend("auto", jnp.bfloat16, "gpu") == "gpu" and resolve_backend("auto", jnp.float32, "gpu") == "xla"
+    )
+    assert resolve_backend("auto", jnp.bfloat16, "tpu") == "tpu" and resolve_backend("auto", jnp.bfloat16) == "xla"
 
 
 # ---- kernels: forward, both gradients through jax.vjp, and tgmm directly ----

@@ -29,6 +29,7 @@ from jax import lax
 from pallas_kernels.fp8_gemm import gpu, gpu_tgmm, quantize, quantize_act, quantize_gpu, reference
 from pallas_kernels.fp8_gemm.quantize import E4M3, TILE, tiles
 from pallas_kernels.grouped_matmul import gpu_common
+from pallas_kernels.grouped_matmul.reference import group_of
 
 BACKENDS = ("auto", "gpu", "xla", "tpu")
 
@@ -119,13 +120,6 @@ def fp8_gemm(
     return reference.fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=out_dtype, rhs_tiles=rhs_tiles)
 
 
-def _group_of(ends, rows):
-    """searchsorted(ends, rows, side="right"): how many groups end at or before each row. As one fused [rows, G]
-    comparison: G is tens to hundreds of experts, and jnp's default binary search is a while loop of log2(G)
-    dependent passes over the rows (a loop XLA cannot fuse, on a layer's critical path)."""
-    return jnp.searchsorted(ends, rows, side="right", method="compare_all")
-
-
 def align_groups(group_sizes, m: int):
     """Row layout for the grouped weight gradient on the GPU: every group starts on a 128-row step.
 
@@ -138,7 +132,7 @@ def align_groups(group_sizes, m: int):
     padded = (sizes + TILE - 1) // TILE * TILE
     ends = jnp.cumsum(padded)
     p = jnp.arange(_round_up(m, TILE) + TILE * g, dtype=jnp.int32)
-    owner = jnp.minimum(_group_of(ends, p), g - 1).astype(jnp.int32)
+    owner = jnp.minimum(group_of(ends, p), g - 1).astype(jnp.int32)
     offset = p - (ends - padded)[owner]
     valid = (p < ends[-1]) & (offset < sizes[owner])
     index = jnp.where(valid, (jnp.cumsum(sizes) - sizes)[owner] + offset, m)
@@ -153,7 +147,7 @@ def aligned_positions(group_sizes, m: int):
     padded = (sizes + TILE - 1) // TILE * TILE
     shift = (jnp.cumsum(padded) - padded) - (jnp.cumsum(sizes) - sizes)  # zero rows before each group
     r = jnp.arange(m, dtype=jnp.int32)
-    owner = _group_of(jnp.cumsum(sizes), r)  # G past the last group
+    owner = group_of(jnp.cumsum(sizes), r)  # G past the last group
     out = r + shift[jnp.minimum(owner, g - 1)]
     return jnp.where(owner < g, out, _round_up(m, TILE) + TILE * g).astype(jnp.int32)
 

@@ -32,6 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.grouped_matmul import gpu_common
+from pallas_kernels.grouped_matmul.reference import group_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +79,7 @@ def gmm_tiles(group_sizes, m, block_m):
     ntiles = jnp.where(sizes > 0, (sizes + starts - aligned + block_m - 1) // block_m, 0)
     cum = jnp.cumsum(ntiles)
     t = jnp.arange(pl.cdiv(m + 8 * (g + 1), block_m) + g + 1, dtype=jnp.int32)
-    owner = jnp.minimum(jnp.searchsorted(cum, t, side="right"), g).astype(jnp.int32)
+    owner = jnp.minimum(group_of(cum, t), g).astype(jnp.int32)
     row = aligned[owner] + (t - (cum - ntiles)[owner]) * block_m
     lo = jnp.maximum(starts[owner] - row, 0)
     rows = jnp.clip(starts[owner] + sizes[owner] - row, 0, block_m) - lo

@@ -39,12 +39,15 @@ def _is_hopper():
 
 
 def resolve_backend(backend, dtype, platform=None):
-    """ "auto": the kernel of `platform` ("gpu" / "tpu"; None = this host's) where the dtype allows, else XLA."""
+    """ "auto": the kernel of `platform` ("gpu" / "tpu") where the dtype allows, else XLA. platform None: this
+    host's, where a GPU must be a Hopper; a platform given is a target its caller resolved (dsjax.runtime picks
+    the grouped matmul for Hopper GPUs only), so a CPU host compiling for a GPU gets the kernel too."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        platform = jax.default_backend() if platform in (None, "auto") else platform
-        if platform == "gpu" and _is_hopper() and jnp.dtype(dtype) in _GPU_DTYPES:
+        host = platform in (None, "auto")
+        platform = jax.default_backend() if host else platform
+        if platform == "gpu" and (not host or _is_hopper()) and jnp.dtype(dtype) in _GPU_DTYPES:
             return "gpu"
         return "tpu" if platform == "tpu" else "xla"
     if backend == "gpu" and jnp.dtype(dtype) not in _GPU_DTYPES:

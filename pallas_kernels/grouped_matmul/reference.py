@@ -53,10 +53,17 @@ def tgmm(lhs, dout, group_sizes, *, out_dtype=None):
     return out.astype(out_dtype)
 
 
+def group_of(ends, rows):
+    """searchsorted(ends, rows, side="right"): for each row (or tile) index, how many groups end at or before it
+    (ends: the groups' cumulative ends). As one fused [rows, G] comparison: jnp's default binary search is a while
+    loop of log2(G) dependent passes, which XLA unrolls into two small kernels each (a train step of `small`:
+    665 such kernels, experiments/BENCHMARKS.md, thirteenth FP8 session); G is tens to hundreds here."""
+    return jnp.searchsorted(ends, rows, side="right", method="compare_all")
+
+
 def group_ids(group_sizes, m):
     """Group of each row, G for rows past sum(group_sizes). Used by the mask-based oracles."""
-    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
-    return jnp.searchsorted(ends, jnp.arange(m, dtype=jnp.int32), side="right")
+    return group_of(jnp.cumsum(group_sizes.astype(jnp.int32)), jnp.arange(m, dtype=jnp.int32))
 
 
 def gmm_dense(lhs, rhs, group_sizes):

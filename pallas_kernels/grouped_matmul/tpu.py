@@ -22,6 +22,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.grouped_matmul.reference import group_of
+
 
 @dataclasses.dataclass(frozen=True)
 class TpuConfig:
@@ -48,7 +50,7 @@ def _expand(counts, firsts, length):
     """Visit t -> (owner, block): owner o repeats counts[o] times over blocks firsts[o], +1, ..."""
     cum = jnp.cumsum(counts)
     t = jnp.arange(length, dtype=jnp.int32)
-    owner = jnp.minimum(jnp.searchsorted(cum, t, side="right"), counts.shape[0] - 1)
+    owner = jnp.minimum(group_of(cum, t), counts.shape[0] - 1)
     block = firsts[owner] + t - (cum - counts)[owner]
     valid = t < cum[-1]
     last = jnp.maximum(cum[-1] - 1, 0)
