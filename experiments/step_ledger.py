@@ -25,7 +25,6 @@ unrolls into a dozen tiny kernels per call).
 from __future__ import annotations
 
 import collections
-import functools
 import os
 import re
 import sys
@@ -39,7 +38,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import cli  # noqa: E402
-from experiments.step_profile import classify, family, hlo_index  # noqa: E402
+from experiments.step_profile import classify, family, index_of, parse_hlo  # noqa: E402
 
 FLAGS = flags.FLAGS
 with cli.config_errors():
@@ -51,7 +50,7 @@ with cli.config_errors():
     )
 flags.DEFINE_string("plugin", None, "the CUDA PJRT plugin's xla_cuda_plugin.so (same version as jaxlib)")
 flags.DEFINE_string("runtime_lib", None, "libmosaic_gpu_runtime.so of the jax-cuda12-plugin wheel (same version)")
-flags.DEFINE_string("target", "h100", "GPU to compile for: " + ", ".join(("h100",)))
+flags.DEFINE_string("target", "h100", "GPU to compile for (a TARGETS key)")
 flags.DEFINE_list("variants", ["bf16:", "fp8:fp8=e4m3+fp8_wgrad=false"], "NAME:FIELD=VALUE+... model overrides")
 flags.DEFINE_float("mtp_lambda", 0.3, "MTP loss weight (0: no MTP module in the step)")
 flags.DEFINE_list("components", [], "components whose kernel kinds to list (e.g. experts)")
@@ -101,57 +100,10 @@ def type_bytes(text: str) -> int:
     return total
 
 
-def _operands(args: str) -> list[str]:
-    depth = 1
-    for i, ch in enumerate(args):
-        depth += (ch == "(") - (ch == ")")
-        if depth == 0:
-            return re.findall(r"%([\w.\-]+)", args[:i])
-    return []
-
-
-def _field(text: str, pattern: str):
-    found = re.search(pattern, text)
-    return found.group(1) if found else None
-
-
-def parse(hlo_text: str):
-    """({computation ("ENTRY" for the entry): [instruction dict]}, {instruction: its type text})."""
-    comps, types, comp = collections.defaultdict(list), {}, None
-    for line in hlo_text.splitlines():
-        m = re.match(r"\s*(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$", line)
-        if m and "=" not in line.split("(")[0]:
-            comp = "ENTRY" if m.group(1) else m.group(2)
-            continue
-        m = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$", line)
-        if not m or comp is None:
-            continue
-        name, rest = m.groups()
-        op = re.search(r"(?:^|[\s}\])])([a-z][a-z0-9\-]*)\(", rest)
-        types[name] = rest[: op.start(1)] if op else rest
-        get = functools.partial(_field, rest)
-        trip = get(r'known_trip_count":\{"n":"(\d+)"')
-        param = get(r"parameter\((\d+)\)")
-        branches = get(r"branch_computations=\{([^}]*)\}")
-        comps[comp].append(
-            {
-                "name": name,
-                "opcode": op.group(1) if op else "",
-                "operands": _operands(rest[op.end() :]) if op else [],
-                "calls": get(r"calls=%?([\w.\-]+)"),
-                "body": get(r"body=%?([\w.\-]+)"),
-                "to_apply": get(r"to_apply=%?([\w.\-]+)"),
-                "branches": re.findall(r"%?([\w.\-]+)", branches) if branches else [],
-                "trip": int(trip) if trip else 1,
-                "param": int(param) if param is not None else None,
-            }
-        )
-    return comps, types
-
-
-def kernels(hlo_text: str) -> list[tuple[str, str, int, int]]:
-    """Every kernel the step runs: (instruction, opcode, bytes moved over all its runs, runs)."""
-    comps, types = parse(hlo_text)
+def kernels(hlo) -> list[tuple[str, str, int, int]]:
+    """Every kernel the step runs (HLO text, or step_profile.parse_hlo's result): (instruction, opcode, bytes moved
+    over all its runs, runs)."""
+    comps, types, entry = parse_hlo(hlo) if isinstance(hlo, str) else hlo
 
     def read_of(fused: str, i: int) -> float:
         # what a fused computation reads of its parameter i: the slices' outputs if only slices use it
@@ -181,16 +133,17 @@ def kernels(hlo_text: str) -> list[tuple[str, str, int, int]]:
                     (ins["name"], ins["opcode"], int(runs * (type_bytes(types[ins["name"]]) + sum(reads))), runs)
                 )
 
-    walk("ENTRY", 1)
+    walk(entry, 1)
     return out
 
 
 def ledger(hlo_text: str):
     """({component: [kernel runs, bytes]}, {component: {kernel kind: [runs, bytes]}})."""
-    index = hlo_index(hlo_text)
+    parsed = parse_hlo(hlo_text)
+    index = index_of(parsed)
     per = collections.defaultdict(lambda: [0, 0])
     kinds = collections.defaultdict(lambda: collections.defaultdict(lambda: [0, 0]))
-    for name, opcode, nbytes, runs in kernels(hlo_text):
+    for name, opcode, nbytes, runs in kernels(parsed):
         comp = classify(name, index)
         kind = family(name, f"{opcode}:{index[0].get(name, ('', '', None))[2] or name}", index)
         for row in (per[comp], kinds[comp][kind]):

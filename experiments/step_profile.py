@@ -12,6 +12,7 @@ pattern that matches any of them wins. Defines no flags (used by bench_pretrain.
 from __future__ import annotations
 
 import collections
+import functools
 import glob
 import gzip
 import json
@@ -67,28 +68,71 @@ _DATA_MOVES = {
 _CONTROL = {"while", "call", "conditional"}  # their trace events contain their bodies' kernels
 
 
-def hlo_index(hlo_text: str):
-    """{op: (opcode, op_name or "", called computation or None)} and {computation: [(opcode, op_name)]}."""
-    ops, comps = {}, collections.defaultdict(list)
-    comp = None
+def _field(text: str, pattern: str):
+    found = re.search(pattern, text)
+    return found.group(1) if found else None
+
+
+def _operands(args: str) -> list[str]:
+    """The %names in an operand list (args starts after its opening parenthesis)."""
+    depth = 1
+    for i, ch in enumerate(args):
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0:
+            return re.findall(r"%([\w.\-]+)", args[:i])
+    return []
+
+
+def parse_hlo(hlo_text: str):
+    """HLO text -> ({computation: [instruction dict]}, {instruction: its result type text}, the entry's name). An
+    instruction: name, opcode, op_name, operands, the computations it calls (calls / body / to_apply / branches),
+    its known trip count (while) and parameter number."""
+    comps, types, comp, entry = collections.defaultdict(list), {}, None, None
     for line in hlo_text.splitlines():
-        m = re.match(r"\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$", line)
+        m = re.match(r"\s*(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$", line)
         if m and "=" not in line.split("(")[0]:
-            comp = m.group(1)
+            comp = m.group(2)
+            entry = comp if m.group(1) else entry
             continue
         m = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$", line)
-        if not m:
+        if not m or comp is None:
             continue
         name, rest = m.groups()
         # the opcode is the word before the operand list, after the result type (which may be a tuple)
-        opm = re.search(r"(?:^|[\s}\])])([a-z][a-z0-9\-]*)\(", rest)
-        opcode = opm.group(1) if opm else ""
-        meta = re.search(r'op_name="([^"]*)"', rest)
-        called = re.search(r"calls=%?([\w.\-]+)", rest)
-        ops[name] = (opcode, meta.group(1) if meta else "", called.group(1) if called else None)
-        if comp is not None:
-            comps[comp].append((opcode, meta.group(1) if meta else ""))
-    return ops, comps
+        op = re.search(r"(?:^|[\s}\])])([a-z][a-z0-9\-]*)\(", rest)
+        types[name] = rest[: op.start(1)] if op else rest
+        get = functools.partial(_field, rest)
+        trip, param, branches = (
+            get(r'known_trip_count":\{"n":"(\d+)"'),
+            get(r"parameter\((\d+)\)"),
+            get(r"branch_computations=\{([^}]*)\}"),
+        )
+        comps[comp].append(
+            {
+                "name": name,
+                "opcode": op.group(1) if op else "",
+                "op_name": get(r'op_name="([^"]*)"') or "",
+                "operands": _operands(rest[op.end() :]) if op else [],
+                "calls": get(r"calls=%?([\w.\-]+)"),
+                "body": get(r"body=%?([\w.\-]+)"),
+                "to_apply": get(r"to_apply=%?([\w.\-]+)"),
+                "branches": re.findall(r"%?([\w.\-]+)", branches) if branches else [],
+                "trip": int(trip) if trip else 1,
+                "param": int(param) if param is not None else None,
+            }
+        )
+    return comps, types, entry
+
+
+def index_of(parsed):
+    """{op: (opcode, op_name or "", called computation or None)} and {computation: [(opcode, op_name)]}."""
+    comps = parsed[0]
+    ops = {x["name"]: (x["opcode"], x["op_name"], x["calls"]) for body in comps.values() for x in body}
+    return ops, {c: [(x["opcode"], x["op_name"]) for x in body] for c, body in comps.items()}
+
+
+def hlo_index(hlo_text: str):
+    return index_of(parse_hlo(hlo_text))
 
 
 def _match(name: str) -> str:

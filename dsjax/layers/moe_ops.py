@@ -241,8 +241,7 @@ def shared_in_routed(cfg: ModelConfig) -> bool:
     """Whether a resolved config runs its shared experts as groups of the routed experts' grouped GEMMs (routed
     experts on this device's tokens): in FP8 that shares the tokens' quantization, their gradient's and the
     SwiGLU pass with the routed experts instead of repeating them for a separate MLP."""
-    shared_width = cfg.n_shared_experts * cfg.moe_intermediate_size
-    return cfg.fp8 == "e4m3" and cfg.moe_backend != "dense" and shared_width > 0
+    return cfg.fp8 == "e4m3" and cfg.moe_backend != "dense" and cfg.n_shared_experts > 0
 
 
 def aligned_pair_order(po: PairOrder) -> PairOrder:

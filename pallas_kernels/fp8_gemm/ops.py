@@ -172,7 +172,7 @@ def quantize_blocks(w, extra=None, *, backend="auto", interpret=False):
     of the weights."""
     if resolve_backend(backend) == "gpu":
         return quantize_gpu.quantize_blocks(w, extra, interpret=interpret)
-    return quantize.quantize_blocks(w if extra is None else jnp.concatenate([w, extra.astype(w.dtype)]))
+    return quantize.quantize_blocks(w if extra is None else jnp.concatenate([w, extra]))
 
 
 def quantize_tiles_t(x, index=None, row_scale=None, *, backend="auto", interpret=False):
