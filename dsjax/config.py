@@ -97,14 +97,19 @@ class ModelConfig:
     # The FP8 GEMMs' and quantizers' kernels (pallas_kernels.fp8_gemm): "gpu" (Mosaic GPU GEMMs on Hopper, Pallas
     # Triton quantizers) or "xla" (the dequantize reference); "auto" per platform (dsjax.runtime)
     fp8_backend: str = _runtime("auto")
-    # With fp8 "e4m3": True runs the weight gradients in e4m3 too (DeepSeek-V3's recipe); False runs them in `dtype`
-    # from the unquantized activations and output gradients, which skips the two transposing quantization passes
-    # per layer: on the H200 FP8 GEMMs need layers wider than small's (K N / (K + N) > ~560) to repay them
-    fp8_wgrad: bool = _runtime(True)
+    # With fp8 "e4m3", whose weight gradients run in e4m3 too: "all" (DeepSeek-V3's recipe), "experts" (the routed
+    # and shared experts; the MLA projections' and dense MLPs' in `dtype`) or
+    # "none". In `dtype` a weight gradient reads the unquantized activations and output gradients, skipping two
+    # transposing quantization passes per layer: on the H200 FP8 GEMMs need layers wider than small's
+    # (K N / (K + N) > ~560) to repay them. The experts' FP8 operands come from fused passes over the tokens, so
+    # they may pay where the projections' do not (fp8_wgrad_linear / fp8_wgrad_experts read this).
+    fp8_wgrad: str = _runtime("all")
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if isinstance(self.fp8_wgrad, bool):  # configs saved when it was a switch: True = "all", False = "none"
+            object.__setattr__(self, "fp8_wgrad", "all" if self.fp8_wgrad else "none")
         self.validate()
 
     def validate(self) -> None:
@@ -115,6 +120,16 @@ class ModelConfig:
     @property
     def num_dense_layers(self) -> int:
         return self.first_k_dense_replace
+
+    @property
+    def fp8_wgrad_linear(self) -> bool:
+        """Whether the FP8 linear layers (MLA projections, dense MLPs) take e4m3 weight gradients."""
+        return self.fp8_wgrad == "all"
+
+    @property
+    def fp8_wgrad_experts(self) -> bool:
+        """Whether the FP8 routed and shared experts take e4m3 weight gradients."""
+        return self.fp8_wgrad != "none"
 
     @property
     def num_moe_layers(self) -> int:

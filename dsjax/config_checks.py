@@ -106,10 +106,11 @@ def _validate_runtime(cfg) -> None:
         ("moe_dispatch", ("auto", "ragged", "padded")),
         ("fp8", ("none", "e4m3")),
         ("fp8_backend", ("auto", "gpu", "xla")),
+        ("fp8_wgrad", ("all", "experts", "none")),
     ):
         if getattr(cfg, f) not in allowed:
             _bad(f, f"{getattr(cfg, f)!r} is not one of {allowed}")
-    for f in ("document_mask", "unroll_layers", "fp8_wgrad"):
+    for f in ("document_mask", "unroll_layers"):
         if not isinstance(getattr(cfg, f), bool):
             _bad(f, f"must be True or False, got {getattr(cfg, f)!r}")
     if cfg.moe_capacity_factor < 0 or cfg.moe_device_limit < 0:

@@ -10,7 +10,7 @@ that fails (XLA's ragged_dot expands to a masked dense product and can run out o
   # small's MoE layer at its step's 32768 tokens, float32 master weights as in training: BF16, FP8 (BF16 weight
   # gradients), and FP8 with the shared expert as a separate MLP (shared_apart: the layout before 2026-12-05)
   python experiments/bench_moe_layer.py --preset=small --tokens=32768 --param_dtype=float32 --variants=gmm,\
-      fp8:moe_backend=gmm+fp8=e4m3+fp8_wgrad=false,fp8_apart:moe_backend=gmm+fp8=e4m3+fp8_wgrad=false+shared_apart=true
+      fp8:moe_backend=gmm+fp8=e4m3+fp8_wgrad=none,fp8_apart:moe_backend=gmm+fp8=e4m3+fp8_wgrad=none+shared_apart=true
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def main(argv):
     tok = jax.random.randint(jax.random.key(0), (4, FLAGS.seq + 1), 0, WIDTHS["vocab_size"])
     ref = grads(base, params, tok)
     bf16 = base.replace(dtype="bfloat16")
-    runs = {"bf16": bf16, "fp8": bf16.replace(fp8="e4m3"), "fp8_bwg": bf16.replace(fp8="e4m3", fp8_wgrad=False)}
+    runs = {"bf16": bf16, "fp8": bf16.replace(fp8="e4m3"), "fp8_bwg": bf16.replace(fp8="e4m3", fp8_wgrad="none")}
     got = {name: grads(cfg, params, tok) for name, cfg in runs.items()}
     print(f"{'parameter':78s} {'|g|':>9s} " + " ".join(f"{k:>8s}" for k in runs))
     leaves = {name: jax.tree.leaves(g) for name, g in got.items()}  # same tree structure as ref's

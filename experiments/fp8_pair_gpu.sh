@@ -4,7 +4,7 @@
 # evaluation at steps 0, 500 and 1000 on 16 fixed batches, metrics every 10 steps.
 #
 #   bash experiments/fp8_pair_gpu.sh bf16_1
-#   bash experiments/fp8_pair_gpu.sh fp8bwg_1 --config.model.fp8=e4m3 --config.model.fp8_wgrad=false
+#   bash experiments/fp8_pair_gpu.sh fp8bwg_1 --config.model.fp8=e4m3 --config.model.fp8_wgrad=none
 #   python experiments/plot_metrics.py --workdir=runs/fp8_pair/bf16_1,runs/fp8_pair/fp8bwg_1,... --group=bf16,fp8,...
 #
 # A GPU run is not bitwise deterministic and small's routers amplify the difference: the same BF16 command ran

@@ -19,7 +19,7 @@ unrolls into a dozen tiny kernels per call).
   pip download --no-deps -d /tmp/pl jax-cuda12-pjrt==0.10.2 jax-cuda12-plugin==0.10.2   # then unzip both wheels
   python experiments/step_ledger.py --plugin=/tmp/pl/jax_plugins/xla_cuda12/xla_cuda_plugin.so \\
       --runtime_lib=/tmp/pl/jax_cuda12_plugin/libmosaic_gpu_runtime.so \\
-      --variants="bf16:,fp8:fp8=e4m3+fp8_wgrad=false" --components=experts,"attention proj+rope"
+      --variants="bf16:,fp8:fp8=e4m3+fp8_wgrad=none" --components=experts,"attention proj+rope"
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ with cli.config_errors():
 flags.DEFINE_string("plugin", None, "the CUDA PJRT plugin's xla_cuda_plugin.so (same version as jaxlib)")
 flags.DEFINE_string("runtime_lib", None, "libmosaic_gpu_runtime.so of the jax-cuda12-plugin wheel (same version)")
 flags.DEFINE_string("target", "h100", "GPU to compile for (a TARGETS key)")
-flags.DEFINE_list("variants", ["bf16:", "fp8:fp8=e4m3+fp8_wgrad=false"], "NAME:FIELD=VALUE+... model overrides")
+flags.DEFINE_list("variants", ["bf16:", "fp8:fp8=e4m3+fp8_wgrad=none"], "NAME:FIELD=VALUE+... model overrides")
 flags.DEFINE_float("mtp_lambda", 0.3, "MTP loss weight (0: no MTP module in the step)")
 flags.DEFINE_list("components", [], "components whose kernel kinds to list (e.g. experts)")
 flags.DEFINE_string("hlo_out", "", "write each variant's compiled HLO text here")

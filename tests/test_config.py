@@ -126,9 +126,23 @@ def test_runtime_fields_declared_once():
     saved = model_config_dict(other)
     saved["dsjax_runtime"]["fp8_fused"] = True
     assert model_config_from_dict(saved) == other
+    # fp8_wgrad was a switch until 2026-12-05: a saved True / False reads as "all" / "none"
+    for old, new in ((True, "all"), (False, "none")):
+        saved["dsjax_runtime"]["fp8_wgrad"] = old
+        assert model_config_from_dict(saved) == other.replace(fp8_wgrad=new)
 
 
-@pytest.mark.parametrize("field, value", [("fp8", "e5m2"), ("fp8_backend", "cuda"), ("moe_dispatch", "dense")])
+@pytest.mark.parametrize(
+    "wgrad, linear, experts", [("all", True, True), ("experts", False, True), ("none", False, False)]
+)
+def test_fp8_wgrad_says_which_layers_take_e4m3_weight_gradients(wgrad, linear, experts):
+    cfg = dsjax.ModelConfig.preset("tiny", fp8="e4m3", fp8_wgrad=wgrad)
+    assert (cfg.fp8_wgrad_linear, cfg.fp8_wgrad_experts) == (linear, experts)
+
+
+@pytest.mark.parametrize(
+    "field, value", [("fp8", "e5m2"), ("fp8_backend", "cuda"), ("moe_dispatch", "dense"), ("fp8_wgrad", "false")]
+)
 def test_bad_runtime_choice_names_the_flag(field, value):
     with pytest.raises(
         ConfigError, match=rf"ModelConfig\.{field}: '{value}' is not one of .*--config\.model\.{field}\)"

@@ -148,7 +148,7 @@ def test_fp8_expert_ffn_on_aligned_rows_equals_the_per_projection_path(backend):
     assert np.all(np.asarray(bf16_wgrad[3])[1] == 0)
 
 
-@pytest.mark.parametrize("shared, wgrad", [(1, True), (2, False)])
+@pytest.mark.parametrize("shared, wgrad", [(1, "all"), (2, "none")])
 @pytest.mark.parametrize("backend", LAYER_BACKENDS)
 def test_fp8_shared_experts_in_the_routed_grouped_gemms_equal_a_separate_mlp(backend, shared, wgrad):
     """In FP8 the MoE layer runs its shared experts as extra groups of the routed experts' grouped GEMMs (one
@@ -276,8 +276,8 @@ def test_fp8_model_trains_close_to_bf16():
     assert np.linalg.norm(flat(mtp(g_bf16))) > 0  # the MTP term reaches the MTP module
     err, err_mtp = rel(flat(g_fp8), flat(g_bf16)), rel(flat(mtp(g_fp8)), flat(mtp(g_bf16)))
     assert 0.0 < err < 0.15 and 0.0 < err_mtp < 0.15
-    # fp8_wgrad=False: the same forward; the weight gradients lose their operands' e4m3 rounding
-    l_w, g_w = loss_and_grad(cfg.replace(fp8="e4m3", fp8_wgrad=False))
+    # fp8_wgrad="none": the same forward; the weight gradients lose their operands' e4m3 rounding
+    l_w, g_w = loss_and_grad(cfg.replace(fp8="e4m3", fp8_wgrad="none"))
     assert float(l_w) == float(l_fp8)
     assert 0.0 < rel(flat(g_w), flat(g_bf16)) < err
     assert 0.0 < rel(flat(mtp(g_w)), flat(mtp(g_bf16))) < err_mtp

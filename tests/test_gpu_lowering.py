@@ -151,7 +151,11 @@ def test_fp8_training_step_runs_the_gpu_kernels_when_asked():
     full = lowered("gpu")
     assert full.count("custom_call @mosaic_gpu") >= 18 and "fp8_quantize_tiles_t" in full
     assert "mosaic_gpu" not in lowered("xla")
-    # fp8_wgrad=False: forward and dgrad still in the FP8 kernels, the routed experts' weight gradients in the bf16
+    # fp8_wgrad="none": forward and dgrad still in the FP8 kernels, the routed experts' weight gradients in the bf16
     # tgmm kernel, and no transposing quantization pass left
-    bf16_wgrad = lowered("gpu", fp8_wgrad=False)
+    bf16_wgrad = lowered("gpu", fp8_wgrad="none")
     assert bf16_wgrad.count("custom_call @mosaic_gpu") >= 17 and "fp8_quantize_tiles_t" not in bf16_wgrad
+    # fp8_wgrad="experts": the transposing quantizer for the experts' weight gradients only (the projections' and
+    # the dense MLP's in bf16)
+    experts = lowered("gpu", fp8_wgrad="experts").count("fp8_quantize_tiles_t")
+    assert 0 < experts < full.count("fp8_quantize_tiles_t"), (experts, full.count("fp8_quantize_tiles_t"))

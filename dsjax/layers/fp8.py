@@ -17,9 +17,10 @@ every token with weight 1, so the tokens and their gradient are quantized once f
 
 The residuals are the input's weight-gradient operand (x^T quantized along the tokens, for the experts on
 align_groups' layout) instead of x, and the forward's quantized weight, whose transposed blocks are the dgrad's
-operand. With wgrad False (ModelConfig.fp8_wgrad) the weight gradients run in the compute dtype from x and dy as
-they are (x kept instead of its e4m3 transpose): forward and dgrad stay the recipe's, bit for bit, and the two
-transposing quantization passes per layer, the cost that outweighs FP8's gain at small's widths, are gone.
+operand. With wgrad False (ModelConfig.fp8_wgrad "none"; "experts": False for the projections and dense MLPs)
+the weight gradients run in the compute dtype from x and dy as they are (x kept instead of its e4m3 transpose):
+forward and dgrad stay the recipe's, bit for bit, and the two transposing quantization passes per layer, the cost
+that outweighs FP8's gain at small's widths, are gone.
 With fp8_backend "gpu" (dsjax.runtime's "auto" on Hopper) every quantization is a Pallas Triton pass
 (quantize_gpu.py, bit-equal to XLA's, at 80-90% of a cast-only pass's bandwidth) and every GEMM a Mosaic GPU
 kernel; every SwiGLU (experts, shared experts, dense MLPs) quantizes its result along I in the same pass

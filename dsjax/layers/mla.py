@@ -48,7 +48,7 @@ class Linear(nn.Module):
         dt = jnp.dtype(self.cfg.dtype)
         if self.fp8 and self.cfg.fp8 == "e4m3":
             # quantized from the master weight; its gradient comes back float32
-            backend, wgrad = self.cfg.fp8_backend, self.cfg.fp8_wgrad
+            backend, wgrad = self.cfg.fp8_backend, self.cfg.fp8_wgrad_linear
             return on_local_tokens(lambda x, w: fp8_dot(x, w, backend, wgrad), x.astype(dt), self.kernel)
         return jnp.dot(x.astype(dt), self.kernel.astype(dt))
 
@@ -59,7 +59,7 @@ def linears(x: jax.Array, layers) -> list[jax.Array]:
     cfg = layers[0].cfg
     if cfg.fp8 == "e4m3" and all(layer.fp8 for layer in layers):
         kernels = [layer.kernel for layer in layers]
-        dots = lambda x, *ws: fp8_dots(x, list(ws), cfg.fp8_backend, cfg.fp8_wgrad)  # noqa: E731
+        dots = lambda x, *ws: fp8_dots(x, list(ws), cfg.fp8_backend, cfg.fp8_wgrad_linear)  # noqa: E731
         return on_local_tokens(dots, x.astype(jnp.dtype(cfg.dtype)), *kernels)
     return [layer(x) for layer in layers]
 

@@ -22,6 +22,7 @@ def swiglu(gate: jax.Array, up: jax.Array, dtype) -> jax.Array:
 class MLP(nn.Module):
     cfg: ModelConfig
     intermediate_size: int
+    expert: bool = False  # the shared experts: FP8 weight gradients as the routed experts' (fp8_wgrad_experts)
 
     def setup(self):
         d, i, cfg = self.cfg.hidden_size, self.intermediate_size, self.cfg
@@ -32,7 +33,8 @@ class MLP(nn.Module):
         cfg = self.cfg
         if cfg.fp8 == "e4m3":  # the whole MLP in one FP8 function: its SwiGLU quantizes h in the same pass
             kernels = (self.gate_proj.kernel, self.up_proj.kernel, self.down_proj.kernel)
-            mlp = lambda x, *ws: fp8_mlp(x, *ws, swiglu, cfg.fp8_backend, cfg.fp8_wgrad)  # noqa: E731
+            wgrad = cfg.fp8_wgrad_experts if self.expert else cfg.fp8_wgrad_linear
+            mlp = lambda x, *ws: fp8_mlp(x, *ws, swiglu, cfg.fp8_backend, wgrad)  # noqa: E731
             return on_local_tokens(mlp, x.astype(jnp.dtype(cfg.dtype)), *kernels)
         gate, up = linears(x, [self.gate_proj, self.up_proj])
         hidden = nn.with_logical_constraint(swiglu(gate, up, gate.dtype), ("batch", "seq", "mlp")[-x.ndim :])

@@ -69,7 +69,9 @@ class MoE(nn.Module):
         init = nn.initializers.normal(cfg.initializer_range)
         gate_up = self.param("experts_gate_up_proj", init, (e, d, 2 * i), pdt)
         down = self.param("experts_down_proj", init, (e, i, d), pdt)
-        shared = MLP(cfg, cfg.n_shared_experts * i, name="shared_experts") if cfg.n_shared_experts else None
+        shared = (
+            MLP(cfg, cfg.n_shared_experts * i, expert=True, name="shared_experts") if cfg.n_shared_experts else None
+        )
         # in FP8 the shared experts join the routed experts' grouped GEMMs (one quantization of the tokens and of
         # their gradient for both) where the routed experts run whole on each device's tokens
         stacked = shared.as_experts(i) if shared is not None and shared_in_routed(cfg) else None

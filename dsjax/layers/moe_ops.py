@@ -198,7 +198,7 @@ def sorted_experts(
     """Routed experts on expert-sorted rows with grouped matmuls. x [N, D]; gate_up [E, D, 2I]; down [E, I, D].
     fp8_backend set: the FP8 expert FFN (dsjax.layers.fp8.fp8_expert_ffn) on aligned_pair_order's rows (each
     expert on 128-row steps) and their combine, the tokens and their gradient quantized in token space; `matmul`
-    unused; fp8_wgrad False: its weight gradients in `dtype` (ModelConfig.fp8_wgrad). shared (FP8 only): the
+    unused; fp8_wgrad False: its weight gradients in `dtype` (ModelConfig.fp8_wgrad_experts). shared (FP8 only): the
     shared experts (gate_up [S, D, 2I], down [S, I, D], every token's, weight 1) run as groups of the same grouped
     GEMMs and are included in the result."""
     k = routing.indices.shape[1]
@@ -269,7 +269,7 @@ def dense_experts(x, routing: Routing, gate_up, down, dtype):
 def expert_matmul(cfg: ModelConfig):
     """The grouped matmul of a resolved config's sorted-row expert backend (FP8 when cfg.fp8 asks)."""
     if cfg.fp8 == "e4m3":
-        return lambda rows, w, sizes: fp8_grouped_matmul(rows, w, sizes, cfg.fp8_backend, cfg.fp8_wgrad)
+        return lambda rows, w, sizes: fp8_grouped_matmul(rows, w, sizes, cfg.fp8_backend, cfg.fp8_wgrad_experts)
     if cfg.moe_backend == "gmm":
         return functools.partial(pallas_gmm, platform=cfg.platform)
     return ragged_dot
@@ -282,4 +282,4 @@ def routed_experts_local(x, routing: Routing, gate_up, down, cfg: ModelConfig, s
         return dense_experts(x, routing, gate_up, down, jnp.dtype(cfg.dtype))
     fp8_backend = cfg.fp8_backend if cfg.fp8 == "e4m3" else None
     dt = jnp.dtype(cfg.dtype)
-    return sorted_experts(x, routing, gate_up, down, dt, expert_matmul(cfg), fp8_backend, cfg.fp8_wgrad, shared)
+    return sorted_experts(x, routing, gate_up, down, dt, expert_matmul(cfg), fp8_backend, cfg.fp8_wgrad_experts, shared)
