@@ -107,6 +107,8 @@ def parse_hlo(hlo_text: str):
             get(r"parameter\((\d+)\)"),
             get(r"branch_computations=\{([^}]*)\}"),
         )
+        if branches is None and "true_computation=" in rest:  # a predicated conditional names its two branches
+            branches = ", ".join(get(rf"{b}_computation=%?([\w.\-]+)") or "" for b in ("true", "false"))
         comps[comp].append(
             {
                 "name": name,

@@ -30,9 +30,30 @@ HLO = """HloModule m
   ROOT %r = (s32[], f32[64]{0}) tuple(%i, %add.1)
 }
 
-ENTRY %main (x: bf16[1024,256], y: f32[64]) -> (bf16[1024,128], f32[64]) {
+%fused_fill () -> f32[64] {
+  %z = f32[] constant(0)
+  ROOT %b = f32[64]{0} broadcast(%z), dimensions={}
+}
+
+%heavy (a: (f32[64])) -> (f32[64]) {
+  %a = (f32[64]{0}) parameter(0)
+  %v.1 = f32[64]{0} get-tuple-element(%a), index=0
+  %dbl = f32[64]{0} fusion(%v.1, %v.1), kind=kLoop, calls=%fused_add, metadata={op_name="jit(train_step)/experts/cond/k"}
+  ROOT %r.1 = (f32[64]{0}) tuple(%dbl)
+}
+
+%light (e: (f32[64])) -> (f32[64]) {
+  %e = (f32[64]{0}) parameter(0)
+  %fill = f32[64]{0} fusion(), kind=kLoop, calls=%fused_fill
+  ROOT %r.2 = (f32[64]{0}) tuple(%fill)
+}
+
+ENTRY %main (x: bf16[1024,256], y: f32[64], p: pred[]) -> (bf16[1024,128], f32[64]) {
   %x = bf16[1024,256]{1,0} parameter(0)
   %y = f32[64]{0} parameter(1)
+  %p = pred[] parameter(2)
+  %ty = (f32[64]{0}) tuple(%y)
+  %cnd = (f32[64]{0}) conditional(%p, %ty, %ty), true_computation=%heavy, false_computation=%light
   %sl = bf16[1024,128]{1,0} fusion(%x), kind=kLoop, calls=%fused_slice, metadata={op_name="jit(train_step)/experts/s"}
   %c = s32[] constant(0)
   %tup = (s32[], f32[64]{0}) tuple(%c, %y)
@@ -50,11 +71,14 @@ def test_ledger_charges_slices_what_they_take_and_loops_their_trips():
     assert got["sl"] == ("fusion", 2 * 1024 * 128 * 2, 1)
     # the loop body's add: 64 floats out, two 64-float operands, five trips
     assert got["add.1"] == ("fusion", 5 * 3 * 64 * 4, 5)
-    assert set(got) == {"sl", "add.1"}  # no kernel for parameters, constants, tuples or the while itself
+    # a predicated conditional: one branch runs, charged the heavier (the kernel, not the fill)
+    assert got["dbl"] == ("fusion", 3 * 64 * 4, 1)
+    assert set(got) == {"sl", "add.1", "dbl"}  # no kernel for parameters, constants, tuples, the while or the cond
     per, kinds = ledger(HLO)
     assert per["casts/copies"] == [1, 2 * 1024 * 128 * 2] and per["optimizer"] == [5, 5 * 3 * 64 * 4]
+    assert per["experts"] == [1, 3 * 64 * 4]
     table = format_ledgers({"a": (per, kinds), "b": (per, kinds)}, ["optimizer"])
-    assert "| optimizer | 5 | 0.00 | 5 | 0.00 |" in table and "| total | 6 |" in table
+    assert "| optimizer | 5 | 0.00 | 5 | 0.00 |" in table and "| total | 7 |" in table
 
 
 def test_ledger_of_a_cpu_compile():
