@@ -38,7 +38,7 @@ HLO = """HloModule m
 %heavy (a: (f32[64])) -> (f32[64]) {
   %a = (f32[64]{0}) parameter(0)
   %v.1 = f32[64]{0} get-tuple-element(%a), index=0
-  %dbl = f32[64]{0} fusion(%v.1, %v.1), kind=kLoop, calls=%fused_add, metadata={op_name="jit(train_step)/experts/cond/k"}
+  %dbl = f32[64]{0} fusion(%v.1, %v.1), kind=kLoop, calls=%fused_add, metadata={op_name="jit(train_step)/experts/k"}
   ROOT %r.1 = (f32[64]{0}) tuple(%dbl)
 }
 
