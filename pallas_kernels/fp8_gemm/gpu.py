@@ -17,14 +17,14 @@ Requires M % 8 == 0, M >= block_m, K % 128 == 0, N % block_n == 0 (ops.py pads).
 GEMM_CONFIG, the default: warp-specialized, a memory warpgroup streaming the operands and three compute warpgroups
 of 64 rows each on a 192-row tile (sharing its weight tile), so the promotions of some run under the others' wgmma;
 chained tile pipelines, as in the bf16 gmm; as many stages as fit beside the output staging buffers; each K step's
-scales read before its wgmma is issued (early_scales). H100 (experiments/BENCHMARKS.md, 2026-12-05): 928-953 FP8
-TFLOP/s on the grouped gate+up shape, 1.56x our bf16 gmm; dense 1,081-1,117 (H200). Measured slower and removed:
-idle warpgroups skipping their wgmma (853 vs 953); stages of two K steps in 2 compute warpgroups, the first promoted
-under the second's wgmma (SASS as intended, yet 840-845 vs 932-937: a third warpgroup hides promotions better than
-pairing steps within one); step k-1 promoted in code after step k's issue: ptxas hoists the
-promotion above the issue (532 vs 658). cluster_n=2 (x multicast into the 2 CTAs of a cluster): no faster
-(869 vs 916; the interpreter has no cluster barriers). Fp8GpuConfig's own defaults: the one-warpgroup kernel, which
-the interpreter runs on any host.
+scales read before its wgmma is issued (early_scales). Grouped gate+up shape (experiments/BENCHMARKS.md): H200
+961-992 FP8 TFLOP/s, 1.59x our bf16 gmm (2026-12-06); H100 928-953, 1.56x; dense 1,081-1,117 (H200). Measured slower
+and removed: idle warpgroups skipping their wgmma in a cond around the step (853 vs 953); stages of two K steps in 2
+compute warpgroups, the first promoted under the second's wgmma (SASS as intended, yet 840-845 vs 932-937: a third
+warpgroup hides promotions better than pairing steps within one); step k-1 promoted in code after step k's issue:
+ptxas hoists the promotion above the issue (532 vs 658). cluster_n=2 (x multicast into the 2 CTAs of a cluster): no
+faster (869 vs 916; the interpreter has no cluster barriers). Fp8GpuConfig's own defaults: the one-warpgroup kernel,
+which the interpreter runs on any host.
 """
 
 from __future__ import annotations
@@ -79,14 +79,14 @@ class Fp8GpuConfig:
     # (manual consumed barriers), so a busy warpgroup still releases right after its wgmma's wait and an idle one
     # at once: the first skip_idle_wgs (lax.cond around the whole step) left every release after the promotion
     # (ptxas_offline) and ran slower (853 vs 953 on the H100). On the gate+up bench's groups the 192-row tiles hold
-    # 17% more rows than M, the busy warpgroups' 64-row shares 7%. Untimed (written 2026-12-05)
+    # 17% more rows than M, the busy warpgroups' 64-row shares 7%. H200: 975 / 955 vs 976 / 961 off (2026-12-06)
     skip_idle_wgs: bool = False
     # Warp-specialized fp8_gmm: a compute warpgroup reads where its tile's rows go (row0, and its own first row and
     # count: three global loads) at the tile's start, so their latency passes under the K loop. Otherwise they are
     # read after the loop, right before the output's TMA store (ptxas_offline: three LDG whose results the next
     # instructions wait for, in every warpgroup at once): a few hundred cycles a tile with the tensor cores idle,
     # which matters where a tile is only a few K steps (small's experts: K = 512 / 1024). skip_idle_wgs implies it
-    # (it needs the count at the start). Untimed (2026-12-05)
+    # (it needs the count at the start). H200 at K = 7168: 949 vs 976 / 961 off (2026-12-06); small K untimed
     early_store_rows: bool = False
 
 
