@@ -97,12 +97,12 @@ class ModelConfig:
     # The FP8 GEMMs' and quantizers' kernels (pallas_kernels.fp8_gemm): "gpu" (Mosaic GPU GEMMs on Hopper, Pallas
     # Triton quantizers) or "xla" (the dequantize reference); "auto" per platform (dsjax.runtime)
     fp8_backend: str = _runtime("auto")
-    # With fp8 "e4m3", whose weight gradients run in e4m3 too: "all" (DeepSeek-V3's recipe), "experts" (the routed
-    # and shared experts; the MLA projections' and dense MLPs' in `dtype`) or
-    # "none". In `dtype` a weight gradient reads the unquantized activations and output gradients, skipping two
-    # transposing quantization passes per layer: on the H200 FP8 GEMMs need layers wider than small's
-    # (K N / (K + N) > ~560) to repay them. The experts' FP8 operands come from fused passes over the tokens, so
-    # they may pay where the projections' do not (fp8_wgrad_linear / fp8_wgrad_experts read this).
+    # With fp8 "e4m3", whose weight gradients run in e4m3 too: "all" (DeepSeek-V3's recipe), "experts" (the routed and
+    # shared experts; the MLA projections' and dense MLPs' in `dtype`) or "none". In `dtype` a weight gradient reads the
+    # unquantized activations and output gradients, skipping two transposing quantization passes per layer: on the H200
+    # FP8 GEMMs need layers wider than small's (K N / (K + N) > ~560) to repay them. The experts' FP8 operands come from
+    # fused passes over the tokens, so they may pay where the projections' do not (fp8_wgrad_linear / fp8_wgrad_experts
+    # read this).
     fp8_wgrad: str = _runtime("all")
 
     def __post_init__(self):

@@ -246,6 +246,32 @@ def test_fp8_mlp_equals_its_composition(backend, wgrad):
             np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
+def test_fp8_wgrad_experts_reaches_shared_experts_run_apart_but_not_dense_mlps():
+    """fp8_wgrad="experts": an MLP that is a shared expert (expert=True, as the MoE layer builds it where it runs
+    apart from the routed experts) takes e4m3 weight gradients as under "all"; a dense MLP takes bf16 ones as under
+    "none". Forward and input gradient are the same in every mode."""
+    import dsjax
+    from dsjax.layers.mlp import MLP
+
+    cfg = dsjax.ModelConfig.preset("tiny", dtype="bfloat16", fp8="e4m3", fp8_backend="xla", hidden_size=256)
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((2, 64, 256)), jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal(x.shape), jnp.bfloat16)
+    params = MLP(cfg, 256).init(jax.random.key(0), x)["params"]
+
+    def grads(wgrad, expert):
+        mlp = MLP(cfg.replace(fp8_wgrad=wgrad), 256, expert=expert)
+        y, vjp = jax.vjp(lambda p, x: mlp.apply({"params": p}, x), params, x)
+        return [np.asarray(a, np.float32) for a in (y, *jax.tree.leaves(vjp(g)))]
+
+    def same(a, b):
+        return all(np.array_equal(u, v) for u, v in zip(a, b))
+
+    for expert, like, unlike in ((True, "all", "none"), (False, "none", "all")):
+        got = grads("experts", expert)
+        assert same(got, grads(like, expert)) and not same(got, grads(unlike, expert)), expert
+
+
 def test_fp8_model_trains_close_to_bf16():
     """ModelConfig.fp8="e4m3" (linear layers and routed experts in FP8; head, router, norms, attention core and
     eh_proj not) on the training loss, main + 0.3 x MTP: the loss matches bf16 to 0.1% and the whole gradient is
