@@ -104,6 +104,11 @@ class ModelConfig:
     # fused passes over the tokens, so they may pay where the projections' do not (fp8_wgrad_linear / fp8_wgrad_experts
     # read this).
     fp8_wgrad: str = _runtime("all")
+    # With fp8 "e4m3", which layers run in FP8: "all" (DeepSeek-V3's recipe: the MLA projections, dense MLPs, shared
+    # and routed experts) or "experts" (the routed and shared experts; the projections and dense MLPs in `dtype`). At
+    # small's widths the projections' FP8 GEMMs barely beat bf16 (K of 384-2048) while their quantization passes
+    # cost more than that; the experts' operands come from fused passes (fp8_linear / fp8_experts read this).
+    fp8_layers: str = _runtime("all")
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, list):
@@ -120,6 +125,16 @@ class ModelConfig:
     @property
     def num_dense_layers(self) -> int:
         return self.first_k_dense_replace
+
+    @property
+    def fp8_linear(self) -> bool:
+        """Whether the MLA projections and dense MLPs run in FP8."""
+        return self.fp8 == "e4m3" and self.fp8_layers == "all"
+
+    @property
+    def fp8_experts(self) -> bool:
+        """Whether the routed and shared experts run in FP8."""
+        return self.fp8 == "e4m3"
 
     @property
     def fp8_wgrad_linear(self) -> bool:

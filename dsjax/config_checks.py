@@ -107,6 +107,7 @@ def _validate_runtime(cfg) -> None:
         ("fp8", ("none", "e4m3")),
         ("fp8_backend", ("auto", "gpu", "xla")),
         ("fp8_wgrad", ("all", "experts", "none")),
+        ("fp8_layers", ("all", "experts")),
     ):
         if getattr(cfg, f) not in allowed:
             _bad(f, f"{getattr(cfg, f)!r} is not one of {allowed}")

@@ -141,7 +141,23 @@ def test_fp8_wgrad_says_which_layers_take_e4m3_weight_gradients(wgrad, linear, e
 
 
 @pytest.mark.parametrize(
-    "field, value", [("fp8", "e5m2"), ("fp8_backend", "cuda"), ("moe_dispatch", "dense"), ("fp8_wgrad", "false")]
+    "fp8, layers, linear, experts",
+    [("e4m3", "all", True, True), ("e4m3", "experts", False, True), ("none", "all", False, False)],
+)
+def test_fp8_layers_says_which_layers_run_in_fp8(fp8, layers, linear, experts):
+    cfg = dsjax.ModelConfig.preset("tiny", fp8=fp8, fp8_layers=layers)
+    assert (cfg.fp8_linear, cfg.fp8_experts) == (linear, experts)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("fp8", "e5m2"),
+        ("fp8_backend", "cuda"),
+        ("moe_dispatch", "dense"),
+        ("fp8_wgrad", "false"),
+        ("fp8_layers", "mla"),
+    ],
 )
 def test_bad_runtime_choice_names_the_flag(field, value):
     with pytest.raises(

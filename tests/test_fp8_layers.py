@@ -272,6 +272,36 @@ def test_fp8_wgrad_experts_reaches_shared_experts_run_apart_but_not_dense_mlps()
         assert same(got, grads(like, expert)) and not same(got, grads(unlike, expert)), expert
 
 
+def test_fp8_layers_experts_keeps_dense_mlps_and_projections_in_bf16():
+    """fp8_layers="experts": a shared expert run apart (MLP expert=True) is the FP8 MLP of fp8_layers="all", a dense
+    MLP and a projection (Linear) are exactly the bf16 ones (fp8="none"), forward and gradients."""
+    import dsjax
+    from dsjax.layers.mla import Linear
+    from dsjax.layers.mlp import MLP
+
+    cfg = dsjax.ModelConfig.preset("tiny", dtype="bfloat16", fp8="e4m3", fp8_backend="xla", hidden_size=256)
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((2, 64, 256)), jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal(x.shape), jnp.bfloat16)
+
+    def run(make, **kw):
+        layer = make(cfg.replace(**kw))
+        params = make(cfg).init(jax.random.key(0), x)["params"]
+        y, vjp = jax.vjp(lambda p, x: layer.apply({"params": p}, x), params, x)
+        return [np.asarray(a, np.float32) for a in (y, *jax.tree.leaves(vjp(g)))]
+
+    def same(a, b):
+        return all(np.array_equal(u, v) for u, v in zip(a, b))
+
+    for make, like, unlike in (
+        (lambda c: MLP(c, 256, expert=True), {}, {"fp8": "none"}),
+        (lambda c: MLP(c, 256), {"fp8": "none"}, {}),
+        (lambda c: Linear(256, 256, c), {"fp8": "none"}, {}),
+    ):
+        got = run(make, fp8_layers="experts")
+        assert same(got, run(make, **like)) and not same(got, run(make, **unlike)), (like, unlike)
+
+
 def test_fp8_model_trains_close_to_bf16():
     """ModelConfig.fp8="e4m3" (linear layers and routed experts in FP8; head, router, norms, attention core and
     eh_proj not) on the training loss, main + 0.3 x MTP: the loss matches bf16 to 0.1% and the whole gradient is

@@ -159,3 +159,7 @@ def test_fp8_training_step_runs_the_gpu_kernels_when_asked():
     # the dense MLP's in bf16)
     experts = lowered("gpu", fp8_wgrad="experts").count("fp8_quantize_tiles_t")
     assert 0 < experts < full.count("fp8_quantize_tiles_t"), (experts, full.count("fp8_quantize_tiles_t"))
+    # fp8_layers="experts": the FP8 kernels in the routed (and folded shared) experts only, the projections' and the
+    # dense MLP's GEMMs bf16 dots
+    only_experts = lowered("gpu", fp8_layers="experts").count("custom_call @mosaic_gpu")
+    assert 0 < only_experts < full.count("custom_call @mosaic_gpu") - 12, only_experts

@@ -29,7 +29,7 @@ HEADS = ("batch", "seq", "heads", None)  # logical axes of per-head activations 
 
 class Linear(nn.Module):
     """y = x @ kernel, kernel [in, out] (the transpose of a torch Linear weight); computes in cfg.dtype, or in
-    FP8 when cfg.fp8 says so and the layer is one DeepSeek-V3 trains in FP8 (`fp8`)."""
+    FP8 when cfg.fp8_linear says so and the layer is one DeepSeek-V3 trains in FP8 (`fp8`)."""
 
     in_features: int
     out_features: int
@@ -46,7 +46,7 @@ class Linear(nn.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = jnp.dtype(self.cfg.dtype)
-        if self.fp8 and self.cfg.fp8 == "e4m3":
+        if self.fp8 and self.cfg.fp8_linear:
             # quantized from the master weight; its gradient comes back float32
             backend, wgrad = self.cfg.fp8_backend, self.cfg.fp8_wgrad_linear
             return on_local_tokens(lambda x, w: fp8_dot(x, w, backend, wgrad), x.astype(dt), self.kernel)
@@ -57,7 +57,7 @@ def linears(x: jax.Array, layers) -> list[jax.Array]:
     """Each Linear of `layers` applied to the same x. In FP8 one quantization of x (and of the joined output
     gradient) serves them all: their kernels run as one GEMM (dsjax.layers.fp8.fp8_dots)."""
     cfg = layers[0].cfg
-    if cfg.fp8 == "e4m3" and all(layer.fp8 for layer in layers):
+    if cfg.fp8_linear and all(layer.fp8 for layer in layers):
         kernels = [layer.kernel for layer in layers]
         dots = lambda x, *ws: fp8_dots(x, list(ws), cfg.fp8_backend, cfg.fp8_wgrad_linear)  # noqa: E731
         return on_local_tokens(dots, x.astype(jnp.dtype(cfg.dtype)), *kernels)

@@ -22,7 +22,7 @@ def swiglu(gate: jax.Array, up: jax.Array, dtype) -> jax.Array:
 class MLP(nn.Module):
     cfg: ModelConfig
     intermediate_size: int
-    expert: bool = False  # the shared experts: FP8 weight gradients as the routed experts' (fp8_wgrad_experts)
+    expert: bool = False  # the shared experts: FP8 and its weight gradients as the routed experts' (fp8_experts)
 
     def setup(self):
         d, i, cfg = self.cfg.hidden_size, self.intermediate_size, self.cfg
@@ -31,7 +31,8 @@ class MLP(nn.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
-        if cfg.fp8 == "e4m3":  # the whole MLP in one FP8 function: its SwiGLU quantizes h in the same pass
+        # in FP8 the whole MLP is one function: its SwiGLU quantizes h in the same pass
+        if cfg.fp8_experts if self.expert else cfg.fp8_linear:
             kernels = (self.gate_proj.kernel, self.up_proj.kernel, self.down_proj.kernel)
             wgrad = cfg.fp8_wgrad_experts if self.expert else cfg.fp8_wgrad_linear
             mlp = lambda x, *ws: fp8_mlp(x, *ws, swiglu, cfg.fp8_backend, wgrad)  # noqa: E731

@@ -241,7 +241,7 @@ def shared_in_routed(cfg: ModelConfig) -> bool:
     """Whether a resolved config runs its shared experts as groups of the routed experts' grouped GEMMs (routed
     experts on this device's tokens): in FP8 that shares the tokens' quantization, their gradient's and the
     SwiGLU pass with the routed experts instead of repeating them for a separate MLP."""
-    return cfg.fp8 == "e4m3" and cfg.moe_backend != "dense" and cfg.n_shared_experts > 0
+    return cfg.fp8_experts and cfg.moe_backend != "dense" and cfg.n_shared_experts > 0
 
 
 def aligned_pair_order(po: PairOrder) -> PairOrder:
@@ -268,7 +268,7 @@ def dense_experts(x, routing: Routing, gate_up, down, dtype):
 
 def expert_matmul(cfg: ModelConfig):
     """The grouped matmul of a resolved config's sorted-row expert backend (FP8 when cfg.fp8 asks)."""
-    if cfg.fp8 == "e4m3":
+    if cfg.fp8_experts:
         return lambda rows, w, sizes: fp8_grouped_matmul(rows, w, sizes, cfg.fp8_backend, cfg.fp8_wgrad_experts)
     if cfg.moe_backend == "gmm":
         return functools.partial(pallas_gmm, platform=cfg.platform)
@@ -280,6 +280,6 @@ def routed_experts_local(x, routing: Routing, gate_up, down, cfg: ModelConfig, s
     (where shared_in_routed(cfg)): the shared experts as extra groups (sorted_experts), included in the result."""
     if cfg.moe_backend == "dense":
         return dense_experts(x, routing, gate_up, down, jnp.dtype(cfg.dtype))
-    fp8_backend = cfg.fp8_backend if cfg.fp8 == "e4m3" else None
+    fp8_backend = cfg.fp8_backend if cfg.fp8_experts else None
     dt = jnp.dtype(cfg.dtype)
     return sorted_experts(x, routing, gate_up, down, dt, expert_matmul(cfg), fp8_backend, cfg.fp8_wgrad_experts, shared)

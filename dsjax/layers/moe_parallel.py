@@ -178,6 +178,6 @@ def dispatch_and_combine(flat, routing, gate_up, down, cfg: ModelConfig, axes, e
 
     rows = gather_pairs(flat.astype(dt), po.order, po.inverse, k)
     recv = a2a(rows, jnp.zeros((ep * peer_rows, d), dt), *p.there, axis_name=axes)
-    out = grouped_ffn(recv, p.local_sizes, gate_up, down, dt, expert_matmul(cfg), fp8=cfg.fp8 == "e4m3").astype(dt)
+    out = grouped_ffn(recv, p.local_sizes, gate_up, down, dt, expert_matmul(cfg), fp8=cfg.fp8_experts).astype(dt)
     back = a2a(out, jnp.zeros((pairs, d), dt), *p.back, axis_name=axes)
     return combine_pairs(back, po.order, po.inverse, routing.weights)
