@@ -272,6 +272,21 @@ def test_fp8_wgrad_experts_reaches_shared_experts_run_apart_but_not_dense_mlps()
         assert same(got, grads(like, expert)) and not same(got, grads(unlike, expert)), expert
 
 
+@pytest.mark.parametrize("k", [1024, 130])
+def test_gather_rows_equals_the_plain_gather(k):
+    """The experts' e4m3 row gather moved as 32-bit words (and K % 4 != 0 as bytes) equals jnp's gather bit for
+    bit, out-of-range rows (the aligned layout's zero rows) zero."""
+    from dsjax.layers.fp8 import gather_rows
+
+    rng = np.random.default_rng(7)
+    q = jnp.asarray(rng.standard_normal((50, k)) * 100, jnp.float32).astype(jnp.float8_e4m3fn)
+    index = jnp.asarray(rng.integers(0, 60, 200), jnp.int32)  # 60 > 50 rows: some out of range
+    got = np.asarray(gather_rows(q, index)).view(np.uint8)
+    want = np.asarray(q.at[index].get(mode="fill", fill_value=0)).view(np.uint8)
+    assert got.shape == (200, k) and (index >= 50).any() and np.array_equal(got, want)
+    assert not got[np.asarray(index) >= 50].any()
+
+
 def test_fp8_layers_experts_keeps_dense_mlps_and_projections_in_bf16():
     """fp8_layers="experts": a shared expert run apart (MLP expert=True) is the FP8 MLP of fp8_layers="all", a dense
     MLP and a projection (Linear) are exactly the bf16 ones (fp8="none"), forward and gradients."""

@@ -201,7 +201,7 @@ def _expert_ffn_fwd(x, order, inverse, sizes, weights, gate_up, down, combine, a
     dt = x.dtype
     token = order // weights.shape[1]  # N on a zero row: out of range, read as a zero row below
     xq, xs = quantize_tiles(x, backend=backend)
-    rows = xq.at[token].get(mode="fill", fill_value=0), xs.at[token].get(mode="fill", fill_value=1)
+    rows = gather_rows(xq, token), xs.at[token].get(mode="fill", fill_value=1)
     # gate_up's weight-gradient operand, from the tokens (in the compute dtype: the tokens, gathered in the backward)
     x_t = quantize_tiles_t(x, token, backend=backend) if wgrad else x
     w1 = _expert_blocks(gate_up, backend)
@@ -223,7 +223,7 @@ def _expert_ffn_bwd(combine, act, backend, wgrad, res, g):
     # rows: weight 0)
     w_row = weights.reshape(-1).astype(jnp.float32).at[order].get(mode="fill", fill_value=0)
     gq, gs = quantize_tiles(g, backend=backend)
-    dq = gq.at[token].get(mode="fill", fill_value=0)
+    dq = gather_rows(gq, token)
     ds = gs.at[token].get(mode="fill", fill_value=1) * w_row[:, None]
     if wgrad:
         dy_t = quantize_tiles_t(g, token, w_row, backend=backend)
@@ -241,6 +241,18 @@ def _expert_ffn_bwd(combine, act, backend, wgrad, res, g):
 
 
 fp8_expert_ffn.defvjp(_expert_ffn_fwd, _expert_ffn_bwd)
+
+
+def gather_rows(q: jax.Array, index: jax.Array) -> jax.Array:
+    """Rows q[index] of a 1-byte (e4m3) matrix, zero rows where index is out of range, moved as 32-bit words. XLA's
+    gather writes one element per thread: one byte at a time the experts' e4m3 row gathers ran at ~0.8 TB/s on the
+    H100 (0.3 ms each for 237k rows of 1024, 2026-12-06 step profile), 7.6 ms of a `small` step."""
+    n, k = q.shape
+    if q.dtype.itemsize != 1 or k % 4:
+        return q.at[index].get(mode="fill", fill_value=0)
+    words = lax.bitcast_convert_type(q.reshape(n, k // 4, 4), jnp.uint32)
+    rows = words.at[index].get(mode="fill", fill_value=0)
+    return lax.bitcast_convert_type(rows, q.dtype).reshape(index.shape[0], k)
 
 
 def _expert_blocks(w, backend):
