@@ -29,7 +29,7 @@ from pallas_kernels.fp8_gemm import (
     take_aligned,
     transposed_blocks,
 )
-from pallas_kernels.fp8_gemm.gpu import check_config
+from pallas_kernels.fp8_gemm.gpu import check_config, ws_scale_chunks
 from pallas_kernels.fp8_gemm.ops import wgrad_splits
 from tests.fp8_helpers import INTERPRET, rel
 
@@ -197,6 +197,7 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
         Fp8GpuConfig(block_m=128, warp_specialized=True, early_scales=False),
         Fp8GpuConfig(block_m=128, warp_specialized=True, skip_idle_wgs=True),
         Fp8GpuConfig(block_m=128, warp_specialized=True, early_store_rows=True),
+        Fp8GpuConfig(block_m=128, block_n=192, warp_specialized=True),
     ]
     + GPU_ONLY_CONFIGS,
     ids=[
@@ -205,6 +206,7 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
         "ws_late_scales",
         "ws_skip_idle",
         "ws_early_store_rows",
+        "ws_192",
     ]
     + [f"gpu_only_{i}" for i in range(len(GPU_ONLY_CONFIGS))],
 )
@@ -227,8 +229,31 @@ def test_gpu_kernel_equals_the_reference(m, k, n, sizes, cfg):
     np.testing.assert_allclose(dense, want, rtol=1e-4, atol=tol)
 
 
+def test_192_column_tiles_take_each_64_column_chunks_weight_block_scale():
+    """block_n=192 (two compute warpgroups of 64 x 192): a tile straddles two 128-column weight blocks, at column
+    128 (tiles starting on a block) or 64 (tiles starting mid-block), and each 64-column chunk takes its own block's
+    scale. Weight blocks of very different scales make a wrong chunk scale visible; N off the tile (3 tiles, the
+    last padded)."""
+    rng = np.random.default_rng(11)
+    m, k, n, sizes = 136, 256, 448, [70, 0, 66]
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((3, k, n)).astype(np.float32) * (10.0 ** rng.integers(-3, 3, (3, 1, n // 64)).repeat(64, 2))
+    (xq, xs), (wq, ws) = quantize_tiles(jnp.asarray(x)), quantize_blocks(jnp.asarray(w))
+    cfg = Fp8GpuConfig(block_m=128, block_n=192, warp_specialized=True)
+    assert ws_scale_chunks(cfg, "block") == 3 and ws_scale_chunks(cfg, "column") == 0
+    gs = jnp.asarray(sizes, jnp.int32)
+    got = fp8_gmm(xq, xs, wq, ws, gs, out_dtype=jnp.float32, backend="gpu", interpret=INTERPRET, config=cfg)
+    want = fp8_gmm(xq, xs, wq, ws, gs, out_dtype=jnp.float32, backend="xla")
+    tol = (1e-5 if INTERPRET else 2e-3) * np.abs(np.asarray(want)).max(axis=0)  # per column: scales differ 1e5x
+    assert np.all(np.abs(np.asarray(got) - np.asarray(want)) <= tol + 1e-4 * np.abs(np.asarray(want)))
+    assert np.all(np.asarray(got)[sum(sizes) :] == 0)
+
+
 @pytest.mark.parametrize(
-    "cfg", [Fp8GpuConfig(), Fp8GpuConfig(block_m=128, warp_specialized=True)], ids=["one_wg", "ws"]
+    "cfg",
+    [Fp8GpuConfig(), Fp8GpuConfig(block_m=128, warp_specialized=True)]
+    + [Fp8GpuConfig(block_m=128, block_n=192, warp_specialized=True)],
+    ids=["one_wg", "ws", "ws_192"],
 )
 def test_gpu_kernel_runs_the_dense_weight_gradient(cfg):
     """dW = x.T @ dy with both operands quantized along the tokens they contract (1 x 128 tiles of x.T and dy.T):
