@@ -191,6 +191,7 @@ def test_init_checkpoint_keeps_the_configs_runtime_knobs(cfg, params, tmp_path):
         "fp8": "e4m3",
         "fp8_backend": "gpu",
         "fp8_wgrad": "none",
+        "fp8_layers": "experts",
     }
     assert set(runtime) == set(RUNTIME_FIELDS), "a new runtime knob: give it a non-default value here"
     assert all(getattr(cfg, k) != v for k, v in runtime.items())  # the checkpoint holds other values throughout
