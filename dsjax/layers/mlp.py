@@ -31,8 +31,8 @@ class MLP(nn.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
-        # in FP8 the whole MLP is one function: its SwiGLU quantizes h in the same pass
-        if cfg.fp8_experts if self.expert else cfg.fp8_linear:
+        fp8 = cfg.fp8_experts if self.expert else cfg.fp8_linear
+        if fp8:  # the whole MLP in one FP8 function: its SwiGLU quantizes h in the same pass
             kernels = (self.gate_proj.kernel, self.up_proj.kernel, self.down_proj.kernel)
             wgrad = cfg.fp8_wgrad_experts if self.expert else cfg.fp8_wgrad_linear
             mlp = lambda x, *ws: fp8_mlp(x, *ws, swiglu, cfg.fp8_backend, wgrad)  # noqa: E731

@@ -189,9 +189,7 @@ def ws_scale_chunks(cfg, w_scales):
     48 registers a thread that two 64 x 192 float32 accumulators leave no room for). 0: one per column."""
     if w_scales != "block" or not cfg.scalar_block_scale:
         return 0
-    if BLOCK_K % cfg.block_n == 0:
-        return 1
-    return cfg.block_n // CHUNK if cfg.block_n % CHUNK == 0 else 0
+    return 1 if BLOCK_K % cfg.block_n == 0 else cfg.block_n // CHUNK  # check_config: block_n % 64 == 0
 
 
 def zero_sum(shape, interpret, ws_chunks=0):
