@@ -21,7 +21,4 @@ SW="$SW;ws3_early:$W3,early_store_rows=true"
 SW="$SW;ws3_skip:$W3,skip_idle_wgs=true;ws3_skip_r24:$W3,skip_idle_wgs=true,memory_registers=24;ws_skip:$W2,skip_idle_wgs=true"
 # the scales read after the wgmma's wait (the default before 2026-12-05)
 SW="$SW;ws3_late:$W3,early_scales=false;ws_late:$W2,early_scales=false"
-# 128 x 192 tiles over 2 compute warpgroups, each 64-column chunk promoted with its weight block's scale (DeepGEMM's
-# tile; written 2026-12-06, ptxas: no spill, 96 FFMA a K step; untimed)
-SW="$SW;ws_192:$W2,block_n=192;ws_192_g4:$W2,block_n=192,grid_tile_n=4"
 timeout "${LIMIT:-400}" python3 experiments/bench_fp8_gemm.py --sweep="$SW" "$@" 2>&1 | grep -v "^[WI][0-9]\{4\}"

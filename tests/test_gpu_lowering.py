@@ -48,7 +48,6 @@ FP8_CONFIGS = {
         num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3, memory_registers=24
     ),
     "x_multicast": f8.Fp8GpuConfig(num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3, cluster_n=2),
-    "columns_192": f8.Fp8GpuConfig(num_sms=SMS, block_m=128, block_n=192, warp_specialized=True),
 }
 
 

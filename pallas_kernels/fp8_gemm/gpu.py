@@ -6,10 +6,8 @@ K-major, as FP8 wgmma requires) accumulates into a fresh register accumulator, w
 activation-tile scales (one per row) and weight scales and added into the float32 running sum. That bounds every
 hardware accumulation to 128 products (Hopper's FP8 wgmma accumulates with ~14 bits), the promotion DeepSeek
 describes. With 128 x 128 weight blocks a tile's columns share one weight scale per step (scalar_block_scale):
-it is folded into the row scales, so a promotion is one multiply-add per element; a 192-column tile (two compute
-warpgroups of 64 x 192, DeepGEMM's tile) straddles two blocks and promotes each 64-column chunk with its block's
-scale, still one multiply-add per element (ws_scale_chunks); per-column scales (a weight gradient's tile-scaled rhs)
-cost a second multiply.
+it is folded into the row scales, so a promotion is one multiply-add per element; per-column scales (a weight
+gradient's tile-scaled rhs) cost a second multiply.
 
 Operands (ops.py builds them from quantize_tiles / quantize_blocks):
   x_q [M, K] e4m3, xs_t [K/128, M] float32 (tile scales, transposed: a tile's rows are one contiguous load)
@@ -44,7 +42,6 @@ from pallas_kernels.grouped_matmul import gpu_common
 from pallas_kernels.grouped_matmul.gpu import gmm_tiles, store_rows
 
 BLOCK_K = 128  # = the scaling tile: one promotion per K step
-CHUNK = 64  # columns of a tile sharing one weight scale when the tile straddles two 128-column blocks
 SMEM_BYTES = 226 * 1024  # a Hopper CTA's shared memory (232,448 bytes), less room for the pipeline's barriers
 
 
@@ -52,9 +49,7 @@ SMEM_BYTES = 226 * 1024  # a Hopper CTA's shared memory (232,448 bytes), less ro
 class Fp8GpuConfig:
     """block_m: rows per tile (warp-specialized: split among the compute_wgs warpgroups). A warpgroup holds its
     running sum and each step's fresh accumulator, 2 x 64 x 128 float32 = 128 registers a thread: at most 64 x 128
-    per warpgroup (two 128-row accumulators would need 256, past the 255-register limit), or 64 x 192 (192
-    registers) with two compute warpgroups, whose setmaxnreg share is 232+ (ptxas, 2026-12-06: block_m=128,
-    block_n=192 with chunked block scales has no spill; with per-column scales, 48 more registers, 708 bytes)."""
+    per warpgroup (two 128-row accumulators would need 256, past the 255-register limit)."""
 
     block_m: int = 64
     block_n: int = 128
@@ -63,9 +58,8 @@ class Fp8GpuConfig:
     num_sms: int | None = None  # None: the device's SM count (2 in interpret mode)
     warp_specialized: bool = False  # True: compute warpgroups + a memory one (gpu_common reads it too)
     compute_wgs: int = 2  # warp-specialized: compute warpgroups, each block_m / compute_wgs rows of a tile
-    # Weight scales of 128 x 128 blocks are one number per K step across a tile's columns (128 % block_n == 0), or
-    # per 64-column chunk of a 192-column tile: read those scalars and fold them into the row scales, so a
-    # promotion is one multiply-add per element (ws_scale_chunks)
+    # Weight scales of 128 x 128 blocks are one number per K step across a tile's columns (128 % block_n == 0):
+    # read that scalar and fold it into the row scales, so a promotion is one multiply-add per element
     scalar_block_scale: bool = True
     # Warp-specialized fp8_gmm: the 2 CTAs of a cluster take adjacent N tiles of one row tile, and each x step is
     # one TMA multicast into both (one L2 read for two SMs; N is padded to 2 * block_n)
@@ -92,7 +86,8 @@ class Fp8GpuConfig:
     # read after the loop, right before the output's TMA store (ptxas_offline: three LDG whose results the next
     # instructions wait for, in every warpgroup at once): a few hundred cycles a tile with the tensor cores idle,
     # which matters where a tile is only a few K steps (small's experts: K = 512 / 1024). skip_idle_wgs implies it
-    # (it needs the count at the start). H200 at K = 7168: 949 vs 976 / 961 off (2026-12-06); small K untimed
+    # (it needs the count at the start). H200 at K = 7168: 949 vs 976 / 961 off; H100 at K = 1024 / 512 (small's
+    # experts): 929 vs 855 / 839, 802 vs 747 / 724 (2026-12-06): default_config turns it on up to EARLY_ROWS_MAX_K
     early_store_rows: bool = False
 
 
@@ -100,6 +95,15 @@ class Fp8GpuConfig:
 # memory warpgroup, the fastest config of the H200 sweep (experiments/BENCHMARKS.md, 2026-12-04). The dataclass's
 # own defaults stay the one-warpgroup kernel, which jax 0.10's interpreter can run on two cores.
 GEMM_CONFIG = Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3)
+# Contractions up to this long (8 K steps a tile) read each tile's store rows at its start: early_store_rows
+# measured 7-11% faster at K = 512 / 1024 and 2-3% slower at K = 7168 (its comment); K = 2048 untimed, so off there
+EARLY_ROWS_MAX_K = 1024
+
+
+def default_config(k: int) -> Fp8GpuConfig:
+    """fp8_gmm's config where the caller names none, for a contraction of length k: GEMM_CONFIG, with the store rows
+    read early where a tile is only a few K steps long (EARLY_ROWS_MAX_K)."""
+    return dataclasses.replace(GEMM_CONFIG, early_store_rows=True) if k <= EARLY_ROWS_MAX_K else GEMM_CONFIG
 
 
 def _vector(ref, layout, interpret):
@@ -108,15 +112,9 @@ def _vector(ref, layout, interpret):
     return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
 
 
-def _promote(total, part, scales, ws_chunks):
-    """total + part scaled per row and per column. ws_chunks 0: scales = (row scales, column scales); 1: (row
-    scales,) with the tile's one column scale folded in (one multiply-add per element); c > 1: total is a tuple of
-    c 64-column chunks and scales[j] the row scales with chunk j's column scale folded in."""
-    if ws_chunks > 1:
-        return tuple(
-            t + part[:, CHUNK * j : CHUNK * (j + 1)] * lax.broadcast_in_dim(s, t.shape, [0])
-            for j, (t, s) in enumerate(zip(total, scales))
-        )
+def _promote(total, part, scales):
+    """total + part scaled per row and per column: scales = (row scales, column scales), or (row scales,) with
+    a scalar column scale already folded in (one multiply-add per element)."""
     shape = part.shape
     s = lax.broadcast_in_dim(scales[0], shape, [0])
     if len(scales) == 2:
@@ -127,16 +125,15 @@ def _promote(total, part, scales, ws_chunks):
 ROW_LAYOUT, COL_LAYOUT = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)  # scales along rows / columns
 
 
-def promoted_step(cfg, x_smem, w_smem, xs_ref, ws_ref, total, t_smem, shape, interpret, ws_chunks=0):
+def promoted_step(cfg, x_smem, w_smem, xs_ref, ws_ref, total, t_smem, shape, interpret, scalar_ws=False):
     """One K step: x_smem [rows, 128] . w_smem [cols, 128]^T into a fresh accumulator, then promoted into the
-    float32 sum with xs_ref's row scales and ws_ref's column scales (ws_chunks, ws_scale_chunks: 0 per column; 1
-    all columns share ws_ref[0], a weight block's scale, which multiplies the row scales instead; c > 1 each
-    64-column chunk j shares ws_ref[64 j]). total: the float32 sum so far (zero_sum)."""
-    scales = step_scales(xs_ref, ws_ref, ws_chunks, interpret) if cfg.early_scales else None
+    float32 sum with xs_ref's row scales and ws_ref's column scales (scalar_ws: all columns share ws_ref[0], a
+    weight block's scale, which multiplies the row scales instead). total: the float32 sum so far."""
+    scales = step_scales(xs_ref, ws_ref, scalar_ws, interpret) if cfg.early_scales else None
     part = _product(x_smem, w_smem, t_smem, shape)
     if scales is None:
-        scales = step_scales(xs_ref, ws_ref, ws_chunks, interpret)
-    return _promote(total, part, scales, ws_chunks)
+        scales = step_scales(xs_ref, ws_ref, scalar_ws, interpret)
+    return _promote(total, part, scales)
 
 
 def _product(x_smem, w_smem, t_smem, shape):
@@ -149,7 +146,7 @@ def _product(x_smem, w_smem, t_smem, shape):
     return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
 
 
-def skipping_step(x_smem, w_smem, xs_ref, ws_ref, total, consumed, busy, t_smem, shape, interpret, ws_chunks):
+def skipping_step(x_smem, w_smem, xs_ref, ws_ref, total, consumed, busy, t_smem, shape, interpret, scalar_ws):
     """skip_idle_wgs' K step, on a pipeline whose stage releases are the body's (`consumed`: the stage's consumed
     barriers): busy (traced, uniform over the warpgroup), the step's scales are read, the wgmma run, the stage
     released once the wgmma's wait has returned, then the product promoted; idle, the stage is released at once
@@ -160,10 +157,10 @@ def skipping_step(x_smem, w_smem, xs_ref, ws_ref, total, consumed, busy, t_smem,
             plgpu.barrier_arrive(barrier)
 
     def run():
-        scales = step_scales(xs_ref, ws_ref, ws_chunks, interpret)  # read before the release lets TMA refill it
+        scales = step_scales(xs_ref, ws_ref, scalar_ws, interpret)  # read before the release lets TMA refill it
         part = _product(x_smem, w_smem, t_smem, shape)
         release()
-        return _promote(total, part, scales, ws_chunks)
+        return _promote(total, part, scales)
 
     def skip():
         release()
@@ -172,54 +169,32 @@ def skipping_step(x_smem, w_smem, xs_ref, ws_ref, total, consumed, busy, t_smem,
     return lax.cond(busy, run, skip)
 
 
-def step_scales(xs_ref, ws_ref, ws_chunks, interpret):
-    """A K step's promotion scales in registers: (row scales x the block's weight scale,) (ws_chunks 1), one such
-    vector per 64-column chunk (ws_chunks > 1), or (row, column) (ws_chunks 0)."""
+def step_scales(xs_ref, ws_ref, scalar_ws, interpret):
+    """A K step's promotion scales in registers: (row scales x the block's weight scale,) or (row, column)."""
     xs = _vector(xs_ref, ROW_LAYOUT, interpret)
-    if ws_chunks:
-        return tuple(xs * ws_ref[CHUNK * j] for j in range(ws_chunks))
-    return xs, _vector(ws_ref, COL_LAYOUT, interpret)
+    return (xs * ws_ref[0],) if scalar_ws else (xs, _vector(ws_ref, COL_LAYOUT, interpret))
 
 
-def ws_scale_chunks(cfg, w_scales):
-    """How the kernel reads a K step's weight scales, with the knob on and block scales (w_scales="block"): 1, one
-    per step, where a tile lies inside one 128-column block; block_n / 64 (> 1), one per 64-column chunk, where a
-    tile is a multiple of 64 columns wider than a block, so it starts on a multiple of 64 and each chunk lies in one
-    block (a 192-column tile straddles two blocks, as DeepGEMM's 128 x 192 tiles do; per-column scales would take
-    48 registers a thread that two 64 x 192 float32 accumulators leave no room for). 0: one per column."""
-    if w_scales != "block" or not cfg.scalar_block_scale:
-        return 0
-    return 1 if BLOCK_K % cfg.block_n == 0 else cfg.block_n // CHUNK  # check_config: block_n % 64 == 0
+def uses_scalar_scale(cfg, w_scales):
+    """Whether the kernel reads one weight scale per K step: block scales (w_scales="block"), a tile inside one
+    128-column block, and the knob on."""
+    return w_scales == "block" and BLOCK_K % cfg.block_n == 0 and cfg.scalar_block_scale
 
 
-def zero_sum(shape, interpret, ws_chunks=0):
-    """The K loop's starting float32 sum, in the wgmma accumulator's register layout (the interpreter has none):
-    one array, or a tuple of its 64-column chunks (ws_chunks > 1)."""
-    if ws_chunks > 1:
-        return tuple(zero_sum((shape[0], CHUNK), interpret) for _ in range(ws_chunks))
+def zero_sum(shape, interpret):
+    """The K loop's starting float32 sum, in the wgmma accumulator's register layout (the interpreter has none)."""
     zero = jnp.zeros(shape, jnp.float32)
     return zero if interpret else plgpu.layout_cast(zero, plgpu.Layout.WGMMA)
-
-
-def write_sum(ref, total, dtype):
-    """The float32 sum (one array or its 64-column chunks) into the smem staging buffer `ref`, in `dtype`."""
-    if not isinstance(total, tuple):
-        ref[...] = total.astype(dtype)
-        return
-    for j, t in enumerate(total):
-        ref.at[:, pl.ds(CHUNK * j, CHUNK)][...] = t.astype(dtype)
 
 
 def check_config(cfg):
     """ValueError unless each compute warpgroup's share of a tile fits its registers twice (sum + fresh product)."""
     nw = gpu_common.num_wgs(cfg)
     rows = cfg.block_m // nw
-    # two compute warpgroups get 232+ registers a thread (setmaxnreg): room for two 64 x 192 float32 tiles
-    cols = 192 if cfg.warp_specialized and cfg.compute_wgs == 2 else 128
-    if rows * nw != cfg.block_m or rows * cfg.block_n > 64 * cols or rows % 64 or cfg.block_n % 64:
+    if rows * nw != cfg.block_m or rows * cfg.block_n > 64 * 128 or rows % 64 or cfg.block_n % 64:
         raise ValueError(
-            f"Fp8GpuConfig: block_m={cfg.block_m} rows over {nw} warpgroup(s) x block_n={cfg.block_n} must be "
-            f"64 x {cols} per warpgroup at most (multiples of 64): the register file holds two"
+            f"Fp8GpuConfig: block_m={cfg.block_m} rows over {nw} warpgroup(s) x block_n="
+            f"{cfg.block_n} must be 64 x 128 per warpgroup at most (multiples of 64): the register file holds two"
         )
     if cfg.warp_specialized and cfg.compute_wgs not in (2, 3):
         raise ValueError(f"Fp8GpuConfig: compute_wgs must be 2 or 3, got {cfg.compute_wgs}")
@@ -257,24 +232,24 @@ def ws_stages(cfg, out_dtype, k_steps=None):
     return max(2, min(cfg.max_concurrent_steps, fit, k_steps or cfg.max_concurrent_steps))
 
 
-def scaled_k_loop(cfg, specs, steps, operands, interpret, ws_chunks=0):
+def scaled_k_loop(cfg, specs, steps, operands, interpret, scalar_ws=False):
     """One warpgroup's float32 [bm, bn] sum over `steps` (may be traced, may be 0) K steps of
     x_step . w_step^T * (x scales per row x w scales per column), promoted every step. operands: gmem views
-    (x [bm, K], w [bn, K], xs [K/128, bm], ws [K/128, bn]) that `specs` (specs_for) tile. ws_chunks: how a step's
-    w scales are read (ws_scale_chunks; > 1: the sum comes back as its 64-column chunks)."""
+    (x [bm, K], w [bn, K], xs [K/128, bm], ws [K/128, bn]) that `specs` (specs_for) tile. scalar_ws: every column
+    of a step has the same w scale (uses_scalar_scale)."""
     bm, bn = specs[0].block_shape[0], specs[1].block_shape[0]
 
     def with_scratch(t_smem):
         def step(_, x_smem, w_smem, xs_smem, ws_smem, carry):
             xs, ws = xs_smem.at[0], ws_smem.at[0]
-            return promoted_step(cfg, x_smem, w_smem, xs, ws, carry, t_smem, (bm, bn), interpret, ws_chunks)
+            return promoted_step(cfg, x_smem, w_smem, xs, ws, carry, t_smem, (bm, bn), interpret, scalar_ws)
 
         pipeline = plgpu.emit_pipeline(
             step,
             grid=(steps,),
             in_specs=specs,
             max_concurrent_steps=max(2, cfg.max_concurrent_steps),
-            init_carry=zero_sum((bm, bn), interpret, ws_chunks),
+            init_carry=zero_sum((bm, bn), interpret),
         )
         return pipeline(*operands)
 
@@ -288,11 +263,11 @@ def fp8_gmm(
     """[M, K] x [G, N, K] -> [M, N] in out_dtype (rows past sum(group_sizes): zeros). w_scales: "block" (ws_cols
     repeats 128 x 128 block scales over their columns) or "column" (any scale per column, e.g. tile scales of a
     weight gradient's rhs)."""
-    cfg = config or GEMM_CONFIG
+    cfg = config or default_config(x_q.shape[1])
     check_config(cfg)
-    ws_chunks = ws_scale_chunks(cfg, w_scales)
+    scalar_ws = uses_scalar_scale(cfg, w_scales)
     if cfg.warp_specialized:
-        return _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype, ws_chunks)
+        return _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype, scalar_ws)
     m, k = x_q.shape
     n = w_q.shape[1]
     bm, bn = cfg.block_m, cfg.block_n
@@ -313,11 +288,11 @@ def fp8_gmm(
                 xs_gmem.at[:, pl.ds(row0, bm)],
                 ws_gmem.at[gi].at[:, pl.ds(n0, bn)],
             )
-            total = scaled_k_loop(cfg, specs, steps, operands, interpret, ws_chunks)
+            total = scaled_k_loop(cfg, specs, steps, operands, interpret, scalar_ws)
 
             @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((bm, bn), out_dtype))
             def _(out_smem):
-                write_sum(out_smem, total, out_dtype)
+                out_smem[...] = total.astype(out_dtype)
                 plgpu.commit_smem()
                 store_rows(out_smem, out_gmem, row0, lo_ref[mt], rows_ref[mt], n0, bm, bn)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -340,7 +315,7 @@ def _tile_views(gmem, bm, bn, gi, row0, n0):
     )
 
 
-def _stage_body(cfg, wg, half, bn, t_wg, interpret, ws_chunks, busy):
+def _stage_body(cfg, wg, half, bn, t_wg, interpret, scalar_ws, busy):
     """Compute warpgroup wg's pipeline body: its `half` rows of a K step, promoted into the carry. With
     skip_idle_wgs the pipeline passes the stage's consumed barriers before the carry, and busy says whether this
     warpgroup holds rows of the tile's group."""
@@ -350,13 +325,13 @@ def _stage_body(cfg, wg, half, bn, t_wg, interpret, ws_chunks, busy):
         rows = pl.ds(wg * half, half)
         x, xs, ws, shape = x_smem.at[rows], xs_smem.at[0, rows], ws_smem.at[0], (half, bn)
         if cfg.skip_idle_wgs:
-            return skipping_step(x, w_smem, xs, ws, carry, consumed, busy, t_wg, shape, interpret, ws_chunks)
-        return promoted_step(cfg, x, w_smem, xs, ws, carry, t_wg, shape, interpret, ws_chunks)
+            return skipping_step(x, w_smem, xs, ws, carry, consumed, busy, t_wg, shape, interpret, scalar_ws)
+        return promoted_step(cfg, x, w_smem, xs, ws, carry, t_wg, shape, interpret, scalar_ws)
 
     return mma
 
 
-def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype, ws_chunks):
+def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype, scalar_ws):
     """Warp-specialized fp8_gmm: tiles of block_m rows x block_n columns, compute warpgroup w of nw owns rows
     [w * block_m / nw, (w + 1) * block_m / nw) of each; the memory warpgroup (index nw) only loads."""
     m, k = x_q.shape
@@ -400,12 +375,12 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
                 early = cfg.early_store_rows or cfg.skip_idle_wgs  # skipping reads them at the start anyway
                 where = (row0, *own_rows(mt)) if early else None
                 busy = where[2] > 0 if cfg.skip_idle_wgs else None  # decided once per tile
-                mma = _stage_body(cfg, wg, half, bn, t_wg, interpret, ws_chunks, busy)
+                mma = _stage_body(cfg, wg, half, bn, t_wg, interpret, scalar_ws, busy)
 
                 def ctx(eval_pipeline):
-                    total = eval_pipeline(zero_sum((half, bn), interpret, ws_chunks))
+                    total = eval_pipeline(zero_sum((half, bn), interpret))
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has left out_smem
-                    write_sum(out_smem.at[wg], total, out_dtype)
+                    out_smem.at[wg][...] = total.astype(out_dtype)
                     plgpu.commit_smem()
                     store(mt, n0, where)
 

@@ -56,8 +56,8 @@ def _gpu_gmm(x_q, x_s, w_q, w_s, group_sizes, out_dtype, interpret, config, rhs_
     multiple of 8 (and at least one row tile), K to the 128 scaling tile, N to the column tile. The kernel takes
     one scale per output column per K step, so tile-scaled rhs rows ([G, N, K/128], rhs_tiles) feed it as they are
     and 128 x 128 block scales are repeated over their block's columns."""
-    cfg = config or gpu.GEMM_CONFIG
     m, k = x_q.shape
+    cfg = config or gpu.default_config(_round_up(k, TILE))
     g, n, _ = w_q.shape
     mp, kp, np_ = max(_round_up(m, 8), cfg.block_m), _round_up(k, TILE), _round_up(n, cfg.block_n * cfg.cluster_n)
     x_q = jnp.pad(x_q, ((0, mp - m), (0, kp - k)))
