@@ -170,9 +170,12 @@ def test_fp8_shared_experts_in_the_routed_grouped_gemms_equal_a_separate_mlp(bac
     g = jnp.asarray(rng.standard_normal(x.shape), jnp.bfloat16)
     params = MoE(cfg).init(jax.random.key(1), x)["params"]
 
-    def run():
-        y, vjp = jax.vjp(lambda p, x: MoE(cfg).apply({"params": p}, x)[0], params, x)
-        return y, *vjp(g)
+    def run():  # a new function object per call: jit traces it afresh under the patch below, not from its cache
+        def both():
+            y, vjp = jax.vjp(lambda p, x: MoE(cfg).apply({"params": p}, x)[0], params, x)
+            return y, *vjp(g)
+
+        return jax.jit(both)()
 
     folded = run()
     with mock.patch.object(moe_module, "shared_in_routed", lambda c: False):
@@ -188,6 +191,8 @@ def test_fp8_shared_experts_in_the_routed_grouped_gemms_equal_a_separate_mlp(bac
         bound = 5e-3 if a.dtype == jnp.bfloat16 else 1e-4
         assert rel(a, b) < bound, (jax.tree_util.keystr(path), rel(a, b))
     assert np.linalg.norm(np.asarray(folded[1]["shared_experts"]["down_proj"]["kernel"])) > 0
+    # the patch took effect: the two paths round differently (y is summed in float32 once against bf16 twice)
+    assert not np.array_equal(np.asarray(folded[0], np.float32), np.asarray(separate[0], np.float32))
 
     # the layout: the routed rows keep their places, each shared expert's rows follow in token order
     idx = jnp.asarray(rng.integers(0, 4, (5, 2)), jnp.int32)
@@ -272,18 +277,20 @@ def test_fp8_wgrad_experts_reaches_shared_experts_run_apart_but_not_dense_mlps()
         assert same(got, grads(like, expert)) and not same(got, grads(unlike, expert)), expert
 
 
-@pytest.mark.parametrize("k", [1024, 130])
-def test_gather_rows_equals_the_plain_gather(k):
-    """The experts' e4m3 row gather moved as 32-bit words (and K % 4 != 0 as bytes) equals jnp's gather bit for
-    bit, out-of-range rows (the aligned layout's zero rows) zero."""
-    from dsjax.layers.fp8 import gather_rows
+@pytest.mark.parametrize(
+    "dtype,k", [("float8_e4m3fn", 1024), ("float8_e4m3fn", 130), ("bfloat16", 130), ("bfloat16", 7)]
+)
+def test_gather_rows_equals_the_plain_gather(dtype, k):
+    """Row gathers moved as 32-bit words (e4m3 4 to a word, bf16 2; an odd row length as elements) equal jnp's
+    gather bit for bit, out-of-range rows (the aligned layout's zero rows) zero."""
+    from dsjax.layers.rows import gather_rows
 
     rng = np.random.default_rng(7)
-    q = jnp.asarray(rng.standard_normal((50, k)) * 100, jnp.float32).astype(jnp.float8_e4m3fn)
+    q = jnp.asarray(rng.standard_normal((50, k)) * 100, jnp.float32).astype(dtype)
     index = jnp.asarray(rng.integers(0, 60, 200), jnp.int32)  # 60 > 50 rows: some out of range
     got = np.asarray(gather_rows(q, index)).view(np.uint8)
     want = np.asarray(q.at[index].get(mode="fill", fill_value=0)).view(np.uint8)
-    assert got.shape == (200, k) and (index >= 50).any() and np.array_equal(got, want)
+    assert got.shape == (200, k * q.dtype.itemsize) and (index >= 50).any() and np.array_equal(got, want)
     assert not got[np.asarray(index) >= 50].any()
 
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from dsjax.config import ModelConfig
 from dsjax.layers.fp8 import fp8_expert_ffn, fp8_grouped_matmul
 from dsjax.layers.mlp import swiglu
+from dsjax.layers.rows import gather_rows
 from pallas_kernels.fp8_gemm import align_groups, aligned_positions
 
 
@@ -145,12 +146,12 @@ def pair_order(indices: jax.Array, num_experts: int) -> PairOrder:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def gather_pairs(x: jax.Array, order: jax.Array, inverse: jax.Array, k: int) -> jax.Array:
-    """Expert-sorted rows: x [N, D] -> [N * k, D], row s = x[order[s] // k]."""
-    return x[order // k]
+    """Expert-sorted rows: x [N, D] -> [N * k, D], row s = x[order[s] // k] (moved as 32-bit words: gather_rows)."""
+    return gather_rows(x, order // k)
 
 
 def _gather_pairs_fwd(x, order, inverse, k):
-    return x[order // k], inverse
+    return gather_rows(x, order // k), inverse
 
 
 def _gather_pairs_bwd(k, inverse, g):
