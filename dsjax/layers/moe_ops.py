@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
 from dsjax.layers.fp8 import fp8_expert_ffn, fp8_grouped_matmul
-from dsjax.layers.mlp import swiglu
+from dsjax.layers.mlp import swiglu, swiglu_joined
 from dsjax.layers.rows import gather_rows
 from pallas_kernels.fp8_gemm import align_groups, aligned_positions
 
@@ -123,8 +123,8 @@ def grouped_ffn(rows, sizes, gate_up, down, dtype, matmul=ragged_dot, fp8=False)
     their sum are padding), gate_up [E, D, 2I] (gate | up), down [E, I, D]. Returns [M, D] (float32 or dtype).
     fp8: `matmul` quantizes the weights itself, from the master weights as they come (not cast first)."""
     weights = (lambda w: w) if fp8 else (lambda w: w.astype(dtype))  # noqa: E731
-    gate, up = jnp.split(matmul(rows.astype(dtype), weights(gate_up), sizes), 2, axis=-1)
-    return matmul(swiglu(gate, up, jnp.dtype(dtype)), weights(down), sizes)
+    h = swiglu_joined(matmul(rows.astype(dtype), weights(gate_up), sizes), jnp.dtype(dtype))
+    return matmul(h, weights(down), sizes)
 
 
 class PairOrder(NamedTuple):
