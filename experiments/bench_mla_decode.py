@@ -19,16 +19,20 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import sys
 import traceback
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import app, flags
+# run as a script from anywhere: the repository root on the path, for `experiments.*`
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.bench_util import median_seconds, parse_overrides, write_results
-from pallas_kernels.mla_decode import gpu, mla_decode, mla_decode_reference
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from experiments.bench_util import median_seconds, parse_overrides, write_results  # noqa: E402
+from pallas_kernels.mla_decode import gpu, mla_decode, mla_decode_reference  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(

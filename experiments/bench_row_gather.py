@@ -1,4 +1,4 @@
-"""Row gathers at the MoE layer's shapes: XLA's element-wise gather against dsjax.layers.fp8.gather_rows (rows moved
+"""Row gathers at the MoE layer's shapes: XLA's element-wise gather against dsjax.layers.rows.gather_rows (rows moved
 as 32-bit words), for e4m3 and bf16 rows, plus the two fused patterns the experts use: a gather scaled per row (the
 output gradient of expert-sorted rows, weight * g[token]) and the combine (k rows per token gathered back, weighted
 and summed). Prints one table: ms per call and the bandwidth of the bytes each call must move.
@@ -7,7 +7,15 @@ and summed). Prints one table: ms per call and the bandwidth of the bytes each c
   python3 experiments/bench_row_gather.py --tokens=1024 --iters=3  # a CPU smoke run
 """
 
-from absl import app, flags
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from experiments.bench_util import median_seconds, write_results  # noqa: E402
 
 flags.DEFINE_integer("tokens", 32768, "Tokens per layer (batch x sequence)")
 flags.DEFINE_integer("k", 7, "Rows per token (routed choices plus shared experts)")
@@ -60,11 +68,7 @@ def cases(tokens, k, dim):
 
 def main(argv):
     del argv
-    import statistics
-
     import jax
-
-    from experiments.bench_util import median_seconds, write_results
 
     table = cases(FLAGS.tokens, FLAGS.k, FLAGS.dim)
     times = {name: [] for name in table}

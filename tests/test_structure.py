@@ -1,6 +1,7 @@
 """Code structure rules (read from the source with `ast`, nothing imported): no import cycle between the project's
 modules (function-level imports count), `sharding/` knows meshes and not models, no private name imported across
-modules, and functions short enough to read (kernel bodies and benchmarks excepted)."""
+modules, functions short enough to read (kernel bodies and benchmarks excepted), and experiment scripts that run
+from any directory."""
 
 from __future__ import annotations
 
@@ -142,3 +143,32 @@ def test_functions_are_short(pkg):
                     if n > MAX_FUNCTION_LINES:
                         long.append(f"{rel}:{node.lineno} {node.name} ({n} lines)")
     assert long == []
+
+
+def test_experiment_scripts_run_from_anywhere():
+    """A script under experiments/ that imports experiments.* puts the repository root on sys.path first: the
+    package install (pip install -e .) holds dsjax, pallas_kernels and sharding, not experiments, so without it
+    `python3 experiments/<script>.py` fails with ModuleNotFoundError outside the root (or without PYTHONPATH)."""
+    bad = []
+    for name in sorted(os.listdir(os.path.join(ROOT, "experiments"))):
+        path = os.path.join(ROOT, "experiments", name)
+        if not name.endswith(".py"):
+            continue
+        tree = ast.parse(open(path).read())
+        is_script = any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test) for n in tree.body)
+        first_import = min(
+            (
+                n.lineno
+                for n in ast.walk(tree)
+                if isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "experiments"
+            ),
+            default=None,
+        )
+        inserts = [
+            n.lineno
+            for n in tree.body
+            if isinstance(n, ast.Expr) and ast.unparse(n.value).startswith("sys.path.insert(0,")
+        ]
+        if is_script and first_import is not None and not (inserts and inserts[0] < first_import):
+            bad.append(name)
+    assert bad == []
