@@ -288,10 +288,11 @@ def test_gather_rows_equals_the_plain_gather(dtype, k):
     rng = np.random.default_rng(7)
     q = jnp.asarray(rng.standard_normal((50, k)) * 100, jnp.float32).astype(dtype)
     index = jnp.asarray(rng.integers(0, 60, 200), jnp.int32)  # 60 > 50 rows: some out of range
-    got = np.asarray(gather_rows(q, index)).view(np.uint8)
     want = np.asarray(q.at[index].get(mode="fill", fill_value=0)).view(np.uint8)
-    assert got.shape == (200, k * q.dtype.itemsize) and (index >= 50).any() and np.array_equal(got, want)
-    assert not got[np.asarray(index) >= 50].any()
+    for words in (True, False):  # False: the plain gather, for TPUs
+        got = np.asarray(gather_rows(q, index, words)).view(np.uint8)
+        assert got.shape == (200, k * q.dtype.itemsize) and (index >= 50).any() and np.array_equal(got, want)
+        assert not got[np.asarray(index) >= 50].any()
 
 
 def test_fp8_layers_experts_keeps_dense_mlps_and_projections_in_bf16():

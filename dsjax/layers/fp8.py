@@ -202,7 +202,8 @@ def _expert_ffn_fwd(x, order, inverse, sizes, weights, gate_up, down, combine, a
     dt = x.dtype
     token = order // weights.shape[1]  # N on a zero row: out of range, read as a zero row below
     xq, xs = quantize_tiles(x, backend=backend)
-    rows = gather_rows(xq, token), xs.at[token].get(mode="fill", fill_value=1)
+    words = resolve_backend(backend) == "gpu"  # rows.gather_rows: word gathers on GPUs only
+    rows = gather_rows(xq, token, words), xs.at[token].get(mode="fill", fill_value=1)
     # gate_up's weight-gradient operand, from the tokens (in the compute dtype: the tokens, gathered in the backward)
     x_t = quantize_tiles_t(x, token, backend=backend) if wgrad else x
     w1 = _expert_blocks(gate_up, backend)
@@ -224,13 +225,14 @@ def _expert_ffn_bwd(combine, act, backend, wgrad, res, g):
     # rows: weight 0)
     w_row = weights.reshape(-1).astype(jnp.float32).at[order].get(mode="fill", fill_value=0)
     gq, gs = quantize_tiles(g, backend=backend)
-    dq = gather_rows(gq, token)
+    words = resolve_backend(backend) == "gpu"
+    dq = gather_rows(gq, token, words)
     ds = gs.at[token].get(mode="fill", fill_value=1) * w_row[:, None]
     if wgrad:
         dy_t = quantize_tiles_t(g, token, w_row, backend=backend)
     else:  # the rows' output gradient in the compute dtype, as the BF16 combine's backward gives it
         dy_t = (g.at[token].get(mode="fill", fill_value=0).astype(jnp.float32) * w_row[:, None]).astype(g.dtype)
-        x_t = gather_rows(x_t, token)
+        x_t = gather_rows(x_t, token, words)
     dh = fp8_gmm(dq, ds, *transposed_blocks(*w2), sizes, out_dtype=g.dtype, backend=backend)
     dw2 = _weight_grad(h_t, dy_t, wgrad, backend, sizes)
     dgu, (gq, gs) = act_bwd_quantize(gu, dh, act, backend=backend)  # d[gate | up], fused with its dgrad operand

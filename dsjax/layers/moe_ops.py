@@ -144,17 +144,18 @@ def pair_order(indices: jax.Array, num_experts: int) -> PairOrder:
     return PairOrder(order, inverse, jnp.bincount(flat, length=num_experts).astype(jnp.int32))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def gather_pairs(x: jax.Array, order: jax.Array, inverse: jax.Array, k: int) -> jax.Array:
-    """Expert-sorted rows: x [N, D] -> [N * k, D], row s = x[order[s] // k] (moved as 32-bit words: gather_rows)."""
-    return gather_rows(x, order // k)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def gather_pairs(x: jax.Array, order: jax.Array, inverse: jax.Array, k: int, words: bool = False) -> jax.Array:
+    """Expert-sorted rows: x [N, D] -> [N * k, D], row s = x[order[s] // k] (words, for GPUs: moved as 32-bit
+    words, rows.gather_rows)."""
+    return gather_rows(x, order // k, words)
 
 
-def _gather_pairs_fwd(x, order, inverse, k):
-    return gather_rows(x, order // k), inverse
+def _gather_pairs_fwd(x, order, inverse, k, words):
+    return gather_rows(x, order // k, words), inverse
 
 
-def _gather_pairs_bwd(k, inverse, g):
+def _gather_pairs_bwd(k, words, inverse, g):
     # each token's k rows sit at inverse[token * k + j]: gather them back and sum (no scatter-add)
     return g[inverse].reshape(-1, k, g.shape[-1]).sum(1, dtype=jnp.float32).astype(g.dtype), None, None
 
@@ -194,14 +195,23 @@ combine_pairs.defvjp(_combine_pairs_fwd, _combine_pairs_bwd)
 
 
 def sorted_experts(
-    x, routing: Routing, gate_up, down, dtype, matmul=ragged_dot, fp8_backend=None, fp8_wgrad=True, shared=None
+    x,
+    routing: Routing,
+    gate_up,
+    down,
+    dtype,
+    matmul=ragged_dot,
+    fp8_backend=None,
+    fp8_wgrad=True,
+    shared=None,
+    words=False,
 ):
     """Routed experts on expert-sorted rows with grouped matmuls. x [N, D]; gate_up [E, D, 2I]; down [E, I, D].
     fp8_backend set: the FP8 expert FFN (dsjax.layers.fp8.fp8_expert_ffn) on aligned_pair_order's rows (each
     expert on 128-row steps) and their combine, the tokens and their gradient quantized in token space; `matmul`
     unused; fp8_wgrad False: its weight gradients in `dtype` (ModelConfig.fp8_wgrad_experts). shared (FP8 only): the
     shared experts (gate_up [S, D, 2I], down [S, I, D], every token's, weight 1) run as groups of the same grouped
-    GEMMs and are included in the result."""
+    GEMMs and are included in the result. words (GPUs): the bf16 rows gathered as 32-bit words (gather_pairs)."""
     k = routing.indices.shape[1]
     with jax.named_scope("dispatch"):
         po = pair_order(routing.indices, gate_up.shape[0])
@@ -219,7 +229,7 @@ def sorted_experts(
     if shared is not None:
         raise ValueError("shared experts run inside the routed experts' grouped GEMMs only in FP8 (fp8_backend)")
     with jax.named_scope("dispatch"):
-        rows = gather_pairs(x.astype(dtype), po.order, po.inverse, k)
+        rows = gather_pairs(x.astype(dtype), po.order, po.inverse, k, words)
     with jax.named_scope("experts"):
         y = grouped_ffn(rows, po.sizes, gate_up, down, dtype, matmul).astype(dtype)
     with jax.named_scope("combine"):
@@ -283,4 +293,7 @@ def routed_experts_local(x, routing: Routing, gate_up, down, cfg: ModelConfig, s
         return dense_experts(x, routing, gate_up, down, jnp.dtype(cfg.dtype))
     fp8_backend = cfg.fp8_backend if cfg.fp8_experts else None
     dt = jnp.dtype(cfg.dtype)
-    return sorted_experts(x, routing, gate_up, down, dt, expert_matmul(cfg), fp8_backend, cfg.fp8_wgrad_experts, shared)
+    words = cfg.platform == "gpu"
+    return sorted_experts(
+        x, routing, gate_up, down, dt, expert_matmul(cfg), fp8_backend, cfg.fp8_wgrad_experts, shared, words
+    )

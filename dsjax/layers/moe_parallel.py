@@ -176,7 +176,7 @@ def dispatch_and_combine(flat, routing, gate_up, down, cfg: ModelConfig, axes, e
         def a2a(*args, axis_name):
             return padded_all_to_all(*args, axis_name=axis_name, peer_rows=peer_rows)
 
-    rows = gather_pairs(flat.astype(dt), po.order, po.inverse, k)
+    rows = gather_pairs(flat.astype(dt), po.order, po.inverse, k, cfg.platform == "gpu")
     recv = a2a(rows, jnp.zeros((ep * peer_rows, d), dt), *p.there, axis_name=axes)
     out = grouped_ffn(recv, p.local_sizes, gate_up, down, dt, expert_matmul(cfg), fp8=cfg.fp8_experts).astype(dt)
     back = a2a(out, jnp.zeros((pairs, d), dt), *p.back, axis_name=axes)
