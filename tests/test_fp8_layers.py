@@ -114,12 +114,15 @@ def test_fp8_expert_ffn_on_aligned_rows_equals_the_per_projection_path(backend):
     down = jnp.asarray(rng.standard_normal((e, i, d)) * 0.05, jnp.float32)
     g = jnp.asarray(rng.standard_normal((n, d)), jnp.bfloat16)
 
-    def run(dtype=jnp.bfloat16, **how):
+    def run(dtype=jnp.bfloat16, **how):  # jitted afresh per call (a new function object): traced under the patch
         def f(x, w, a, b):
             return sorted_experts(x.astype(dtype), Routing(w, indices, None), a, b, dtype, **how)
 
-        y, vjp = jax.vjp(f, x, weights, gate_up, down)
-        return (y, *vjp(g.astype(dtype)))
+        def both():
+            y, vjp = jax.vjp(f, x, weights, gate_up, down)
+            return (y, *vjp(g.astype(dtype)))
+
+        return jax.jit(both)()
 
     got = run(fp8_backend=backend)
     bf16_wgrad = run(fp8_backend=backend, fp8_wgrad=False)
