@@ -21,6 +21,6 @@ def gather_rows(q: jax.Array, index: jax.Array, words: bool = True) -> jax.Array
     per_word = 4 // q.dtype.itemsize if q.dtype.itemsize in (1, 2) else 0
     if not words or not per_word or k % per_word:
         return q.at[index].get(mode="fill", fill_value=0)
-    words = lax.bitcast_convert_type(q.reshape(n, k // per_word, per_word), jnp.uint32)
-    rows = words.at[index].get(mode="fill", fill_value=0)
+    packed = lax.bitcast_convert_type(q.reshape(n, k // per_word, per_word), jnp.uint32)
+    rows = packed.at[index].get(mode="fill", fill_value=0)
     return lax.bitcast_convert_type(rows, q.dtype).reshape(index.shape[0], k)
