@@ -32,7 +32,7 @@ def cases(tokens, k, dim):
     import jax.numpy as jnp
     import numpy as np
 
-    from dsjax.layers.fp8 import gather_rows
+    from dsjax.layers.rows import gather_rows
 
     rng = np.random.default_rng(0)
     rows = tokens * k

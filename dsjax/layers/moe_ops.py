@@ -293,7 +293,11 @@ def routed_experts_local(x, routing: Routing, gate_up, down, cfg: ModelConfig, s
         return dense_experts(x, routing, gate_up, down, jnp.dtype(cfg.dtype))
     fp8_backend = cfg.fp8_backend if cfg.fp8_experts else None
     dt = jnp.dtype(cfg.dtype)
-    words = cfg.platform == "gpu"
     return sorted_experts(
-        x, routing, gate_up, down, dt, expert_matmul(cfg), fp8_backend, cfg.fp8_wgrad_experts, shared, words
+        x, routing, gate_up, down, dt, expert_matmul(cfg), fp8_backend, cfg.fp8_wgrad_experts, shared, word_gathers(cfg)
     )
+
+
+def word_gathers(cfg: ModelConfig) -> bool:
+    """Whether a resolved config's expert rows are gathered as 32-bit words (rows.gather_rows): on GPUs only."""
+    return cfg.platform == "gpu"

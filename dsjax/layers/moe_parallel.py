@@ -41,6 +41,7 @@ from dsjax.layers.moe_ops import (
     routed_experts_local,
     router_logits,
     sequence_balance_loss,
+    word_gathers,
 )
 from sharding.rules import logical_spec
 
@@ -176,7 +177,7 @@ def dispatch_and_combine(flat, routing, gate_up, down, cfg: ModelConfig, axes, e
         def a2a(*args, axis_name):
             return padded_all_to_all(*args, axis_name=axis_name, peer_rows=peer_rows)
 
-    rows = gather_pairs(flat.astype(dt), po.order, po.inverse, k, cfg.platform == "gpu")
+    rows = gather_pairs(flat.astype(dt), po.order, po.inverse, k, word_gathers(cfg))
     recv = a2a(rows, jnp.zeros((ep * peer_rows, d), dt), *p.there, axis_name=axes)
     out = grouped_ffn(recv, p.local_sizes, gate_up, down, dt, expert_matmul(cfg), fp8=cfg.fp8_experts).astype(dt)
     back = a2a(out, jnp.zeros((pairs, d), dt), *p.back, axis_name=axes)
