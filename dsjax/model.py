@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from dsjax.cache import KVCache, PagedKVCache
 from dsjax.config import ModelConfig
 from dsjax.layers.block import scanned_blocks
+from dsjax.layers.moe import stacked_expert_blocks
 from dsjax.layers.mtp import MTPModule, shift_tokens
 from dsjax.layers.norms import RMSNorm
 from dsjax.layers.rope import rope_cos_sin
@@ -118,8 +119,11 @@ class DeepSeekV3(nn.Module):
                 continue
             # The segment's whole stacked cache rides in the scan carry, so a decode loop updates it in place.
             layer_cache = None if cache is None else cache.layers(seg)
+            experts = None
+            if moe and not self.is_initializing():  # FP8: every layer's experts quantized in one pass
+                experts = stacked_expert_blocks(self.variables["params"][f"{seg}_layers"]["mlp"], cfg)
             (x, layer_cache), stats = scanned_blocks(cfg, moe, n, absorb, f"{seg}_layers")(
-                (x, layer_cache), cos, sin, attn_segments, positions, jnp.arange(n)
+                (x, layer_cache), cos, sin, attn_segments, positions, jnp.arange(n), experts
             )
             if cache is not None:
                 cache = cache.with_layers(seg, layer_cache)

@@ -247,6 +247,27 @@ def test_gpu_kernel_equals_the_reference(m, k, n, sizes, cfg):
     np.testing.assert_allclose(dense, want, rtol=1e-4, atol=tol)
 
 
+@pytest.mark.parametrize("backend", ["xla", "gpu"])
+@pytest.mark.parametrize(
+    "cfg", [Fp8GpuConfig(), Fp8GpuConfig(block_m=128, warp_specialized=True)], ids=["one_wg", "ws"]
+)
+def test_group_offset_reads_its_groups_from_a_larger_stack(backend, cfg):
+    """fp8_gmm(..., group_offset=o) on a stack of every layer's experts is fp8_gmm on groups o .. o + G - 1 cut out
+    (bit-equal: the same kernel on the same operands), with o traced as a scanned layer's index makes it."""
+    (xq, xs), (wq, ws) = _operands(200, 256, 136, 6, seed=9)
+    gs = jnp.asarray([60, 0, 90], jnp.int32)
+    run = lambda w, s, o: fp8_gmm(  # noqa: E731
+        xq, xs, w, s, gs, group_offset=o, out_dtype=jnp.float32, backend=backend, interpret=INTERPRET, config=cfg
+    )
+    for first in (0, 3):
+        got = jax.jit(run)(wq, ws, jnp.int32(first))
+        want = run(wq[first : first + 3], ws[first : first + 3], None)
+        np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, jax.jit(run)(wq, ws, jnp.int32(1)))
+    with pytest.raises(ValueError, match="group_sizes must be"):
+        fp8_gmm(xq, xs, wq[:2], ws[:2], gs, group_offset=0, backend=backend)
+
+
 @pytest.mark.parametrize(
     "cfg", [Fp8GpuConfig(), Fp8GpuConfig(block_m=128, warp_specialized=True)], ids=["one_wg", "ws"]
 )

@@ -111,6 +111,25 @@ def test_stacked_quantize_blocks_is_the_concatenation(shape, shared):
         quantize_gpu.quantize_blocks(w, extra[:, :-1], interpret=INTERPRET)
 
 
+@pytest.mark.parametrize("extra", [0, 1], ids=["routed", "routed_and_shared"])
+def test_every_layers_blocks_in_one_pass_with_both_orientations(extra):
+    """quantize_blocks of a layer stack [L, G, K, N] (+ extra [L, S, K, N]): layer l's groups, then its extra ones,
+    at [l * (G + S) ...], bit-equal to quantizing each layer's concatenation; transposed=True adds the dgrad's
+    operand, bit-equal to transposed_blocks of the same blocks (ragged edges, a zero block, a NaN)."""
+    w = jax.random.normal(jax.random.key(6), (2, 3, 200, 136)) * 0.02
+    w = w.at[1, 2, :128, :128].set(0.0).at[0, 1, 130, 7].set(jnp.nan)
+    e = jax.random.normal(jax.random.key(7), (2, extra, 200, 136)) * 3.0 if extra else None
+    got = quantize_gpu.quantize_blocks(w, e, transposed=True, interpret=INTERPRET)
+    for layer in range(2):
+        parts = w[layer] if e is None else jnp.concatenate([w[layer], e[layer]])
+        want = quantize.quantize_blocks(parts)
+        _assert_bits_equal(tuple(a[layer] for a in got[:2]), want)
+        _assert_bits_equal(tuple(a[layer] for a in got[2:]), quantize.transposed_blocks(*want))
+    assert got[0].shape == (2, 3 + extra, 136, 200) and got[2].shape == (2, 3 + extra, 200, 136)
+    with pytest.raises(ValueError, match="the same leading axes"):
+        quantize_gpu.quantize_blocks(w, jnp.zeros((1, 1, 200, 136)), interpret=INTERPRET)
+
+
 @pytest.mark.parametrize("sizes", [None, [0, 100, 3, 150, 0]], ids=["dense", "groups_short_of_m"])
 def test_both_quantizations_are_the_two_kernels(sizes):
     """quantize_both: a layer's forward (or dgrad) operand and its weight-gradient operand. On the GPU backend the

@@ -65,6 +65,21 @@ def test_fp8_gmm_lowers_for_cuda(name, out_dtype):
     )
 
 
+@pytest.mark.parametrize("name", ["one_wg", "three_compute_wgs"])
+def test_fp8_gmm_on_a_layer_stack_lowers_for_cuda(name):
+    """fp8_gmm reading its groups at a traced offset of a larger stack (every layer's experts)."""
+    cfg = FP8_CONFIGS[name]
+    _lower_for_cuda(
+        lambda *a: f8.fp8_gmm(*a[:5], group_offset=a[5], backend="gpu", config=cfg),
+        S((M, K), E4),
+        S((M, K // 128), F32),
+        S((3 * G, N, K), E4),
+        S((3 * G, N // 128, K // 128), F32),
+        S((G,), I32),
+        S((), I32),
+    )
+
+
 @pytest.mark.parametrize("name", ["one_wg", "warp_specialized", "three_compute_wgs"])
 def test_fp8_weight_gradients_lower_for_cuda(name):
     """fp8_tgmm (grouped, one CTA per cluster) and the dense weight gradient through fp8_gemm (float32 output: the
@@ -85,6 +100,8 @@ def test_fp8_quantize_kernels_lower_for_cuda():
     _lower_for_cuda(lambda a: f8.quantize_blocks(a, backend="gpu"), w, kernel=triton)
     stacked = lambda a, e: f8.quantize_blocks(a, e, backend="gpu")  # noqa: E731 - routed + shared experts
     _lower_for_cuda(stacked, w, S((2, K + 5, N + 7), F32), kernel=triton)
+    layers = lambda a, e: f8.quantize_blocks(a, e, transposed=True, backend="gpu")  # noqa: E731 - a layer stack
+    _lower_for_cuda(layers, S((3, G, K + 5, N + 7), F32), S((3, 1, K + 5, N + 7), F32), kernel=triton)
     _lower_for_cuda(lambda a: f8.quantize_tiles_t(a, backend="gpu"), x, kernel=triton)
     index = S((M + 128 * G,), I32)
     _lower_for_cuda(lambda a, i: f8.quantize_tiles_t(a, i, backend="gpu"), x, index, kernel=triton)

@@ -25,11 +25,13 @@ class Block(nn.Module):
     absorb: bool = False
 
     @nn.compact
-    def __call__(self, carry, cos, sin, segment_ids, positions, layer=None):
+    def __call__(self, carry, cos, sin, segment_ids, positions, layer=None, experts=None):
         """Scan-shaped: carry (x, kv_cache) -> ((x, kv_cache), stats); stats is {} for dense blocks.
 
         Under nn.scan the kv_cache is the whole segment's stacked cache [L,B,S,W] and `layer` this block's
         index: carrying the stack (rather than scanning over it) lets XLA update it in place in a decode loop.
+        experts: the segment's FP8 expert weights quantized for every layer (moe.stacked_expert_blocks), or None;
+        this block's MoE reads layer `layer`'s.
         """
         x, kv_cache = carry
         cfg = self.cfg
@@ -40,7 +42,7 @@ class Block(nn.Module):
         x = x + h
         y = RMSNorm(cfg.rms_norm_eps, pdt, name="post_attention_layernorm")(x)
         if self.moe:
-            y, stats = MoE(cfg, name="mlp")(y)
+            y, stats = MoE(cfg, name="mlp")(y, None if experts is None else experts._replace(layer=layer))
         else:
             y, stats = MLP(cfg, cfg.intermediate_size, name="mlp")(y), {}
         x = nn.with_logical_constraint((x + y).astype(x.dtype), ("batch", "seq", "act_embed"))
@@ -59,14 +61,15 @@ def scanned_blocks(cfg: ModelConfig, moe: bool, length: int, absorb: bool, name:
 
     Compile time stays flat in depth: XLA sees one block body (cfg.unroll_layers: `length` copies of it, so the
     backward pass reads each layer's residuals where the forward left them, not from zero-filled stacks). Call it
-    with ((x, cache), cos, sin, segment_ids, positions, jnp.arange(length)); the layer index is the scanned input
-    that picks each block's cache slice.
+    with ((x, cache), cos, sin, segment_ids, positions, jnp.arange(length), experts); the layer index is the scanned
+    input that picks each block's cache slice (and its experts' blocks from `experts`, every layer's stacks, which
+    enter whole: a scanned slice of them would be copied out per layer).
     """
     scan = nn.scan(
         block_class(cfg),
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
         length=length,
         unroll=length if cfg.unroll_layers else 1,
     )

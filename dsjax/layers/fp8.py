@@ -34,6 +34,12 @@ K N / (K + N) ~ 560; V3's layers are 3-9x past it: BENCHMARKS.md, "FP8 at small'
 quantizations into one read measured slower in three designs; what remains is to fuse them into the passes that
 produce the operands or into the GEMMs.
 
+A scanned segment's expert weights are quantized for all its layers in one pass before the scan (ExpertBlocks,
+built by dsjax.layers.moe.stacked_expert_blocks from the stacked parameters), both orientations at once; each
+layer's grouped GEMMs read their groups of those stacks in place (fp8_gmm's group_offset). Quantized per layer, the
+scan's float32 slice of each stacked weight was copied out before the Pallas quantizer read it (8.9 GB a step of
+`small`), and each dgrad operand transposed by XLA (2.45 GB).
+
 Under a bound mesh each FP8 layer runs per device (on_local_tokens): the kernels are Pallas calls, which XLA's
 partitioner cannot split.
 """
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -174,8 +181,36 @@ def _fp8_gmm_bwd(backend, wgrad, res, dy):
 fp8_grouped_matmul.defvjp(_fp8_gmm_fwd, _fp8_gmm_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def fp8_expert_ffn(x, order, inverse, sizes, weights, gate_up, down, combine, act, backend="auto", wgrad=True):
+class ExpertBlocks(NamedTuple):
+    """Every layer of a scanned segment's expert weights quantized at once (expert_stacks), for fp8_expert_ffn:
+    gate_up and down are quantize_blocks(..., transposed=True) of the stacks [L, G, K, N] flattened to L * G groups
+    ((q, s) the forward's operand, (q^T, s^T) the dgrad's), and `layer` the layer whose groups the GEMMs read
+    (layer * G onward). A scan cuts a stacked weight per layer, and XLA copies that slice out before a Pallas call
+    reads it: cut in float32 from the master weights, the copies were 8.9 GB a step of `small` (the FP8 experts'
+    step gap to BF16, BENCHMARKS.md sixteenth session); the GEMMs read these stacks in place (fp8_gmm's
+    group_offset), and the transposes come from the same pass."""
+
+    gate_up: tuple
+    down: tuple
+    layer: jax.Array
+
+
+def expert_stacks(gate_up, down, backend="auto") -> ExpertBlocks:
+    """ExpertBlocks (layer 0) of every layer's expert weights: gate_up [L, E, D, 2I] and down [L, E, I, D], each or
+    a tuple (routed [L, E, ...], shared [L, S, ...]: each layer's shared experts as groups E..E+S-1, as
+    fp8_expert_ffn's tuples). No gradient flows through them: fp8_expert_ffn returns the weight gradients as the
+    cotangents of its per-layer float32 weights, which it reads for their dtype only."""
+
+    def stack(w):
+        parts = w if isinstance(w, tuple) else (w,)
+        blocks = quantize_blocks(*map(lax.stop_gradient, parts), transposed=True, backend=backend)
+        return tuple(b.reshape(-1, *b.shape[2:]) for b in blocks)
+
+    return ExpertBlocks(stack(gate_up), stack(down), jnp.zeros((), jnp.int32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def fp8_expert_ffn(x, order, inverse, sizes, weights, gate_up, down, blocks, combine, act, backend="auto", wgrad=True):
     """The routed experts' SwiGLU and their combine, every GEMM in e4m3, on rows in align_groups' layout (each
     expert's rows start on a 128-row step, zero rows between): no 128-row scaling tile of a weight gradient spans
     two experts, so every quantization is of plain tiles. x [N, D] tokens; order [R]: the (token * k + choice) pair
@@ -185,7 +220,8 @@ def fp8_expert_ffn(x, order, inverse, sizes, weights, gate_up, down, combine, ac
     up, dtype) -> h (dsjax.layers.mlp's swiglu, differentiated for the backward). Returns [N, D] in x.dtype.
     gate_up and down may each be a tuple (routed [E, ...], shared [S, ...]): the shared experts as groups E..E+S-1
     of the same grouped GEMMs (moe_ops.with_shared_experts lays out their rows); their gradients come back as a
-    tuple of the same parts.
+    tuple of the same parts. blocks (ExpertBlocks or None): the weights' e4m3 blocks, quantized for every layer
+    at once; gate_up and down then give the gradients' dtype and shape only (their values are not read).
 
     Both ends quantize in token space, as DeepSeek-V3 quantizes before dispatch: a 1 x 128 tile lies within one
     token's row, so the forward's rows are the tokens' e4m3 tiles gathered, and the backward's output gradient of
@@ -195,10 +231,10 @@ def fp8_expert_ffn(x, order, inverse, sizes, weights, gate_up, down, combine, ac
     gathered from the tokens by the transposing quantizer. Numerically fp8_grouped_matmul per projection on the
     gathered rows, but for the output gradient's rounding (weight times gradient is not rounded to the compute
     dtype first). wgrad False: the weight gradients in the compute dtype, from the tokens and h as they are."""
-    return _expert_ffn_fwd(x, order, inverse, sizes, weights, gate_up, down, combine, act, backend, wgrad)[0]
+    return _expert_ffn_fwd(x, order, inverse, sizes, weights, gate_up, down, blocks, combine, act, backend, wgrad)[0]
 
 
-def _expert_ffn_fwd(x, order, inverse, sizes, weights, gate_up, down, combine, act, backend, wgrad):
+def _expert_ffn_fwd(x, order, inverse, sizes, weights, gate_up, down, blocks, combine, act, backend, wgrad):
     dt = x.dtype
     token = order // weights.shape[1]  # N on a zero row: out of range, read as a zero row below
     xq, xs = quantize_tiles(x, backend=backend)
@@ -206,18 +242,22 @@ def _expert_ffn_fwd(x, order, inverse, sizes, weights, gate_up, down, combine, a
     rows = gather_rows(xq, token, words), xs.at[token].get(mode="fill", fill_value=1)
     # gate_up's weight-gradient operand, from the tokens (in the compute dtype: the tokens, gathered in the backward)
     x_t = quantize_tiles_t(x, token, backend=backend) if wgrad else x
-    w1 = _expert_blocks(gate_up, backend)
-    gu = fp8_gmm(*rows, *w1, sizes, out_dtype=dt, backend=backend)
+    if blocks is None:
+        w1, w2, first = _expert_blocks(gate_up, backend), _expert_blocks(down, backend), None
+    else:
+        w1, w2, first = blocks.gate_up, blocks.down, blocks.layer * sizes.shape[0]
+    gmm = functools.partial(fp8_gmm, group_sizes=sizes, group_offset=first, out_dtype=dt, backend=backend)
+    gu = gmm(*rows, *w1[:2])
     h, (hq, hs) = act_quantize(gu, act, dt, backend=backend)  # SwiGLU fused with h's quantization along I
     h_t = _transposed_operand(h, wgrad, backend)  # the down projection's weight-gradient operand
-    w2 = _expert_blocks(down, backend)
-    y = fp8_gmm(hq, hs, *w2, sizes, out_dtype=dt, backend=backend)
-    res = (x_t, w1, gu, h_t, w2, y, order, inverse, sizes, weights, _stack_like(gate_up), _stack_like(down))
-    return combine(y, inverse, weights), res
+    y = gmm(hq, hs, *w2[:2])
+    # the dgrads' operands: the weights' transposed blocks
+    res = (x_t, w1[2:], gu, h_t, w2[2:], first, y, order, inverse, sizes, weights)
+    return combine(y, inverse, weights), (*res, _stack_like(gate_up), _stack_like(down))
 
 
 def _expert_ffn_bwd(combine, act, backend, wgrad, res, g):
-    (x_t, w1, gu, h_t, w2, y, order, inverse, sizes, weights, like_w1, like_w2) = res
+    (x_t, w1t, gu, h_t, w2t, first, y, order, inverse, sizes, weights, like_w1, like_w2) = res
     k = weights.shape[1]
     token = order // k
     dweights = jax.vjp(lambda w: combine(y, inverse, w), weights)[1](g)[0]
@@ -233,23 +273,25 @@ def _expert_ffn_bwd(combine, act, backend, wgrad, res, g):
     else:  # the rows' output gradient in the compute dtype, as the BF16 combine's backward gives it
         dy_t = (g.at[token].get(mode="fill", fill_value=0).astype(jnp.float32) * w_row[:, None]).astype(g.dtype)
         x_t = gather_rows(x_t, token, words)
-    dh = fp8_gmm(dq, ds, *transposed_blocks(*w2), sizes, out_dtype=g.dtype, backend=backend)
+    gmm = functools.partial(fp8_gmm, group_sizes=sizes, group_offset=first, out_dtype=g.dtype, backend=backend)
+    dh = gmm(dq, ds, *w2t)
     dw2 = _weight_grad(h_t, dy_t, wgrad, backend, sizes)
     dgu, (gq, gs) = act_bwd_quantize(gu, dh, act, backend=backend)  # d[gate | up], fused with its dgrad operand
-    drows = fp8_gmm(gq, gs, *transposed_blocks(*w1), sizes, out_dtype=g.dtype, backend=backend)
+    drows = gmm(gq, gs, *w1t)
     dw1 = _weight_grad(x_t, _transposed_operand(dgu, wgrad, backend), wgrad, backend, sizes)
     # each token's k rows sit at inverse[token * k + j]: gathered back and summed (no scatter-add)
     dx = drows[inverse].reshape(-1, k, drows.shape[-1]).sum(1, dtype=jnp.float32).astype(g.dtype)
-    return dx, None, None, None, dweights, _unstack(dw1, like_w1), _unstack(dw2, like_w2)
+    return dx, None, None, None, dweights, _unstack(dw1, like_w1), _unstack(dw2, like_w2), None
 
 
 fp8_expert_ffn.defvjp(_expert_ffn_fwd, _expert_ffn_bwd)
 
 
 def _expert_blocks(w, backend):
-    """The e4m3 blocks of an expert weight stack: [E, K, N], or (routed [E, K, N], shared [S, K, N]) as one stack of
-    E + S groups (quantize_blocks' `extra`: no concatenated copy of the master weights)."""
-    return quantize_blocks(*w, backend=backend) if isinstance(w, tuple) else quantize_blocks(w, backend=backend)
+    """The e4m3 blocks of an expert weight stack and their transposes (q, s, q^T, s^T): [E, K, N], or (routed [E, K,
+    N], shared [S, K, N]) as one stack of E + S groups (quantize_blocks' `extra`: no concatenated copy of the master
+    weights)."""
+    return quantize_blocks(*(w if isinstance(w, tuple) else (w,)), transposed=True, backend=backend)
 
 
 def _stack_like(w):

@@ -55,8 +55,16 @@ class MLP(nn.Module):
 
     def as_experts(self, width: int) -> tuple[jax.Array, jax.Array]:
         """This MLP as intermediate_size / width experts of `width` channels that every token goes to, in the routed
-        experts' layout: (gate_up [S, D, 2 width] (gate | up), down [S, width, D]). SwiGLU acts per channel and
-        down_proj sums over them, so the sum of the S experts' outputs is the MLP's output."""
-        d, s = self.cfg.hidden_size, self.intermediate_size // width
-        gate, up = (k.reshape(d, s, width).transpose(1, 0, 2) for k in (self.gate_proj.kernel, self.up_proj.kernel))
-        return jnp.concatenate([gate, up], axis=2), self.down_proj.kernel.reshape(s, width, d)
+        experts' layout (experts_view)."""
+        return experts_view(self.gate_proj.kernel, self.up_proj.kernel, self.down_proj.kernel, width)
+
+
+def experts_view(gate, up, down, width: int) -> tuple[jax.Array, jax.Array]:
+    """A SwiGLU MLP's kernels (gate, up [..., D, I], down [..., I, D]; `...`: e.g. a scanned segment's layers) as
+    I / width experts of `width` channels in the routed experts' layout: (gate_up [..., S, D, 2 width] (gate | up),
+    down [..., S, width, D]). SwiGLU acts per channel and down_proj sums over them, so the sum of the S experts'
+    outputs is the MLP's output."""
+    *lead, d, i = gate.shape
+    s = i // width
+    gate, up = (jnp.swapaxes(k.reshape(*lead, d, s, width), -3, -2) for k in (gate, up))
+    return jnp.concatenate([gate, up], axis=-1), down.reshape(*lead, s, width, d)

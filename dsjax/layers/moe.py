@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
-from dsjax.layers.mlp import MLP
+from dsjax.layers.fp8 import ExpertBlocks, expert_stacks
+from dsjax.layers.mlp import MLP, experts_view
 from dsjax.layers.moe_ops import (
     Routing,
     expert_counts,
@@ -53,14 +54,30 @@ def mesh_bound() -> bool:
     return not jax.sharding.get_abstract_mesh().empty
 
 
+def stacked_expert_blocks(mlp_params, cfg: ModelConfig) -> ExpertBlocks | None:
+    """The FP8 experts' weights of a scanned segment (mlp_params: its MoE modules' stacked parameters, [L, ...]
+    each) quantized for every layer at once (fp8.ExpertBlocks), where the experts run on the local tokens in FP8;
+    else None (each layer quantizes its own). The model passes them to its scan, each MoE layer picks its own."""
+    cfg = resolved(cfg)
+    if not cfg.fp8_experts or cfg.moe_backend == "dense" or mesh_bound():
+        return None
+    gate_up, down = mlp_params["experts_gate_up_proj"], mlp_params["experts_down_proj"]
+    if shared_in_routed(cfg):
+        kernels = (mlp_params["shared_experts"][name]["kernel"] for name in ("gate_proj", "up_proj", "down_proj"))
+        shared = experts_view(*kernels, cfg.moe_intermediate_size)
+        gate_up, down = (gate_up, shared[0]), (down, shared[1])
+    return expert_stacks(gate_up, down, cfg.fp8_backend)
+
+
 class MoE(nn.Module):
     """Routed + shared experts (see the module docstring for when the routed experts go through shard_map)."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array):
-        """x [B, T, D] -> (y [B, T, D], {"expert_counts": [E] int32, "balance_loss": scalar})."""
+    def __call__(self, x: jax.Array, blocks: ExpertBlocks | None = None):
+        """x [B, T, D] -> (y [B, T, D], {"expert_counts": [E] int32, "balance_loss": scalar}). blocks: this layer's
+        FP8 expert weights from stacked_expert_blocks (layer set), or None."""
         cfg = resolved(self.cfg)
         b, t, d = x.shape
         e, i = cfg.n_routed_experts, cfg.moe_intermediate_size
@@ -80,7 +97,7 @@ class MoE(nn.Module):
         else:
             flat = x.reshape(b * t, d)
             routing = gate(flat)
-            y = routed_experts_local(flat, routing, gate_up, down, cfg, stacked).reshape(b, t, d)
+            y = routed_experts_local(flat, routing, gate_up, down, cfg, stacked, blocks).reshape(b, t, d)
             counts = expert_counts(routing.indices, e)
             balance = sequence_balance_loss(routing.scores, routing.indices, b, cfg)
             folded = stacked is not None

@@ -205,13 +205,15 @@ def sorted_experts(
     fp8_wgrad=True,
     shared=None,
     words=False,
+    blocks=None,
 ):
     """Routed experts on expert-sorted rows with grouped matmuls. x [N, D]; gate_up [E, D, 2I]; down [E, I, D].
     fp8_backend set: the FP8 expert FFN (dsjax.layers.fp8.fp8_expert_ffn) on aligned_pair_order's rows (each
     expert on 128-row steps) and their combine, the tokens and their gradient quantized in token space; `matmul`
     unused; fp8_wgrad False: its weight gradients in `dtype` (ModelConfig.fp8_wgrad_experts). shared (FP8 only): the
     shared experts (gate_up [S, D, 2I], down [S, I, D], every token's, weight 1) run as groups of the same grouped
-    GEMMs and are included in the result. words (GPUs): the bf16 rows gathered as 32-bit words (gather_pairs)."""
+    GEMMs and are included in the result. words (GPUs): the bf16 rows gathered as 32-bit words (gather_pairs).
+    blocks (FP8 only): every layer's expert weights quantized at once (fp8.ExpertBlocks), or None."""
     k = routing.indices.shape[1]
     with jax.named_scope("dispatch"):
         po = pair_order(routing.indices, gate_up.shape[0])
@@ -225,7 +227,7 @@ def sorted_experts(
             order, inverse, sizes = aligned_pair_order(po)
         with jax.named_scope("experts"):  # the combine included: its backward quantizes the gradient per token
             args = (x.astype(dtype), order, inverse, sizes, weights, gate_up, down)
-            return fp8_expert_ffn(*args, combine, swiglu, fp8_backend, fp8_wgrad)
+            return fp8_expert_ffn(*args, blocks, combine, swiglu, fp8_backend, fp8_wgrad)
     if shared is not None:
         raise ValueError("shared experts run inside the routed experts' grouped GEMMs only in FP8 (fp8_backend)")
     with jax.named_scope("dispatch"):
@@ -286,15 +288,26 @@ def expert_matmul(cfg: ModelConfig):
     return ragged_dot
 
 
-def routed_experts_local(x, routing: Routing, gate_up, down, cfg: ModelConfig, shared=None):
+def routed_experts_local(x, routing: Routing, gate_up, down, cfg: ModelConfig, shared=None, blocks=None):
     """Routed experts of a resolved config on this device's tokens: sorted rows, or the dense reference. shared
-    (where shared_in_routed(cfg)): the shared experts as extra groups (sorted_experts), included in the result."""
+    (where shared_in_routed(cfg)): the shared experts as extra groups (sorted_experts), included in the result.
+    blocks: the FP8 experts' weights quantized for every layer at once (fp8.ExpertBlocks), or None."""
     if cfg.moe_backend == "dense":
         return dense_experts(x, routing, gate_up, down, jnp.dtype(cfg.dtype))
     fp8_backend = cfg.fp8_backend if cfg.fp8_experts else None
     dt = jnp.dtype(cfg.dtype)
     return sorted_experts(
-        x, routing, gate_up, down, dt, expert_matmul(cfg), fp8_backend, cfg.fp8_wgrad_experts, shared, word_gathers(cfg)
+        x,
+        routing,
+        gate_up,
+        down,
+        dt,
+        expert_matmul(cfg),
+        fp8_backend,
+        cfg.fp8_wgrad_experts,
+        shared,
+        word_gathers(cfg),
+        blocks,
     )
 
 

@@ -258,22 +258,34 @@ def scaled_k_loop(cfg, specs, steps, operands, interpret, scalar_ws=False):
 
 
 def fp8_gmm(
-    x_q, xs_t, w_q, ws_cols, group_sizes, *, config=None, interpret=False, out_dtype=jnp.bfloat16, w_scales="block"
+    x_q,
+    xs_t,
+    w_q,
+    ws_cols,
+    group_sizes,
+    *,
+    config=None,
+    interpret=False,
+    out_dtype=jnp.bfloat16,
+    w_scales="block",
+    w_first=None,
 ):
     """[M, K] x [G, N, K] -> [M, N] in out_dtype (rows past sum(group_sizes): zeros). w_scales: "block" (ws_cols
     repeats 128 x 128 block scales over their columns) or "column" (any scale per column, e.g. tile scales of a
-    weight gradient's rhs)."""
+    weight gradient's rhs). w_first (int32 scalar, may be traced): w_q is a larger stack [T, N, K] whose groups
+    w_first .. w_first + G - 1 are this product's (ws_cols stays the G groups' own)."""
     cfg = config or default_config(x_q.shape[1])
     check_config(cfg)
     scalar_ws = uses_scalar_scale(cfg, w_scales)
+    tiles = _tiles_with_first(group_sizes, x_q.shape[0], cfg.block_m, w_first)
     if cfg.warp_specialized:
-        return _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype, scalar_ws)
+        return _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, tiles, cfg, interpret, out_dtype, scalar_ws)
     m, k = x_q.shape
     n = w_q.shape[1]
     bm, bn = cfg.block_m, cfg.block_n
     k_steps, n_tiles = k // BLOCK_K, n // bn
     cfg = dataclasses.replace(cfg, max_concurrent_steps=min(cfg.max_concurrent_steps, k_steps))
-    count, tgroup, trow0, tlo, trows = gmm_tiles(group_sizes, m, bm)
+    count, tgroup, trow0, tlo, trows = tiles
     specs = specs_for(bm, bn)
 
     def body(count_ref, group_ref, row0_ref, lo_ref, rows_ref, x_gmem, xs_gmem, w_gmem, ws_gmem, out_gmem):
@@ -282,12 +294,7 @@ def fp8_gmm(
             gi = jnp.maximum(group_ref[mt], 0)
             row0, n0 = pl.multiple_of(row0_ref[mt], 8), nt * bn
             steps = jnp.where(group_ref[mt] >= 0, k_steps, 0)  # zero-tail tiles load nothing
-            operands = (
-                x_gmem.at[pl.ds(row0, bm), :],
-                w_gmem.at[gi].at[pl.ds(n0, bn), :],
-                xs_gmem.at[:, pl.ds(row0, bm)],
-                ws_gmem.at[gi].at[:, pl.ds(n0, bn)],
-            )
+            operands = _tile_views((x_gmem, xs_gmem, w_gmem, ws_gmem), bm, bn, gi, row0, n0, count_ref[2])
             total = scaled_k_loop(cfg, specs, steps, operands, interpret, scalar_ws)
 
             @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((bm, bn), out_dtype))
@@ -304,12 +311,21 @@ def fp8_gmm(
     return gpu_common.run(body, out_type, cfg, interpret)(count, tgroup, trow0, tlo, trows, x_q, xs_t, w_q, ws_cols)
 
 
-def _tile_views(gmem, bm, bn, gi, row0, n0):
-    """A tile's gmem operands: x rows [row0, row0 + bm), group gi's w rows [n0, n0 + bn), their scales."""
+def _tiles_with_first(group_sizes, m, bm, w_first):
+    """gmm_tiles' tile metadata, its count array extended by w_first (0 if None): the kernels read the stack index
+    of group 0 from count[2]."""
+    count, *rest = gmm_tiles(group_sizes, m, bm)
+    first = jnp.zeros((1,), jnp.int32) if w_first is None else jnp.reshape(w_first, (1,)).astype(jnp.int32)
+    return (jnp.concatenate([count, first]), *rest)
+
+
+def _tile_views(gmem, bm, bn, gi, row0, n0, w_first=0):
+    """A tile's gmem operands: x rows [row0, row0 + bm), group gi's w rows [n0, n0 + bn) (at w_first + gi of the
+    stack), their scales."""
     x_gmem, xs_gmem, w_gmem, ws_gmem = gmem
     return (
         x_gmem.at[pl.ds(row0, bm), :],
-        w_gmem.at[gi].at[pl.ds(n0, bn), :],
+        w_gmem.at[gi + w_first].at[pl.ds(n0, bn), :],
         xs_gmem.at[:, pl.ds(row0, bm)],
         ws_gmem.at[gi].at[:, pl.ds(n0, bn)],
     )
@@ -331,7 +347,7 @@ def _stage_body(cfg, wg, half, bn, t_wg, interpret, scalar_ws, busy):
     return mma
 
 
-def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype, scalar_ws):
+def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, tiles, cfg, interpret, out_dtype, scalar_ws):
     """Warp-specialized fp8_gmm: tiles of block_m rows x block_n columns, compute warpgroup w of nw owns rows
     [w * block_m / nw, (w + 1) * block_m / nw) of each; the memory warpgroup (index nw) only loads."""
     m, k = x_q.shape
@@ -342,7 +358,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
     k_steps, n_tiles = k // bk, n // bn
     mcs = ws_stages(cfg, out_dtype, k_steps)
     chain = k_steps % mcs == 0  # chained pipelines must end every tile on the same ring slot
-    count, tgroup, trow0, tlo, trows = gmm_tiles(group_sizes, m, bm)
+    count, tgroup, trow0, tlo, trows = tiles
     cl = cfg.cluster_n
     if n_tiles % cl:
         raise ValueError(f"fp8_gmm: N={n} must be a multiple of cluster_n * block_n = {cl * bn} (ops.py pads)")
@@ -386,7 +402,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype,
 
                 def run(state):
                     gpu_common.pipeline(cfg, mma, ctx, k_steps, specs, mcs, state, manual_release=cfg.skip_idle_wgs)(
-                        *_tile_views(gmem, bm, bn, gi, row0, n0), allocations=allocs
+                        *_tile_views(gmem, bm, bn, gi, row0, n0, count_ref[2]), allocations=allocs
                     )
 
                 gpu_common.chained(run, i, n, chain)

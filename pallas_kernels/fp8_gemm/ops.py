@@ -5,6 +5,7 @@
     h, (h_q, h_s) = act_quantize(gu, act, dtype)       # an activation fused with its quantization (and its
                                                        # backward: act_bwd_quantize(gu, dh, act))
     out = fp8_gmm(x_q, x_s, w_q, w_s, group_sizes, out_dtype=jnp.bfloat16, backend="auto")  # w_q [G, N, K]
+    out = fp8_gmm(..., group_sizes, group_offset=l * G)   # w_q [L * G, N, K]: groups l * G.. of a stack, in place
     out = fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=jnp.bfloat16, backend="auto")              # w_q [N, K]
     dw = fp8_tgmm(a_q, a_s, b_q, b_s, group_sizes)  # a [K, M], b [N, M], tile-scaled along M -> [G, K, N]
 
@@ -50,19 +51,24 @@ def _round_up(x: int, m: int) -> int:
 # once, not once per site (jit caches a function's trace by shapes and static arguments, and a module lowers a
 # cached trace to one function): an unrolled FP8 train step has ~250 kernel sites of ~40 distinct kernels, and
 # lowering each site on its own took 80+ s of Python per compile.
-@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8))
-def _gpu_gmm(x_q, x_s, w_q, w_s, group_sizes, out_dtype, interpret, config, rhs_tiles=False):
+@functools.partial(jax.jit, static_argnums=(6, 7, 8, 9))
+def _gpu_gmm(x_q, x_s, w_q, w_s, group_sizes, first, out_dtype, interpret, config, rhs_tiles=False):
     """The kernel's operand layouts and tile multiples: scales transposed / expanded to columns, M padded to a
     multiple of 8 (and at least one row tile), K to the 128 scaling tile, N to the column tile. The kernel takes
     one scale per output column per K step, so tile-scaled rhs rows ([G, N, K/128], rhs_tiles) feed it as they are
-    and 128 x 128 block scales are repeated over their block's columns."""
+    and 128 x 128 block scales are repeated over their block's columns. first (int32 scalar or None): the groups'
+    weights are w_q[first : first + G] of a larger stack, which the kernel indexes in place (only their scales,
+    1/32 of the weights' bytes, are cut out here)."""
     m, k = x_q.shape
     cfg = config or gpu.default_config(_round_up(k, TILE))
-    g, n, _ = w_q.shape
+    g, (_, n, _) = group_sizes.shape[0], w_q.shape
+    if first is not None:
+        w_s = lax.dynamic_slice_in_dim(w_s, first, g, axis=0)
     mp, kp, np_ = max(_round_up(m, 8), cfg.block_m), _round_up(k, TILE), _round_up(n, cfg.block_n * cfg.cluster_n)
     x_q = jnp.pad(x_q, ((0, mp - m), (0, kp - k)))
     xs_t = jnp.pad(x_s, ((0, mp - m), (0, 0)), constant_values=1.0).T
-    w_q = jnp.pad(w_q, ((0, 0), (0, np_ - n), (0, kp - k)))
+    if (np_, kp) != (n, k):
+        w_q = jnp.pad(w_q, ((0, 0), (0, np_ - n), (0, kp - k)))
     ws_cols = jnp.swapaxes(w_s if rhs_tiles else jnp.repeat(w_s, TILE, axis=1)[:, :n], 1, 2)  # [G, K/128, N]
     ws_cols = jnp.pad(ws_cols, ((0, 0), (0, 0), (0, np_ - n)), constant_values=1.0)
     out = gpu.fp8_gmm(
@@ -75,6 +81,7 @@ def _gpu_gmm(x_q, x_s, w_q, w_s, group_sizes, out_dtype, interpret, config, rhs_
         interpret=interpret,
         out_dtype=out_dtype,
         w_scales="column" if rhs_tiles else "block",
+        w_first=first,
     )
     return out[:m, :n]
 
@@ -96,14 +103,34 @@ def _check(x_q, x_s, w_q, w_s, grouped: bool, rhs_tiles: bool = False):
         raise ValueError(f"scales: x_s {x_s.shape} should be {(m, tiles(k))}, w_s {w_s.shape} should be {w_scales}")
 
 
-def fp8_gmm(x_q, x_s, w_q, w_s, group_sizes, *, out_dtype=jnp.bfloat16, backend="auto", interpret=False, config=None):
+def fp8_gmm(
+    x_q,
+    x_s,
+    w_q,
+    w_s,
+    group_sizes,
+    *,
+    group_offset=None,
+    out_dtype=jnp.bfloat16,
+    backend="auto",
+    interpret=False,
+    config=None,
+):
     """Grouped FP8 matmul: rows of x_q sorted by group; [M, K] x [G, N, K] -> [M, N] in out_dtype. config: the
-    GPU kernel's gpu.Fp8GpuConfig (None: its defaults)."""
+    GPU kernel's gpu.Fp8GpuConfig (None: its defaults). group_offset (an int32 scalar, may be traced): w_q / w_s are
+    a larger stack [T, ...] (e.g. every layer's experts, quantize_blocks of [L, E, K, N] flattened) and group g
+    takes w_q[group_offset + g]: on the GPU the kernel reads the stack in place, where a slice would be copied out
+    first (XLA materializes a custom call's operands)."""
     _check(x_q, x_s, w_q, w_s, grouped=True)
-    if group_sizes.shape != (w_q.shape[0],):
-        raise ValueError(f"group_sizes must be [G={w_q.shape[0]}], got {group_sizes.shape}")
+    g = group_sizes.shape
+    if (g != (w_q.shape[0],)) if group_offset is None else (len(g) != 1 or g[0] > w_q.shape[0]):
+        what = f"[G={w_q.shape[0]}]" if group_offset is None else f"[G <= {w_q.shape[0]}] with group_offset"
+        raise ValueError(f"group_sizes must be {what}, got {g}")
+    first = None if group_offset is None else jnp.asarray(group_offset, jnp.int32)
     if resolve_backend(backend) == "gpu":
-        return _gpu_gmm(x_q, x_s, w_q, w_s, group_sizes.astype(jnp.int32), out_dtype, interpret, config)
+        return _gpu_gmm(x_q, x_s, w_q, w_s, group_sizes.astype(jnp.int32), first, out_dtype, interpret, config)
+    if first is not None:
+        w_q, w_s = (lax.dynamic_slice_in_dim(a, first, g[0], axis=0) for a in (w_q, w_s))
     return reference.fp8_gmm(x_q, x_s, w_q, w_s, group_sizes, out_dtype=out_dtype)
 
 
@@ -116,7 +143,7 @@ def fp8_gemm(
     _check(x_q, x_s, w_q, w_s, grouped=False, rhs_tiles=rhs_tiles)
     if resolve_backend(backend) == "gpu":  # one group holding every row
         sizes = jnp.asarray([x_q.shape[0]], jnp.int32)
-        return _gpu_gmm(x_q, x_s, w_q[None], w_s[None], sizes, out_dtype, interpret, config, rhs_tiles)
+        return _gpu_gmm(x_q, x_s, w_q[None], w_s[None], sizes, None, out_dtype, interpret, config, rhs_tiles)
     return reference.fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=out_dtype, rhs_tiles=rhs_tiles)
 
 
@@ -165,14 +192,16 @@ def quantize_tiles(x, *, backend="auto", interpret=False):
     return quantize.quantize_tiles(x)
 
 
-def quantize_blocks(w, extra=None, *, backend="auto", interpret=False):
+def quantize_blocks(w, extra=None, *, transposed=False, backend="auto", interpret=False):
     """w [..., K, N] -> (K-major e4m3 [..., N, K], float32 scales [..., ceil(N / 128), ceil(K / 128)]) per 128 x 128
-    block (quantize.py); backend "gpu": transposed and quantized in one Pallas Triton pass, bit-equal. extra [S, K,
-    N] beside w [G, K, N]: the blocks of both stacked along G ([G + S, ...]), on the GPU without a concatenated copy
-    of the weights."""
+    block (quantize.py); backend "gpu": transposed and quantized in one Pallas Triton pass, bit-equal. extra [..., S,
+    K, N] beside w [..., G, K, N] (the same leading axes, e.g. layers): the blocks of both stacked along G ([..., G +
+    S, ...]), on the GPU without a concatenated copy of the weights. transposed: also transposed_blocks of them (the
+    dgrad's operand), on the GPU from the same pass."""
     if resolve_backend(backend) == "gpu":
-        return quantize_gpu.quantize_blocks(w, extra, interpret=interpret)
-    return quantize.quantize_blocks(w if extra is None else jnp.concatenate([w, extra]))
+        return quantize_gpu.quantize_blocks(w, extra, transposed=transposed, interpret=interpret)
+    q, s = quantize.quantize_blocks(w if extra is None else jnp.concatenate([w, extra], axis=-3))
+    return (q, s, *quantize.transposed_blocks(q, s)) if transposed else (q, s)
 
 
 def quantize_tiles_t(x, index=None, row_scale=None, *, backend="auto", interpret=False):

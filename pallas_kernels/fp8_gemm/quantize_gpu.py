@@ -3,6 +3,7 @@
 
     q, s = quantize_tiles(x)             # x [M, K] -> q [M, K], s [M, ceil(K / 128)]: 1 x 128 tiles along K
     q, s = quantize_blocks(w)            # w [..., K, N] -> q [..., N, K], s [..., N / 128, K / 128]: transposing
+    q, s, qt, st = quantize_blocks(w, extra, transposed=True)  # + routed experts' `extra`, + both orientations
     q, s = quantize_tiles_t(x)           # == quantize_tiles(x.T): x [R, C] -> q [C, R], s [C, ceil(R / 128)]
     q, s = quantize_tiles_t(x, index)    # == quantize_tiles(take_aligned(x, index).T): rows gathered first
     q, s = quantize_tiles_t(x, index, w) # the gathered rows scaled by w [R'] first (float32)
@@ -197,54 +198,70 @@ def quantize_tiles(x, *, interpret: bool = False, block_r: int = 64, num_warps: 
     return q, s[:, :rows].T
 
 
-def _blocks_kernel(w_ref, e_ref, q_ref, s_ref, *, k: int, n: int, groups: int):
+def _blocks_kernel(w_ref, e_ref, *out_refs, k: int, n: int, groups: int, extra: int):
     g, kb, nb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    layer, j = g // (groups + extra), g % (groups + extra)  # a layer's own groups, then its `extra` ones
     kk = kb * TILE + jnp.arange(TILE, dtype=jnp.int32)
     nn = nb * TILE + jnp.arange(TILE, dtype=jnp.int32)
     ok = (kk < k)[:, None] & (nn < n)[None, :]
     # groups past w's come from `extra` (masked loads: only one of the two is read)
-    own, other = ok & (g < groups), ok & (g >= groups)
-    b = pltriton.load(w_ref.at[jnp.minimum(g, groups - 1), kk[:, None], nn[None, :]], mask=own, other=0)
-    b = jnp.where(
-        g < groups,
-        b,
-        pltriton.load(e_ref.at[jnp.maximum(g - groups, 0), kk[:, None], nn[None, :]], mask=other, other=0),
+    own, other = ok & (j < groups), ok & (j >= groups)
+    b = pltriton.load(
+        w_ref.at[layer * groups + jnp.minimum(j, groups - 1), kk[:, None], nn[None, :]], mask=own, other=0
     )
+    if extra:
+        at = (layer * extra + jnp.maximum(j - groups, 0), kk[:, None], nn[None, :])
+        b = jnp.where(j < groups, b, pltriton.load(e_ref.at[at], mask=other, other=0))
     b = b.astype(jnp.float32)
     amax = jnp.full((1, TILE), nan_amax(b), jnp.float32)  # one scale per 128 x 128 block, as a row
     q, scale = to_e4m3(b, amax)
+    q_ref, s_ref, *t_ref = out_refs
+    if t_ref:  # N-major, the dgrad's operand (transposed_blocks' layout); stored first: the other order crashes
+        # ptxas -O0 (error 11; XLA's --xla_backend_optimization_level=0, as the tests set on the CPU)
+        pltriton.store(t_ref[0].at[g, kk[:, None], nn[None, :]], q, mask=ok)
     pltriton.store(q_ref.at[g, nn[:, None], kk[None, :]], q.T, mask=ok.T)  # K-major: [N, K]
     s_ref[...] = jnp.full((1, 1, 1), jnp.max(scale), jnp.float32)  # the row's entries are equal
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def quantize_blocks(w, extra=None, *, interpret: bool = False):
+def quantize_blocks(w, extra=None, *, transposed: bool = False, interpret: bool = False):
     """w [..., K, N] -> (q float8_e4m3fn [..., N, K], s float32 [..., ceil(N / 128), ceil(K / 128)]) =
-    quantize.quantize_blocks(w): transposed while quantized, in one pass over the master weights. extra [S, K, N]
-    (w [G, K, N]): quantize_blocks of the two stacked along G (-> [G + S, N, K]) with no concatenated copy of the
-    master weights (the routed experts' and the shared experts' weights in one grouped GEMM)."""
+    quantize.quantize_blocks(w): transposed while quantized, in one pass over the master weights. extra [..., S, K,
+    N] beside w [..., G, K, N] (the same leading axes): quantize_blocks of the two stacked along G (-> [..., G + S, N,
+    K]) with no concatenated copy of the master weights (the routed experts' and the shared experts' weights in one
+    grouped GEMM; with a leading layer axis, every layer's at once). transposed: also (q^T [..., K, N], s^T), =
+    quantize.transposed_blocks(q, s), written by the same pass (a stack of every layer's blocks, whose per-layer
+    transposes would each be a pass over the whole stack)."""
     *lead, k, n = w.shape
-    w3 = w.reshape(-1, k, n)
     if extra is not None:
-        if len(lead) != 1 or extra.ndim != 3 or extra.shape[1:] != (k, n) or extra.dtype != w.dtype:
+        if not lead or extra.shape[:-3] != tuple(lead[:-1]) or extra.shape[-2:] != (k, n) or extra.dtype != w.dtype:
             raise ValueError(
-                f"extra must be [S, {k}, {n}] {w.dtype} beside w [G, {k}, {n}], got {extra.shape} {extra.dtype}"
+                f"extra must be [..., S, {k}, {n}] {w.dtype} beside w {w.shape} (the same leading axes), got "
+                f"{extra.shape} {extra.dtype}"
             )
-        lead = [lead[0] + extra.shape[0]]
-    e3 = w3 if extra is None else extra
-    groups, g, kt, nt = w3.shape[0], math.prod(lead), tiles(k), tiles(n)
-    whole = lambda a: pl.BlockSpec(a.shape, lambda g, i, j: (0, 0, 0))  # noqa: E731
-    q, s = pl.pallas_call(
-        functools.partial(_blocks_kernel, k=k, n=n, groups=groups),
+    groups = lead[-1] if lead else 1
+    layers = math.prod(lead[:-1])
+    extras = 0 if extra is None else extra.shape[-3]
+    lead = [*lead[:-1], groups + extras] if lead else []
+    w3 = w.reshape(layers * groups, k, n)
+    e3 = w3 if extra is None else extra.reshape(layers * extras, k, n)
+    g, kt, nt = layers * (groups + extras), tiles(k), tiles(n)
+    whole = lambda a: pl.BlockSpec(a.shape, lambda g, i, j: (0,) * len(a.shape))  # noqa: E731
+    q_type = [jax.ShapeDtypeStruct((g, n, k), E4M3), jax.ShapeDtypeStruct((g, nt, kt), jnp.float32)]
+    out_specs = [whole(q_type[0]), pl.BlockSpec((1, 1, 1), lambda g, i, j: (g, j, i))]
+    if transposed:
+        q_type.append(jax.ShapeDtypeStruct((g, k, n), E4M3))
+        out_specs.append(whole(q_type[-1]))
+    q, s, *t = pl.pallas_call(
+        functools.partial(_blocks_kernel, k=k, n=n, groups=groups, extra=extras),
         grid=(g, kt, nt),
         in_specs=[whole(w3), whole(e3)],
-        out_specs=[
-            pl.BlockSpec((g, n, k), lambda g, i, j: (0, 0, 0)),
-            pl.BlockSpec((1, 1, 1), lambda g, i, j: (g, j, i)),
-        ],
-        out_shape=[jax.ShapeDtypeStruct((g, n, k), E4M3), jax.ShapeDtypeStruct((g, nt, kt), jnp.float32)],
+        out_specs=out_specs,
+        out_shape=q_type,
         compiler_params=_params(8),
         interpret=interpret,
         name="fp8_quantize_blocks",
     )(w3, e3)
-    return q.reshape(*lead, n, k), s.reshape(*lead, nt, kt)
+    q, s = q.reshape(*lead, n, k), s.reshape(*lead, nt, kt)
+    if not transposed:
+        return q, s
+    return q, s, t[0].reshape(*lead, k, n), jnp.swapaxes(s, -1, -2)
