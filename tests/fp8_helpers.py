@@ -9,6 +9,8 @@ import os
 import numpy as np
 
 INTERPRET = os.environ.get("FP8_TEST_REAL_GPU") != "1"
+# the layers call the kernels compiled: on a GPU (FP8_TEST_REAL_GPU=1) the "gpu" backend too
+LAYER_BACKENDS = ["xla"] + ([] if INTERPRET else ["gpu"])
 
 
 def rel(a, b):
