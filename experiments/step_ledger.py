@@ -11,7 +11,8 @@ both columns; its own rows are then not the GPU run's).
 
 The ledger walks the compiled HLO's kernels (fusions, custom calls, copies; while bodies times their known trip
 count), charges each its output bytes plus its operands' (a fused slice or gather of an operand: the bytes it
-takes, not the whole operand) and attributes it to a component as `bench_pretrain.py --profile` does
+takes, not the whole operand; an FP8 grouped GEMM's layer stack of weights: its layer's share, stack_shares)
+and attributes it to a component as `bench_pretrain.py --profile` does
 (experiments/step_profile.py: the op_name scopes). Bytes are an upper bound on the traffic of memory-bound
 kernels and say nothing of a GEMM's time; the kernel count shows launch-bound work (e.g. a binary search XLA
 unrolls into a dozen tiny kernels per call).
@@ -109,6 +110,28 @@ def type_bytes(text: str) -> int:
     return total
 
 
+def _dims(text: str):
+    """(dtype, dims) of an HLO array type, or None for a tuple or scalar-less text."""
+    found = _SHAPE.findall(text)
+    return (found[0][0], tuple(int(d) for d in filter(None, found[0][1].split(",")))) if len(found) == 1 else None
+
+
+def stack_shares(operand_types: list[str], reads: list[float]) -> list[float]:
+    """A grouped FP8 GEMM given a layer stack of weights (fp8_gmm's group_offset) reads only its G groups of the
+    e4m3 stack [T, N, K]; its column scales [G, ceil(K / 128), N] say G. Such an operand is charged G / T of its
+    bytes; everything else as it is."""
+    shapes = [_dims(t) for t in operand_types]
+    scales = {(d[0], d[2]): d for dt, d in filter(None, shapes) if dt == "f32" and len(d) == 3}
+    out = list(reads)
+    for i, shape in enumerate(shapes):
+        if shape and shape[0] == "f8e4m3fn" and len(shape[1]) == 3:
+            t, n, k = shape[1]
+            groups = next((g for (g, n2), d in scales.items() if n2 == n and d[1] == -(-k // 128) and g < t), None)
+            if groups and t % groups == 0:
+                out[i] = reads[i] * groups / t
+    return out
+
+
 def kernels(hlo) -> list[tuple[str, str, int, int]]:
     """Every kernel the step runs (HLO text, or step_profile.parse_hlo's result): (instruction, opcode, bytes moved
     over all its runs, runs)."""
@@ -143,6 +166,8 @@ def kernels(hlo) -> list[tuple[str, str, int, int]]:
                 reads = [type_bytes(types.get(o, "")) for o in ins["operands"]]
                 if ins["opcode"] == "fusion" and ins["calls"]:
                     reads = [min(r, read_of(ins["calls"], i)) for i, r in enumerate(reads)]
+                if ins["opcode"] == "custom-call":
+                    reads = stack_shares([types.get(o, "") for o in ins["operands"]], reads)
                 out.append(
                     (ins["name"], ins["opcode"], int(runs * (type_bytes(types[ins["name"]]) + sum(reads))), runs)
                 )

@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from experiments.step_ledger import format_ledgers, kernels, ledger, type_bytes
+from experiments.step_ledger import format_ledgers, kernels, ledger, stack_shares, type_bytes
 
 HLO = """HloModule m
 
@@ -88,3 +88,16 @@ def test_ledger_of_a_cpu_compile():
     found = kernels(text)
     out = 512 * 128 * 4
     assert found and all(out <= nbytes <= out + x.nbytes for _, _, nbytes, _ in found)
+
+
+def test_a_grouped_gemm_on_a_layer_stack_is_charged_its_layers_groups():
+    """fp8_gmm with a group_offset takes every layer's e4m3 weights [T, N, K] and reads its G groups, which its
+    column scales [G, K / 128, N] name: G / T of the stack is charged (forward and dgrad orientations alike); a
+    GEMM given just its own groups, and any other operand, as they are."""
+    ops = ["s32[3]{0}", "f8e4m3fn[4096,1024]{1,0}", "f32[8,4096]{1,0}", "f8e4m3fn[715,1024,512]{2,1,0}"]
+    layer = stack_shares([*ops, "f32[65,4,1024]{2,1,0}"], [12, 4e6, 1.3e5, 715.0, 6.5e4])
+    assert layer == [12, 4e6, 1.3e5, 65.0, 6.5e4]
+    dgrad = stack_shares(["f8e4m3fn[715,512,1024]{2,1,0}", "f32[65,8,512]{2,1,0}"], [715.0, 1.0])
+    assert dgrad == [65.0, 1.0]
+    own = stack_shares([*ops[:3], "f8e4m3fn[65,1024,512]{2,1,0}", "f32[65,4,1024]{2,1,0}"], [1, 2, 3, 65.0, 5])
+    assert own == [1, 2, 3, 65.0, 5]
