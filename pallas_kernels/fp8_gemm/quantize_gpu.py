@@ -223,6 +223,7 @@ def _blocks_kernel(w_ref, e_ref, *out_refs, k: int, n: int, groups: int, extra: 
     s_ref[...] = jnp.full((1, 1, 1), jnp.max(scale), jnp.float32)  # the row's entries are equal
 
 
+@functools.partial(jax.jit, static_argnames=("transposed", "interpret"))
 def quantize_blocks(w, extra=None, *, transposed: bool = False, interpret: bool = False):
     """w [..., K, N] -> (q float8_e4m3fn [..., N, K], s float32 [..., ceil(N / 128), ceil(K / 128)]) =
     quantize.quantize_blocks(w): transposed while quantized, in one pass over the master weights. extra [..., S, K,
