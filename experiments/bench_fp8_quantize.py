@@ -6,6 +6,7 @@ bit-equality of values and scales (every input holds an all-zero 128 x 128 tile 
   python experiments/bench_fp8_quantize.py --probe               # where XLA's and Triton's rounding part
   python experiments/bench_fp8_quantize.py --floor=196608,1024    # one pass's memory floor: copies, casts, timers
   python experiments/bench_fp8_quantize.py --act=204800,512       # SwiGLU fused with its quantization vs unfused
+  python experiments/bench_fp8_quantize.py --requant=32768,1024,512  # weight-gradient operands: from e4m3 tiles
 """
 
 from __future__ import annotations
@@ -54,6 +55,15 @@ flags.DEFINE_string(
     "R,I: the experts' SwiGLU forward / backward fused with the quantization of its result (quantize_act.py) "
     "against the unfused path the layer took before (XLA's SwiGLU, then the Triton quantize_tiles), back to back.",
 )
+flags.DEFINE_string(
+    "requant",
+    "",
+    "N,D,I: the FP8 experts' four weight-gradient operands at N tokens x (--k routed + 1 shared) rows, hidden D, "
+    "expert width I, two ways: quantized from the compute-dtype values (quantize_tiles_t; the SwiGLU passes write "
+    "h and d[gate | up]) and requantized from the e4m3 tiles (requantize_tiles_t; the SwiGLU passes write tiles "
+    "only), each pass timed, the requantizer's reads (uint16 pairs or bytes) x block_c x num_warps swept.",
+)
+flags.DEFINE_integer("k", 6, "Routed experts per token for --requant (plus one shared).")
 flags.DEFINE_bool("probe", False, "Print where XLA's and Triton's float32 -> e4m3 casts and divisions round apart.")
 flags.DEFINE_string(
     "sweep",
@@ -276,6 +286,69 @@ def act(r: int, i: int):
         _row(f"bwd: act_bwd_quantize ({block_r} x {warps}) + quantize_tiles_t", shape, bwd, unfused_bwd, gu, dh)
 
 
+def requant(n: int, d: int, i: int):
+    """Per pass, ms, both ways (see --requant); the requantizer's codes compared with XLA's (dequantize_tiles, then
+    quantize_tiles_t)."""
+    kk = FLAGS.k + 1
+    rows = n * kk
+    sizes = (jax.random.dirichlet(jax.random.key(2), jnp.full((FLAGS.groups,), 4.0)) * rows).astype(jnp.int32)
+    index, _ = align_groups(sizes.at[-1].add(rows - sizes.sum()), rows)
+    token = index // kk  # a zero row (index == rows) -> n: out of range, read as zero
+    r = index.shape[0]
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (n, d), jnp.bfloat16)
+    gu = jax.random.normal(keys[1], (r, 2 * i), jnp.bfloat16)
+    dh = jax.random.normal(keys[2], (r, i), jnp.bfloat16)
+    w_row = jax.random.uniform(keys[3], (r,))
+    xq, xs = quantize_gpu.quantize_tiles(x)
+    h, (hq, hs) = quantize_act.act_quantize(gu, swiglu, jnp.bfloat16)
+    dgu, (dq, ds) = quantize_act.act_bwd_quantize(gu, dh, swiglu)
+    print(f"device {jax.devices()[0].device_kind}; {n} tokens x {kk} = {r} aligned rows, D {d}, I {i}")
+    print("| pass | from values ms | from e4m3 tiles ms | requantizer vs XLA |\n|---|---|---|---|")
+    requant_ref = lambda q, s, *a: quantize.quantize_tiles(  # noqa: E731
+        (lambda v: v if len(a) < 2 else v * a[1][:, None])(
+            take_aligned(quantize.dequantize_tiles(q, s), a[0]) if a else quantize.dequantize_tiles(q, s)
+        ).T
+    )
+    cases = [
+        ("x^T gathered (gate_up wgrad)", (quantize_gpu.quantize_tiles_t, x, token), (xq, xs, token)),
+        ("h^T (down wgrad)", (quantize_gpu.quantize_tiles_t, h), (hq, hs)),
+        (
+            "dy^T gathered x weight (down wgrad)",
+            (quantize_gpu.quantize_tiles_t, x, token, w_row),
+            (xq, xs, token, w_row),
+        ),
+        ("d[gate|up]^T (gate_up wgrad)", (quantize_gpu.quantize_tiles_t, dgu), (dq, ds)),
+    ]
+    for name, (f, *old), new in cases:
+        q, s, *rest = new
+        req = lambda q, s, *a: quantize_gpu.quantize_tiles_t(q, *a, *[None] * (2 - len(a)), s)  # noqa: E731
+        same = _compare(jax.jit(req)(q, s, *rest), jax.jit(requant_ref)(q, s, *rest))
+        print(f"| {name} | {_ms(f, *old):.3f} | {_ms(req, q, s, *rest):.3f} | {same} |", flush=True)
+    print(
+        "| SwiGLU fwd: act_quantize keep / tiles only | "
+        f"{_ms(lambda a: quantize_act.act_quantize(a, swiglu, jnp.bfloat16), gu):.3f} | "
+        f"{_ms(lambda a: quantize_act.act_quantize(a, swiglu, jnp.bfloat16, keep=False), gu):.3f} | |"
+    )
+    print(
+        "| SwiGLU bwd: act_bwd_quantize keep / tiles only | "
+        f"{_ms(lambda a, b: quantize_act.act_bwd_quantize(a, b, swiglu), gu, dh):.3f} | "
+        f"{_ms(lambda a, b: quantize_act.act_bwd_quantize(a, b, swiglu, keep=False), gu, dh):.3f} | |",
+        flush=True,
+    )
+    print("| requantizer tiling (x^T gathered / d[gate|up]^T) | ms | ms |\n|---|---|---|")
+    for pairs in (True, False):
+        for block_c in (32, 64, 128):
+            for warps in (2, 4, 8):
+                how = dict(block_c=block_c, num_warps=warps, pairs=pairs)
+                f = functools.partial(quantize_gpu.quantize_tiles_t, **how)
+                a = _ms(lambda q, s, t, f=f: f(q, t, None, s), xq, xs, token)
+                b = _ms(lambda q, s, f=f: f(q, None, None, s), dq, ds)
+                print(
+                    f"| {'uint16 pairs' if pairs else 'bytes'}, block_c={block_c} warps={warps} | {a:.3f} | {b:.3f} |"
+                )
+
+
 def main(argv):
     del argv
     if FLAGS.act:
@@ -283,6 +356,9 @@ def main(argv):
         return
     if FLAGS.probe:
         probe()
+        return
+    if FLAGS.requant:
+        requant(*map(int, FLAGS.requant.split(",")))
         return
     if FLAGS.floor:
         floor(*map(int, FLAGS.floor.split(",")))

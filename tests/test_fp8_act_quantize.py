@@ -50,6 +50,10 @@ def test_swiglu_fused_with_its_quantization_equals_the_unfused_path(rows, half):
     assert np.asarray(got[1][1])[0, 0] == 1.0  # the zero tile's scale
     assert np.isnan(np.asarray(got[1][1])[rows // 2, -1])  # the NaN's tile (its scale poisoned)
     _assert_matches(act_quantize(gu, swiglu, BF16, backend="xla"), got)  # the reference path: the same
+    # keep=False (the FP8 weight gradient requantizes h's tiles): h is not written, its tiles are the same
+    none, tiles = act_quantize(gu, swiglu, BF16, keep=False, backend="gpu", interpret=INTERPRET)
+    assert none is None
+    _assert_matches(tiles, got[1])
 
 
 @pytest.mark.parametrize("rows, half", [(300, 256), (65, 128)])
@@ -62,6 +66,9 @@ def test_swiglu_backward_fused_with_its_quantization_equals_the_unfused_path(row
     _assert_matches(got, (dgu, quantize.quantize_tiles(dgu)))
     assert got[0].dtype == BF16 and got[1][1].shape == (rows, 2 * half // 128)
     _assert_matches(act_bwd_quantize(gu, dh, swiglu, backend="xla"), got)
+    none, tiles = act_bwd_quantize(gu, dh, swiglu, keep=False, backend="gpu", interpret=INTERPRET)
+    assert none is None
+    _assert_matches(tiles, got[1])
 
 
 def test_widths_off_the_tile_take_the_unfused_path():

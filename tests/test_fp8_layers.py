@@ -133,9 +133,13 @@ def test_fp8_expert_ffn_on_aligned_rows_equals_the_per_projection_path(backend):
             continue
         # The output gradient's codes differ where (weight x gradient) rounded to bf16 first lands on the other
         # side of an e4m3 rounding boundary: one e4m3 step on a few percent of the entries (measured: 1-2% apart).
-        # Neither rounding is the more exact one: both paths' distance to the float32 product agree within 2%.
+        # Neither rounding is the more exact one: both paths' distance to the float32 product agree within 2% for
+        # dx. The weight gradients' SwiGLU operands (h, d[gate | up]) are requantized from their e4m3 tiles here
+        # (a second rounding; the per-projection path quantizes the values once): measured 4% further from
+        # float32 than that path.
         assert rel(a, b) < 0.05, (name, rel(a, b))
-        assert rel(a, c) < 1.02 * rel(b, c) and rel(a, c) < 0.15, (name, rel(a, c), rel(b, c))
+        worse = 1.02 if name == "dx" else 1.08
+        assert rel(a, c) < worse * rel(b, c) and rel(a, c) < 0.15, (name, rel(a, c), rel(b, c))
     assert np.all(np.asarray(got[3])[1] == 0)  # the empty expert's weights get no gradient
     # fp8_wgrad False: the forward and the activation gradients are the recipe's, bit for bit; the weight gradients
     # (in bf16 from the rows and the output gradient as they are) lose the wgrad operands' e4m3 rounding
@@ -228,8 +232,11 @@ def test_fp8_dots_share_one_quantization_and_equal_fp8_dot_per_kernel():
 @pytest.mark.parametrize("backend", LAYER_BACKENDS)
 def test_fp8_mlp_equals_its_composition(backend, wgrad):
     """fp8_mlp (the dense MLPs and shared experts in FP8, SwiGLU fused with h's quantization on the GPU) gives
-    exactly what fp8_dots([gate, up]) -> swiglu -> fp8_dot(down) gives: output and all four gradients, on a row
-    count off the tiles and widths that are not multiples of 128 (the unfused SwiGLU then)."""
+    exactly what fp8_dots([gate, up]) -> swiglu -> fp8_dot(down) gives: output and input gradient, and with bf16
+    weight gradients all of them, on a row count off the tiles and widths that are not multiples of 128 (the
+    unfused SwiGLU then). With e4m3 weight gradients fp8_mlp requantizes the operands h and d[gate | up] from their
+    e4m3 tiles (a second rounding) where the composition quantizes their values: close, not equal, and about as
+    far from the float32 gradients."""
     from dsjax.layers.fp8 import fp8_dot, fp8_dots, fp8_mlp
     from dsjax.layers.mlp import swiglu
 
@@ -243,11 +250,23 @@ def test_fp8_mlp_equals_its_composition(backend, wgrad):
             a, b = fp8_dots(x, [gate, up], backend, wgrad)
             return fp8_dot(swiglu(a, b, a.dtype), down, backend, wgrad)
 
+        def exact(x, gate, up, down):
+            x = x.astype(jnp.float32)
+            return swiglu(x @ gate, x @ up, jnp.float32) @ down
+
         got = jax.vjp(lambda *a: fp8_mlp(*a, swiglu, backend, wgrad), x, *ws)
         want = jax.vjp(composed, x, *ws)
-        for a, b in zip((got[0], *got[1](g)), (want[0], *want[1](g))):
+        ref = jax.vjp(exact, x, *ws)[1](g.astype(jnp.float32))
+        got, want = (got[0], *got[1](g)), (want[0], *want[1](g))
+        for n, (a, b) in enumerate(zip(got, want)):
             assert a.dtype == b.dtype and a.shape == b.shape
-            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+            if not wgrad or n < 2:  # y, dx
+                np.testing.assert_array_equal(a, b)
+                continue
+            # measured: 3.1-3.4% apart; from float32 6.0-12.6% against the composition's 5.7-12.5% (up to 1.09x)
+            assert not np.array_equal(a, b) and rel(a, b) < 0.05, (n, rel(a, b))
+            assert rel(a, ref[n - 1]) < 1.12 * rel(b, ref[n - 1]) < 0.15, (n, rel(a, ref[n - 1]), rel(b, ref[n - 1]))
 
 
 def test_fp8_wgrad_experts_reaches_shared_experts_run_apart_but_not_dense_mlps():

@@ -19,6 +19,7 @@ from pallas_kernels.fp8_gemm import (
     quantize_both,
     quantize_gpu,
     quantize_tiles_t,
+    requantize_tiles_t,
     take_aligned,
 )
 
@@ -79,6 +80,42 @@ def test_row_scaled_transposing_quantize_is_bit_equal(gather):
     _assert_bits_equal(quantize_tiles_t(x, index, scale, backend="xla"), want)
     with pytest.raises(ValueError, match="row_scale must be"):
         quantize_gpu.quantize_tiles_t(x, index, scale[:-1], interpret=True)
+
+
+@pytest.mark.parametrize(
+    "gather, scaled, block_c, pairs",
+    [(False, False, None, True), (True, False, 32, True), (True, True, None, True), (False, True, 128, True)]
+    + [(True, True, None, False), (False, False, 128, False)],
+)
+def test_requantizing_transpose_is_bit_equal(gather, scaled, block_c, pairs):
+    """requantize_tiles_t: a weight gradient's operand from e4m3 tiles along C (DeepSeek-V3's workflow), the kernel
+    dequantizing each code by its tile's scale as it reads, is bit-equal to XLA's dequantize_tiles then
+    quantize_tiles_t: C off the tile (a partial last scale tile), a zero tile, a NaN (its 1 x 128 tile poisons the
+    128 x 1 tiles it meets), rows gathered onto align_groups' layout and scaled by weights among them 0 and 1e-20;
+    the codes read in uint16 pairs (two planes) or one by one."""
+    x = _activations(300, 200, seed=6)
+    xq, xs = quantize.quantize_tiles(x)
+    index = align_groups(jnp.asarray([0, 100, 3, 190, 0], jnp.int32), x.shape[0])[0] if gather else None
+    rows = quantize.dequantize_tiles(xq, xs)
+    rows = take_aligned(rows, index) if gather else rows
+    scale = jax.random.uniform(jax.random.key(7), (rows.shape[0],)).at[3].set(0.0).at[7].set(1e-20) if scaled else None
+    want = quantize.quantize_tiles((rows if scale is None else rows * scale[:, None]).T)
+    got = quantize_gpu.quantize_tiles_t(xq, index, scale, xs, block_c=block_c, pairs=pairs, interpret=INTERPRET)
+    _assert_bits_equal(got, want)
+    _assert_bits_equal(requantize_tiles_t(xq, xs, index, scale, backend="xla"), want)
+    # a second rounding: each value within two e4m3 steps (1/8 relative, or the new tile's scale where the first
+    # rounding was finer than its subnormals) of quantizing the values themselves; a NaN spreads over its 1 x 128
+    # tile first, so it poisons at least the values the direct path poisons
+    direct = np.asarray(quantize.dequantize_tiles(*quantize_tiles_t(x, index, scale)), np.float64)
+    again = np.asarray(quantize.dequantize_tiles(*got), np.float64)
+    assert np.all(np.isnan(again)[np.isnan(direct)]) and 0 < np.isnan(again).sum() <= 128 * 128  # one tile x one
+    ok = ~np.isnan(again)
+    step = np.maximum(np.abs(direct) / 8, np.repeat(np.asarray(got[1]), 128, axis=1)[:, : again.shape[1]])
+    assert np.all(np.abs(again - direct)[ok] <= 2 * step[ok])
+    with pytest.raises(ValueError, match="block_c must divide 128"):
+        quantize_gpu.quantize_tiles_t(xq, index, scale, xs, block_c=96, interpret=True)
+    with pytest.raises(ValueError, match="e4m3 codes"):
+        quantize_gpu.quantize_tiles_t(x, index, scale, xs, interpret=True)
 
 
 @pytest.mark.parametrize("block", [32, 64])

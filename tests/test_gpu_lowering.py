@@ -107,6 +107,13 @@ def test_fp8_quantize_kernels_lower_for_cuda():
     _lower_for_cuda(lambda a, i: f8.quantize_tiles_t(a, i, backend="gpu"), x, index, kernel=triton)
     scaled = lambda a, i, r: f8.quantize_tiles_t(a, i, r, backend="gpu")  # noqa: E731 - rows times their weight
     _lower_for_cuda(scaled, x, index, S((M + 128 * G,), F32), kernel=triton)
+    # requantized from e4m3 tiles (the FP8 layers' weight-gradient operands), gathered and scaled, and plain
+    tiles_ = S((M + 3, K + 5), E4), S((M + 3, -(-(K + 5) // 128)), F32)
+    requant = lambda q, s, i, r: f8.requantize_tiles_t(q, s, i, r, backend="gpu")  # noqa: E731
+    _lower_for_cuda(requant, *tiles_, index, S((M + 128 * G,), F32), kernel=triton)
+    for c in (K + 5, K + 6):  # an odd C reads the codes one by one, an even one in uint16 pairs
+        pair = S((M + 3, c), E4), S((M + 3, -(-c // 128)), F32)
+        _lower_for_cuda(lambda q, s: f8.requantize_tiles_t(q, s, backend="gpu"), *pair, kernel=triton)
     _lower_for_cuda(lambda a: f8.quantize_both(a, backend="gpu"), x, kernel=triton)
     _lower_for_cuda(lambda a, i: f8.quantize_both(a, i, backend="gpu"), x, index, kernel=triton)
     xb = S((M, K), BF16)  # the BlockSpec-tiled variants, on shapes their tiles divide
@@ -123,6 +130,11 @@ def test_fp8_activation_quantizers_lower_for_cuda():
     text = _lower_for_cuda(lambda a: f8.act_quantize(a, swiglu, BF16, backend="gpu"), gu, kernel="xla.gpu.triton")
     assert "stablehlo.exponential" not in text  # no unfused XLA SwiGLU (its sigmoid) beside the kernel
     _lower_for_cuda(lambda a, d: f8.act_bwd_quantize(a, d, swiglu, backend="gpu"), gu, dh, kernel="xla.gpu.triton")
+    # keep=False: only the tiles written
+    tiles_only = lambda a: f8.act_quantize(a, swiglu, BF16, keep=False, backend="gpu")[1]  # noqa: E731
+    _lower_for_cuda(tiles_only, gu, kernel="xla.gpu.triton")
+    bwd_tiles = lambda a, d: f8.act_bwd_quantize(a, d, swiglu, keep=False, backend="gpu")[1]  # noqa: E731
+    _lower_for_cuda(bwd_tiles, gu, dh, kernel="xla.gpu.triton")
 
 
 @pytest.mark.parametrize("ws", [True, False], ids=["warp_specialized", "one_wg"])
@@ -167,11 +179,12 @@ def test_fp8_training_step_runs_the_gpu_kernels_when_asked():
     # all since the shared experts run inside the routed experts' grouped GEMMs (21 before)
     full = lowered("gpu")
     assert full.count("custom_call @mosaic_gpu") >= 18 and "fp8_quantize_tiles_t" in full
+    assert "fp8_requantize_tiles_t" in full  # the SwiGLUs' weight-gradient operands, from their e4m3 tiles
     assert "mosaic_gpu" not in lowered("xla")
     # fp8_wgrad="none": forward and dgrad still in the FP8 kernels, the routed experts' weight gradients in the bf16
     # tgmm kernel, and no transposing quantization pass left
     bf16_wgrad = lowered("gpu", fp8_wgrad="none")
-    assert bf16_wgrad.count("custom_call @mosaic_gpu") >= 17 and "fp8_quantize_tiles_t" not in bf16_wgrad
+    assert bf16_wgrad.count("custom_call @mosaic_gpu") >= 17 and "quantize_tiles_t" not in bf16_wgrad
     # fp8_wgrad="experts": the transposing quantizer for the experts' weight gradients only (the projections' and
     # the dense MLP's in bf16)
     experts = lowered("gpu", fp8_wgrad="experts").count("fp8_quantize_tiles_t")

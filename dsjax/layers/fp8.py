@@ -17,7 +17,10 @@ every token with weight 1, so the tokens and their gradient are quantized once f
 
 The residuals are the input's weight-gradient operand (x^T quantized along the tokens, for the experts on
 align_groups' layout) instead of x, and the forward's quantized weight, whose transposed blocks are the dgrad's
-operand. With wgrad False (ModelConfig.fp8_wgrad "none"; "experts": False for the projections and dense MLPs)
+operand. A SwiGLU's results (h, and d[gate | up] in the backward) are not written in the compute dtype at all when
+the weight gradients are e4m3: their weight-gradient operands are requantized from the 1 x 128 e4m3 tiles that the
+activation's pass writes for the next GEMM (_act_operand; DeepSeek-V3's workflow, at the price of a second
+rounding). With wgrad False (ModelConfig.fp8_wgrad "none"; "experts": False for the projections and dense MLPs)
 the weight gradients run in the compute dtype from x and dy as they are (x kept instead of its e4m3 transpose):
 forward and dgrad stay the recipe's, bit for bit, and the two transposing quantization passes per layer, the cost
 that outweighs FP8's gain at small's widths, are gone.
@@ -69,6 +72,7 @@ from pallas_kernels.fp8_gemm import (
     quantize_both,
     quantize_tiles,
     quantize_tiles_t,
+    requantize_tiles_t,
     resolve_backend,
     transposed_blocks,
 )
@@ -100,14 +104,20 @@ def _operands(x, wgrad, backend, index=None):
     return quantize_tiles(x, backend=backend), x
 
 
-def _transposed_operand(x, wgrad, backend):
-    """The weight gradient's operand of x [M, K]: x^T in tiles along the tokens (wgrad in e4m3), or x."""
-    return quantize_tiles_t(x, backend=backend) if wgrad else x
+def _act_operand(values, tiles, wgrad, backend):
+    """The weight gradient's operand of an activation's result (SwiGLU's h, or d[gate | up] in the backward): with
+    wgrad, its transpose in tiles along the tokens, requantized from its 1 x 128 e4m3 tiles (the GEMM operand the
+    activation's pass writes), as DeepSeek-V3 does; that pass then need not write the values at all (values None:
+    act_quantize / act_bwd_quantize with keep=False). Measured on the H100 at small's experts (BENCHMARKS.md,
+    eighteenth FP8 session): the SwiGLU passes plus this one take 0.42 / 0.72 ms a layer against 0.49 / 0.90 for
+    writing h / d[gate | up] and quantizing them along the tokens. The price is a second rounding of the operand.
+    Without wgrad: the values, for the compute-dtype weight gradient."""
+    return requantize_tiles_t(*tiles, backend=backend) if wgrad else values
 
 
 def _weight_grad(a, b, wgrad, backend, sizes=None):
     """The weight gradient a^T . b over the tokens, float32 [K, N] (or [G, K, N] per group of rows of `sizes`): from
-    _operands' / _transposed_operand's residuals, in e4m3 (wgrad) or in their compute dtype (ModelConfig.fp8_wgrad
+    _operands' / _act_operand's residuals, in e4m3 (wgrad) or in their compute dtype (ModelConfig.fp8_wgrad
     False: no transposing quantization; at small's widths those passes cost more than the FP8 GEMM saves)."""
     if wgrad and sizes is None:
         return fp8_wgrad(*a, *b, backend=backend)
@@ -248,8 +258,9 @@ def _expert_ffn_fwd(x, order, inverse, sizes, weights, gate_up, down, blocks, co
         w1, w2, first = blocks.gate_up, blocks.down, blocks.layer * sizes.shape[0]
     gmm = functools.partial(fp8_gmm, group_sizes=sizes, group_offset=first, out_dtype=dt, backend=backend)
     gu = gmm(*rows, *w1[:2])
-    h, (hq, hs) = act_quantize(gu, act, dt, backend=backend)  # SwiGLU fused with h's quantization along I
-    h_t = _transposed_operand(h, wgrad, backend)  # the down projection's weight-gradient operand
+    # SwiGLU fused with h's quantization along I (h itself written only for the compute-dtype weight gradient)
+    h, (hq, hs) = act_quantize(gu, act, dt, keep=not wgrad, backend=backend)
+    h_t = _act_operand(h, (hq, hs), wgrad, backend)  # the down projection's weight-gradient operand
     y = gmm(hq, hs, *w2[:2])
     # the dgrads' operands: the weights' transposed blocks
     res = (x_t, w1[2:], gu, h_t, w2[2:], first, y, order, inverse, sizes, weights)
@@ -276,9 +287,10 @@ def _expert_ffn_bwd(combine, act, backend, wgrad, res, g):
     gmm = functools.partial(fp8_gmm, group_sizes=sizes, group_offset=first, out_dtype=g.dtype, backend=backend)
     dh = gmm(dq, ds, *w2t)
     dw2 = _weight_grad(h_t, dy_t, wgrad, backend, sizes)
-    dgu, (gq, gs) = act_bwd_quantize(gu, dh, act, backend=backend)  # d[gate | up], fused with its dgrad operand
+    # d[gate | up], fused with its dgrad operand (and not written itself where the wgrad requantizes that operand)
+    dgu, (gq, gs) = act_bwd_quantize(gu, dh, act, keep=not wgrad, backend=backend)
     drows = gmm(gq, gs, *w1t)
-    dw1 = _weight_grad(x_t, _transposed_operand(dgu, wgrad, backend), wgrad, backend, sizes)
+    dw1 = _weight_grad(x_t, _act_operand(dgu, (gq, gs), wgrad, backend), wgrad, backend, sizes)
     # each token's k rows sit at inverse[token * k + j]: gathered back and summed (no scatter-add)
     dx = drows[inverse].reshape(-1, k, drows.shape[-1]).sum(1, dtype=jnp.float32).astype(g.dtype)
     return dx, None, None, None, dweights, _unstack(dw1, like_w1), _unstack(dw2, like_w2), None
@@ -323,8 +335,8 @@ def _mlp_fwd(x, gate, up, down, act, backend, wgrad):
     (xq, xs), x_t = _operands(x.reshape(-1, x.shape[-1]), wgrad, backend)
     w1 = quantize_blocks(jnp.concatenate([gate, up], axis=1), backend=backend)
     gu = fp8_gemm(xq, xs, *w1, out_dtype=dt, backend=backend)
-    h, (hq, hs) = act_quantize(gu, act, dt, backend=backend)
-    h_t = _transposed_operand(h, wgrad, backend)  # down's weight-gradient operand
+    h, (hq, hs) = act_quantize(gu, act, dt, keep=not wgrad, backend=backend)
+    h_t = _act_operand(h, (hq, hs), wgrad, backend)  # down's weight-gradient operand
     w2 = quantize_blocks(down, backend=backend)
     y = fp8_gemm(hq, hs, *w2, out_dtype=dt, backend=backend)
     like = tuple(_dtype_of(w) for w in (gate, up, down))
@@ -337,9 +349,9 @@ def _mlp_bwd(act, backend, wgrad, res, g):
     (gq, gs), g_t = _operands(g.reshape(-1, g.shape[-1]), wgrad, backend)
     dh = fp8_gemm(gq, gs, *transposed_blocks(*w2), out_dtype=g.dtype, backend=backend)
     ddown = _weight_grad(h_t, g_t, wgrad, backend)
-    dgu, (dq, ds) = act_bwd_quantize(gu, dh, act, backend=backend)
+    dgu, (dq, ds) = act_bwd_quantize(gu, dh, act, keep=not wgrad, backend=backend)
     dx = fp8_gemm(dq, ds, *transposed_blocks(*w1), out_dtype=g.dtype, backend=backend)
-    dgate, dup = jnp.split(_weight_grad(x_t, _transposed_operand(dgu, wgrad, backend), wgrad, backend), 2, axis=1)
+    dgate, dup = jnp.split(_weight_grad(x_t, _act_operand(dgu, (dq, ds), wgrad, backend), wgrad, backend), 2, axis=1)
     dw = (dgate.astype(like_gate.dtype), dup.astype(like_up.dtype), ddown.astype(like_down.dtype))
     return (dx.reshape(*lead, -1), *dw)
 

@@ -19,6 +19,7 @@ from pallas_kernels.fp8_gemm.ops import (
     quantize_both,
     quantize_tiles,
     quantize_tiles_t,
+    requantize_tiles_t,
     resolve_backend,
     take_aligned,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "quantize_both",
     "quantize_tiles",
     "quantize_tiles_t",
+    "requantize_tiles_t",
     "resolve_backend",
     "take_aligned",
     "transposed_blocks",

@@ -2,6 +2,7 @@
 
     x_q, x_s = quantize_tiles(x, backend="auto")       # also quantize_blocks(w), quantize_tiles_t(x[, index[,
                                                        # row_scale]]), quantize_both(x[, index]) = tiles + tiles_t
+    t_q, t_s = requantize_tiles_t(x_q, x_s[, index[, row_scale]])  # = quantize_tiles_t(dequantized x_q, ...)
     h, (h_q, h_s) = act_quantize(gu, act, dtype)       # an activation fused with its quantization (and its
                                                        # backward: act_bwd_quantize(gu, dh, act))
     out = fp8_gmm(x_q, x_s, w_q, w_s, group_sizes, out_dtype=jnp.bfloat16, backend="auto")  # w_q [G, N, K]
@@ -217,6 +218,19 @@ def quantize_tiles_t(x, index=None, row_scale=None, *, backend="auto", interpret
     return quantize.quantize_tiles(rows.T)
 
 
+def requantize_tiles_t(x_q, x_s, index=None, row_scale=None, *, backend="auto", interpret=False):
+    """A weight gradient's operand from the forward's (or dgrad's) e4m3 tiles, as DeepSeek-V3 builds it (its report,
+    section 3.5.2: read out, dequantized, transposed, re-quantized into 128 x 1 tiles): quantize_tiles_t(
+    dequantize_tiles(x_q, x_s), index, row_scale). x_q [R, C] e4m3 in 1 x 128 tiles along C with scales x_s [R,
+    ceil(C / 128)] -> e4m3 [C, R'], scales [C, ceil(R' / 128)]. A pass over the e4m3 codes (1 byte an element)
+    instead of the compute-dtype values (2), which the layers then need not keep or write at all; the price is a
+    second rounding of each element. backend "gpu": quantize_gpu.quantize_tiles_t's kernel dequantizing as it
+    reads, bit-equal to XLA's ops here."""
+    if resolve_backend(backend) == "gpu":
+        return quantize_gpu.quantize_tiles_t(x_q, index, row_scale, x_s, interpret=interpret)
+    return quantize_tiles_t(quantize.dequantize_tiles(x_q, x_s), index, row_scale, backend=backend)
+
+
 def quantize_both(x, index=None, *, backend="auto", interpret=False):
     """(quantize_tiles(x), quantize_tiles_t(x, index)): a layer's forward operand and its weight-gradient operand
     (or the output gradient's dgrad and wgrad operands), two passes over x. Reading x once for both ran slower on
@@ -239,25 +253,36 @@ def _fused_act(gu, backend) -> bool:
     return resolve_backend(backend) == "gpu" and gu.shape[-1] % (2 * TILE) == 0
 
 
-def act_quantize(gu, act, dtype, *, backend="auto", interpret=False):
+def act_quantize(gu, act, dtype, *, keep=True, backend="auto", interpret=False):
     """gu [R, 2I] = [gate | up] -> (h = act(gate, up, dtype) [R, I], quantize_tiles(h)): an activation and its
     forward operand. backend "gpu" with I % 128 == 0: one Pallas Triton pass (quantize_act.py); otherwise act
-    (XLA), then quantize_tiles."""
+    (XLA), then quantize_tiles. keep False: h itself is not returned (None), and the kernel does not write it."""
     if _fused_act(gu, backend):
-        return quantize_act.act_quantize(gu, act, jnp.dtype(dtype), interpret=interpret)
+        return quantize_act.act_quantize(gu, act, jnp.dtype(dtype), keep=keep, interpret=interpret)
     h = act(*jnp.split(gu, 2, axis=-1), dtype)
-    return h, quantize_tiles(h, backend=backend, interpret=interpret)
+    return (h if keep else None), quantize_tiles(_rounded(h, keep), backend=backend, interpret=interpret)
 
 
-def act_bwd_quantize(gu, dh, act, *, backend="auto", interpret=False):
+def act_bwd_quantize(gu, dh, act, *, keep=True, backend="auto", interpret=False):
     """gu [R, 2I] = [gate | up], dh [R, I] -> (dgu = [d gate | d up] [R, 2I], the vjp of act(gate, up, dh.dtype) at
     (gate, up) applied to dh; quantize_tiles(dgu)): the activation's backward and the activation gradient's dgrad
-    operand. backend "gpu" with I % 128 == 0: one Pallas Triton pass (quantize_act.py)."""
+    operand. backend "gpu" with I % 128 == 0: one Pallas Triton pass (quantize_act.py). keep False: dgu itself is
+    not returned (None), and the kernel does not write it."""
     if _fused_act(gu, backend):
-        return quantize_act.act_bwd_quantize(gu, dh, act, interpret=interpret)
+        return quantize_act.act_bwd_quantize(gu, dh, act, keep=keep, interpret=interpret)
     grads = jax.vjp(lambda a, b: act(a, b, dh.dtype), *jnp.split(gu, 2, axis=-1))[1](dh)
     dgu = jnp.concatenate(grads, axis=-1)
-    return dgu, quantize_tiles(dgu, backend=backend, interpret=interpret)
+    return (dgu if keep else None), quantize_tiles(_rounded(dgu, keep), backend=backend, interpret=interpret)
+
+
+def _rounded(x, keep: bool):
+    """x as its dtype rounds it, also where XLA fuses it into the quantizer: unwritten (keep False), a bf16 result
+    may stay float32 inside the fusion under XLA's excess-precision rule on GPUs, where the written path (and the
+    Triton kernels) round it first. reduce_precision survives that rewrite."""
+    if keep or jnp.finfo(x.dtype).bits >= 32:
+        return x
+    info = jnp.finfo(x.dtype)
+    return lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
 def fp8_tgmm(a_q, a_s, b_q, b_s, group_sizes, *, out_dtype=jnp.float32, backend="auto", interpret=False, config=None):

@@ -7,6 +7,8 @@
     q, s = quantize_tiles_t(x)           # == quantize_tiles(x.T): x [R, C] -> q [C, R], s [C, ceil(R / 128)]
     q, s = quantize_tiles_t(x, index)    # == quantize_tiles(take_aligned(x, index).T): rows gathered first
     q, s = quantize_tiles_t(x, index, w) # the gathered rows scaled by w [R'] first (float32)
+    q, s = quantize_tiles_t(xq, None, None, xs)  # requantized: xq e4m3 [R, C] in 1 x 128 tiles (scales xs)
+                                                 # dequantized as read, then as above (ops.requantize_tiles_t)
 
 XLA runs each of these as a reduce fusion plus a cast (and a transpose or gather); here a program reads its tile
 once, reduces, scales and casts in registers, and writes e4m3 (transposed where asked). On the H200 XLA takes up to
@@ -25,6 +27,14 @@ session). A quantize_tiles_t program reads a 128-row x `block_c`-column tile onc
 which also marks zero rows), takes each column's amax over its 128 rows, scales and casts in registers and writes
 the tile transposed: one read and one (half-size) write.
 
+Given x_scale, the kernel requantizes: x is the e4m3 codes of an earlier 1 x 128 quantization along C, each code
+multiplied by its tile's scale as it is read, as DeepSeek-V3 builds its weight-gradient operands from the forward's
+tiles (its report, section 3.5.2). Read a byte at a time, a tile takes a register layout that Triton converts
+through shared memory before the reduction, and the pass ran slower than the bf16 one it replaces though it reads
+half the bytes (H100: 0.39-0.42 ms against 0.27-0.32 on small's experts' rows); reading the codes as uint16 pairs
+and reducing the even and odd columns as two planes (_pairs_kernel) takes it to 0.32-0.33 ms (BENCHMARKS.md,
+2026-12-06 eighteenth FP8 session). So the layers requantize only where it spares a write (the SwiGLU's results).
+
 The rows are padded to whole 128-row tiles with zeros (zero rows do not change a tile's amax), as quantize_tiles
 pads its last axis; an all-zero column tile gets scale 1, and a NaN poisons its tile, as in quantize.py.
 """
@@ -36,6 +46,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -84,19 +95,30 @@ def _load_rows(index_ref, x_ref, col, rows: int, cols: int, gather: bool):
     src = index_ref[...] if gather else pl.program_id(0) * TILE + jnp.arange(TILE, dtype=jnp.int32)
     row_ok = (src < rows)[:, None]
     ok = row_ok & (col < cols)[None, :]
-    tile = pltriton.load(x_ref.at[src[:, None], col[None, :]], mask=ok, other=0).astype(jnp.float32)
+    if x_ref.dtype == E4M3:  # Triton's lowering casts no `other` to float8: masked lanes zeroed after the load
+        tile = jnp.where(ok, pltriton.load(x_ref.at[src[:, None], col[None, :]], mask=ok).astype(jnp.float32), 0.0)
+    else:
+        tile = pltriton.load(x_ref.at[src[:, None], col[None, :]], mask=ok, other=0).astype(jnp.float32)
     return src, row_ok, ok, tile
 
 
 BLOCK_C = 64  # columns per program: a 128 x 64 bf16 tile is 16 KiB of registers across 4 warps
+# The requantizer (x_scale given): 128 columns of e4m3 codes read as uint16 pairs where C is even (_pairs_kernel).
+# On the H100 at small's experts' rows (237,568 x 1024, BENCHMARKS.md eighteenth FP8 session) 0.320-0.329 ms,
+# against 0.38-0.40 for the same tile in bytes and 0.36-0.49 for 32 or 64 columns (2-8 warps).
+BLOCK_C_E4M3 = 128
+PAIRS = True
 
 
-def _kernel(index_ref, rs_ref, x_ref, q_ref, s_ref, *, rows, cols, block_c, gather, blocked, row_scale):
+def _kernel(index_ref, rs_ref, xs_ref, x_ref, q_ref, s_ref, *, rows, cols, block_c, gather, blocked, row_scale, tiled):
     if blocked:  # x_ref is this program's [128, block_c] tile
         t = x_ref[...].astype(jnp.float32)
     else:
         col = pl.program_id(1) * block_c + jnp.arange(block_c, dtype=jnp.int32)
-        _, _, _, t = _load_rows(index_ref, x_ref, col, rows, cols, gather)
+        src, row_ok, _, t = _load_rows(index_ref, x_ref, col, rows, cols, gather)
+        if tiled:  # x holds e4m3 codes of 1 x 128 tiles along C: this program's columns lie in one of them
+            tile = pl.program_id(1) * block_c // TILE
+            t = t * pltriton.load(xs_ref.at[src, tile], mask=row_ok[:, 0], other=0)[:, None]
     if row_scale:
         t = t * rs_ref[...][:, None]
     q, scale = to_e4m3(t, nan_amax(t, axis=0)[None, :])  # one scale per column over the tile's 128 rows
@@ -104,24 +126,59 @@ def _kernel(index_ref, rs_ref, x_ref, q_ref, s_ref, *, rows, cols, block_c, gath
     s_ref[...] = scale
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block_c", "num_warps", "blocked"))
+def _pairs_kernel(index_ref, rs_ref, xs_ref, x_ref, q_ref, s_ref, *, rows, cols, block_c, gather, row_scale):
+    """_kernel's requantization (x_scale given) with the e4m3 codes read as uint16 pairs, x_ref [R, C / 2]: the
+    even columns (low bytes) and the odd ones each reduced and stored as their own plane. Loaded as bytes, a tile
+    takes a register layout that Triton converts through shared memory before the column reduction."""
+    half = block_c // 2
+    colh = pl.program_id(1) * half + jnp.arange(half, dtype=jnp.int32)
+    src = index_ref[...] if gather else pl.program_id(0) * TILE + jnp.arange(TILE, dtype=jnp.int32)
+    row_ok = src < rows
+    ok = row_ok[:, None] & (colh < cols // 2)[None, :]
+    pairs = pltriton.load(x_ref.at[src[:, None], colh[None, :]], mask=ok, other=0).astype(jnp.int32)
+    row_s = pltriton.load(xs_ref.at[src, pl.program_id(1) * block_c // TILE], mask=row_ok, other=0)[:, None]
+    for j in range(2):
+        code = ((pairs >> (8 * j)) & 0xFF).astype(jnp.uint8)
+        t = lax.bitcast_convert_type(code, E4M3).astype(jnp.float32) * row_s
+        if row_scale:
+            t = t * rs_ref[...][:, None]
+        q, scale = to_e4m3(t, nan_amax(t, axis=0)[None, :])
+        out = 2 * jnp.arange(half, dtype=jnp.int32) + j  # this plane's columns: rows of the transposed output
+        pltriton.store(q_ref.at[out[:, None], jnp.arange(TILE, dtype=jnp.int32)[None, :]], q.T)
+        pltriton.store(s_ref.at[jnp.zeros((half,), jnp.int32), out], scale[0])
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block_c", "num_warps", "blocked", "pairs"))
 def quantize_tiles_t(
     x,
     index=None,
     row_scale=None,
+    x_scale=None,
     *,
     interpret: bool = False,
-    block_c: int = BLOCK_C,
+    block_c: int | None = None,
     num_warps: int = 4,
     blocked: bool = False,
+    pairs: bool | None = None,
 ):
     """x [R, C] (index None) -> (q float8_e4m3fn [C, R], s float32 [C, ceil(R / 128)]) = quantize_tiles(x.T).
     With index [R'] int32 (ops.align_groups' layout: row p is x[index[p]], a zero row where index[p] >= R; R' a
     multiple of 128): q [C, R'], s [C, R' / 128] = quantize_tiles(take_aligned(x, index).T). row_scale [R'] (or [R]
     without index) float32: each output row multiplied by its entry (in float32, before the amax), e.g. the routing
-    weights of the experts' rows gathered from the tokens' gradient. blocked (no index or row_scale, 128 dividing R
-    and block_c dividing C): the input tiles as BlockSpec blocks, no masked pointer loads."""
+    weights of the experts' rows gathered from the tokens' gradient. x_scale [R, ceil(C / 128)] float32: x is e4m3
+    codes in 1 x 128 tiles along C (quantize_tiles' output) and each is dequantized (code * its tile's scale, in
+    float32) as it is read, before the row scale: DeepSeek-V3's requantization of the forward's tiles into the
+    weight gradient's (block_c must divide 128); pairs (None: where C is even) reads the codes two at a time
+    (_pairs_kernel). blocked (no index, row_scale or x_scale, 128 dividing R and
+    block_c dividing C): the input tiles as BlockSpec blocks, no masked pointer loads."""
     rows, cols = x.shape
+    tiled = x_scale is not None
+    block_c = block_c or (BLOCK_C_E4M3 if tiled else BLOCK_C)
+    if tiled and (x.dtype != E4M3 or x_scale.shape != (rows, tiles(cols)) or TILE % block_c):
+        raise ValueError(
+            f"x_scale: x must be e4m3 codes with scales [{rows}, {tiles(cols)}] and block_c must divide {TILE}, got "
+            f"{x.dtype}, {x_scale.shape}, block_c={block_c}"
+        )
     gather, out_rows, index, idx_spec = _rows_source(x, index)
     row_tiles, col_blocks = tiles(out_rows), -(-cols // block_c)
     scaled = row_scale is not None
@@ -129,15 +186,20 @@ def quantize_tiles_t(
         raise ValueError(f"row_scale must be [{out_rows}] (one per output row), got {row_scale.shape}")
     rs = jnp.pad(row_scale.astype(jnp.float32), (0, row_tiles * TILE - out_rows)) if scaled else jnp.zeros((TILE,))
     rs_spec = pl.BlockSpec((TILE,), (lambda r, c: (r,)) if scaled else (lambda r, c: (0,)))
-    blocked = blocked and not gather and not scaled and rows % TILE == 0 and cols % block_c == 0
-    x_spec = pl.BlockSpec((TILE, block_c) if blocked else (rows, cols), lambda r, c: (r, c) if blocked else (0, 0))
-    kernel = functools.partial(
-        _kernel, rows=rows, cols=cols, block_c=block_c, gather=gather, blocked=blocked, row_scale=scaled
-    )
+    xs = x_scale.astype(jnp.float32) if tiled else jnp.zeros((1, 1), jnp.float32)
+    xs_spec = pl.BlockSpec(xs.shape, lambda r, c: (0, 0))
+    blocked = blocked and not (gather or scaled or tiled) and rows % TILE == 0 and cols % block_c == 0
+    pairs = tiled and cols % 2 == 0 and (PAIRS if pairs is None else pairs)
+    if pairs:  # the codes as uint16 pairs: a bitcast, no copy
+        x = lax.bitcast_convert_type(x.reshape(rows, cols // 2, 2), jnp.uint16)
+        kernel = functools.partial(_pairs_kernel, gather=gather, row_scale=scaled)
+    else:
+        kernel = functools.partial(_kernel, gather=gather, blocked=blocked, row_scale=scaled, tiled=tiled)
+    x_spec = pl.BlockSpec((TILE, block_c) if blocked else x.shape, lambda r, c: (r, c) if blocked else (0, 0))
     q, s = pl.pallas_call(
-        kernel,
+        functools.partial(kernel, rows=rows, cols=cols, block_c=block_c),
         grid=(row_tiles, col_blocks),
-        in_specs=[idx_spec, rs_spec, x_spec],
+        in_specs=[idx_spec, rs_spec, xs_spec, x_spec],
         out_specs=[
             pl.BlockSpec((block_c, TILE), lambda r, c: (c, r)),
             pl.BlockSpec((1, block_c), lambda r, c: (r, c)),
@@ -148,8 +210,8 @@ def quantize_tiles_t(
         ],
         compiler_params=_params(num_warps),
         interpret=interpret,
-        name="fp8_quantize_tiles_t",
-    )(index, rs, x)
+        name="fp8_requantize_tiles_t" if tiled else "fp8_quantize_tiles_t",
+    )(index, rs, xs, x)
     return q[:cols, :out_rows], s[:, :cols].T
 
 
