@@ -61,7 +61,7 @@ flags.DEFINE_string(
     "N,D,I: the FP8 experts' four weight-gradient operands at N tokens x (--k routed + 1 shared) rows, hidden D, "
     "expert width I, two ways: quantized from the compute-dtype values (quantize_tiles_t; the SwiGLU passes write "
     "h and d[gate | up]) and requantized from the e4m3 tiles (requantize_tiles_t; the SwiGLU passes write tiles "
-    "only), each pass timed, the requantizer's reads (uint16 pairs or bytes) x block_c x num_warps swept.",
+    "only), each pass timed, the requantizer's reads (uint16 pairs, uint32 quads, bytes) x block_c x warps swept.",
 )
 flags.DEFINE_integer("k", 6, "Routed experts per token for --requant (plus one shared).")
 flags.DEFINE_bool("probe", False, "Print where XLA's and Triton's float32 -> e4m3 casts and divisions round apart.")
@@ -337,15 +337,16 @@ def requant(n: int, d: int, i: int):
         flush=True,
     )
     print("| requantizer tiling (x^T gathered / d[gate|up]^T) | ms | ms |\n|---|---|---|")
-    for pairs in (True, False):
+    for pack in (2, 4, 1):
         for block_c in (32, 64, 128):
             for warps in (2, 4, 8):
-                how = dict(block_c=block_c, num_warps=warps, pairs=pairs)
+                how = dict(block_c=block_c, num_warps=warps, pack=pack)
                 f = functools.partial(quantize_gpu.quantize_tiles_t, **how)
                 a = _ms(lambda q, s, t, f=f: f(q, t, None, s), xq, xs, token)
                 b = _ms(lambda q, s, f=f: f(q, None, None, s), dq, ds)
                 print(
-                    f"| {'uint16 pairs' if pairs else 'bytes'}, block_c={block_c} warps={warps} | {a:.3f} | {b:.3f} |"
+                    f"| {({1: 'bytes', 2: 'uint16 pairs', 4: 'uint32 quads'})[pack]}, block_c={block_c} warps={warps} "
+                    f"| {a:.3f} | {b:.3f} |"
                 )
 
 

@@ -83,16 +83,16 @@ def test_row_scaled_transposing_quantize_is_bit_equal(gather):
 
 
 @pytest.mark.parametrize(
-    "gather, scaled, block_c, pairs",
-    [(False, False, None, True), (True, False, 32, True), (True, True, None, True), (False, True, 128, True)]
-    + [(True, True, None, False), (False, False, 128, False)],
+    "gather, scaled, block_c, pack",
+    [(False, False, None, 2), (True, False, 32, 2), (True, True, None, 2), (False, True, 128, 2)]
+    + [(True, True, None, 1), (False, False, 128, 1), (True, True, 64, 4), (False, False, None, 4)],
 )
-def test_requantizing_transpose_is_bit_equal(gather, scaled, block_c, pairs):
+def test_requantizing_transpose_is_bit_equal(gather, scaled, block_c, pack):
     """requantize_tiles_t: a weight gradient's operand from e4m3 tiles along C (DeepSeek-V3's workflow), the kernel
     dequantizing each code by its tile's scale as it reads, is bit-equal to XLA's dequantize_tiles then
     quantize_tiles_t: C off the tile (a partial last scale tile), a zero tile, a NaN (its 1 x 128 tile poisons the
     128 x 1 tiles it meets), rows gathered onto align_groups' layout and scaled by weights among them 0 and 1e-20;
-    the codes read in uint16 pairs (two planes) or one by one."""
+    the codes read one by one, in uint16 pairs (two planes) or uint32 quads (four)."""
     x = _activations(300, 200, seed=6)
     xq, xs = quantize.quantize_tiles(x)
     index = align_groups(jnp.asarray([0, 100, 3, 190, 0], jnp.int32), x.shape[0])[0] if gather else None
@@ -100,7 +100,7 @@ def test_requantizing_transpose_is_bit_equal(gather, scaled, block_c, pairs):
     rows = take_aligned(rows, index) if gather else rows
     scale = jax.random.uniform(jax.random.key(7), (rows.shape[0],)).at[3].set(0.0).at[7].set(1e-20) if scaled else None
     want = quantize.quantize_tiles((rows if scale is None else rows * scale[:, None]).T)
-    got = quantize_gpu.quantize_tiles_t(xq, index, scale, xs, block_c=block_c, pairs=pairs, interpret=INTERPRET)
+    got = quantize_gpu.quantize_tiles_t(xq, index, scale, xs, block_c=block_c, pack=pack, interpret=INTERPRET)
     _assert_bits_equal(got, want)
     _assert_bits_equal(requantize_tiles_t(xq, xs, index, scale, backend="xla"), want)
     # a second rounding: each value within two e4m3 steps (1/8 relative, or the new tile's scale where the first
@@ -114,6 +114,8 @@ def test_requantizing_transpose_is_bit_equal(gather, scaled, block_c, pairs):
     assert np.all(np.abs(again - direct)[ok] <= 2 * step[ok])
     with pytest.raises(ValueError, match="block_c must divide 128"):
         quantize_gpu.quantize_tiles_t(xq, index, scale, xs, block_c=96, interpret=True)
+    with pytest.raises(ValueError, match="pack must be"):
+        quantize_gpu.quantize_tiles_t(xq, index, scale, xs, pack=3, interpret=True)
     with pytest.raises(ValueError, match="e4m3 codes"):
         quantize_gpu.quantize_tiles_t(x, index, scale, xs, interpret=True)
 

@@ -114,6 +114,8 @@ def test_fp8_quantize_kernels_lower_for_cuda():
     for c in (K + 5, K + 6):  # an odd C reads the codes one by one, an even one in uint16 pairs
         pair = S((M + 3, c), E4), S((M + 3, -(-c // 128)), F32)
         _lower_for_cuda(lambda q, s: f8.requantize_tiles_t(q, s, backend="gpu"), *pair, kernel=triton)
+    quads = lambda q, s: quantize_gpu.quantize_tiles_t(q, None, None, s, pack=4)  # noqa: E731 - uint32 reads
+    _lower_for_cuda(quads, S((M + 3, K + 4), E4), S((M + 3, -(-(K + 4) // 128)), F32), kernel=triton)
     _lower_for_cuda(lambda a: f8.quantize_both(a, backend="gpu"), x, kernel=triton)
     _lower_for_cuda(lambda a, i: f8.quantize_both(a, i, backend="gpu"), x, index, kernel=triton)
     xb = S((M, K), BF16)  # the BlockSpec-tiled variants, on shapes their tiles divide

@@ -32,7 +32,7 @@ multiplied by its tile's scale as it is read, as DeepSeek-V3 builds its weight-g
 tiles (its report, section 3.5.2). Read a byte at a time, a tile takes a register layout that Triton converts
 through shared memory before the reduction, and the pass ran slower than the bf16 one it replaces though it reads
 half the bytes (H100: 0.39-0.42 ms against 0.27-0.32 on small's experts' rows); reading the codes as uint16 pairs
-and reducing the even and odd columns as two planes (_pairs_kernel) takes it to 0.32-0.33 ms (BENCHMARKS.md,
+and reducing the even and odd columns as two planes (_packed_kernel) takes it to 0.32-0.33 ms (BENCHMARKS.md,
 2026-12-06 eighteenth FP8 session). So the layers requantize only where it spares a write (the SwiGLU's results).
 
 The rows are padded to whole 128-row tiles with zeros (zero rows do not change a tile's amax), as quantize_tiles
@@ -103,11 +103,12 @@ def _load_rows(index_ref, x_ref, col, rows: int, cols: int, gather: bool):
 
 
 BLOCK_C = 64  # columns per program: a 128 x 64 bf16 tile is 16 KiB of registers across 4 warps
-# The requantizer (x_scale given): 128 columns of e4m3 codes read as uint16 pairs where C is even (_pairs_kernel).
+# The requantizer (x_scale given): 128 columns of e4m3 codes read as uint16 pairs where C is even (_packed_kernel).
 # On the H100 at small's experts' rows (237,568 x 1024, BENCHMARKS.md eighteenth FP8 session) 0.320-0.329 ms,
-# against 0.38-0.40 for the same tile in bytes and 0.36-0.49 for 32 or 64 columns (2-8 warps).
+# against 0.38-0.40 for the same tile in bytes and 0.36-0.49 for 32 or 64 columns (2-8 warps); uint32 quads
+# (pack=4) untimed.
 BLOCK_C_E4M3 = 128
-PAIRS = True
+PACK = 2
 
 
 def _kernel(index_ref, rs_ref, xs_ref, x_ref, q_ref, s_ref, *, rows, cols, block_c, gather, blocked, row_scale, tiled):
@@ -126,29 +127,30 @@ def _kernel(index_ref, rs_ref, xs_ref, x_ref, q_ref, s_ref, *, rows, cols, block
     s_ref[...] = scale
 
 
-def _pairs_kernel(index_ref, rs_ref, xs_ref, x_ref, q_ref, s_ref, *, rows, cols, block_c, gather, row_scale):
-    """_kernel's requantization (x_scale given) with the e4m3 codes read as uint16 pairs, x_ref [R, C / 2]: the
-    even columns (low bytes) and the odd ones each reduced and stored as their own plane. Loaded as bytes, a tile
-    takes a register layout that Triton converts through shared memory before the column reduction."""
-    half = block_c // 2
-    colh = pl.program_id(1) * half + jnp.arange(half, dtype=jnp.int32)
+def _packed_kernel(index_ref, rs_ref, xs_ref, x_ref, q_ref, s_ref, *, rows, cols, block_c, gather, row_scale, pack):
+    """_kernel's requantization (x_scale given) with `pack` e4m3 codes read as one unsigned integer (2: uint16
+    pairs, 4: uint32 quads), x_ref [R, C / pack]: the columns j, j + pack, ... (byte j of each) reduced and stored as
+    their own plane. Loaded as bytes, a tile takes a register layout that Triton converts through shared memory
+    before the column reduction."""
+    width = block_c // pack
+    colp = pl.program_id(1) * width + jnp.arange(width, dtype=jnp.int32)
     src = index_ref[...] if gather else pl.program_id(0) * TILE + jnp.arange(TILE, dtype=jnp.int32)
     row_ok = src < rows
-    ok = row_ok[:, None] & (colh < cols // 2)[None, :]
-    pairs = pltriton.load(x_ref.at[src[:, None], colh[None, :]], mask=ok, other=0).astype(jnp.int32)
+    ok = row_ok[:, None] & (colp < cols // pack)[None, :]
+    words = pltriton.load(x_ref.at[src[:, None], colp[None, :]], mask=ok, other=0)
     row_s = pltriton.load(xs_ref.at[src, pl.program_id(1) * block_c // TILE], mask=row_ok, other=0)[:, None]
-    for j in range(2):
-        code = ((pairs >> (8 * j)) & 0xFF).astype(jnp.uint8)
+    for j in range(pack):
+        code = ((words >> (8 * j)) & 0xFF).astype(jnp.uint8)
         t = lax.bitcast_convert_type(code, E4M3).astype(jnp.float32) * row_s
         if row_scale:
             t = t * rs_ref[...][:, None]
         q, scale = to_e4m3(t, nan_amax(t, axis=0)[None, :])
-        out = 2 * jnp.arange(half, dtype=jnp.int32) + j  # this plane's columns: rows of the transposed output
+        out = pack * jnp.arange(width, dtype=jnp.int32) + j  # this plane's columns: rows of the transposed output
         pltriton.store(q_ref.at[out[:, None], jnp.arange(TILE, dtype=jnp.int32)[None, :]], q.T)
-        pltriton.store(s_ref.at[jnp.zeros((half,), jnp.int32), out], scale[0])
+        pltriton.store(s_ref.at[jnp.zeros((width,), jnp.int32), out], scale[0])
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block_c", "num_warps", "blocked", "pairs"))
+@functools.partial(jax.jit, static_argnames=("interpret", "block_c", "num_warps", "blocked", "pack"))
 def quantize_tiles_t(
     x,
     index=None,
@@ -159,7 +161,7 @@ def quantize_tiles_t(
     block_c: int | None = None,
     num_warps: int = 4,
     blocked: bool = False,
-    pairs: bool | None = None,
+    pack: int | None = None,
 ):
     """x [R, C] (index None) -> (q float8_e4m3fn [C, R], s float32 [C, ceil(R / 128)]) = quantize_tiles(x.T).
     With index [R'] int32 (ops.align_groups' layout: row p is x[index[p]], a zero row where index[p] >= R; R' a
@@ -168,8 +170,8 @@ def quantize_tiles_t(
     weights of the experts' rows gathered from the tokens' gradient. x_scale [R, ceil(C / 128)] float32: x is e4m3
     codes in 1 x 128 tiles along C (quantize_tiles' output) and each is dequantized (code * its tile's scale, in
     float32) as it is read, before the row scale: DeepSeek-V3's requantization of the forward's tiles into the
-    weight gradient's (block_c must divide 128); pairs (None: where C is even) reads the codes two at a time
-    (_pairs_kernel). blocked (no index, row_scale or x_scale, 128 dividing R and
+    weight gradient's (block_c must divide 128); pack (None: PACK) codes are read as one integer (_packed_kernel)
+    where it divides C and block_c, else one by one. blocked (no index, row_scale or x_scale, 128 dividing R and
     block_c dividing C): the input tiles as BlockSpec blocks, no masked pointer loads."""
     rows, cols = x.shape
     tiled = x_scale is not None
@@ -189,10 +191,12 @@ def quantize_tiles_t(
     xs = x_scale.astype(jnp.float32) if tiled else jnp.zeros((1, 1), jnp.float32)
     xs_spec = pl.BlockSpec(xs.shape, lambda r, c: (0, 0))
     blocked = blocked and not (gather or scaled or tiled) and rows % TILE == 0 and cols % block_c == 0
-    pairs = tiled and cols % 2 == 0 and (PAIRS if pairs is None else pairs)
-    if pairs:  # the codes as uint16 pairs: a bitcast, no copy
-        x = lax.bitcast_convert_type(x.reshape(rows, cols // 2, 2), jnp.uint16)
-        kernel = functools.partial(_pairs_kernel, gather=gather, row_scale=scaled)
+    pack = PACK if pack is None else pack
+    if pack not in (1, 2, 4):
+        raise ValueError(f"pack must be 1, 2 or 4 (codes per load), got {pack}")
+    if tiled and pack > 1 and cols % pack == 0 and block_c % pack == 0:  # a bitcast to wider words, no copy
+        x = lax.bitcast_convert_type(x.reshape(rows, cols // pack, pack), {2: jnp.uint16, 4: jnp.uint32}[pack])
+        kernel = functools.partial(_packed_kernel, gather=gather, row_scale=scaled, pack=pack)
     else:
         kernel = functools.partial(_kernel, gather=gather, blocked=blocked, row_scale=scaled, tiled=tiled)
     x_spec = pl.BlockSpec((TILE, block_c) if blocked else x.shape, lambda r, c: (r, c) if blocked else (0, 0))
