@@ -260,7 +260,7 @@ def act_quantize(gu, act, dtype, *, keep=True, backend="auto", interpret=False):
     if _fused_act(gu, backend):
         return quantize_act.act_quantize(gu, act, jnp.dtype(dtype), keep=keep, interpret=interpret)
     h = act(*jnp.split(gu, 2, axis=-1), dtype)
-    return (h if keep else None), quantize_tiles(_rounded(h, keep), backend=backend, interpret=interpret)
+    return (h if keep else None), quantize_tiles(h, backend=backend, interpret=interpret)
 
 
 def act_bwd_quantize(gu, dh, act, *, keep=True, backend="auto", interpret=False):
@@ -272,17 +272,7 @@ def act_bwd_quantize(gu, dh, act, *, keep=True, backend="auto", interpret=False)
         return quantize_act.act_bwd_quantize(gu, dh, act, keep=keep, interpret=interpret)
     grads = jax.vjp(lambda a, b: act(a, b, dh.dtype), *jnp.split(gu, 2, axis=-1))[1](dh)
     dgu = jnp.concatenate(grads, axis=-1)
-    return (dgu if keep else None), quantize_tiles(_rounded(dgu, keep), backend=backend, interpret=interpret)
-
-
-def _rounded(x, keep: bool):
-    """x as its dtype rounds it, also where XLA fuses it into the quantizer: unwritten (keep False), a bf16 result
-    may stay float32 inside the fusion under XLA's excess-precision rule on GPUs, where the written path (and the
-    Triton kernels) round it first. reduce_precision survives that rewrite."""
-    if keep or jnp.finfo(x.dtype).bits >= 32:
-        return x
-    info = jnp.finfo(x.dtype)
-    return lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    return (dgu if keep else None), quantize_tiles(dgu, backend=backend, interpret=interpret)
 
 
 def fp8_tgmm(a_q, a_s, b_q, b_s, group_sizes, *, out_dtype=jnp.float32, backend="auto", interpret=False, config=None):
