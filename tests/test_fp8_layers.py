@@ -114,11 +114,13 @@ def test_fp8_expert_ffn_on_aligned_rows_equals_the_per_projection_path(backend):
         def f(x, w, a, b):
             return sorted_experts(x.astype(dtype), Routing(w, indices, None), a, b, dtype, **how)
 
-        def both():
+        def both(x, weights, gate_up, down, g):
             y, vjp = jax.vjp(f, x, weights, gate_up, down)
             return (y, *vjp(g.astype(dtype)))
 
-        return jax.jit(both)()
+        # the inputs as arguments, not constants: XLA would fold some quantizations on the host and run others on
+        # the device, and on a GPU the two paths could then differ by where they ran
+        return jax.jit(both)(x, weights, gate_up, down, g)
 
     got = run(fp8_backend=backend)
     bf16_wgrad = run(fp8_backend=backend, fp8_wgrad=False)
@@ -174,11 +176,11 @@ def test_fp8_shared_experts_in_the_routed_grouped_gemms_equal_a_separate_mlp(bac
     params = MoE(cfg).init(jax.random.key(1), x)["params"]
 
     def run():  # a new function object per call: jit traces it afresh under the patch below, not from its cache
-        def both():
+        def both(params, x, g):  # arguments, not constants (as in the test above)
             y, vjp = jax.vjp(lambda p, x: MoE(cfg).apply({"params": p}, x)[0], params, x)
             return y, *vjp(g)
 
-        return jax.jit(both)()
+        return jax.jit(both)(params, x, g)
 
     folded = run()
     with mock.patch.object(moe_module, "shared_in_routed", lambda c: False):
