@@ -132,25 +132,32 @@ def run_model(flags: list[str], ckpt: str | None) -> dict:
         }
         state = (mesh, step, p1, o1)
     if ckpt:  # written under the last mesh, restored under the first, trained one more step there
-        mesh, _, p1, o1 = state
-        ck = Checkpointer(ckpt, keep=1, async_save=False)
-        ck.save(1, p1, o1, jnp.zeros(2, jnp.uint32), {}, {"model": model_config_dict(cfg), "experiment": {}})
-        ck.wait()
-        first = make_mesh(flags[0])
-        like_p, like_o = shard_train_state(first, copy(params), tx.init(params))
-        rp, ro, _, _ = ck.restore(1, like_p, like_o)
-        ck.close()
-        step, _, _, _ = make_step_fns(cfg, c, first)
-        same_layout = all(x.sharding == y.sharding for x, y in zip(jax.tree.leaves(rp), jax.tree.leaves(like_p)))
-        values = maxdiff(rp, p1) + maxdiff(ro, o1)
-        _, _, m2 = step(rp, ro, np.int32(1), shard_batch(first, micro, batch_dim=1))
-        out["restore"] = {
-            "values": values,
-            "layout_is_new_mesh": same_layout,
-            "next_step_loss": abs(float(m2["loss"] - ref2[2]["loss"])),
-        }
-        np.save(f"{ckpt}/lm_head.npy", np.asarray(p1["lm_head"]))
+        out["restore"] = restore_on_first_mesh(ckpt, state, flags[0], (c, cfg, params, tx), micro, ref2)
     return out
+
+
+def restore_on_first_mesh(ckpt, state, first_flag, setup, micro, ref2) -> dict:
+    """The last mesh's trained state saved, restored under the first mesh (first_flag) and stepped once more there:
+    its values, layout and next step's loss against the single-device run's (ref2)."""
+    c, cfg, params, tx = setup
+    _, _, p1, o1 = state
+    ck = Checkpointer(ckpt, keep=1, async_save=False)
+    ck.save(1, p1, o1, jnp.zeros(2, jnp.uint32), {}, {"model": model_config_dict(cfg), "experiment": {}})
+    ck.wait()
+    first = make_mesh(first_flag)
+    like_p, like_o = shard_train_state(first, copy(params), tx.init(params))
+    rp, ro, _, _ = ck.restore(1, like_p, like_o)
+    ck.close()
+    step, _, _, _ = make_step_fns(cfg, c, first)
+    same_layout = all(x.sharding == y.sharding for x, y in zip(jax.tree.leaves(rp), jax.tree.leaves(like_p)))
+    values = maxdiff(rp, p1) + maxdiff(ro, o1)
+    _, _, m2 = step(rp, ro, np.int32(1), shard_batch(first, micro, batch_dim=1))
+    np.save(f"{ckpt}/lm_head.npy", np.asarray(p1["lm_head"]))
+    return {
+        "values": values,
+        "layout_is_new_mesh": same_layout,
+        "next_step_loss": abs(float(m2["loss"] - ref2[2]["loss"])),
+    }
 
 
 def lm_loss_of(model, cfg, p, b):

@@ -29,7 +29,7 @@ from pallas_kernels.fp8_gemm import (
     take_aligned,
     transposed_blocks,
 )
-from pallas_kernels.fp8_gemm.gpu import check_config
+from pallas_kernels.fp8_gemm.gpu_config import check_config
 from pallas_kernels.fp8_gemm.ops import wgrad_splits
 from tests.fp8_helpers import INTERPRET, rel
 
@@ -153,7 +153,7 @@ def test_default_kernel_config_reads_store_rows_early_for_short_contractions(k, 
     the 128 scaling tile) up to EARLY_ROWS_MAX_K, where it measured faster, and off past it."""
     from unittest import mock
 
-    from pallas_kernels.fp8_gemm import gpu
+    from pallas_kernels.fp8_gemm import gpu, gpu_config
 
     seen = []
 
@@ -164,7 +164,7 @@ def test_default_kernel_config_reads_store_rows_early_for_short_contractions(k, 
     x, w = jnp.ones((8, k), jnp.float32), jnp.ones((1, k, 128), jnp.float32)
     with mock.patch.object(gpu, "fp8_gmm", kernel):
         fp8_gmm(*quantize_tiles(x), *quantize_blocks(w), jnp.asarray([8], jnp.int32), backend="gpu", interpret=True)
-    assert seen == [dataclasses.replace(gpu.GEMM_CONFIG, early_store_rows=early)]
+    assert seen == [dataclasses.replace(gpu_config.GEMM_CONFIG, early_store_rows=early)]
 
 
 def test_fp8_tgmm_refuses_skip_idle_wgs():

@@ -195,3 +195,14 @@ def test_fp8_training_step_runs_the_gpu_kernels_when_asked():
     # dense MLP's GEMMs bf16 dots
     only_experts = lowered("gpu", fp8_layers="experts").count("custom_call @mosaic_gpu")
     assert 0 < only_experts < full.count("custom_call @mosaic_gpu") - 12, only_experts
+
+
+def test_kernel_ir_fingerprints_are_stable_and_tell_kernels_apart():
+    """experiments/kernel_ir.py (the refactor check: lowered Mosaic GPU IR without source locations, hashed) gives a
+    kernel the same fingerprint twice and two kernels different ones."""
+    from experiments import kernel_ir
+
+    ks = kernel_ir.kernels()
+    first = kernel_ir.fingerprint(*ks["gmm_ws0"])
+    assert first == kernel_ir.fingerprint(*ks["gmm_ws0"])
+    assert first != kernel_ir.fingerprint(*ks["gmm_t_ws0"])

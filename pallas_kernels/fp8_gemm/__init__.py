@@ -5,7 +5,7 @@ with the quantization of its result, forward and backward), reference.py
 the XLA reference, ops.py the public entry points (see ops.py for what each backend runs today).
 """
 
-from pallas_kernels.fp8_gemm.gpu import Fp8GpuConfig
+from pallas_kernels.fp8_gemm.gpu_config import Fp8GpuConfig
 from pallas_kernels.fp8_gemm.ops import (
     act_bwd_quantize,
     act_quantize,

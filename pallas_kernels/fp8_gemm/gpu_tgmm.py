@@ -26,16 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.fp8_gemm.gpu import (
-    BLOCK_K,
-    Fp8GpuConfig,
-    check_config,
-    promoted_step,
-    scaled_k_loop,
-    specs_for,
-    ws_stages,
-    zero_sum,
-)
+from pallas_kernels.fp8_gemm.gpu import promoted_step, scaled_k_loop, specs_for, zero_sum
+from pallas_kernels.fp8_gemm.gpu_config import BLOCK_K, Fp8GpuConfig, check_config, ws_stages
 from pallas_kernels.grouped_matmul import gpu_common
 
 # The grouped weight gradient's default: warp-specialized, two compute warpgroups on 128-row tiles; at small's expert

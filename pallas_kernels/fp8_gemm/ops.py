@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.fp8_gemm import gpu, gpu_tgmm, quantize, quantize_act, quantize_gpu, reference
+from pallas_kernels.fp8_gemm import gpu, gpu_config, gpu_tgmm, quantize, quantize_act, quantize_gpu, reference
 from pallas_kernels.fp8_gemm.quantize import E4M3, TILE, tiles
 from pallas_kernels.grouped_matmul import gpu_common
 from pallas_kernels.grouped_matmul.reference import group_of
@@ -61,7 +61,7 @@ def _gpu_gmm(x_q, x_s, w_q, w_s, group_sizes, first, out_dtype, interpret, confi
     weights are w_q[first : first + G] of a larger stack, which the kernel indexes in place (only their scales,
     1/32 of the weights' bytes, are cut out here)."""
     m, k = x_q.shape
-    cfg = config or gpu.default_config(_round_up(k, TILE))
+    cfg = config or gpu_config.default_config(_round_up(k, TILE))
     g, (_, n, _) = group_sizes.shape[0], w_q.shape
     if first is not None:
         w_s = lax.dynamic_slice_in_dim(w_s, first, g, axis=0)
@@ -118,7 +118,7 @@ def fp8_gmm(
     config=None,
 ):
     """Grouped FP8 matmul: rows of x_q sorted by group; [M, K] x [G, N, K] -> [M, N] in out_dtype. config: the
-    GPU kernel's gpu.Fp8GpuConfig (None: its defaults). group_offset (an int32 scalar, may be traced): w_q / w_s are
+    GPU kernel's Fp8GpuConfig (None: its defaults). group_offset (an int32 scalar, may be traced): w_q / w_s are
     a larger stack [T, ...] (e.g. every layer's experts, quantize_blocks of [L, E, K, N] flattened) and group g
     takes w_q[group_offset + g]: on the GPU the kernel reads the stack in place, where a slice would be copied out
     first (XLA materializes a custom call's operands)."""

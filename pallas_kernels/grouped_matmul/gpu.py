@@ -113,6 +113,54 @@ def store_rows(out_smem, out_gmem, row0, lo, rows, col0, block_m, block_n):
             size //= 2
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """One gmm call's static shapes and specs, shared by its kernel bodies."""
+
+    cfg: GpuConfig
+    transpose_rhs: bool
+    out_dtype: jnp.dtype
+    interpret: bool
+    k_steps: int
+    n_tiles: int
+    mcs: int
+    specs: tuple  # (lhs BlockSpec, rhs BlockSpec)
+    rhs_dtype: jnp.dtype
+
+    @property
+    def cta_n(self):
+        return gpu_common.num_wgs(self.cfg) * self.cfg.block_n
+
+    @property
+    def epi_m(self):
+        return min(self.cfg.epi_m, self.cfg.block_m)
+
+    @property
+    def chain(self):
+        # Chaining needs every tile's ring to end on the same slot; other K fall back to one pipeline
+        # (with its fill and drain) per tile.
+        return self.cfg.chain_tiles and self.k_steps % self.mcs == 0
+
+    def views(self, lhs_gmem, rhs_gmem, gi, row0, n0):
+        r = rhs_gmem.at[gi]
+        r = r.at[pl.ds(n0, self.cta_n), :] if self.transpose_rhs else r.at[:, pl.ds(n0, self.cta_n)]
+        return lhs_gmem.at[pl.ds(row0, self.cfg.block_m), :], r
+
+    def b_operand(self, b_smem, wg, t_smem):
+        bn = self.cfg.block_n
+        if self.transpose_rhs:
+            return gpu_common.transposed(b_smem.at[pl.ds(wg * bn, bn), :], t_smem)
+        return b_smem.at[:, pl.ds(wg * bn, bn)]
+
+    def scratch(self, shape):  # the interpreter's transpose scratch (transposed rhs only)
+        return gpu_common.scratch(self.interpret and self.transpose_rhs, shape, self.rhs_dtype)
+
+    def tile_info(self, refs, mt, nt):
+        _, group_ref, row0_ref, lo_ref, rows_ref = refs
+        row0 = pl.multiple_of(row0_ref[mt], 8)
+        return jnp.maximum(group_ref[mt], 0), row0, lo_ref[mt], rows_ref[mt], nt * self.cta_n
+
+
 def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, config=None, interpret=False, out_dtype=None):
     """lhs [M, K] x rhs [G, K, N] (or [G, N, K] with transpose_rhs) -> [M, N].
 
@@ -123,13 +171,9 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, config=None, interpret=Fa
     m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     out_dtype = out_dtype or lhs.dtype
-    nw = gpu_common.num_wgs(cfg)
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
-    cta_n = nw * bn
+    cta_n = gpu_common.num_wgs(cfg) * bn
     k_steps = k // bk
-    n_tiles = n // cta_n
-    mcs = max(1, min(cfg.max_concurrent_steps, k_steps))
-    count, tgroup, trow0, tlo, trows = gmm_tiles(group_sizes, m, bm)
     # wgmma wants one swizzle for both operands, and each warpgroup slices out bn columns of B.
     tf = gpu_common.transforms(min(bk, bn), lhs.dtype)
     lhs_spec = plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=tf)
@@ -137,128 +181,106 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, config=None, interpret=Fa
         rhs_spec = plgpu.BlockSpec((cta_n, bk), lambda kk: (0, kk), transforms=tf)
     else:
         rhs_spec = plgpu.BlockSpec((bk, cta_n), lambda kk: (kk, 0), transforms=tf)
-
-    def views(lhs_gmem, rhs_gmem, gi, row0, n0):
-        r = rhs_gmem.at[gi]
-        r = r.at[pl.ds(n0, cta_n), :] if transpose_rhs else r.at[:, pl.ds(n0, cta_n)]
-        return lhs_gmem.at[pl.ds(row0, bm), :], r
-
-    def b_operand(b_smem, wg, t_smem):
-        if transpose_rhs:
-            return gpu_common.transposed(b_smem.at[pl.ds(wg * bn, bn), :], t_smem)
-        return b_smem.at[:, pl.ds(wg * bn, bn)]
-
-    t_shape = gpu_common.scratch(interpret and transpose_rhs, (bk, bn), rhs.dtype)
-    epi_m = min(cfg.epi_m, bm)
-
-    # Chaining needs every tile's ring to end on the same slot; other K fall back to one pipeline
-    # (with its fill and drain) per tile.
-    chain = cfg.chain_tiles and k_steps % mcs == 0
-
-    def tile_info(refs, mt, nt):
-        _, group_ref, row0_ref, lo_ref, rows_ref = refs
-        row0 = pl.multiple_of(row0_ref[mt], 8)
-        return jnp.maximum(group_ref[mt], 0), row0, lo_ref[mt], rows_ref[mt], nt * cta_n
-
-    def body_ws(*refs):
-        meta, (lhs_gmem, rhs_gmem, out_gmem) = refs[:5], refs[5:]
-        n_all, n_real = meta[0][0], meta[0][1]
-        allocs = gpu_common.pipeline(
-            cfg,
-            gpu_common.ignore,
-            gpu_common.ignore,
-            k_steps,
-            [lhs_spec, rhs_spec],
-            mcs,
-        ).get_allocations(*views(lhs_gmem, rhs_gmem, 0, 0, 0))
-
-        def scoped(allocs, wg, t_wg, out_smem):
-            def store_chunk_fn(row0, lo, rows, n0):
-                def store_chunk(r0):
-                    clo = jnp.clip(lo - r0, 0, epi_m)
-                    crows = jnp.clip(lo + rows - r0, 0, epi_m) - clo
-                    store_rows(out_smem.at[wg], out_gmem, row0 + r0, clo, crows, n0 + wg * bn, epi_m, bn)
-
-                return store_chunk
-
-            def tile(i, lin, n):
-                mt, nt = gpu_common.tile_order(lin, n_real, n_tiles, cfg.grid_tile_n)
-                gi, row0, lo, rows, n0 = tile_info(meta, mt, nt)
-
-                def ctx(eval_pipeline):
-                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, bn), jnp.float32))
-                    def _(acc_ref):
-                        eval_pipeline(acc_ref)
-                        gpu_common.epilogue(acc_ref[...], out_smem.at[wg], store_chunk_fn(row0, lo, rows, n0))
-
-                def mma(_, a_smem, b_smem, acc_ref):
-                    plgpu.wgmma(acc_ref, a_smem, b_operand(b_smem, wg, t_wg))
-                    plgpu.wgmma_wait(0)
-                    return acc_ref
-
-                def run(state):
-                    gpu_common.pipeline(cfg, mma, ctx, k_steps, [lhs_spec, rhs_spec], mcs, state)(
-                        *views(lhs_gmem, rhs_gmem, gi, row0, n0), allocations=allocs
-                    )
-
-                gpu_common.chained(run, i, n, chain)
-
-            gpu_common.persistent_loop(n_real * n_tiles, tile)
-
-            # Rows past sum(group_sizes): the compute warpgroups store zeros, the memory one has no work.
-            @pl.when(wg < 2)
-            def _():
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                out_smem.at[wg][...] = jnp.zeros((epi_m, bn), out_dtype)
-                plgpu.commit_smem()
-
-                def zero_tile(i, lin, n):
-                    _, row0, lo, rows, n0 = tile_info(meta, n_real + lax.div(lin, n_tiles), lax.rem(lin, n_tiles))
-                    store = store_chunk_fn(row0, lo, rows, n0)
-                    for c in range(bm // epi_m):
-                        store(c * epi_m)
-
-                gpu_common.persistent_loop((n_all - n_real) * n_tiles, zero_tile)
-
-        gpu_common.ws_scope(
-            allocs,
-            gpu_common.scratch(interpret and transpose_rhs, (2, bk, bn), rhs.dtype),
-            plgpu.SMEM((2, epi_m, bn), out_dtype),
-            scoped,
-        )
-
-        plgpu.wait_smem_to_gmem(0)
-
-    def body_simple(*refs):
-        meta, (lhs_gmem, rhs_gmem, out_gmem) = refs[:5], refs[5:]
-        specs = [dataclasses.replace(s, delay_release=1) for s in (lhs_spec, rhs_spec)]
-
-        def tile(_, lin, __):
-            mt, nt = gpu_common.tile_order(lin, meta[0][0], n_tiles, cfg.grid_tile_n)
-            gi, row0, lo, rows, n0 = tile_info(meta, mt, nt)
-            steps = jnp.where(meta[1][mt] >= 0, k_steps, 0)  # zero-tail tiles load nothing
-
-            def acc_scope(acc_ref, t_smem):
-                plgpu.emit_pipeline(
-                    lambda _, a_smem, b_smem: plgpu.wgmma(acc_ref, a_smem, b_operand(b_smem, 0, t_smem)),
-                    grid=(steps,),
-                    in_specs=specs,
-                    max_concurrent_steps=max(mcs, 2),
-                )(*views(lhs_gmem, rhs_gmem, gi, row0, n0))
-                return acc_ref[...]
-
-            acc = gpu_common.acc_with_scratch(acc_scope, (bm, bn), t_shape)
-
-            @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((bm, bn), out_dtype))
-            def _(out_smem):
-                out_smem[...] = acc.astype(out_dtype)
-                plgpu.commit_smem()
-                store_rows(out_smem, out_gmem, row0, lo, rows, n0, bm, bn)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-        gpu_common.persistent_loop(meta[0][0] * n_tiles, tile)
-        plgpu.wait_smem_to_gmem(0)
-
-    body = body_ws if cfg.warp_specialized else body_simple
+    mcs = max(1, min(cfg.max_concurrent_steps, k_steps))
+    plan = _Plan(cfg, transpose_rhs, out_dtype, interpret, k_steps, n // cta_n, mcs, (lhs_spec, rhs_spec), rhs.dtype)
+    body = gpu_common.named(_body_ws if cfg.warp_specialized else _body_simple, plan, "gmm")
     out_type = jax.ShapeDtypeStruct((m, n), out_dtype)
-    return gpu_common.run(body, out_type, cfg, interpret)(count, tgroup, trow0, tlo, trows, lhs, rhs)
+    tiles = gmm_tiles(group_sizes, m, bm)
+    return gpu_common.run(body, out_type, cfg, interpret)(*tiles, lhs, rhs)
+
+
+def _body_ws(p: _Plan, *refs):
+    """Warp-specialized: the memory warpgroup streams K steps, compute warpgroup wg owns columns wg * block_n..;
+    an SM's consecutive tiles chain their pipelines (p.chain)."""
+    meta, (lhs_gmem, rhs_gmem, out_gmem) = refs[:5], refs[5:]
+    cfg, specs, bn, epi_m = p.cfg, list(p.specs), p.cfg.block_n, p.epi_m
+    n_all, n_real = meta[0][0], meta[0][1]
+    allocs = gpu_common.pipeline(cfg, gpu_common.ignore, gpu_common.ignore, p.k_steps, specs, p.mcs).get_allocations(
+        *p.views(lhs_gmem, rhs_gmem, 0, 0, 0)
+    )
+
+    def scoped(allocs, wg, t_wg, out_smem):
+        def store_chunk_fn(row0, lo, rows, n0):
+            def store_chunk(r0):
+                clo = jnp.clip(lo - r0, 0, epi_m)
+                crows = jnp.clip(lo + rows - r0, 0, epi_m) - clo
+                store_rows(out_smem.at[wg], out_gmem, row0 + r0, clo, crows, n0 + wg * bn, epi_m, bn)
+
+            return store_chunk
+
+        def tile(i, lin, n):
+            mt, nt = gpu_common.tile_order(lin, n_real, p.n_tiles, cfg.grid_tile_n)
+            gi, row0, lo, rows, n0 = p.tile_info(meta, mt, nt)
+
+            def ctx(eval_pipeline):
+                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((cfg.block_m, bn), jnp.float32))
+                def _(acc_ref):
+                    eval_pipeline(acc_ref)
+                    gpu_common.epilogue(acc_ref[...], out_smem.at[wg], store_chunk_fn(row0, lo, rows, n0))
+
+            def mma(_, a_smem, b_smem, acc_ref):
+                plgpu.wgmma(acc_ref, a_smem, p.b_operand(b_smem, wg, t_wg))
+                plgpu.wgmma_wait(0)
+                return acc_ref
+
+            def run(state):
+                gpu_common.pipeline(cfg, mma, ctx, p.k_steps, specs, p.mcs, state)(
+                    *p.views(lhs_gmem, rhs_gmem, gi, row0, n0), allocations=allocs
+                )
+
+            gpu_common.chained(run, i, n, p.chain)
+
+        gpu_common.persistent_loop(n_real * p.n_tiles, tile)
+
+        # Rows past sum(group_sizes): the compute warpgroups store zeros, the memory one has no work.
+        @pl.when(wg < 2)
+        def _():
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            out_smem.at[wg][...] = jnp.zeros((epi_m, bn), p.out_dtype)
+            plgpu.commit_smem()
+
+            def zero_tile(i, lin, n):
+                _, row0, lo, rows, n0 = p.tile_info(meta, n_real + lax.div(lin, p.n_tiles), lax.rem(lin, p.n_tiles))
+                store = store_chunk_fn(row0, lo, rows, n0)
+                for c in range(cfg.block_m // epi_m):
+                    store(c * epi_m)
+
+            gpu_common.persistent_loop((n_all - n_real) * p.n_tiles, zero_tile)
+
+    gpu_common.ws_scope(allocs, p.scratch((2, cfg.block_k, bn)), plgpu.SMEM((2, epi_m, bn), p.out_dtype), scoped)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _body_simple(p: _Plan, *refs):
+    """One warpgroup: a block_m x block_n tile per persistent step, its K loop through plgpu.emit_pipeline."""
+    meta, (lhs_gmem, rhs_gmem, out_gmem) = refs[:5], refs[5:]
+    cfg = p.cfg
+    bm, bn = cfg.block_m, cfg.block_n
+    specs = [dataclasses.replace(s, delay_release=1) for s in p.specs]
+    t_shape = p.scratch((cfg.block_k, bn))
+
+    def tile(_, lin, __):
+        mt, nt = gpu_common.tile_order(lin, meta[0][0], p.n_tiles, cfg.grid_tile_n)
+        gi, row0, lo, rows, n0 = p.tile_info(meta, mt, nt)
+        steps = jnp.where(meta[1][mt] >= 0, p.k_steps, 0)  # zero-tail tiles load nothing
+
+        def acc_scope(acc_ref, t_smem):
+            plgpu.emit_pipeline(
+                lambda _, a_smem, b_smem: plgpu.wgmma(acc_ref, a_smem, p.b_operand(b_smem, 0, t_smem)),
+                grid=(steps,),
+                in_specs=specs,
+                max_concurrent_steps=max(p.mcs, 2),
+            )(*p.views(lhs_gmem, rhs_gmem, gi, row0, n0))
+            return acc_ref[...]
+
+        acc = gpu_common.acc_with_scratch(acc_scope, (bm, bn), t_shape)
+
+        @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((bm, bn), p.out_dtype))
+        def _(out_smem):
+            out_smem[...] = acc.astype(p.out_dtype)
+            plgpu.commit_smem()
+            store_rows(out_smem, out_gmem, row0, lo, rows, n0, bm, bn)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    gpu_common.persistent_loop(meta[0][0] * p.n_tiles, tile)
+    plgpu.wait_smem_to_gmem(0)

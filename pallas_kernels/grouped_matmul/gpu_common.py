@@ -103,6 +103,17 @@ def chained(run_tile, i, n, chain):
     pl.when((n > 1) & (i == n - 1))(lambda: run_tile(pp.STOP))
 
 
+def named(body, plan, name):
+    """body(plan, *refs) as a kernel body of its own name (Mosaic GPU names the kernel after its body function:
+    the name profiles show)."""
+
+    def kernel(*refs):
+        body(plan, *refs)
+
+    kernel.__name__ = kernel.__qualname__ = name
+    return kernel
+
+
 def run(body, out_type, cfg, interpret):
     """plgpu.kernel over one CTA per SM (grid axis "sm"); warp-specialized: num_wgs + 1 warpgroups (axis "wg")."""
     cluster = getattr(cfg, "cluster_n", 1)  # CTAs per cluster (axis "cluster"); "sm" then counts clusters
