@@ -106,7 +106,7 @@ BLOCK_C = 64  # columns per program: a 128 x 64 bf16 tile is 16 KiB of registers
 # The requantizer (x_scale given): 128 columns of e4m3 codes read as uint16 pairs where C is even (_packed_kernel).
 # On the H100 at small's experts' rows (237,568 x 1024, BENCHMARKS.md eighteenth FP8 session) 0.320-0.329 ms,
 # against 0.38-0.40 for the same tile in bytes and 0.36-0.49 for 32 or 64 columns (2-8 warps); uint32 quads
-# (pack=4) untimed.
+# (pack=4) tie the pairs (0.319-0.321 ms, nineteenth FP8 session), so the default stays 2.
 BLOCK_C_E4M3 = 128
 PACK = 2
 
