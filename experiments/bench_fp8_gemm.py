@@ -103,6 +103,10 @@ def bench_grouped(g, m, k, n):
         "fp8 fwd": _time(lambda *a: _fp8(f8.fp8_gmm, *a, gs), xq, xs, wq, ws),
         "fp8 dgrad": _time(lambda *a: _fp8(f8.fp8_gmm, *a, gs), dq, ds, wtq, wts),
         "fp8 wgrad": _time(lambda *a: f8.fp8_tgmm(*a, aligned, backend=_backend()), aq, a_s, bq, bs),
+        # what writing float32 costs against bf16's tgmm, which writes bf16 (V3's shape: 3.8 GB of float32)
+        "fp8 wgrad bf16 out": _time(
+            lambda *a: f8.fp8_tgmm(*a, aligned, backend=_backend(), out_dtype=jnp.bfloat16), aq, a_s, bq, bs
+        ),
     }
     for name, cfg in _configs(FLAGS.wgrad_sweep) if _backend() == "gpu" else ():
         t[f"fp8 wgrad {name}"] = _time(

@@ -190,6 +190,7 @@ GPU_ONLY_WS3 = (
         Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3, early_store_rows=True),
     ]
 )
+TGMM_WS3 = [c for c in GPU_ONLY_WS3 if not c.skip_idle_wgs]  # fp8_tgmm refuses skip_idle_wgs (no idle warpgroups)
 GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
     []
     if INTERPRET
@@ -335,8 +336,8 @@ def _aligned_wgrad_operands(x, dy, sizes):
 
 @pytest.mark.parametrize(
     "cfg",
-    [None, Fp8GpuConfig(block_m=128, warp_specialized=True, max_concurrent_steps=2)] + GPU_ONLY_WS3,
-    ids=["one_wg", "warp_specialized"] + ["gpu_only_ws3"] * len(GPU_ONLY_WS3),
+    [None, Fp8GpuConfig(block_m=128, warp_specialized=True, max_concurrent_steps=2)] + TGMM_WS3,
+    ids=["one_wg", "warp_specialized"] + ["gpu_only_ws3"] * len(TGMM_WS3),
 )
 @pytest.mark.parametrize("sizes", [[100, 0, 37, 150], [300]], ids=["empty_group_and_tail", "one_group"])
 def test_gpu_grouped_weight_gradient_equals_the_reference(sizes, cfg):
@@ -360,6 +361,27 @@ def test_gpu_grouped_weight_gradient_equals_the_reference(sizes, cfg):
             assert np.all(np.asarray(got[g]) == 0)
         else:
             assert rel(np.asarray(got[g]), exact) < 0.05
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_tgmm_ring_runs_through_tiles_of_uneven_steps(stages):
+    """The warp-specialized fp8_tgmm's ring of smem slots carries its slot count across an SM's tiles: groups of 3,
+    0, 5, 1 and 0 steps over 2 K tiles, so each SM's tiles end on every slot and wrap the ring several times;
+    empty groups in the middle and at the end store zeros. It equals the reference and the one-warpgroup kernel."""
+    rng = np.random.default_rng(stages)
+    sizes = [384, 0, 600, 100, 0]
+    m, k, n = 1280, 256, 128
+    x = rng.standard_normal((m, k)).astype(np.float32) * (10.0 ** rng.integers(-2, 3, (m, 1)))
+    dy = rng.standard_normal((m, n)).astype(np.float32)
+    (aq, a_s), (bq, bs), padded = _aligned_wgrad_operands(x, dy, sizes)
+    ring = Fp8GpuConfig(block_m=128, warp_specialized=True, max_concurrent_steps=stages)
+    got = fp8_tgmm(aq, a_s, bq, bs, padded, backend="gpu", interpret=INTERPRET, config=ring)
+    one_wg = fp8_tgmm(aq, a_s, bq, bs, padded, backend="gpu", interpret=INTERPRET, config=Fp8GpuConfig())
+    want = fp8_tgmm(aq, a_s, bq, bs, padded, backend="xla")
+    tol = (1e-5 if INTERPRET else 2e-3) * float(jnp.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=tol)
+    np.testing.assert_allclose(got, one_wg, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    assert np.all(np.asarray(got)[[1, 4]] == 0)
 
 
 def test_gpu_grouped_weight_gradient_refuses_misaligned_groups_with_nan():

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.fp8_helpers import LAYER_BACKENDS, rel
+from tests.fp8_helpers import INTERPRET, LAYER_BACKENDS, rel
 
 # e4m3 rounds each operand with a ~2.5% RMS relative error, so a product of two quantized operands is off by ~3.6%
 # (measured on Gaussian data at these shapes); bf16's is 0.23%. The bound held for y, dx and dw:
@@ -192,8 +192,11 @@ def test_fp8_shared_experts_in_the_routed_grouped_gemms_equal_a_separate_mlp(bac
             assert not np.any(np.asarray(a)), path
             continue
         # y and dx: one bf16 rounding of the sum against two (measured <= 3.7e-3); the float32 weight gradients
-        # from the same codes, summed in another order (<= 2e-5)
-        bound = 5e-3 if a.dtype == jnp.bfloat16 else 1e-4
+        # from the same codes, summed in another order (<= 2e-5). Compiled for a GPU, the XLA reference's routed
+        # gate_up gradient is 1.36e-3 apart (H100, 2026-12-06): XLA emits the two programs' quantizations of its
+        # operands differently, and some e4m3 codes round the other way. That is 2% of either path's distance from
+        # the float32 layer (6.6e-2; BENCHMARKS, FP8 twentieth session); the Pallas backend is bit-equal there
+        bound = 5e-3 if a.dtype == jnp.bfloat16 else (1e-4 if INTERPRET or backend != "xla" else 3e-3)
         assert rel(a, b) < bound, (jax.tree_util.keystr(path), rel(a, b))
     assert np.linalg.norm(np.asarray(folded[1]["shared_experts"]["down_proj"]["kernel"])) > 0
     # the patch took effect: the two paths round differently (y is summed in float32 once against bf16 twice)

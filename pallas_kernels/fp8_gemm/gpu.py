@@ -62,14 +62,17 @@ def _promote(total, part, scales):
 ROW_LAYOUT, COL_LAYOUT = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)  # scales along rows / columns
 
 
-def promoted_step(cfg, x_smem, w_smem, xs_ref, ws_ref, total, t_smem, shape, interpret, scalar_ws=False):
+def promoted_step(cfg, x_smem, w_smem, xs_ref, ws_ref, total, t_smem, shape, interpret, scalar_ws=False, release=None):
     """One K step: x_smem [rows, 128] . w_smem [cols, 128]^T into a fresh accumulator, then promoted into the
     float32 sum with xs_ref's row scales and ws_ref's column scales (scalar_ws: all columns share ws_ref[0], a
-    weight block's scale, which multiplies the row scales instead). total: the float32 sum so far."""
+    weight block's scale, which multiplies the row scales instead). total: the float32 sum so far. release: called
+    once the step's smem is no longer read (product and scales in registers), before the promotion."""
     scales = step_scales(xs_ref, ws_ref, scalar_ws, interpret) if cfg.early_scales else None
     part = _product(x_smem, w_smem, t_smem, shape)
     if scales is None:
         scales = step_scales(xs_ref, ws_ref, scalar_ws, interpret)
+    if release is not None:
+        release()
     return _promote(total, part, scales)
 
 

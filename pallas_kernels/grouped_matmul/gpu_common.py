@@ -82,12 +82,30 @@ def epilogue(acc, out_smem, store_chunk):
         store_chunk(c * epi_m)
 
 
-def persistent_loop(num_tiles, body):
-    """Each SM takes tiles sm, sm + num_sms, ... < num_tiles: body(i, tile, n) for its i-th of n."""
+def _own_tiles(num_tiles):
+    """(this SM's index, the SM count, how many of tiles sm, sm + num_sms, ... < num_tiles are this SM's)."""
     sm = lax.axis_index("sm")
     nsm = lax.axis_size("sm")
-    steps = lax.div(jnp.maximum(num_tiles - sm + nsm - 1, 0), nsm)
+    return sm, nsm, lax.div(jnp.maximum(num_tiles - sm + nsm - 1, 0), nsm)
+
+
+def persistent_loop(num_tiles, body):
+    """Each SM takes tiles sm, sm + num_sms, ... < num_tiles: body(i, tile, n) for its i-th of n."""
+    sm, nsm, steps = _own_tiles(num_tiles)
     lax.fori_loop(0, steps, lambda i, c: (body(i, i * nsm + sm, steps), c)[1], None)
+
+
+def persistent_fold(num_tiles, body, init):
+    """persistent_loop's tiles with a carry threaded through them: body(tile, carry) -> carry; the last carry."""
+    sm, nsm, steps = _own_tiles(num_tiles)
+    return lax.fori_loop(0, steps, lambda i, c: body(i * nsm + sm, c), init)
+
+
+def compute_registers(cfg):
+    """Registers per thread of each compute warpgroup (setmaxnreg) beside a memory warpgroup holding the config's
+    memory_registers: the rest of the 512 shared out, at most 256, rounded down to a multiple of 8 (the rule
+    emit_pipeline_warp_specialized applies, for kernels that run their own warp specialization)."""
+    return int(min(256, (512 - getattr(cfg, "memory_registers", MEMORY_REGISTERS)) // num_wgs(cfg)) // 8 * 8)
 
 
 def chained(run_tile, i, n, chain):
