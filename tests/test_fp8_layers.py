@@ -1,6 +1,6 @@
 """FP8 training (dsjax/layers/fp8.py): the custom VJPs of fp8_dot, fp8_dots, fp8_grouped_matmul, fp8_mlp and the
 FP8 routed experts against float32 (or their per-projection composition), and a tiny model's loss and gradient in
-FP8 against bf16. The GEMM kernels under them: test_fp8_gemm.py."""
+FP8 against bf16. The GEMM kernels under them: test_fp8_gemm.py, test_fp8_wgrad.py."""
 
 from __future__ import annotations
 
