@@ -134,7 +134,10 @@ def _fp8_tgmm_ring(a_q, as_t, b_q, bs_t, group_sizes, cfg, interpret, out_dtype)
 
                 def store(total, lin):
                     gi, k0, n0 = place(lin)
-                    dst = lambda: out_gmem.at[gi].at[pl.ds(k0 + mine.start, mine.size), pl.ds(n0, bn)]  # noqa: E731
+
+                    def dst():  # indexed where it is used: the staged path computes it after its wait
+                        return out_gmem.at[gi].at[pl.ds(k0 + mine.start, mine.size), pl.ds(n0, bn)]
+
                     if cfg.tgmm_direct_store:
                         dst()[...] = total.astype(out_dtype)
                         return
@@ -180,18 +183,30 @@ def _ring_step(cfg, ring, stages, mine, bn, t_wg, interpret):
     return step
 
 
-def _ring_products(step, store, ahead, steps_ref, shape, num_tiles, interpret):
-    """A compute warpgroup's tiles: each one's K steps (step count read a tile ahead) summed and stored."""
+def _read_ahead_fold(num_tiles, ahead, refs, tile):
+    """persistent_fold over this CTA's tiles of the ring's step counter t: tile(lin, t, values) -> t, values being
+    refs' entries for the tile's group, read one tile earlier (ahead). Returns the CTA's step count."""
     nsm = lax.axis_size("sm")
 
-    def tile(lin, carry):
-        t, count = carry
-        (upcoming,) = ahead(lin + nsm, (steps_ref,))
+    def body(lin, carry):
+        t, values = carry
+        upcoming = ahead(lin + nsm, refs)
+        return tile(lin, t, values), upcoming
+
+    t, _ = gpu_common.persistent_fold(num_tiles, body, (jnp.int32(0), ahead(lax.axis_index("sm"), refs)))
+    return t
+
+
+def _ring_products(step, store, ahead, steps_ref, shape, num_tiles, interpret):
+    """A compute warpgroup's tiles: each one's K steps (step count read a tile ahead) summed and stored."""
+
+    def tile(lin, t, values):
+        (count,) = values
         t, total = lax.fori_loop(0, count, step, (t, zero_sum(shape, interpret)))
         store(total, lin)
-        return t, upcoming
+        return t
 
-    gpu_common.persistent_fold(num_tiles, tile, (jnp.int32(0), ahead(lax.axis_index("sm"), (steps_ref,))[0]))
+    _read_ahead_fold(num_tiles, ahead, (steps_ref,), tile)
 
 
 def _ring_loads(ring, shape, place, ahead, refs, gmem, num_tiles):
@@ -200,11 +215,9 @@ def _ring_loads(ring, shape, place, ahead, refs, gmem, num_tiles):
     phase it began is complete when the kernel ends. refs: (first step, step count) of each group."""
     a_gmem, b_gmem, as_gmem, bs_gmem = gmem
     stages, bm, bn = shape  # the ring's slots, a tile's rows and columns
-    nsm = lax.axis_size("sm")
 
-    def tile(lin, carry):
-        t, (first, count) = carry
-        upcoming = ahead(lin + nsm, refs)
+    def tile(lin, t, values):
+        first, count = values
         _, k0, n0 = place(lin)
 
         def step(kk, t):
@@ -219,9 +232,9 @@ def _ring_loads(ring, shape, place, ahead, refs, gmem, num_tiles):
             plgpu.copy_gmem_to_smem(bs_gmem.at[pl.ds(r, 1), pl.ds(n0, bn)], ring["b_s"].at[slot], full)
             return t + 1
 
-        return lax.fori_loop(0, count, step, t), upcoming
+        return lax.fori_loop(0, count, step, t)
 
-    total, _ = gpu_common.persistent_fold(num_tiles, tile, (jnp.int32(0), ahead(lax.axis_index("sm"), refs)))
+    total = _read_ahead_fold(num_tiles, ahead, refs, tile)
 
     @pl.loop(jnp.maximum(total - stages, 0), total)
     def _(t):
