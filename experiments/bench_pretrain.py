@@ -107,7 +107,9 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
     return name, model, optim
 
 
-def bench_step(cfg, batch_size, seq_len, steps, mtp_lambda, profile, optim=None):
+def compile_step(cfg, batch_size, seq_len, mtp_lambda, optim=None):
+    """The full train step compiled for one synthetic batch: (compiled, params, opt, batch, use_mtp, compile
+    seconds, step memory GiB). Shared with experiments/step_ab.py."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -115,8 +117,7 @@ def bench_step(cfg, batch_size, seq_len, steps, mtp_lambda, profile, optim=None)
     from dsjax.train.loop import init_params
     from dsjax.train.optim import OptimConfig
     from dsjax.train.step import step_fns
-    from experiments.bench_util import synthetic_batch, time_steps
-    from experiments.step_profile import profile_components
+    from experiments.bench_util import synthetic_batch
 
     step_fn, _, use_mtp, tx = step_fns(
         cfg,
@@ -143,6 +144,18 @@ def bench_step(cfg, batch_size, seq_len, steps, mtp_lambda, profile, optim=None)
     mem_gib = (
         ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
     ) / 2**30
+    return compiled, params, opt, batch, use_mtp, compile_s, mem_gib
+
+
+def bench_step(cfg, batch_size, seq_len, steps, mtp_lambda, profile, optim=None):
+    import numpy as np
+
+    from experiments.bench_util import time_steps
+    from experiments.step_profile import profile_components
+
+    compiled, params, opt, batch, use_mtp, compile_s, mem_gib = compile_step(
+        cfg, batch_size, seq_len, mtp_lambda, optim
+    )
     if FLAGS.hlo_out:
         os.makedirs(FLAGS.hlo_out, exist_ok=True)
         name = f"{cfg.moe_backend}_{cfg.attention_impl}_mtp{mtp_lambda}.hlo.txt"

@@ -1,0 +1,104 @@
+"""Paired step timing: is one train-step variant faster than another beyond the run-to-run noise?
+
+  python experiments/step_ab.py --variants="one_gpu,fp8x:<one_gpu's knobs>+fp8=e4m3+fp8_layers=experts" \\
+      --mtp_lambda=0.3 --rounds=8 --steps=5
+
+bench_pretrain.py times its variants one after another, each once: a ~1% drift of the GPU's clocks or of the
+host between two timings is as large as the difference FP8 makes to `small`'s step. Here every variant is compiled
+first and kept resident (each holds its own parameters and optimizer state: the GPU must hold all of them), then
+timed in `--rounds` rounds of `--steps` steps, the order reversed every other round (A B, B A, ...) so a drift
+falls on both alike. Reported: each variant's median step over the rounds, and against the first variant the
+per-round ratios (the pair timed back to back): their median, min and max and in how many rounds it was faster.
+Flags shared with bench_pretrain.py (--preset, --batch, --seq_len, --variants, --steps, --mtp_lambda: its first
+value, --out); the MoE and attention implementations are "auto".
+"""
+
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from experiments import bench_pretrain  # noqa: E402  (its flags are this script's too)
+
+flags.DEFINE_integer("rounds", 8, "Rounds of --steps steps per variant, interleaved.")
+FLAGS = flags.FLAGS
+
+
+def build(spec, mtp_lambda):
+    """One variant compiled, with its state warmed up by two steps: (name, run(n) -> seconds per step, info)."""
+    import jax
+    import numpy as np
+
+    from dsjax.config import ModelConfig
+    from dsjax.runtime import resolve
+
+    name, model_sets, optim_sets = bench_pretrain.parse_variant(spec)
+    cfg = resolve(ModelConfig.preset(FLAGS.preset, **{"dtype": "bfloat16"} | model_sets))
+    compiled, params, opt, batch, _, compile_s, mem = bench_pretrain.compile_step(
+        cfg, FLAGS.batch, FLAGS.seq_len, mtp_lambda, optim_sets
+    )
+    state = {"p": params, "o": opt, "i": 0}
+
+    def run(n):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            state["p"], state["o"], m = compiled(state["p"], state["o"], np.int32(state["i"]), batch)
+            state["i"] += 1
+        jax.block_until_ready(m)
+        return (time.perf_counter() - t0) / n
+
+    run(2)
+    return name, run, {"compile_s": compile_s, "step_mem_gib": mem}
+
+
+def summarize(names, times, tokens):
+    """Markdown table: each variant's median / min / max step over the rounds, and its per-round ratio to the
+    first variant (> 1: faster than it)."""
+    rows = ["| variant | median step | min / max | tokens/s | vs first, per round: median (min .. max) | faster |"]
+    rows.append("|---|---|---|---|---|---|")
+    base = times[names[0]]
+    for name in names:
+        t = times[name]
+        ratios = [b / x for b, x in zip(base, t)]
+        faster = sum(r > 1 for r in ratios)
+        rows.append(
+            f"| {name} | {1e3 * statistics.median(t):.1f} ms | {1e3 * min(t):.1f} / {1e3 * max(t):.1f} | "
+            f"{tokens / statistics.median(t) / 1e3:.1f}k | {statistics.median(ratios):.4f}x "
+            f"({min(ratios):.4f} .. {max(ratios):.4f}) | {faster} / {len(ratios)} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv):
+    del argv
+    import jax
+
+    if len(FLAGS.variants) < 2:
+        raise app.UsageError(f"--variants: name at least two to compare, got {FLAGS.variants}")
+    mtp_lambda = float(FLAGS.mtp_lambda[0])
+    print(f"device: {jax.devices()[0].device_kind}", flush=True)
+    built = [build(spec, mtp_lambda) for spec in FLAGS.variants]
+    names = [b[0] for b in built]
+    if len(set(names)) != len(names):
+        raise app.UsageError(f"--variants: names must differ, got {names}")
+    times = {name: [] for name in names}
+    for r in range(FLAGS.rounds):
+        order = built if r % 2 == 0 else built[::-1]
+        for name, run, _ in order:
+            times[name].append(run(FLAGS.steps))
+        print(f"round {r}: " + ", ".join(f"{n} {1e3 * times[n][-1]:.1f} ms" for n in names), flush=True)
+    table = summarize(names, times, FLAGS.batch * FLAGS.seq_len)
+    print(table, flush=True)
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            info = {name: meta for name, _, meta in built}
+            json.dump({"device": jax.devices()[0].device_kind, "times_s": times, "info": info}, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
