@@ -51,7 +51,8 @@ def test_fp8_experts_read_every_layers_blocks_in_place(backend):
         a, b = ([np.asarray(u, np.float32) for u in t] for t in (a, b))
         if INTERPRET or backend == "gpu":
             return all(np.array_equal(u, v) for u, v in zip(a, b))
-        return all(u.shape == v.shape and (rel(u, v) < 1e-2 or not v.any()) for u, v in zip(a, b))
+        # a cotangent that is zero in one must be zero in the other (rel would divide by zero)
+        return all(u.shape == v.shape and (rel(u, v) < 1e-2 if v.any() else not u.any()) for u, v in zip(a, b))
 
     for layer in (0, 2):
         assert same(jax.jit(functools.partial(run, layer, True))(), jax.jit(functools.partial(run, layer, False))())

@@ -80,13 +80,12 @@ def test_fp8_gmm_on_a_layer_stack_lowers_for_cuda(name):
     )
 
 
-@pytest.mark.parametrize("name", ["one_wg", "warp_specialized", "three_compute_wgs", "direct_store"])
+@pytest.mark.parametrize("name", ["one_wg", "warp_specialized", "three_compute_wgs"])
 def test_fp8_weight_gradients_lower_for_cuda(name):
     """fp8_tgmm (grouped, one CTA per cluster; warp-specialized: its ring of slots through all tiles, its sums
-    staged for a TMA store or stored from registers) and the dense weight gradient through fp8_gemm (float32
+    staged for a TMA store) and the dense weight gradient through fp8_gemm (float32
     output: the warp-specialized kernels fit fewer stages beside it)."""
-    direct = f8.Fp8GpuConfig(num_sms=SMS, block_m=128, warp_specialized=True, tgmm_direct_store=True)
-    cfg = direct if name == "direct_store" else FP8_CONFIGS[name]
+    cfg = FP8_CONFIGS[name]
     tiles = (S((K, M), E4), S((K, M // 128), F32), S((N, M), E4), S((N, M // 128), F32))
     _lower_for_cuda(lambda *a: f8.fp8_tgmm(*a, backend="gpu", config=cfg), *tiles, S((G,), I32))
     _lower_for_cuda(lambda *a: f8.fp8_gemm(*a, rhs_tiles=True, backend="gpu", config=cfg, out_dtype=F32), *tiles)

@@ -57,12 +57,6 @@ class Fp8GpuConfig:
     # (it needs the count at the start). H200 at K = 7168: 949 vs 976 / 961 off; H100 at K = 1024 / 512 (small's
     # experts): 929 vs 855 / 839, 802 vs 747 / 724 (2026-12-06): default_config turns it on up to EARLY_ROWS_MAX_K
     early_store_rows: bool = False
-    # Warp-specialized fp8_tgmm: each tile's float32 sums go from registers straight to global memory (32 8-byte
-    # stores a thread) instead of through a staging buffer and a TMA store, which the next tile must wait to have
-    # read the buffer before writing it. V3's gate+up weight gradient (4 K steps a tile, 3.8 GB of float32 out)
-    # ran 1.32x faster writing bf16 (H100, 2026-12-06): the output's cost is on the compute warpgroups' path.
-    # Lowered and compiled by ptxas (experiments/ptxas_offline.py) and tested in interpret mode; untimed, so off
-    tgmm_direct_store: bool = False
 
 
 # The GEMMs' default (fp8_gmm, fp8_gemm and its weight gradient): three compute warpgroups of 64 rows each under a
@@ -102,9 +96,8 @@ def check_config(cfg):
 
 def ws_stages(cfg, out_dtype, k_steps=None):
     """Pipeline stages of a warp-specialized kernel: the config's, at most k_steps (when static), and no more than
-    fit in smem beside the block_m x block_n output staging buffers (a float32 output takes twice a bf16 one's;
-    out_dtype None: the kernel stages no output)."""
+    fit in smem beside the block_m x block_n output staging buffers (a float32 output takes twice a bf16 one's)."""
     stage_bytes = (cfg.block_m + cfg.block_n) * (BLOCK_K + 4)  # e4m3 operand tiles + their float32 scales
-    out_bytes = 0 if out_dtype is None else cfg.block_m * cfg.block_n * jnp.dtype(out_dtype).itemsize
+    out_bytes = cfg.block_m * cfg.block_n * jnp.dtype(out_dtype).itemsize
     fit = (SMEM_BYTES - out_bytes) // stage_bytes
     return max(2, min(cfg.max_concurrent_steps, fit, k_steps or cfg.max_concurrent_steps))

@@ -103,7 +103,7 @@ def _fp8_tgmm_ring(a_q, as_t, b_q, bs_t, group_sizes, cfg, interpret, out_dtype)
     bm, bn = cfg.block_m, cfg.block_n
     nw = gpu_common.num_wgs(cfg)
     k_tiles, n_tiles = k // bm, n // bn
-    stages = ws_stages(cfg, None if cfg.tgmm_direct_store else out_dtype)
+    stages = ws_stages(cfg, out_dtype)
     first, steps = group_steps(group_sizes)
     tf = gpu_common.transforms(BLOCK_K, jnp.float8_e4m3fn)
 
@@ -134,17 +134,11 @@ def _fp8_tgmm_ring(a_q, as_t, b_q, bs_t, group_sizes, cfg, interpret, out_dtype)
 
                 def store(total, lin):
                     gi, k0, n0 = place(lin)
-
-                    def dst():  # indexed where it is used: the staged path computes it after its wait
-                        return out_gmem.at[gi].at[pl.ds(k0 + mine.start, mine.size), pl.ds(n0, bn)]
-
-                    if cfg.tgmm_direct_store:
-                        dst()[...] = total.astype(out_dtype)
-                        return
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has left out_smem
                     out_smem.at[wg][...] = total.astype(out_dtype)
                     plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(out_smem.at[wg], dst())
+                    dst = out_gmem.at[gi].at[pl.ds(k0 + mine.start, mine.size), pl.ds(n0, bn)]
+                    plgpu.copy_smem_to_gmem(out_smem.at[wg], dst)
 
                 step = _ring_step(cfg, ring, stages, mine, bn, t_wg, interpret)
                 _ring_products(step, store, ahead, steps_ref, (bm // nw, bn), num_tiles, interpret)
@@ -158,8 +152,7 @@ def _fp8_tgmm_ring(a_q, as_t, b_q, bs_t, group_sizes, cfg, interpret, out_dtype)
             consumed=plgpu.Barrier(num_arrivals=nw, num_barriers=stages),
         )
         t_shape = gpu_common.scratch(interpret, (nw, BLOCK_K, bn), b_q.dtype)
-        out_smem = None if cfg.tgmm_direct_store else plgpu.SMEM((nw, bm // nw, bn), out_dtype)
-        gpu_common.ws_scope(ring, t_shape, out_smem, scoped)
+        gpu_common.ws_scope(ring, t_shape, plgpu.SMEM((nw, bm // nw, bn), out_dtype), scoped)
         plgpu.wait_smem_to_gmem(0)
 
     out_type = jax.ShapeDtypeStruct((g, k, n), out_dtype)
