@@ -23,10 +23,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from experiments import bench_pretrain  # noqa: E402  (its flags are this script's too)
-
-flags.DEFINE_integer("rounds", 8, "Rounds of --steps steps per variant, interleaved.")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """bench_pretrain.py's flags (defined by importing it) and --rounds; only when run as a script, so importing
+    this module (tests) defines no flags that other experiments' modules define too."""
+    from experiments import bench_pretrain  # noqa: F401
+
+    flags.DEFINE_integer("rounds", 8, "Rounds of --steps steps per variant, interleaved.")
 
 
 def build(spec, mtp_lambda):
@@ -36,6 +41,7 @@ def build(spec, mtp_lambda):
 
     from dsjax.config import ModelConfig
     from dsjax.runtime import resolve
+    from experiments import bench_pretrain
 
     name, model_sets, optim_sets = bench_pretrain.parse_variant(spec)
     cfg = resolve(ModelConfig.preset(FLAGS.preset, **{"dtype": "bfloat16"} | model_sets))
@@ -101,4 +107,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
