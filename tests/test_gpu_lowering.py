@@ -82,9 +82,8 @@ def test_fp8_gmm_on_a_layer_stack_lowers_for_cuda(name):
 
 @pytest.mark.parametrize("name", ["one_wg", "warp_specialized", "three_compute_wgs"])
 def test_fp8_weight_gradients_lower_for_cuda(name):
-    """fp8_tgmm (grouped, one CTA per cluster; warp-specialized: its ring of slots through all tiles, its sums
-    staged for a TMA store) and the dense weight gradient through fp8_gemm (float32
-    output: the warp-specialized kernels fit fewer stages beside it)."""
+    """fp8_tgmm (grouped, one CTA per cluster; warp-specialized: its ring of slots through all tiles) and the dense
+    weight gradient through fp8_gemm (float32 output: the warp-specialized kernels fit fewer stages beside it)."""
     cfg = FP8_CONFIGS[name]
     tiles = (S((K, M), E4), S((K, M // 128), F32), S((N, M), E4), S((N, M // 128), F32))
     _lower_for_cuda(lambda *a: f8.fp8_tgmm(*a, backend="gpu", config=cfg), *tiles, S((G,), I32))

@@ -98,6 +98,5 @@ def ws_stages(cfg, out_dtype, k_steps=None):
     """Pipeline stages of a warp-specialized kernel: the config's, at most k_steps (when static), and no more than
     fit in smem beside the block_m x block_n output staging buffers (a float32 output takes twice a bf16 one's)."""
     stage_bytes = (cfg.block_m + cfg.block_n) * (BLOCK_K + 4)  # e4m3 operand tiles + their float32 scales
-    out_bytes = cfg.block_m * cfg.block_n * jnp.dtype(out_dtype).itemsize
-    fit = (SMEM_BYTES - out_bytes) // stage_bytes
+    fit = (SMEM_BYTES - cfg.block_m * cfg.block_n * jnp.dtype(out_dtype).itemsize) // stage_bytes
     return max(2, min(cfg.max_concurrent_steps, fit, k_steps or cfg.max_concurrent_steps))
