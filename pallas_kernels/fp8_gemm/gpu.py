@@ -14,17 +14,19 @@ Operands (ops.py builds them from quantize_tiles / quantize_blocks):
   w_q [G, N, K] e4m3 (K-major), ws_cols [G, K/128, N] float32 (each block scale repeated over its 128 columns)
 Requires M % 8 == 0, M >= block_m, K % 128 == 0, N % block_n == 0 (ops.py pads).
 
-GEMM_CONFIG, the default: warp-specialized, a memory warpgroup streaming the operands and three compute warpgroups
-of 64 rows each on a 192-row tile (sharing its weight tile), so the promotions of some run under the others' wgmma;
+GEMM_CONFIG, the default: warp-specialized, a memory warpgroup streaming the operands and three compute warpgroups of
+64 rows each on a 192-row tile (sharing its weight tile), so the promotions of some run under the others' wgmma;
 chained tile pipelines, as in the bf16 gmm; as many stages as fit beside the output staging buffers; each K step's
-scales read before its wgmma is issued (early_scales). Grouped gate+up shape (experiments/BENCHMARKS.md): H200
-961-992 FP8 TFLOP/s, 1.59x our bf16 gmm (2026-12-06); H100 928-953, 1.56x; dense 1,081-1,117 (H200). Measured slower
-and removed: idle warpgroups skipping their wgmma in a cond around the step (853 vs 953); stages of two K steps in 2
+scales read before its wgmma is issued (early_scales). Grouped gate+up shape (experiments/BENCHMARKS.md): H200 891-992
+FP8 TFLOP/s (8 repeats in one process: 891-971, median 926), 1.55-1.64x our bf16 gmm; 1,038-1,070 where every group
+fills whole tiles (experiments/fp8_bound_probe.py); H100 928-953, 1.56x; dense 1,081-1,117 (H200). Measured slower and
+removed: idle warpgroups skipping their wgmma in a cond around the step (853 vs 953); stages of two K steps in 2
 compute warpgroups, the first promoted under the second's wgmma (SASS as intended, yet 840-845 vs 932-937: a third
 warpgroup hides promotions better than pairing steps within one); step k-1 promoted in code after step k's issue:
 ptxas hoists the promotion above the issue (532 vs 658). cluster_n=2 (x multicast into the 2 CTAs of a cluster): no
-faster (869 vs 916; the interpreter has no cluster barriers). Fp8GpuConfig's own defaults: the one-warpgroup kernel,
-which the interpreter runs on any host.
+faster (869 vs 916; the interpreter has no cluster barriers); 128 x 256 tiles on two compute warpgroups, each running
+its 256 columns as two wgmma through one fresh accumulator: 913-924 vs 917-946, 781-806 vs 833-901 at small's shape
+(H200, 2026-12-06). Fp8GpuConfig's own defaults: the one-warpgroup kernel, which the interpreter runs on any host.
 """
 
 from __future__ import annotations
