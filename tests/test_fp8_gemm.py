@@ -142,6 +142,25 @@ def test_gpu_config_refuses_register_splits_setmaxnreg_cannot_make(regs):
     check_config(dataclasses.replace(cfg, memory_registers=24))
 
 
+RING = Fp8GpuConfig(block_m=128, warp_specialized=True, ring_loads=True)
+
+
+def test_ring_loads_config_runs_only_where_built():
+    """ring_loads is fp8_gmm's warp-specialized kernel (gpu_ring.py, which ops.fp8_gmm picks): gpu.fp8_gmm,
+    fp8_tgmm and a one-warpgroup or clustered config refuse it by name."""
+    from pallas_kernels.fp8_gemm import fp8_tgmm, gpu, gpu_ring
+
+    (xq, xs), (wq, ws) = _operands(128, 128, 128, 1, seed=1)
+    gs = jnp.asarray([128], jnp.int32)
+    with pytest.raises(ValueError, match="gpu_ring.fp8_gmm"):
+        gpu.fp8_gmm(xq, xs.T, wq, ws, gs, config=RING, interpret=True)
+    for cfg in (Fp8GpuConfig(ring_loads=True), dataclasses.replace(RING, cluster_n=2)):
+        with pytest.raises(ValueError, match="ring_loads needs warp_specialized=True and cluster_n=1"):
+            gpu_ring.fp8_gmm(xq, xs.T, wq, ws, gs, cfg, True, jnp.bfloat16, "block", None)
+    with pytest.raises(ValueError, match="ring_loads is fp8_gmm's only"):
+        fp8_tgmm(xq, xs, xq, xs, gs, backend="gpu", interpret=True, config=RING)  # a, b [128, 128] tile-scaled
+
+
 @pytest.mark.parametrize("k, early", [(512, True), (1000, True), (1024, True), (1100, False), (7168, False)])
 def test_default_kernel_config_reads_store_rows_early_for_short_contractions(k, early):
     """Where the caller names no config, fp8_gmm's kernel is GEMM_CONFIG with early_store_rows on for K (padded to
@@ -191,6 +210,7 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
         Fp8GpuConfig(block_m=128, warp_specialized=True, early_scales=False),
         Fp8GpuConfig(block_m=128, warp_specialized=True, skip_idle_wgs=True),
         Fp8GpuConfig(block_m=128, warp_specialized=True, early_store_rows=True),
+        Fp8GpuConfig(block_m=128, warp_specialized=True, ring_loads=True),
     ]
     + GPU_ONLY_CONFIGS,
     ids=[
@@ -199,6 +219,7 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
         "ws_late_scales",
         "ws_skip_idle",
         "ws_early_store_rows",
+        "ws_ring_loads",
     ]
     + [f"gpu_only_{i}" for i in range(len(GPU_ONLY_CONFIGS))],
 )
@@ -223,7 +244,9 @@ def test_gpu_kernel_equals_the_reference(m, k, n, sizes, cfg):
 
 @pytest.mark.parametrize("backend", ["xla", "gpu"])
 @pytest.mark.parametrize(
-    "cfg", [Fp8GpuConfig(), Fp8GpuConfig(block_m=128, warp_specialized=True)], ids=["one_wg", "ws"]
+    "cfg",
+    [Fp8GpuConfig(), Fp8GpuConfig(block_m=128, warp_specialized=True), RING],
+    ids=["one_wg", "ws", "ws_ring_loads"],
 )
 def test_group_offset_reads_its_groups_from_a_larger_stack(backend, cfg):
     """fp8_gmm(..., group_offset=o) on a stack of every layer's experts is fp8_gmm on groups o .. o + G - 1 cut out

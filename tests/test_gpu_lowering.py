@@ -48,6 +48,7 @@ FP8_CONFIGS = {
         num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3, memory_registers=24
     ),
     "x_multicast": f8.Fp8GpuConfig(num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3, cluster_n=2),
+    "ring_loads": f8.Fp8GpuConfig(num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3, ring_loads=True),
 }
 
 
@@ -65,7 +66,7 @@ def test_fp8_gmm_lowers_for_cuda(name, out_dtype):
     )
 
 
-@pytest.mark.parametrize("name", ["one_wg", "three_compute_wgs"])
+@pytest.mark.parametrize("name", ["one_wg", "three_compute_wgs", "ring_loads"])
 def test_fp8_gmm_on_a_layer_stack_lowers_for_cuda(name):
     """fp8_gmm reading its groups at a traced offset of a larger stack (every layer's experts)."""
     cfg = FP8_CONFIGS[name]

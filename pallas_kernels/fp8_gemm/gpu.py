@@ -190,8 +190,10 @@ def fp8_gmm(
     w_first .. w_first + G - 1 are this product's (ws_cols stays the G groups' own)."""
     cfg = config or default_config(x_q.shape[1])
     check_config(cfg)
+    if cfg.ring_loads:
+        raise ValueError("fp8_gmm: a ring_loads config runs gpu_ring.fp8_gmm (ops.fp8_gmm picks it)")
     scalar_ws = uses_scalar_scale(cfg, w_scales)
-    tiles = _tiles_with_first(group_sizes, x_q.shape[0], cfg.block_m, w_first)
+    tiles = tiles_with_first(group_sizes, x_q.shape[0], cfg.block_m, w_first)
     if cfg.warp_specialized:
         return _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, tiles, cfg, interpret, out_dtype, scalar_ws)
     m, k = x_q.shape
@@ -225,7 +227,7 @@ def fp8_gmm(
     return gpu_common.run(body, out_type, cfg, interpret)(count, tgroup, trow0, tlo, trows, x_q, xs_t, w_q, ws_cols)
 
 
-def _tiles_with_first(group_sizes, m, bm, w_first):
+def tiles_with_first(group_sizes, m, bm, w_first):
     """gmm_tiles' tile metadata, its count array extended by w_first (0 if None): the kernels read the stack index
     of group 0 from count[2]."""
     count, *rest = gmm_tiles(group_sizes, m, bm)
@@ -327,7 +329,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, tiles, cfg, interpret, out_dtype, scala
                 return (pair * cl + cta) * bn
 
             # rows past sum(group_sizes): the compute warpgroups store zeros, no loads
-            pl.when(wg < nw)(lambda: _zero_tail(out_smem.at[wg], store, n_real, n_all, n_pairs, col0))
+            pl.when(wg < nw)(lambda: zero_tail(out_smem.at[wg], store, n_real, n_all, n_pairs, col0))
 
         t_shape = gpu_common.scratch(interpret, (nw, bk, bn), w_q.dtype)
         gpu_common.ws_scope(allocs, t_shape, plgpu.SMEM((nw, half, bn), out_dtype), scoped)
@@ -337,7 +339,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, tiles, cfg, interpret, out_dtype, scala
     return gpu_common.run(body, out_type, cfg, interpret)(count, tgroup, trow0, tlo, trows, x_q, xs_t, w_q, ws_cols)
 
 
-def _zero_tail(out_ref, store, first, end, n_pairs, col0):
+def zero_tail(out_ref, store, first, end, n_pairs, col0):
     """The zero tail's row tiles first.. end - 1 stored as zeros by one compute warpgroup (out_ref: its
     staging buffer; store(row tile, first column))."""
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)

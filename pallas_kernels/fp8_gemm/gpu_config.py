@@ -57,6 +57,9 @@ class Fp8GpuConfig:
     # (it needs the count at the start). H200 at K = 7168: 949 vs 976 / 961 off; H100 at K = 1024 / 512 (small's
     # experts): 929 vs 855 / 839, 802 vs 747 / 724 (2026-12-06): default_config turns it on up to EARLY_ROWS_MAX_K
     early_store_rows: bool = False
+    # Warp-specialized fp8_gmm (gpu_ring.py): a hand-run load ring that copies only the x rows of compute warpgroups
+    # with rows in the tile (a group's partly filled last tile), whose wgmma is skipped as well
+    ring_loads: bool = False
 
 
 # The GEMMs' default (fp8_gmm, fp8_gemm and its weight gradient): three compute warpgroups of 64 rows each under a

@@ -55,6 +55,8 @@ def fp8_tgmm(a_q, as_t, b_q, bs_t, group_sizes, *, config=None, interpret=False,
         raise ValueError(f"fp8_tgmm's GPU kernel runs one CTA per cluster: cluster_n=1, got {cfg.cluster_n}")
     if cfg.skip_idle_wgs:  # its tiles are a group's K x N, whole: no warpgroup is ever idle
         raise ValueError("fp8_tgmm's GPU kernel has no idle warpgroups to skip: skip_idle_wgs is fp8_gmm's only")
+    if cfg.ring_loads:  # its warp-specialized kernel always runs a ring; its tiles are whole
+        raise ValueError("fp8_tgmm's GPU kernel loads whole tiles: ring_loads is fp8_gmm's only")
     if cfg.warp_specialized:
         return _fp8_tgmm_ring(a_q, as_t, b_q, bs_t, group_sizes, cfg, interpret, out_dtype)
     k, _ = a_q.shape
@@ -165,15 +167,25 @@ def _ring_step(cfg, ring, stages, mine, bn, t_wg, interpret):
 
     def step(_, carry):
         t, total = carry
-        slot = lax.rem(t, stages)
-        plgpu.barrier_wait(ring["full"].at[slot])
-        a, a_s = ring["a"].at[slot].at[mine], ring["a_s"].at[slot].at[0, mine]
-        b, b_s = ring["b"].at[slot], ring["b_s"].at[slot].at[0]
+        slot, a, b, a_s, b_s = wait_slot(ring, t, stages, mine)
         release = functools.partial(plgpu.barrier_arrive, ring["consumed"].at[slot])
         total = promoted_step(cfg, a, b, a_s, b_s, total, t_wg, (mine.size, bn), interpret, release=release)
         return t + 1, total
 
     return step
+
+
+def wait_slot(ring, t, stages, mine):
+    """A ring's K step t once its slot t % stages has filled: (slot, a's rows `mine`, b, their scales)."""
+    slot = lax.rem(t, stages)
+    plgpu.barrier_wait(ring["full"].at[slot])
+    return (
+        slot,
+        ring["a"].at[slot].at[mine],
+        ring["b"].at[slot],
+        ring["a_s"].at[slot].at[0, mine],
+        ring["b_s"].at[slot].at[0],
+    )
 
 
 def _read_ahead_fold(num_tiles, ahead, refs, tile):

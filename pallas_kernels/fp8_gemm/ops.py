@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.fp8_gemm import gpu, gpu_config, gpu_tgmm, quantize, quantize_act, quantize_gpu, reference
+from pallas_kernels.fp8_gemm import gpu, gpu_config, gpu_ring, gpu_tgmm, quantize, quantize_act, quantize_gpu, reference
 from pallas_kernels.fp8_gemm.quantize import E4M3, TILE, tiles
 from pallas_kernels.grouped_matmul import gpu_common
 from pallas_kernels.grouped_matmul.reference import group_of
@@ -72,18 +72,22 @@ def _gpu_gmm(x_q, x_s, w_q, w_s, group_sizes, first, out_dtype, interpret, confi
         w_q = jnp.pad(w_q, ((0, 0), (0, np_ - n), (0, kp - k)))
     ws_cols = jnp.swapaxes(w_s if rhs_tiles else jnp.repeat(w_s, TILE, axis=1)[:, :n], 1, 2)  # [G, K/128, N]
     ws_cols = jnp.pad(ws_cols, ((0, 0), (0, 0), (0, np_ - n)), constant_values=1.0)
-    out = gpu.fp8_gmm(
-        x_q,
-        xs_t,
-        w_q,
-        ws_cols,
-        group_sizes,
-        config=cfg,
-        interpret=interpret,
-        out_dtype=out_dtype,
-        w_scales="column" if rhs_tiles else "block",
-        w_first=first,
-    )
+    w_scales = "column" if rhs_tiles else "block"
+    if cfg.ring_loads:
+        out = gpu_ring.fp8_gmm(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype, w_scales, first)
+    else:
+        out = gpu.fp8_gmm(
+            x_q,
+            xs_t,
+            w_q,
+            ws_cols,
+            group_sizes,
+            config=cfg,
+            interpret=interpret,
+            out_dtype=out_dtype,
+            w_scales=w_scales,
+            w_first=first,
+        )
     return out[:m, :n]
 
 
