@@ -2,9 +2,9 @@
 
 The forward runs ~930 TFLOP/s on the H200's gate+up shape (891-992); the issue asks 1,000. Whether the promotions,
 the tensor cores or the operand loads hold it there decides what to build next, and the kernel's own timings cannot
-say. This probe swaps the kernel's K step (`gpu.promoted_step`, which every configuration but skip_idle_wgs
-calls) for cut-down ones and times each, same process, same operands (JAX's caches are cleared around each swap,
-so every part is traced and compiled anew):
+say. This probe swaps the kernel's K step (`gpu.promoted_step`, which every configuration but skip_idle_wgs and
+ring_loads calls) for cut-down ones and times each, same process, same operands (JAX's caches are cleared around
+each swap, so every part is traced and compiled anew):
 
   full        the kernel as shipped
   no_promote  the wgmma and its wait, no promotion: the sum is the last step's product (wrong, on purpose)
