@@ -340,6 +340,40 @@ def test_write_failure_names_the_newest_intact_step(tmp_path, monkeypatch, async
     ck.close()
 
 
+def test_retry_after_a_failed_write_outlasts_its_stray_writers(tmp_path):
+    """A failed write can leave another item's writer still adding files to the step's temporary directory; the
+    retry must clear that directory once the writer stops, not fail with "Directory not empty" (seen in CI under
+    load, after the simulated disk-full above). Here a thread stands in for the writer for 0.5 s."""
+    import threading
+    import time
+
+    ck = Checkpointer(str(tmp_path), keep=1, async_save=False)
+    p, o = _save(ck, 3)
+    partial = os.path.join(ck.directory, "6.orbax-checkpoint-tmp", "params", "d")
+    os.makedirs(partial)
+    started, stop = threading.Event(), time.monotonic() + 0.5
+
+    def writer():
+        i = 0
+        while time.monotonic() < stop:
+            os.makedirs(partial, exist_ok=True)
+            for _ in range(50):
+                open(os.path.join(partial, f"chunk{i}"), "w").close()
+                i += 1
+            started.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    started.wait()
+    try:
+        _save(ck, 6, p, o)
+    finally:
+        thread.join()
+    assert ck.all_steps() == [6] and ck.restore(6, p, o)[2]["step"] == 6
+    assert not any(name.startswith("6.orbax-checkpoint-tmp") for name in os.listdir(ck.directory))
+    ck.close()
+
+
 # ------------------------------------------------------------------------------------------------ workdir lock
 
 

@@ -23,7 +23,11 @@ Never losing a good checkpoint:
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
@@ -120,6 +124,7 @@ class Checkpointer:
             data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(config),
         )
+        self._clear_partial(step)
         try:
             saved = self._mngr.save(step, args=args, force=force)
         except Exception as e:  # noqa: BLE001 - only storage errors are turned into one line; see is_storage_error
@@ -127,6 +132,26 @@ class Checkpointer:
         if saved and self.async_save:
             self._pending = step
         return saved
+
+    def _clear_partial(self, step: int, patience_s: float = 10.0) -> None:
+        """Removes what an earlier, failed write of `step` left in Orbax's temporary directory for it. When one
+        item's write fails, another item's may still be adding files there for a while; Orbax's own removal at the
+        retry then fails with "Directory not empty" (seen in CI under load). This retries until those writers stop
+        (at most patience_s); if the directory outlasts that, Orbax's attempt reports it."""
+        if jax.process_index() != 0:  # the checkpoint directory is shared: one process clears it
+            return
+        deadline = time.monotonic() + patience_s
+        for path in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
+            while True:
+                try:
+                    shutil.rmtree(path)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as e:
+                    if e.errno != errno.ENOTEMPTY or time.monotonic() > deadline:
+                        return
+                    time.sleep(0.05)
 
     def _newest(self) -> str:
         step = self._mngr.latest_step()
