@@ -356,10 +356,13 @@ def test_retry_after_a_failed_write_outlasts_its_stray_writers(tmp_path):
     def writer():
         i = 0
         while time.monotonic() < stop:
-            os.makedirs(partial, exist_ok=True)
-            for _ in range(50):
-                open(os.path.join(partial, f"chunk{i}"), "w").close()
-                i += 1
+            try:  # the save's cleanup may remove the directory between these calls: make it again
+                os.makedirs(partial, exist_ok=True)
+                for _ in range(50):
+                    open(os.path.join(partial, f"chunk{i}"), "w").close()
+                    i += 1
+            except FileNotFoundError:
+                pass
             started.set()
 
     thread = threading.Thread(target=writer)

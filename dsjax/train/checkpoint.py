@@ -133,25 +133,26 @@ class Checkpointer:
             self._pending = step
         return saved
 
-    def _clear_partial(self, step: int, patience_s: float = 10.0) -> None:
+    def _clear_partial(self, step: int, patience_s: float = 10.0, quiet_s: float = 0.2) -> None:
         """Removes what an earlier, failed write of `step` left in Orbax's temporary directory for it. When one
-        item's write fails, another item's may still be adding files there for a while; Orbax's own removal at the
-        retry then fails with "Directory not empty" (seen in CI under load). This retries until those writers stop
-        (at most patience_s); if the directory outlasts that, Orbax's attempt reports it."""
+        item's write fails, another item's may still be adding files (and directories) there for a while; Orbax's
+        own removal at the retry then fails with "Directory not empty" (seen in CI under load), or the writer
+        recreates a directory the new write is about to create. So this removes the directory until it stays gone
+        for quiet_s, giving up after patience_s (Orbax's attempt then reports what is left)."""
         if jax.process_index() != 0:  # the checkpoint directory is shared: one process clears it
             return
+        pattern = os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")
         deadline = time.monotonic() + patience_s
-        for path in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
-            while True:
+        while glob.glob(pattern) and time.monotonic() < deadline:
+            for path in glob.glob(pattern):
                 try:
                     shutil.rmtree(path)
-                    break
                 except FileNotFoundError:
-                    break
+                    pass
                 except OSError as e:
-                    if e.errno != errno.ENOTEMPTY or time.monotonic() > deadline:
+                    if e.errno != errno.ENOTEMPTY:
                         return
-                    time.sleep(0.05)
+            time.sleep(quiet_s)  # a writer still running shows up again within this
 
     def _newest(self) -> str:
         step = self._mngr.latest_step()
