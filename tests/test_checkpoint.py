@@ -340,6 +340,7 @@ def test_write_failure_names_the_newest_intact_step(tmp_path, monkeypatch, async
     ck.close()
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # the writer must not die early
 def test_retry_after_a_failed_write_outlasts_its_stray_writers(tmp_path):
     """A failed write can leave another item's writer still adding files to the step's temporary directory; the
     retry must clear that directory once the writer stops, not fail with "Directory not empty" (seen in CI under
