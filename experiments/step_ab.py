@@ -10,9 +10,13 @@ timed in `--rounds` rounds of `--steps` steps, the order reversed every other ro
 falls on both alike. Reported: each variant's median step over the rounds, and against the first variant the
 per-round ratios (the pair timed back to back): their median, min and max and in how many rounds it was faster.
 Flags shared with bench_pretrain.py (--preset, --batch, --seq_len, --variants, --steps, --mtp_lambda: its first
-value, --out); the MoE and attention implementations are "auto".
+value, --out); the MoE and attention implementations are "auto". --fp8_gemm="NAME:field=value,...;...": variant NAME
+is traced with those Fp8GpuConfig fields set on fp8_gmm's default config (gpu_config.default_config, at every K),
+e.g. --variants="one_gpu,fp8:<knobs>,fp8_ring:<same knobs>" --fp8_gemm="fp8_ring:ring_loads=true".
 """
 
+import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -32,6 +36,43 @@ def define_flags():
     from experiments import bench_pretrain  # noqa: F401
 
     flags.DEFINE_integer("rounds", 8, "Rounds of --steps steps per variant, interleaved.")
+    flags.DEFINE_string(
+        "fp8_gemm", "", "NAME:field=value,...;...: Fp8GpuConfig overrides of fp8_gmm's default per variant."
+    )
+
+
+def gemm_overrides(spec: str, names) -> dict:
+    """--fp8_gemm's "NAME:a=1,b=true;..." -> {NAME: {"a": 1, "b": True}}, each NAME one of `names`."""
+    from experiments.bench_util import parse_overrides
+
+    out = {}
+    for item in filter(None, spec.split(";")):
+        name, _, sets = item.partition(":")
+        if name not in names:
+            raise ValueError(f"--fp8_gemm: {name!r} is not a variant of {list(names)}")
+        out[name] = parse_overrides(sets)
+    return out
+
+
+@contextlib.contextmanager
+def default_gemm(overrides):
+    """fp8_gmm's default config with `overrides` while a variant is traced (and JAX's caches cleared on both sides:
+    ops.py jits each kernel call, and a cached trace would carry the other variant's config)."""
+    if not overrides:
+        yield
+        return
+    import jax
+
+    from pallas_kernels.fp8_gemm import gpu_config
+
+    original = gpu_config.default_config
+    gpu_config.default_config = lambda k: dataclasses.replace(original(k), **overrides)
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        gpu_config.default_config = original
+        jax.clear_caches()
 
 
 def build(spec, mtp_lambda):
@@ -88,7 +129,14 @@ def main(argv):
         raise app.UsageError(f"--variants: name at least two to compare, got {FLAGS.variants}")
     mtp_lambda = float(FLAGS.mtp_lambda[0])
     print(f"device: {jax.devices()[0].device_kind}", flush=True)
-    built = [build(spec, mtp_lambda) for spec in FLAGS.variants]
+    try:
+        gemm = gemm_overrides(FLAGS.fp8_gemm, [spec.partition(":")[0] for spec in FLAGS.variants])
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    built = []
+    for spec in FLAGS.variants:
+        with default_gemm(gemm.get(spec.partition(":")[0])):
+            built.append(build(spec, mtp_lambda))
     names = [b[0] for b in built]
     if len(set(names)) != len(names):
         raise app.UsageError(f"--variants: names must differ, got {names}")

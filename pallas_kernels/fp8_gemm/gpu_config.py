@@ -58,7 +58,9 @@ class Fp8GpuConfig:
     # experts): 929 vs 855 / 839, 802 vs 747 / 724 (2026-12-06): default_config turns it on up to EARLY_ROWS_MAX_K
     early_store_rows: bool = False
     # Warp-specialized fp8_gmm (gpu_ring.py): a hand-run load ring that copies only the x rows of compute warpgroups
-    # with rows in the tile (a group's partly filled last tile), whose wgmma is skipped as well
+    # with rows in the tile (a group's partly filled last tile), whose wgmma is skipped as well. H100 (2026-12-07):
+    # 996 / 1,028 TFLOP/s against default_config's 921 / 944 at small's gate+up (K = 1024, groups of whole 128-row
+    # steps on 192-row tiles), 906-948 against 942-989 at V3's; off until the layers and the step are timed with it
     ring_loads: bool = False
 
 

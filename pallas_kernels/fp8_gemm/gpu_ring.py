@@ -14,6 +14,8 @@ tail as gpu.py.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -115,7 +117,9 @@ def _step(ring, stages, wg, half, bn, busy, t_wg, interpret, scalar_ws):
 
 def _loads(ring, shape, place, share, gmem, w_first, num_tiles):
     """The memory warpgroup: every K step of the CTA's tiles into the next slot once the compute warpgroups have
-    released its previous use; x's row shares only where a compute warpgroup has rows (a bare arrival otherwise).
+    released its previous use; x's row shares only where a compute warpgroup has rows (a bare arrival otherwise),
+    in one copy where all have (3 TMA copies of 64 rows a step against the pipelined kernel's one of 192: the
+    ring ran 4% under it at V3's shape, whose tiles are nearly all full; H100, BENCHMARKS.md 2026-12-07).
     Then it waits out the last releases, so every barrier phase it began is complete when the kernel ends."""
     x_gmem, xs_gmem, w_gmem, ws_gmem = gmem
     stages, nw, half, bn, k_steps = shape
@@ -124,15 +128,27 @@ def _loads(ring, shape, place, share, gmem, w_first, num_tiles):
         mt, row0, n0, gi = place(lin)
         busy = [share(mt, c)[1] > 0 for c in range(nw)]
 
+        every = functools.reduce(jnp.logical_and, busy)
+
         def step(kk, t):
             slot = lax.rem(t, stages)
             pl.when(t >= stages)(lambda: plgpu.barrier_wait(ring["consumed"].at[slot]))
             cols, full = pl.ds(kk * BLOCK_K, BLOCK_K), ring["full"].at[slot]
-            for c in range(nw):
-                src = x_gmem.at[pl.ds(pl.multiple_of(row0 + c * half, 8), half), cols]
-                dst = ring["a"].at[slot].at[pl.ds(c * half, half)]
-                pl.when(busy[c])(lambda src=src, dst=dst: plgpu.copy_gmem_to_smem(src, dst, full))
-                pl.when(jnp.logical_not(busy[c]))(lambda: plgpu.barrier_arrive(full))
+
+            @pl.when(every)  # a full tile (most of them): x in one copy, the other shares' arrivals bare
+            def _():
+                plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(row0, nw * half), cols], ring["a"].at[slot], full)
+                for _ in range(nw - 1):
+                    plgpu.barrier_arrive(full)
+
+            @pl.when(jnp.logical_not(every))
+            def _():
+                for c in range(nw):
+                    src = x_gmem.at[pl.ds(pl.multiple_of(row0 + c * half, 8), half), cols]
+                    dst = ring["a"].at[slot].at[pl.ds(c * half, half)]
+                    pl.when(busy[c])(lambda src=src, dst=dst: plgpu.copy_gmem_to_smem(src, dst, full))
+                    pl.when(jnp.logical_not(busy[c]))(lambda: plgpu.barrier_arrive(full))
+
             plgpu.copy_gmem_to_smem(w_gmem.at[gi + w_first].at[pl.ds(n0, bn), cols], ring["b"].at[slot], full)
             plgpu.copy_gmem_to_smem(xs_gmem.at[pl.ds(kk, 1), pl.ds(row0, nw * half)], ring["a_s"].at[slot], full)
             plgpu.copy_gmem_to_smem(ws_gmem.at[gi].at[pl.ds(kk, 1), pl.ds(n0, bn)], ring["b_s"].at[slot], full)
