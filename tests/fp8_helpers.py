@@ -34,5 +34,6 @@ GPU_ONLY_WS3 = (
         Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3, skip_idle_wgs=True),
         Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3, early_store_rows=True),
         Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3, ring_loads=True),
+        Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3, ring_loads=True, early_store_rows=True),
     ]
 )

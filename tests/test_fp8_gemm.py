@@ -211,6 +211,7 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
         Fp8GpuConfig(block_m=128, warp_specialized=True, skip_idle_wgs=True),
         Fp8GpuConfig(block_m=128, warp_specialized=True, early_store_rows=True),
         Fp8GpuConfig(block_m=128, warp_specialized=True, ring_loads=True),
+        Fp8GpuConfig(block_m=128, warp_specialized=True, ring_loads=True, early_store_rows=True),
     ]
     + GPU_ONLY_CONFIGS,
     ids=[
@@ -220,6 +221,7 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
         "ws_skip_idle",
         "ws_early_store_rows",
         "ws_ring_loads",
+        "ws_ring_loads_early_rows",
     ]
     + [f"gpu_only_{i}" for i in range(len(GPU_ONLY_CONFIGS))],
 )

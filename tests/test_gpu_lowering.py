@@ -49,6 +49,9 @@ FP8_CONFIGS = {
     ),
     "x_multicast": f8.Fp8GpuConfig(num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3, cluster_n=2),
     "ring_loads": f8.Fp8GpuConfig(num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3, ring_loads=True),
+    "ring_loads_early_store_rows": f8.Fp8GpuConfig(
+        num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3, ring_loads=True, early_store_rows=True
+    ),
 }
 
 

@@ -56,6 +56,7 @@ class Fp8GpuConfig:
     # which matters where a tile is only a few K steps (small's experts: K = 512 / 1024). skip_idle_wgs implies it
     # (it needs the count at the start). H200 at K = 7168: 949 vs 976 / 961 off; H100 at K = 1024 / 512 (small's
     # experts): 929 vs 855 / 839, 802 vs 747 / 724 (2026-12-06): default_config turns it on up to EARLY_ROWS_MAX_K
+    # (the ring_loads kernel reads its rows' share and count at a tile's start anyway; the knob adds row0, untimed)
     early_store_rows: bool = False
     # Warp-specialized fp8_gmm (gpu_ring.py): a hand-run load ring that copies only the x rows of compute warpgroups
     # with rows in the tile (a group's partly filled last tile), whose wgmma is skipped as well. H100 (2026-12-07):

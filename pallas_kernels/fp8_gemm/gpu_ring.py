@@ -9,7 +9,8 @@ tiles (as fp8_tgmm's `_fp8_tgmm_ring`): each K step it copies x in block_m / com
 a compute warpgroup has rows of, and arrives on the slot's barrier for each skipped one, so the barrier completes
 with the bytes that did come. A compute warpgroup without rows in its tile releases every slot at once and runs no
 wgmma (gpu.skipping_step); the others run gpu.py's promoted K step. Same tiles, tile order, ragged stores and zero
-tail as gpu.py.
+tail as gpu.py; a warpgroup's row share and count are read at its tile's start, and with early_store_rows its first
+output row too (default_config turns it on at K <= 1024).
 """
 
 from __future__ import annotations
@@ -66,18 +67,21 @@ def fp8_gmm(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype, w_s
             def _():
                 plgpu.set_max_registers(gpu_common.compute_registers(cfg), action="increase")
 
-                def store(mt, n0, first, count):
-                    store_rows(out_smem.at[wg], out_gmem, row0_ref[mt] + wg * half, first, count, n0, half, bn)
+                def store(mt, n0, first, count, row0=None):
+                    row0 = row0_ref[mt] if row0 is None else row0
+                    store_rows(out_smem.at[wg], out_gmem, row0 + wg * half, first, count, n0, half, bn)
 
                 def tile(lin, t):
-                    mt, _, n0, _ = place(lin)
+                    mt, row0, n0, _ = place(lin)
+                    # early_store_rows: the tile's first output row as read here, its latency under the K loop
+                    row0 = row0 if cfg.early_store_rows else None
                     first, count = share(mt, wg)
                     step = _step(ring, stages, wg, half, bn, count > 0, t_wg, interpret, scalar_ws)
                     t, total = lax.fori_loop(0, k_steps, step, (t, gpu.zero_sum((half, bn), interpret)))
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has left out_smem
                     out_smem.at[wg][...] = total.astype(out_dtype)
                     plgpu.commit_smem()
-                    store(mt, n0, first, count)
+                    store(mt, n0, first, count, row0)
                     return t
 
                 gpu_common.persistent_fold(n_real * n_tiles, tile, jnp.int32(0))
