@@ -13,11 +13,14 @@ other configs (warp-specialized) beside the default.
   python experiments/bench_fp8_gemm.py                  # BASELINES shapes + V3 dense projections, table + --out
   python experiments/bench_fp8_gemm.py --sweep="one_wg:;ws:warp_specialized=true,block_m=128" --dense=
                                                         # the FP8 kernel's forward under each Fp8GpuConfig, first
+  python experiments/bench_fp8_gemm.py --grouped=32,16384,7168,4096 --dense= --wgrad_sweep= --fwd_pairs=8
+                                                        # + the forward pair timed 8 times: medians, per-pair ratio
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 
@@ -28,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments.bench_util import median_seconds, parse_overrides, write_results  # noqa: E402
+from experiments.bench_util import median_seconds, paired_ratios, parse_overrides, write_results  # noqa: E402
 from pallas_kernels import fp8_gemm as f8  # noqa: E402
 from pallas_kernels.grouped_matmul import GpuConfig, gmm, gpu, tgmm  # noqa: E402
 
@@ -53,6 +56,12 @@ flags.DEFINE_string(
     "ws:warp_specialized=true,block_m=128;ws3:warp_specialized=true,block_m=192,compute_wgs=3",
     "NAME:FIELD=VALUE,...;... Fp8GpuConfig variants of the grouped FP8 wgrad (fp8_tgmm) timed beside its default "
     "(the one-warpgroup kernel) on every --grouped shape.",
+)
+flags.DEFINE_integer(
+    "fwd_pairs",
+    0,
+    "After each grouped shape's row, time bf16's and fp8's forward this many times more, alternating, and report "
+    "medians and per-pair ratios (the acceptance numbers: one timing of a kernel spreads ~9% on the H200).",
 )
 flags.DEFINE_string("out", "", "Optional JSON output path.")
 
@@ -81,15 +90,43 @@ def _fp8(f, *a, **kw):
     return f(*a, backend=_backend(), config=CONFIG["fp8"], **kw)
 
 
-def bench_grouped(g, m, k, n):
+def _forward_operands(g, m, k, n):
+    """The grouped shape's bf16 operands (x [M, K], w [G, K, N], dy [M, N]), group sizes, and x's and w's e4m3."""
     key = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(key[0], (m, k), jnp.bfloat16)
     w = (jax.random.normal(key[1], (g, k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
     dy = jax.random.normal(key[2], (m, n), jnp.bfloat16)
-    gs = _sizes(g, m)
+    return x, w, dy, _sizes(g, m), f8.quantize_tiles(x), f8.quantize_blocks(w)
+
+
+def forward_pairs(g, m, k, n, pairs):
+    """bf16's gmm and fp8_gmm forward timed `pairs` times each, alternating (jitted once): their TFLOP/s medians
+    (min, max) and the per-pair fp8 / bf16 speed-up's median (min, max)."""
+    x, w, _, gs, (xq, xs), (wq, ws) = _forward_operands(g, m, k, n)
+    bf16 = jax.jit(lambda x, w: gmm(x, w, gs))
+    fp8 = jax.jit(lambda *a: _fp8(f8.fp8_gmm, *a, gs))
+    times = {"bf16": [], "fp8": []}
+    for _ in range(pairs):
+        times["bf16"].append(median_seconds(bf16, x, w, warmup=2, iters=FLAGS.iters, repeats=5))
+        times["fp8"].append(median_seconds(fp8, xq, xs, wq, ws, warmup=2, iters=FLAGS.iters, repeats=5))
+    tflops = {name: sorted(2 * m * k * n / t / 1e12 for t in ts) for name, ts in times.items()}
+    ratio = paired_ratios(times["bf16"], times["fp8"])[:3]
+    return {"tflops": tflops, "fp8_over_bf16": ratio, "seconds": times}
+
+
+def _pairs_line(p):
+    med = {name: statistics.median(v) for name, v in p["tflops"].items()}
+    spread = {name: f"{v[0]:.0f}-{v[-1]:.0f}" for name, v in p["tflops"].items()}
+    r = p["fp8_over_bf16"]
+    return (
+        f"  fwd, {len(p['tflops']['fp8'])} alternating pairs: fp8 median {med['fp8']:.0f} TFLOP/s ({spread['fp8']}), "
+        f"bf16 {med['bf16']:.0f} ({spread['bf16']}), fp8/bf16 per pair {r[0]:.2f}x ({r[1]:.2f}-{r[2]:.2f}x)"
+    )
+
+
+def bench_grouped(g, m, k, n):
+    x, w, dy, gs, (xq, xs), (wq, ws) = _forward_operands(g, m, k, n)
     flops = 2 * m * k * n
-    xq, xs = f8.quantize_tiles(x)
-    wq, ws = f8.quantize_blocks(w)
     wtq, wts = f8.quantize_blocks(jnp.swapaxes(w, 1, 2))
     dq, ds = f8.quantize_tiles(dy)
     index, aligned = f8.align_groups(gs, m)  # the FP8 wgrad's layout: each group on 128-row steps
@@ -225,6 +262,9 @@ def main(argv):
         print(_row(f"gmm G={g} M={m} K={k} N={n}", t), flush=True)
         print("  " + ", ".join(f"{k}: {1e3 * v:.2f} ms" for k, v in quant.items()), flush=True)
         results.append({"shape": [g, m, k, n], "grouped": True, "times": t, "quantize": quant})
+        if FLAGS.fwd_pairs:
+            results[-1]["fwd_pairs"] = forward_pairs(g, m, k, n, FLAGS.fwd_pairs)
+            print(_pairs_line(results[-1]["fwd_pairs"]), flush=True)
     for spec in filter(None, FLAGS.dense.split(";")):
         m, k, n = map(int, spec.split(","))
         t, quant = bench_dense(m, k, n)

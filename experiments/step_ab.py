@@ -108,15 +108,16 @@ def summarize(names, times, tokens):
     first variant (> 1: faster than it)."""
     rows = ["| variant | median step | min / max | tokens/s | vs first, per round: median (min .. max) | faster |"]
     rows.append("|---|---|---|---|---|---|")
+    from experiments.bench_util import paired_ratios
+
     base = times[names[0]]
     for name in names:
         t = times[name]
-        ratios = [b / x for b, x in zip(base, t)]
-        faster = sum(r > 1 for r in ratios)
+        median, low, high, faster = paired_ratios(base, t)
         rows.append(
             f"| {name} | {1e3 * statistics.median(t):.1f} ms | {1e3 * min(t):.1f} / {1e3 * max(t):.1f} | "
-            f"{tokens / statistics.median(t) / 1e3:.1f}k | {statistics.median(ratios):.4f}x "
-            f"({min(ratios):.4f} .. {max(ratios):.4f}) | {faster} / {len(ratios)} |"
+            f"{tokens / statistics.median(t) / 1e3:.1f}k | {median:.4f}x ({low:.4f} .. {high:.4f}) | "
+            f"{faster} / {len(t)} |"
         )
     return "\n".join(rows)
 

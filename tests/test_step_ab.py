@@ -30,3 +30,12 @@ def test_fp8_gemm_overrides_name_variants_and_swap_the_default_only_inside():
         assert gpu_config.default_config(1024) == dataclasses.replace(before, ring_loads=True)
         assert gpu_config.default_config(7168).ring_loads
     assert gpu_config.default_config(1024) == before and not before.ring_loads
+
+
+def test_paired_ratios_pair_by_index():
+    from experiments.bench_util import paired_ratios
+
+    # base / other per pair: 2.0, 0.5, 1.25 -> median 1.25, min 0.5, max 2.0, two faster
+    assert paired_ratios([2.0, 1.0, 2.5], [1.0, 2.0, 2.0]) == (1.25, 0.5, 2.0, 2)
+    with pytest.raises(ValueError):  # unpaired timings are an error, not a silent truncation
+        paired_ratios([1.0, 2.0], [1.0])
