@@ -77,10 +77,14 @@ def _backend():
     return FLAGS.fp8_backend or ("gpu" if jax.default_backend() == "gpu" else "xla")
 
 
-def _time(f, *args):
+def _median(jitted, *args):
     # calls back to back (median of 5 runs of --iters calls): a per-call host sync added ~0.1-0.15 ms to each call
     # on the H200 (bench_fp8_quantize.py --floor, 2026-12-04), 7% of a 1.35 ms GEMM
-    return median_seconds(jax.jit(f), *args, warmup=2, iters=FLAGS.iters, repeats=5)
+    return median_seconds(jitted, *args, warmup=2, iters=FLAGS.iters, repeats=5)
+
+
+def _time(f, *args):
+    return _median(jax.jit(f), *args)
 
 
 CONFIG = {"fp8": None}  # the Fp8GpuConfig of the table's FP8 GEMMs (None: the kernel's default; --sweep's best)
@@ -107,8 +111,8 @@ def forward_pairs(g, m, k, n, pairs):
     fp8 = jax.jit(lambda *a: _fp8(f8.fp8_gmm, *a, gs))
     times = {"bf16": [], "fp8": []}
     for _ in range(pairs):
-        times["bf16"].append(median_seconds(bf16, x, w, warmup=2, iters=FLAGS.iters, repeats=5))
-        times["fp8"].append(median_seconds(fp8, xq, xs, wq, ws, warmup=2, iters=FLAGS.iters, repeats=5))
+        times["bf16"].append(_median(bf16, x, w))
+        times["fp8"].append(_median(fp8, xq, xs, wq, ws))
     tflops = {name: sorted(2 * m * k * n / t / 1e12 for t in ts) for name, ts in times.items()}
     ratio = paired_ratios(times["bf16"], times["fp8"])[:3]
     return {"tflops": tflops, "fp8_over_bf16": ratio, "seconds": times}

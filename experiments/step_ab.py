@@ -27,6 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from experiments.bench_util import paired_ratios, parse_overrides  # noqa: E402
+
 FLAGS = flags.FLAGS
 
 
@@ -43,8 +45,6 @@ def define_flags():
 
 def gemm_overrides(spec: str, names) -> dict:
     """--fp8_gemm's "NAME:a=1,b=true;..." -> {NAME: {"a": 1, "b": True}}, each NAME one of `names`."""
-    from experiments.bench_util import parse_overrides
-
     out = {}
     for item in filter(None, spec.split(";")):
         name, _, sets = item.partition(":")
@@ -108,8 +108,6 @@ def summarize(names, times, tokens):
     first variant (> 1: faster than it)."""
     rows = ["| variant | median step | min / max | tokens/s | vs first, per round: median (min .. max) | faster |"]
     rows.append("|---|---|---|---|---|---|")
-    from experiments.bench_util import paired_ratios
-
     base = times[names[0]]
     for name in names:
         t = times[name]
