@@ -161,24 +161,29 @@ def test_ring_loads_config_runs_only_where_built():
         fp8_tgmm(xq, xs, xq, xs, gs, backend="gpu", interpret=True, config=RING)  # a, b [128, 128] tile-scaled
 
 
-@pytest.mark.parametrize("k, early", [(512, True), (1000, True), (1024, True), (1100, False), (7168, False)])
-def test_default_kernel_config_reads_store_rows_early_for_short_contractions(k, early):
-    """Where the caller names no config, fp8_gmm's kernel is GEMM_CONFIG with early_store_rows on for K (padded to
-    the 128 scaling tile) up to EARLY_ROWS_MAX_K, where it measured faster, and off past it."""
+@pytest.mark.parametrize("k, short", [(512, True), (1000, True), (1024, True), (1100, False), (7168, False)])
+def test_default_kernel_config_runs_the_ring_for_short_contractions(k, short):
+    """Where the caller names no config, fp8_gmm's kernel is GEMM_CONFIG on the load ring (gpu_ring) with
+    early_store_rows on for K (padded to the 128 scaling tile) up to EARLY_ROWS_MAX_K, where both measured faster,
+    and the pipelined kernel (gpu) as GEMM_CONFIG past it."""
     from unittest import mock
 
-    from pallas_kernels.fp8_gemm import gpu, gpu_config
+    from pallas_kernels.fp8_gemm import gpu, gpu_config, gpu_ring
 
     seen = []
 
-    def kernel(x_q, xs_t, w_q, ws_cols, group_sizes, *, config, **_):
-        seen.append(config)
-        return jnp.zeros((x_q.shape[0], w_q.shape[1]), jnp.bfloat16)
+    def kernel(name):
+        def run(x_q, xs_t, w_q, *args, config=None, **_):
+            seen.append((name, config if config is not None else args[2]))
+            return jnp.zeros((x_q.shape[0], w_q.shape[1]), jnp.bfloat16)
+
+        return run
 
     x, w = jnp.ones((8, k), jnp.float32), jnp.ones((1, k, 128), jnp.float32)
-    with mock.patch.object(gpu, "fp8_gmm", kernel):
+    with mock.patch.object(gpu, "fp8_gmm", kernel("gpu")), mock.patch.object(gpu_ring, "fp8_gmm", kernel("ring")):
         fp8_gmm(*quantize_tiles(x), *quantize_blocks(w), jnp.asarray([8], jnp.int32), backend="gpu", interpret=True)
-    assert seen == [dataclasses.replace(gpu_config.GEMM_CONFIG, early_store_rows=early)]
+    ring = dataclasses.replace(gpu_config.GEMM_CONFIG, early_store_rows=True, ring_loads=True)
+    assert seen == ([("ring", ring)] if short else [("gpu", gpu_config.GEMM_CONFIG)])
 
 
 # ---------------------------------------------------------------- the Mosaic GPU kernel, interpret mode

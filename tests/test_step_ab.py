@@ -25,11 +25,11 @@ def test_fp8_gemm_overrides_name_variants_and_swap_the_default_only_inside():
     assert step_ab.gemm_overrides("", ["a"]) == {}
     with pytest.raises(ValueError, match="--fp8_gemm"):
         step_ab.gemm_overrides("c:ring_loads=true", ["a", "b"])
-    before = gpu_config.default_config(1024)
+    before = gpu_config.default_config(7168)
     with step_ab.default_gemm({"ring_loads": True}):
-        assert gpu_config.default_config(1024) == dataclasses.replace(before, ring_loads=True)
-        assert gpu_config.default_config(7168).ring_loads
-    assert gpu_config.default_config(1024) == before and not before.ring_loads
+        assert gpu_config.default_config(7168) == dataclasses.replace(before, ring_loads=True)
+        assert gpu_config.default_config(1024).ring_loads
+    assert gpu_config.default_config(7168) == before and not before.ring_loads
 
 
 def test_paired_ratios_pair_by_index():
