@@ -40,6 +40,22 @@ def _activations(m, k, seed=0, dtype=jnp.bfloat16):
     return x.at[:128, :128].set(0.0).at[m // 2, k // 3].set(jnp.nan).astype(dtype)
 
 
+def test_amax_on_the_bits_is_the_float_amax_with_nan():
+    """nan_amax (every kernel's tile maximum, an integer max over |t|'s bits) equals max |t| with NaN propagated, on
+    special values: +-0, subnormals, +-inf, NaN of either sign and payload, and rows without any of them."""
+    special = np.array([0.0, -0.0, 1e-45, -3e-39, 1.0, -2.5, 3e38, np.inf, -np.inf], np.float32)
+    nans = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFFFFFFF], np.uint32).view(np.float32)
+    rng = np.random.default_rng(0)
+    rows = rng.choice(np.concatenate([special, nans]), size=(64, 128))
+    rows[:8] = rng.choice(special, size=(8, 128))  # rows with no NaN, some with an infinity
+    rows[8:12] = rng.normal(size=(4, 128)) * 1e-40  # subnormal rows
+    got = np.asarray(quantize_gpu.nan_amax(jnp.asarray(rows), axis=1))
+    with np.errstate(invalid="ignore"):
+        want = np.where(np.isnan(rows).any(1), np.nan, np.abs(np.where(np.isnan(rows), 0.0, rows)).max(1))
+    np.testing.assert_array_equal(got, want)
+    assert not np.isnan(got[:12]).any() and np.isnan(got[12:]).sum() == np.isnan(rows[12:]).any(1).sum()
+
+
 @pytest.mark.parametrize("m, k", [(300, 200), (129, 128), (1, 1)])
 def test_quantize_tiles_kernel_is_bit_equal(m, k):
     x = _activations(m, k)

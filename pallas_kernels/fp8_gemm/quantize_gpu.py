@@ -54,23 +54,30 @@ from pallas_kernels.fp8_gemm.quantize import AMAX_FLOOR, E4M3, E4M3_MAX, INV_E4M
 
 
 def nan_amax(t, axis=None):
-    """max |t| along axis, NaN if the tile holds one: Triton's max ignores NaN (maxnumf), XLA's propagates it."""
-    has_nan = jnp.max(jnp.where(t != t, 1.0, 0.0), axis=axis) > 0
-    return jnp.where(has_nan, jnp.nan, jnp.max(jnp.abs(t), axis=axis))
+    """max |t| along axis (float32), NaN if the tile holds one (XLA's max propagates NaN; Triton's float max,
+    maxnumf, ignores it). Taken on the bits: |t|'s float32 bit patterns order as the values do, and every NaN's
+    above +inf's, so one integer max finds the largest magnitude and any NaN at once (an AND and a max an element,
+    where the float way took an abs, a max, a NaN test, a select and a second max: experiments/BENCHMARKS.md,
+    twenty-fourth FP8 session, the kernels' PTX)."""
+    bits = lax.bitcast_convert_type(t.astype(jnp.float32), jnp.int32) & 0x7FFFFFFF
+    top = jnp.max(bits, axis=axis)
+    return jnp.where(top > 0x7F800000, jnp.nan, lax.bitcast_convert_type(top, jnp.float32))
 
 
 def to_e4m3(t, amax):
     """(t * (448 / amax) as e4m3, scale amax * (1 / 448)) as quantize.py computes them, the division once per tile
     (amax is the tile's, broadcastable to t). Triton's float32 division is the approximate div.full, and so is
     XLA's on the GPU (experiments/bench_fp8_quantize.py --probe: 448 / amax equal on 2^20 values, 29% of them an
-    ulp off IEEE), so the multipliers agree; the interpreter divides as XLA does on the CPU. The clip
-    (NaN-ignoring in Triton) sees finite values only: NaN stays NaN, as quantize.py's clip keeps it."""
+    ulp off IEEE), so the multipliers agree; the interpreter divides as XLA does on the CPU. quantize.py clips to
+    +-448 before the cast; here the cast alone gives the same codes: |t| <= amax (floored amax only larger), so
+    the product passes 448 by a rounding error at most, which the cast rounds to 448 (Hopper's cvt.rn.satfinite and
+    the interpreter's round-to-nearest alike; e4m3fn turns NaN only from 464 up), and NaN stays NaN. That spares
+    four instructions an element (clip, NaN test, select) in passes that issue ~25 per element."""
     zero = amax == 0
-    # Triton's max ignores NaN (maxnumf): a NaN amax is put back after the floor
+    # amax is NaN where the tile holds one (nan_amax): jnp.maximum lowers to Triton's NaN-ignoring max, so put it back
     amax = jnp.where(zero, 1.0, jnp.where(amax != amax, jnp.nan, jnp.maximum(amax, AMAX_FLOOR)))
     scale = jnp.where(zero, 1.0, amax * INV_E4M3_MAX)
-    y = t * jnp.where(zero, 1.0, E4M3_MAX / amax)
-    return jnp.where(y != y, jnp.nan, jnp.clip(y, -E4M3_MAX, E4M3_MAX)).astype(E4M3), scale
+    return (t * jnp.where(zero, 1.0, E4M3_MAX / amax)).astype(E4M3), scale
 
 
 def _params(num_warps=4):
