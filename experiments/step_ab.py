@@ -12,7 +12,8 @@ per-round ratios (the pair timed back to back): their median, min and max and in
 Flags shared with bench_pretrain.py (--preset, --batch, --seq_len, --variants, --steps, --mtp_lambda: its first
 value, --out); the MoE and attention implementations are "auto". --fp8_gemm="NAME:field=value,...;...": variant NAME
 is traced with those Fp8GpuConfig fields set on fp8_gmm's default config (gpu_config.default_config, at every K),
-e.g. --variants="one_gpu,fp8:<knobs>,fp8_ring:<same knobs>" --fp8_gemm="fp8_ring:ring_loads=true".
+e.g. --variants="one_gpu,fp8:<knobs>,fp8_noring:<same knobs>" --fp8_gemm="fp8_noring:ring_loads=false" (the load
+ring is the default at K <= 1024 only; ring_loads=true puts it at every K).
 """
 
 import contextlib
