@@ -164,7 +164,7 @@ def test_ring_loads_config_runs_only_where_built():
 @pytest.mark.parametrize("k, short", [(512, True), (1000, True), (1024, True), (1100, False), (7168, False)])
 def test_default_kernel_config_runs_the_ring_for_short_contractions(k, short):
     """Where the caller names no config, fp8_gmm's kernel is GEMM_CONFIG on the load ring (gpu_ring) with
-    early_store_rows on for K (padded to the 128 scaling tile) up to EARLY_ROWS_MAX_K, where both measured faster,
+    early_store_rows on for K (padded to the 128 scaling tile) up to SHORT_K_MAX, where both measured faster,
     and the pipelined kernel (gpu) as GEMM_CONFIG past it."""
     from unittest import mock
 

@@ -55,14 +55,15 @@ class Fp8GpuConfig:
     # instructions wait for, in every warpgroup at once): a few hundred cycles a tile with the tensor cores idle,
     # which matters where a tile is only a few K steps (small's experts: K = 512 / 1024). skip_idle_wgs implies it
     # (it needs the count at the start). H200 at K = 7168: 949 vs 976 / 961 off; H100 at K = 1024 / 512 (small's
-    # experts): 929 vs 855 / 839, 802 vs 747 / 724 (2026-12-06): default_config turns it on up to EARLY_ROWS_MAX_K
-    # (the ring_loads kernel reads its rows' share and count at a tile's start anyway; the knob adds row0, untimed)
+    # experts): 929 vs 855 / 839, 802 vs 747 / 724 (2026-12-06): default_config turns it on up to SHORT_K_MAX
+    # (the ring_loads kernel reads its rows' share and count at a tile's start anyway; the knob adds row0: timed
+    # together with the ring at small's shapes, BENCHMARKS.md twenty-fourth FP8 session)
     early_store_rows: bool = False
     # Warp-specialized fp8_gmm (gpu_ring.py): a hand-run load ring that copies only the x rows of compute warpgroups
     # with rows in the tile (a group's partly filled last tile), whose wgmma is skipped as well. H100 (2026-12-07,
     # BENCHMARKS.md twenty-fourth session): 1,047 / 1,050 TFLOP/s against 952 / 953 at small's gate+up (K = 1024,
     # groups of whole 128-row steps on 192-row tiles), 991 / 989 against 994 / 1,006 at V3's; small's step 1.0024x
-    # BF16's with it against 0.9958x without: default_config turns it on up to EARLY_ROWS_MAX_K
+    # BF16's with it against 0.9958x without: default_config turns it on up to SHORT_K_MAX
     ring_loads: bool = False
 
 
@@ -71,15 +72,16 @@ class Fp8GpuConfig:
 # own defaults stay the one-warpgroup kernel, which jax 0.10's interpreter can run on two cores.
 GEMM_CONFIG = Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3)
 # Contractions up to this long (8 K steps a tile) take the ring_loads kernel with each tile's store rows read at its
-# start: early_store_rows measured 7-11% faster at K = 512 / 1024 and 2-3% slower at K = 7168 (its comment), the
-# ring 10% faster at K = 1024 and even at K = 7168 (its comment); K = 2048 untimed, so both off there
-EARLY_ROWS_MAX_K = 1024
+# start (this bound was EARLY_ROWS_MAX_K before the ring joined it): early_store_rows measured 7-11% faster at K = 512
+# / 1024 and 2-3% slower at K = 7168 (its comment), the ring 10% faster at K = 1024 and even at K = 7168 (its
+# comment); K = 2048 untimed, so both off there
+SHORT_K_MAX = 1024
 
 
 def default_config(k: int) -> Fp8GpuConfig:
     """fp8_gmm's config where the caller names none, for a contraction of length k: GEMM_CONFIG, on the load ring
-    with the store rows read early where a tile is only a few K steps long (EARLY_ROWS_MAX_K)."""
-    if k <= EARLY_ROWS_MAX_K:
+    with the store rows read early where a tile is only a few K steps long (SHORT_K_MAX)."""
+    if k <= SHORT_K_MAX:
         return dataclasses.replace(GEMM_CONFIG, early_store_rows=True, ring_loads=True)
     return GEMM_CONFIG
 

@@ -123,8 +123,9 @@ def _step(ring, stages, wg, half, bn, busy, t_wg, interpret, scalar_ws):
 def _loads(ring, shape, place, share, gmem, w_first, num_tiles):
     """The memory warpgroup: every K step of the CTA's tiles into the next slot once the compute warpgroups have
     released its previous use; x's row shares only where a compute warpgroup has rows (a bare arrival otherwise),
-    in one copy where all have (3 TMA copies of 64 rows a step against the pipelined kernel's one of 192: the
-    ring ran 4% under it at V3's shape, whose tiles are nearly all full; H100, BENCHMARKS.md 2026-12-07).
+    in one copy where all have (with 3 TMA copies of 64 rows a step against the pipelined kernel's one of 192, the
+    ring ran 4% under it at V3's shape, whose tiles are nearly all full; with the one copy, level: H100,
+    BENCHMARKS.md twenty-third and twenty-fourth FP8 sessions).
     Then it waits out the last releases, so every barrier phase it began is complete when the kernel ends."""
     x_gmem, xs_gmem, w_gmem, ws_gmem = gmem
     stages, nw, half, bn, k_steps = shape

@@ -58,8 +58,9 @@ def _scale(amax):
 
 
 def _to_e4m3(x):
-    # x * (448 / amax) can pass 448 by a rounding error at the tile maximum; clip so it cannot become NaN (e4m3fn
-    # has no infinity). NaN stays NaN through the clip.
+    # x * (448 / amax) can pass 448 by a rounding error at the tile maximum; the cast would round that to 448 anyway
+    # (e4m3fn turns NaN only from 464 up; quantize_gpu.to_e4m3 relies on it), and the clip states the bound here,
+    # in the reference. NaN stays NaN through the clip.
     # The barrier keeps the codes: where a consumer dequantizes them in the same fusion (the XLA reference GEMMs),
     # XLA on GPUs folds convert(convert(x, e4m3), f32) into x under its excess-precision rule, and the quantization
     # silently disappears (seen in the compiled HLO of a layer's FP8 step for an H100: no activation was rounded).
