@@ -1,5 +1,5 @@
 """DeepSeek-V3's FP8 quantization as single-pass GPU kernels (Pallas Triton), bit-equal to quantize.py's XLA ops
-(on the H200 as in interpret mode: see to_e4m3 for the rounding both sides share).
+(on the H200 and H100 as in interpret mode: see to_e4m3 for the rounding both sides share).
 
     q, s = quantize_tiles(x)             # x [M, K] -> q [M, K], s [M, ceil(K / 128)]: 1 x 128 tiles along K
     q, s = quantize_blocks(w)            # w [..., K, N] -> q [..., N, K], s [..., N / 128, K / 128]: transposing
@@ -57,8 +57,9 @@ def nan_amax(t, axis=None):
     """max |t| along axis (float32), NaN if the tile holds one (XLA's max propagates NaN; Triton's float max,
     maxnumf, ignores it). Taken on the bits: |t|'s float32 bit patterns order as the values do, and every NaN's
     above +inf's, so one integer max finds the largest magnitude and any NaN at once (an AND and a max an element,
-    where the float way took an abs, a max, a NaN test, a select and a second max: experiments/BENCHMARKS.md,
-    twenty-fourth FP8 session, the kernels' PTX)."""
+    where the float way took an abs, a max, a NaN test, a select and a second max: PTX 20-49% shorter, BENCHMARKS.md
+    twenty-fourth FP8 session; with to_e4m3's cast, the transposing and requantizing passes 10-30% faster on the
+    H100, bit-equal compiled: twenty-fifth)."""
     bits = lax.bitcast_convert_type(t.astype(jnp.float32), jnp.int32) & 0x7FFFFFFF
     top = jnp.max(bits, axis=axis)
     return jnp.where(top > 0x7F800000, jnp.nan, lax.bitcast_convert_type(top, jnp.float32))
@@ -113,7 +114,8 @@ BLOCK_C = 64  # columns per program: a 128 x 64 bf16 tile is 16 KiB of registers
 # The requantizer (x_scale given): 128 columns of e4m3 codes read as uint16 pairs where C is even (_packed_kernel).
 # On the H100 at small's experts' rows (237,568 x 1024, BENCHMARKS.md eighteenth FP8 session) 0.320-0.329 ms,
 # against 0.38-0.40 for the same tile in bytes and 0.36-0.49 for 32 or 64 columns (2-8 warps); uint32 quads
-# (pack=4) tie the pairs (0.319-0.321 ms, nineteenth FP8 session), so the default stays 2.
+# (pack=4) tie the pairs (0.319-0.321 ms, nineteenth FP8 session; 0.247-0.255 against 0.257-0.258 with the
+# bit-wise nan_amax, twenty-fifth), so the default stays 2.
 BLOCK_C_E4M3 = 128
 PACK = 2
 
