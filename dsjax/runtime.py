@@ -14,7 +14,7 @@ devices (`resolved`), so `DeepSeekV3(ModelConfig.preset(...)).apply(...)` works 
                     Hopper only) and their Triton quantizers; elsewhere "xla", the dequantize reference (FP8's
                     numerics, not its speed). Only read when ModelConfig.fp8 asks for FP8. On the H200 a slice at
                     DeepSeek-V3's widths steps 1.09x faster on them than in BF16; small's narrower layers 1.05x
-                    slower with every layer in FP8, 0.2-0.45% faster with its experts only (fp8_layers="experts",
+                    slower with every layer in FP8, 1.7% faster with its experts only (fp8_layers="experts",
                     paired timing on an H100; experiments/BENCHMARKS.md)
 
 The Pallas kernels (gmm, mla_decode) are handed `cfg.platform`: their own "auto" (decode_attention_impl "auto")
