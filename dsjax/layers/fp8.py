@@ -35,10 +35,9 @@ runs end 1.8% apart: the routers amplify any rounding difference), and with the 
 (ModelConfig.fp8_layers "experts") faster than BF16 (paired step timing on an H100: 1.017x with fp8_gmm's load
 ring and the quantizers' bit-wise amax, 1.004x / 1.008x slower on an H100 / H200 before them). Its FP8 GEMMs beat
 bf16's, but each operand's two quantization passes (~6 bytes per element) cost about what FP8 saves in the GEMMs
-at small's widths (break-even where
-K N / (K + N) ~ 560; V3's layers are 3-9x past it: BENCHMARKS.md, "FP8 at small's widths"). Fusing both
-quantizations into one read measured slower in three designs; what remains is to fuse them into the passes that
-produce the operands or into the GEMMs.
+at small's widths (break-even where K N / (K + N) ~ 560; V3's layers are 3-9x past it: BENCHMARKS.md, "FP8 at
+small's widths"). Fusing both quantizations into one read measured slower in three designs; what remains is to
+fuse them into the passes that produce the operands or into the GEMMs.
 
 A scanned segment's expert weights are quantized for all its layers in one pass before the scan (ExpertBlocks,
 built by dsjax.layers.moe.stacked_expert_blocks from the stacked parameters), both orientations at once; each
