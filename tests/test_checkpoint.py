@@ -1,6 +1,6 @@
 """Never losing a good checkpoint: fingerprints (device vs streamed), corruption caught by restore, restore_latest,
-load_for_inference and the HF export, bad metadata files, keep >= 1, non-finite saves refused, write failures,
-the workdir lock, and the converter refusing an --out that overlaps its input. Small trees on CPU throughout."""
+bad metadata files, keep >= 1, non-finite saves refused, write failures and the workdir lock. Small trees on CPU
+throughout; the readers of a checkpoint (load_for_inference, the converter) are test_checkpoint_readers.py's."""
 
 from __future__ import annotations
 
@@ -15,14 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorstore as ts
 
 from dsjax.errors import CheckpointError, ConfigError
 from dsjax.train.checkpoint import Checkpointer
-from dsjax.train.checkpoint_io import load_for_inference, model_config_dict
 from dsjax.train.fingerprint import StreamingFingerprint, fingerprint_tree, fingerprints
 from dsjax.train.lock import WorkdirLock
-from tests.conftest import param_shapes, randomize_params
+from tests.ckpt_damage import largest_file, one_line, scribble, set_element
 
 RNG = np.zeros(2, np.uint32)
 
@@ -44,35 +42,6 @@ def _save(ck, step, params=None, opt_state=None):
     ck.save(step, p, o, RNG, {"it": step}, {"model": {"step": step}})
     ck.wait()
     return p, o
-
-
-def _largest_file(directory):
-    files = [os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs]
-    return max(files, key=os.path.getsize)
-
-
-def _scribble(step_dir):
-    """4 KiB of random bytes into the middle of the largest params data file."""
-    path = _largest_file(os.path.join(step_dir, "params"))
-    size = os.path.getsize(path)
-    assert size > 8192, size
-    with open(path, "r+b") as f:
-        f.seek(size // 2 - 2048)
-        f.write(np.random.RandomState(1).bytes(4096))
-
-
-def _set_element(params_dir, name, index, value):
-    """A silent change: one element rewritten through TensorStore, so every file still decodes."""
-    arr = ts.open(
-        {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{params_dir}/"}, "path": name}
-    ).result()
-    arr[index] = value
-
-
-def _one_line(e) -> str:
-    msg = str(e.value)
-    assert "\n" not in msg, msg
-    return msg
 
 
 # -------------------------------------------------------------------------------------------------- fingerprint
@@ -118,10 +87,10 @@ def test_scribbled_step_is_caught_and_moved_aside(tmp_path, capsys):
     ck = Checkpointer(str(tmp_path), keep=3, async_save=False)
     p3, o3 = _save(ck, 3)
     p6, o6 = _save(ck, 6)
-    _scribble(os.path.join(ck.directory, "6"))
+    scribble(os.path.join(ck.directory, "6"))
     with pytest.raises(CheckpointError, match=r"^checkpoint step 6 is corrupt: params") as e:
         ck.restore(6, p6, o6)
-    _one_line(e)
+    one_line(e)
 
     step, params, opt_state, meta, data = ck.restore_latest(p6, o6)
     assert step == 3 and meta["step"] == 3 and data == {"it": 3}
@@ -132,7 +101,7 @@ def test_scribbled_step_is_caught_and_moved_aside(tmp_path, capsys):
     assert os.path.isdir(os.path.join(ck.directory, "6.corrupt")) and ck.all_steps() == [3]
 
     _save(ck, 6)  # the same step number again: no collision with the corrupt copy
-    _set_element(os.path.join(ck.directory, "6", "params"), "dense.kernel", (1, 2), np.float32(7.0))
+    set_element(os.path.join(ck.directory, "6", "params"), "dense.kernel", (1, 2), np.float32(7.0))
     assert ck.restore_latest(p6, o6)[0] == 3
     assert "params/dense/kernel does not match its checksum" in capsys.readouterr().out
     assert sorted(os.listdir(ck.directory)) == ["3", "6.corrupt", "6.corrupt-1"]
@@ -149,10 +118,10 @@ def test_silent_change_names_the_array_and_dtype_changes_still_check(tmp_path):
     as_f16 = jax.tree.map(lambda x: x.astype(jnp.float16) if x.dtype == jnp.float32 else x, p)
     got, *_ = ck.restore(2, as_f16, o)  # a param_dtype change across a resume: checked on the stored bits
     assert got["dense"]["kernel"].dtype == jnp.float16
-    _set_element(os.path.join(ck.directory, "2", "opt_state"), "0.count", (), np.int32(4))
+    set_element(os.path.join(ck.directory, "2", "opt_state"), "0.count", (), np.int32(4))
     with pytest.raises(CheckpointError) as e:
         ck.restore(2, p, o)
-    assert _one_line(e) == "checkpoint step 2 is corrupt: opt_state/0/count does not match its checksum"
+    assert one_line(e) == "checkpoint step 2 is corrupt: opt_state/0/count does not match its checksum"
     with pytest.raises(CheckpointError, match=r"step 2 does not fit this run: params/dense/kernel has shape"):
         ck.restore(2, {**p, "dense": {"kernel": jnp.zeros((4, 4))}}, o)
     ck.close()
@@ -172,14 +141,14 @@ def test_bad_files_are_one_line_errors(tmp_path, damage, match):
     p, o = _save(ck, 5)
     step = os.path.join(ck.directory, "5")
     if damage == "truncate":
-        path = _largest_file(os.path.join(step, "params"))
+        path = largest_file(os.path.join(step, "params"))
         os.truncate(path, os.path.getsize(path) // 2)
     else:
         path = {"meta": "meta/metadata", "params_metadata": "params/_METADATA", "config": "config/metadata"}[damage]
         open(os.path.join(step, path), "w").close()
     with pytest.raises(CheckpointError, match=match) as e:
         ck.read_config(5) if damage == "config" else ck.restore(5, p, o)
-    _one_line(e)
+    one_line(e)
     ck.close()
 
 
@@ -191,100 +160,11 @@ def test_every_step_corrupt(tmp_path, capsys):
         open(os.path.join(ck.directory, s, "meta", "metadata"), "w").close()
     with pytest.raises(CheckpointError, match=r"every checkpoint is corrupt: steps 2 \(meta.*; 1 \(meta") as e:
         ck.restore_latest(p, o)
-    _one_line(e)
+    one_line(e)
     assert sorted(os.listdir(ck.directory)) == ["1.corrupt", "2.corrupt"]
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
     assert Checkpointer(str(tmp_path / "empty"), keep=1).restore_latest(p, o) is None
     ck.close()
-
-
-# ------------------------------------------------------------------------------------------------ inference
-
-
-@pytest.fixture(scope="module")
-def tiny_step(tmp_path_factory):
-    import dsjax
-
-    cfg = dsjax.ModelConfig.preset("tiny")
-    params = randomize_params(param_shapes(cfg), seed=3, std=0.1)
-    workdir = str(tmp_path_factory.mktemp("tiny_run"))
-    ck = Checkpointer(workdir, async_save=False)
-    ck.save(4, params, {"unused": np.zeros((), np.int32)}, RNG, {}, {"model": model_config_dict(cfg)})
-    ck.close()
-    return cfg, params, workdir
-
-
-def _copy_run(tiny_step, tmp_path):
-    import shutil
-
-    dst = str(tmp_path / "run")
-    shutil.copytree(tiny_step[2], dst)
-    return dst, os.path.join(dst, "checkpoints", "4")
-
-
-def test_load_for_inference_verifies_params(tiny_step, tmp_path):
-    cfg, params, workdir = tiny_step
-    got_cfg, got = load_for_inference(workdir, param_dtype="bfloat16")  # verified on the stored float32 bits
-    assert got_cfg.num_hidden_layers == cfg.num_hidden_layers
-    assert jax.tree.leaves(got)[0].dtype == jnp.bfloat16
-
-    run, step = _copy_run(tiny_step, tmp_path)
-    _scribble(step)
-    with pytest.raises(
-        CheckpointError, match=r"^checkpoint step 4 \(.*/checkpoints/4\) is corrupt: (cannot read params|params/)"
-    ) as e:
-        load_for_inference(run)
-    _one_line(e)
-
-    run2, step2 = _copy_run(tiny_step, tmp_path / "b")
-    _set_element(os.path.join(step2, "params"), "embed_tokens.embedding", (0, 0), np.float32(3.0))
-    with pytest.raises(CheckpointError) as e:
-        load_for_inference(run2)
-    assert _one_line(e) == (
-        f"checkpoint step 4 ({step2}) is corrupt: params/embed_tokens/embedding does not match its checksum"
-    )
-
-
-@pytest.mark.parametrize("damage", ["empty", "missing"])
-def test_load_for_inference_bad_config(tiny_step, tmp_path, damage):
-    run, step = _copy_run(tiny_step, tmp_path)
-    path = os.path.join(step, "config", "metadata")
-    open(path, "w").close() if damage == "empty" else os.remove(path)
-    with pytest.raises(CheckpointError, match=r"checkpoint .*/4: cannot read config/metadata") as e:
-        load_for_inference(run)
-    _one_line(e)
-
-
-def test_hf_export_verifies_each_leaf(tiny_step, tmp_path):
-    from dsjax.convert import stream
-
-    run, step = _copy_run(tiny_step, tmp_path)
-    leaf = "moe_layers/mlp/experts_down_proj"  # stacked (layer, expert, ...): streamed one expert at a time
-    last = tuple(d - 1 for d in np.shape(tiny_step[1]["moe_layers"]["mlp"]["experts_down_proj"])[:2])
-    _set_element(os.path.join(step, "params"), leaf.replace("/", "."), last + (0, 0), np.float32(-1.0))
-    out = str(tmp_path / "hf")
-    with pytest.raises(CheckpointError) as e:
-        stream.orbax_to_hf(run, out, dtype="float32", every=60, workers=2)
-    assert _one_line(e) == f"checkpoint {step} is corrupt: params/{leaf} does not match its checksum"
-    assert not os.path.exists(out) and not [f for f in os.listdir(tmp_path) if f.startswith(".hf")]
-
-
-def test_convert_refuses_out_overlapping_its_input(tmp_path):
-    from dsjax.convert import stream
-
-    src = tmp_path / "model"
-    src.mkdir()
-    (src / "config.json").write_text("{}")
-    for out, how in [(src, "is"), (src / "sub", "lies inside"), (tmp_path, "contains")]:
-        with pytest.raises(ConfigError, match=rf"--out=.* {how} the input --hf_dir="):
-            stream.hf_to_orbax(str(src), str(out), overwrite=True)
-        with pytest.raises(ConfigError, match=rf"--out=.* {how} the input --checkpoint="):
-            stream.orbax_to_hf(str(src), str(out), overwrite=True)
-    link = tmp_path / "link"
-    link.symlink_to(src)
-    with pytest.raises(ConfigError, match="is the input"):
-        stream.orbax_to_hf(str(src), str(link), overwrite=True)
-    assert sorted(os.listdir(src)) == ["config.json"] and (src / "config.json").read_text() == "{}"
 
 
 # ------------------------------------------------------------------------------------------------ saving
@@ -305,7 +185,7 @@ def test_non_finite_state_is_not_saved(tmp_path):
     bad = {**p, "bias": p["bias"].at[7].set(jnp.nan)}
     with pytest.raises(CheckpointError) as e:
         ck.save(4, bad, o, RNG, {}, {})
-    assert _one_line(e) == (
+    assert one_line(e) == (
         "step 4: parameters are not finite (params/bias holds NaN or Inf); not saved; "
         "the newest intact checkpoint is step 3"
     )
@@ -332,7 +212,7 @@ def test_write_failure_names_the_newest_intact_step(tmp_path, monkeypatch, async
     with pytest.raises(CheckpointError) as e:
         ck.save(6, p, o, RNG, {}, {})
         ck.wait()  # async: the background write's error surfaces here
-    assert _one_line(e) == ("saving step 6 failed (No space left on device); the newest intact checkpoint is step 3")
+    assert one_line(e) == ("saving step 6 failed (No space left on device); the newest intact checkpoint is step 3")
     monkeypatch.undo()
     assert ck.all_steps() == [3] and ck.restore(3, p, o)[2]["step"] == 3  # keep=1 did not rotate step 3 out
     _save(ck, 6)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.ckpt_damage import scribble
 from tests.conftest import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,15 +177,6 @@ def test_resume_may_change_runtime_knobs(corpus, tmp_path):
     assert sorted(read_losses(workdir)) == [1, 2, 3, 4]
 
 
-def _scribble(step_dir: str, seed: int = 0):
-    """4 KiB of random bytes into the middle of the largest params data file of a checkpoint step."""
-    files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, "params")) for f in fs]
-    path = max(files, key=os.path.getsize)
-    with open(path, "r+b") as f:
-        f.seek(os.path.getsize(path) // 2)
-        f.write(np.random.RandomState(seed).bytes(4096))
-
-
 def test_corrupt_checkpoint_falls_back_and_generate_refuses_it(corpus, tmp_path):
     """Bit rot in the newest checkpoint: resume says so in one line, moves it aside (not deleted) and resumes from
     the newest intact step; sampling from the corrupt step refuses in one line (exit 2)."""
@@ -199,7 +191,7 @@ def test_corrupt_checkpoint_falls_back_and_generate_refuses_it(corpus, tmp_path)
 
     assert train(config(4), workdir)["step"] == 4
     ckpts = os.path.join(workdir, "checkpoints")
-    _scribble(os.path.join(ckpts, "4"))
+    scribble(os.path.join(ckpts, "4"))
     r = subprocess.run(
         [
             sys.executable,
