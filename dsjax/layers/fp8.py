@@ -33,7 +33,8 @@ BF16. At small's widths (1024 / 512) it runs 1.05x slower (114.2k vs 119.7k toke
 with wgrad False (H100; two 1,000-step runs a side end with a mean training loss 0.05% above BF16's, whose own two
 runs end 1.8% apart: the routers amplify any rounding difference), and with the experts alone in FP8
 (ModelConfig.fp8_layers "experts") faster than BF16 (paired step timing on an H100: 1.017x with fp8_gmm's load
-ring and the quantizers' bit-wise amax, 1.004x / 1.008x slower on an H100 / H200 before them). Its FP8 GEMMs beat
+ring and the quantizers' bit-wise amax, 1.004x / 1.008x slower on an H100 / H200 before them; 1,000-step runs on
+two H100s: +1.8% tokens/s on each, three FP8 runs' mean training loss 0.22% below two BF16 runs'). Its FP8 GEMMs beat
 bf16's, but each operand's two quantization passes (~6 bytes per element) cost about what FP8 saves in the GEMMs
 at small's widths (break-even where K N / (K + N) ~ 560; V3's layers are 3-9x past it: BENCHMARKS.md, "FP8 at
 small's widths"). Fusing both quantizations into one read measured slower in three designs; what remains is to
