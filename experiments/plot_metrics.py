@@ -8,12 +8,14 @@ python experiments/plot_metrics.py --workdir=a.jsonl,b.jsonl,c.jsonl,d.jsonl --g
 With several runs it also prints, per metric, each run's last value and its mean over the last --window records,
 relative to the first run's (e.g. an FP8 run against its BF16 twin of the same seed and data). With --group, runs of
 one group (repeats of one command: GPU runs are not bitwise deterministic, and an MoE run's routers amplify that)
-share a colour, and a second table gives each group's mean of those end-of-run means, the spread between its runs
-and the gap to the first group: a difference between groups means something only next to the spread within them.
+share a colour, and a second table gives each group's mean of those end-of-run means, the spread between its runs,
+the gap to the first group and that gap's standard error: a difference between groups means something only next to
+the spread within them.
 """
 
 import json
 import os
+import statistics
 import sys
 
 from absl import app, flags
@@ -63,22 +65,29 @@ def end_mean(series: dict, window: int, key: str = "") -> float:
 
 def compare_groups(runs: dict, groups: list, keys, window: int) -> str:
     """A markdown table: per key and group, the mean over the group's runs of their end-of-run means, the spread
-    of those means (max - min, relative to the group's mean) and the gap to the first group's mean."""
+    of those means (max - min, relative to the group's mean), the gap to the first group's mean and that gap's
+    standard error (Welch's: sqrt(s1^2/n1 + s2^2/n2) over the runs' means, relative to the first group's mean; it
+    needs two runs in both groups). A gap is resolved only where it is several standard errors wide."""
     order = list(dict.fromkeys(groups))
     lines = [
-        f"| metric | group | runs | mean of last {window} (eval: last), over runs | spread in group | vs {order[0]} |"
+        f"| metric | group | runs | mean of last {window} (eval: last), over runs | spread in group | vs {order[0]} "
+        "| std. error of the gap |"
     ]
-    lines.append("|---" * 6 + "|")
+    lines.append("|---" * 7 + "|")
     for key in keys:
         base = None
         for g in order:
             means = [end_mean(s[key], window, key) for s, gg in zip(runs.values(), groups) if gg == g and s.get(key)]
             if not means:
                 continue
-            mean = sum(means) / len(means)
-            base = base or mean
+            mean = statistics.fmean(means)
+            var_n = statistics.variance(means) / len(means) if len(means) > 1 else None
+            if base is None:
+                base, base_var_n, se = mean, var_n, ""
+            else:
+                se = "n/a" if var_n is None or base_var_n is None else f"{(var_n + base_var_n) ** 0.5 / base:.2%}"
             spread = f"{(max(means) - min(means)) / mean:.2%}" if len(means) > 1 and mean else "n/a"
-            lines.append(f"| {key} | {g} | {len(means)} | {mean:.4g} | {spread} | {mean / base - 1:+.2%} |")
+            lines.append(f"| {key} | {g} | {len(means)} | {mean:.4g} | {spread} | {mean / base - 1:+.2%} | {se} |")
     return "\n".join(lines)
 
 

@@ -301,8 +301,12 @@ def test_plot_metrics_compares_groups(tmp_path):
     cmd += [f"--out={tmp_path / 'g.png'}", "--window=2", "--until=10", "--keys=loss,eval/bits_per_byte"]
     r = subprocess.run(cmd + ["--group=a,a,b,b"], check=True, timeout=120, capture_output=True, text=True)
     rows = [line for line in r.stdout.splitlines() if line.startswith("| loss | ") and " | 2 | " in line]
-    # a: (1.0 + 1.2) / 2 x (10/9 + 10/10) / 2 = 1.161, runs 18.18% apart; b: 1.2 x 1.056 = 1.267, 16.67%, +9.09%
-    assert rows == ["| loss | a | 2 | 1.161 | 18.18% | +0.00% |", "| loss | b | 2 | 1.267 | 16.67% | +9.09% |"]
+    # a: (1.0 + 1.2) / 2 x (10/9 + 10/10) / 2 = 1.161, runs 18.18% apart; b: 1.2 x 1.056 = 1.267, 16.67%, +9.09%;
+    # each group's standard deviation 0.2 x 1.056 / sqrt(2) = 0.1493, so the gap's standard error 0.1493 / 1.161
+    assert rows == [
+        "| loss | a | 2 | 1.161 | 18.18% | +0.00% |  |",
+        "| loss | b | 2 | 1.267 | 16.67% | +9.09% | 12.86% |",
+    ]
     assert not any(line.startswith("| eval/bits_per_byte |") for line in r.stdout.splitlines())  # past --until
     bad = subprocess.run(cmd + ["--group=a,b"], timeout=120, capture_output=True, text=True)
     assert bad.returncode != 0 and "--group names 2 groups for 4 --workdir entries" in bad.stderr
