@@ -85,9 +85,11 @@ def compare_groups(runs: dict, groups: list, keys, window: int) -> str:
             if base is None:
                 base, base_var_n, se = mean, var_n, ""
             else:
-                se = "n/a" if var_n is None or base_var_n is None else f"{(var_n + base_var_n) ** 0.5 / base:.2%}"
+                known = var_n is not None and base_var_n is not None and base
+                se = f"{(var_n + base_var_n) ** 0.5 / base:.2%}" if known else "n/a"
             spread = f"{(max(means) - min(means)) / mean:.2%}" if len(means) > 1 and mean else "n/a"
-            lines.append(f"| {key} | {g} | {len(means)} | {mean:.4g} | {spread} | {mean / base - 1:+.2%} | {se} |")
+            gap = f"{mean / base - 1:+.2%}" if base else "n/a"  # e.g. a "skipped" count of 0 in the first group
+            lines.append(f"| {key} | {g} | {len(means)} | {mean:.4g} | {spread} | {gap} | {se} |")
     return "\n".join(lines)
 
 

@@ -308,6 +308,8 @@ def test_plot_metrics_compares_groups(tmp_path):
         "| loss | b | 2 | 1.267 | 16.67% | +9.09% | 12.86% |",
     ]
     assert not any(line.startswith("| eval/bits_per_byte |") for line in r.stdout.splitlines())  # past --until
+    r = subprocess.run(cmd + ["--group=a,a,b,c"], check=True, timeout=120, capture_output=True, text=True)
+    assert "| loss | c | 1 | 1.372 | n/a | +18.18% | n/a |" in r.stdout  # one run: no spread, no standard error
     bad = subprocess.run(cmd + ["--group=a,b"], timeout=120, capture_output=True, text=True)
     assert bad.returncode != 0 and "--group names 2 groups for 4 --workdir entries" in bad.stderr
     twice = [sys.executable, os.path.join(ROOT, "experiments", "plot_metrics.py"), f"--workdir={paths[0]},{paths[0]}"]
