@@ -16,6 +16,10 @@ if os.environ.get("FP8_TEST_REAL_GPU") == "1":
     # array quantizes the float32 value while the other quantizes the rounded one: codes one e4m3 step apart, 1.4%
     # in the output on an H100 (experiments/BENCHMARKS.md, nineteenth FP8 session). Keep the programs' roundings.
     os.environ["XLA_FLAGS"] += " --xla_allow_excess_precision=false"
+    # The compiled kernels need the GPU backend. Left unset, the compile-only defaults below pick the CPU, whose
+    # backend refuses every non-interpret Pallas call ("Only interpret mode is supported on CPU backend"): each
+    # compiled-kernel test then fails without running (BENCHMARKS.md, twenty-eighth FP8 session)
+    os.environ.setdefault("JAX_PLATFORMS", "cuda")
 # Subprocess tests (kill / resume / SIGTERM) compile the same train step as in-process runs: share the work.
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), f"dsjax-test-jax-cache-{os.getuid()}")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -162,3 +164,14 @@ def test_experiment_scripts_run_from_anywhere():
         if is_script and first_import is not None and not (inserts and inserts[0] < first_import):
             bad.append(name)
     assert bad == []
+
+
+def test_real_gpu_fp8_tests_run_on_the_gpu_backend():
+    """FP8_TEST_REAL_GPU=1 (the FP8 kernel tests compiled, not interpreted) makes the tests' default platform the
+    GPU's; an explicit JAX_PLATFORMS still wins. Checked in a subprocess: conftest sets the environment on import."""
+    code = "import os, tests.conftest; print(os.environ['JAX_PLATFORMS'])"
+    for extra, want in (({}, "cuda"), ({"JAX_PLATFORMS": "cpu"}, "cpu")):
+        env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"} | {"FP8_TEST_REAL_GPU": "1", **extra}
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split()[-1] == want
