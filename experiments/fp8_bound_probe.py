@@ -9,6 +9,9 @@ each swap, so every part is traced and compiled anew):
   full        the kernel as shipped
   no_promote  the wgmma and its wait, no promotion: the sum is the last step's product (wrong, on purpose)
   loads_only  the memory side alone: the stages are filled and released, no wgmma, no scales
+  compute_x2  each K step's wgmma and promotion run twice on the stage's operands (TFLOP/s count both): the loads
+              per flop halve, so a rate well above full's says the loads (or their latency) hold full back, one
+              near full's that the compute warpgroups' own chain (wgmma, wait, promotion) does
 
 and two group layouts: the bench's Dirichlet(4) split of M ("dirichlet"; its last tile of a group is partly
 filled, 17% more rows than M at 192-row tiles) and the same split rounded to whole tiles ("aligned", M rounded
@@ -16,7 +19,8 @@ down to a multiple of block_m): every tile full. TFLOP/s count M's rows only. lo
 the operand loads allow; if it is near full's, the loads are the bound (remedies: fewer bytes a flop: larger
 tiles, multicast); if far above, the compute warpgroups are. H200, 2026-12-06 (BENCHMARKS.md): full 0.79-0.84 of
 loads_only, the promotion ~6-10% over no_promote, whole tiles 1,038-1,070 against 918-990 on the Dirichlet split;
-one config timed 8 times spreads 9%.
+one config timed 8 times spreads 9%. H100, 2026-12-07: full 0.94-1.0 of loads_only, compute_x2 1,282 on whole tiles
+against full's 1,089, and 1,209 with one group's weights (L2-resident) against 32 groups' 1,074-1,110.
 
   python experiments/fp8_bound_probe.py --configs="ws3:;ws2:block_m=128,compute_wgs=2"   # overrides of GEMM_CONFIG
 """
@@ -43,7 +47,8 @@ from pallas_kernels.fp8_gemm import gpu  # noqa: E402
 from pallas_kernels.fp8_gemm.gpu_config import GEMM_CONFIG  # noqa: E402
 from pallas_kernels.grouped_matmul import gpu_common  # noqa: E402
 
-PARTS = ("full", "no_promote", "loads_only")
+PARTS = ("full", "no_promote", "loads_only", "compute_x2")
+WORK = {"compute_x2": 2}  # products a K step runs, where not 1
 
 
 def _no_promote(cfg, x_smem, w_smem, xs_ref, ws_ref, total, t_smem, shape, interpret, scalar_ws=False, release=None):
@@ -68,13 +73,26 @@ def _loads_only(cfg, x_smem, w_smem, xs_ref, ws_ref, total, t_smem, shape, inter
     return total
 
 
+def _twice(original):
+    """The K step run twice on the same stage: the second promotes into the first's sum; the release (where the
+    step owns it) follows the second."""
+
+    def step(cfg, x_smem, w_smem, xs_ref, ws_ref, total, t_smem, shape, interpret, scalar_ws=False, release=None):
+        args = (cfg, x_smem, w_smem, xs_ref, ws_ref)
+        total = original(*args, total, t_smem, shape, interpret, scalar_ws)
+        return original(*args, total, t_smem, shape, interpret, scalar_ws, release)
+
+    return step
+
+
 @contextlib.contextmanager
 def k_step(part: str):
     """gpu.promoted_step replaced by the cut-down step `part` (PARTS) while the kernel is traced."""
     if part not in PARTS:
         raise ValueError(f"--parts: unknown part {part!r} (one of {', '.join(PARTS)})")
     original = gpu.promoted_step
-    gpu.promoted_step = {"full": original, "no_promote": _no_promote, "loads_only": _loads_only}[part]
+    steps = {"full": original, "no_promote": _no_promote, "loads_only": _loads_only, "compute_x2": _twice(original)}
+    gpu.promoted_step = steps[part]
     jax.clear_caches()  # ops.py jits the kernel call per config: a cached trace would keep the other step
     try:
         yield
@@ -118,7 +136,7 @@ def probe(shape, configs, parts, layouts, iters, interpret=False):
                 with k_step(part):  # traced, compiled and timed under the swapped step
                     f = jax.jit(lambda *a, c=cfg: f8.fp8_gmm(*a, backend="gpu", config=c, interpret=interpret))
                     t = median_seconds(f, xq, xs, wq, ws, gs, warmup=2, iters=iters, repeats=5 if iters > 1 else 1)
-                tflops = 2 * rows_m * k * n / t / 1e12
+                tflops = 2 * rows_m * k * n * WORK.get(part, 1) / t / 1e12
                 rows.append(
                     {"config": name, "layout": layout, "part": part, "m": rows_m, "seconds": t, "tflops": tflops}
                 )

@@ -31,6 +31,8 @@ def test_cut_down_steps_replace_the_kernels_and_are_undone():
     np.testing.assert_allclose(got, last, rtol=1e-5, atol=1e-3)
     with probe.k_step("loads_only"):
         assert not _run(xq, xs, wq, ws, gs).any()
+    with probe.k_step("compute_x2"):  # every step's product promoted twice: twice the product
+        np.testing.assert_allclose(_run(xq, xs, wq, ws, gs), 2 * want, rtol=1e-4, atol=2e-5 * np.abs(want).max())
     np.testing.assert_allclose(_run(xq, xs, wq, ws, gs), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
     with pytest.raises(ValueError, match="--parts"):
         with probe.k_step("wgmma_only"):
