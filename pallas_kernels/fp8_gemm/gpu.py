@@ -19,14 +19,17 @@ GEMM_CONFIG, the default: warp-specialized, a memory warpgroup streaming the ope
 chained tile pipelines, as in the bf16 gmm; as many stages as fit beside the output staging buffers; each K step's
 scales read before its wgmma is issued (early_scales). Grouped gate+up shape (experiments/BENCHMARKS.md): H200 891-992
 FP8 TFLOP/s (8 repeats in one process: 891-971, median 926), 1.55-1.64x our bf16 gmm; 1,038-1,070 where every group
-fills whole tiles (experiments/fp8_bound_probe.py); H100 928-953, 1.56x; dense 1,081-1,117 (H200). Measured slower and
-removed: idle warpgroups skipping their wgmma in a cond around the step (853 vs 953); stages of two K steps in 2
-compute warpgroups, the first promoted under the second's wgmma (SASS as intended, yet 840-845 vs 932-937: a third
-warpgroup hides promotions better than pairing steps within one); step k-1 promoted in code after step k's issue:
-ptxas hoists the promotion above the issue (532 vs 658). cluster_n=2 (x multicast into the 2 CTAs of a cluster): no
-faster (869 vs 916; the interpreter has no cluster barriers); 128 x 256 tiles on two compute warpgroups, each running
-its 256 columns as two wgmma through one fresh accumulator: 913-924 vs 917-946, 781-806 vs 833-901 at small's shape
-(H200, 2026-12-06). Fp8GpuConfig's own defaults: the one-warpgroup kernel, which the interpreter runs on any host.
+fills whole tiles (experiments/fp8_bound_probe.py); H100 949-999, 1.55-1.71x (2026-12-07); dense 1,081-1,117 (H200).
+Measured slower and removed: idle warpgroups skipping their wgmma in a cond around the step (853 vs 953); stages of two
+K steps in 2 compute warpgroups, the first promoted under the second's wgmma (SASS as intended, yet 840-845 vs 932-937:
+a third warpgroup hides promotions better than pairing steps within one); step k-1 promoted in code after step k's
+issue: ptxas hoists the promotion above the issue (532 vs 658). cluster_n=2 (x multicast into the 2 CTAs of a cluster):
+no faster (869 vs 916 H200, 930-939 vs 956-974 H100; the interpreter has no cluster barriers); L2 prefetch hints for the
+operand tiles some K steps ahead (cp.async.bulk.prefetch from a compute warpgroup): 15-45% slower; row tiles starting
+their K loops staggered (so a group's tiles would not wait on the same DRAM misses): slower in proportion to the stagger
+(H100, 2026-12-07: the kernel runs at its loads-only rate there); 128 x 256 tiles on two compute warpgroups, each
+running its 256 columns as two wgmma through one fresh accumulator: 913-924 vs 917-946, 781-806 vs 833-901 at small's
+shape (H200, 2026-12-06). Fp8GpuConfig's own defaults: the one-warpgroup kernel, which the interpreter runs on any host.
 """
 
 from __future__ import annotations
