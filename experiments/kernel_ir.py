@@ -54,6 +54,7 @@ def kernels():
         "ws3_early_rows": f8.Fp8GpuConfig(**ws3, early_store_rows=True),
         "ws3_cluster2": f8.Fp8GpuConfig(**ws3, cluster_n=2),
         "ws3_ring_loads": f8.Fp8GpuConfig(**ws3, ring_loads=True),
+        "ws3_two_k_steps_a_stage": f8.Fp8GpuConfig(**ws3, k_per_stage=2),
     }
     gmm_avals = (S((M, K), E4), S((M, K // 128), F32), S((G, N, K), E4), S((G, N // 128, K // 128), F32), sizes)
     for name, c in fp8.items():

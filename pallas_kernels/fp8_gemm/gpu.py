@@ -132,20 +132,20 @@ def zero_sum(shape, interpret):
     return zero if interpret else plgpu.layout_cast(zero, plgpu.Layout.WGMMA)
 
 
-def specs_for(bm, bn, first_step=0, delay_release=1, x_axes=()):
+def specs_for(bm, bn, first_step=0, delay_release=1, x_axes=(), k_per_stage=1):
     """A tile's K-step BlockSpecs: x [bm, 128] and w [bn, 128] (K-major e4m3), their scales [1, bm] and [1, bn];
     step kk reads K step first_step + kk (first_step may be traced). delay_release=1 keeps a step's buffers until
     the next step (one warpgroup's pipeline); the warp-specialized pipelines take 0. x_axes: the cluster axes x is
-    multicast over."""
+    multicast over. k_per_stage > 1: each pipeline step brings that many K steps (x [bm, 128 k], scales [k, bm])."""
     tf = gpu_common.transforms(BLOCK_K, jnp.float8_e4m3fn)
-    dr = delay_release
+    dr, kb = delay_release, BLOCK_K * k_per_stage
     return [
         plgpu.BlockSpec(
-            (bm, BLOCK_K), lambda kk: (0, first_step + kk), transforms=tf, delay_release=dr, collective_axes=x_axes
+            (bm, kb), lambda kk: (0, first_step + kk), transforms=tf, delay_release=dr, collective_axes=x_axes
         ),
-        plgpu.BlockSpec((bn, BLOCK_K), lambda kk: (0, first_step + kk), transforms=tf, delay_release=dr),
-        plgpu.BlockSpec((1, bm), lambda kk: (first_step + kk, 0), delay_release=dr),
-        plgpu.BlockSpec((1, bn), lambda kk: (first_step + kk, 0), delay_release=dr),
+        plgpu.BlockSpec((bn, kb), lambda kk: (0, first_step + kk), transforms=tf, delay_release=dr),
+        plgpu.BlockSpec((k_per_stage, bm), lambda kk: (first_step + kk, 0), delay_release=dr),
+        plgpu.BlockSpec((k_per_stage, bn), lambda kk: (first_step + kk, 0), delay_release=dr),
     ]
 
 
@@ -257,11 +257,15 @@ def _stage_body(cfg, wg, half, bn, t_wg, interpret, scalar_ws, busy):
 
     def mma(_, x_smem, w_smem, xs_smem, ws_smem, *rest):
         *consumed, carry = rest
-        rows = pl.ds(wg * half, half)
-        x, xs, ws, shape = x_smem.at[rows], xs_smem.at[0, rows], ws_smem.at[0], (half, bn)
+        rows, shape = pl.ds(wg * half, half), (half, bn)
         if cfg.skip_idle_wgs:
+            x, xs, ws = x_smem.at[rows], xs_smem.at[0, rows], ws_smem.at[0]
             return skipping_step(x, w_smem, xs, ws, carry, consumed, busy, t_wg, shape, interpret, scalar_ws)
-        return promoted_step(cfg, x, w_smem, xs, ws, carry, t_wg, shape, interpret, scalar_ws)
+        for j in range(cfg.k_per_stage):  # a stage's K steps, each promoted on its own
+            cols = pl.ds(j * BLOCK_K, BLOCK_K)
+            x, w, xs, ws = x_smem.at[rows, cols], w_smem.at[:, cols], xs_smem.at[j, rows], ws_smem.at[j]
+            carry = promoted_step(cfg, x, w, xs, ws, carry, t_wg, shape, interpret, scalar_ws)
+        return carry
 
     return mma
 
@@ -274,7 +278,9 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, tiles, cfg, interpret, out_dtype, scala
     bm, bn, bk = cfg.block_m, cfg.block_n, BLOCK_K
     nw = gpu_common.num_wgs(cfg)
     half = bm // nw  # one compute warpgroup's rows
-    k_steps, n_tiles = k // bk, n // bn
+    if (k // bk) % cfg.k_per_stage:
+        raise ValueError(f"fp8_gmm: K={k} must be a multiple of k_per_stage * 128 = {cfg.k_per_stage * bk}")
+    k_steps, n_tiles = k // bk // cfg.k_per_stage, n // bn  # pipeline steps of k_per_stage K steps
     mcs = ws_stages(cfg, out_dtype, k_steps)
     chain = k_steps % mcs == 0  # chained pipelines must end every tile on the same ring slot
     count, tgroup, trow0, tlo, trows = tiles
@@ -282,7 +288,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, tiles, cfg, interpret, out_dtype, scala
     if n_tiles % cl:
         raise ValueError(f"fp8_gmm: N={n} must be a multiple of cluster_n * block_n = {cl * bn} (ops.py pads)")
     n_pairs = n_tiles // cl  # a cluster's CTAs take N tiles cl * p + (its index in the cluster)
-    specs = specs_for(bm, bn, delay_release=0, x_axes=("cluster",) if cl > 1 else ())
+    specs = specs_for(bm, bn, delay_release=0, x_axes=("cluster",) if cl > 1 else (), k_per_stage=cfg.k_per_stage)
 
     def body(count_ref, group_ref, row0_ref, lo_ref, rows_ref, x_gmem, xs_gmem, w_gmem, ws_gmem, out_gmem):
         gmem = (x_gmem, xs_gmem, w_gmem, ws_gmem)
