@@ -15,6 +15,7 @@ other configs (warp-specialized) beside the default.
                                                         # the FP8 kernel's forward under each Fp8GpuConfig, first
   python experiments/bench_fp8_gemm.py --grouped=32,16384,7168,4096 --dense= --wgrad_sweep= --fwd_pairs=8
                                                         # + the forward pair timed 8 times: medians, per-pair ratio
+  ... --fwd_pairs=8 --sustain=5                         # + each forward run 5 s under nvidia-smi: held clock?
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from experiments import gpu_clocks  # noqa: E402
 from experiments.bench_util import median_seconds, paired_ratios, parse_overrides, write_results  # noqa: E402
 from pallas_kernels import fp8_gemm as f8  # noqa: E402
 from pallas_kernels.grouped_matmul import GpuConfig, gmm, gpu, tgmm  # noqa: E402
@@ -62,6 +64,12 @@ flags.DEFINE_integer(
     0,
     "After each grouped shape's row, time bf16's and fp8's forward this many times more, alternating, and report "
     "medians and per-pair ratios (the acceptance numbers: one timing of a kernel spreads ~9% on the H200).",
+)
+flags.DEFINE_float(
+    "sustain",
+    0.0,
+    "After each grouped shape's row, run bf16's and fp8's forward back to back for this many seconds each while "
+    "nvidia-smi samples the SM clock and power (experiments/gpu_clocks.py): whether the card held its clock.",
 )
 flags.DEFINE_string("out", "", "Optional JSON output path.")
 
@@ -116,6 +124,33 @@ def forward_pairs(g, m, k, n, pairs):
     tflops = {name: sorted(2 * m * k * n / t / 1e12 for t in ts) for name, ts in times.items()}
     ratio = paired_ratios(times["bf16"], times["fp8"])[:3]
     return {"tflops": tflops, "fp8_over_bf16": ratio, "seconds": times}
+
+
+def sustained(g, m, k, n, seconds):
+    """bf16's gmm and fp8_gmm forward, each run back to back for about `seconds` under gpu_clocks.sampled(): the
+    rate over the whole run and the clock / power summary, per kernel."""
+    x, w, _, gs, (xq, xs), (wq, ws) = _forward_operands(g, m, k, n)
+    runs = {
+        "bf16": (jax.jit(lambda x, w: gmm(x, w, gs)), (x, w)),
+        "fp8": (jax.jit(lambda *a: _fp8(f8.fp8_gmm, *a, gs)), (xq, xs, wq, ws)),
+    }
+    out = {}
+    for name, (f, args) in runs.items():
+        jax.block_until_ready(f(*args))  # compiled outside the sampled window
+        calls, t0 = 0, time.perf_counter()
+        with gpu_clocks.sampled() as samples:
+            while time.perf_counter() - t0 < seconds:
+                for _ in range(50):
+                    res = f(*args)
+                jax.block_until_ready(res)
+                calls += 50
+        elapsed = time.perf_counter() - t0
+        out[name] = {"tflops": 2 * m * k * n * calls / elapsed / 1e12, "calls": calls, **gpu_clocks.summary(samples)}
+        print(
+            f"  sustained {name} fwd {elapsed:.1f} s: {out[name]['tflops']:.0f} TFLOP/s; {gpu_clocks.line(out[name])}",
+            flush=True,
+        )
+    return out
 
 
 def _pairs_line(p):
@@ -269,6 +304,8 @@ def main(argv):
         if FLAGS.fwd_pairs:
             results[-1]["fwd_pairs"] = forward_pairs(g, m, k, n, FLAGS.fwd_pairs)
             print(_pairs_line(results[-1]["fwd_pairs"]), flush=True)
+        if FLAGS.sustain:
+            results[-1]["sustained"] = sustained(g, m, k, n, FLAGS.sustain)
     for spec in filter(None, FLAGS.dense.split(";")):
         m, k, n = map(int, spec.split(","))
         t, quant = bench_dense(m, k, n)
