@@ -280,9 +280,9 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, tiles, cfg, interpret, out_dtype, scala
     half = bm // nw  # one compute warpgroup's rows
     if (k // bk) % cfg.k_per_stage:
         raise ValueError(f"fp8_gmm: K={k} must be a multiple of k_per_stage * 128 = {cfg.k_per_stage * bk}")
-    k_steps, n_tiles = k // bk // cfg.k_per_stage, n // bn  # pipeline steps of k_per_stage K steps
-    mcs = ws_stages(cfg, out_dtype, k_steps)
-    chain = k_steps % mcs == 0  # chained pipelines must end every tile on the same ring slot
+    pipe_steps, n_tiles = k // bk // cfg.k_per_stage, n // bn  # a tile's pipeline steps of k_per_stage K steps
+    mcs = ws_stages(cfg, out_dtype, pipe_steps)
+    chain = pipe_steps % mcs == 0  # chained pipelines must end every tile on the same ring slot
     count, tgroup, trow0, tlo, trows = tiles
     cl = cfg.cluster_n
     if n_tiles % cl:
@@ -294,7 +294,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, tiles, cfg, interpret, out_dtype, scala
         gmem = (x_gmem, xs_gmem, w_gmem, ws_gmem)
         n_all, n_real = count_ref[0], count_ref[1]
         allocs = gpu_common.pipeline(
-            cfg, gpu_common.ignore, gpu_common.ignore, k_steps, specs, mcs, manual_release=cfg.skip_idle_wgs
+            cfg, gpu_common.ignore, gpu_common.ignore, pipe_steps, specs, mcs, manual_release=cfg.skip_idle_wgs
         ).get_allocations(*_tile_views(gmem, bm, bn, 0, 0, 0))
 
         def scoped(allocs, wg, t_wg, out_smem):
@@ -326,7 +326,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, tiles, cfg, interpret, out_dtype, scala
                     store(mt, n0, where)
 
                 def run(state):
-                    gpu_common.pipeline(cfg, mma, ctx, k_steps, specs, mcs, state, manual_release=cfg.skip_idle_wgs)(
+                    gpu_common.pipeline(cfg, mma, ctx, pipe_steps, specs, mcs, state, manual_release=cfg.skip_idle_wgs)(
                         *_tile_views(gmem, bm, bn, gi, row0, n0, count_ref[2]), allocations=allocs
                     )
 

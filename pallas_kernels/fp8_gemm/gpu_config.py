@@ -112,8 +112,8 @@ def check_config(cfg):
         cfg.k_per_stage > 1 and (not cfg.warp_specialized or cfg.skip_idle_wgs or cfg.ring_loads)
     ):
         raise ValueError(
-            f"Fp8GpuConfig: k_per_stage must be 1, or 2 on the pipelined warp-specialized kernel without "
-            f"skip_idle_wgs, got {cfg.k_per_stage}"
+            f"Fp8GpuConfig: k_per_stage must be 1, or 2 on the pipelined warp-specialized kernel (without "
+            f"skip_idle_wgs or ring_loads), got {cfg.k_per_stage}"
         )
     if cfg.cluster_n not in (1, 2) or (cfg.cluster_n > 1 and not cfg.warp_specialized):
         raise ValueError(f"Fp8GpuConfig: cluster_n must be 1, or 2 when warp-specialized, got {cfg.cluster_n}")
