@@ -154,6 +154,18 @@ def test_gpu_config_refuses_k_per_stage_where_unbuilt(bad):
     check_config(dataclasses.replace(cfg, k_per_stage=2))
 
 
+def test_gpu_config_refuses_no_auto_barriers_where_a_warpgroup_reloads_what_it_reads():
+    """Without Mosaic's barrier before each copy, a kernel whose warpgroups both read a slot and reload it (one
+    warpgroup; the ring's memory warpgroup arrives for the skipped shares) could overwrite a slot still being
+    read: only the pipelined warp-specialized kernel takes the knob."""
+    cfg = Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3, no_auto_barriers=True)
+    check_config(cfg)
+    check_config(dataclasses.replace(cfg, k_per_stage=2))
+    for bad in (Fp8GpuConfig(no_auto_barriers=True), dataclasses.replace(cfg, ring_loads=True)):
+        with pytest.raises(ValueError, match="no_auto_barriers"):
+            check_config(bad)
+
+
 def test_two_k_steps_a_stage_pad_k_to_whole_stages():
     """K = 384 is three 128-K steps: ops.py pads codes and scales to four (two stages); the padding adds nothing."""
     rng = np.random.default_rng(3)

@@ -54,6 +54,9 @@ FP8_CONFIGS = {
     "two_k_steps_a_stage": f8.Fp8GpuConfig(
         num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3, k_per_stage=2
     ),
+    "no_auto_barriers": f8.Fp8GpuConfig(
+        num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3, no_auto_barriers=True
+    ),
     "ring_loads_early_store_rows": f8.Fp8GpuConfig(
         num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3, ring_loads=True, early_store_rows=True
     ),
@@ -221,3 +224,20 @@ def test_kernel_ir_fingerprints_are_stable_and_tell_kernels_apart():
     first = kernel_ir.fingerprint(*ks["gmm_ws0"])
     assert first == kernel_ir.fingerprint(*ks["gmm_ws0"])
     assert first != kernel_ir.fingerprint(*ks["gmm_t_ws0"])
+
+
+def test_no_auto_barriers_drops_mosaics_barriers_before_the_copies():
+    """Fp8GpuConfig.no_auto_barriers reaches Mosaic GPU: the lowered kernel has fewer warpgroup barriers (bar.sync,
+    one before each of a stage's 4 TMA loads in the memory warpgroup) and the same copies; commit_smem's stay."""
+    from experiments import kernel_ir
+
+    fn, avals = kernel_ir.kernels()["fp8_gmm_ws3"]
+    default = kernel_ir.module_text(fn, avals)
+    fn, avals = kernel_ir.kernels()["fp8_gmm_ws3_no_auto_barriers"]
+    dropped = kernel_ir.module_text(fn, avals)
+    copies = "cp.async.bulk.tensor"
+    assert dropped.count(copies) == default.count(copies) > 0
+    assert 0 < dropped.count("bar.sync") <= default.count("bar.sync") - 4, (
+        dropped.count("bar.sync"),
+        default.count("bar.sync"),
+    )

@@ -71,6 +71,13 @@ class Fp8GpuConfig:
     # forward, which runs at its loads-only rate and whose rate no byte saving moved (BENCHMARKS.md, twenty-ninth
     # session): a per-stage cost would halve. Untimed; K must be a multiple of k_per_stage * 128
     k_per_stage: int = 1
+    # Warp-specialized fp8_gmm (the pipelined kernel): Mosaic GPU's warpgroup barrier before each TMA load and
+    # around each smem store left out (CompilerParams.unsafe_no_auto_barriers). The memory warpgroup then issues a
+    # stage's 4 copies without a bar.sync of its 128 threads before each (ptxas_offline: 72 bar.sync in the kernel
+    # -> 14). Safe here: the memory warpgroup reads no smem, a compute warpgroup releases a slot (an mbarrier
+    # arrive, release-ordered) only after reading its scales, its staging buffer is its own, and commit_smem and
+    # the wait on the last TMA store keep their barriers. Untimed
+    no_auto_barriers: bool = False
 
 
 # The GEMMs' default (fp8_gmm, fp8_gemm and its weight gradient): three compute warpgroups of 64 rows each under a
@@ -114,6 +121,11 @@ def check_config(cfg):
         raise ValueError(
             f"Fp8GpuConfig: k_per_stage must be 1, or 2 on the pipelined warp-specialized kernel (without "
             f"skip_idle_wgs or ring_loads), got {cfg.k_per_stage}"
+        )
+    if cfg.no_auto_barriers and (not cfg.warp_specialized or cfg.ring_loads):
+        raise ValueError(
+            "Fp8GpuConfig: no_auto_barriers is the pipelined warp-specialized kernel's only (without ring_loads): "
+            "where one warpgroup both reads a slot and reloads it, Mosaic's barrier before the copy is needed"
         )
     if cfg.cluster_n not in (1, 2) or (cfg.cluster_n > 1 and not cfg.warp_specialized):
         raise ValueError(f"Fp8GpuConfig: cluster_n must be 1, or 2 when warp-specialized, got {cfg.cluster_n}")
