@@ -29,7 +29,9 @@ operand tiles some K steps ahead (cp.async.bulk.prefetch from a compute warpgrou
 their K loops staggered (so a group's tiles would not wait on the same DRAM misses): slower in proportion to the stagger
 (H100, 2026-12-07: the kernel runs at its loads-only rate there); 128 x 256 tiles on two compute warpgroups, each
 running its 256 columns as two wgmma through one fresh accumulator: 913-924 vs 917-946, 781-806 vs 833-901 at small's
-shape (H200, 2026-12-06). Fp8GpuConfig's own defaults: the one-warpgroup kernel, which the interpreter runs on any host.
+shape (H200, 2026-12-06). Knobs kept, off, measured slower on the H100 (2026-12-07): two K steps a pipeline stage
+(k_per_stage=2, 871-877 vs 950-958) and Mosaic's barrier before each TMA load left out (no_auto_barriers, 914-939).
+Fp8GpuConfig's own defaults: the one-warpgroup kernel, which the interpreter runs on any host.
 """
 
 from __future__ import annotations

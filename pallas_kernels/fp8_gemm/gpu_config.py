@@ -69,14 +69,17 @@ class Fp8GpuConfig:
     # and w [cols, 256] in one handshake (one slot release, one arrival); each compute warpgroup still promotes
     # every 128 of K. Half the stages fit in smem (2 at 192 x 128 tiles), holding as many K steps. For the H100's
     # forward, which runs at its loads-only rate and whose rate no byte saving moved (BENCHMARKS.md, twenty-ninth
-    # session): a per-stage cost would halve. Untimed; K must be a multiple of k_per_stage * 128
+    # session): a per-stage cost would halve. K must be a multiple of k_per_stage * 128. H100, V3's gate+up
+    # (2026-12-07, thirtieth session): 871 / 877 TFLOP/s against 950 / 958 (one stage refills while the other
+    # computes: a shallower prefetch), so off
     k_per_stage: int = 1
     # Warp-specialized fp8_gmm (the pipelined kernel): Mosaic GPU's warpgroup barrier before each TMA load and
     # around each smem store left out (CompilerParams.unsafe_no_auto_barriers). The memory warpgroup then issues a
     # stage's 4 copies without a bar.sync of its 128 threads before each (ptxas_offline: 72 bar.sync in the kernel
     # -> 14). Safe here: the memory warpgroup reads no smem, a compute warpgroup releases a slot (an mbarrier
     # arrive, release-ordered) only after reading its scales, its staging buffer is its own, and commit_smem and
-    # the wait on the last TMA store keep their barriers. Untimed
+    # the wait on the last TMA store keep their barriers. H100, V3's gate+up (2026-12-07): 914 / 932 TFLOP/s,
+    # 931 / 939 with memory_registers=24, against 950-958 (24 alone: 950 / 971), so off
     no_auto_barriers: bool = False
 
 
