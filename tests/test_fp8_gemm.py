@@ -142,44 +142,6 @@ def test_gpu_config_refuses_register_splits_setmaxnreg_cannot_make(regs):
     check_config(dataclasses.replace(cfg, memory_registers=24))
 
 
-@pytest.mark.parametrize(
-    "bad", [dict(k_per_stage=3), dict(k_per_stage=2, skip_idle_wgs=True), dict(k_per_stage=2, ring_loads=True)]
-)
-def test_gpu_config_refuses_k_per_stage_where_unbuilt(bad):
-    cfg = Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3)
-    with pytest.raises(ValueError, match="k_per_stage"):
-        check_config(dataclasses.replace(cfg, **bad))
-    with pytest.raises(ValueError, match="k_per_stage"):
-        check_config(Fp8GpuConfig(k_per_stage=2))  # the one-warpgroup kernel
-    check_config(dataclasses.replace(cfg, k_per_stage=2))
-
-
-def test_gpu_config_refuses_no_auto_barriers_where_a_warpgroup_reloads_what_it_reads():
-    """Without Mosaic's barrier before each copy, a kernel whose warpgroups both read a slot and reload it (one
-    warpgroup; the ring's memory warpgroup arrives for the skipped shares) could overwrite a slot still being
-    read: only the pipelined warp-specialized kernel takes the knob."""
-    cfg = Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3, no_auto_barriers=True)
-    check_config(cfg)
-    check_config(dataclasses.replace(cfg, k_per_stage=2))
-    for bad in (Fp8GpuConfig(no_auto_barriers=True), dataclasses.replace(cfg, ring_loads=True)):
-        with pytest.raises(ValueError, match="no_auto_barriers"):
-            check_config(bad)
-
-
-def test_two_k_steps_a_stage_pad_k_to_whole_stages():
-    """K = 384 is three 128-K steps: ops.py pads codes and scales to four (two stages); the padding adds nothing."""
-    rng = np.random.default_rng(3)
-    x = jnp.asarray(rng.standard_normal((192, 384)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((2, 384, 128)) * 0.05, jnp.float32)
-    xq, xs = quantize_tiles(x)
-    wq, ws = quantize_blocks(w)
-    gs = jnp.asarray([70, 122], jnp.int32)
-    want = np.asarray(fp8_gmm(xq, xs, wq, ws, gs, out_dtype=jnp.float32, backend="xla"))
-    cfg = Fp8GpuConfig(block_m=128, warp_specialized=True, k_per_stage=2)
-    got = np.asarray(fp8_gmm(xq, xs, wq, ws, gs, out_dtype=jnp.float32, backend="gpu", interpret=INTERPRET, config=cfg))
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
-
-
 RING = Fp8GpuConfig(block_m=128, warp_specialized=True, ring_loads=True)
 
 
@@ -255,7 +217,6 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
         Fp8GpuConfig(block_m=128, warp_specialized=True, early_store_rows=True),
         Fp8GpuConfig(block_m=128, warp_specialized=True, ring_loads=True),
         Fp8GpuConfig(block_m=128, warp_specialized=True, ring_loads=True, early_store_rows=True),
-        Fp8GpuConfig(block_m=128, warp_specialized=True, k_per_stage=2),
     ]
     + GPU_ONLY_CONFIGS,
     ids=[
@@ -266,7 +227,6 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
         "ws_early_store_rows",
         "ws_ring_loads",
         "ws_ring_loads_early_rows",
-        "ws_two_k_steps_a_stage",
     ]
     + [f"gpu_only_{i}" for i in range(len(GPU_ONLY_CONFIGS))],
 )

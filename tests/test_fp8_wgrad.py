@@ -25,18 +25,11 @@ from tests.fp8_helpers import GPU_ONLY_WS3, INTERPRET, rel
 TGMM_WS3 = [c for c in GPU_ONLY_WS3 if not (c.skip_idle_wgs or c.ring_loads)]
 
 
-def test_fp8_tgmm_refuses_skip_idle_wgs_k_per_stage_and_no_auto_barriers():
-    """fp8_tgmm's tiles are a group's whole K x N, so no warpgroup is idle: the knob is refused, not ignored; so is
-    k_per_stage and no_auto_barriers, which only fp8_gmm's pipelined kernel runs."""
+def test_fp8_tgmm_refuses_skip_idle_wgs():
+    """fp8_tgmm's tiles are a group's whole K x N, so no warpgroup is idle: the knob is refused, not ignored."""
     z = jnp.zeros((128, 128), jnp.float8_e4m3fn), jnp.ones((128, 1), jnp.float32)
     cfg = Fp8GpuConfig(block_m=128, warp_specialized=True, skip_idle_wgs=True)
     with pytest.raises(ValueError, match="skip_idle_wgs is fp8_gmm's only"):
-        fp8_tgmm(*z, *z, jnp.asarray([128], jnp.int32), backend="gpu", interpret=True, config=cfg)
-    cfg = Fp8GpuConfig(block_m=128, warp_specialized=True, k_per_stage=2)  # nor does it run two K steps a stage
-    with pytest.raises(ValueError, match="k_per_stage=1"):
-        fp8_tgmm(*z, *z, jnp.asarray([128], jnp.int32), backend="gpu", interpret=True, config=cfg)
-    cfg = Fp8GpuConfig(block_m=128, warp_specialized=True, no_auto_barriers=True)  # nor drop Mosaic's barriers
-    with pytest.raises(ValueError, match="no_auto_barriers is fp8_gmm's only"):
         fp8_tgmm(*z, *z, jnp.asarray([128], jnp.int32), backend="gpu", interpret=True, config=cfg)
 
 

@@ -29,9 +29,10 @@ operand tiles some K steps ahead (cp.async.bulk.prefetch from a compute warpgrou
 their K loops staggered (so a group's tiles would not wait on the same DRAM misses): slower in proportion to the stagger
 (H100, 2026-12-07: the kernel runs at its loads-only rate there); 128 x 256 tiles on two compute warpgroups, each
 running its 256 columns as two wgmma through one fresh accumulator: 913-924 vs 917-946, 781-806 vs 833-901 at small's
-shape (H200, 2026-12-06). Knobs kept, off, measured slower on the H100 (2026-12-07): two K steps a pipeline stage
-(k_per_stage=2, 871-877 vs 950-958) and Mosaic's barrier before each TMA load left out (no_auto_barriers, 914-939).
-Fp8GpuConfig's own defaults: the one-warpgroup kernel, which the interpreter runs on any host.
+shape (H200, 2026-12-06); stages of two K steps in 3 compute warpgroups, one slot handshake for both (871-877 vs
+950-958 H100: two stages hold the four steps, so the prefetch is shallower); Mosaic's warpgroup barrier before each TMA
+load left out (CompilerParams.unsafe_no_auto_barriers, 72 BAR.SYNC -> 14: 914-939 vs 950-958 H100; BENCHMARKS.md,
+thirtieth session). Fp8GpuConfig's own defaults: the one-warpgroup kernel, which the interpreter runs on any host.
 """
 
 from __future__ import annotations
@@ -134,20 +135,20 @@ def zero_sum(shape, interpret):
     return zero if interpret else plgpu.layout_cast(zero, plgpu.Layout.WGMMA)
 
 
-def specs_for(bm, bn, first_step=0, delay_release=1, x_axes=(), k_per_stage=1):
+def specs_for(bm, bn, first_step=0, delay_release=1, x_axes=()):
     """A tile's K-step BlockSpecs: x [bm, 128] and w [bn, 128] (K-major e4m3), their scales [1, bm] and [1, bn];
     step kk reads K step first_step + kk (first_step may be traced). delay_release=1 keeps a step's buffers until
     the next step (one warpgroup's pipeline); the warp-specialized pipelines take 0. x_axes: the cluster axes x is
-    multicast over. k_per_stage > 1: each pipeline step brings that many K steps (x [bm, 128 k], scales [k, bm])."""
+    multicast over."""
     tf = gpu_common.transforms(BLOCK_K, jnp.float8_e4m3fn)
-    dr, kb = delay_release, BLOCK_K * k_per_stage
+    dr = delay_release
     return [
         plgpu.BlockSpec(
-            (bm, kb), lambda kk: (0, first_step + kk), transforms=tf, delay_release=dr, collective_axes=x_axes
+            (bm, BLOCK_K), lambda kk: (0, first_step + kk), transforms=tf, delay_release=dr, collective_axes=x_axes
         ),
-        plgpu.BlockSpec((bn, kb), lambda kk: (0, first_step + kk), transforms=tf, delay_release=dr),
-        plgpu.BlockSpec((k_per_stage, bm), lambda kk: (first_step + kk, 0), delay_release=dr),
-        plgpu.BlockSpec((k_per_stage, bn), lambda kk: (first_step + kk, 0), delay_release=dr),
+        plgpu.BlockSpec((bn, BLOCK_K), lambda kk: (0, first_step + kk), transforms=tf, delay_release=dr),
+        plgpu.BlockSpec((1, bm), lambda kk: (first_step + kk, 0), delay_release=dr),
+        plgpu.BlockSpec((1, bn), lambda kk: (first_step + kk, 0), delay_release=dr),
     ]
 
 
@@ -259,15 +260,11 @@ def _stage_body(cfg, wg, half, bn, t_wg, interpret, scalar_ws, busy):
 
     def mma(_, x_smem, w_smem, xs_smem, ws_smem, *rest):
         *consumed, carry = rest
-        rows, shape = pl.ds(wg * half, half), (half, bn)
+        rows = pl.ds(wg * half, half)
+        x, xs, ws, shape = x_smem.at[rows], xs_smem.at[0, rows], ws_smem.at[0], (half, bn)
         if cfg.skip_idle_wgs:
-            x, xs, ws = x_smem.at[rows], xs_smem.at[0, rows], ws_smem.at[0]
             return skipping_step(x, w_smem, xs, ws, carry, consumed, busy, t_wg, shape, interpret, scalar_ws)
-        for j in range(cfg.k_per_stage):  # a stage's K steps, each promoted on its own
-            cols = pl.ds(j * BLOCK_K, BLOCK_K)
-            x, w, xs, ws = x_smem.at[rows, cols], w_smem.at[:, cols], xs_smem.at[j, rows], ws_smem.at[j]
-            carry = promoted_step(cfg, x, w, xs, ws, carry, t_wg, shape, interpret, scalar_ws)
-        return carry
+        return promoted_step(cfg, x, w_smem, xs, ws, carry, t_wg, shape, interpret, scalar_ws)
 
     return mma
 
@@ -280,23 +277,21 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, tiles, cfg, interpret, out_dtype, scala
     bm, bn, bk = cfg.block_m, cfg.block_n, BLOCK_K
     nw = gpu_common.num_wgs(cfg)
     half = bm // nw  # one compute warpgroup's rows
-    if (k // bk) % cfg.k_per_stage:
-        raise ValueError(f"fp8_gmm: K={k} must be a multiple of k_per_stage * 128 = {cfg.k_per_stage * bk}")
-    pipe_steps, n_tiles = k // bk // cfg.k_per_stage, n // bn  # a tile's pipeline steps of k_per_stage K steps
-    mcs = ws_stages(cfg, out_dtype, pipe_steps)
-    chain = pipe_steps % mcs == 0  # chained pipelines must end every tile on the same ring slot
+    k_steps, n_tiles = k // bk, n // bn
+    mcs = ws_stages(cfg, out_dtype, k_steps)
+    chain = k_steps % mcs == 0  # chained pipelines must end every tile on the same ring slot
     count, tgroup, trow0, tlo, trows = tiles
     cl = cfg.cluster_n
     if n_tiles % cl:
         raise ValueError(f"fp8_gmm: N={n} must be a multiple of cluster_n * block_n = {cl * bn} (ops.py pads)")
     n_pairs = n_tiles // cl  # a cluster's CTAs take N tiles cl * p + (its index in the cluster)
-    specs = specs_for(bm, bn, delay_release=0, x_axes=("cluster",) if cl > 1 else (), k_per_stage=cfg.k_per_stage)
+    specs = specs_for(bm, bn, delay_release=0, x_axes=("cluster",) if cl > 1 else ())
 
     def body(count_ref, group_ref, row0_ref, lo_ref, rows_ref, x_gmem, xs_gmem, w_gmem, ws_gmem, out_gmem):
         gmem = (x_gmem, xs_gmem, w_gmem, ws_gmem)
         n_all, n_real = count_ref[0], count_ref[1]
         allocs = gpu_common.pipeline(
-            cfg, gpu_common.ignore, gpu_common.ignore, pipe_steps, specs, mcs, manual_release=cfg.skip_idle_wgs
+            cfg, gpu_common.ignore, gpu_common.ignore, k_steps, specs, mcs, manual_release=cfg.skip_idle_wgs
         ).get_allocations(*_tile_views(gmem, bm, bn, 0, 0, 0))
 
         def scoped(allocs, wg, t_wg, out_smem):
@@ -328,7 +323,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, tiles, cfg, interpret, out_dtype, scala
                     store(mt, n0, where)
 
                 def run(state):
-                    gpu_common.pipeline(cfg, mma, ctx, pipe_steps, specs, mcs, state, manual_release=cfg.skip_idle_wgs)(
+                    gpu_common.pipeline(cfg, mma, ctx, k_steps, specs, mcs, state, manual_release=cfg.skip_idle_wgs)(
                         *_tile_views(gmem, bm, bn, gi, row0, n0, count_ref[2]), allocations=allocs
                     )
 

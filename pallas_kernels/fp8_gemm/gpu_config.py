@@ -65,22 +65,6 @@ class Fp8GpuConfig:
     # groups of whole 128-row steps on 192-row tiles), 991 / 989 against 994 / 1,006 at V3's; small's step 1.0024x
     # BF16's with it against 0.9958x without: default_config turns it on up to SHORT_K_MAX
     ring_loads: bool = False
-    # Warp-specialized fp8_gmm (the pipelined kernel): K steps per pipeline stage. A stage of 2 brings x [rows, 256]
-    # and w [cols, 256] in one handshake (one slot release, one arrival); each compute warpgroup still promotes
-    # every 128 of K. Half the stages fit in smem (2 at 192 x 128 tiles), holding as many K steps. For the H100's
-    # forward, which runs at its loads-only rate and whose rate no byte saving moved (BENCHMARKS.md, twenty-ninth
-    # session): a per-stage cost would halve. K must be a multiple of k_per_stage * 128. H100, V3's gate+up
-    # (2026-12-07, thirtieth session): 871 / 877 TFLOP/s against 950 / 958 (one stage refills while the other
-    # computes: a shallower prefetch), so off
-    k_per_stage: int = 1
-    # Warp-specialized fp8_gmm (the pipelined kernel): Mosaic GPU's warpgroup barrier before each TMA load and
-    # around each smem store left out (CompilerParams.unsafe_no_auto_barriers). The memory warpgroup then issues a
-    # stage's 4 copies without a bar.sync of its 128 threads before each (ptxas_offline: 72 bar.sync in the kernel
-    # -> 14). Safe here: the memory warpgroup reads no smem, a compute warpgroup releases a slot (an mbarrier
-    # arrive, release-ordered) only after reading its scales, its staging buffer is its own, and commit_smem and
-    # the wait on the last TMA store keep their barriers. H100, V3's gate+up (2026-12-07): 914 / 932 TFLOP/s,
-    # 931 / 939 with memory_registers=24, against 950-958 (24 alone: 950 / 971), so off
-    no_auto_barriers: bool = False
 
 
 # The GEMMs' default (fp8_gmm, fp8_gemm and its weight gradient): three compute warpgroups of 64 rows each under a
@@ -118,32 +102,13 @@ def check_config(cfg):
             f"Fp8GpuConfig: memory_registers must be a multiple of 8 in [24, 256] (setmaxnreg), got "
             f"{cfg.memory_registers}"
         )
-    if cfg.k_per_stage not in (1, 2) or (
-        cfg.k_per_stage > 1 and (not cfg.warp_specialized or cfg.skip_idle_wgs or cfg.ring_loads)
-    ):
-        raise ValueError(
-            f"Fp8GpuConfig: k_per_stage must be 1, or 2 on the pipelined warp-specialized kernel (without "
-            f"skip_idle_wgs or ring_loads), got {cfg.k_per_stage}"
-        )
-    if cfg.no_auto_barriers and (not cfg.warp_specialized or cfg.ring_loads):
-        raise ValueError(
-            "Fp8GpuConfig: no_auto_barriers is the pipelined warp-specialized kernel's only (without ring_loads): "
-            "where one warpgroup both reads a slot and reloads it, Mosaic's barrier before the copy is needed"
-        )
     if cfg.cluster_n not in (1, 2) or (cfg.cluster_n > 1 and not cfg.warp_specialized):
         raise ValueError(f"Fp8GpuConfig: cluster_n must be 1, or 2 when warp-specialized, got {cfg.cluster_n}")
 
 
 def ws_stages(cfg, out_dtype, k_steps=None):
-    """Pipeline stages of a warp-specialized kernel: the config's, at most k_steps (pipeline steps, when static),
-    and no more than fit in smem beside the block_m x block_n output staging buffers (a float32 output takes twice a
-    bf16 one's). A stage holds k_per_stage K steps."""
-    kps = getattr(cfg, "k_per_stage", 1)
-    stage_bytes = (cfg.block_m + cfg.block_n) * (BLOCK_K + 4) * kps  # e4m3 operand tiles + their float32 scales
+    """Pipeline stages of a warp-specialized kernel: the config's, at most k_steps (when static), and no more than
+    fit in smem beside the block_m x block_n output staging buffers (a float32 output takes twice a bf16 one's)."""
+    stage_bytes = (cfg.block_m + cfg.block_n) * (BLOCK_K + 4)  # e4m3 operand tiles + their float32 scales
     fit = (SMEM_BYTES - cfg.block_m * cfg.block_n * jnp.dtype(out_dtype).itemsize) // stage_bytes
-    if fit < 2 and kps > 1:
-        raise ValueError(
-            f"Fp8GpuConfig: two stages of k_per_stage={kps} K steps do not fit in smem beside a "
-            f"{jnp.dtype(out_dtype).name} output's {cfg.block_m} x {cfg.block_n} staging buffer"
-        )
     return max(2, min(cfg.max_concurrent_steps, fit, k_steps or cfg.max_concurrent_steps))

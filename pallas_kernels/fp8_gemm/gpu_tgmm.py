@@ -53,10 +53,6 @@ def fp8_tgmm(a_q, as_t, b_q, bs_t, group_sizes, *, config=None, interpret=False,
     check_config(cfg)
     if cfg.cluster_n != 1:
         raise ValueError(f"fp8_tgmm's GPU kernel runs one CTA per cluster: cluster_n=1, got {cfg.cluster_n}")
-    if cfg.k_per_stage != 1:
-        raise ValueError(f"fp8_tgmm's GPU kernel runs one K step a stage: k_per_stage=1, got {cfg.k_per_stage}")
-    if cfg.no_auto_barriers:
-        raise ValueError("fp8_tgmm's GPU kernel keeps Mosaic's barriers: no_auto_barriers is fp8_gmm's only")
     if cfg.skip_idle_wgs:  # its tiles are a group's K x N, whole: no warpgroup is ever idle
         raise ValueError("fp8_tgmm's GPU kernel has no idle warpgroups to skip: skip_idle_wgs is fp8_gmm's only")
     if cfg.ring_loads:  # its warp-specialized kernel always runs a ring; its tiles are whole

@@ -54,22 +54,18 @@ def _round_up(x: int, m: int) -> int:
 # lowering each site on its own took 80+ s of Python per compile.
 @functools.partial(jax.jit, static_argnums=(6, 7, 8, 9))
 def _gpu_gmm(x_q, x_s, w_q, w_s, group_sizes, first, out_dtype, interpret, config, rhs_tiles=False):
-    """The kernel's operand layouts and tile multiples: scales transposed / expanded to columns, M padded to a multiple
-    of 8 (and at least one row tile), K to whole pipeline stages of 128-K scaling tiles, N to the column tile. The
-    kernel takes one scale per output column per K step, so tile-scaled rhs rows ([G, N, K/128], rhs_tiles) feed it as
-    they are and 128 x 128 block scales are repeated over their block's columns. first (int32 scalar or None): the
-    groups' weights are w_q[first : first + G] of a larger stack, which the kernel indexes in place (only their scales,
+    """The kernel's operand layouts and tile multiples: scales transposed / expanded to columns, M padded to a
+    multiple of 8 (and at least one row tile), K to the 128 scaling tile, N to the column tile. The kernel takes
+    one scale per output column per K step, so tile-scaled rhs rows ([G, N, K/128], rhs_tiles) feed it as they are
+    and 128 x 128 block scales are repeated over their block's columns. first (int32 scalar or None): the groups'
+    weights are w_q[first : first + G] of a larger stack, which the kernel indexes in place (only their scales,
     1/32 of the weights' bytes, are cut out here)."""
     m, k = x_q.shape
     cfg = config or gpu_config.default_config(_round_up(k, TILE))
     g, (_, n, _) = group_sizes.shape[0], w_q.shape
     if first is not None:
         w_s = lax.dynamic_slice_in_dim(w_s, first, g, axis=0)
-    mp, np_ = max(_round_up(m, 8), cfg.block_m), _round_up(n, cfg.block_n * cfg.cluster_n)
-    kp = _round_up(k, TILE * cfg.k_per_stage)
-    if kp // TILE > x_s.shape[1]:  # whole pipeline stages: zero codes under unit scales
-        x_s = jnp.pad(x_s, ((0, 0), (0, kp // TILE - x_s.shape[1])), constant_values=1.0)
-        w_s = jnp.pad(w_s, ((0, 0), (0, 0), (0, kp // TILE - w_s.shape[2])), constant_values=1.0)
+    mp, kp, np_ = max(_round_up(m, 8), cfg.block_m), _round_up(k, TILE), _round_up(n, cfg.block_n * cfg.cluster_n)
     x_q = jnp.pad(x_q, ((0, mp - m), (0, kp - k)))
     xs_t = jnp.pad(x_s, ((0, mp - m), (0, 0)), constant_values=1.0).T
     if (np_, kp) != (n, k):

@@ -135,13 +135,11 @@ def named(body, plan, name):
 def run(body, out_type, cfg, interpret):
     """plgpu.kernel over one CTA per SM (grid axis "sm"); warp-specialized: num_wgs + 1 warpgroups (axis "wg")."""
     cluster = getattr(cfg, "cluster_n", 1)  # CTAs per cluster (axis "cluster"); "sm" then counts clusters
-    # Fp8GpuConfig.no_auto_barriers: Mosaic's warpgroup barriers around copies and smem stores left out
-    unsafe = {"unsafe_no_auto_barriers": True} if getattr(cfg, "no_auto_barriers", False) else {}
     kw = dict(
         out_type=out_type,
         grid=(num_sms(cfg, interpret) // cluster,),
         grid_names=("sm",),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup, **unsafe),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )
     if cluster > 1:
         kw.update(cluster=(cluster,), cluster_names=("cluster",))
