@@ -273,7 +273,7 @@ def _stage_body(cfg, wg, half, bn, t_wg, interpret, scalar_ws, busy, readers=Non
     its wgmma is issued, so their latency passes under it."""
 
     if cfg.direct_scales:
-        rows_at, cols_at = readers
+        rows_at, cols_at, _ = readers
 
         def direct(idx, x_smem, w_smem, *rest):
             *staged, (total, xs, queue) = rest  # staged: [the stage's weight scales] with direct_scales="x"
@@ -300,30 +300,37 @@ def _stage_body(cfg, wg, half, bn, t_wg, interpret, scalar_ws, busy, readers=Non
     return mma
 
 
-def gmem_scale_readers(views, wg, half, k_steps, scalar_ws, interpret):
-    """direct_scales' reads of a tile's K-step scales straight from gmem (views: _tile_views'): rows(k), warpgroup
-    wg's row scales in the accumulator's row layout; cols(k), the weight scale (scalar_ws: one per step) or the
-    column scales. k past the last step reads the last step again (a read ahead of the end, unused). A scalar's
-    read is placed by the compiler after the wgmma's wait (ptxas_offline), so the body reads it two steps ahead."""
+def gmem_scale_readers(cfg, views, wg, half, k_steps, scalar_ws, interpret):
+    """direct_scales' reads of a tile's K-step scales straight from gmem (views: _tile_views'): (rows, cols,
+    depth). rows(k): warpgroup wg's row scales in the accumulator's row layout; cols(k): the weight scales, read
+    `depth` steps ahead (0: they come with the stage, "x"). k past the last step reads the last step again (unused).
+    A block's one weight scale is read as a row vector of its first `half` repeats (ws_cols repeats it over the
+    block's columns), a load like the row scales': ptxas placed a scalar read after the wgmma's wait and moved it
+    to a uniform register at the step's end, waiting there for it (ptxas_offline)."""
     xs_view, ws_view = views[2], views[3]
+    as_rows = scalar_ws and half <= ws_view.shape[1]  # the tile's columns are one block's: the repeats suffice
 
     def rows(k):
         return _vector(xs_view.at[jnp.minimum(k, k_steps - 1), pl.ds(wg * half, half)], ROW_LAYOUT, interpret, True)
 
     def cols(k):
-        return _w_scales(ws_view.at[jnp.minimum(k, k_steps - 1)], scalar_ws, interpret, gmem=True)
+        ref = ws_view.at[jnp.minimum(k, k_steps - 1)]
+        if as_rows:
+            return _vector(ref.at[pl.ds(0, half)], ROW_LAYOUT, interpret, True)
+        return _w_scales(ref, scalar_ws, interpret, gmem=True)
 
-    return rows, cols
+    depth = 0 if cfg.direct_scales == "x" else 2 if scalar_ws and not as_rows else 1
+    return rows, cols, depth
 
 
-def _tile_sum(cfg, eval_pipeline, readers, shape, scalar_ws, interpret):
+def _tile_sum(cfg, eval_pipeline, readers, shape, interpret):
     """A compute warpgroup's float32 sum over its tile's K loop: the pipeline run from a zero sum (direct_scales:
     with the carry's first row scales and weight-scale queue, as _stage_body's body takes them)."""
     zero = zero_sum(shape, interpret)
     if not cfg.direct_scales:
         return eval_pipeline(zero)
-    depth = 0 if cfg.direct_scales == "x" else 2 if scalar_ws else 1
-    return eval_pipeline((zero, readers[0](0), tuple(readers[1](kk) for kk in range(depth))))[0]
+    rows, cols, depth = readers
+    return eval_pipeline((zero, rows(0), tuple(cols(kk) for kk in range(depth))))[0]
 
 
 def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, tiles, cfg, interpret, out_dtype, scalar_ws):
@@ -375,11 +382,11 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, tiles, cfg, interpret, out_dtype, scala
 
                 def run(state):
                     views = _tile_views(gmem, bm, bn, gi, row0, n0, count_ref[2])
-                    readers = gmem_scale_readers(views, wg, half, k_steps, scalar_ws, interpret)
+                    readers = gmem_scale_readers(cfg, views, wg, half, k_steps, scalar_ws, interpret)
                     mma = _stage_body(cfg, wg, half, bn, t_wg, interpret, scalar_ws, busy, readers)
 
                     def ctx(eval_pipeline):
-                        total = _tile_sum(cfg, eval_pipeline, readers, (half, bn), scalar_ws, interpret)
+                        total = _tile_sum(cfg, eval_pipeline, readers, (half, bn), interpret)
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has left out_smem
                         out_smem.at[wg][...] = total.astype(out_dtype)
                         plgpu.commit_smem()
