@@ -51,11 +51,9 @@ PARTS = ("full", "no_promote", "loads_only", "compute_x2")
 WORK = {"compute_x2": 2}  # products a K step runs, where not 1
 
 
-def _no_promote(
-    cfg, x_smem, w_smem, xs_ref, ws_ref, total, t_smem, shape, interpret, scalar_ws=False, release=None, scales=None
-):
+def _no_promote(cfg, x_smem, w_smem, xs_ref, ws_ref, total, t_smem, shape, interpret, scalar_ws=False, release=None):
     """The K step without its promotion: the product into a fresh accumulator, waited for, returned as the sum."""
-    del cfg, xs_ref, ws_ref, total, interpret, scalar_ws, scales
+    del cfg, xs_ref, ws_ref, total, interpret, scalar_ws
 
     def product(acc_ref):
         plgpu.wgmma(acc_ref, x_smem, gpu_common.transposed(w_smem, t_smem))
@@ -67,12 +65,9 @@ def _no_promote(
     return part
 
 
-def _loads_only(
-    cfg, x_smem, w_smem, xs_ref, ws_ref, total, t_smem, shape, interpret, scalar_ws=False, release=None, scales=None
-):
-    """The K step with nothing computed: the stage is released and the sum passes through (direct_scales: the
-    compute warpgroups' own scale reads stay, outside the step)."""
-    del cfg, x_smem, w_smem, xs_ref, ws_ref, t_smem, shape, interpret, scalar_ws, scales
+def _loads_only(cfg, x_smem, w_smem, xs_ref, ws_ref, total, t_smem, shape, interpret, scalar_ws=False, release=None):
+    """The K step with nothing computed: the stage is released and the sum passes through."""
+    del cfg, x_smem, w_smem, xs_ref, ws_ref, t_smem, shape, interpret, scalar_ws
     if release is not None:
         release()
     return total
@@ -82,12 +77,10 @@ def _twice(original):
     """The K step run twice on the same stage: the second promotes into the first's sum; the release (where the
     step owns it) follows the second."""
 
-    def step(
-        cfg, x_smem, w_smem, xs_ref, ws_ref, total, t_smem, shape, interpret, scalar_ws=False, release=None, scales=None
-    ):
+    def step(cfg, x_smem, w_smem, xs_ref, ws_ref, total, t_smem, shape, interpret, scalar_ws=False, release=None):
         args = (cfg, x_smem, w_smem, xs_ref, ws_ref)
-        total = original(*args, total, t_smem, shape, interpret, scalar_ws, scales=scales)
-        return original(*args, total, t_smem, shape, interpret, scalar_ws, release, scales=scales)
+        total = original(*args, total, t_smem, shape, interpret, scalar_ws)
+        return original(*args, total, t_smem, shape, interpret, scalar_ws, release)
 
     return step
 

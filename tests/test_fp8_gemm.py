@@ -161,25 +161,6 @@ def test_ring_loads_config_runs_only_where_built():
         fp8_tgmm(xq, xs, xq, xs, gs, backend="gpu", interpret=True, config=RING)  # a, b [128, 128] tile-scaled
 
 
-def test_direct_scales_config_runs_only_where_built():
-    """direct_scales (the compute warpgroups read the scales from gmem) is the pipelined warp-specialized fp8_gmm's:
-    check_config refuses it on the one-warpgroup kernel, with skip_idle_wgs or ring_loads, and any value but "",
-    "x" and "xw"; fp8_tgmm refuses it by name."""
-    from pallas_kernels.fp8_gemm import fp8_tgmm
-
-    ws = Fp8GpuConfig(block_m=128, warp_specialized=True, direct_scales="xw")
-    for cfg in (Fp8GpuConfig(direct_scales="x"), dataclasses.replace(ws, skip_idle_wgs=True)):
-        with pytest.raises(ValueError, match="direct_scales is the pipelined warp-specialized"):
-            check_config(cfg)
-    with pytest.raises(ValueError, match="direct_scales is the pipelined warp-specialized"):
-        check_config(dataclasses.replace(ws, ring_loads=True))
-    with pytest.raises(ValueError, match='direct_scales must be "", "x" or "xw"'):
-        check_config(dataclasses.replace(ws, direct_scales="w"))
-    (xq, xs), _ = _operands(128, 128, 128, 1, seed=1)
-    with pytest.raises(ValueError, match="direct_scales is fp8_gmm's only"):
-        fp8_tgmm(xq, xs, xq, xs, jnp.asarray([128], jnp.int32), backend="gpu", interpret=True, config=ws)
-
-
 @pytest.mark.parametrize("k, short", [(512, True), (1000, True), (1024, True), (1100, False), (7168, False)])
 def test_default_kernel_config_runs_the_ring_for_short_contractions(k, short):
     """Where the caller names no config, fp8_gmm's kernel is GEMM_CONFIG on the load ring (gpu_ring) with
@@ -236,8 +217,6 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
         Fp8GpuConfig(block_m=128, warp_specialized=True, early_store_rows=True),
         Fp8GpuConfig(block_m=128, warp_specialized=True, ring_loads=True),
         Fp8GpuConfig(block_m=128, warp_specialized=True, ring_loads=True, early_store_rows=True),
-        Fp8GpuConfig(block_m=128, warp_specialized=True, direct_scales="xw"),
-        Fp8GpuConfig(block_m=128, warp_specialized=True, direct_scales="x"),
     ]
     + GPU_ONLY_CONFIGS,
     ids=[
@@ -248,8 +227,6 @@ GPU_ONLY_CONFIGS = GPU_ONLY_WS3 + (
         "ws_early_store_rows",
         "ws_ring_loads",
         "ws_ring_loads_early_rows",
-        "ws_direct_scales",
-        "ws_direct_x_scales",
     ]
     + [f"gpu_only_{i}" for i in range(len(GPU_ONLY_CONFIGS))],
 )

@@ -41,9 +41,6 @@ FP8_CONFIGS = {
     "three_compute_wgs_early_store_rows": f8.Fp8GpuConfig(
         num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3, early_store_rows=True
     ),
-    "three_compute_wgs_direct_scales": f8.Fp8GpuConfig(
-        num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3, direct_scales="xw"
-    ),
     "three_compute_wgs_late_scales": f8.Fp8GpuConfig(
         num_sms=SMS, block_m=192, warp_specialized=True, compute_wgs=3, early_scales=False
     ),

@@ -32,7 +32,9 @@ running its 256 columns as two wgmma through one fresh accumulator: 913-924 vs 9
 shape (H200, 2026-12-06); stages of two K steps in 3 compute warpgroups, one slot handshake for both (871-877 vs
 950-958 H100: two stages hold the four steps, so the prefetch is shallower); Mosaic's warpgroup barrier before each TMA
 load left out (CompilerParams.unsafe_no_auto_barriers, 72 BAR.SYNC -> 14: 914-939 vs 950-958 H100; BENCHMARKS.md,
-thirtieth session). Fp8GpuConfig's own defaults: the one-warpgroup kernel, which the interpreter runs on any host.
+thirtieth session); the compute warpgroups reading the scales from gmem a step ahead, so a stage is 3 or 2 TMA copies
+instead of 4 (x's: 924-933, both: 753-763 vs 978 H100; loads-only +3%: thirty-first session). Fp8GpuConfig's own
+defaults: the one-warpgroup kernel, which the interpreter runs on any host.
 """
 
 from __future__ import annotations
@@ -51,11 +53,10 @@ from pallas_kernels.grouped_matmul import gpu_common
 from pallas_kernels.grouped_matmul.gpu import gmm_tiles, store_rows
 
 
-def _vector(ref, layout, interpret, gmem=False):
-    """A 1-D smem (or gmem) vector in registers, laid out to broadcast along the accumulator's rows or columns.
-    Mosaic's optimized (bank-conflict-planned) transfer is smem's only; a gmem read is one load per thread. jax
-    0.10's GPU interpreter has no plgpu.load; a plain read stands in for it there."""
-    return ref[...] if interpret else plgpu.load(ref, (), layout=layout, optimized=not gmem)
+def _vector(ref, layout, interpret):
+    """A 1-D smem vector in registers, laid out to broadcast along the accumulator's rows or columns. jax 0.10's
+    GPU interpreter has no plgpu.load; a plain read stands in for it there."""
+    return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
 
 
 def _promote(total, part, scales):
@@ -71,16 +72,12 @@ def _promote(total, part, scales):
 ROW_LAYOUT, COL_LAYOUT = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)  # scales along rows / columns
 
 
-def promoted_step(
-    cfg, x_smem, w_smem, xs_ref, ws_ref, total, t_smem, shape, interpret, scalar_ws=False, release=None, scales=None
-):
+def promoted_step(cfg, x_smem, w_smem, xs_ref, ws_ref, total, t_smem, shape, interpret, scalar_ws=False, release=None):
     """One K step: x_smem [rows, 128] . w_smem [cols, 128]^T into a fresh accumulator, then promoted into the
     float32 sum with xs_ref's row scales and ws_ref's column scales (scalar_ws: all columns share ws_ref[0], a
     weight block's scale, which multiplies the row scales instead). total: the float32 sum so far. release: called
-    once the step's smem is no longer read (product and scales in registers), before the promotion. scales: the
-    step's scales already in registers (direct_scales reads them from gmem ahead): the refs go unread."""
-    if scales is None and cfg.early_scales:
-        scales = step_scales(xs_ref, ws_ref, scalar_ws, interpret)
+    once the step's smem is no longer read (product and scales in registers), before the promotion."""
+    scales = step_scales(xs_ref, ws_ref, scalar_ws, interpret) if cfg.early_scales else None
     part = _product(x_smem, w_smem, t_smem, shape)
     if scales is None:
         scales = step_scales(xs_ref, ws_ref, scalar_ws, interpret)
@@ -125,13 +122,7 @@ def skipping_step(x_smem, w_smem, xs_ref, ws_ref, total, consumed, busy, t_smem,
 def step_scales(xs_ref, ws_ref, scalar_ws, interpret):
     """A K step's promotion scales in registers: (row scales x the block's weight scale,) or (row, column)."""
     xs = _vector(xs_ref, ROW_LAYOUT, interpret)
-    w = _w_scales(ws_ref, scalar_ws, interpret)
-    return (xs * w,) if scalar_ws else (xs, w)
-
-
-def _w_scales(ws_ref, scalar_ws, interpret, gmem=False):
-    """A K step's weight scales from ws_ref [bn]: the block's one scale (scalar_ws), or the column scales."""
-    return ws_ref[0] if scalar_ws else _vector(ws_ref, COL_LAYOUT, interpret, gmem)
+    return (xs * ws_ref[0],) if scalar_ws else (xs, _vector(ws_ref, COL_LAYOUT, interpret))
 
 
 def uses_scalar_scale(cfg, w_scales):
@@ -264,30 +255,10 @@ def _tile_views(gmem, bm, bn, gi, row0, n0, w_first=0):
     )
 
 
-def _stage_body(cfg, wg, half, bn, t_wg, interpret, scalar_ws, busy, readers=None):
+def _stage_body(cfg, wg, half, bn, t_wg, interpret, scalar_ws, busy):
     """Compute warpgroup wg's pipeline body: its `half` rows of a K step, promoted into the carry. With
     skip_idle_wgs the pipeline passes the stage's consumed barriers before the carry, and busy says whether this
-    warpgroup holds rows of the tile's group. direct_scales: readers are gmem_scale_readers', and the carry is
-    (sum, this step's row scales, the weight scales of the next len(queue) steps; () where they come with the
-    stage, "x"): each step reads the next step's row scales (and the weight scales len(queue) steps ahead) before
-    its wgmma is issued, so their latency passes under it."""
-
-    if cfg.direct_scales:
-        rows_at, cols_at, _ = readers
-
-        def direct(idx, x_smem, w_smem, *rest):
-            *staged, (total, xs, queue) = rest  # staged: [the stage's weight scales] with direct_scales="x"
-            if staged:
-                w = _w_scales(staged[0].at[0], scalar_ws, interpret)
-            else:
-                w, queue = queue[0], (*queue[1:], cols_at(idx[0] + len(queue)))
-            xs_next = rows_at(idx[0] + 1)
-            scales = (xs * w,) if scalar_ws else (xs, w)
-            x = x_smem.at[pl.ds(wg * half, half)]
-            total = promoted_step(cfg, x, w_smem, None, None, total, t_wg, (half, bn), interpret, scales=scales)
-            return total, xs_next, queue
-
-        return direct
+    warpgroup holds rows of the tile's group."""
 
     def mma(_, x_smem, w_smem, xs_smem, ws_smem, *rest):
         *consumed, carry = rest
@@ -298,39 +269,6 @@ def _stage_body(cfg, wg, half, bn, t_wg, interpret, scalar_ws, busy, readers=Non
         return promoted_step(cfg, x, w_smem, xs, ws, carry, t_wg, shape, interpret, scalar_ws)
 
     return mma
-
-
-def gmem_scale_readers(cfg, views, wg, half, k_steps, scalar_ws, interpret):
-    """direct_scales' reads of a tile's K-step scales straight from gmem (views: _tile_views'): (rows, cols,
-    depth). rows(k): warpgroup wg's row scales in the accumulator's row layout; cols(k): the weight scales, read
-    `depth` steps ahead (0: they come with the stage, "x"). k past the last step reads the last step again (unused).
-    A block's one weight scale is read as a row vector of its first `half` repeats (ws_cols repeats it over the
-    block's columns), a load like the row scales': ptxas placed a scalar read after the wgmma's wait and moved it
-    to a uniform register at the step's end, waiting there for it (ptxas_offline)."""
-    xs_view, ws_view = views[2], views[3]
-    as_rows = scalar_ws and half <= ws_view.shape[1]  # the tile's columns are one block's: the repeats suffice
-
-    def rows(k):
-        return _vector(xs_view.at[jnp.minimum(k, k_steps - 1), pl.ds(wg * half, half)], ROW_LAYOUT, interpret, True)
-
-    def cols(k):
-        ref = ws_view.at[jnp.minimum(k, k_steps - 1)]
-        if as_rows:
-            return _vector(ref.at[pl.ds(0, half)], ROW_LAYOUT, interpret, True)
-        return _w_scales(ref, scalar_ws, interpret, gmem=True)
-
-    depth = 0 if cfg.direct_scales == "x" else 2 if scalar_ws and not as_rows else 1
-    return rows, cols, depth
-
-
-def _tile_sum(cfg, eval_pipeline, readers, shape, interpret):
-    """A compute warpgroup's float32 sum over its tile's K loop: the pipeline run from a zero sum (direct_scales:
-    with the carry's first row scales and weight-scale queue, as _stage_body's body takes them)."""
-    zero = zero_sum(shape, interpret)
-    if not cfg.direct_scales:
-        return eval_pipeline(zero)
-    rows, cols, depth = readers
-    return eval_pipeline((zero, rows(0), tuple(cols(kk) for kk in range(depth))))[0]
 
 
 def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, tiles, cfg, interpret, out_dtype, scalar_ws):
@@ -349,16 +287,14 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, tiles, cfg, interpret, out_dtype, scala
     if n_tiles % cl:
         raise ValueError(f"fp8_gmm: N={n} must be a multiple of cluster_n * block_n = {cl * bn} (ops.py pads)")
     n_pairs = n_tiles // cl  # a cluster's CTAs take N tiles cl * p + (its index in the cluster)
-    # direct_scales: the stages leave out the scales the compute warpgroups read themselves (x's: "x"; both: "xw")
-    piped = {"": (0, 1, 2, 3), "x": (0, 1, 3), "xw": (0, 1)}[cfg.direct_scales]  # of x, w, xs, ws
-    specs = [specs_for(bm, bn, delay_release=0, x_axes=("cluster",) if cl > 1 else ())[i] for i in piped]
+    specs = specs_for(bm, bn, delay_release=0, x_axes=("cluster",) if cl > 1 else ())
 
     def body(count_ref, group_ref, row0_ref, lo_ref, rows_ref, x_gmem, xs_gmem, w_gmem, ws_gmem, out_gmem):
         gmem = (x_gmem, xs_gmem, w_gmem, ws_gmem)
         n_all, n_real = count_ref[0], count_ref[1]
         allocs = gpu_common.pipeline(
             cfg, gpu_common.ignore, gpu_common.ignore, k_steps, specs, mcs, manual_release=cfg.skip_idle_wgs
-        ).get_allocations(*[_tile_views(gmem, bm, bn, 0, 0, 0)[i] for i in piped])
+        ).get_allocations(*_tile_views(gmem, bm, bn, 0, 0, 0))
 
         def scoped(allocs, wg, t_wg, out_smem):
             cta = lax.axis_index("cluster") if cl > 1 else 0
@@ -379,21 +315,18 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, tiles, cfg, interpret, out_dtype, scala
                 early = cfg.early_store_rows or cfg.skip_idle_wgs  # skipping reads them at the start anyway
                 where = (row0, *own_rows(mt)) if early else None
                 busy = where[2] > 0 if cfg.skip_idle_wgs else None  # decided once per tile
+                mma = _stage_body(cfg, wg, half, bn, t_wg, interpret, scalar_ws, busy)
+
+                def ctx(eval_pipeline):
+                    total = eval_pipeline(zero_sum((half, bn), interpret))
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has left out_smem
+                    out_smem.at[wg][...] = total.astype(out_dtype)
+                    plgpu.commit_smem()
+                    store(mt, n0, where)
 
                 def run(state):
-                    views = _tile_views(gmem, bm, bn, gi, row0, n0, count_ref[2])
-                    readers = gmem_scale_readers(cfg, views, wg, half, k_steps, scalar_ws, interpret)
-                    mma = _stage_body(cfg, wg, half, bn, t_wg, interpret, scalar_ws, busy, readers)
-
-                    def ctx(eval_pipeline):
-                        total = _tile_sum(cfg, eval_pipeline, readers, (half, bn), interpret)
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has left out_smem
-                        out_smem.at[wg][...] = total.astype(out_dtype)
-                        plgpu.commit_smem()
-                        store(mt, n0, where)
-
                     gpu_common.pipeline(cfg, mma, ctx, k_steps, specs, mcs, state, manual_release=cfg.skip_idle_wgs)(
-                        *[views[i] for i in piped], allocations=allocs
+                        *_tile_views(gmem, bm, bn, gi, row0, n0, count_ref[2]), allocations=allocs
                     )
 
                 gpu_common.chained(run, i, n, chain)

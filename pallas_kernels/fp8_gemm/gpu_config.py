@@ -65,12 +65,6 @@ class Fp8GpuConfig:
     # groups of whole 128-row steps on 192-row tiles), 991 / 989 against 994 / 1,006 at V3's; small's step 1.0024x
     # BF16's with it against 0.9958x without: default_config turns it on up to SHORT_K_MAX
     ring_loads: bool = False
-    # Pipelined warp-specialized fp8_gmm: each compute warpgroup reads its rows' scales ("x"), or those and the
-    # weight scales ("xw"), from gmem itself, ahead of the step that uses them, and the stages leave them out: the
-    # memory warpgroup issues three TMA copies a step ("x") or two ("xw") instead of four (x's scale copy is 768
-    # bytes, w's 512). The H100 runs the kernel at its loads-only rate, where neither fewer L2 bytes (x multicast)
-    # nor fewer barriers moved it (BENCHMARKS.md, twenty-ninth and thirtieth sessions). Untimed
-    direct_scales: str = ""
 
 
 # The GEMMs' default (fp8_gmm, fp8_gemm and its weight gradient): three compute warpgroups of 64 rows each under a
@@ -107,13 +101,6 @@ def check_config(cfg):
         raise ValueError(
             f"Fp8GpuConfig: memory_registers must be a multiple of 8 in [24, 256] (setmaxnreg), got "
             f"{cfg.memory_registers}"
-        )
-    if cfg.direct_scales not in ("", "x", "xw"):
-        raise ValueError(f'Fp8GpuConfig: direct_scales must be "", "x" or "xw", got {cfg.direct_scales!r}')
-    if cfg.direct_scales and (not cfg.warp_specialized or cfg.skip_idle_wgs or cfg.ring_loads):
-        raise ValueError(
-            "Fp8GpuConfig: direct_scales is the pipelined warp-specialized kernel's (warp_specialized=True, "
-            f"without skip_idle_wgs or ring_loads), got {cfg}"
         )
     if cfg.cluster_n not in (1, 2) or (cfg.cluster_n > 1 and not cfg.warp_specialized):
         raise ValueError(f"Fp8GpuConfig: cluster_n must be 1, or 2 when warp-specialized, got {cfg.cluster_n}")

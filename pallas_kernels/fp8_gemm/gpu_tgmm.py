@@ -55,8 +55,6 @@ def fp8_tgmm(a_q, as_t, b_q, bs_t, group_sizes, *, config=None, interpret=False,
         raise ValueError(f"fp8_tgmm's GPU kernel runs one CTA per cluster: cluster_n=1, got {cfg.cluster_n}")
     if cfg.skip_idle_wgs:  # its tiles are a group's K x N, whole: no warpgroup is ever idle
         raise ValueError("fp8_tgmm's GPU kernel has no idle warpgroups to skip: skip_idle_wgs is fp8_gmm's only")
-    if cfg.direct_scales:  # its ring copies the scales beside the operands
-        raise ValueError("fp8_tgmm's GPU kernel copies its scales with its operands: direct_scales is fp8_gmm's only")
     if cfg.ring_loads:  # its warp-specialized kernel always runs a ring; its tiles are whole
         raise ValueError("fp8_tgmm's GPU kernel loads whole tiles: ring_loads is fp8_gmm's only")
     if cfg.warp_specialized:

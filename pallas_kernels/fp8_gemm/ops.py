@@ -70,10 +70,8 @@ def _gpu_gmm(x_q, x_s, w_q, w_s, group_sizes, first, out_dtype, interpret, confi
     xs_t = jnp.pad(x_s, ((0, mp - m), (0, 0)), constant_values=1.0).T
     if (np_, kp) != (n, k):
         w_q = jnp.pad(w_q, ((0, 0), (0, np_ - n), (0, kp - k)))
-    # [G, K/128, N]; a block's scale also covers its padded columns (direct_scales reads a tile's first repeats)
-    cols = n if rhs_tiles else min(np_, w_s.shape[1] * TILE)
-    ws_cols = jnp.swapaxes(w_s if rhs_tiles else jnp.repeat(w_s, TILE, axis=1)[:, :cols], 1, 2)
-    ws_cols = jnp.pad(ws_cols, ((0, 0), (0, 0), (0, np_ - cols)), constant_values=1.0)
+    ws_cols = jnp.swapaxes(w_s if rhs_tiles else jnp.repeat(w_s, TILE, axis=1)[:, :n], 1, 2)  # [G, K/128, N]
+    ws_cols = jnp.pad(ws_cols, ((0, 0), (0, 0), (0, np_ - n)), constant_values=1.0)
     w_scales = "column" if rhs_tiles else "block"
     if cfg.ring_loads:
         out = gpu_ring.fp8_gmm(x_q, xs_t, w_q, ws_cols, group_sizes, cfg, interpret, out_dtype, w_scales, first)
