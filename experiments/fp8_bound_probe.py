@@ -13,7 +13,7 @@ each swap, so every part is traced and compiled anew):
               per flop halve, so a rate well above full's says the loads (or their latency) hold full back, one
               near full's that the compute warpgroups' own chain (wgmma, wait, promotion) does
 
-and two group layouts: the bench's Dirichlet(4) split of M ("dirichlet"; its last tile of a group is partly
+Two group layouts: the bench's Dirichlet(4) split of M ("dirichlet"; its last tile of a group is partly
 filled, 17% more rows than M at 192-row tiles) and the same split rounded to whole tiles ("aligned", M rounded
 down to a multiple of block_m): every tile full. TFLOP/s count M's rows only. loads_only's rate is the ceiling
 the operand loads allow; if it is near full's, the loads are the bound (remedies: fewer bytes a flop: larger
@@ -22,13 +22,21 @@ loads_only, the promotion ~6-10% over no_promote, whole tiles 1,038-1,070 agains
 one config timed 8 times spreads 9%. H100, 2026-12-07: full 0.94-1.0 of loads_only, compute_x2 1,282 on whole tiles
 against full's 1,089, and 1,209 with one group's weights (L2-resident) against 32 groups' 1,074-1,110.
 
+Two sources of weights (--weights): "distinct", each group its own (the gate+up shape's 32 groups: 940 MB, read
+from DRAM), and "shared", every tile reading group 0's weight rows (gpu.tile_views swapped; each group keeps its own
+scales; the outputs are then not the product, on purpose). The same tiles and group boundaries with the weights
+L2-resident: the gap between the two sources is what the DRAM weight reads cost on a layout, and the dirichlet /
+aligned gap under "shared" is what the partly filled tiles cost by themselves.
+
   python experiments/fp8_bound_probe.py --configs="ws3:;ws2:block_m=128,compute_wgs=2"   # overrides of GEMM_CONFIG
+  python experiments/fp8_bound_probe.py --parts=full,loads_only --weights=distinct,shared
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import sys
 
@@ -101,6 +109,30 @@ def k_step(part: str):
         jax.clear_caches()
 
 
+WEIGHTS = ("distinct", "shared")
+
+
+@contextlib.contextmanager
+def weights(source: str):
+    """gpu.tile_views replaced while the kernel is traced: "shared" points every tile's weight view at group 0's
+    rows (its own group's scales kept); "distinct" leaves the kernel as shipped."""
+    if source not in WEIGHTS:
+        raise ValueError(f"--weights: unknown source {source!r} (one of {', '.join(WEIGHTS)})")
+    original = gpu.tile_views
+
+    def shared(gmem, bm, bn, gi, row0, n0, w_first=0):
+        x, _, xs, ws = original(gmem, bm, bn, gi, row0, n0, w_first)
+        return x, original(gmem, bm, bn, 0, row0, n0, w_first)[1], xs, ws
+
+    gpu.tile_views = shared if source == "shared" else original
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        gpu.tile_views = original
+        jax.clear_caches()
+
+
 def group_sizes(g: int, m: int, layout: str, block_m: int, alpha: float = 4.0, seed: int = 0) -> np.ndarray:
     """A seeded Dirichlet(alpha) split of m rows over g groups (bench_fp8_gemm's), or ("aligned") that split in
     whole block_m tiles summing to m // block_m tiles, every group at least one tile."""
@@ -119,29 +151,31 @@ def group_sizes(g: int, m: int, layout: str, block_m: int, alpha: float = 4.0, s
     return (t * block_m).astype(np.int32)
 
 
-def probe(shape, configs, parts, layouts, iters, interpret=False):
-    """Rows {config, layout, part, m, seconds, tflops} for every combination (first call compiles)."""
+def probe(shape, configs, parts, layouts, iters, interpret=False, sources=("distinct",)):
+    """Rows {config, weights, layout, part, m, seconds, tflops} for every combination (first call compiles)."""
     g, m, k, n = shape
     key = jax.random.split(jax.random.key(0), 2)
     x = jax.random.normal(key[0], (m, k), jnp.bfloat16)
     wq, ws = f8.quantize_blocks((jax.random.normal(key[1], (g, k, n), jnp.float32) * 0.02).astype(jnp.bfloat16))
     rows = []
     for name, cfg in configs:
+        if cfg.ring_loads and set(sources) - {"distinct"}:
+            raise ValueError(f"--weights=shared: config {name} runs the ring kernel, which reads no gpu.tile_views")
         for layout in layouts:
             sizes = group_sizes(g, m, layout, cfg.block_m)
             rows_m = int(sizes.sum())
             xq, xs = f8.quantize_tiles(x[:rows_m])
             gs = jnp.asarray(sizes)
-            for part in parts:
-                with k_step(part):  # traced, compiled and timed under the swapped step
+            for source, part in itertools.product(sources, parts):
+                with weights(source), k_step(part):  # traced, compiled and timed under the swapped step
                     f = jax.jit(lambda *a, c=cfg: f8.fp8_gmm(*a, backend="gpu", config=c, interpret=interpret))
                     t = median_seconds(f, xq, xs, wq, ws, gs, warmup=2, iters=iters, repeats=5 if iters > 1 else 1)
                 tflops = 2 * rows_m * k * n * WORK.get(part, 1) / t / 1e12
-                rows.append(
-                    {"config": name, "layout": layout, "part": part, "m": rows_m, "seconds": t, "tflops": tflops}
-                )
+                row = {"config": name, "weights": source, "layout": layout, "part": part, "m": rows_m}
+                rows.append(row | {"seconds": t, "tflops": tflops})
                 print(
-                    f"  {name:10s} {layout:9s} {part:10s} M={rows_m}: {1e3 * t:.3f} ms, {tflops:.0f} TFLOP/s",
+                    f"  {name:10s} {source:8s} {layout:9s} {part:10s} M={rows_m}: {1e3 * t:.3f} ms, "
+                    f"{tflops:.0f} TFLOP/s",
                     flush=True,
                 )
     return rows
@@ -150,14 +184,15 @@ def probe(shape, configs, parts, layouts, iters, interpret=False):
 def table(rows) -> str:
     """Markdown: one line per (config, layout), TFLOP/s of each part and full's share of loads_only's rate."""
     parts = [p for p in PARTS if any(r["part"] == p for r in rows)]
-    out = ["| config | layout | M | " + " | ".join(parts) + " | full / loads_only |", "|" + "---|" * (len(parts) + 4)]
-    keys = dict.fromkeys((r["config"], r["layout"]) for r in rows)
-    for cfg, layout in keys:
-        by = {r["part"]: r for r in rows if (r["config"], r["layout"]) == (cfg, layout)}
+    head = "| config | weights | layout | M | " + " | ".join(parts) + " | full / loads_only |"
+    out = [head, "|" + "---|" * (len(parts) + 5)]
+    keys = dict.fromkeys((r["config"], r.get("weights", "distinct"), r["layout"]) for r in rows)
+    for key in keys:
+        by = {r["part"]: r for r in rows if (r["config"], r.get("weights", "distinct"), r["layout"]) == key}
         share = by["full"]["tflops"] / by["loads_only"]["tflops"] if {"full", "loads_only"} <= by.keys() else None
         cells = " | ".join(f"{by[p]['tflops']:.0f}" if p in by else "" for p in parts)
         m = next(iter(by.values()))["m"]
-        out.append(f"| {cfg} | {layout} | {m} | {cells} | {'' if share is None else f'{share:.2f}'} |")
+        out.append(f"| {' | '.join(key)} | {m} | {cells} | {'' if share is None else f'{share:.2f}'} |")
     return "\n".join(out)
 
 
@@ -174,7 +209,19 @@ def main(argv):
     flags_ = flags.FLAGS
     shape = tuple(map(int, flags_.shape.split(",")))
     print(f"device {jax.devices()[0].device_kind}; shape G,M,K,N = {shape}", flush=True)
-    rows = probe(shape, _configs(flags_.configs), flags_.parts.split(","), flags_.layouts.split(","), flags_.iters)
+    sources = flags_.weights.split(",")
+    for source in sources:  # before anything compiles, not after the first source's timings
+        with weights(source):
+            pass
+    rows = probe(
+        shape,
+        _configs(flags_.configs),
+        flags_.parts.split(","),
+        flags_.layouts.split(","),
+        flags_.iters,
+        False,
+        sources,
+    )
     print(table(rows))
     write_results(flags_.out, " ".join(sys.argv[1:]), rows)
 
@@ -186,6 +233,7 @@ if __name__ == "__main__":
     )
     flags.DEFINE_string("parts", ",".join(PARTS), f"which K steps to time (of {', '.join(PARTS)})")
     flags.DEFINE_string("layouts", "dirichlet,aligned", "group layouts: dirichlet, aligned")
+    flags.DEFINE_string("weights", "distinct", f"weight sources, comma-separated (of {', '.join(WEIGHTS)})")
     flags.DEFINE_integer("iters", 10, "calls per timing (median of 5 runs)")
     flags.DEFINE_string("out", "", "optional JSON output path")
     app.run(main)

@@ -46,3 +46,39 @@ def test_layouts_split_m_and_aligned_fills_whole_tiles():
     assert a.sum() == 192 * (16384 // 192) and (a % 192 == 0).all() and (a > 0).all()
     with pytest.raises(ValueError, match="fewer than G=32"):
         probe.group_sizes(32, 192 * 31, "aligned", 192)
+
+
+def test_shared_weights_read_group_0s_rows_with_each_groups_scales_and_are_undone():
+    rng = np.random.default_rng(1)
+    xq, xs = quantize_tiles(jnp.asarray(rng.standard_normal((128, 256)), jnp.float32))
+    w = rng.standard_normal((2, 256, 128)) * 0.05
+    w[1] *= 1e3  # group 1's block scales ~1000x group 0's: a mixed-up scale shows
+    wq, ws = quantize_blocks(jnp.asarray(w, jnp.float32))
+    gs = jnp.asarray([64, 64], jnp.int32)
+    want = np.asarray(fp8_gmm(xq, xs, wq, ws, gs, out_dtype=jnp.float32, backend="xla"))
+    # group 1's rows against group 0's codes under group 1's scales
+    shared_wq = jnp.stack([wq[0], wq[0]])
+    want_shared = np.asarray(fp8_gmm(xq, xs, shared_wq, ws, gs, out_dtype=jnp.float32, backend="xla"))
+    with probe.weights("shared"):
+        got = _run(xq, xs, wq, ws, gs)
+    np.testing.assert_allclose(got, want_shared, rtol=1e-4, atol=1e-5 * np.abs(want_shared).max())
+    assert np.abs(got[64:] - want[64:]).max() > 0.1 * np.abs(want[64:]).max()  # not the product, on purpose
+    with probe.weights("distinct"):
+        np.testing.assert_allclose(_run(xq, xs, wq, ws, gs), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(_run(xq, xs, wq, ws, gs), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    with pytest.raises(ValueError, match="--weights"):
+        with probe.weights("replicated"):
+            pass
+
+
+def test_shared_weights_refuse_the_ring_kernel_and_the_table_names_the_source():
+    ring = Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3, ring_loads=True)
+    with pytest.raises(ValueError, match="ring kernel"):
+        probe.probe((2, 192, 256, 128), [("ring", ring)], ["full"], ["dirichlet"], 1, True, ("distinct", "shared"))
+    rows = [
+        {"config": "ws3", "weights": s, "layout": "aligned", "part": p, "m": 192, "tflops": t}
+        for s, p, t in [("distinct", "full", 900.0), ("distinct", "loads_only", 1000.0), ("shared", "full", 1100.0)]
+    ]
+    text = probe.table(rows)
+    assert "| ws3 | distinct | aligned | 192 | 900 | 1000 | 0.90 |" in text
+    assert "| ws3 | shared | aligned | 192 | 1100 |  |  |" in text

@@ -218,7 +218,7 @@ def fp8_gmm(
             gi = jnp.maximum(group_ref[mt], 0)
             row0, n0 = pl.multiple_of(row0_ref[mt], 8), nt * bn
             steps = jnp.where(group_ref[mt] >= 0, k_steps, 0)  # zero-tail tiles load nothing
-            operands = _tile_views((x_gmem, xs_gmem, w_gmem, ws_gmem), bm, bn, gi, row0, n0, count_ref[2])
+            operands = tile_views((x_gmem, xs_gmem, w_gmem, ws_gmem), bm, bn, gi, row0, n0, count_ref[2])
             total = scaled_k_loop(cfg, specs, steps, operands, interpret, scalar_ws)
 
             @functools.partial(pl.run_scoped, out_smem=plgpu.SMEM((bm, bn), out_dtype))
@@ -243,9 +243,9 @@ def tiles_with_first(group_sizes, m, bm, w_first):
     return (jnp.concatenate([count, first]), *rest)
 
 
-def _tile_views(gmem, bm, bn, gi, row0, n0, w_first=0):
+def tile_views(gmem, bm, bn, gi, row0, n0, w_first=0):
     """A tile's gmem operands: x rows [row0, row0 + bm), group gi's w rows [n0, n0 + bn) (at w_first + gi of the
-    stack), their scales."""
+    stack), their scales. Looked up at trace time: experiments/fp8_bound_probe.py swaps it (--weights=shared)."""
     x_gmem, xs_gmem, w_gmem, ws_gmem = gmem
     return (
         x_gmem.at[pl.ds(row0, bm), :],
@@ -294,7 +294,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, tiles, cfg, interpret, out_dtype, scala
         n_all, n_real = count_ref[0], count_ref[1]
         allocs = gpu_common.pipeline(
             cfg, gpu_common.ignore, gpu_common.ignore, k_steps, specs, mcs, manual_release=cfg.skip_idle_wgs
-        ).get_allocations(*_tile_views(gmem, bm, bn, 0, 0, 0))
+        ).get_allocations(*tile_views(gmem, bm, bn, 0, 0, 0))
 
         def scoped(allocs, wg, t_wg, out_smem):
             cta = lax.axis_index("cluster") if cl > 1 else 0
@@ -326,7 +326,7 @@ def _fp8_gmm_ws(x_q, xs_t, w_q, ws_cols, tiles, cfg, interpret, out_dtype, scala
 
                 def run(state):
                     gpu_common.pipeline(cfg, mma, ctx, k_steps, specs, mcs, state, manual_release=cfg.skip_idle_wgs)(
-                        *_tile_views(gmem, bm, bn, gi, row0, n0, count_ref[2]), allocations=allocs
+                        *tile_views(gmem, bm, bn, gi, row0, n0, count_ref[2]), allocations=allocs
                     )
 
                 gpu_common.chained(run, i, n, chain)
