@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import operator
 import os
 import sys
 
@@ -157,6 +158,9 @@ def probe(shape, configs, parts, layouts, iters, interpret=False, sources=("dist
     key = jax.random.split(jax.random.key(0), 2)
     x = jax.random.normal(key[0], (m, k), jnp.bfloat16)
     wq, ws = f8.quantize_blocks((jax.random.normal(key[1], (g, k, n), jnp.float32) * 0.02).astype(jnp.bfloat16))
+    unknown = set(sources) - set(WEIGHTS)
+    if unknown:  # before anything compiles, not after the first source's timings
+        raise ValueError(f"--weights: unknown source(s) {sorted(unknown)} (of {', '.join(WEIGHTS)})")
     rows = []
     for name, cfg in configs:
         if cfg.ring_loads and set(sources) - {"distinct"}:
@@ -182,17 +186,17 @@ def probe(shape, configs, parts, layouts, iters, interpret=False, sources=("dist
 
 
 def table(rows) -> str:
-    """Markdown: one line per (config, layout), TFLOP/s of each part and full's share of loads_only's rate."""
+    """Markdown: one line per (config, weights, layout), TFLOP/s of each part and full's share of loads_only's rate."""
     parts = [p for p in PARTS if any(r["part"] == p for r in rows)]
     head = "| config | weights | layout | M | " + " | ".join(parts) + " | full / loads_only |"
     out = [head, "|" + "---|" * (len(parts) + 5)]
-    keys = dict.fromkeys((r["config"], r.get("weights", "distinct"), r["layout"]) for r in rows)
-    for key in keys:
-        by = {r["part"]: r for r in rows if (r["config"], r.get("weights", "distinct"), r["layout"]) == key}
+    key = operator.itemgetter("config", "weights", "layout")
+    for k in dict.fromkeys(map(key, rows)):
+        by = {r["part"]: r for r in rows if key(r) == k}
         share = by["full"]["tflops"] / by["loads_only"]["tflops"] if {"full", "loads_only"} <= by.keys() else None
         cells = " | ".join(f"{by[p]['tflops']:.0f}" if p in by else "" for p in parts)
         m = next(iter(by.values()))["m"]
-        out.append(f"| {' | '.join(key)} | {m} | {cells} | {'' if share is None else f'{share:.2f}'} |")
+        out.append(f"| {' | '.join(k)} | {m} | {cells} | {'' if share is None else f'{share:.2f}'} |")
     return "\n".join(out)
 
 
@@ -209,19 +213,8 @@ def main(argv):
     flags_ = flags.FLAGS
     shape = tuple(map(int, flags_.shape.split(",")))
     print(f"device {jax.devices()[0].device_kind}; shape G,M,K,N = {shape}", flush=True)
-    sources = flags_.weights.split(",")
-    for source in sources:  # before anything compiles, not after the first source's timings
-        with weights(source):
-            pass
-    rows = probe(
-        shape,
-        _configs(flags_.configs),
-        flags_.parts.split(","),
-        flags_.layouts.split(","),
-        flags_.iters,
-        False,
-        sources,
-    )
+    parts, layouts, sources = (getattr(flags_, f).split(",") for f in ("parts", "layouts", "weights"))
+    rows = probe(shape, _configs(flags_.configs), parts, layouts, flags_.iters, sources=sources)
     print(table(rows))
     write_results(flags_.out, " ".join(sys.argv[1:]), rows)
 

@@ -75,6 +75,8 @@ def test_shared_weights_refuse_the_ring_kernel_and_the_table_names_the_source():
     ring = Fp8GpuConfig(block_m=192, warp_specialized=True, compute_wgs=3, ring_loads=True)
     with pytest.raises(ValueError, match="ring kernel"):
         probe.probe((2, 192, 256, 128), [("ring", ring)], ["full"], ["dirichlet"], 1, True, ("distinct", "shared"))
+    with pytest.raises(ValueError, match="--weights: unknown source"):
+        probe.probe((2, 192, 256, 128), [], ["full"], ["dirichlet"], 1, True, ("distinct", "l2"))
     rows = [
         {"config": "ws3", "weights": s, "layout": "aligned", "part": p, "m": 192, "tflops": t}
         for s, p, t in [("distinct", "full", 900.0), ("distinct", "loads_only", 1000.0), ("shared", "full", 1100.0)]
